@@ -1,0 +1,216 @@
+//! Wiring: one peer from a config (listeners, router, admin, cluster), its reload and its drain.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{Admin, BoxFuture, ControlError, PeerView, PoolControl};
+use crate::config::Config;
+use crate::core::pool::{Pool, PoolChange, Rules};
+use crate::proxy::router::{Router, Settings};
+use crate::proxy::server::{Server, ServerOptions};
+use crate::proxy::Proxy;
+use crate::telemetry::{self, LogReload};
+
+/// Pool control for a peer that is its own majority and keeps the pool in memory.
+pub struct LocalControl {
+    pool: Mutex<Pool>,
+    rules: Rules,
+}
+
+impl LocalControl {
+    pub fn new(rules: Rules) -> Self {
+        Self {
+            pool: Mutex::new(Pool::default()),
+            rules,
+        }
+    }
+
+    fn apply(&self, change: &PoolChange) -> Result<Pool, ControlError> {
+        let mut cur = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let next = cur.apply(change, &self.rules)?;
+        *cur = next.clone();
+        Ok(next)
+    }
+}
+
+impl PoolControl for LocalControl {
+    fn change(&self, change: PoolChange) -> BoxFuture<'_, Result<Pool, ControlError>> {
+        let r = self.apply(&change);
+        Box::pin(async move { r })
+    }
+    fn peers(&self) -> Vec<PeerView> {
+        Vec::new()
+    }
+    fn quorum(&self) -> bool {
+        true
+    }
+}
+
+/// A running peer.
+pub struct Peer {
+    pub config: Config,
+    pub router: Arc<Router>,
+    pub admin: Arc<Admin>,
+    server: Arc<Server>,
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    shutdown: CancellationToken,
+    /// The addresses actually bound (ports may have been 0).
+    pub proxy_addrs: Vec<std::net::SocketAddr>,
+    pub admin_addr: std::net::SocketAddr,
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{what}: cannot listen on {addr}"))
+}
+
+impl Peer {
+    /// Bind every listener and start serving.
+    pub async fn start(config: Config) -> anyhow::Result<Peer> {
+        let metrics = telemetry::prometheus();
+        let router = Router::new(Settings::from_config(&config));
+        let proxy = Proxy::new(router.clone());
+        let server = Server::new(
+            proxy,
+            ServerOptions {
+                max_header_bytes: config.proxy.max_header_bytes,
+                client_idle_timeout: config.proxy.client_idle_timeout,
+                max_connections: config.proxy.max_connections,
+            },
+        );
+        let shutdown = CancellationToken::new();
+
+        let mut proxy_addrs = Vec::new();
+        for addr in &config.proxy.listen {
+            let l = bind(*addr, "proxy.listen").await?;
+            proxy_addrs.push(l.local_addr()?);
+            server.spawn_listener(l, None);
+        }
+        let tls = match &config.proxy.tls {
+            None => None,
+            Some(t) => {
+                let cfg = crate::tls::load_server_config(&t.cert, &t.key)
+                    .map_err(|e| anyhow::anyhow!("proxy.tls: {e}"))?;
+                let swap = Arc::new(ArcSwap::new(cfg));
+                for addr in &t.listen {
+                    let l = bind(*addr, "proxy.tls.listen").await?;
+                    proxy_addrs.push(l.local_addr()?);
+                    server.spawn_listener(l, Some(swap.clone()));
+                }
+                Some(swap)
+            }
+        };
+        let admin_listener = bind(config.admin.listen, "admin.listen").await?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        let control: Arc<dyn PoolControl> = Arc::new(LocalControl::new(config.rules()));
+        // Seed the pool (only a new cluster takes seeds).
+        match control
+            .change(PoolChange::Seed {
+                backends: config.backends.clone(),
+            })
+            .await
+        {
+            Ok(pool) => {
+                router.publish(pool);
+            }
+            Err(e) => tracing::info!(reason = %e, "seed backends not applied"),
+        }
+
+        let admin = Arc::new(Admin {
+            node: config.node.id.clone(),
+            token: config.admin.token.clone(),
+            router: router.clone(),
+            control,
+            metrics,
+            listening: Default::default(),
+        });
+        admin.clone().spawn(admin_listener, shutdown.clone());
+        admin.listening.store(true, Ordering::Relaxed);
+        tracing::info!(
+            node = %config.node.id,
+            proxy = ?proxy_addrs,
+            admin = %admin_addr,
+            "peer started"
+        );
+        Ok(Peer {
+            config,
+            router,
+            admin,
+            server,
+            tls,
+            shutdown,
+            proxy_addrs,
+            admin_addr,
+        })
+    }
+
+    /// Apply what can change live from a new config; say what needs a restart.
+    pub fn reload(&mut self, new: Config, log: Option<&LogReload>) {
+        self.router.set_settings(Settings::from_config(&new));
+        if let Some(h) = log {
+            if let Ok(f) = tracing_subscriber::EnvFilter::try_new(&new.log.level) {
+                let _ = h.reload(f);
+            }
+        }
+        if let (Some(swap), Some(t)) = (&self.tls, &new.proxy.tls) {
+            match crate::tls::load_server_config(&t.cert, &t.key) {
+                Ok(cfg) => swap.store(cfg),
+                Err(e) => tracing::error!(error = %e, "TLS certificates not reloaded"),
+            }
+        }
+        let old = &self.config;
+        if old.proxy.listen != new.proxy.listen
+            || old.admin.listen != new.admin.listen
+            || old.cluster.listen != new.cluster.listen
+            || old.node.id != new.node.id
+            || old.proxy.tls.as_ref().map(|t| &t.listen) != new.proxy.tls.as_ref().map(|t| &t.listen)
+        {
+            tracing::warn!("listen addresses and node id change only on restart; kept the old ones");
+        }
+        tracing::info!("config reloaded");
+        self.config = new;
+    }
+
+    /// Stop accepting, finish in-flight requests up to `shutdown_grace`, stop everything.
+    pub async fn drain(&self) {
+        let grace = self.config.proxy.shutdown_grace;
+        let left = self.server.drain(grace).await;
+        if left > 0 {
+            tracing::warn!(connections = left, "shutdown grace ran out; closing the rest");
+        }
+        self.shutdown.cancel();
+    }
+}
+
+/// `shoal run`: start, then serve until SIGTERM/SIGINT (drain, exit 0); SIGHUP reloads.
+pub async fn run(config: Config, path: PathBuf, log: Option<LogReload>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut peer = Peer::start(config).await?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match crate::config::load(&path) {
+                Ok(new) => peer.reload(new, log.as_ref()),
+                Err(e) => tracing::error!(problems = %e, "reload failed; keeping the old config"),
+            },
+        }
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    peer.drain().await;
+    // Let the last responses flush.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    Ok(())
+}

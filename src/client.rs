@@ -1,0 +1,111 @@
+//! The admin client behind `shoal pool` and `shoal peers`: one request, JSON back.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// One admin API call.
+pub struct Request {
+    method: &'static str,
+    path: String,
+    body: Option<Value>,
+}
+
+impl Request {
+    pub fn get(path: &str) -> Self {
+        Self::new("GET", path)
+    }
+    pub fn new(method: &'static str, path: &str) -> Self {
+        Self {
+            method,
+            path: path.to_string(),
+            body: None,
+        }
+    }
+    pub fn with_body(method: &'static str, path: &str, body: Value) -> Self {
+        Self {
+            method,
+            path: path.to_string(),
+            body: Some(body),
+        }
+    }
+}
+
+/// Send `req` to the admin API at `base` (`http://host:port`); returns status and JSON body.
+pub async fn call(base: &str, token: Option<&str>, req: Request) -> Result<(u16, Value), String> {
+    let authority = base
+        .strip_prefix("http://")
+        .map(|s| s.trim_end_matches('/'))
+        .filter(|s| !s.is_empty() && !s.contains('/'))
+        .ok_or_else(|| format!("bad --admin {base:?} (expected http://host:port)"))?;
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(authority),
+    )
+    .await
+    .map_err(|_| format!("cannot reach {base}: timed out"))?
+    .map_err(|e| format!("cannot reach {base}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("cannot talk to {base}: {e}"))?;
+    tokio::spawn(conn);
+    let body = req.body.map(|b| b.to_string()).unwrap_or_default();
+    let mut builder = http::Request::builder()
+        .method(req.method)
+        .uri(&req.path)
+        .header(http::header::HOST, authority)
+        .header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(t) = token {
+        builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let request = builder
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| format!("bad request: {e}"))?;
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(30), sender.send_request(request))
+        .await
+        .map_err(|_| format!("{base} did not answer in 30s"))?
+        .map_err(|e| format!("{base}: {e}"))?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{base}: {e}"))?
+        .to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok((status, json))
+}
+
+/// The pool as a table.
+pub fn print_pool(v: &Value) -> String {
+    let mut out = format!("pool version {}\n", v["version"]);
+    out.push_str(&format!("{:<24} {:<28} {:>6}  {}\n", "ID", "ADDR", "WEIGHT", "STATE"));
+    for b in v["backends"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<24} {:<28} {:>6}  {}\n",
+            b["id"].as_str().unwrap_or("?"),
+            b["addr"].as_str().unwrap_or("?"),
+            b["weight"].as_u64().unwrap_or(0),
+            b["state"].as_str().unwrap_or("?"),
+        ));
+    }
+    out
+}
+
+/// The peer table.
+pub fn print_peers(v: &Value) -> String {
+    let mut out = format!("{:<12} {:<24} {:<8} {:>8} {:>12}\n", "ID", "ADDR", "STATE", "PHI", "LAST SEEN");
+    for p in v.as_array().into_iter().flatten() {
+        let seen = p["last_seen_ms"].as_u64().map(|ms| format!("{ms} ms ago")).unwrap_or_else(|| "never".into());
+        out.push_str(&format!(
+            "{:<12} {:<24} {:<8} {:>8.2} {:>12}\n",
+            p["id"].as_str().unwrap_or("?"),
+            p["addr"].as_str().unwrap_or("?"),
+            p["state"].as_str().unwrap_or("?"),
+            p["phi"].as_f64().unwrap_or(0.0),
+            seen
+        ));
+    }
+    out
+}

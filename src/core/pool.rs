@@ -1,0 +1,555 @@
+//! The agreed backend pool: its types, the typed changes peers agree on, and `apply`.
+//!
+//! The pool is the single CASPaxos register. Changes are functions of the current pool (not whole
+//! new lists), so concurrent changes to different backends commute; each change either returns a
+//! new pool (version + 1 when anything changed) or says why its precondition failed and changes
+//! nothing. Everything is ordered (`BTreeMap`, `BTreeSet`), so equal pools serialize equal and
+//! hash equal on every peer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A peer's id (`node.id`): `[a-z0-9-]{1,32}`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(pub String);
+
+impl NodeId {
+    pub fn new(id: impl Into<String>) -> Self {
+        Self(id.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A backend's stable id: what hashing uses, so that it never depends on list position.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BackendId(pub String);
+
+impl BackendId {
+    pub fn new(id: impl Into<String>) -> Self {
+        Self(id.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BackendId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The agreed state of one backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Takes new requests.
+    Active,
+    /// Takes no new requests; in-flight ones finish (set by an operator).
+    Draining,
+    /// Agreed down by a majority of peers' health checks.
+    Ejected,
+}
+
+impl BackendState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Active => "active",
+            BackendState::Draining => "draining",
+            BackendState::Ejected => "ejected",
+        }
+    }
+    pub const ALL: [BackendState; 3] = [
+        BackendState::Active,
+        BackendState::Draining,
+        BackendState::Ejected,
+    ];
+}
+
+/// One backend of the agreed pool.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Backend {
+    pub id: BackendId,
+    /// `host:port`, or `https://host:port` for upstream TLS.
+    pub addr: String,
+    /// 1..=1000.
+    pub weight: u32,
+    pub state: BackendState,
+    /// Peers that currently see this backend down (their health votes).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub down_votes: BTreeSet<NodeId>,
+}
+
+impl Backend {
+    pub fn new(id: impl Into<String>, addr: impl Into<String>, weight: u32) -> Self {
+        Self {
+            id: BackendId::new(id),
+            addr: addr.into(),
+            weight,
+            state: BackendState::Active,
+            down_votes: BTreeSet::new(),
+        }
+    }
+}
+
+/// The register value. Version 0 with no backends means "no pool agreed yet".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Pool {
+    pub version: u64,
+    pub backends: BTreeMap<BackendId, Backend>,
+}
+
+/// Rules a change is applied under. Every peer is configured with the same values; the proposer's
+/// are the ones that count, since the committed pool is what everyone learns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rules {
+    /// Number of peers in the cluster (acceptors), this one included.
+    pub cluster_size: usize,
+    /// At most floor(pct * backends / 100) backends ejected at once.
+    pub max_ejected_percent: u8,
+}
+
+impl Rules {
+    pub fn majority(&self) -> usize {
+        self.cluster_size / 2 + 1
+    }
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            cluster_size: 1,
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// A typed change to the pool.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum PoolChange {
+    /// The identity: a read run as a full round.
+    Read,
+    /// Seed the pool from config; only when no pool exists yet.
+    Seed { backends: Vec<Backend> },
+    AddBackend { backend: Backend },
+    RemoveBackend { id: BackendId },
+    SetWeight { id: BackendId, weight: u32 },
+    /// Operator state: `Active` (undrain) or `Draining`.
+    SetState { id: BackendId, draining: bool },
+    VoteDown { id: BackendId, peer: NodeId },
+    VoteUp { id: BackendId, peer: NodeId },
+    /// Forget every vote of a peer the detector declared dead.
+    ExpireVotes { peer: NodeId },
+}
+
+/// Why a change was refused; the pool is unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ChangeError {
+    #[error("backend {0} already exists")]
+    Exists(BackendId),
+    #[error("backend {0} not found")]
+    NotFound(BackendId),
+    #[error("a pool exists already (version {0}); seeds apply only to a new cluster")]
+    AlreadySeeded(u64),
+    #[error("address {0} is already used by backend {1}")]
+    AddrInUse(String, BackendId),
+    #[error("weight must be 1..=1000, got {0}")]
+    BadWeight(u32),
+}
+
+pub const MAX_WEIGHT: u32 = 1000;
+
+impl Pool {
+    /// True once any pool has been agreed (seeded or changed).
+    pub fn exists(&self) -> bool {
+        self.version > 0
+    }
+
+    pub fn ejected_count(&self) -> usize {
+        self.backends
+            .values()
+            .filter(|b| b.state == BackendState::Ejected)
+            .count()
+    }
+
+    /// floor(max_ejected_percent * backends / 100): a lone backend is never ejected.
+    pub fn ejection_cap(&self, rules: &Rules) -> usize {
+        self.backends.len() * rules.max_ejected_percent as usize / 100
+    }
+
+    /// Apply `change` under `rules`. `Ok` holds the next pool (same version when nothing changed,
+    /// e.g. a read or a repeated vote); `Err` says why the precondition failed.
+    pub fn apply(&self, change: &PoolChange, rules: &Rules) -> Result<Pool, ChangeError> {
+        let mut next = self.clone();
+        match change {
+            PoolChange::Read => return Ok(next),
+            PoolChange::Seed { backends } => {
+                if self.exists() {
+                    return Err(ChangeError::AlreadySeeded(self.version));
+                }
+                for b in backends {
+                    check_weight(b.weight)?;
+                    let mut b = b.clone();
+                    b.state = BackendState::Active;
+                    b.down_votes.clear();
+                    next.backends.insert(b.id.clone(), b);
+                }
+                // Seeding always creates the pool, even an empty one.
+                next.version = self.version + 1;
+                return Ok(next);
+            }
+            PoolChange::AddBackend { backend } => {
+                check_weight(backend.weight)?;
+                if self.backends.contains_key(&backend.id) {
+                    return Err(ChangeError::Exists(backend.id.clone()));
+                }
+                if let Some(other) = self.backends.values().find(|b| b.addr == backend.addr) {
+                    return Err(ChangeError::AddrInUse(
+                        backend.addr.clone(),
+                        other.id.clone(),
+                    ));
+                }
+                let mut b = backend.clone();
+                b.state = BackendState::Active;
+                b.down_votes.clear();
+                next.backends.insert(b.id.clone(), b);
+            }
+            PoolChange::RemoveBackend { id } => {
+                if next.backends.remove(id).is_none() {
+                    return Err(ChangeError::NotFound(id.clone()));
+                }
+            }
+            PoolChange::SetWeight { id, weight } => {
+                check_weight(*weight)?;
+                next.get_mut(id)?.weight = *weight;
+            }
+            PoolChange::SetState { id, draining } => {
+                let b = next.get_mut(id)?;
+                if *draining {
+                    b.state = BackendState::Draining;
+                } else if b.state == BackendState::Draining {
+                    // Undrain; `settle` below may eject it at once if a majority sees it down.
+                    b.state = BackendState::Active;
+                }
+            }
+            PoolChange::VoteDown { id, peer } => {
+                next.get_mut(id)?.down_votes.insert(peer.clone());
+            }
+            PoolChange::VoteUp { id, peer } => {
+                next.get_mut(id)?.down_votes.remove(peer);
+            }
+            PoolChange::ExpireVotes { peer } => {
+                for b in next.backends.values_mut() {
+                    b.down_votes.remove(peer);
+                }
+            }
+        }
+        next.settle(rules);
+        if next.backends != self.backends || !self.exists() {
+            next.version = self.version + 1;
+        }
+        Ok(next)
+    }
+
+    /// Re-derive `ejected`/`active` from the votes, in id order, never beyond the cap.
+    ///
+    /// Eject when at least a majority of all peers vote down; restore when at least a majority
+    /// see it up (votes down <= n - majority). With an odd cluster the two thresholds meet; with
+    /// an even one there is a band where the state holds (hysteresis).
+    fn settle(&mut self, rules: &Rules) {
+        let majority = rules.majority();
+        let up_limit = rules.cluster_size.saturating_sub(majority);
+        for b in self.backends.values_mut() {
+            if b.state == BackendState::Ejected && b.down_votes.len() <= up_limit {
+                b.state = BackendState::Active;
+            }
+        }
+        let cap = self.ejection_cap(rules);
+        let mut ejected = self.ejected_count();
+        for b in self.backends.values_mut() {
+            if ejected >= cap {
+                break;
+            }
+            if b.state == BackendState::Active && b.down_votes.len() >= majority {
+                b.state = BackendState::Ejected;
+                ejected += 1;
+            }
+        }
+    }
+
+    fn get_mut(&mut self, id: &BackendId) -> Result<&mut Backend, ChangeError> {
+        self.backends
+            .get_mut(id)
+            .ok_or_else(|| ChangeError::NotFound(id.clone()))
+    }
+
+    /// Canonical bytes: equal pools give equal bytes on every peer.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        // Serializing plain structs, strings and ordered maps cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// A hash of the canonical pool below 2^53, so it is exact as an f64 gauge.
+    pub fn fingerprint(&self) -> u64 {
+        crate::core::balance::hash::hash_bytes(&self.canonical_bytes(), 0x5EED_F1A6)
+            & ((1u64 << 53) - 1)
+    }
+}
+
+fn check_weight(w: u32) -> Result<(), ChangeError> {
+    if (1..=MAX_WEIGHT).contains(&w) {
+        Ok(())
+    } else {
+        Err(ChangeError::BadWeight(w))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(n: usize) -> Rules {
+        Rules {
+            cluster_size: n,
+            max_ejected_percent: 50,
+        }
+    }
+
+    fn seeded(n: usize) -> Pool {
+        let backends = (0..n)
+            .map(|i| Backend::new(format!("b{i}"), format!("127.0.0.1:{}", 9000 + i), 1))
+            .collect();
+        Pool::default()
+            .apply(&PoolChange::Seed { backends }, &rules(3))
+            .unwrap()
+    }
+
+    fn id(s: &str) -> BackendId {
+        BackendId::new(s)
+    }
+    fn peer(s: &str) -> NodeId {
+        NodeId::new(s)
+    }
+
+    #[test]
+    fn seed_only_once() {
+        let p = seeded(3);
+        assert_eq!(p.version, 1);
+        assert_eq!(p.backends.len(), 3);
+        let err = p
+            .apply(&PoolChange::Seed { backends: vec![] }, &rules(3))
+            .unwrap_err();
+        assert_eq!(err, ChangeError::AlreadySeeded(1));
+    }
+
+    #[test]
+    fn read_and_noop_keep_version() {
+        let p = seeded(3);
+        assert_eq!(p.apply(&PoolChange::Read, &rules(3)).unwrap(), p);
+        // VoteUp from a peer that never voted down changes nothing.
+        let q = p
+            .apply(
+                &PoolChange::VoteUp {
+                    id: id("b0"),
+                    peer: peer("a"),
+                },
+                &rules(3),
+            )
+            .unwrap();
+        assert_eq!(q.version, p.version);
+    }
+
+    #[test]
+    fn add_remove_weight_drain() {
+        let p = seeded(2);
+        let r = rules(3);
+        let p2 = p
+            .apply(
+                &PoolChange::AddBackend {
+                    backend: Backend::new("web", "127.0.0.1:1", 5),
+                },
+                &r,
+            )
+            .unwrap();
+        assert_eq!(p2.version, 2);
+        assert!(matches!(
+            p2.apply(
+                &PoolChange::AddBackend {
+                    backend: Backend::new("web", "127.0.0.1:2", 5)
+                },
+                &r
+            ),
+            Err(ChangeError::Exists(_))
+        ));
+        assert!(matches!(
+            p2.apply(
+                &PoolChange::AddBackend {
+                    backend: Backend::new("other", "127.0.0.1:1", 5)
+                },
+                &r
+            ),
+            Err(ChangeError::AddrInUse(..))
+        ));
+        let p3 = p2
+            .apply(
+                &PoolChange::SetWeight {
+                    id: id("web"),
+                    weight: 7,
+                },
+                &r,
+            )
+            .unwrap();
+        assert_eq!(p3.backends[&id("web")].weight, 7);
+        assert_eq!(
+            p3.apply(
+                &PoolChange::SetWeight {
+                    id: id("web"),
+                    weight: 0
+                },
+                &r
+            ),
+            Err(ChangeError::BadWeight(0))
+        );
+        let p4 = p3
+            .apply(
+                &PoolChange::SetState {
+                    id: id("web"),
+                    draining: true,
+                },
+                &r,
+            )
+            .unwrap();
+        assert_eq!(p4.backends[&id("web")].state, BackendState::Draining);
+        let p5 = p4
+            .apply(&PoolChange::RemoveBackend { id: id("web") }, &r)
+            .unwrap();
+        assert_eq!(p5.version, 5);
+        assert!(matches!(
+            p5.apply(&PoolChange::RemoveBackend { id: id("web") }, &r),
+            Err(ChangeError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn ejection_needs_majority_and_respects_cap() {
+        let r = rules(3);
+        let mut p = seeded(3); // cap = floor(50% * 3) = 1
+        p = p
+            .apply(
+                &PoolChange::VoteDown {
+                    id: id("b0"),
+                    peer: peer("a"),
+                },
+                &r,
+            )
+            .unwrap();
+        assert_eq!(p.backends[&id("b0")].state, BackendState::Active);
+        p = p
+            .apply(
+                &PoolChange::VoteDown {
+                    id: id("b0"),
+                    peer: peer("b"),
+                },
+                &r,
+            )
+            .unwrap();
+        assert_eq!(p.backends[&id("b0")].state, BackendState::Ejected);
+        for who in ["a", "b", "c"] {
+            p = p
+                .apply(
+                    &PoolChange::VoteDown {
+                        id: id("b1"),
+                        peer: peer(who),
+                    },
+                    &r,
+                )
+                .unwrap();
+        }
+        // The cap holds b1 active although every peer sees it down.
+        assert_eq!(p.backends[&id("b1")].state, BackendState::Active);
+        assert_eq!(p.ejected_count(), 1);
+        // b0 comes back: a majority sees it up. Then b1 may take the freed slot.
+        p = p
+            .apply(
+                &PoolChange::VoteUp {
+                    id: id("b0"),
+                    peer: peer("a"),
+                },
+                &r,
+            )
+            .unwrap();
+        assert_eq!(p.backends[&id("b0")].state, BackendState::Active);
+        assert_eq!(p.backends[&id("b1")].state, BackendState::Ejected);
+    }
+
+    #[test]
+    fn lone_backend_is_never_ejected() {
+        let r = rules(3);
+        let mut p = seeded(1);
+        for who in ["a", "b", "c"] {
+            p = p
+                .apply(
+                    &PoolChange::VoteDown {
+                        id: id("b0"),
+                        peer: peer(who),
+                    },
+                    &r,
+                )
+                .unwrap();
+        }
+        assert_eq!(p.ejected_count(), 0);
+    }
+
+    #[test]
+    fn expired_votes_restore() {
+        let r = rules(3);
+        let mut p = seeded(3);
+        for who in ["a", "b"] {
+            p = p
+                .apply(
+                    &PoolChange::VoteDown {
+                        id: id("b2"),
+                        peer: peer(who),
+                    },
+                    &r,
+                )
+                .unwrap();
+        }
+        assert_eq!(p.backends[&id("b2")].state, BackendState::Ejected);
+        p = p
+            .apply(&PoolChange::ExpireVotes { peer: peer("b") }, &r)
+            .unwrap();
+        assert_eq!(p.backends[&id("b2")].state, BackendState::Active);
+    }
+
+    #[test]
+    fn fingerprint_is_canonical_and_below_2_53() {
+        let a = seeded(3);
+        let b = seeded(3);
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert!(a.fingerprint() < (1 << 53));
+        let c = a
+            .apply(
+                &PoolChange::SetWeight {
+                    id: id("b1"),
+                    weight: 2,
+                },
+                &rules(3),
+            )
+            .unwrap();
+        assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+}

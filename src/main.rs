@@ -1,0 +1,211 @@
+//! The `shoal` binary: run, check, demo, and the admin client commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "A leaderless HTTP load-balancing reverse proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct AdminArgs {
+    /// Admin API of the peer to ask.
+    #[arg(long, env = "SHOAL_ADMIN", default_value = "http://127.0.0.1:9901", global = true)]
+    admin: String,
+    /// Bearer token for the admin API.
+    #[arg(long, env = "SHOAL_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one peer.
+    Run {
+        #[arg(long, default_value = "config/shoal.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file: a summary and exit 0, or every problem and exit 2.
+    Check {
+        #[arg(long, default_value = "config/shoal.toml")]
+        config: PathBuf,
+    },
+    /// Run a local cluster of peers and demo backends in one process, on loopback.
+    Demo {
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+        peers: u16,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=50))]
+        backends: u16,
+    },
+    /// Show or change the agreed backend pool.
+    Pool {
+        #[command(subcommand)]
+        op: PoolOp,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The peer table seen by the peer at --admin.
+    Peers {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolOp {
+    /// List the agreed pool.
+    List,
+    /// Add a backend (host:port or https://host:port).
+    Add {
+        addr: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Remove a backend.
+    Remove { id: String },
+    /// Stop sending new requests to a backend; in-flight ones finish.
+    Drain { id: String },
+    /// Send requests to a drained backend again.
+    Undrain { id: String },
+    /// Set a backend's weight (1..=1000).
+    Weight { id: String, weight: u32 },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match shoal::config::load(&config) {
+            Ok(c) => {
+                println!("{}: ok", config.display());
+                println!("{}", c.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: invalid config", config.display());
+                for p in &e.0 {
+                    eprintln!("  {p}");
+                }
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config: path } => {
+            let config = match shoal::config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: invalid config", path.display());
+                    for p in &e.0 {
+                        eprintln!("  {p}");
+                    }
+                    return ExitCode::from(2);
+                }
+            };
+            let log = shoal::telemetry::init_logging(&config.log);
+            let rt = match runtime(config.proxy.workers) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(shoal::app::run(config, path, log)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Demo { peers, backends } => {
+            let rt = match runtime(0) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(shoal::demo::run(peers as usize, backends as usize)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Pool { op, admin } => {
+            let req = match op {
+                PoolOp::List => shoal::client::Request::get("/pool"),
+                PoolOp::Add { addr, weight, id } => {
+                    let mut body = serde_json::json!({ "addr": addr, "weight": weight });
+                    if let Some(id) = id {
+                        body["id"] = id.into();
+                    }
+                    shoal::client::Request::with_body("POST", "/pool/backends", body)
+                }
+                PoolOp::Remove { id } => shoal::client::Request::new("DELETE", &format!("/pool/backends/{id}")),
+                PoolOp::Drain { id } => shoal::client::Request::new("POST", &format!("/pool/backends/{id}/drain")),
+                PoolOp::Undrain { id } => {
+                    shoal::client::Request::new("POST", &format!("/pool/backends/{id}/undrain"))
+                }
+                PoolOp::Weight { id, weight } => shoal::client::Request::with_body(
+                    "PUT",
+                    &format!("/pool/backends/{id}"),
+                    serde_json::json!({ "weight": weight }),
+                ),
+            };
+            client_command(admin, req, shoal::client::print_pool)
+        }
+        Command::Peers { admin } => {
+            client_command(admin, shoal::client::Request::get("/peers"), shoal::client::print_peers)
+        }
+    }
+}
+
+fn client_command(
+    admin: AdminArgs,
+    req: shoal::client::Request,
+    print: fn(&serde_json::Value) -> String,
+) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(shoal::client::call(&admin.admin, admin.token.as_deref(), req)) {
+        Ok((status, body)) if status < 300 => {
+            if admin.json {
+                println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+            } else {
+                print!("{}", print(&body));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            let reason = body["error"].as_str().map(str::to_string).unwrap_or_else(|| body.to_string());
+            eprintln!("error: {} answered {status}: {reason}", admin.admin);
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(if e.starts_with("bad --admin") { 2 } else { 1 })
+        }
+    }
+}
+
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().build()
+}

@@ -1,0 +1,77 @@
+//! The one place proxy errors become HTTP statuses.
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ResponseBody;
+
+/// Why a request was answered by the proxy itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no usable backend")]
+    NoBackend,
+    #[error("could not connect to a backend")]
+    Connect,
+    #[error("backend closed the connection before answering")]
+    Reset,
+    #[error("backend did not answer in time")]
+    Timeout,
+    #[error("both Content-Length and Transfer-Encoding")]
+    AmbiguousFraming,
+    #[error("{0}")]
+    BadRequest(&'static str),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect | ProxyError::Reset => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::AmbiguousFraming | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// A short text response; client errors also close the connection.
+    pub fn response(&self) -> Response<ResponseBody> {
+        let status = self.status();
+        let text = format!(
+            "{} {}: {self}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Error")
+        );
+        let mut resp = Response::new(ResponseBody::full(text));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status.is_client_error() {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_has_its_status() {
+        let cases = [
+            (ProxyError::NoBackend, 503),
+            (ProxyError::Connect, 502),
+            (ProxyError::Reset, 502),
+            (ProxyError::Timeout, 504),
+            (ProxyError::AmbiguousFraming, 400),
+            (ProxyError::BadRequest("x"), 400),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.status().as_u16(), code, "{e:?}");
+            let r = e.response();
+            assert_eq!(r.status().as_u16(), code);
+            assert_eq!(r.headers().get(header::CONNECTION).is_some(), code == 400);
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! Forwarding one client request: pick candidates, rewrite headers, send with timeouts, retry on
+//! another backend when that is safe, stream the response back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::body::{Lease, RequestBody, ResponseBody};
+use super::error::ProxyError;
+use super::router::Snapshot;
+use super::upstream::{ErrorKind, Upstream};
+use super::Proxy;
+use crate::config::HashKey;
+use crate::core::balance::{hash, Algorithm};
+use crate::core::health::Source;
+
+/// What the server knows about the client connection.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub client: SocketAddr,
+    pub https: bool,
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// RFC 9110 §7.6.1 hop-by-hop fields (plus the legacy Keep-Alive, Proxy-Connection, Trailer).
+fn hop_by_hop() -> [&'static HeaderName; 7] {
+    [
+        &header::CONNECTION,
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ]
+}
+
+/// Remove hop-by-hop fields, including those the `Connection` field names. Returns the
+/// `Upgrade` value when the message asks for one (`Connection: upgrade` + `Upgrade`).
+fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    let mut upgrade_requested = false;
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| {
+                let t = t.trim();
+                if t.eq_ignore_ascii_case("upgrade") {
+                    upgrade_requested = true;
+                }
+                HeaderName::from_bytes(t.as_bytes()).ok()
+            })
+            .collect();
+        for name in named {
+            // Never let a client strip the fields we route and forward by.
+            if name != header::HOST && name != X_FORWARDED_FOR {
+                headers.remove(&name);
+            }
+        }
+    }
+    let upgrade = headers.get(header::UPGRADE).cloned();
+    for name in hop_by_hop() {
+        headers.remove(name);
+    }
+    upgrade.filter(|_| upgrade_requested)
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// The request's hash key, hashed; `None` when the request does not carry it.
+fn hash_key(key: &HashKey, req: &Request<Incoming>, client: &SocketAddr) -> Option<u64> {
+    match key {
+        HashKey::ClientIp => Some(match client.ip() {
+            std::net::IpAddr::V4(a) => hash::hash_key(&a.octets()),
+            std::net::IpAddr::V6(a) => hash::hash_key(&a.octets()),
+        }),
+        HashKey::Path => Some(hash::hash_key(req.uri().path().as_bytes())),
+        HashKey::Header(name) => req.headers().get(name).map(|v| hash::hash_key(v.as_bytes())),
+        HashKey::Cookie(name) => req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k == name).then(|| hash::hash_key(v.as_bytes()))
+            }),
+        HashKey::Query(name) => req.uri().query().and_then(|q| {
+            q.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (k == name).then(|| hash::hash_key(v.as_bytes()))
+            })
+        }),
+    }
+}
+
+/// Method, target and headers of the upstream request, kept to rebuild it for a retry.
+struct Template {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Template {
+    fn build(&self) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::Empty);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+impl Proxy {
+    /// Serve one client request. Never fails: every error becomes a response.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let access_path = req.uri().path().to_string();
+        let snap = self.router.snapshot();
+        let (resp, backend) = match self.forward(req, &conn, &snap, start).await {
+            Ok((resp, upstream)) => (resp, Some(upstream)),
+            Err(e) => {
+                let status = e.status();
+                self.count_local(status);
+                tracing::debug!(error = %e, "answered locally");
+                (e.response(), None)
+            }
+        };
+        if snap.settings.access_log {
+            tracing::info!(
+                target: "shoal::access",
+                client = %conn.client,
+                method = %method,
+                path = %access_path,
+                status = resp.status().as_u16(),
+                backend = backend.as_ref().map(|u| u.id.as_str()).unwrap_or("-"),
+                ms = start.elapsed().as_secs_f64() * 1000.0,
+            );
+        }
+        resp
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+        snap: &Snapshot,
+        start: Instant,
+    ) -> Result<(Response<ResponseBody>, Arc<Upstream>), ProxyError> {
+        // Framing hyper would otherwise resolve on its own; the spec says refuse it.
+        if req.headers().contains_key(header::TRANSFER_ENCODING)
+            && req.headers().contains_key(header::CONTENT_LENGTH)
+        {
+            return Err(ProxyError::AmbiguousFraming);
+        }
+        let settings = &snap.settings;
+        let key = match settings.balance.algorithm {
+            Algorithm::ConsistentHash(_) => hash_key(&settings.hash_key, &req, &conn.client),
+            Algorithm::RoundRobin => None,
+        };
+
+        let client_upgrade = req.headers().contains_key(header::UPGRADE).then(|| hyper::upgrade::on(&mut req));
+        let (first, upgrade) = rewrite(req, conn)?;
+        // Sent requests are replayed only when idempotent and bodiless; keep what rebuilds them.
+        let replayable = first.body().is_end_stream() && is_idempotent(first.method()) && upgrade.is_none();
+        let template = (replayable && settings.retries > 0).then(|| Template {
+            method: first.method().clone(),
+            uri: first.uri().clone(),
+            headers: first.headers().clone(),
+        });
+        let mut pending = Some(first);
+
+        let panic = snap.panic.load(Ordering::Relaxed);
+        let bounded = settings.balance.bounded_load > 0.0;
+        let mut route = snap.selector.route(key, panic, snap);
+        let mut attempts = 0u32;
+        let mut last_err = ProxyError::NoBackend;
+        while attempts <= settings.retries {
+            let Some(member) = route.next() else { break };
+            let upstream = &snap.upstreams[member as usize];
+            if attempts > 0 {
+                self.retries.increment(1);
+            }
+            attempts += 1;
+            let Some(request) = pending.take().or_else(|| template.as_ref().map(Template::build)) else {
+                break;
+            };
+            let guard = upstream.start();
+            if bounded {
+                snap.total_inflight().fetch_add(1, Ordering::Relaxed);
+            }
+            let outcome = self.attempt(upstream, request, settings).await;
+            if bounded {
+                snap.total_inflight().fetch_sub(1, Ordering::Relaxed);
+            }
+            match outcome {
+                Attempt::Response(mut resp, sender) => {
+                    let status = resp.status();
+                    let failed = matches!(status.as_u16(), 502..=504);
+                    if failed {
+                        upstream.count_error(ErrorKind::Status);
+                    }
+                    if upstream.record(Source::Traffic, !failed, &settings.thresholds).is_some() {
+                        self.router.health_changed();
+                    }
+                    upstream.count_response(status.as_u16(), start.elapsed());
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        if let (Some(client), Some(_)) = (client_upgrade, upgrade.as_ref()) {
+                            let backend = hyper::upgrade::on(&mut resp);
+                            tokio::spawn(tunnel(client, backend, sender, guard));
+                            let (parts, _) = resp.into_parts();
+                            return Ok((Response::from_parts(parts, ResponseBody::empty()), upstream.clone()));
+                        }
+                    }
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    let lease = Lease { sender, guard };
+                    return Ok((
+                        Response::from_parts(parts, ResponseBody::upstream(body, Some(lease))),
+                        upstream.clone(),
+                    ));
+                }
+                Attempt::NotSent(request, err) => {
+                    // Nothing reached the backend: any method may go elsewhere.
+                    upstream.count_error(ErrorKind::Connect);
+                    if upstream.record(Source::Traffic, false, &settings.thresholds).is_some() {
+                        self.router.health_changed();
+                    }
+                    tracing::debug!(backend = %upstream.id, error = %err, "connect failed");
+                    pending = Some(request);
+                    last_err = ProxyError::Connect;
+                }
+                Attempt::Failed(kind) => {
+                    upstream.count_error(kind);
+                    if upstream.record(Source::Traffic, false, &settings.thresholds).is_some() {
+                        self.router.health_changed();
+                    }
+                    last_err = if kind == ErrorKind::Timeout {
+                        ProxyError::Timeout
+                    } else {
+                        ProxyError::Reset
+                    };
+                    if template.is_none() {
+                        // The request (or part of its body) was sent and it is not safe to
+                        // send again.
+                        return Err(last_err);
+                    }
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    /// One attempt on one backend.
+    async fn attempt(&self, upstream: &Upstream, mut request: Request<RequestBody>, settings: &super::router::Settings) -> Attempt {
+        // A pooled connection may have closed since it was parked; hyper hands the request back
+        // untouched then, and we take another connection (a few times at most).
+        for _ in 0..3 {
+            let mut sender = match upstream.checkout(settings.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => return Attempt::NotSent(request, e.to_string()),
+            };
+            let sent = sender.try_send_request(request);
+            match tokio::time::timeout(settings.request_timeout, sent).await {
+                Ok(Ok(resp)) => return Attempt::Response(resp, sender),
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(r) => {
+                        request = r;
+                        continue;
+                    }
+                    None => {
+                        tracing::debug!(backend = %upstream.id, error = %e.error(), "backend failed before answering");
+                        return Attempt::Failed(ErrorKind::Reset);
+                    }
+                },
+                Err(_) => return Attempt::Failed(ErrorKind::Timeout),
+            }
+        }
+        Attempt::NotSent(request, "connections kept closing".into())
+    }
+
+    fn count_local(&self, status: StatusCode) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.local_responses[class].increment(1);
+    }
+}
+
+enum Attempt {
+    Response(Response<Incoming>, super::upstream::Sender),
+    /// Never reached the backend; the request comes back intact.
+    NotSent(Request<RequestBody>, String),
+    /// Sent (at least partly) and then failed.
+    Failed(ErrorKind),
+}
+
+/// Turn the client's request into the backend's: origin-form target, HTTP/1.1, hop-by-hop
+/// fields removed, X-Forwarded-* set, Host kept. Returns the request and the Upgrade value to
+/// forward, if the client asked for one.
+fn rewrite(req: Request<Incoming>, conn: &ConnInfo) -> Result<(Request<RequestBody>, Option<HeaderValue>), ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    // The received Host: the Host field, or the authority of an HTTP/2 (or absolute-form) target.
+    let host = match parts.headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    if host.is_none() && parts.version == Version::HTTP_11 {
+        return Err(ProxyError::BadRequest("missing Host"));
+    }
+    let upgrade = if parts.version == Version::HTTP_11 {
+        strip_hop_by_hop(&mut parts.headers)
+    } else {
+        strip_hop_by_hop(&mut parts.headers);
+        None
+    };
+    if let Some(u) = &upgrade {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, u.clone());
+    }
+    // X-Forwarded-For: append the client to whatever is there.
+    let client_ip = conn.client.ip().to_string();
+    let xff = {
+        let mut prior = parts.headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).peekable();
+        if prior.peek().is_none() {
+            HeaderValue::from_str(&client_ip)
+        } else {
+            let mut s = prior.collect::<Vec<_>>().join(", ");
+            s.push_str(", ");
+            s.push_str(&client_ip);
+            HeaderValue::from_str(&s)
+        }
+    }
+    .map_err(|_| ProxyError::BadRequest("bad X-Forwarded-For"))?;
+    parts.headers.insert(&X_FORWARDED_FOR, xff);
+    parts.headers.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if conn.https { "https" } else { "http" }),
+    );
+    if let Some(host) = host {
+        parts.headers.insert(&X_FORWARDED_HOST, host.clone());
+        parts.headers.insert(header::HOST, host);
+    }
+
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let uri: Uri = path.parse().map_err(|_| ProxyError::BadRequest("bad request target"))?;
+    let body = if body.is_end_stream() {
+        RequestBody::Empty
+    } else {
+        RequestBody::Stream { inner: body }
+    };
+    let mut out = Request::new(body);
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = uri;
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = parts.headers;
+    Ok((out, upgrade))
+}
+
+/// Splice an upgraded client connection to the upgraded backend connection.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    sender: super::upstream::Sender,
+    guard: super::upstream::InflightGuard,
+) {
+    let (client, backend) = tokio::join!(client, backend);
+    drop(sender);
+    match (client, backend) {
+        (Ok(c), Ok(b)) => {
+            let mut c = TokioIo::new(c);
+            let mut b = TokioIo::new(b);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut b).await {
+                tracing::debug!(error = %e, "tunnel closed");
+            }
+        }
+        (c, b) => tracing::debug!(client = c.is_ok(), backend = b.is_ok(), "upgrade failed"),
+    }
+    drop(guard);
+}

@@ -1,0 +1,183 @@
+//! Client listeners: accept, limit, terminate TLS, serve HTTP/1.1 and h2c with hyper, close idle
+//! connections, and drain on shutdown.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::conn::{ConnState, WatchedIo};
+use super::error::ProxyError;
+use super::forward::ConnInfo;
+use super::Proxy;
+use crate::telemetry as names;
+
+/// How client connections are served.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub max_header_bytes: usize,
+    pub client_idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every client listener of one peer, sharing one connection limit and one drain.
+pub struct Server {
+    proxy: Arc<Proxy>,
+    opts: ServerOptions,
+    limit: Arc<Semaphore>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Connection tasks, waited for on drain.
+    tracker: TaskTracker,
+    /// Cancelled to stop accepting and to ask connections to finish.
+    drain: CancellationToken,
+}
+
+impl Server {
+    pub fn new(proxy: Arc<Proxy>, opts: ServerOptions) -> Arc<Self> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .max_headers(256)
+            .max_buf_size(opts.max_header_bytes.max(8192));
+        builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+        Arc::new(Self {
+            proxy,
+            limit: Arc::new(Semaphore::new(opts.max_connections)),
+            opts,
+            builder: Arc::new(builder),
+            tracker: TaskTracker::new(),
+            drain: CancellationToken::new(),
+        })
+    }
+
+    /// Accept on `listener` until drained. With `tls`, terminate TLS (config swappable live).
+    pub fn spawn_listener(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move { this.accept_loop(listener, tls).await })
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>) {
+        let refused = metrics::counter!(names::CLIENT_CONNECTIONS_REFUSED_TOTAL);
+        loop {
+            let accepted = tokio::select! {
+                _ = self.drain.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (stream, client) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+                refused.increment(1);
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let this = self.clone();
+            let tls = tls.as_ref().map(|t| t.load_full());
+            self.tracker.spawn(async move {
+                let gauge = metrics::gauge!(names::CLIENT_CONNECTIONS);
+                gauge.increment(1.0);
+                match tls {
+                    None => this.serve(stream, ConnInfo { client, https: false }).await,
+                    Some(cfg) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => this.serve(s, ConnInfo { client, https: true }).await,
+                            Ok(Err(e)) => tracing::debug!(%client, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(%client, "TLS handshake timed out"),
+                        }
+                    }
+                }
+                gauge.decrement(1.0);
+                drop(permit);
+            });
+        }
+        // Dropping the listener here closes it: new connections are refused from now on.
+    }
+
+    async fn serve<I>(&self, io: I, info: ConnInfo)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let state = Arc::new(ConnState::default());
+        let io = TokioIo::new(WatchedIo::new(io, state.clone()));
+        let proxy = self.proxy.clone();
+        let svc_state = state.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            let info = info.clone();
+            let state = svc_state.clone();
+            async move {
+                if state.ambiguous.load(Ordering::Relaxed) {
+                    return Ok::<_, Infallible>(ProxyError::AmbiguousFraming.response());
+                }
+                state.active_requests.fetch_add(1, Ordering::Relaxed);
+                let resp = proxy.handle(req, info).await;
+                state.active_requests.fetch_sub(1, Ordering::Relaxed);
+                Ok(resp)
+            }
+        });
+        let conn = self.builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(conn);
+        let idle = self.opts.client_idle_timeout;
+        let mut seen = state.activity.load(Ordering::Relaxed);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                    return;
+                }
+                _ = self.drain.cancelled(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = tokio::time::sleep(idle) => {
+                    let now = state.activity.load(Ordering::Relaxed);
+                    if now == seen && state.active_requests.load(Ordering::Relaxed) == 0 {
+                        tracing::debug!("closing idle client connection");
+                        return;
+                    }
+                    seen = now;
+                }
+            }
+        }
+    }
+
+    /// Stop accepting, ask every connection to finish, and wait up to `grace` for them.
+    /// Returns the number of connections still open when the grace ran out.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.drain.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            return self.tracker.len();
+        }
+        0
+    }
+}
