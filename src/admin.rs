@@ -80,15 +80,18 @@ fn json_response(status: StatusCode, v: &impl Serialize) -> Resp {
     let body = serde_json::to_vec_pretty(v).unwrap_or_default();
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 fn error(status: StatusCode, msg: impl std::fmt::Display) -> Resp {
     let mut r = json_response(status, &json!({ "error": msg.to_string() }));
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     r
 }
@@ -131,7 +134,11 @@ struct WeightBody {
 
 impl Admin {
     /// Serve the admin API on `listener` until `shutdown`.
-    pub fn spawn(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn spawn(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
@@ -167,12 +174,17 @@ impl Admin {
         let path = req.uri().path().to_string();
         let method = req.method().clone();
         match (&method, path.as_str()) {
-            (&Method::GET, "/livez") => return json_response(StatusCode::OK, &json!({"status": "alive"})),
+            (&Method::GET, "/livez") => {
+                return json_response(StatusCode::OK, &json!({"status": "alive"}))
+            }
             (&Method::GET, "/readyz") => {
                 return if self.ready() {
                     json_response(StatusCode::OK, &json!({"status": "ready"}))
                 } else {
-                    error(StatusCode::SERVICE_UNAVAILABLE, "not ready: listeners not bound or no pool known yet")
+                    error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: listeners not bound or no pool known yet",
+                    )
                 };
             }
             (&Method::GET, "/metrics") => {
@@ -200,7 +212,9 @@ impl Admin {
         }
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (&method, segments.as_slice()) {
-            (&Method::GET, ["pool"]) => json_response(StatusCode::OK, &pool_json(&self.router.pool())),
+            (&Method::GET, ["pool"]) => {
+                json_response(StatusCode::OK, &pool_json(&self.router.pool()))
+            }
             (&Method::GET, ["peers"]) => json_response(StatusCode::OK, &self.control.peers()),
             (&Method::GET, ["status"]) => json_response(StatusCode::OK, &self.status()),
             (&Method::POST, ["pool", "backends"]) => {
@@ -213,13 +227,18 @@ impl Admin {
                     Err(e) => return error(StatusCode::BAD_REQUEST, format!("addr: {e}")),
                 };
                 if !(1..=MAX_WEIGHT).contains(&body.weight) {
-                    return error(StatusCode::BAD_REQUEST, format!("weight: must be 1..=1000, got {}", body.weight));
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("weight: must be 1..=1000, got {}", body.weight),
+                    );
                 }
                 let id = body.id.unwrap_or_else(|| addr.clone());
                 if !valid_backend_id(&id) {
                     return error(
                         StatusCode::BAD_REQUEST,
-                        format!("id: bad id {id:?} (1 to 64 printable characters, no spaces or '/')"),
+                        format!(
+                            "id: bad id {id:?} (1 to 64 printable characters, no spaces or '/')"
+                        ),
                     );
                 }
                 let change = PoolChange::AddBackend {
@@ -228,8 +247,13 @@ impl Admin {
                 self.commit(change, StatusCode::CREATED).await
             }
             (&Method::DELETE, ["pool", "backends", id]) => {
-                self.commit(PoolChange::RemoveBackend { id: BackendId::new(*id) }, StatusCode::OK)
-                    .await
+                self.commit(
+                    PoolChange::RemoveBackend {
+                        id: BackendId::new(*id),
+                    },
+                    StatusCode::OK,
+                )
+                .await
             }
             (&Method::POST, ["pool", "backends", id, op @ ("drain" | "undrain")]) => {
                 let change = PoolChange::SetState {
@@ -245,14 +269,24 @@ impl Admin {
                     Err(r) => return r,
                 };
                 if !(1..=MAX_WEIGHT).contains(&body.weight) {
-                    return error(StatusCode::BAD_REQUEST, format!("weight: must be 1..=1000, got {}", body.weight));
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("weight: must be 1..=1000, got {}", body.weight),
+                    );
                 }
-                self.commit(PoolChange::SetWeight { id, weight: body.weight }, StatusCode::OK)
-                    .await
+                self.commit(
+                    PoolChange::SetWeight {
+                        id,
+                        weight: body.weight,
+                    },
+                    StatusCode::OK,
+                )
+                .await
             }
-            (_, ["pool"] | ["peers"] | ["status"] | ["pool", "backends", ..]) => {
-                error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {path}"))
-            }
+            (_, ["pool"] | ["peers"] | ["status"] | ["pool", "backends", ..]) => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}"),
+            ),
             _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
         }
     }
@@ -268,9 +302,9 @@ impl Admin {
                 let status = match e {
                     ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
                     ChangeError::BadWeight(_) => StatusCode::BAD_REQUEST,
-                    ChangeError::Exists(_) | ChangeError::AddrInUse(..) | ChangeError::AlreadySeeded(_) => {
-                        StatusCode::CONFLICT
-                    }
+                    ChangeError::Exists(_)
+                    | ChangeError::AddrInUse(..)
+                    | ChangeError::AlreadySeeded(_) => StatusCode::CONFLICT,
                 };
                 error(status, e)
             }
@@ -306,9 +340,15 @@ impl Admin {
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Resp> {
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return Err(error(StatusCode::BAD_REQUEST, "body unreadable or over 64 KiB")),
+        Err(_) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "body unreadable or over 64 KiB",
+            ))
+        }
     };
-    serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -172,9 +172,12 @@ impl Peer {
             || old.admin.listen != new.admin.listen
             || old.cluster.listen != new.cluster.listen
             || old.node.id != new.node.id
-            || old.proxy.tls.as_ref().map(|t| &t.listen) != new.proxy.tls.as_ref().map(|t| &t.listen)
+            || old.proxy.tls.as_ref().map(|t| &t.listen)
+                != new.proxy.tls.as_ref().map(|t| &t.listen)
         {
-            tracing::warn!("listen addresses and node id change only on restart; kept the old ones");
+            tracing::warn!(
+                "listen addresses and node id change only on restart; kept the old ones"
+            );
         }
         tracing::info!("config reloaded");
         self.config = new;
@@ -185,7 +188,10 @@ impl Peer {
         let grace = self.config.proxy.shutdown_grace;
         let left = self.server.drain(grace).await;
         if left > 0 {
-            tracing::warn!(connections = left, "shutdown grace ran out; closing the rest");
+            tracing::warn!(
+                connections = left,
+                "shutdown grace ran out; closing the rest"
+            );
         }
         self.shutdown.cancel();
     }

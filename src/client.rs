@@ -62,10 +62,13 @@ pub async fn call(base: &str, token: Option<&str>, req: Request) -> Result<(u16,
     let request = builder
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| format!("bad request: {e}"))?;
-    let resp = tokio::time::timeout(std::time::Duration::from_secs(30), sender.send_request(request))
-        .await
-        .map_err(|_| format!("{base} did not answer in 30s"))?
-        .map_err(|e| format!("{base}: {e}"))?;
+    let resp = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        sender.send_request(request),
+    )
+    .await
+    .map_err(|_| format!("{base} did not answer in 30s"))?
+    .map_err(|e| format!("{base}: {e}"))?;
     let status = resp.status().as_u16();
     let bytes = resp
         .into_body()
@@ -73,14 +76,18 @@ pub async fn call(base: &str, token: Option<&str>, req: Request) -> Result<(u16,
         .await
         .map_err(|e| format!("{base}: {e}"))?
         .to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     Ok((status, json))
 }
 
 /// The pool as a table.
 pub fn print_pool(v: &Value) -> String {
     let mut out = format!("pool version {}\n", v["version"]);
-    out.push_str(&format!("{:<24} {:<28} {:>6}  {}\n", "ID", "ADDR", "WEIGHT", "STATE"));
+    out.push_str(&format!(
+        "{:<24} {:<28} {:>6}  {}\n",
+        "ID", "ADDR", "WEIGHT", "STATE"
+    ));
     for b in v["backends"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{:<24} {:<28} {:>6}  {}\n",
@@ -95,9 +102,15 @@ pub fn print_pool(v: &Value) -> String {
 
 /// The peer table.
 pub fn print_peers(v: &Value) -> String {
-    let mut out = format!("{:<12} {:<24} {:<8} {:>8} {:>12}\n", "ID", "ADDR", "STATE", "PHI", "LAST SEEN");
+    let mut out = format!(
+        "{:<12} {:<24} {:<8} {:>8} {:>12}\n",
+        "ID", "ADDR", "STATE", "PHI", "LAST SEEN"
+    );
     for p in v.as_array().into_iter().flatten() {
-        let seen = p["last_seen_ms"].as_u64().map(|ms| format!("{ms} ms ago")).unwrap_or_else(|| "never".into());
+        let seen = p["last_seen_ms"]
+            .as_u64()
+            .map(|ms| format!("{ms} ms ago"))
+            .unwrap_or_else(|| "never".into());
         out.push_str(&format!(
             "{:<12} {:<24} {:<8} {:>8.2} {:>12}\n",
             p["id"].as_str().unwrap_or("?"),

@@ -257,9 +257,13 @@ pub fn read_raw(
 /// Validate a raw tree into a `Config`, collecting every problem.
 pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
     let mut c = Checker::default();
-    let root = c.table(Some(raw), "", &[
-        "node", "proxy", "balance", "health", "cluster", "admin", "log", "backends",
-    ]);
+    let root = c.table(
+        Some(raw),
+        "",
+        &[
+            "node", "proxy", "balance", "health", "cluster", "admin", "log", "backends",
+        ],
+    );
     let node = node(&mut c, root.get("node").1);
     let proxy = proxy(&mut c, root.get("proxy").1);
     let balance = balance(&mut c, root.get("balance").1);
@@ -269,20 +273,25 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
     let log = log(&mut c, root.get("log").1);
     let backends = backends(&mut c, root.get("backends").1);
     match (node, proxy, balance, health, cluster, admin, log, backends) {
-        (Some(node), Some(proxy), Some(balance), Some(health), Some(cluster), Some(admin), Some(log), Some(backends))
-            if c.errors.is_empty() =>
-        {
-            Ok(Config {
-                node,
-                proxy,
-                balance,
-                health,
-                cluster,
-                admin,
-                log,
-                backends,
-            })
-        }
+        (
+            Some(node),
+            Some(proxy),
+            Some(balance),
+            Some(health),
+            Some(cluster),
+            Some(admin),
+            Some(log),
+            Some(backends),
+        ) if c.errors.is_empty() => Ok(Config {
+            node,
+            proxy,
+            balance,
+            health,
+            cluster,
+            admin,
+            log,
+            backends,
+        }),
         _ => Err(ConfigErrors(c.errors)),
     }
 }
@@ -340,7 +349,10 @@ impl Checker {
                         } else {
                             format!("{path}.{k}")
                         };
-                        self.err(&key, format!("unknown key (expected one of: {})", known.join(", ")));
+                        self.err(
+                            &key,
+                            format!("unknown key (expected one of: {})", known.join(", ")),
+                        );
                     }
                 }
                 Some(m)
@@ -375,17 +387,27 @@ impl Checker {
     }
 
     fn str_or(&mut self, t: &Table, k: &str, default: &str) -> Option<String> {
-        self.string(t, k).map(|s| s.unwrap_or_else(|| default.to_string()))
+        self.string(t, k)
+            .map(|s| s.unwrap_or_else(|| default.to_string()))
     }
 
-    fn int(&mut self, t: &Table, k: &str, default: u64, range: std::ops::RangeInclusive<u64>) -> Option<u64> {
+    fn int(
+        &mut self,
+        t: &Table,
+        k: &str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Option<u64> {
         let (key, v) = t.get(k);
         let n = match v {
             None => return Some(default),
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(n) => n,
                 None => {
-                    self.err(&key, format!("must be {}..={}, got {n}", range.start(), range.end()));
+                    self.err(
+                        &key,
+                        format!("must be {}..={}, got {n}", range.start(), range.end()),
+                    );
                     return None;
                 }
             },
@@ -398,7 +420,10 @@ impl Checker {
         if range.contains(&n) {
             Some(n)
         } else {
-            self.err(&key, format!("must be {}..={}, got {n}", range.start(), range.end()));
+            self.err(
+                &key,
+                format!("must be {}..={}, got {n}", range.start(), range.end()),
+            );
             None
         }
     }
@@ -423,7 +448,10 @@ impl Checker {
             Some(Value::Bool(b)) => Some(*b),
             Some(Value::String(s)) if s == "true" || s == "false" => Some(s == "true"),
             Some(v) => {
-                self.err(&key, format!("expected true or false, got {}", type_name(v)));
+                self.err(
+                    &key,
+                    format!("expected true or false, got {}", type_name(v)),
+                );
                 None
             }
         }
@@ -439,7 +467,10 @@ impl Checker {
                 None
             }
             Err(e) => {
-                self.err(&key, format!("bad duration {s:?} ({e}; expected e.g. \"250ms\", \"2s\", \"1m\")"));
+                self.err(
+                    &key,
+                    format!("bad duration {s:?} ({e}; expected e.g. \"250ms\", \"2s\", \"1m\")"),
+                );
                 None
             }
         }
@@ -449,7 +480,10 @@ impl Checker {
         match s.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                self.err(key, format!("bad address {s:?} (expected IP:PORT, e.g. 127.0.0.1:8080)"));
+                self.err(
+                    key,
+                    format!("bad address {s:?} (expected IP:PORT, e.g. 127.0.0.1:8080)"),
+                );
                 None
             }
         }
@@ -475,13 +509,19 @@ impl Checker {
                 for (i, v) in a.iter().enumerate() {
                     match v {
                         Value::String(s) => out.push((format!("{key}[{i}]"), s.clone())),
-                        v => self.err(&format!("{key}[{i}]"), format!("expected a string, got {}", type_name(v))),
+                        v => self.err(
+                            &format!("{key}[{i}]"),
+                            format!("expected a string, got {}", type_name(v)),
+                        ),
                     }
                 }
                 out
             }
             Some(v) => {
-                self.err(&key, format!("expected a list of addresses, got {}", type_name(v)));
+                self.err(
+                    &key,
+                    format!("expected a list of addresses, got {}", type_name(v)),
+                );
                 return None;
             }
         };
@@ -516,7 +556,8 @@ impl Checker {
 /// `[a-z0-9-]{1,32}`.
 pub fn valid_node_id(s: &str) -> bool {
     (1..=32).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Backend ids: 1..=64 printable ASCII characters without spaces or `/`.
@@ -542,7 +583,9 @@ pub fn normalize_backend_addr(s: &str) -> Result<String, String> {
         && !host.contains('/')
         && (host.parse::<std::net::IpAddr>().is_ok()
             || (host.starts_with('[') && host.ends_with(']'))
-            || host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+            || host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
     match port.parse::<u16>() {
         Ok(p) if p > 0 && host_ok => Ok(format!("{scheme}{rest}")),
         _ => Err(bad()),
@@ -553,11 +596,17 @@ fn node(c: &mut Checker, v: Option<&Value>) -> Option<NodeConfig> {
     let t = c.table(v, "node", &["id", "data_dir"]);
     let id = match c.string(&t, "id")? {
         None => {
-            c.err("node.id", "required (a unique id for this peer, [a-z0-9-]{1,32})");
+            c.err(
+                "node.id",
+                "required (a unique id for this peer, [a-z0-9-]{1,32})",
+            );
             return None;
         }
         Some(id) if !valid_node_id(&id) => {
-            c.err("node.id", format!("bad id {id:?} (expected [a-z0-9-]{{1,32}})"));
+            c.err(
+                "node.id",
+                format!("bad id {id:?} (expected [a-z0-9-]{{1,32}})"),
+            );
             return None;
         }
         Some(id) => id,
@@ -570,10 +619,22 @@ fn node(c: &mut Checker, v: Option<&Value>) -> Option<NodeConfig> {
 }
 
 fn proxy(c: &mut Checker, v: Option<&Value>) -> Option<ProxyConfig> {
-    let t = c.table(v, "proxy", &[
-        "listen", "workers", "connect_timeout", "request_timeout", "client_idle_timeout",
-        "max_connections", "retries", "max_header_bytes", "shutdown_grace", "tls",
-    ]);
+    let t = c.table(
+        v,
+        "proxy",
+        &[
+            "listen",
+            "workers",
+            "connect_timeout",
+            "request_timeout",
+            "client_idle_timeout",
+            "max_connections",
+            "retries",
+            "max_header_bytes",
+            "shutdown_grace",
+            "tls",
+        ],
+    );
     let listen = c.addr_list(&t, "listen", &["127.0.0.1:8080"]);
     let workers = c.int(&t, "workers", 0, 0..=1024);
     let connect_timeout = c.duration(&t, "connect_timeout", "1s");
@@ -642,12 +703,19 @@ pub fn parse_hash_key(s: &str) -> Result<HashKey, String> {
 }
 
 fn balance(c: &mut Checker, v: Option<&Value>) -> Option<BalanceConfig> {
-    let t = c.table(v, "balance", &["algorithm", "hash_key", "hash_method", "bounded_load"]);
+    let t = c.table(
+        v,
+        "balance",
+        &["algorithm", "hash_key", "hash_method", "bounded_load"],
+    );
     let method = match c.str_or(&t, "hash_method", "maglev")?.as_str() {
         "maglev" => Some(HashMethod::Maglev),
         "ring" => Some(HashMethod::Ring),
         other => {
-            c.err("balance.hash_method", format!("unknown method {other:?} (expected \"maglev\" or \"ring\")"));
+            c.err(
+                "balance.hash_method",
+                format!("unknown method {other:?} (expected \"maglev\" or \"ring\")"),
+            );
             None
         }
     };
@@ -657,7 +725,9 @@ fn balance(c: &mut Checker, v: Option<&Value>) -> Option<BalanceConfig> {
         other => {
             c.err(
                 "balance.algorithm",
-                format!("unknown algorithm {other:?} (expected \"round_robin\" or \"consistent_hash\")"),
+                format!(
+                    "unknown algorithm {other:?} (expected \"round_robin\" or \"consistent_hash\")"
+                ),
             );
             None
         }
@@ -672,7 +742,10 @@ fn balance(c: &mut Checker, v: Option<&Value>) -> Option<BalanceConfig> {
     let bounded_load = match c.float(&t, "bounded_load", 0.0)? {
         x if x == 0.0 || (1.0..=100.0).contains(&x) => Some(x),
         x => {
-            c.err("balance.bounded_load", format!("must be 0 (off) or 1.0..=100.0, got {x}"));
+            c.err(
+                "balance.bounded_load",
+                format!("must be 0 (off) or 1.0..=100.0, got {x}"),
+            );
             None
         }
     };
@@ -685,13 +758,26 @@ fn balance(c: &mut Checker, v: Option<&Value>) -> Option<BalanceConfig> {
 }
 
 fn health(c: &mut Checker, v: Option<&Value>) -> Option<HealthConfig> {
-    let t = c.table(v, "health", &[
-        "path", "interval", "timeout", "rise", "fall", "passive_failures",
-        "max_ejected_percent", "panic_below_percent",
-    ]);
+    let t = c.table(
+        v,
+        "health",
+        &[
+            "path",
+            "interval",
+            "timeout",
+            "rise",
+            "fall",
+            "passive_failures",
+            "max_ejected_percent",
+            "panic_below_percent",
+        ],
+    );
     let path = c.str_or(&t, "path", "/healthz")?;
     if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
-        c.err("health.path", format!("bad path {path:?} (expected an absolute path like /healthz)"));
+        c.err(
+            "health.path",
+            format!("bad path {path:?} (expected an absolute path like /healthz)"),
+        );
     }
     let interval = c.duration(&t, "interval", "1s");
     let timeout = c.duration(&t, "timeout", "500ms");
@@ -713,15 +799,27 @@ fn health(c: &mut Checker, v: Option<&Value>) -> Option<HealthConfig> {
 }
 
 fn cluster(c: &mut Checker, v: Option<&Value>, me: Option<&NodeId>) -> Option<ClusterConfig> {
-    let t = c.table(v, "cluster", &[
-        "listen", "peers", "heartbeat_interval", "phi_threshold", "dead_after", "tls",
-    ]);
+    let t = c.table(
+        v,
+        "cluster",
+        &[
+            "listen",
+            "peers",
+            "heartbeat_interval",
+            "phi_threshold",
+            "dead_after",
+            "tls",
+        ],
+    );
     let listen = c.addr_or(&t, "listen", "127.0.0.1:7001");
     let heartbeat_interval = c.duration(&t, "heartbeat_interval", "250ms");
     let phi = match c.float(&t, "phi_threshold", 8.0)? {
         x if x > 0.0 && x <= 100.0 => Some(x),
         x => {
-            c.err("cluster.phi_threshold", format!("must be above 0 and at most 100, got {x}"));
+            c.err(
+                "cluster.phi_threshold",
+                format!("must be above 0 and at most 100, got {x}"),
+            );
             None
         }
     };
@@ -739,21 +837,37 @@ fn cluster(c: &mut Checker, v: Option<&Value>, me: Option<&NodeId>) -> Option<Cl
                 match (id, addr) {
                     (Some(id), Some(addr)) => {
                         if !valid_node_id(&id) {
-                            c.err(&format!("{path}.id"), format!("bad id {id:?} (expected [a-z0-9-]{{1,32}})"));
+                            c.err(
+                                &format!("{path}.id"),
+                                format!("bad id {id:?} (expected [a-z0-9-]{{1,32}})"),
+                            );
                             peers = None;
                         } else if Some(&NodeId::new(id.clone())) == me {
-                            c.err(&format!("{path}.id"), format!("{id:?} is this node's own id; list only the other peers"));
+                            c.err(
+                                &format!("{path}.id"),
+                                format!("{id:?} is this node's own id; list only the other peers"),
+                            );
                             peers = None;
                         } else if !seen.insert(id.clone()) {
                             c.err(&format!("{path}.id"), format!("duplicate peer id {id:?}"));
                             peers = None;
                         }
-                        if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-                            c.err(&format!("{path}.addr"), format!("bad address {addr:?} (expected host:port)"));
+                        if addr
+                            .rsplit_once(':')
+                            .and_then(|(_, p)| p.parse::<u16>().ok())
+                            .is_none()
+                        {
+                            c.err(
+                                &format!("{path}.addr"),
+                                format!("bad address {addr:?} (expected host:port)"),
+                            );
                             peers = None;
                         }
                         if let Some(ps) = peers.as_mut() {
-                            ps.push(PeerConfig { id: NodeId::new(id), addr });
+                            ps.push(PeerConfig {
+                                id: NodeId::new(id),
+                                addr,
+                            });
                         }
                     }
                     (id, addr) => {
@@ -769,7 +883,13 @@ fn cluster(c: &mut Checker, v: Option<&Value>, me: Option<&NodeId>) -> Option<Cl
             }
         }
         (key, Some(v)) => {
-            c.err(&key, format!("expected a list of {{ id, addr }} tables, got {}", type_name(v)));
+            c.err(
+                &key,
+                format!(
+                    "expected a list of {{ id, addr }} tables, got {}",
+                    type_name(v)
+                ),
+            );
             peers = None;
         }
     }
@@ -830,7 +950,10 @@ fn log(c: &mut Checker, v: Option<&Value>) -> Option<LogConfig> {
         "text" => Some(LogFormat::Text),
         "json" => Some(LogFormat::Json),
         other => {
-            c.err("log.format", format!("unknown format {other:?} (expected \"text\" or \"json\")"));
+            c.err(
+                "log.format",
+                format!("unknown format {other:?} (expected \"text\" or \"json\")"),
+            );
             None
         }
     };
@@ -847,7 +970,10 @@ fn backends(c: &mut Checker, v: Option<&Value>) -> Option<Vec<Backend>> {
         None => return Some(Vec::new()),
         Some(Value::Array(a)) => a,
         Some(v) => {
-            c.err("backends", format!("expected [[backends]] tables, got {}", type_name(v)));
+            c.err(
+                "backends",
+                format!("expected [[backends]] tables, got {}", type_name(v)),
+            );
             return None;
         }
     };
@@ -879,16 +1005,25 @@ fn backends(c: &mut Checker, v: Option<&Value>) -> Option<Vec<Backend>> {
         };
         let id = id.unwrap_or_else(|| addr.clone());
         if !valid_backend_id(&id) {
-            c.err(&format!("{path}.id"), format!("bad id {id:?} (1 to 64 printable characters, no spaces or '/')"));
+            c.err(
+                &format!("{path}.id"),
+                format!("bad id {id:?} (1 to 64 printable characters, no spaces or '/')"),
+            );
             ok = false;
             continue;
         }
         if !ids.insert(id.clone()) {
-            c.err(&format!("{path}.id"), format!("duplicate backend id {id:?}"));
+            c.err(
+                &format!("{path}.id"),
+                format!("duplicate backend id {id:?}"),
+            );
             ok = false;
         }
         if !addrs.insert(addr.clone()) {
-            c.err(&format!("{path}.addr"), format!("duplicate backend address {addr:?}"));
+            c.err(
+                &format!("{path}.addr"),
+                format!("duplicate backend address {addr:?}"),
+            );
             ok = false;
         }
         out.push(Backend::new(id, addr, weight as u32));
@@ -952,7 +1087,10 @@ mod tests {
         assert!(all.contains("node.colour: unknown key"), "{all}");
         assert!(all.contains(r#"balance.hash_key: unknown source "foo" (expected header:NAME, cookie:NAME, query:NAME, path or client_ip)"#), "{all}");
         assert!(all.contains("health.interval: bad duration"), "{all}");
-        assert!(all.contains("backends[1].weight: must be 1..=1000, got 0"), "{all}");
+        assert!(
+            all.contains("backends[1].weight: must be 1..=1000, got 0"),
+            "{all}"
+        );
         assert_eq!(errs.len(), 4, "{all}");
     }
 
@@ -980,8 +1118,16 @@ mod tests {
         .unwrap_err()
         .0
         .join("\n");
-        assert!(errs.contains("cluster.listen: 0.0.0.0:7001 is not a loopback address"), "{errs}");
-        assert!(errs.contains("admin.listen: 0.0.0.0:9901 is not a loopback address: admin.token is required"), "{errs}");
+        assert!(
+            errs.contains("cluster.listen: 0.0.0.0:7001 is not a loopback address"),
+            "{errs}"
+        );
+        assert!(
+            errs.contains(
+                "admin.listen: 0.0.0.0:9901 is not a loopback address: admin.token is required"
+            ),
+            "{errs}"
+        );
     }
 
     #[test]
@@ -1005,11 +1151,23 @@ mod tests {
         .unwrap_err()
         .0
         .join("\n");
-        assert!(errs.contains("cluster.peers[0].id: \"a\" is this node's own id"), "{errs}");
+        assert!(
+            errs.contains("cluster.peers[0].id: \"a\" is this node's own id"),
+            "{errs}"
+        );
         assert!(errs.contains("cluster.peers[1].id: bad id \"B\""), "{errs}");
-        assert!(errs.contains("cluster.peers[1].addr: bad address"), "{errs}");
-        assert!(errs.contains("backends[0].addr: bad address \"nope\""), "{errs}");
-        assert!(errs.contains("backends[2].id: duplicate backend id \"w\""), "{errs}");
+        assert!(
+            errs.contains("cluster.peers[1].addr: bad address"),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("backends[0].addr: bad address \"nope\""),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("backends[2].id: duplicate backend id \"w\""),
+            "{errs}"
+        );
     }
 
     #[test]
@@ -1023,18 +1181,33 @@ mod tests {
     #[test]
     fn hash_keys() {
         assert_eq!(parse_hash_key("path").unwrap(), HashKey::Path);
-        assert_eq!(parse_hash_key("cookie:sid").unwrap(), HashKey::Cookie("sid".into()));
-        assert_eq!(parse_hash_key("query:u").unwrap(), HashKey::Query("u".into()));
-        assert!(matches!(parse_hash_key("header:X-User").unwrap(), HashKey::Header(_)));
+        assert_eq!(
+            parse_hash_key("cookie:sid").unwrap(),
+            HashKey::Cookie("sid".into())
+        );
+        assert_eq!(
+            parse_hash_key("query:u").unwrap(),
+            HashKey::Query("u".into())
+        );
+        assert!(matches!(
+            parse_hash_key("header:X-User").unwrap(),
+            HashKey::Header(_)
+        ));
         assert!(parse_hash_key("header:").is_err());
         assert!(parse_hash_key("body").is_err());
     }
 
     #[test]
     fn backend_addrs() {
-        assert_eq!(normalize_backend_addr("127.0.0.1:9001").unwrap(), "127.0.0.1:9001");
+        assert_eq!(
+            normalize_backend_addr("127.0.0.1:9001").unwrap(),
+            "127.0.0.1:9001"
+        );
         assert_eq!(normalize_backend_addr("http://web:80/").unwrap(), "web:80");
-        assert_eq!(normalize_backend_addr("https://web:443").unwrap(), "https://web:443");
+        assert_eq!(
+            normalize_backend_addr("https://web:443").unwrap(),
+            "https://web:443"
+        );
         assert_eq!(normalize_backend_addr("[::1]:80").unwrap(), "[::1]:80");
         assert!(normalize_backend_addr("web").is_err());
         assert!(normalize_backend_addr("web:0").is_err());

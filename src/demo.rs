@@ -26,14 +26,20 @@ async fn bind_near(port: u16) -> std::io::Result<TcpListener> {
 pub fn spawn_backend(listener: TcpListener, name: String) {
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let name = name.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let body = if req.uri().path() == "/healthz" {
                         "ok\n".to_string()
                     } else {
-                        format!("hello from {name} ({} {})\n", req.method(), req.uri().path())
+                        format!(
+                            "hello from {name} ({} {})\n",
+                            req.method(),
+                            req.uri().path()
+                        )
                     };
                     async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
                 });
@@ -48,7 +54,10 @@ pub fn spawn_backend(listener: TcpListener, name: String) {
 /// Start `backends` demo backends and `peers` peers, print where they are, serve until Ctrl-C.
 pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .try_init();
     let mut backend_addrs: Vec<SocketAddr> = Vec::new();
     for i in 0..backends {
@@ -57,7 +66,9 @@ pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
         spawn_backend(l, format!("backend-{}", i + 1));
         backend_addrs.push(addr);
     }
-    let ids: Vec<String> = (0..peers).map(|i| ((b'a' + i as u8) as char).to_string()).collect();
+    let ids: Vec<String> = (0..peers)
+        .map(|i| ((b'a' + i as u8) as char).to_string())
+        .collect();
     // Reserve cluster ports first, so every peer can list the others.
     let mut cluster_ports = Vec::new();
     for i in 0..peers {
@@ -80,7 +91,8 @@ pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
             "health": { "interval": "500ms" },
             "backends": backend_addrs.iter().enumerate().map(|(k, a)| json!({ "id": format!("backend-{}", k + 1), "addr": a.to_string() })).collect::<Vec<_>>(),
         });
-        let config = crate::config::from_value(&raw).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+        let config =
+            crate::config::from_value(&raw).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
         running.push(Peer::start(config).await?);
     }
     println!("shoal demo: {peers} peer(s), {backends} backend(s) on loopback; Ctrl-C to stop");
@@ -92,7 +104,10 @@ pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
     }
     let backends_line: Vec<String> = backend_addrs.iter().map(|a| a.to_string()).collect();
     println!("backends {}", backends_line.join(" "));
-    println!("try: curl http://{}/  |  shoal pool list --admin http://{}", running[0].proxy_addrs[0], running[0].admin_addr);
+    println!(
+        "try: curl http://{}/  |  shoal pool list --admin http://{}",
+        running[0].proxy_addrs[0], running[0].admin_addr
+    );
     tokio::signal::ctrl_c().await?;
     for p in &running {
         p.drain().await;

@@ -3,12 +3,12 @@
 //! `core` is pure and deterministic; `proxy`, `admin`, `cluster` and `app` are the shells that
 //! own sockets, clocks and tasks.
 
-pub mod core;
-pub mod config;
-pub mod tls;
-pub mod telemetry;
-pub mod proxy;
 pub mod admin;
 pub mod app;
 pub mod client;
+pub mod config;
+pub mod core;
 pub mod demo;
+pub mod proxy;
+pub mod telemetry;
+pub mod tls;

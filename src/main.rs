@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "shoal", version, about = "A leaderless HTTP load-balancing reverse proxy")]
+#[command(
+    name = "shoal",
+    version,
+    about = "A leaderless HTTP load-balancing reverse proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -15,7 +19,12 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct AdminArgs {
     /// Admin API of the peer to ask.
-    #[arg(long, env = "SHOAL_ADMIN", default_value = "http://127.0.0.1:9901", global = true)]
+    #[arg(
+        long,
+        env = "SHOAL_ADMIN",
+        default_value = "http://127.0.0.1:9901",
+        global = true
+    )]
     admin: String,
     /// Bearer token for the admin API.
     #[arg(long, env = "SHOAL_TOKEN", global = true, hide_env_values = true)]
@@ -150,8 +159,12 @@ fn main() -> ExitCode {
                     }
                     shoal::client::Request::with_body("POST", "/pool/backends", body)
                 }
-                PoolOp::Remove { id } => shoal::client::Request::new("DELETE", &format!("/pool/backends/{id}")),
-                PoolOp::Drain { id } => shoal::client::Request::new("POST", &format!("/pool/backends/{id}/drain")),
+                PoolOp::Remove { id } => {
+                    shoal::client::Request::new("DELETE", &format!("/pool/backends/{id}"))
+                }
+                PoolOp::Drain { id } => {
+                    shoal::client::Request::new("POST", &format!("/pool/backends/{id}/drain"))
+                }
                 PoolOp::Undrain { id } => {
                     shoal::client::Request::new("POST", &format!("/pool/backends/{id}/undrain"))
                 }
@@ -163,9 +176,11 @@ fn main() -> ExitCode {
             };
             client_command(admin, req, shoal::client::print_pool)
         }
-        Command::Peers { admin } => {
-            client_command(admin, shoal::client::Request::get("/peers"), shoal::client::print_peers)
-        }
+        Command::Peers { admin } => client_command(
+            admin,
+            shoal::client::Request::get("/peers"),
+            shoal::client::print_peers,
+        ),
     }
 }
 
@@ -174,24 +189,37 @@ fn client_command(
     req: shoal::client::Request,
     print: fn(&serde_json::Value) -> String,
 ) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(shoal::client::call(&admin.admin, admin.token.as_deref(), req)) {
+    match rt.block_on(shoal::client::call(
+        &admin.admin,
+        admin.token.as_deref(),
+        req,
+    )) {
         Ok((status, body)) if status < 300 => {
             if admin.json {
-                println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&body).unwrap_or_default()
+                );
             } else {
                 print!("{}", print(&body));
             }
             ExitCode::SUCCESS
         }
         Ok((status, body)) => {
-            let reason = body["error"].as_str().map(str::to_string).unwrap_or_else(|| body.to_string());
+            let reason = body["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| body.to_string());
             eprintln!("error: {} answered {status}: {reason}", admin.admin);
             ExitCode::from(1)
         }

@@ -31,7 +31,10 @@ pub const NO_BACKEND: &str = "none";
 
 /// Describe every family, so each shows up with HELP and TYPE from the first scrape.
 pub fn describe() {
-    describe_counter!(REQUESTS_TOTAL, "Client requests answered, by backend and status class.");
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Client requests answered, by backend and status class."
+    );
     describe_histogram!(
         REQUEST_DURATION_SECONDS,
         Unit::Seconds,
@@ -43,20 +46,41 @@ pub fn describe() {
     );
     describe_counter!(RETRIES_TOTAL, "Extra attempts made on another backend.");
     describe_gauge!(CLIENT_CONNECTIONS, "Open client connections.");
-    describe_gauge!(BACKEND_UP, "This peer's own view of a backend: 1 up, 0 down.");
-    describe_gauge!(BACKEND_STATE, "The agreed state of a backend: 1 for its current state.");
-    describe_counter!(HEALTH_CHECKS_TOTAL, "Active health probes, by backend and result.");
-    describe_counter!(EJECTIONS_TOTAL, "Times this peer learned a pool in which a backend became ejected.");
+    describe_gauge!(
+        BACKEND_UP,
+        "This peer's own view of a backend: 1 up, 0 down."
+    );
+    describe_gauge!(
+        BACKEND_STATE,
+        "The agreed state of a backend: 1 for its current state."
+    );
+    describe_counter!(
+        HEALTH_CHECKS_TOTAL,
+        "Active health probes, by backend and result."
+    );
+    describe_counter!(
+        EJECTIONS_TOTAL,
+        "Times this peer learned a pool in which a backend became ejected."
+    );
     describe_gauge!(POOL_VERSION, "Version of the pool this peer routes from.");
-    describe_gauge!(POOL_FINGERPRINT, "Hash of the canonical pool (below 2^53); equal on peers that agree.");
+    describe_gauge!(
+        POOL_FINGERPRINT,
+        "Hash of the canonical pool (below 2^53); equal on peers that agree."
+    );
     describe_counter!(
         CLIENT_CONNECTIONS_REFUSED_TOTAL,
         "Client connections refused beyond proxy.max_connections."
     );
-    describe_counter!(PEER_AUTH_FAILURES_TOTAL, "Peer messages or handshakes that failed authentication.");
+    describe_counter!(
+        PEER_AUTH_FAILURES_TOTAL,
+        "Peer messages or handshakes that failed authentication."
+    );
     describe_gauge!(PEER_UP, "1 while a peer is alive or suspect, 0 once dead.");
     describe_gauge!(PEER_PHI, "Phi-accrual suspicion of a peer.");
-    describe_counter!(PAXOS_ROUNDS_TOTAL, "Paxos rounds this peer proposed, by result.");
+    describe_counter!(
+        PAXOS_ROUNDS_TOTAL,
+        "Paxos rounds this peer proposed, by result."
+    );
     describe_histogram!(
         PAXOS_COMMIT_DURATION_SECONDS,
         Unit::Seconds,
@@ -95,7 +119,9 @@ pub fn init_logging(cfg: &LogConfig) -> Option<LogReload> {
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let res = match cfg.format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Text => registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
         LogFormat::Json => registry
             .with(fmt::layer().json().with_writer(std::io::stderr))
             .try_init(),

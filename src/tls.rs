@@ -11,7 +11,10 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut data.as_slice()).collect();
     let certs = certs.map_err(|e| format!("{}: bad PEM: {e}", path.display()))?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificate found (expected PEM)", path.display()));
+        return Err(format!(
+            "{}: no certificate found (expected PEM)",
+            path.display()
+        ));
     }
     Ok(certs)
 }

@@ -143,16 +143,36 @@ pub enum PoolChange {
     /// The identity: a read run as a full round.
     Read,
     /// Seed the pool from config; only when no pool exists yet.
-    Seed { backends: Vec<Backend> },
-    AddBackend { backend: Backend },
-    RemoveBackend { id: BackendId },
-    SetWeight { id: BackendId, weight: u32 },
+    Seed {
+        backends: Vec<Backend>,
+    },
+    AddBackend {
+        backend: Backend,
+    },
+    RemoveBackend {
+        id: BackendId,
+    },
+    SetWeight {
+        id: BackendId,
+        weight: u32,
+    },
     /// Operator state: `Active` (undrain) or `Draining`.
-    SetState { id: BackendId, draining: bool },
-    VoteDown { id: BackendId, peer: NodeId },
-    VoteUp { id: BackendId, peer: NodeId },
+    SetState {
+        id: BackendId,
+        draining: bool,
+    },
+    VoteDown {
+        id: BackendId,
+        peer: NodeId,
+    },
+    VoteUp {
+        id: BackendId,
+        peer: NodeId,
+    },
     /// Forget every vote of a peer the detector declared dead.
-    ExpireVotes { peer: NodeId },
+    ExpireVotes {
+        peer: NodeId,
+    },
 }
 
 /// Why a change was refused; the pool is unchanged.

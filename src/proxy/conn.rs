@@ -47,7 +47,11 @@ impl<T> WatchedIo<T> {
 }
 
 impl<T: AsyncRead> AsyncRead for WatchedIo<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
         let res = this.inner.poll_read(cx, buf);
@@ -63,7 +67,11 @@ impl<T: AsyncRead> AsyncRead for WatchedIo<T> {
 }
 
 impl<T: AsyncWrite> AsyncWrite for WatchedIo<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.project();
         this.state.activity.fetch_add(1, Ordering::Relaxed);
         this.inner.poll_write(cx, buf)
@@ -150,12 +158,20 @@ impl Framing {
                 Phase::Body(n) => {
                     let take = (data.len() as u64).min(n);
                     data = &data[take as usize..];
-                    self.phase = if n == take { Phase::Head } else { Phase::Body(n - take) };
+                    self.phase = if n == take {
+                        Phase::Head
+                    } else {
+                        Phase::Body(n - take)
+                    };
                 }
                 Phase::ChunkData(n) => {
                     let take = (data.len() as u64).min(n);
                     data = &data[take as usize..];
-                    self.phase = if n == take { Phase::ChunkEnd } else { Phase::ChunkData(n - take) };
+                    self.phase = if n == take {
+                        Phase::ChunkEnd
+                    } else {
+                        Phase::ChunkData(n - take)
+                    };
                 }
                 Phase::Head | Phase::Trailers | Phase::ChunkSize | Phase::ChunkEnd => {
                     let (line_done, rest) = match data.iter().position(|&b| b == b'\n') {
@@ -219,7 +235,8 @@ impl Framing {
                     self.content_length = Some(n.unwrap_or(0));
                 } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                     self.saw_te = true;
-                    self.chunked = value.len() >= 7 && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
+                    self.chunked = value.len() >= 7
+                        && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
                 } else if name.eq_ignore_ascii_case(b"upgrade") {
                     self.upgrade = true;
                 }
@@ -227,7 +244,9 @@ impl Framing {
             }
             Phase::ChunkSize => {
                 let digits = line.split(|&b| b == b';').next().unwrap_or(b"");
-                let size = std::str::from_utf8(trim(digits)).ok().and_then(|s| u64::from_str_radix(s, 16).ok());
+                let size = std::str::from_utf8(trim(digits))
+                    .ok()
+                    .and_then(|s| u64::from_str_radix(s, 16).ok());
                 match size {
                     Some(0) => self.phase = Phase::Trailers,
                     Some(n) => self.phase = Phase::ChunkData(n),
@@ -236,7 +255,11 @@ impl Framing {
                 false
             }
             Phase::ChunkEnd => {
-                self.phase = if line.is_empty() { Phase::ChunkSize } else { Phase::Off };
+                self.phase = if line.is_empty() {
+                    Phase::ChunkSize
+                } else {
+                    Phase::Off
+                };
                 false
             }
             Phase::Trailers => {
@@ -326,7 +349,11 @@ mod tests {
     fn bodies_are_skipped_not_read_as_heads() {
         // The body text looks like headers; it must not be taken for the next head.
         let body = b"a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let mut req = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        let mut req = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
         req.extend_from_slice(body);
         req.extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(!any_split(&req));
@@ -340,7 +367,9 @@ mod tests {
         chunked.extend_from_slice(data);
         chunked.extend_from_slice(b"\r\n0\r\n\r\n");
         let clean_len = chunked.len();
-        chunked.extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+        chunked.extend_from_slice(
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
         assert!(!any_split(&chunked[..clean_len]));
         // The smuggled second request is flagged, however the bytes arrive.
         assert!(all_splits(&chunked));

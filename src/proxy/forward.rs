@@ -51,6 +51,7 @@ fn hop_by_hop() -> [&'static HeaderName; 7] {
 /// `Upgrade` value when the message asks for one (`Connection: upgrade` + `Upgrade`).
 fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     let mut upgrade_requested = false;
+    let upgrade = headers.get(header::UPGRADE).cloned();
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -72,7 +73,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
             }
         }
     }
-    let upgrade = headers.get(header::UPGRADE).cloned();
     for name in hop_by_hop() {
         headers.remove(name);
     }
@@ -80,7 +80,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
 }
 
 fn is_idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 /// The request's hash key, hashed; `None` when the request does not carry it.
@@ -91,7 +94,10 @@ fn hash_key(key: &HashKey, req: &Request<Incoming>, client: &SocketAddr) -> Opti
             std::net::IpAddr::V6(a) => hash::hash_key(&a.octets()),
         }),
         HashKey::Path => Some(hash::hash_key(req.uri().path().as_bytes())),
-        HashKey::Header(name) => req.headers().get(name).map(|v| hash::hash_key(v.as_bytes())),
+        HashKey::Header(name) => req
+            .headers()
+            .get(name)
+            .map(|v| hash::hash_key(v.as_bytes())),
         HashKey::Cookie(name) => req
             .headers()
             .get_all(header::COOKIE)
@@ -130,7 +136,11 @@ impl Template {
 
 impl Proxy {
     /// Serve one client request. Never fails: every error becomes a response.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<ResponseBody> {
         let start = Instant::now();
         let method = req.method().clone();
         let access_path = req.uri().path().to_string();
@@ -177,10 +187,14 @@ impl Proxy {
             Algorithm::RoundRobin => None,
         };
 
-        let client_upgrade = req.headers().contains_key(header::UPGRADE).then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = req
+            .headers()
+            .contains_key(header::UPGRADE)
+            .then(|| hyper::upgrade::on(&mut req));
         let (first, upgrade) = rewrite(req, conn)?;
         // Sent requests are replayed only when idempotent and bodiless; keep what rebuilds them.
-        let replayable = first.body().is_end_stream() && is_idempotent(first.method()) && upgrade.is_none();
+        let replayable =
+            first.body().is_end_stream() && is_idempotent(first.method()) && upgrade.is_none();
         let template = (replayable && settings.retries > 0).then(|| Template {
             method: first.method().clone(),
             uri: first.uri().clone(),
@@ -200,7 +214,10 @@ impl Proxy {
                 self.retries.increment(1);
             }
             attempts += 1;
-            let Some(request) = pending.take().or_else(|| template.as_ref().map(Template::build)) else {
+            let Some(request) = pending
+                .take()
+                .or_else(|| template.as_ref().map(Template::build))
+            else {
                 break;
             };
             let guard = upstream.start();
@@ -218,7 +235,10 @@ impl Proxy {
                     if failed {
                         upstream.count_error(ErrorKind::Status);
                     }
-                    if upstream.record(Source::Traffic, !failed, &settings.thresholds).is_some() {
+                    if upstream
+                        .record(Source::Traffic, !failed, &settings.thresholds)
+                        .is_some()
+                    {
                         self.router.health_changed();
                     }
                     upstream.count_response(status.as_u16(), start.elapsed());
@@ -227,7 +247,10 @@ impl Proxy {
                             let backend = hyper::upgrade::on(&mut resp);
                             tokio::spawn(tunnel(client, backend, sender, guard));
                             let (parts, _) = resp.into_parts();
-                            return Ok((Response::from_parts(parts, ResponseBody::empty()), upstream.clone()));
+                            return Ok((
+                                Response::from_parts(parts, ResponseBody::empty()),
+                                upstream.clone(),
+                            ));
                         }
                     }
                     let (mut parts, body) = resp.into_parts();
@@ -241,7 +264,10 @@ impl Proxy {
                 Attempt::NotSent(request, err) => {
                     // Nothing reached the backend: any method may go elsewhere.
                     upstream.count_error(ErrorKind::Connect);
-                    if upstream.record(Source::Traffic, false, &settings.thresholds).is_some() {
+                    if upstream
+                        .record(Source::Traffic, false, &settings.thresholds)
+                        .is_some()
+                    {
                         self.router.health_changed();
                     }
                     tracing::debug!(backend = %upstream.id, error = %err, "connect failed");
@@ -250,7 +276,10 @@ impl Proxy {
                 }
                 Attempt::Failed(kind) => {
                     upstream.count_error(kind);
-                    if upstream.record(Source::Traffic, false, &settings.thresholds).is_some() {
+                    if upstream
+                        .record(Source::Traffic, false, &settings.thresholds)
+                        .is_some()
+                    {
                         self.router.health_changed();
                     }
                     last_err = if kind == ErrorKind::Timeout {
@@ -270,7 +299,12 @@ impl Proxy {
     }
 
     /// One attempt on one backend.
-    async fn attempt(&self, upstream: &Upstream, mut request: Request<RequestBody>, settings: &super::router::Settings) -> Attempt {
+    async fn attempt(
+        &self,
+        upstream: &Upstream,
+        mut request: Request<RequestBody>,
+        settings: &super::router::Settings,
+    ) -> Attempt {
         // A pooled connection may have closed since it was parked; hyper hands the request back
         // untouched then, and we take another connection (a few times at most).
         for _ in 0..3 {
@@ -314,8 +348,15 @@ enum Attempt {
 /// Turn the client's request into the backend's: origin-form target, HTTP/1.1, hop-by-hop
 /// fields removed, X-Forwarded-* set, Host kept. Returns the request and the Upgrade value to
 /// forward, if the client asked for one.
-fn rewrite(req: Request<Incoming>, conn: &ConnInfo) -> Result<(Request<RequestBody>, Option<HeaderValue>), ProxyError> {
+fn rewrite(
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+) -> Result<(Request<RequestBody>, Option<HeaderValue>), ProxyError> {
     let (mut parts, body) = req.into_parts();
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host"));
+    }
     // The received Host: the Host field, or the authority of an HTTP/2 (or absolute-form) target.
     let host = match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
@@ -334,13 +375,20 @@ fn rewrite(req: Request<Incoming>, conn: &ConnInfo) -> Result<(Request<RequestBo
         None
     };
     if let Some(u) = &upgrade {
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, u.clone());
     }
     // X-Forwarded-For: append the client to whatever is there.
     let client_ip = conn.client.ip().to_string();
     let xff = {
-        let mut prior = parts.headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).peekable();
+        let mut prior = parts
+            .headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .peekable();
         if prior.peek().is_none() {
             HeaderValue::from_str(&client_ip)
         } else {
@@ -361,8 +409,14 @@ fn rewrite(req: Request<Incoming>, conn: &ConnInfo) -> Result<(Request<RequestBo
         parts.headers.insert(header::HOST, host);
     }
 
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let uri: Uri = path.parse().map_err(|_| ProxyError::BadRequest("bad request target"))?;
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri: Uri = path
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("bad request target"))?;
     let body = if body.is_end_stream() {
         RequestBody::Empty
     } else {

@@ -25,13 +25,17 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(router: Arc<Router>) -> Arc<Self> {
-        let class = |c: &'static str| {
-            metrics::counter!(names::REQUESTS_TOTAL, "backend" => names::NO_BACKEND, "code" => c)
-        };
+        let class = |c: &'static str| metrics::counter!(names::REQUESTS_TOTAL, "backend" => names::NO_BACKEND, "code" => c);
         Arc::new(Self {
             router,
             retries: metrics::counter!(names::RETRIES_TOTAL),
-            local_responses: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            local_responses: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
         })
     }
 }

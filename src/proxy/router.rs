@@ -77,9 +77,15 @@ impl Snapshot {
             });
         if self.panic.swap(panic, Ordering::Relaxed) != panic {
             if panic {
-                tracing::warn!(version = self.pool.version, "too few usable backends: routing to all (panic)");
+                tracing::warn!(
+                    version = self.pool.version,
+                    "too few usable backends: routing to all (panic)"
+                );
             } else {
-                tracing::info!(version = self.pool.version, "enough usable backends again: panic over");
+                tracing::info!(
+                    version = self.pool.version,
+                    "enough usable backends again: panic over"
+                );
             }
         }
     }
@@ -144,7 +150,11 @@ impl Router {
 
     /// Every upstream known (current members and draining ones), for status and probes.
     pub fn upstream(&self, id: &BackendId) -> Option<Arc<Upstream>> {
-        self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+        self.upstreams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// Route from `pool` from now on, unless it is not newer than the current one. Returns
@@ -158,7 +168,11 @@ impl Router {
         let selector = Selector::build(&pool, settings.balance);
         let upstreams = self.upstreams_for(&pool, &selector);
         self.record_pool_metrics(&cur.pool, &pool);
-        tracing::info!(version = pool.version, backends = pool.backends.len(), "pool applied");
+        tracing::info!(
+            version = pool.version,
+            backends = pool.backends.len(),
+            "pool applied"
+        );
         let next = Snapshot {
             pool: Arc::new(pool),
             selector: Arc::new(selector),
@@ -208,7 +222,10 @@ impl Router {
             }
             match Target::parse(&b.addr, self.tls.as_ref()) {
                 Ok(target) => {
-                    known.insert(b.id.clone(), Arc::new(Upstream::new(b.id.clone(), b.addr.clone(), target)));
+                    known.insert(
+                        b.id.clone(),
+                        Arc::new(Upstream::new(b.id.clone(), b.addr.clone(), target)),
+                    );
                 }
                 Err(e) => tracing::error!(backend = %b.id, error = %e, "cannot use backend"),
             }
@@ -242,7 +259,8 @@ impl Router {
             }
             let was = old.backends.get(&b.id).map(|o| o.state);
             if b.state == BackendState::Ejected && was != Some(BackendState::Ejected) {
-                metrics::counter!(names::EJECTIONS_TOTAL, "backend" => b.id.to_string()).increment(1);
+                metrics::counter!(names::EJECTIONS_TOTAL, "backend" => b.id.to_string())
+                    .increment(1);
                 tracing::warn!(backend = %b.id, version = new.version, "backend ejected by the cluster");
             }
         }

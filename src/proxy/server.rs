@@ -53,7 +53,10 @@ impl Server {
             .keep_alive(true)
             .max_headers(256)
             .max_buf_size(opts.max_header_bytes.max(8192));
-        builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256);
         Arc::new(Self {
             proxy,
             limit: Arc::new(Semaphore::new(opts.max_connections)),
@@ -74,7 +77,11 @@ impl Server {
         tokio::spawn(async move { this.accept_loop(listener, tls).await })
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>) {
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    ) {
         let refused = metrics::counter!(names::CLIENT_CONNECTIONS_REFUSED_TOTAL);
         loop {
             let accepted = tokio::select! {
@@ -102,12 +109,34 @@ impl Server {
                 let gauge = metrics::gauge!(names::CLIENT_CONNECTIONS);
                 gauge.increment(1.0);
                 match tls {
-                    None => this.serve(stream, ConnInfo { client, https: false }).await,
+                    None => {
+                        this.serve(
+                            stream,
+                            ConnInfo {
+                                client,
+                                https: false,
+                            },
+                        )
+                        .await
+                    }
                     Some(cfg) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => this.serve(s, ConnInfo { client, https: true }).await,
-                            Ok(Err(e)) => tracing::debug!(%client, error = %e, "TLS handshake failed"),
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => {
+                                this.serve(
+                                    s,
+                                    ConnInfo {
+                                        client,
+                                        https: true,
+                                    },
+                                )
+                                .await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%client, error = %e, "TLS handshake failed")
+                            }
                             Err(_) => tracing::debug!(%client, "TLS handshake timed out"),
                         }
                     }
@@ -175,7 +204,10 @@ impl Server {
     pub async fn drain(&self, grace: Duration) -> usize {
         self.drain.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             return self.tracker.len();
         }
         0

@@ -88,14 +88,16 @@ struct Metrics {
 
 impl Metrics {
     fn new(id: &str) -> Self {
-        let class = |c: &'static str| {
-            metrics::counter!(names::REQUESTS_TOTAL, "backend" => id.to_string(), "code" => c)
-        };
-        let err = |k: &'static str| {
-            metrics::counter!(names::UPSTREAM_ERRORS_TOTAL, "backend" => id.to_string(), "kind" => k)
-        };
+        let class = |c: &'static str| metrics::counter!(names::REQUESTS_TOTAL, "backend" => id.to_string(), "code" => c);
+        let err = |k: &'static str| metrics::counter!(names::UPSTREAM_ERRORS_TOTAL, "backend" => id.to_string(), "kind" => k);
         Self {
-            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
             duration: metrics::histogram!(names::REQUEST_DURATION_SECONDS, "backend" => id.to_string()),
             errors: [err("connect"), err("timeout"), err("reset"), err("status")],
             up: metrics::gauge!(names::BACKEND_UP, "backend" => id.to_string()),
@@ -176,12 +178,17 @@ impl Upstream {
         }
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
         let flip = h.record(source, ok, t);
-        self.dirty.store(!ok || h.state() == Local::Down, Ordering::Relaxed);
+        self.dirty
+            .store(!ok || h.state() == Local::Down, Ordering::Relaxed);
         if let Some(state) = flip {
             self.up.store(state == Local::Up, Ordering::Relaxed);
-            self.metrics.up.set(if state == Local::Up { 1.0 } else { 0.0 });
+            self.metrics
+                .up
+                .set(if state == Local::Up { 1.0 } else { 0.0 });
             match state {
-                Local::Down => tracing::warn!(backend = %self.id, ?source, "backend down (local view)"),
+                Local::Down => {
+                    tracing::warn!(backend = %self.id, ?source, "backend down (local view)")
+                }
                 Local::Up => tracing::info!(backend = %self.id, ?source, "backend up (local view)"),
             }
         }
@@ -279,7 +286,11 @@ pub enum UpstreamIo {
 }
 
 impl AsyncRead for UpstreamIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -288,7 +299,11 @@ impl AsyncRead for UpstreamIo {
 }
 
 impl AsyncWrite for UpstreamIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),

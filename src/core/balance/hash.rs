@@ -8,12 +8,12 @@ use std::hash::Hasher;
 use twox_hash::XxHash64;
 
 /// Seed for request hash keys.
-pub const KEY_SEED: u64 = 0x5140_A1_0000_0001;
+pub const KEY_SEED: u64 = 0x0051_40A1_0000_0001;
 /// Seeds for Maglev's offset and skip permutations.
-pub const MAGLEV_OFFSET_SEED: u64 = 0x5140_A1_0000_0002;
-pub const MAGLEV_SKIP_SEED: u64 = 0x5140_A1_0000_0003;
+pub const MAGLEV_OFFSET_SEED: u64 = 0x0051_40A1_0000_0002;
+pub const MAGLEV_SKIP_SEED: u64 = 0x0051_40A1_0000_0003;
 /// Seed for ketama ring points.
-pub const RING_SEED: u64 = 0x5140_A1_0000_0004;
+pub const RING_SEED: u64 = 0x0051_40A1_0000_0004;
 
 /// xxHash64 of `bytes` under `seed`.
 pub fn hash_bytes(bytes: &[u8], seed: u64) -> u64 {

@@ -71,7 +71,8 @@ impl Table {
         let remap = |v: u32| subset[v as usize];
         match algorithm {
             Algorithm::RoundRobin => {
-                let weights: Vec<u32> = subset.iter().map(|&i| members[i as usize].weight).collect();
+                let weights: Vec<u32> =
+                    subset.iter().map(|&i| members[i as usize].weight).collect();
                 Table::Cycle(rr::build_cycle(&weights).into_iter().map(remap).collect())
             }
             Algorithm::ConsistentHash(HashMethod::Maglev) => {
@@ -195,7 +196,12 @@ impl Selector {
     /// The preference order for one request. `key` is the hash of the request's hash key
     /// (ignored by round robin; `None` spreads like round robin). In panic, every member is a
     /// candidate regardless of health and ejection.
-    pub fn route<'a, U: Usable>(&'a self, key: Option<u64>, panic: bool, usable: &'a U) -> Route<'a, U> {
+    pub fn route<'a, U: Usable>(
+        &'a self,
+        key: Option<u64>,
+        panic: bool,
+        usable: &'a U,
+    ) -> Route<'a, U> {
         let table = if panic {
             self.all.as_ref().unwrap_or(&self.active)
         } else {

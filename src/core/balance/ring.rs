@@ -76,7 +76,12 @@ mod tests {
     #[test]
     fn points_follow_weights() {
         let names = ["a", "b", "c"];
-        let r = Ring::build(names.iter().zip([1u32, 2, 1]).map(|(s, w)| (s.as_bytes(), w)));
+        let r = Ring::build(
+            names
+                .iter()
+                .zip([1u32, 2, 1])
+                .map(|(s, w)| (s.as_bytes(), w)),
+        );
         assert_eq!(r.len(), 160 * 4);
         let b = (0..r.len()).filter(|&s| r.at(s) == 1).count();
         assert_eq!(b, 320);

@@ -146,7 +146,8 @@ mod tests {
             // Smooth: in any window of length L, member i gets within 2 of L*w_i/total.
             for len in 1..=cycle.len() {
                 for start in 0..cycle.len() {
-                    let win: Vec<u32> = (0..len).map(|k| cycle[(start + k) % cycle.len()]).collect();
+                    let win: Vec<u32> =
+                        (0..len).map(|k| cycle[(start + k) % cycle.len()]).collect();
                     for (i, &w) in w64.iter().enumerate() {
                         let got = win.iter().filter(|&&x| x as usize == i).count() as f64;
                         let want = len as f64 * w as f64 / total as f64;

@@ -73,12 +73,14 @@ fn golden_vectors() {
 }
 
 const GOLDEN_MAGLEV: [&str; 6] = ["web-4", "web-3", "web-3", "web-0", "web-2", "web-2"];
-const GOLDEN_RING: [&str; 6] = ["?", "?", "?", "?", "?", "?"];
+const GOLDEN_RING: [&str; 6] = ["web-4", "web-4", "web-4", "web-3", "web-2", "web-1"];
 
 #[test]
 fn round_robin_rotates_and_retries_elsewhere() {
     let sel = Selector::build(&pool(3), spec(Algorithm::RoundRobin));
-    let firsts: Vec<u32> = (0..6).map(|_| sel.route(None, false, &AllUp).next().unwrap()).collect();
+    let firsts: Vec<u32> = (0..6)
+        .map(|_| sel.route(None, false, &AllUp).next().unwrap())
+        .collect();
     assert_eq!(firsts, vec![0, 1, 2, 0, 1, 2]);
     let all: Vec<u32> = sel.route(None, false, &AllUp).collect();
     assert_eq!(all.len(), 3, "each member once: {all:?}");

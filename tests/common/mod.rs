@@ -1,0 +1,446 @@
+//! Test harness: real backends on loopback, real `shoal` processes, a small HTTP client.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// What a test backend does with a request (health probes on /healthz always pass unless
+/// `health_ok` is false).
+#[derive(Clone, Debug)]
+pub enum Behavior {
+    /// JSON describing the request: name, method, path, query, headers, body length.
+    Echo,
+    /// Stream the request body straight back.
+    Mirror,
+    /// Wait, then echo.
+    Slow(Duration),
+    /// Answer this status.
+    Status(u16),
+    /// Send `n` chunks, `gap` apart.
+    Drip(usize, Duration),
+}
+
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    pub behavior: Arc<Mutex<Behavior>>,
+    pub health_ok: Arc<std::sync::atomic::AtomicBool>,
+    stop: CancellationToken,
+}
+
+impl Backend {
+    pub async fn start(name: &str, behavior: Behavior) -> Backend {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(l, name, behavior)
+    }
+
+    pub fn start_on(l: TcpListener, name: &str, behavior: Behavior) -> Backend {
+        let addr = l.local_addr().unwrap();
+        let b = Backend {
+            name: name.to_string(),
+            addr,
+            hits: Arc::new(AtomicU64::new(0)),
+            behavior: Arc::new(Mutex::new(behavior)),
+            health_ok: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            stop: CancellationToken::new(),
+        };
+        let (name, hits, beh, health, stop) = (
+            b.name.clone(),
+            b.hits.clone(),
+            b.behavior.clone(),
+            b.health_ok.clone(),
+            b.stop.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = l.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+                };
+                let (name, hits, beh, health, stop) = (
+                    name.clone(),
+                    hits.clone(),
+                    beh.clone(),
+                    health.clone(),
+                    stop.clone(),
+                );
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (name, hits, beh, health) =
+                            (name.clone(), hits.clone(), beh.clone(), health.clone());
+                        async move { Ok::<_, Infallible>(serve(req, &name, &hits, &beh, &health).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades();
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = conn => {}
+                    }
+                });
+            }
+        });
+        b
+    }
+
+    pub fn set(&self, b: Behavior) {
+        *self.behavior.lock().unwrap() = b;
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Like a killed process: the port closes and every open connection drops.
+    pub fn kill(&self) {
+        self.stop.cancel();
+    }
+}
+
+async fn serve(
+    mut req: Request<Incoming>,
+    name: &str,
+    hits: &AtomicU64,
+    beh: &Mutex<Behavior>,
+    health: &std::sync::atomic::AtomicBool,
+) -> Response<Body> {
+    if req.uri().path() == "/healthz" {
+        let ok = health.load(Ordering::SeqCst);
+        let mut r = Response::new(full(if ok { "ok" } else { "sick" }));
+        *r.status_mut() = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        return r;
+    }
+    hits.fetch_add(1, Ordering::SeqCst);
+    if req.headers().contains_key(http::header::UPGRADE) {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(empty());
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert(http::header::UPGRADE, "echo".parse().unwrap());
+        r.headers_mut()
+            .insert(http::header::CONNECTION, "upgrade".parse().unwrap());
+        return r;
+    }
+    let behavior = beh.lock().unwrap().clone();
+    match behavior {
+        Behavior::Echo => echo(req, name).await,
+        Behavior::Slow(d) => {
+            tokio::time::sleep(d).await;
+            echo(req, name).await
+        }
+        Behavior::Mirror => Response::new(req.into_body().boxed()),
+        Behavior::Status(s) => {
+            let mut r = Response::new(full(format!("{name} says {s}")));
+            *r.status_mut() = StatusCode::from_u16(s).unwrap();
+            r
+        }
+        Behavior::Drip(n, gap) => {
+            let (mut tx, body) = http_body_util::channel::Channel::<Bytes, hyper::Error>::new(1);
+            tokio::spawn(async move {
+                for i in 0..n {
+                    if tx
+                        .send_data(Bytes::from(format!("chunk {i}\n")))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(gap).await;
+                }
+            });
+            Response::new(body.boxed())
+        }
+    }
+}
+
+async fn echo(req: Request<Incoming>, name: &str) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let len = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
+    let mut headers = serde_json::Map::new();
+    for (k, v) in &parts.headers {
+        headers.insert(k.to_string(), v.to_str().unwrap_or("").into());
+    }
+    let v = serde_json::json!({
+        "name": name,
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "version": format!("{:?}", parts.version),
+        "headers": headers,
+        "body_len": len,
+    });
+    Response::new(full(v.to_string()))
+}
+
+/// A backend that reads a request head and then closes the connection without answering.
+pub async fn resetting_backend() -> (SocketAddr, Arc<AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        if !got.starts_with(b"GET /healthz") {
+                            h.fetch_add(1, Ordering::SeqCst);
+                        }
+                        // RST rather than FIN: linger 0.
+                        #[allow(deprecated)]
+                        let _ = s.set_linger(Some(Duration::ZERO));
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// A free loopback port (bound and released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn shoal_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_shoal"))
+}
+
+/// A `shoal run` process with its own config and data dir.
+pub struct Shoal {
+    pub child: Option<Child>,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+impl Shoal {
+    /// Write `extra` after a [node]/[proxy]/[admin]/[cluster] head with fresh ports, start, and
+    /// wait for /readyz. `extra` may hold more keys of [proxy] (it is appended to that table
+    /// first) — see `proxy_keys`.
+    pub async fn start(proxy_keys: &str, rest: &str) -> Shoal {
+        Self::start_with_env(proxy_keys, rest, &[]).await
+    }
+
+    pub async fn start_with_env(proxy_keys: &str, rest: &str, env: &[(&str, &str)]) -> Shoal {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let cluster = free_port();
+        let text = format!(
+            "[node]\nid = \"t\"\ndata_dir = \"{}\"\n\n[proxy]\nlisten = [\"{proxy}\"]\n{proxy_keys}\n\n[admin]\nlisten = \"{admin}\"\n\n[cluster]\nlisten = \"127.0.0.1:{cluster}\"\n\n{rest}\n",
+            dir.path().join("data").display()
+        );
+        let config = dir.path().join("shoal.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut s = Shoal {
+            child: None,
+            proxy,
+            admin,
+            dir,
+            config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        s.spawn();
+        s.wait_ready().await;
+        s
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("shoal.log")).unwrap();
+        let child = Command::new(shoal_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("SHOAL__LOG__LEVEL", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("shoal.log")).unwrap_or_default()
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = get_text(self.admin, "/readyz").await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        panic!("shoal did not become ready; log:\n{}", self.log());
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id();
+        let st = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Wait for exit (up to `timeout`); returns the exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub async fn metrics(&self) -> String {
+        get_text(self.admin, "/metrics").await.unwrap().1
+    }
+}
+
+impl Drop for Shoal {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Value of a metric line (exact name + labels as printed), if present.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+pub async fn send(addr: SocketAddr, req: Request<Body>) -> Result<Response<Bytes>, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Response::from_parts(parts, body))
+}
+
+pub fn request(method: &str, addr: SocketAddr, path: &str) -> http::request::Builder {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string())
+}
+
+pub async fn get_text(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let r = send(addr, request("GET", addr, path).body(empty()).unwrap()).await?;
+    Ok((
+        r.status().as_u16(),
+        String::from_utf8_lossy(r.body()).into_owned(),
+    ))
+}
+
+pub async fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let (s, t) = get_text(addr, path).await.unwrap();
+    (
+        s,
+        serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t)),
+    )
+}
+
+/// Write raw bytes, read until the peer closes or `wait` passes; return what came back.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A keep-alive client connection for load loops.
+pub async fn client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Body> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}

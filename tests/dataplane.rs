@@ -1,0 +1,685 @@
+//! The data plane, tried from outside: a real `shoal run` process, real backends, real sockets.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn backends_toml(bs: &[&Backend]) -> String {
+    bs.iter()
+        .map(|b| format!("[[backends]]\nid = \"{}\"\naddr = \"{}\"\n", b.name, b.addr))
+        .collect()
+}
+
+async fn three() -> (Backend, Backend, Backend) {
+    (
+        Backend::start("b1", Behavior::Echo).await,
+        Backend::start("b2", Behavior::Echo).await,
+        Backend::start("b3", Behavior::Echo).await,
+    )
+}
+
+async fn echo_of(addr: std::net::SocketAddr, req: http::Request<Body>) -> serde_json::Value {
+    let r = send(addr, req).await.unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.body());
+    serde_json::from_slice(r.body()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_evenly_and_by_weight() {
+    let (a, b, c) = three().await;
+    let rest = format!(
+        "[[backends]]\nid = \"b1\"\naddr = \"{}\"\nweight = 2\n{}",
+        a.addr,
+        backends_toml(&[&b, &c])
+    );
+    let s = Shoal::start("", &rest).await;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for _ in 0..40 {
+        let v = echo_of(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap()).await;
+        *seen
+            .entry(v["name"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(seen["b1"], 20, "{seen:?}");
+    assert_eq!(seen["b2"], 10, "{seen:?}");
+    assert_eq!(seen["b3"], 10, "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_keys_stick() {
+    let (a, b, c) = three().await;
+    for (key, make) in [
+        ("header:x-user", 0),
+        ("cookie:sid", 1),
+        ("query:u", 2),
+        ("path", 3),
+    ] {
+        let rest = format!(
+            "[balance]\nalgorithm = \"consistent_hash\"\nhash_key = \"{key}\"\n{}",
+            backends_toml(&[&a, &b, &c])
+        );
+        let s = Shoal::start("", &rest).await;
+        let mut owners: HashMap<u32, String> = HashMap::new();
+        let mut distinct = std::collections::HashSet::new();
+        for round in 0..3 {
+            for user in 0..30u32 {
+                let (path, hdr, val) = match make {
+                    0 => ("/p".to_string(), "x-user", format!("u{user}")),
+                    1 => ("/p".to_string(), "cookie", format!("a=1; sid=u{user}; z=2")),
+                    2 => (format!("/p?x=1&u=u{user}&r={round}"), "x-other", "1".into()),
+                    // The path key ignores the query.
+                    _ => (format!("/user/{user}?r={round}"), "x-other", "1".into()),
+                };
+                let req = request("GET", s.proxy, &path)
+                    .header(hdr, val)
+                    .body(empty())
+                    .unwrap();
+                let name = echo_of(s.proxy, req).await["name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                distinct.insert(name.clone());
+                let prev = owners.entry(user).or_insert_with(|| name.clone());
+                assert_eq!(*prev, name, "key {key}: user {user} moved");
+            }
+        }
+        assert_eq!(
+            distinct.len(),
+            3,
+            "key {key}: 30 keys should use all 3 backends"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start("", &backends_toml(&[&a])).await;
+    let req = http::Request::builder()
+        .uri("/x?y=1")
+        .header("host", "shop.example:8080")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("connection", "keep-alive, x-secret")
+        .header("x-secret", "drop me")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("proxy-connection", "keep-alive")
+        .header("x-kept", "yes")
+        .body(empty())
+        .unwrap();
+    let v = echo_of(s.proxy, req).await;
+    let h = &v["headers"];
+    assert_eq!(h["host"], "shop.example:8080");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "shop.example:8080");
+    assert_eq!(h["x-kept"], "yes");
+    for gone in ["x-secret", "keep-alive", "te", "proxy-connection"] {
+        assert!(h.get(gone).is_none(), "{gone} was forwarded: {h}");
+    }
+    assert_eq!(v["path"], "/x");
+    assert_eq!(v["query"], "y=1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stream_both_ways() {
+    let m = Backend::start("m", Behavior::Mirror).await;
+    let s = Shoal::start("", &backends_toml(&[&m])).await;
+    // 8 MiB up and back, chunked.
+    let big: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let req = request("POST", s.proxy, "/upload")
+        .body(full(big.clone()))
+        .unwrap();
+    let r = send(s.proxy, req).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.body().len(), big.len());
+    assert!(r.body()[..] == big[..]);
+
+    // A response dripping 5 chunks 300 ms apart: the first arrives long before the last is sent.
+    m.set(Behavior::Drip(5, Duration::from_millis(300)));
+    let stream = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let start = Instant::now();
+    let resp = tx
+        .send_request(request("GET", s.proxy, "/drip").body(empty()).unwrap())
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    let first_at = start.elapsed();
+    assert_eq!(&first[..], b"chunk 0\n");
+    let rest = body.collect().await.unwrap().to_bytes();
+    let all_at = start.elapsed();
+    assert!(rest.ends_with(b"chunk 4\n"));
+    assert!(all_at >= Duration::from_millis(1200), "{all_at:?}");
+    assert!(
+        first_at < Duration::from_millis(600),
+        "first chunk came after {first_at:?}: buffered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_style_upgrade_passes_through() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start("", &backends_toml(&[&a])).await;
+    let mut c = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the 101");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for msg in [&b"hello"[..], b"through the tunnel"] {
+        c.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start("", &backends_toml(&[&a])).await;
+    let stream = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = http::Request::builder()
+            .uri("http://app.example:81/h2?q=1")
+            .body(empty())
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let v: serde_json::Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(v["version"], "HTTP/1.1", "backends get HTTP/1.1");
+        assert_eq!(v["headers"]["host"], "app.example:81");
+        assert_eq!(v["headers"]["x-forwarded-host"], "app.example:81");
+        assert_eq!(v["path"], "/h2");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failure_is_retried_for_any_method() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let rest = format!(
+        "[health]\npassive_failures = 0\n[[backends]]\nid = \"dead\"\naddr = \"{dead}\"\n{}",
+        backends_toml(&[&a])
+    );
+    let s = Shoal::start("", &rest).await;
+    for i in 0..6 {
+        let req = request("POST", s.proxy, "/order")
+            .body(full(format!("item {i}")))
+            .unwrap();
+        let v = echo_of(s.proxy, req).await;
+        assert_eq!(v["name"], "b1");
+        assert_eq!(v["body_len"], 6);
+    }
+    let m = s.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "shoal_upstream_errors_total{backend=\"dead\",kind=\"connect\"}"
+        )
+        .unwrap()
+            >= 3.0,
+        "{m}"
+    );
+    assert!(metric(&m, "shoal_retries_total").unwrap() >= 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_retries_idempotent_only() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let (reset_addr, reset_hits) = resetting_backend().await;
+    let rest = format!(
+        "[health]\npassive_failures = 0\n[[backends]]\nid = \"a-reset\"\naddr = \"{reset_addr}\"\n{}",
+        backends_toml(&[&a])
+    );
+    let s = Shoal::start("", &rest).await;
+    let mut gets_ok = 0;
+    for _ in 0..6 {
+        let r = send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        gets_ok += 1;
+    }
+    assert_eq!(gets_ok, 6);
+    assert!(
+        reset_hits.load(Ordering::SeqCst) >= 3,
+        "the resetting backend was tried"
+    );
+    // A POST that the resetting backend received is not replayed: 502.
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        let r = send(
+            s.proxy,
+            request("POST", s.proxy, "/").body(full("x")).unwrap(),
+        )
+        .await
+        .unwrap();
+        codes.push(r.status().as_u16());
+    }
+    assert!(codes.contains(&502), "{codes:?}");
+    assert!(codes.contains(&200), "{codes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_backend_gives_504() {
+    let slow = Backend::start("slow", Behavior::Slow(Duration::from_secs(3))).await;
+    let s = Shoal::start(
+        "request_timeout = \"300ms\"\nretries = 0",
+        &backends_toml(&[&slow]),
+    )
+    .await;
+    let start = Instant::now();
+    let r = send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(String::from_utf8_lossy(r.body()).contains("504"));
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "shoal_upstream_errors_total{backend=\"slow\",kind=\"timeout\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_backend_gives_503() {
+    let s = Shoal::start("", "").await;
+    let r = send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_never_reach_a_backend() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start("max_header_bytes = 8192", &backends_toml(&[&a])).await;
+    let wait = Duration::from_secs(2);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(), "400"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n".to_vec(), "400"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".to_vec(), "400"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_vec(), "400"),
+        (b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "400"),
+        (b"G@T / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "400"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n".to_vec(), "400"),
+        (b"GET / HTTP/1.1\r\n\r\n".to_vec(), "400"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec(), "400"),
+        (
+            format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(10_000)).into_bytes(),
+            "431",
+        ),
+    ];
+    for (bytes, want) in &cases {
+        let got = raw(s.proxy, bytes, wait).await;
+        assert!(
+            got.starts_with(&format!("HTTP/1.1 {want}")),
+            "request {:?} got {:?}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(80)]),
+            got
+        );
+    }
+    // A smuggling attempt hidden behind a clean first request on the same connection.
+    let got = raw(
+        s.proxy,
+        b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nPOST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        wait,
+    )
+    .await;
+    assert!(got.contains("HTTP/1.1 400"), "{got}");
+    assert!(
+        a.hits() <= 1,
+        "only the clean request may reach the backend"
+    );
+    let before = a.hits();
+    for (bytes, _) in &cases {
+        raw(s.proxy, bytes, Duration::from_millis(300)).await;
+    }
+    assert_eq!(a.hits(), before, "a malformed request reached the backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_backend_under_load_fails_no_get() {
+    let (a, b, c) = three().await;
+    let s = Shoal::start("", &backends_toml(&[&a, &b, &c])).await;
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop_at = Instant::now() + Duration::from_millis(2500);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (ok, failed, proxy) = (ok.clone(), failed.clone(), s.proxy);
+        tasks.push(tokio::spawn(async move {
+            let mut tx = client(proxy).await;
+            while Instant::now() < stop_at {
+                let req = request("GET", proxy, "/load").body(empty()).unwrap();
+                match tx.send_request(req).await {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.into_body().collect().await;
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => {
+                        eprintln!("failed: {:?}", other.map(|r| r.status()));
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        tx = client(proxy).await;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    b.kill();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "ok: {}",
+        ok.load(Ordering::SeqCst)
+    );
+    assert!(ok.load(Ordering::SeqCst) > 200);
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "shoal_backend_up{backend=\"b2\"}"),
+        Some(0.0),
+        "passive detection: {m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passive_failures_take_a_backend_out_and_panic_routes_to_all() {
+    let (a, b, c) = three().await;
+    let rest = format!(
+        "[health]\npassive_failures = 2\ninterval = \"30s\"\n{}",
+        backends_toml(&[&a, &b, &c])
+    );
+    let s = Shoal::start("", &rest).await;
+    b.set(Behavior::Status(503));
+    for _ in 0..12 {
+        send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        b.hits(),
+        2,
+        "after 2 failures in a row b2 gets no more traffic"
+    );
+    let (_, st) = get_json(s.admin, "/status").await;
+    let b2 = st["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == "b2")
+        .unwrap();
+    assert_eq!(b2["local"], "down");
+    assert_eq!(
+        b2["state"], "active",
+        "one peer's view never changes the agreed state"
+    );
+
+    // Two of three down locally: below panic_below_percent (50), so all get traffic again.
+    a.set(Behavior::Status(503));
+    for _ in 0..12 {
+        send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
+            .await
+            .unwrap();
+    }
+    let before = b.hits();
+    for _ in 0..9 {
+        send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
+            .await
+            .unwrap();
+    }
+    assert!(b.hits() > before, "panic mode routes to every backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_refuses_and_counts() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start("max_connections = 2", &backends_toml(&[&a])).await;
+    let mut c1 = client(s.proxy).await;
+    let mut c2 = client(s.proxy).await;
+    for c in [&mut c1, &mut c2] {
+        let r = c
+            .send_request(request("GET", s.proxy, "/").body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let got = raw(
+        s.proxy,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(got, "", "the third connection is closed without an answer");
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "shoal_client_connections_refused_total"),
+        Some(1.0)
+    );
+    assert_eq!(metric(&m, "shoal_client_connections"), Some(2.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connections_are_closed() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start("client_idle_timeout = \"500ms\"", &backends_toml(&[&a])).await;
+    let mut c = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(start.elapsed() >= Duration::from_millis(450));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests() {
+    let slow = Backend::start("slow", Behavior::Slow(Duration::from_millis(1500))).await;
+    let mut s = Shoal::start("", &backends_toml(&[&slow])).await;
+    let proxy = s.proxy;
+    let inflight = tokio::spawn(async move {
+        send(proxy, request("GET", proxy, "/").body(empty()).unwrap()).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        tokio::net::TcpStream::connect(proxy).await.is_err(),
+        "listener still open after SIGTERM"
+    );
+    let r = inflight.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200, "the in-flight request finished");
+    assert_eq!(s.wait_exit(Duration::from_secs(5)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reads_metrics_and_token() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start_with_env(
+        "",
+        &backends_toml(&[&a]),
+        &[("SHOAL__ADMIN__TOKEN", "s3cret")],
+    )
+    .await;
+    let (code, err) = get_json(s.admin, "/pool").await;
+    assert_eq!(code, 401, "{err}");
+    assert!(err["error"].is_string());
+    let authed = |path: &str| {
+        request("GET", s.admin, path)
+            .header("authorization", "Bearer s3cret")
+            .body(empty())
+            .unwrap()
+    };
+    let r = send(s.admin, authed("/pool")).await.unwrap();
+    let (code, pool): (u16, serde_json::Value) = (
+        r.status().as_u16(),
+        serde_json::from_slice(r.body()).unwrap(),
+    );
+    assert_eq!(code, 200);
+    assert_eq!(pool["version"], 1);
+    assert_eq!(pool["backends"][0]["id"], "b1");
+    assert_eq!(pool["backends"][0]["state"], "active");
+    assert_eq!(get_text(s.admin, "/livez").await.unwrap().0, 200);
+    assert_eq!(get_text(s.admin, "/readyz").await.unwrap().0, 200);
+    let r = send(s.admin, authed("/status")).await.unwrap();
+    let st: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+    assert_eq!(st["node"], "t");
+    assert_eq!(st["pool_version"], 1);
+    assert_eq!(st["backends"][0]["local"], "up");
+    // Bad admin input: 400 with a reason, nothing changes.
+    let bad = request("POST", s.admin, "/pool/backends")
+        .header("authorization", "Bearer s3cret")
+        .body(full(r#"{"addr": "nowhere", "weight": 1}"#))
+        .unwrap();
+    let r = send(s.admin, bad).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(String::from_utf8_lossy(r.body()).contains("addr"));
+    let bad = request("PUT", s.admin, "/pool/backends/b1")
+        .header("authorization", "Bearer s3cret")
+        .body(full(r#"{"weight": 0}"#))
+        .unwrap();
+    assert_eq!(send(s.admin, bad).await.unwrap().status(), 400);
+    let r = send(s.admin, authed("/pool")).await.unwrap();
+    let again: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+    assert_eq!(again["version"], 1);
+    send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    let m = s.metrics().await;
+    for family in [
+        "shoal_requests_total",
+        "shoal_request_duration_seconds",
+        "shoal_upstream_errors_total",
+        "shoal_retries_total",
+        "shoal_client_connections",
+        "shoal_backend_up",
+        "shoal_backend_state",
+        "shoal_pool_version",
+        "shoal_pool_fingerprint",
+        "shoal_client_connections_refused_total",
+    ] {
+        assert!(
+            m.contains(&format!("# TYPE {family} ")),
+            "{family} missing:\n{m}"
+        );
+    }
+    assert_eq!(
+        metric(&m, "shoal_requests_total{backend=\"b1\",code=\"2xx\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "shoal_backend_state{backend=\"b1\",state=\"active\"}"),
+        Some(1.0)
+    );
+    assert_eq!(metric(&m, "shoal_pool_version"), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_termination_with_alpn() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = write_file(dir.path(), "proxy.pem", &ck.cert.pem());
+    let key = write_file(dir.path(), "proxy-key.pem", &ck.key_pair.serialize_pem());
+    let tls_port = free_port();
+    let keys = format!(
+        "[proxy.tls]\nlisten = [\"127.0.0.1:{tls_port}\"]\ncert = \"{}\"\nkey = \"{}\"",
+        cert.display(),
+        key.display()
+    );
+    let _s = Shoal::start(&keys, &backends_toml(&[&a])).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    for (alpn, h2) in [(b"h2".to_vec(), true), (b"http/1.1".to_vec(), false)] {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![alpn];
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+            .await
+            .unwrap();
+        let tls = connector
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        let req = http::Request::builder()
+            .uri("https://localhost/secure")
+            .header("host", "localhost")
+            .body(empty())
+            .unwrap();
+        let resp = if h2 {
+            let (mut tx, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let req = http::Request::builder()
+                .uri("https://localhost/secure")
+                .body(empty())
+                .unwrap();
+            tx.send_request(req).await.unwrap()
+        } else {
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            tx.send_request(req).await.unwrap()
+        };
+        assert_eq!(resp.status(), 200);
+        let v: serde_json::Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(v["headers"]["x-forwarded-proto"], "https");
+        assert_eq!(v["path"], "/secure");
+    }
+    let _ = Bytes::new();
+}
