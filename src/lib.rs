@@ -10,5 +10,6 @@ pub mod config;
 pub mod core;
 pub mod demo;
 pub mod proxy;
+pub mod sim;
 pub mod telemetry;
 pub mod tls;

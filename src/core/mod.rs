@@ -6,4 +6,5 @@
 
 pub mod balance;
 pub mod health;
+pub mod paxos;
 pub mod pool;

@@ -12,7 +12,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// A peer's id (`node.id`): `[a-z0-9-]{1,32}`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct NodeId(pub String);
 
@@ -299,6 +299,23 @@ impl Pool {
         }
         let cap = self.ejection_cap(rules);
         let mut ejected = self.ejected_count();
+        // A smaller pool (or a lower cap) may leave too many ejected: restore the ones the
+        // fewest peers see down first (ties by id), so the cap always holds.
+        if ejected > cap {
+            let mut over: Vec<(usize, BackendId)> = self
+                .backends
+                .values()
+                .filter(|b| b.state == BackendState::Ejected)
+                .map(|b| (b.down_votes.len(), b.id.clone()))
+                .collect();
+            over.sort();
+            for (_, id) in over.into_iter().take(ejected - cap) {
+                if let Some(b) = self.backends.get_mut(&id) {
+                    b.state = BackendState::Active;
+                }
+            }
+            ejected = cap;
+        }
         for b in self.backends.values_mut() {
             if ejected >= cap {
                 break;
@@ -531,6 +548,32 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(p.ejected_count(), 0);
+    }
+
+    #[test]
+    fn removing_backends_never_leaves_too_many_ejected() {
+        let r = rules(3);
+        let mut p = seeded(2); // cap 1
+        for who in ["a", "b"] {
+            p = p
+                .apply(
+                    &PoolChange::VoteDown {
+                        id: id("b0"),
+                        peer: peer(who),
+                    },
+                    &r,
+                )
+                .unwrap();
+        }
+        assert_eq!(p.ejected_count(), 1);
+        p = p
+            .apply(&PoolChange::RemoveBackend { id: id("b1") }, &r)
+            .unwrap();
+        assert_eq!(
+            p.backends[&id("b0")].state,
+            BackendState::Active,
+            "a lone backend is never ejected"
+        );
     }
 
     #[test]

@@ -1,0 +1,96 @@
+//! The acceptor: promises and accepts ballots; its state must be durable before it replies.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Ballot, Faults, Msg};
+use crate::core::pool::Pool;
+
+/// `promised`, `accepted` and `value`: everything an acceptor knows.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AcceptorState {
+    pub promised: Ballot,
+    pub accepted: Ballot,
+    pub value: Pool,
+}
+
+/// An acceptor. `handle` returns the reply and whether the state changed; when it did, the
+/// driver must persist `state()` (and fsync) before sending the reply.
+#[derive(Clone, Debug, Default)]
+pub struct Acceptor {
+    state: AcceptorState,
+    #[doc(hidden)]
+    pub faults: Faults,
+}
+
+impl Acceptor {
+    pub fn new(state: AcceptorState) -> Self {
+        Self {
+            state,
+            faults: Faults::default(),
+        }
+    }
+
+    pub fn state(&self) -> &AcceptorState {
+        &self.state
+    }
+
+    /// The highest ballot this acceptor has seen (what a conflict reports).
+    fn seen(&self) -> Ballot {
+        self.state.promised.clone().max(self.state.accepted.clone())
+    }
+
+    /// Handle a Prepare or Accept. Returns `(changed, reply)`; other messages get no reply.
+    pub fn handle(&mut self, msg: &Msg) -> Option<(bool, Msg)> {
+        match msg {
+            Msg::Prepare { ballot } => Some(self.on_prepare(ballot)),
+            Msg::Accept { ballot, value } => Some(self.on_accept(ballot, value)),
+            _ => None,
+        }
+    }
+
+    /// Phase 1b. A ballot must be strictly above both the promise and the accepted ballot (as
+    /// in the TLA+ spec): a duplicate Prepare then costs only liveness, never safety. The reply
+    /// carries the accepted value so the proposer can continue from the latest one.
+    fn on_prepare(&mut self, b: &Ballot) -> (bool, Msg) {
+        if *b <= self.state.promised || *b <= self.state.accepted {
+            return (
+                false,
+                Msg::Conflict {
+                    ballot: b.clone(),
+                    seen: self.seen(),
+                },
+            );
+        }
+        self.state.promised = b.clone();
+        (
+            true,
+            Msg::Promise {
+                ballot: b.clone(),
+                accepted: self.state.accepted.clone(),
+                value: self.state.value.clone(),
+            },
+        )
+    }
+
+    /// Phase 2b. Refuse a ballot below the promise (a higher proposer has read since) or not
+    /// above what was accepted (ballots are unique, so equal means a duplicate).
+    fn on_accept(&mut self, b: &Ballot, value: &Pool) -> (bool, Msg) {
+        let below_promise = *b < self.state.promised && !self.faults.accept_below_promise;
+        if below_promise || *b <= self.state.accepted {
+            return (
+                false,
+                Msg::Conflict {
+                    ballot: b.clone(),
+                    seen: self.seen(),
+                },
+            );
+        }
+        // Promised never decreases: the accepted ballot is at least the promise here.
+        if *b > self.state.promised {
+            self.state.promised = b.clone();
+        }
+        self.state.accepted = b.clone();
+        self.state.value = value.clone();
+        (true, Msg::Accepted { ballot: b.clone() })
+    }
+}

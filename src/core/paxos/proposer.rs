@@ -1,0 +1,339 @@
+//! The proposer: runs one change at a time through prepare and accept, with seeded backoff.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{Ballot, Faults, Msg};
+use crate::core::pool::{ChangeError, NodeId, Pool, PoolChange, Rules};
+
+/// Timing of a proposer, in milliseconds of the caller's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProposerConfig {
+    /// How long a phase waits for a majority before trying again.
+    pub phase_timeout: u64,
+    /// How long one change may take in all before its outcome is given up on.
+    pub deadline: u64,
+    /// Backoff after a conflict: uniform in [0, min(cap, base * 2^attempt)] (full jitter).
+    pub backoff_base: u64,
+    pub backoff_cap: u64,
+}
+
+impl Default for ProposerConfig {
+    fn default() -> Self {
+        Self {
+            phase_timeout: 500,
+            deadline: 5_000,
+            backoff_base: 20,
+            backoff_cap: 1_000,
+        }
+    }
+}
+
+/// How a change ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A majority accepted the change's result.
+    Committed(Pool),
+    /// The precondition failed against `Pool`, which a majority accepted (written back).
+    Rejected(ChangeError, Pool),
+    /// Gave up before any accept carrying the change was sent: it did not happen.
+    NotApplied,
+    /// Gave up after sending accepts: it may or may not have committed; read before retrying.
+    Unknown,
+}
+
+/// What the driver must do, in order. A `SaveCounter` must be durable before any later `Send`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Send(NodeId, Msg),
+    SaveCounter(u64),
+    Done(Outcome),
+}
+
+/// Counters reserved per write, so a proposer persists once per this many rounds.
+const RESERVE: u64 = 1_000;
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting to start the next attempt.
+    Backoff,
+    Preparing {
+        ballot: Ballot,
+        promises: BTreeMap<NodeId, (Ballot, Pool)>,
+    },
+    Accepting {
+        ballot: Ballot,
+        value: Pool,
+        /// The change's result (Err: an identity write-back of a failed precondition).
+        result: Result<(), ChangeError>,
+        oks: BTreeSet<NodeId>,
+    },
+}
+
+#[derive(Debug)]
+struct Op {
+    change: PoolChange,
+    rules: Rules,
+    started: u64,
+    attempt: u32,
+    /// An accept carrying a real change was sent: a failure now leaves the outcome unknown.
+    sent_change: bool,
+    phase: Phase,
+    wake_at: u64,
+}
+
+/// One peer's proposer.
+#[derive(Debug)]
+pub struct Proposer {
+    id: NodeId,
+    acceptors: Vec<NodeId>,
+    cfg: ProposerConfig,
+    counter: u64,
+    reserved: u64,
+    rng: ChaCha8Rng,
+    op: Option<Op>,
+    #[doc(hidden)]
+    pub faults: Faults,
+}
+
+impl Proposer {
+    /// `acceptors` lists every peer, this one included. `counter_reserved` comes from storage:
+    /// counters at or below it may have been used before a restart.
+    pub fn new(
+        id: NodeId,
+        acceptors: Vec<NodeId>,
+        cfg: ProposerConfig,
+        counter_reserved: u64,
+        seed: u64,
+    ) -> Self {
+        Self {
+            id,
+            acceptors,
+            cfg,
+            counter: counter_reserved,
+            reserved: counter_reserved,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            op: None,
+            faults: Faults::default(),
+        }
+    }
+
+    pub fn id(&self) -> &NodeId {
+        &self.id
+    }
+
+    pub fn majority(&self) -> usize {
+        self.acceptors.len() / 2 + 1
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.op.is_some()
+    }
+
+    /// When `tick` next needs calling, if a change is in progress.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        self.op.as_ref().map(|o| o.wake_at)
+    }
+
+    /// Start a change. Returns false (and does nothing) if one is already in progress.
+    pub fn propose(
+        &mut self,
+        change: PoolChange,
+        rules: Rules,
+        now: u64,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        if self.op.is_some() {
+            return false;
+        }
+        self.op = Some(Op {
+            change,
+            rules,
+            started: now,
+            attempt: 0,
+            sent_change: false,
+            phase: Phase::Backoff,
+            wake_at: now,
+        });
+        self.start_round(now, out);
+        true
+    }
+
+    /// Abandon the change in progress (e.g. the node is shutting down).
+    pub fn cancel(&mut self) -> Option<Outcome> {
+        self.op.take().map(|op| {
+            if op.sent_change {
+                Outcome::Unknown
+            } else {
+                Outcome::NotApplied
+            }
+        })
+    }
+
+    fn start_round(&mut self, now: u64, out: &mut Vec<Action>) {
+        let Some(op) = self.op.as_mut() else { return };
+        self.counter += 1;
+        if self.counter > self.reserved {
+            // Persisted before the Prepare leaves: a restart resumes above every used counter.
+            self.reserved = self.counter + RESERVE;
+            out.push(Action::SaveCounter(self.reserved));
+        }
+        let ballot = Ballot::new(self.counter, self.id.clone());
+        op.phase = Phase::Preparing {
+            ballot: ballot.clone(),
+            promises: BTreeMap::new(),
+        };
+        op.wake_at = now + self.cfg.phase_timeout;
+        for a in &self.acceptors {
+            out.push(Action::Send(
+                a.clone(),
+                Msg::Prepare {
+                    ballot: ballot.clone(),
+                },
+            ));
+        }
+    }
+
+    /// Back off, then retry, unless that is unsafe (a real change may have been accepted) or
+    /// the deadline passed.
+    fn retry_later(&mut self, now: u64, out: &mut Vec<Action>) {
+        let Some(op) = self.op.as_mut() else { return };
+        if op.sent_change {
+            // Our value may be chosen; applying the change again could apply it twice.
+            self.finish(Outcome::Unknown, out);
+            return;
+        }
+        if now.saturating_sub(op.started) >= self.cfg.deadline {
+            self.finish(Outcome::NotApplied, out);
+            return;
+        }
+        op.attempt += 1;
+        let ceiling = self
+            .cfg
+            .backoff_base
+            .saturating_mul(1u64 << op.attempt.min(16))
+            .min(self.cfg.backoff_cap);
+        op.wake_at = now + self.rng.gen_range(0..=ceiling);
+        op.phase = Phase::Backoff;
+    }
+
+    fn finish(&mut self, outcome: Outcome, out: &mut Vec<Action>) {
+        self.op = None;
+        out.push(Action::Done(outcome));
+    }
+
+    /// Timers: retry a stalled phase, or start the next attempt after a backoff.
+    pub fn tick(&mut self, now: u64, out: &mut Vec<Action>) {
+        let Some(op) = self.op.as_ref() else { return };
+        if now < op.wake_at {
+            return;
+        }
+        match op.phase {
+            Phase::Backoff => self.start_round(now, out),
+            // No majority answered in time.
+            Phase::Preparing { .. } | Phase::Accepting { .. } => self.retry_later(now, out),
+        }
+    }
+
+    /// A reply from acceptor `from`.
+    pub fn on_message(&mut self, from: &NodeId, msg: &Msg, now: u64, out: &mut Vec<Action>) {
+        let majority = self.majority();
+        let faults = self.faults;
+        let Some(op) = self.op.as_mut() else { return };
+        match (msg, &mut op.phase) {
+            (
+                Msg::Promise {
+                    ballot,
+                    accepted,
+                    value,
+                },
+                Phase::Preparing {
+                    ballot: mine,
+                    promises,
+                },
+            ) if ballot == mine => {
+                promises.insert(from.clone(), (accepted.clone(), value.clone()));
+                if promises.len() < majority {
+                    return;
+                }
+                // Continue from the value with the highest accepted ballot among a majority:
+                // any value that may have been chosen is among them (quorums intersect).
+                let current = if faults.skip_highest_accepted {
+                    promises
+                        .values()
+                        .next()
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                } else {
+                    promises
+                        .values()
+                        .max_by(|a, b| a.0.cmp(&b.0))
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                let (value, result) = match current.apply(&op.change, &op.rules) {
+                    Ok(next) => (next, Ok(())),
+                    Err(e) => (current.clone(), Err(e)),
+                };
+                // Only a value that differs from what was read makes a retry unsafe; a read, a
+                // no-op or a rejection writes back what it read and may run again.
+                if value != current {
+                    op.sent_change = true;
+                }
+                let ballot = mine.clone();
+                op.phase = Phase::Accepting {
+                    ballot: ballot.clone(),
+                    value: value.clone(),
+                    result,
+                    oks: BTreeSet::new(),
+                };
+                op.wake_at = now + self.cfg.phase_timeout;
+                for a in &self.acceptors {
+                    out.push(Action::Send(
+                        a.clone(),
+                        Msg::Accept {
+                            ballot: ballot.clone(),
+                            value: value.clone(),
+                        },
+                    ));
+                }
+            }
+            (
+                Msg::Accepted { ballot },
+                Phase::Accepting {
+                    ballot: mine,
+                    value,
+                    result,
+                    oks,
+                    ..
+                },
+            ) if ballot == mine => {
+                oks.insert(from.clone());
+                if oks.len() < majority {
+                    return;
+                }
+                let outcome = match result {
+                    Ok(()) => Outcome::Committed(value.clone()),
+                    Err(e) => Outcome::Rejected(e.clone(), value.clone()),
+                };
+                self.finish(outcome, out);
+                return;
+            }
+            (Msg::Conflict { ballot, seen }, phase) => {
+                let mine = match phase {
+                    Phase::Preparing { ballot, .. } | Phase::Accepting { ballot, .. } => ballot,
+                    Phase::Backoff => return,
+                };
+                if ballot != mine {
+                    return;
+                }
+                // Fast-forward past the ballot that beat us, so the next attempt can win.
+                self.counter = self.counter.max(seen.counter);
+                self.retry_later(now, out);
+            }
+            _ => {}
+        }
+    }
+}

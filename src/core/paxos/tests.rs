@@ -1,0 +1,248 @@
+//! Unit tests of the acceptor and proposer rules; section numbers cite the CASPaxos paper
+//! (arXiv 1802.07000v3).
+
+use super::*;
+use crate::core::pool::{Backend, ChangeError, PoolChange, Rules};
+
+fn n(s: &str) -> NodeId {
+    NodeId::new(s)
+}
+
+fn b(c: u64, node: &str) -> Ballot {
+    Ballot::new(c, n(node))
+}
+
+/// §2.2 (acceptor, prepare): a promise only for a ballot above everything seen; a conflict
+/// returns the highest ballot seen.
+#[test]
+fn acceptor_prepare_rules() {
+    let mut a = Acceptor::default();
+    let (changed, reply) = a.handle(&Msg::Prepare { ballot: b(2, "a") }).unwrap();
+    assert!(changed);
+    assert!(matches!(reply, Msg::Promise { .. }));
+    // Equal or lower: conflict with the promise.
+    for low in [b(2, "a"), b(1, "z"), b(2, "0")] {
+        let (changed, reply) = a
+            .handle(&Msg::Prepare {
+                ballot: low.clone(),
+            })
+            .unwrap();
+        assert!(!changed);
+        assert_eq!(
+            reply,
+            Msg::Conflict {
+                ballot: low,
+                seen: b(2, "a")
+            }
+        );
+    }
+    assert_eq!(a.state().promised, b(2, "a"));
+}
+
+/// §2.2 (acceptor, accept): refuse below the promise or at/below the accepted ballot.
+#[test]
+fn acceptor_accept_rules() {
+    let mut a = Acceptor::default();
+    a.handle(&Msg::Prepare { ballot: b(5, "a") });
+    let v = Pool {
+        version: 1,
+        ..Pool::default()
+    };
+    let (_, r) = a
+        .handle(&Msg::Accept {
+            ballot: b(4, "z"),
+            value: v.clone(),
+        })
+        .unwrap();
+    assert_eq!(
+        r,
+        Msg::Conflict {
+            ballot: b(4, "z"),
+            seen: b(5, "a")
+        }
+    );
+    let (changed, r) = a
+        .handle(&Msg::Accept {
+            ballot: b(5, "a"),
+            value: v.clone(),
+        })
+        .unwrap();
+    assert!(changed);
+    assert_eq!(r, Msg::Accepted { ballot: b(5, "a") });
+    // A duplicate accept of the same ballot is refused (ballots are unique).
+    let (changed, _) = a
+        .handle(&Msg::Accept {
+            ballot: b(5, "a"),
+            value: v.clone(),
+        })
+        .unwrap();
+    assert!(!changed);
+    // A prepare must now beat the accepted ballot too.
+    let (_, r) = a.handle(&Msg::Prepare { ballot: b(5, "a") }).unwrap();
+    assert!(matches!(r, Msg::Conflict { .. }));
+    // An accept with a higher ballot and no prepare raises the promise with it.
+    a.handle(&Msg::Accept {
+        ballot: b(9, "c"),
+        value: v,
+    });
+    assert_eq!(a.state().promised, b(9, "c"));
+    assert_eq!(a.state().accepted, b(9, "c"));
+}
+
+/// Deliver every message in `out` synchronously to in-memory acceptors; return the outcome.
+fn run(
+    p: &mut Proposer,
+    accs: &mut BTreeMap<NodeId, Acceptor>,
+    mut out: Vec<Action>,
+) -> Option<Outcome> {
+    let mut saved = Vec::new();
+    while let Some(a) = (!out.is_empty()).then(|| out.remove(0)) {
+        match a {
+            Action::Send(to, msg) => {
+                if let Some(acc) = accs.get_mut(&to) {
+                    if let Some((_, reply)) = acc.handle(&msg) {
+                        let mut more = Vec::new();
+                        p.on_message(&to, &reply, 0, &mut more);
+                        out.extend(more);
+                    }
+                }
+            }
+            Action::SaveCounter(c) => saved.push(c),
+            Action::Done(o) => return Some(o),
+        }
+    }
+    None
+}
+
+use std::collections::BTreeMap;
+
+fn cluster() -> (Proposer, BTreeMap<NodeId, Acceptor>) {
+    let ids = vec![n("a"), n("b"), n("c")];
+    let accs = ids
+        .iter()
+        .map(|i| (i.clone(), Acceptor::default()))
+        .collect();
+    (
+        Proposer::new(n("a"), ids, ProposerConfig::default(), 0, 1),
+        accs,
+    )
+}
+
+/// §2.2 (proposer): prepare, take the highest accepted value, apply, accept.
+#[test]
+fn proposer_commits_and_reads_back() {
+    let (mut p, mut accs) = cluster();
+    let rules = Rules {
+        cluster_size: 3,
+        max_ejected_percent: 50,
+    };
+    let mut out = Vec::new();
+    let add = PoolChange::AddBackend {
+        backend: Backend::new("w", "127.0.0.1:1", 1),
+    };
+    assert!(p.propose(add.clone(), rules, 0, &mut out));
+    assert_eq!(out[0], Action::SaveCounter(1 + 1000));
+    let Some(Outcome::Committed(pool)) = run(&mut p, &mut accs, out) else {
+        panic!()
+    };
+    assert_eq!(pool.version, 1);
+    let mut out = Vec::new();
+    p.propose(add, rules, 0, &mut out);
+    let Some(Outcome::Rejected(ChangeError::Exists(_), pool)) = run(&mut p, &mut accs, out) else {
+        panic!()
+    };
+    assert_eq!(pool.version, 1);
+    let mut out = Vec::new();
+    p.propose(PoolChange::Read, rules, 0, &mut out);
+    assert_eq!(run(&mut p, &mut accs, out), Some(Outcome::Committed(pool)));
+}
+
+/// §2.2.1: on a conflict the proposer fast-forwards its counter past the ballot that beat it.
+#[test]
+fn conflict_fast_forwards() {
+    let (mut p, mut accs) = cluster();
+    for a in accs.values_mut() {
+        a.handle(&Msg::Prepare { ballot: b(50, "z") });
+    }
+    let mut out = Vec::new();
+    p.propose(PoolChange::Read, Rules::default(), 0, &mut out);
+    assert_eq!(run(&mut p, &mut accs, out), None, "conflicts, backs off");
+    let mut out = Vec::new();
+    let wake = p.next_wakeup().unwrap();
+    p.tick(wake, &mut out);
+    let Some(Action::Send(_, Msg::Prepare { ballot })) =
+        out.iter().find(|a| matches!(a, Action::Send(..))).cloned()
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(ballot, b(51, "a"));
+    assert!(matches!(
+        run(&mut p, &mut accs, out),
+        Some(Outcome::Committed(_))
+    ));
+}
+
+/// A restarted proposer resumes above its persisted reservation: ballots are never reused.
+#[test]
+fn restart_never_reuses_a_ballot() {
+    let p = Proposer::new(n("a"), vec![n("a")], ProposerConfig::default(), 1_001, 7);
+    let mut p = p;
+    let mut out = Vec::new();
+    p.propose(PoolChange::Read, Rules::default(), 0, &mut out);
+    let prepare = out.iter().find_map(|a| match a {
+        Action::Send(_, Msg::Prepare { ballot }) => Some(ballot.clone()),
+        _ => None,
+    });
+    assert_eq!(prepare, Some(b(1_002, "a")));
+    assert_eq!(out[0], Action::SaveCounter(2_002));
+}
+
+/// A timeout after a real change was sent to acceptors leaves the outcome unknown; one before
+/// gives "not applied" once the deadline passes.
+#[test]
+fn timeouts_report_unknown_or_not_applied() {
+    let (mut p, _) = cluster();
+    let mut out = Vec::new();
+    let change = PoolChange::AddBackend {
+        backend: Backend::new("w", "127.0.0.1:1", 1),
+    };
+    p.propose(change.clone(), Rules::default(), 0, &mut out);
+    let mut t;
+    let outcome = loop {
+        t = p.next_wakeup().unwrap();
+        let mut out = Vec::new();
+        p.tick(t, &mut out);
+        if let Some(Action::Done(o)) = out.into_iter().find(|a| matches!(a, Action::Done(_))) {
+            break o;
+        }
+    };
+    assert_eq!(outcome, Outcome::NotApplied);
+    assert!(t >= ProposerConfig::default().deadline);
+
+    // Promises arrive, accepts go out, then silence.
+    let (mut p, _) = cluster();
+    let mut out = Vec::new();
+    p.propose(change, Rules::default(), 0, &mut out);
+    let Some(Action::Send(_, Msg::Prepare { ballot })) = out.get(1).cloned() else {
+        panic!()
+    };
+    let mut out = Vec::new();
+    for who in ["a", "b"] {
+        p.on_message(
+            &n(who),
+            &Msg::Promise {
+                ballot: ballot.clone(),
+                accepted: Ballot::zero(),
+                value: Pool::default(),
+            },
+            0,
+            &mut out,
+        );
+    }
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::Send(_, Msg::Accept { .. }))));
+    let mut out = Vec::new();
+    p.tick(p.next_wakeup().unwrap(), &mut out);
+    assert_eq!(out, vec![Action::Done(Outcome::Unknown)]);
+}

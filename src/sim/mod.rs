@@ -1,0 +1,832 @@
+//! A deterministic simulation of N peers running the consensus core over an in-memory network.
+//!
+//! One seeded RNG drives everything: message loss, duplication, delay (hence reordering),
+//! partitions (majority/minority, one-way, one node isolated), crashes and restarts of any
+//! minority (keeping only what was persisted), and clients issuing changes and reads. Safety is
+//! checked online as events happen, the client history offline for linearizability, and
+//! liveness after the network heals. The same seed gives the same run; a failure names its seed
+//! and `trace` replays it with a readable event log.
+
+pub mod linearizability;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::fmt::Write as _;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::core::paxos::{
+    Acceptor, Action, Durable, Faults, Msg, Outcome, Proposer, ProposerConfig,
+};
+use crate::core::pool::{Backend, BackendId, NodeId, Pool, PoolChange, Rules};
+use linearizability::{Operation, Seen};
+
+/// What to simulate.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub nodes: usize,
+    pub clients: usize,
+    pub ops_per_client: usize,
+    /// Simulated milliseconds of faults before the network heals.
+    pub fault_ms: u64,
+    pub drop: f64,
+    pub duplicate: f64,
+    pub max_delay_ms: u64,
+    pub partitions: bool,
+    pub crashes: bool,
+    /// Planted bugs (test-only).
+    pub faults: Faults,
+    /// Planted bug: acceptors reply before their state is persisted.
+    pub reply_before_persist: bool,
+    /// Record a readable event log (for replaying a failing seed).
+    pub trace: bool,
+}
+
+impl SimConfig {
+    pub fn new(nodes: usize) -> Self {
+        Self {
+            nodes,
+            clients: 3,
+            ops_per_client: 8,
+            fault_ms: 6_000,
+            drop: 0.05,
+            duplicate: 0.03,
+            max_delay_ms: 30,
+            partitions: true,
+            crashes: true,
+            faults: Faults::default(),
+            reply_before_persist: false,
+            trace: false,
+        }
+    }
+}
+
+/// A failed run: which seed, which property, and (when traced) the events before it.
+#[derive(Debug)]
+pub struct Failure {
+    pub seed: u64,
+    pub nodes: usize,
+    pub reason: String,
+    pub trace: Vec<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "seed {} ({} nodes): {}",
+            self.seed, self.nodes, self.reason
+        )?;
+        writeln!(
+            f,
+            "replay: SHOAL_SEED={} cargo test --release --test simulation -- --nocapture",
+            self.seed
+        )?;
+        let from = self.trace.len().saturating_sub(120);
+        for line in &self.trace[from..] {
+            writeln!(f, "  {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a run did, for reports and benches.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    pub commits: u64,
+    pub rejects: u64,
+    pub unknown: u64,
+    pub not_applied: u64,
+    pub messages: u64,
+    pub prepares: u64,
+    pub final_version: u64,
+}
+
+const PHASE_TIMEOUT: u64 = 200;
+const READ_PERIOD: u64 = 1_000;
+const LIVENESS_MS: u64 = 5_000;
+
+#[derive(Debug, Clone)]
+enum Event {
+    Deliver {
+        from: usize,
+        to: usize,
+        msg: Msg,
+    },
+    Wake {
+        node: usize,
+        incarnation: u64,
+    },
+    ClientNext {
+        client: usize,
+    },
+    Crash,
+    Restart {
+        node: usize,
+    },
+    Partition,
+    Heal,
+    Persist {
+        node: usize,
+        incarnation: u64,
+        state: Durable,
+    },
+    PeriodicRead {
+        node: usize,
+    },
+    EndFaults,
+}
+
+struct Node {
+    id: NodeId,
+    up: bool,
+    incarnation: u64,
+    acceptor: Acceptor,
+    proposer: Proposer,
+    /// What survives a crash.
+    disk: Durable,
+    learned: Pool,
+    /// The client operation this node's proposer runs (index into history).
+    serving: Option<usize>,
+}
+
+struct Sim {
+    cfg: SimConfig,
+    rng: ChaCha8Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: Vec<Option<Event>>,
+    nodes: Vec<Node>,
+    rules: Rules,
+    /// Blocked links (from, to).
+    blocked: BTreeSet<(usize, usize)>,
+    faulting: bool,
+    history: Vec<Operation>,
+    /// Per history entry: the highest version committed-and-answered before it was invoked.
+    floor: Vec<u64>,
+    client_ops_left: Vec<usize>,
+    committed: BTreeMap<u64, Pool>,
+    /// Highest version of any answered commit, and when.
+    answered_max: u64,
+    report: Report,
+    trace: Vec<String>,
+    error: Option<String>,
+}
+
+/// Run one seed.
+pub fn run(seed: u64, cfg: &SimConfig) -> Result<Report, Failure> {
+    let mut sim = Sim::new(seed, cfg.clone());
+    sim.run();
+    match sim.error.take() {
+        None => Ok(sim.report),
+        Some(reason) => Err(Failure {
+            seed,
+            nodes: cfg.nodes,
+            reason,
+            trace: std::mem::take(&mut sim.trace),
+        }),
+    }
+}
+
+impl Sim {
+    fn new(seed: u64, cfg: SimConfig) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let ids: Vec<NodeId> = (0..cfg.nodes)
+            .map(|i| NodeId::new(format!("n{i}")))
+            .collect();
+        let pcfg = ProposerConfig {
+            phase_timeout: PHASE_TIMEOUT,
+            deadline: 3_000,
+            backoff_base: 20,
+            backoff_cap: 1_000,
+        };
+        let nodes = ids
+            .iter()
+            .map(|id| {
+                let mut proposer = Proposer::new(id.clone(), ids.clone(), pcfg, 0, rng.gen());
+                proposer.faults = cfg.faults;
+                let mut acceptor = Acceptor::default();
+                acceptor.faults = cfg.faults;
+                Node {
+                    id: id.clone(),
+                    up: true,
+                    incarnation: 0,
+                    acceptor,
+                    proposer,
+                    disk: Durable::default(),
+                    learned: Pool::default(),
+                    serving: None,
+                }
+            })
+            .collect();
+        let rules = Rules {
+            cluster_size: cfg.nodes,
+            max_ejected_percent: 50,
+        };
+        let mut sim = Sim {
+            client_ops_left: vec![cfg.ops_per_client; cfg.clients],
+            cfg,
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            nodes,
+            rules,
+            blocked: BTreeSet::new(),
+            faulting: true,
+            history: Vec::new(),
+            floor: Vec::new(),
+            committed: BTreeMap::new(),
+            answered_max: 0,
+            report: Report::default(),
+            trace: Vec::new(),
+            error: None,
+        };
+        for c in 0..sim.cfg.clients {
+            let at = sim.rng.gen_range(0..50);
+            sim.schedule(at, Event::ClientNext { client: c });
+        }
+        for n in 0..sim.cfg.nodes {
+            let at = sim.rng.gen_range(0..READ_PERIOD);
+            sim.schedule(at, Event::PeriodicRead { node: n });
+        }
+        if sim.cfg.crashes {
+            let at = sim.rng.gen_range(100..800);
+            sim.schedule(at, Event::Crash);
+        }
+        if sim.cfg.partitions {
+            let at = sim.rng.gen_range(100..800);
+            sim.schedule(at, Event::Partition);
+        }
+        let end = sim.cfg.fault_ms;
+        sim.schedule(end, Event::EndFaults);
+        sim
+    }
+
+    fn log(&mut self, f: impl FnOnce() -> String) {
+        if self.cfg.trace {
+            let line = format!("{:>6}ms {}", self.now, f());
+            self.trace.push(line);
+        }
+    }
+
+    fn fail(&mut self, reason: String) {
+        if self.error.is_none() {
+            self.log(|| format!("VIOLATION: {reason}"));
+            self.error = Some(reason);
+        }
+    }
+
+    fn schedule(&mut self, delay: u64, e: Event) {
+        self.seq += 1;
+        let idx = self.events.len();
+        self.events.push(Some(e));
+        self.queue.push(Reverse((self.now + delay, self.seq, idx)));
+    }
+
+    fn run(&mut self) {
+        let horizon = self.cfg.fault_ms + LIVENESS_MS + 2 * READ_PERIOD;
+        while let Some(Reverse((t, _, idx))) = self.queue.pop() {
+            if self.error.is_some() || t > horizon {
+                break;
+            }
+            self.now = t;
+            let Some(e) = self.events[idx].take() else {
+                continue;
+            };
+            self.step(e);
+        }
+        if self.error.is_some() {
+            return;
+        }
+        self.finish_checks();
+    }
+
+    fn step(&mut self, e: Event) {
+        match e {
+            Event::Deliver { from, to, msg } => self.deliver(from, to, msg),
+            Event::Wake { node, incarnation } => {
+                if self.nodes[node].up && self.nodes[node].incarnation == incarnation {
+                    let mut out = Vec::new();
+                    let now = self.now;
+                    self.nodes[node].proposer.tick(now, &mut out);
+                    self.act(node, out);
+                }
+            }
+            Event::ClientNext { client } => self.client_next(client),
+            Event::Crash => self.crash(),
+            Event::Restart { node } => self.restart(node),
+            Event::Partition => self.partition(),
+            Event::Heal => {
+                self.blocked.clear();
+                self.log(|| "heal".into());
+                if self.faulting && self.cfg.partitions {
+                    let at = self.rng.gen_range(200..1500);
+                    self.schedule(at, Event::Partition);
+                }
+            }
+            Event::Persist {
+                node,
+                incarnation,
+                state,
+            } => {
+                if self.nodes[node].up && self.nodes[node].incarnation == incarnation {
+                    self.nodes[node].disk = state;
+                }
+            }
+            Event::PeriodicRead { node } => {
+                if self.nodes[node].up && !self.nodes[node].proposer.is_busy() {
+                    self.start_change(node, PoolChange::Read, None);
+                }
+                self.schedule(READ_PERIOD, Event::PeriodicRead { node });
+            }
+            Event::EndFaults => {
+                self.faulting = false;
+                self.blocked.clear();
+                self.cfg.drop = 0.0;
+                self.cfg.duplicate = 0.0;
+                self.log(|| "faults end: network healed, everyone restarts".into());
+                for n in 0..self.nodes.len() {
+                    if !self.nodes[n].up {
+                        self.restart(n);
+                    }
+                }
+                // Liveness probe: a change must commit within LIVENESS_MS from here.
+                let target = self.rng.gen_range(0..self.nodes.len());
+                self.liveness_probe(target);
+            }
+        }
+    }
+
+    fn liveness_probe(&mut self, node: usize) {
+        let client = self.cfg.clients; // a separate client id
+        let change = PoolChange::Read;
+        if self.nodes[node].proposer.is_busy() {
+            // Wait for the node's current change to finish; retry shortly.
+            self.schedule(50, Event::ClientNext { client });
+            return;
+        }
+        self.issue(client, node, change);
+    }
+
+    fn send(&mut self, from: usize, to: usize, msg: Msg) {
+        self.report.messages += 1;
+        if matches!(msg, Msg::Prepare { .. }) {
+            self.report.prepares += 1;
+        }
+        if from == to {
+            let d = self.rng.gen_range(0..=1);
+            self.schedule(d, Event::Deliver { from, to, msg });
+            return;
+        }
+        if self.blocked.contains(&(from, to)) || self.rng.gen_bool(self.cfg.drop) {
+            return;
+        }
+        let d = self.rng.gen_range(1..=self.cfg.max_delay_ms);
+        if self.rng.gen_bool(self.cfg.duplicate) {
+            let d2 = self.rng.gen_range(1..=self.cfg.max_delay_ms * 3);
+            self.schedule(
+                d2,
+                Event::Deliver {
+                    from,
+                    to,
+                    msg: msg.clone(),
+                },
+            );
+        }
+        self.schedule(d, Event::Deliver { from, to, msg });
+    }
+
+    fn deliver(&mut self, from: usize, to: usize, msg: Msg) {
+        if !self.nodes[to].up {
+            return;
+        }
+        match &msg {
+            Msg::Prepare { .. } | Msg::Accept { .. } => {
+                let before = self.nodes[to].acceptor.state().clone();
+                let Some((changed, reply)) = self.nodes[to].acceptor.handle(&msg) else {
+                    return;
+                };
+                let after = self.nodes[to].acceptor.state().clone();
+                // Property 4: promised and accepted never decrease.
+                if after.promised < before.promised || after.accepted < before.accepted {
+                    self.fail(format!("acceptor {} ballots decreased", self.nodes[to].id));
+                }
+                if changed {
+                    let mut durable = self.nodes[to].disk.clone();
+                    durable.acceptor = after;
+                    if self.cfg.reply_before_persist {
+                        let inc = self.nodes[to].incarnation;
+                        let lag = self.rng.gen_range(1..200);
+                        self.schedule(
+                            lag,
+                            Event::Persist {
+                                node: to,
+                                incarnation: inc,
+                                state: durable,
+                            },
+                        );
+                    } else {
+                        self.nodes[to].disk = durable;
+                    }
+                }
+                let (id, from_id) = (self.nodes[to].id.clone(), self.nodes[from].id.clone());
+                self.log(|| format!("{id} <- {from_id}: {} => {}", brief(&msg), brief(&reply)));
+                self.send(to, from, reply);
+            }
+            Msg::Learn { pool } => {
+                if pool.version > self.nodes[to].learned.version {
+                    self.nodes[to].learned = pool.clone();
+                }
+            }
+            _ => {
+                let mut out = Vec::new();
+                let from_id = self.nodes[from].id.clone();
+                let now = self.now;
+                self.nodes[to]
+                    .proposer
+                    .on_message(&from_id, &msg, now, &mut out);
+                self.act(to, out);
+            }
+        }
+    }
+
+    /// Carry out a proposer's actions, in order.
+    fn act(&mut self, node: usize, out: Vec<Action>) {
+        for a in out {
+            match a {
+                Action::SaveCounter(c) => self.nodes[node].disk.counter_reserved = c,
+                Action::Send(to, msg) => {
+                    let to = self.index_of(&to);
+                    self.send(node, to, msg);
+                }
+                Action::Done(outcome) => self.done(node, outcome),
+            }
+        }
+        if let Some(w) = self.nodes[node].proposer.next_wakeup() {
+            let inc = self.nodes[node].incarnation;
+            let delay = w.saturating_sub(self.now);
+            self.schedule(
+                delay,
+                Event::Wake {
+                    node,
+                    incarnation: inc,
+                },
+            );
+        }
+    }
+
+    fn index_of(&self, id: &NodeId) -> usize {
+        self.nodes.iter().position(|n| &n.id == id).unwrap_or(0)
+    }
+
+    fn done(&mut self, node: usize, outcome: Outcome) {
+        let op = self.nodes[node].serving.take();
+        let id = self.nodes[node].id.clone();
+        self.log(|| format!("{id} done: {}", brief_outcome(&outcome)));
+        // Online checks on anything committed.
+        let committed = match &outcome {
+            Outcome::Committed(p) | Outcome::Rejected(_, p) => Some(p.clone()),
+            _ => None,
+        };
+        match &outcome {
+            Outcome::Committed(_) => self.report.commits += 1,
+            Outcome::Rejected(..) => self.report.rejects += 1,
+            Outcome::Unknown => self.report.unknown += 1,
+            Outcome::NotApplied => self.report.not_applied += 1,
+        }
+        if let Some(p) = &committed {
+            // Property 1: one pool per version.
+            match self.committed.get(&p.version) {
+                Some(q) if q != p => {
+                    let v = p.version;
+                    self.fail(format!("two different pools committed as version {v}"));
+                }
+                Some(_) => {}
+                None => {
+                    self.committed.insert(p.version, p.clone());
+                }
+            }
+            // Property 5: the ejection cap.
+            if p.ejected_count() > p.ejection_cap(&self.rules) {
+                self.fail(format!(
+                    "version {} ejects {} backends, over the cap",
+                    p.version,
+                    p.ejected_count()
+                ));
+            }
+            if p.version > self.nodes[node].learned.version {
+                self.nodes[node].learned = p.clone();
+            }
+            for to in 0..self.nodes.len() {
+                if to != node {
+                    self.send(node, to, Msg::Learn { pool: p.clone() });
+                }
+            }
+        }
+        if let Some(i) = op {
+            let seen = match outcome {
+                Outcome::Committed(p) => Seen::Committed(p),
+                Outcome::Rejected(e, p) => Seen::Rejected(e, p),
+                Outcome::Unknown => Seen::Unknown,
+                Outcome::NotApplied => {
+                    // It did not happen: it leaves the history.
+                    self.history[i].response = u64::MAX;
+                    self.history[i].seen = Seen::Unknown;
+                    self.history[i].change = PoolChange::Read;
+                    self.client_after(i);
+                    return;
+                }
+            };
+            if let Some(p) = committed {
+                // Property 2: an answered commit is never lost: later operations see it.
+                if p.version < self.floor[i] {
+                    let (v, f) = (p.version, self.floor[i]);
+                    self.fail(format!(
+                        "operation {i} saw version {v} after version {f} was answered"
+                    ));
+                }
+                self.answered_max = self.answered_max.max(p.version);
+            }
+            self.history[i].response = if seen == Seen::Unknown {
+                u64::MAX
+            } else {
+                self.now
+            };
+            self.history[i].seen = seen;
+            self.client_after(i);
+        }
+    }
+
+    fn client_after(&mut self, i: usize) {
+        let client = self.history[i].client;
+        if client == self.cfg.clients && !matches!(self.history[i].seen, Seen::Committed(_)) {
+            // The liveness probe retries until it commits (or the horizon ends the run).
+            self.schedule(50, Event::ClientNext { client });
+        } else if client < self.cfg.clients {
+            let at = self.rng.gen_range(0..100);
+            self.schedule(at, Event::ClientNext { client });
+        }
+    }
+
+    fn random_change(&mut self) -> PoolChange {
+        let b = self.rng.gen_range(0..4);
+        let id = BackendId::new(format!("b{b}"));
+        let peer = NodeId::new(format!("n{}", self.rng.gen_range(0..self.cfg.nodes)));
+        match self.rng.gen_range(0..9) {
+            0 | 1 => PoolChange::AddBackend {
+                backend: Backend::new(format!("b{b}"), format!("10.0.0.{b}:80"), 1),
+            },
+            2 => PoolChange::RemoveBackend { id },
+            3 => PoolChange::SetWeight {
+                id,
+                weight: self.rng.gen_range(1..5),
+            },
+            4 => PoolChange::SetState {
+                id,
+                draining: self.rng.gen_bool(0.5),
+            },
+            5 => PoolChange::VoteDown { id, peer },
+            6 => PoolChange::VoteUp { id, peer },
+            _ => PoolChange::Read,
+        }
+    }
+
+    fn client_next(&mut self, client: usize) {
+        if client == self.cfg.clients {
+            let n = self.rng.gen_range(0..self.nodes.len());
+            self.liveness_probe(n);
+            return;
+        }
+        if self.client_ops_left[client] == 0 || !self.faulting {
+            return;
+        }
+        let mut idle: Vec<usize> = (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].up && !self.nodes[n].proposer.is_busy())
+            .collect();
+        idle.shuffle(&mut self.rng);
+        let Some(&node) = idle.first() else {
+            self.schedule(10, Event::ClientNext { client });
+            return;
+        };
+        self.client_ops_left[client] -= 1;
+        let change = self.random_change();
+        self.issue(client, node, change);
+    }
+
+    fn issue(&mut self, client: usize, node: usize, change: PoolChange) {
+        let i = self.history.len();
+        self.history.push(Operation {
+            client,
+            change: change.clone(),
+            invoke: self.now,
+            response: u64::MAX,
+            seen: Seen::Unknown,
+        });
+        self.floor.push(self.answered_max);
+        self.start_change(node, change, Some(i));
+    }
+
+    fn start_change(&mut self, node: usize, change: PoolChange, op: Option<usize>) {
+        let id = self.nodes[node].id.clone();
+        self.log(|| format!("{id} proposes {change:?}"));
+        let mut out = Vec::new();
+        let now = self.now;
+        let rules = self.rules;
+        if self.nodes[node]
+            .proposer
+            .propose(change, rules, now, &mut out)
+        {
+            self.nodes[node].serving = op;
+            self.act(node, out);
+        }
+    }
+
+    fn crash(&mut self) {
+        if !self.faulting {
+            return;
+        }
+        let minority = (self.nodes.len() - 1) / 2;
+        let down = self.nodes.iter().filter(|n| !n.up).count();
+        let up: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].up)
+            .collect();
+        if down < minority {
+            let &victim = up.choose(&mut self.rng).unwrap_or(&0);
+            let id = self.nodes[victim].id.clone();
+            self.log(|| format!("crash {id}"));
+            let outcome = self.nodes[victim].proposer.cancel();
+            self.nodes[victim].up = false;
+            self.nodes[victim].incarnation += 1;
+            if let Some(o) = outcome {
+                if self.nodes[victim].serving.is_some() {
+                    self.done(victim, o);
+                }
+            }
+            let at = self.rng.gen_range(200..1500);
+            self.schedule(at, Event::Restart { node: victim });
+        }
+        let at = self.rng.gen_range(300..2000);
+        self.schedule(at, Event::Crash);
+    }
+
+    fn restart(&mut self, node: usize) {
+        if self.nodes[node].up {
+            return;
+        }
+        let n = &mut self.nodes[node];
+        n.up = true;
+        n.incarnation += 1;
+        // Only what was persisted survives.
+        let mut acceptor = Acceptor::new(n.disk.acceptor.clone());
+        acceptor.faults = self.cfg.faults;
+        n.acceptor = acceptor;
+        let ids: Vec<NodeId> = (0..self.cfg.nodes)
+            .map(|i| NodeId::new(format!("n{i}")))
+            .collect();
+        let pcfg = ProposerConfig {
+            phase_timeout: PHASE_TIMEOUT,
+            deadline: 3_000,
+            backoff_base: 20,
+            backoff_cap: 1_000,
+        };
+        let seed = self.rng.gen();
+        let n = &mut self.nodes[node];
+        n.proposer = Proposer::new(n.id.clone(), ids, pcfg, n.disk.counter_reserved, seed);
+        n.proposer.faults = self.cfg.faults;
+        n.learned = Pool::default();
+        n.serving = None;
+        let id = n.id.clone();
+        self.log(|| format!("restart {id}"));
+    }
+
+    fn partition(&mut self) {
+        if !self.faulting {
+            return;
+        }
+        let n = self.nodes.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut self.rng);
+        self.blocked.clear();
+        let kind = self.rng.gen_range(0..3);
+        match kind {
+            0 => {
+                // Majority / minority.
+                let minority = (n - 1) / 2;
+                let (small, big) = order.split_at(minority.max(1));
+                for &a in small {
+                    for &b in big {
+                        self.blocked.insert((a, b));
+                        self.blocked.insert((b, a));
+                    }
+                }
+            }
+            1 => {
+                // One-way: a few random links drop in one direction only.
+                for _ in 0..n {
+                    let a = self.rng.gen_range(0..n);
+                    let b = self.rng.gen_range(0..n);
+                    if a != b {
+                        self.blocked.insert((a, b));
+                    }
+                }
+            }
+            _ => {
+                // Isolate one node.
+                let x = order[0];
+                for b in 0..n {
+                    if b != x {
+                        self.blocked.insert((x, b));
+                        self.blocked.insert((b, x));
+                    }
+                }
+            }
+        }
+        let blocked = self.blocked.len();
+        self.log(|| format!("partition kind {kind}: {blocked} links blocked"));
+        let at = self.rng.gen_range(300..2000);
+        self.schedule(at, Event::Heal);
+    }
+
+    fn finish_checks(&mut self) {
+        // Liveness: after healing, the probe (and the periodic reads) committed.
+        let heal = self.cfg.fault_ms;
+        let probe = self.history.iter().find(|o| {
+            o.client == self.cfg.clients && o.invoke >= heal && matches!(o.seen, Seen::Committed(_))
+        });
+        match probe {
+            None => {
+                self.fail("no change committed within 5 s of the network healing".into());
+                return;
+            }
+            Some(o) if o.response > heal + LIVENESS_MS => {
+                let took = o.response - heal;
+                self.fail(format!("the first change after healing took {took} ms"));
+                return;
+            }
+            _ => {}
+        }
+        // Every live peer learned the latest committed version.
+        let latest = self.committed.keys().next_back().copied().unwrap_or(0);
+        for n in &self.nodes {
+            if n.learned.version < latest {
+                let (id, v) = (n.id.clone(), n.learned.version);
+                self.fail(format!(
+                    "{id} learned only version {v} of {latest} after healing"
+                ));
+                return;
+            }
+        }
+        self.report.final_version = latest;
+        // Property 3: the client history is linearizable.
+        let ops: Vec<Operation> = self
+            .history
+            .iter()
+            .filter(|o| !(o.seen == Seen::Unknown && o.change == PoolChange::Read))
+            .cloned()
+            .collect();
+        if let Err(e) = linearizability::check(&ops, &self.rules, 2_000_000) {
+            let mut msg = format!(
+                "history of {} operations is not linearizable; longest valid order:",
+                ops.len()
+            );
+            for i in e.best_prefix {
+                let o = &ops[i];
+                let _ = write!(
+                    msg,
+                    "\n    c{} {:?} [{}..{}]",
+                    o.client, o.change, o.invoke, o.response
+                );
+            }
+            self.fail(msg);
+        }
+    }
+}
+
+fn brief(m: &Msg) -> String {
+    match m {
+        Msg::Prepare { ballot } => format!("prepare {ballot}"),
+        Msg::Promise {
+            ballot,
+            accepted,
+            value,
+        } => format!("promise {ballot} (accepted {accepted}, v{})", value.version),
+        Msg::Accept { ballot, value } => format!("accept {ballot} v{}", value.version),
+        Msg::Accepted { ballot } => format!("accepted {ballot}"),
+        Msg::Conflict { ballot, seen } => format!("conflict {ballot} (seen {seen})"),
+        Msg::Learn { pool } => format!("learn v{}", pool.version),
+    }
+}
+
+fn brief_outcome(o: &Outcome) -> String {
+    match o {
+        Outcome::Committed(p) => format!("committed v{}", p.version),
+        Outcome::Rejected(e, p) => format!("rejected ({e}) at v{}", p.version),
+        Outcome::NotApplied => "not applied".into(),
+        Outcome::Unknown => "unknown".into(),
+    }
+}
