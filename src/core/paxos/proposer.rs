@@ -319,7 +319,6 @@ impl Proposer {
                     Err(e) => Outcome::Rejected(e.clone(), value.clone()),
                 };
                 self.finish(outcome, out);
-                return;
             }
             (Msg::Conflict { ballot, seen }, phase) => {
                 let mine = match phase {
