@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -10,53 +10,19 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{Admin, BoxFuture, ControlError, PeerView, PoolControl};
+use crate::admin::{Admin, PoolControl};
+use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::core::pool::{Pool, PoolChange, Rules};
 use crate::proxy::router::{Router, Settings};
 use crate::proxy::server::{Server, ServerOptions};
 use crate::proxy::Proxy;
 use crate::telemetry::{self, LogReload};
 
-/// Pool control for a peer that is its own majority and keeps the pool in memory.
-pub struct LocalControl {
-    pool: Mutex<Pool>,
-    rules: Rules,
-}
-
-impl LocalControl {
-    pub fn new(rules: Rules) -> Self {
-        Self {
-            pool: Mutex::new(Pool::default()),
-            rules,
-        }
-    }
-
-    fn apply(&self, change: &PoolChange) -> Result<Pool, ControlError> {
-        let mut cur = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        let next = cur.apply(change, &self.rules)?;
-        *cur = next.clone();
-        Ok(next)
-    }
-}
-
-impl PoolControl for LocalControl {
-    fn change(&self, change: PoolChange) -> BoxFuture<'_, Result<Pool, ControlError>> {
-        let r = self.apply(&change);
-        Box::pin(async move { r })
-    }
-    fn peers(&self) -> Vec<PeerView> {
-        Vec::new()
-    }
-    fn quorum(&self) -> bool {
-        true
-    }
-}
-
 /// A running peer.
 pub struct Peer {
     pub config: Config,
     pub router: Arc<Router>,
+    pub cluster: Cluster,
     pub admin: Arc<Admin>,
     server: Arc<Server>,
     tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
@@ -111,19 +77,11 @@ impl Peer {
         let admin_listener = bind(config.admin.listen, "admin.listen").await?;
         let admin_addr = admin_listener.local_addr()?;
 
-        let control: Arc<dyn PoolControl> = Arc::new(LocalControl::new(config.rules()));
-        // Seed the pool (only a new cluster takes seeds).
-        match control
-            .change(PoolChange::Seed {
-                backends: config.backends.clone(),
-            })
-            .await
-        {
-            Ok(pool) => {
-                router.publish(pool);
-            }
-            Err(e) => tracing::info!(reason = %e, "seed backends not applied"),
-        }
+        let cluster_listener = bind(config.cluster.listen, "cluster.listen").await?;
+        let cluster =
+            crate::cluster::start(&config, cluster_listener, router.clone(), shutdown.clone())
+                .await?;
+        let control: Arc<dyn PoolControl> = Arc::new(cluster.clone());
 
         let admin = Arc::new(Admin {
             node: config.node.id.clone(),
@@ -144,6 +102,7 @@ impl Peer {
         Ok(Peer {
             config,
             router,
+            cluster,
             admin,
             server,
             tls,

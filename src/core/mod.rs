@@ -5,6 +5,7 @@
 //! seeds and what keeps the request path short.
 
 pub mod balance;
+pub mod detector;
 pub mod health;
 pub mod paxos;
 pub mod pool;

@@ -94,6 +94,7 @@ pub struct Proposer {
     reserved: u64,
     rng: ChaCha8Rng,
     op: Option<Op>,
+    conflicts: u64,
     #[doc(hidden)]
     pub faults: Faults,
 }
@@ -116,6 +117,7 @@ impl Proposer {
             reserved: counter_reserved,
             rng: ChaCha8Rng::seed_from_u64(seed),
             op: None,
+            conflicts: 0,
             faults: Faults::default(),
         }
     }
@@ -126,6 +128,11 @@ impl Proposer {
 
     pub fn majority(&self) -> usize {
         self.acceptors.len() / 2 + 1
+    }
+
+    /// Rounds lost to a higher ballot so far (for metrics).
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts
     }
 
     pub fn is_busy(&self) -> bool {
@@ -330,6 +337,7 @@ impl Proposer {
                 }
                 // Fast-forward past the ballot that beat us, so the next attempt can win.
                 self.counter = self.counter.max(seen.counter);
+                self.conflicts += 1;
                 self.retry_later(now, out);
             }
             _ => {}
