@@ -421,7 +421,9 @@ impl Driver {
     fn done(&mut self, outcome: Outcome) {
         let cur = self.current.take();
         let (result, committed) = match &outcome {
-            Outcome::Committed(p) => (Ok(p.clone()), Some(p.clone())),
+            Outcome::Committed(p) | Outcome::AlreadyCommitted(p) => {
+                (Ok(p.clone()), Some(p.clone()))
+            }
             Outcome::Rejected(e, p) => (Err(ControlError::Rejected(e.clone())), Some(p.clone())),
             Outcome::NotApplied => (
                 Err(ControlError::NoQuorum(

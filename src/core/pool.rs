@@ -109,6 +109,19 @@ impl Backend {
 pub struct Pool {
     pub version: u64,
     pub backends: BTreeMap<BackendId, Backend>,
+    /// Per proposer, the sequence number of the last change it applied: a proposer that retries
+    /// a change after an unanswered accept finds it here instead of applying it twice.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub applied: BTreeMap<NodeId, u64>,
+}
+
+/// What `apply_once` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The next pool (the same one if the change was a no-op).
+    Next(Pool),
+    /// This change (origin, seq) is already in the pool.
+    Already,
 }
 
 /// Rules a change is applied under. Every peer is configured with the same values; the proposer's
@@ -325,6 +338,25 @@ impl Pool {
                 ejected += 1;
             }
         }
+    }
+
+    /// Apply a change tagged with its proposer and a sequence number unique to that proposer,
+    /// at most once: if the pool already holds this change, say so instead.
+    pub fn apply_once(
+        &self,
+        change: &PoolChange,
+        rules: &Rules,
+        origin: &NodeId,
+        seq: u64,
+    ) -> Result<Applied, ChangeError> {
+        if self.applied.get(origin).is_some_and(|&s| s >= seq) {
+            return Ok(Applied::Already);
+        }
+        let mut next = self.apply(change, rules)?;
+        if next.version != self.version {
+            next.applied.insert(origin.clone(), seq);
+        }
+        Ok(Applied::Next(next))
     }
 
     fn get_mut(&mut self, id: &BackendId) -> Result<&mut Backend, ChangeError> {

@@ -17,6 +17,8 @@ use crate::core::pool::{ChangeError, Pool, PoolChange, Rules};
 pub enum Seen {
     Committed(Pool),
     Rejected(ChangeError, Pool),
+    /// Committed, as an earlier attempt found later; the pool returned is a later one.
+    Happened,
     /// No answer, or an answer that says it may or may not have happened.
     Unknown,
 }
@@ -58,6 +60,12 @@ pub fn check(history: &[Operation], rules: &Rules, budget: u64) -> Result<(), No
             best_prefix: s.best,
         })
     }
+}
+
+/// The register's value as clients see it: the version and the backends. (`applied`, the
+/// proposers' retry tags, is bookkeeping the model does not keep.)
+fn same(a: &Pool, b: &Pool) -> bool {
+    a.version == b.version && a.backends == b.backends
 }
 
 struct Search<'a> {
@@ -110,9 +118,9 @@ impl Search<'_> {
             }
             let op = &self.ops[i];
             let next = match (state.apply(&op.change, self.rules), &op.seen) {
-                (Ok(next), Seen::Committed(p)) if next == *p => next,
-                (Err(e), Seen::Rejected(err, p)) if e == *err && state == p => state.clone(),
-                (Ok(next), Seen::Unknown) => next,
+                (Ok(next), Seen::Committed(p)) if same(&next, p) => next,
+                (Err(e), Seen::Rejected(err, p)) if e == *err && same(state, p) => state.clone(),
+                (Ok(next), Seen::Unknown | Seen::Happened) => next,
                 (Err(_), Seen::Unknown) => state.clone(),
                 _ => continue,
             };

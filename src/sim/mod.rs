@@ -84,7 +84,12 @@ impl std::fmt::Display for Failure {
             "replay: SHOAL_SEED={} cargo test --release --test simulation -- --nocapture",
             self.seed
         )?;
-        let from = self.trace.len().saturating_sub(120);
+        // The last 120 events, or all of them with SHOAL_TRACE_ALL=1.
+        let from = if std::env::var_os("SHOAL_TRACE_ALL").is_some() {
+            0
+        } else {
+            self.trace.len().saturating_sub(120)
+        };
         for line in &self.trace[from..] {
             writeln!(f, "  {line}")?;
         }
@@ -490,11 +495,13 @@ impl Sim {
         self.log(|| format!("{id} done: {}", brief_outcome(&outcome)));
         // Online checks on anything committed.
         let committed = match &outcome {
-            Outcome::Committed(p) | Outcome::Rejected(_, p) => Some(p.clone()),
+            Outcome::Committed(p) | Outcome::AlreadyCommitted(p) | Outcome::Rejected(_, p) => {
+                Some(p.clone())
+            }
             _ => None,
         };
         match &outcome {
-            Outcome::Committed(_) => self.report.commits += 1,
+            Outcome::Committed(_) | Outcome::AlreadyCommitted(_) => self.report.commits += 1,
             Outcome::Rejected(..) => self.report.rejects += 1,
             Outcome::Unknown => self.report.unknown += 1,
             Outcome::NotApplied => self.report.not_applied += 1,
@@ -531,6 +538,7 @@ impl Sim {
         if let Some(i) = op {
             let seen = match outcome {
                 Outcome::Committed(p) => Seen::Committed(p),
+                Outcome::AlreadyCommitted(_) => Seen::Happened,
                 Outcome::Rejected(e, p) => Seen::Rejected(e, p),
                 Outcome::Unknown => Seen::Unknown,
                 Outcome::NotApplied => {
@@ -802,6 +810,20 @@ impl Sim {
                     o.client, o.change, o.invoke, o.response
                 );
             }
+            let _ = write!(msg, "\n  whole history:");
+            for o in &ops {
+                let seen = match &o.seen {
+                    Seen::Committed(p) => format!("committed v{}", p.version),
+                    Seen::Rejected(e, p) => format!("rejected ({e}) at v{}", p.version),
+                    Seen::Happened => "already committed".to_string(),
+                    Seen::Unknown => "unknown".to_string(),
+                };
+                let _ = write!(
+                    msg,
+                    "\n    c{} {:?} [{}..{}] {seen}",
+                    o.client, o.change, o.invoke, o.response
+                );
+            }
             self.fail(msg);
         }
     }
@@ -825,6 +847,7 @@ fn brief(m: &Msg) -> String {
 fn brief_outcome(o: &Outcome) -> String {
     match o {
         Outcome::Committed(p) => format!("committed v{}", p.version),
+        Outcome::AlreadyCommitted(p) => format!("already committed (now v{})", p.version),
         Outcome::Rejected(e, p) => format!("rejected ({e}) at v{}", p.version),
         Outcome::NotApplied => "not applied".into(),
         Outcome::Unknown => "unknown".into(),

@@ -311,6 +311,32 @@ impl Shoal {
         s
     }
 
+    /// A process for `text` (a whole config) in its own temp dir, not yet started.
+    pub fn prepare(
+        text: &str,
+        proxy: SocketAddr,
+        admin: SocketAddr,
+        dir: tempfile::TempDir,
+    ) -> Shoal {
+        let config = dir.path().join("shoal.toml");
+        std::fs::write(&config, text).unwrap();
+        Shoal {
+            child: None,
+            proxy,
+            admin,
+            dir,
+            config,
+            env: Vec::new(),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("shoal.log")).unwrap();
         let child = Command::new(shoal_bin())
@@ -443,4 +469,96 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
+}
+
+/// Ports and config of one peer of a test cluster.
+pub struct PeerPorts {
+    pub id: String,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub cluster: SocketAddr,
+}
+
+/// Start `n` peers (ids a, b, c, ...) that list each other; `extra(i)` is appended to each
+/// config (tables after [cluster], e.g. [balance], [[backends]]); `cluster_extra(i)` goes inside
+/// [cluster]. Waits until all are ready.
+pub async fn start_cluster(
+    n: usize,
+    cluster_extra: impl Fn(usize) -> String,
+    extra: impl Fn(usize) -> String,
+) -> Vec<Shoal> {
+    let ports: Vec<PeerPorts> = (0..n)
+        .map(|i| PeerPorts {
+            id: ((b'a' + i as u8) as char).to_string(),
+            proxy: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            cluster: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        })
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let peers: Vec<String> = ports
+            .iter()
+            .filter(|q| q.id != p.id)
+            .map(|q| format!("{{ id = \"{}\", addr = \"{}\" }}", q.id, q.cluster))
+            .collect();
+        let text = format!(
+            "[node]\nid = \"{}\"\ndata_dir = \"{}\"\n\n[proxy]\nlisten = [\"{}\"]\n\n[admin]\nlisten = \"{}\"\n\n[cluster]\nlisten = \"{}\"\npeers = [{}]\nheartbeat_interval = \"100ms\"\n{}\n\n{}\n",
+            p.id,
+            dir.path().join("data").display(),
+            p.proxy,
+            p.admin,
+            p.cluster,
+            peers.join(", "),
+            cluster_extra(i),
+            extra(i)
+        );
+        let mut s = Shoal::prepare(&text, p.proxy, p.admin, dir);
+        s.spawn();
+        nodes.push(s);
+    }
+    for s in &nodes {
+        s.wait_ready().await;
+    }
+    nodes
+}
+
+/// Poll `f` every 20 ms until it returns Some, or panic after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// POST/PUT/DELETE a JSON body to an admin API; returns status and JSON.
+pub async fn admin_call(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let b = body.map(|v| full(v.to_string())).unwrap_or_else(empty);
+    let req = request(method, admin, path)
+        .header("content-type", "application/json")
+        .body(b)
+        .unwrap();
+    match send(admin, req).await {
+        Ok(r) => (
+            r.status().as_u16(),
+            serde_json::from_slice(r.body()).unwrap_or(serde_json::Value::Null),
+        ),
+        Err(e) => (0, serde_json::Value::String(e)),
+    }
 }

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Ballot, Faults, Msg};
-use crate::core::pool::{ChangeError, NodeId, Pool, PoolChange, Rules};
+use crate::core::pool::{Applied, ChangeError, NodeId, Pool, PoolChange, Rules};
 
 /// Timing of a proposer, in milliseconds of the caller's clock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,11 +36,14 @@ impl Default for ProposerConfig {
 pub enum Outcome {
     /// A majority accepted the change's result.
     Committed(Pool),
+    /// An earlier attempt of this change committed (its accept went unanswered); `Pool` is the
+    /// current value, which includes it.
+    AlreadyCommitted(Pool),
     /// The precondition failed against `Pool`, which a majority accepted (written back).
     Rejected(ChangeError, Pool),
     /// Gave up before any accept carrying the change was sent: it did not happen.
     NotApplied,
-    /// Gave up after sending accepts: it may or may not have committed; read before retrying.
+    /// Gave up after sending accepts (by the deadline): it may or may not have committed.
     Unknown,
 }
 
@@ -66,8 +69,8 @@ enum Phase {
     Accepting {
         ballot: Ballot,
         value: Pool,
-        /// The change's result (Err: an identity write-back of a failed precondition).
-        result: Result<(), ChangeError>,
+        /// What committing `value` means for the change.
+        result: Result<Applied, ChangeError>,
         oks: BTreeSet<NodeId>,
     },
 }
@@ -75,6 +78,8 @@ enum Phase {
 #[derive(Debug)]
 struct Op {
     change: PoolChange,
+    /// Unique to this proposer across restarts (its first counter): tags the change in the pool.
+    seq: u64,
     rules: Rules,
     started: u64,
     attempt: u32,
@@ -157,6 +162,7 @@ impl Proposer {
         }
         self.op = Some(Op {
             change,
+            seq: self.counter + 1,
             rules,
             started: now,
             attempt: 0,
@@ -203,17 +209,18 @@ impl Proposer {
         }
     }
 
-    /// Back off, then retry, unless that is unsafe (a real change may have been accepted) or
-    /// the deadline passed.
+    /// Back off, then retry until the deadline. Retrying is safe even after an accept carrying
+    /// the change went out: the change is tagged (`apply_once`), so a retry that finds it
+    /// committed reports that instead of applying it again.
     fn retry_later(&mut self, now: u64, out: &mut Vec<Action>) {
         let Some(op) = self.op.as_mut() else { return };
-        if op.sent_change {
-            // Our value may be chosen; applying the change again could apply it twice.
-            self.finish(Outcome::Unknown, out);
-            return;
-        }
         if now.saturating_sub(op.started) >= self.cfg.deadline {
-            self.finish(Outcome::NotApplied, out);
+            let outcome = if op.sent_change {
+                Outcome::Unknown
+            } else {
+                Outcome::NotApplied
+            };
+            self.finish(outcome, out);
             return;
         }
         op.attempt += 1;
@@ -280,12 +287,15 @@ impl Proposer {
                         .map(|(_, v)| v.clone())
                         .unwrap_or_default()
                 };
-                let (value, result) = match current.apply(&op.change, &op.rules) {
-                    Ok(next) => (next, Ok(())),
-                    Err(e) => (current.clone(), Err(e)),
-                };
-                // Only a value that differs from what was read makes a retry unsafe; a read, a
-                // no-op or a rejection writes back what it read and may run again.
+                let (value, result) =
+                    match current.apply_once(&op.change, &op.rules, &self.id, op.seq) {
+                        Ok(Applied::Next(next)) => (next.clone(), Ok(Applied::Next(next))),
+                        // Write back what we read, so that the earlier commit is surely chosen.
+                        Ok(Applied::Already) => (current.clone(), Ok(Applied::Already)),
+                        Err(e) => (current.clone(), Err(e)),
+                    };
+                // Once a value that differs from what was read has gone out, giving up leaves the
+                // outcome unknown (a read, a no-op or a rejection only writes back what it read).
                 if value != current {
                     op.sent_change = true;
                 }
@@ -322,7 +332,8 @@ impl Proposer {
                     return;
                 }
                 let outcome = match result {
-                    Ok(()) => Outcome::Committed(value.clone()),
+                    Ok(Applied::Next(_)) => Outcome::Committed(value.clone()),
+                    Ok(Applied::Already) => Outcome::AlreadyCommitted(value.clone()),
                     Err(e) => Outcome::Rejected(e.clone(), value.clone()),
                 };
                 self.finish(outcome, out);

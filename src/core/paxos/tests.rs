@@ -242,7 +242,63 @@ fn timeouts_report_unknown_or_not_applied() {
     assert!(out
         .iter()
         .any(|a| matches!(a, Action::Send(_, Msg::Accept { .. }))));
+    // Retries (the change is tagged, so a retry cannot apply it twice) until the deadline.
+    let outcome = loop {
+        let mut out = Vec::new();
+        p.tick(p.next_wakeup().unwrap(), &mut out);
+        if let Some(Action::Done(o)) = out.into_iter().find(|a| matches!(a, Action::Done(_))) {
+            break o;
+        }
+    };
+    assert_eq!(outcome, Outcome::Unknown);
+}
+
+/// An accept that went unanswered but was in fact chosen: the retry finds the change in the
+/// pool and reports it committed instead of applying it again (an add would otherwise fail
+/// with "exists").
+#[test]
+fn a_retry_never_applies_a_change_twice() {
+    let (mut p, mut accs) = cluster();
+    let rules = Rules {
+        cluster_size: 3,
+        max_ejected_percent: 50,
+    };
+    let add = PoolChange::AddBackend {
+        backend: Backend::new("w", "127.0.0.1:1", 1),
+    };
     let mut out = Vec::new();
-    p.tick(p.next_wakeup().unwrap(), &mut out);
-    assert_eq!(out, vec![Action::Done(Outcome::Unknown)]);
+    p.propose(add, rules, 0, &mut out);
+    // Deliver prepares and promises, then let the accepts reach a and b but drop the replies.
+    let prepares: Vec<_> = out
+        .drain(..)
+        .filter(|a| matches!(a, Action::Send(..)))
+        .collect();
+    let mut accepts = Vec::new();
+    for a in prepares {
+        let Action::Send(to, msg) = a else { continue };
+        let (_, reply) = accs.get_mut(&to).unwrap().handle(&msg).unwrap();
+        p.on_message(&to, &reply, 0, &mut accepts);
+    }
+    for a in accepts {
+        if let Action::Send(to, msg @ Msg::Accept { .. }) = a {
+            if to != n("c") {
+                accs.get_mut(&to).unwrap().handle(&msg);
+            }
+        }
+    }
+    // The phase times out; the retry reads the pool that already holds the change.
+    let mut outcome = None;
+    for _ in 0..20 {
+        let mut out = Vec::new();
+        p.tick(p.next_wakeup().unwrap(), &mut out);
+        if let Some(o) = run(&mut p, &mut accs, out) {
+            outcome = Some(o);
+            break;
+        }
+    }
+    let Some(Outcome::AlreadyCommitted(pool)) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(pool.version, 1);
+    assert_eq!(pool.backends.len(), 1);
 }
