@@ -82,6 +82,12 @@ impl Peer {
             crate::cluster::start(&config, cluster_listener, router.clone(), shutdown.clone())
                 .await?;
         let control: Arc<dyn PoolControl> = Arc::new(cluster.clone());
+        crate::probe::spawn(
+            router.clone(),
+            cluster.clone(),
+            config.node.id.clone(),
+            shutdown.clone(),
+        );
 
         let admin = Arc::new(Admin {
             node: config.node.id.clone(),

@@ -30,6 +30,9 @@ pub enum Source {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalHealth {
     state: Local,
+    /// What took it down: only that source's evidence brings it back early (a backend that
+    /// fails its health check but answers traffic stays down until `rise` probe passes).
+    down_by: Option<Source>,
     /// Consecutive probe passes (while down) or failures (while up).
     probe_streak: u32,
     /// Consecutive failed live requests.
@@ -40,6 +43,7 @@ impl Default for LocalHealth {
     fn default() -> Self {
         Self {
             state: Local::Up,
+            down_by: None,
             probe_streak: 0,
             traffic_failures: 0,
         }
@@ -51,11 +55,17 @@ impl LocalHealth {
         self.state
     }
 
+    /// Which source took it down (None while up).
+    pub fn down_by(&self) -> Option<Source> {
+        self.down_by
+    }
+
     /// Record one outcome; returns the new state when it flips.
     ///
     /// A probe pass counts toward `rise` only while down; a probe failure toward `fall` only while
-    /// up. Live traffic can take a backend down (`passive_failures` in a row) and a successful
-    /// live request (a trial) brings it back at once: it answered.
+    /// up. Live traffic can take a backend down (`passive_failures` in a row); if traffic took
+    /// it down, a successful live request (a trial) brings it back at once: it answered. If
+    /// probes took it down, only `rise` probe passes do.
     pub fn record(&mut self, source: Source, ok: bool, t: &Thresholds) -> Option<Local> {
         match (source, ok, self.state) {
             (Source::Probe, true, Local::Up) | (Source::Probe, false, Local::Down) => {
@@ -68,17 +78,24 @@ impl LocalHealth {
             }
             (Source::Probe, false, Local::Up) => {
                 self.probe_streak += 1;
-                (self.probe_streak >= t.fall.max(1)).then(|| self.flip(Local::Down))
+                (self.probe_streak >= t.fall.max(1)).then(|| {
+                    self.down_by = Some(Source::Probe);
+                    self.flip(Local::Down)
+                })
             }
             (Source::Traffic, true, Local::Up) => {
                 self.traffic_failures = 0;
                 None
             }
-            (Source::Traffic, true, Local::Down) => Some(self.flip(Local::Up)),
+            (Source::Traffic, true, Local::Down) => {
+                (self.down_by == Some(Source::Traffic)).then(|| self.flip(Local::Up))
+            }
             (Source::Traffic, false, Local::Up) => {
                 self.traffic_failures += 1;
-                (t.passive_failures > 0 && self.traffic_failures >= t.passive_failures)
-                    .then(|| self.flip(Local::Down))
+                (t.passive_failures > 0 && self.traffic_failures >= t.passive_failures).then(|| {
+                    self.down_by = Some(Source::Traffic);
+                    self.flip(Local::Down)
+                })
             }
             (Source::Traffic, false, Local::Down) => None,
         }
@@ -86,6 +103,9 @@ impl LocalHealth {
 
     fn flip(&mut self, to: Local) -> Local {
         self.state = to;
+        if to == Local::Up {
+            self.down_by = None;
+        }
         self.probe_streak = 0;
         self.traffic_failures = 0;
         to
@@ -137,6 +157,20 @@ mod tests {
         }
         assert_eq!(h.record(Source::Traffic, false, &T), Some(Local::Down));
         assert_eq!(h.record(Source::Traffic, true, &T), Some(Local::Up));
+    }
+
+    #[test]
+    fn traffic_cannot_undo_a_failed_health_check() {
+        let mut h = LocalHealth::default();
+        for _ in 0..3 {
+            h.record(Source::Probe, false, &T);
+        }
+        assert_eq!(h.down_by(), Some(Source::Probe));
+        assert_eq!(h.record(Source::Traffic, true, &T), None);
+        assert_eq!(h.state(), Local::Down);
+        h.record(Source::Probe, true, &T);
+        assert_eq!(h.record(Source::Probe, true, &T), Some(Local::Up));
+        assert_eq!(h.down_by(), None);
     }
 
     #[test]

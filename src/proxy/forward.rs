@@ -239,7 +239,7 @@ impl Proxy {
                         .record(Source::Traffic, !failed, &settings.thresholds)
                         .is_some()
                     {
-                        self.router.health_changed();
+                        self.router.health_changed(&upstream.id);
                     }
                     upstream.count_response(status.as_u16(), start.elapsed());
                     if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -268,7 +268,7 @@ impl Proxy {
                         .record(Source::Traffic, false, &settings.thresholds)
                         .is_some()
                     {
-                        self.router.health_changed();
+                        self.router.health_changed(&upstream.id);
                     }
                     tracing::debug!(backend = %upstream.id, error = %err, "connect failed");
                     pending = Some(request);
@@ -280,7 +280,7 @@ impl Proxy {
                         .record(Source::Traffic, false, &settings.thresholds)
                         .is_some()
                     {
-                        self.router.health_changed();
+                        self.router.health_changed(&upstream.id);
                     }
                     last_err = if kind == ErrorKind::Timeout {
                         ProxyError::Timeout

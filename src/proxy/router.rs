@@ -29,8 +29,11 @@ pub struct Settings {
     pub balance: BalanceSpec,
     pub thresholds: Thresholds,
     pub panic_below_percent: u8,
-    /// How often a locally-down backend gets a trial request.
+    /// How often a locally-down backend gets a trial request; also the probe interval.
     pub trial_every: Duration,
+    /// Active probe: path and timeout.
+    pub probe_path: String,
+    pub probe_timeout: Duration,
     pub access_log: bool,
 }
 
@@ -45,6 +48,8 @@ impl Settings {
             thresholds: c.health.thresholds(),
             panic_below_percent: c.health.panic_below_percent,
             trial_every: c.health.interval,
+            probe_path: c.health.path.clone(),
+            probe_timeout: c.health.timeout,
             access_log: c.log.access_log,
         }
     }
@@ -109,6 +114,8 @@ pub struct Router {
     upstreams: Mutex<HashMap<BackendId, Arc<Upstream>>>,
     tls: Option<TlsConnector>,
     total_inflight: Arc<AtomicU64>,
+    /// Told about every local health flip (the health voter listens).
+    flips: Mutex<Option<tokio::sync::mpsc::UnboundedSender<BackendId>>>,
 }
 
 impl Router {
@@ -135,6 +142,7 @@ impl Router {
             upstreams: Mutex::new(HashMap::new()),
             tls,
             total_inflight,
+            flips: Mutex::new(None),
         })
     }
 
@@ -207,9 +215,34 @@ impl Router {
         self.current.store(Arc::new(next));
     }
 
-    /// Call after a local health flip.
-    pub fn health_changed(&self) {
+    /// Call after a local health flip of `id`.
+    pub fn health_changed(&self, id: &BackendId) {
         self.current.load().evaluate_panic();
+        if let Some(tx) = self
+            .flips
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(id.clone());
+        }
+    }
+
+    /// Receive the id of every backend whose local view flips from now on.
+    pub fn subscribe_flips(&self) -> tokio::sync::mpsc::UnboundedReceiver<BackendId> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.flips.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
+    /// Every backend of the current pool with its upstream (for probes).
+    pub fn all_upstreams(&self) -> Vec<Arc<Upstream>> {
+        let pool = self.pool();
+        let known = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        pool.backends
+            .keys()
+            .filter_map(|id| known.get(id).cloned())
+            .collect()
     }
 
     fn upstreams_for(&self, pool: &Pool, selector: &Selector) -> Arc<[Arc<Upstream>]> {

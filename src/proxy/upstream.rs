@@ -116,6 +116,8 @@ pub struct Upstream {
     /// False only while the local view is clean (up, no failure streak): successes skip the lock.
     dirty: AtomicBool,
     up: AtomicBool,
+    /// Down because of traffic (not probes): trial requests may bring it back.
+    trial_ok: AtomicBool,
     /// When the last trial request was let through while down (ms since `epoch`).
     last_trial_ms: AtomicU64,
     epoch: Instant,
@@ -135,6 +137,7 @@ impl Upstream {
             health: Mutex::new(LocalHealth::default()),
             dirty: AtomicBool::new(false),
             up: AtomicBool::new(true),
+            trial_ok: AtomicBool::new(false),
             last_trial_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             metrics,
@@ -146,11 +149,14 @@ impl Upstream {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Usable for a new request: up, or down but due a trial request (at most one per
-    /// `trial_every`), so a backend that recovered is found again even without probes.
+    /// Usable for a new request: up, or taken down by traffic and due a trial request (at most
+    /// one per `trial_every`), so a backend that recovered is found again between probes.
     pub fn usable(&self, trial_every: Duration) -> bool {
         if self.is_up() {
             return true;
+        }
+        if !self.trial_ok.load(Ordering::Relaxed) {
+            return false;
         }
         let now = self.epoch.elapsed().as_millis() as u64;
         let last = self.last_trial_ms.load(Ordering::Relaxed);
@@ -180,6 +186,8 @@ impl Upstream {
         let flip = h.record(source, ok, t);
         self.dirty
             .store(!ok || h.state() == Local::Down, Ordering::Relaxed);
+        self.trial_ok
+            .store(h.down_by() == Some(Source::Traffic), Ordering::Relaxed);
         if let Some(state) = flip {
             self.up.store(state == Local::Up, Ordering::Relaxed);
             self.metrics
@@ -239,6 +247,22 @@ impl Upstream {
                 since: Instant::now(),
             });
         }
+    }
+
+    /// One active health probe on a fresh connection: GET `path`, pass on 2xx within `timeout`.
+    pub async fn probe(&self, path: &str, timeout: Duration) -> bool {
+        let attempt = async {
+            let mut sender = self.connect().await.ok()?;
+            let req = http::Request::get(path)
+                .header(http::header::HOST, self.target.authority.as_str())
+                .header(http::header::USER_AGENT, "shoal-health")
+                .header(http::header::CONNECTION, "close")
+                .body(RequestBody::Empty)
+                .ok()?;
+            let resp = sender.send_request(req).await.ok()?;
+            Some(resp.status().is_success())
+        };
+        matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
     }
 
     async fn connect(&self) -> Result<Sender, io::Error> {

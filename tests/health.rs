@@ -1,0 +1,394 @@
+//! Health checking and cluster ejection, tried with real processes on loopback.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use http_body_util::BodyExt;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+fn backends_toml(bs: &[&Backend]) -> String {
+    bs.iter()
+        .map(|b| format!("[[backends]]\nid = \"{}\"\naddr = \"{}\"\n", b.name, b.addr))
+        .collect()
+}
+
+const FAST_HEALTH: &str =
+    "[health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\nfall = 2\nrise = 2\n";
+
+async fn state_of(s: &Shoal, id: &str) -> String {
+    let (_, p) = get_json(s.admin, "/pool").await;
+    p["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == id)
+        .map(|b| b["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+async fn wait_state(nodes: &[Shoal], id: &str, want: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    for n in nodes {
+        eventually(within, &format!("{id} {want} on every peer"), || async {
+            (state_of(n, id).await == want).then_some(())
+        })
+        .await;
+    }
+    start.elapsed()
+}
+
+/// Steady GETs through one peer until `stop`; counts ok and failed.
+fn load(
+    proxy: std::net::SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tx = client(proxy).await;
+            while !stop.load(Ordering::SeqCst) {
+                let req = request("GET", proxy, "/steady").body(empty()).unwrap();
+                match tx.send_request(req).await {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.into_body().collect().await;
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => {
+                        eprintln!("failed request: {:?}", other.map(|r| r.status()));
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        tx = client(proxy).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    (ok, failed, tasks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backend_is_ejected_by_the_cluster_and_comes_back() {
+    let b1 = Backend::start("b1", Behavior::Echo).await;
+    let b2 = Backend::start("b2", Behavior::Echo).await;
+    let b3 = Backend::start("b3", Behavior::Echo).await;
+    let seeds = backends_toml(&[&b1, &b2, &b3]);
+    let nodes = start_cluster(3, |_| String::new(), |_| format!("{FAST_HEALTH}{seeds}")).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed, tasks) = load(nodes[0].proxy, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let addr = b2.addr;
+    b2.kill();
+    let killed = Instant::now();
+    // Off every peer's routing (local view), then ejected by agreement.
+    for n in &nodes {
+        eventually(
+            Duration::from_secs(2),
+            "local down on every peer",
+            || async {
+                let (_, st) = get_json(n.admin, "/status").await;
+                let b = st["backends"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|b| b["id"] == "b2")
+                    .cloned()
+                    .unwrap();
+                (b["local"] == "down").then_some(())
+            },
+        )
+        .await;
+    }
+    let local = killed.elapsed();
+    wait_state(&nodes, "b2", "ejected", Duration::from_secs(2)).await;
+    let agreed = killed.elapsed();
+    println!(
+        "detection: kill -> down on every peer {local:?}, kill -> ejected on every peer {agreed:?}"
+    );
+    let (_, st) = get_json(nodes[1].admin, "/status").await;
+    let b = st["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == "b2")
+        .cloned()
+        .unwrap();
+    assert!(b["down_votes"].as_array().unwrap().len() >= 2, "{st}");
+    let m = nodes[2].metrics().await;
+    assert_eq!(
+        metric(&m, "shoal_ejections_total{backend=\"b2\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "shoal_backend_state{backend=\"b2\",state=\"ejected\"}"),
+        Some(1.0)
+    );
+    assert_eq!(metric(&m, "shoal_backend_up{backend=\"b2\"}"), Some(0.0));
+    assert!(
+        metric(
+            &m,
+            "shoal_health_checks_total{backend=\"b2\",result=\"fail\"}"
+        )
+        .unwrap()
+            >= 2.0
+    );
+
+    // Restart it on the same port: active again within 2 s.
+    let l = TcpListener::bind(addr).await.unwrap();
+    let _b2 = Backend::start_on(l, "b2", Behavior::Echo);
+    let back = Instant::now();
+    wait_state(&nodes, "b2", "active", Duration::from_secs(2)).await;
+    println!(
+        "recovery: restart -> active on every peer {:?}",
+        back.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "ok {}",
+        ok.load(Ordering::SeqCst)
+    );
+    assert!(ok.load(Ordering::SeqCst) > 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_health_check_with_open_port_is_ejected() {
+    let b1 = Backend::start("b1", Behavior::Echo).await;
+    let b2 = Backend::start("b2", Behavior::Echo).await;
+    let b3 = Backend::start("b3", Behavior::Echo).await;
+    let seeds = backends_toml(&[&b1, &b2, &b3]);
+    let nodes = start_cluster(3, |_| String::new(), |_| format!("{FAST_HEALTH}{seeds}")).await;
+    b3.health_ok.store(false, Ordering::SeqCst);
+    wait_state(&nodes, "b3", "ejected", Duration::from_secs(3)).await;
+    // No traffic goes to it while ejected, although it would answer.
+    let before = b3.hits();
+    for _ in 0..12 {
+        let r = send(
+            nodes[1].proxy,
+            request("GET", nodes[1].proxy, "/").body(empty()).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(b3.hits(), before);
+    b3.health_ok.store(true, Ordering::SeqCst);
+    wait_state(&nodes, "b3", "active", Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ejection_cap_holds_and_traffic_still_flows() {
+    let b1 = Backend::start("b1", Behavior::Echo).await;
+    let b2 = Backend::start("b2", Behavior::Echo).await;
+    let b3 = Backend::start("b3", Behavior::Echo).await;
+    let seeds = backends_toml(&[&b1, &b2, &b3]);
+    let nodes = start_cluster(
+        3,
+        |_| String::new(),
+        |_| format!("{FAST_HEALTH}max_ejected_percent = 50\n{seeds}"),
+    )
+    .await;
+    b1.kill();
+    b2.kill();
+    // Both get majority down votes; only floor(50% of 3) = 1 may be ejected.
+    for n in &nodes {
+        eventually(Duration::from_secs(3), "votes against both", || async {
+            let (_, st) = get_json(n.admin, "/status").await;
+            let full = st["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|b| b["down_votes"].as_array().unwrap().len() >= 2)
+                .count();
+            (full == 2).then_some(())
+        })
+        .await;
+    }
+    for n in &nodes {
+        let (_, p) = get_json(n.admin, "/pool").await;
+        let ejected = p["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["state"] == "ejected")
+            .count();
+        assert_eq!(ejected, 1, "{p}");
+    }
+    for n in &nodes {
+        for _ in 0..6 {
+            let r = send(n.proxy, request("GET", n.proxy, "/").body(empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejected_and_down_keys_move_to_the_same_next_backend_everywhere() {
+    let bs: Vec<Backend> = futures_join(5).await;
+    let refs: Vec<&Backend> = bs.iter().collect();
+    let seeds = backends_toml(&refs);
+    let nodes = start_cluster(3, |_| String::new(), |_| {
+        format!("{FAST_HEALTH}[balance]\nalgorithm = \"consistent_hash\"\nhash_key = \"header:x-user\"\n{seeds}")
+    })
+    .await;
+    let owners = |n: usize| {
+        let proxy = nodes[n].proxy;
+        async move {
+            let mut v = Vec::new();
+            for k in 0..150 {
+                let req = request("GET", proxy, "/")
+                    .header("x-user", format!("u{k}"))
+                    .body(empty())
+                    .unwrap();
+                let r = send(proxy, req).await.unwrap();
+                assert_eq!(r.status(), 200);
+                let j: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+                v.push(j["name"].as_str().unwrap().to_string());
+            }
+            v
+        }
+    };
+    let before = owners(0).await;
+    bs[2].kill();
+    wait_state(&nodes, "k2", "ejected", Duration::from_secs(3)).await;
+    let after: Vec<Vec<String>> = vec![owners(0).await, owners(1).await, owners(2).await];
+    assert_eq!(after[0], after[1]);
+    assert_eq!(after[0], after[2]);
+    for (b, a) in before.iter().zip(&after[0]) {
+        if b != "k2" {
+            assert_eq!(b, a, "only the ejected backend's keys move");
+        } else {
+            assert_ne!(a, "k2");
+        }
+    }
+}
+
+async fn futures_join(n: usize) -> Vec<Backend> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(Backend::start(&format!("k{i}"), Behavior::Echo).await);
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_takes_no_new_requests_and_finishes_in_flight_ones() {
+    let b1 = Backend::start("b1", Behavior::Slow(Duration::from_millis(800))).await;
+    let b2 = Backend::start("b2", Behavior::Echo).await;
+    let seeds = backends_toml(&[&b1, &b2]);
+    let nodes = start_cluster(3, |_| String::new(), |_| seeds.clone()).await;
+    let proxy = nodes[0].proxy;
+    // Round robin: one of the first two requests goes to the slow b1.
+    let r1 = tokio::spawn(async move {
+        send(proxy, request("GET", proxy, "/1").body(empty()).unwrap()).await
+    });
+    let r2 = tokio::spawn(async move {
+        send(proxy, request("GET", proxy, "/2").body(empty()).unwrap()).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (code, p) = admin_call(nodes[1].admin, "POST", "/pool/backends/b1/drain", None).await;
+    assert_eq!(code, 200, "{p}");
+    assert_eq!(r1.await.unwrap().unwrap().status(), 200);
+    assert_eq!(r2.await.unwrap().unwrap().status(), 200);
+    assert_eq!(b1.hits(), 1);
+    for n in &nodes {
+        eventually(Duration::from_secs(1), "draining everywhere", || async {
+            (state_of(n, "b1").await == "draining").then_some(())
+        })
+        .await;
+        for _ in 0..6 {
+            let r = send(n.proxy, request("GET", n.proxy, "/").body(empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    assert_eq!(b1.hits(), 1, "a draining backend got a new request");
+    let (code, _) = admin_call(nodes[2].admin, "POST", "/pool/backends/b1/undrain", None).await;
+    assert_eq!(code, 200);
+    let _ = json!({});
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_peer_ejects_nobody() {
+    let b1 = Backend::start("b1", Behavior::Echo).await;
+    let b2 = Backend::start("b2", Behavior::Echo).await;
+    let b3 = Backend::start("b3", Behavior::Echo).await;
+    let seeds = backends_toml(&[&b1, &b2, &b3]);
+    let nodes = start_cluster(
+        3,
+        |_| "dead_after = \"1s\"".to_string(),
+        |_| format!("{FAST_HEALTH}{seeds}"),
+    )
+    .await;
+    let v0 = get_json(nodes[0].admin, "/pool").await.1["version"]
+        .as_u64()
+        .unwrap();
+    nodes[2].signal("-STOP");
+    // The others see it dead after a while.
+    eventually(Duration::from_secs(5), "peer c dead", || async {
+        let (_, peers) = get_json(nodes[0].admin, "/peers").await;
+        peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == "c" && p["state"] == "dead")
+            .then_some(())
+    })
+    .await;
+    nodes[2].signal("-CONT");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for n in &nodes {
+        let (_, p) = get_json(n.admin, "/pool").await;
+        assert!(
+            p["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|b| b["state"] == "active"),
+            "{p}"
+        );
+        assert_eq!(
+            p["version"].as_u64(),
+            Some(v0),
+            "the pool did not change: {p}"
+        );
+        let m = n.metrics().await;
+        assert!(
+            !m.lines()
+                .any(|l| l.starts_with("shoal_ejections_total") && !l.ends_with(" 0")),
+            "{m}"
+        );
+    }
+    // And it is alive again for the others.
+    eventually(Duration::from_secs(3), "peer c alive", || async {
+        let (_, peers) = get_json(nodes[0].admin, "/peers").await;
+        peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == "c" && p["state"] == "alive")
+            .then_some(())
+    })
+    .await;
+}
