@@ -14,7 +14,7 @@ use crate::admin::{Admin, PoolControl};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::proxy::router::{Router, Settings};
-use crate::proxy::server::{Server, ServerOptions};
+use crate::proxy::server::{Listener, Server, ServerOptions};
 use crate::proxy::Proxy;
 use crate::telemetry::{self, LogReload};
 
@@ -42,7 +42,13 @@ impl Peer {
     /// Bind every listener and start serving.
     pub async fn start(config: Config) -> anyhow::Result<Peer> {
         let metrics = telemetry::prometheus();
-        let router = Router::new(Settings::from_config(&config));
+        let workers = match config.proxy.workers {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        };
+        let router = Router::new(Settings::from_config(&config), workers);
         let proxy = Proxy::new(router.clone());
         let server = Server::new(
             proxy,
@@ -54,11 +60,11 @@ impl Peer {
         );
         let shutdown = CancellationToken::new();
 
-        let mut proxy_addrs = Vec::new();
+        let mut listeners = Vec::new();
         for addr in &config.proxy.listen {
-            let l = bind(*addr, "proxy.listen").await?;
-            proxy_addrs.push(l.local_addr()?);
-            server.spawn_listener(l, None);
+            let l = Listener::bind(*addr, workers, None)
+                .with_context(|| format!("proxy.listen: cannot listen on {addr}"))?;
+            listeners.push(l);
         }
         let tls = match &config.proxy.tls {
             None => None,
@@ -67,13 +73,14 @@ impl Peer {
                     .map_err(|e| anyhow::anyhow!("proxy.tls: {e}"))?;
                 let swap = Arc::new(ArcSwap::new(cfg));
                 for addr in &t.listen {
-                    let l = bind(*addr, "proxy.tls.listen").await?;
-                    proxy_addrs.push(l.local_addr()?);
-                    server.spawn_listener(l, Some(swap.clone()));
+                    let l = Listener::bind(*addr, workers, Some(swap.clone()))
+                        .with_context(|| format!("proxy.tls.listen: cannot listen on {addr}"))?;
+                    listeners.push(l);
                 }
                 Some(swap)
             }
         };
+        let proxy_addrs: Vec<std::net::SocketAddr> = listeners.iter().map(|l| l.addr).collect();
         let admin_listener = bind(config.admin.listen, "admin.listen").await?;
         let admin_addr = admin_listener.local_addr()?;
 
@@ -98,6 +105,9 @@ impl Peer {
             listening: Default::default(),
         });
         admin.clone().spawn(admin_listener, shutdown.clone());
+        server
+            .start_workers(listeners, workers)
+            .context("cannot start the worker threads")?;
         admin.listening.store(true, Ordering::Relaxed);
         tracing::info!(
             node = %config.node.id,

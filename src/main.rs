@@ -118,7 +118,7 @@ fn main() -> ExitCode {
                 }
             };
             let log = shoal::telemetry::init_logging(&config.log);
-            let rt = match runtime(config.proxy.workers) {
+            let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");
@@ -134,7 +134,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Demo { peers, backends } => {
-            let rt = match runtime(0) {
+            let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");
@@ -230,10 +230,12 @@ fn client_command(
     }
 }
 
-fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        b.worker_threads(workers);
-    }
-    b.enable_all().build()
+/// The control plane's runtime (cluster, admin, probes). Traffic runs on the worker threads
+/// that `shoal run` starts per `proxy.workers`, each with a runtime of its own.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("shoal-ctl")
+        .enable_all()
+        .build()
 }

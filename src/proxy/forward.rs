@@ -26,6 +26,20 @@ use crate::core::health::Source;
 pub struct ConnInfo {
     pub client: SocketAddr,
     pub https: bool,
+    /// The client's IP as a header value (for X-Forwarded-For), made once per connection.
+    pub client_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(client: SocketAddr, https: bool) -> Self {
+        let client_ip = HeaderValue::from_str(&client.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            client,
+            https,
+            client_ip,
+        }
+    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -142,9 +156,12 @@ impl Proxy {
         conn: ConnInfo,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
-        let method = req.method().clone();
-        let access_path = req.uri().path().to_string();
         let snap = self.router.snapshot();
+        // Only an access log needs these after the request is consumed.
+        let access = snap
+            .settings
+            .access_log
+            .then(|| (req.method().clone(), req.uri().path().to_string()));
         let (resp, backend) = match self.forward(req, &conn, &snap, start).await {
             Ok((resp, upstream)) => (resp, Some(upstream)),
             Err(e) => {
@@ -154,12 +171,12 @@ impl Proxy {
                 (e.response(), None)
             }
         };
-        if snap.settings.access_log {
+        if let Some((method, path)) = access {
             tracing::info!(
                 target: "shoal::access",
                 client = %conn.client,
                 method = %method,
-                path = %access_path,
+                path = %path,
                 status = resp.status().as_u16(),
                 backend = backend.as_ref().map(|u| u.id.as_str()).unwrap_or("-"),
                 ms = start.elapsed().as_secs_f64() * 1000.0,
@@ -381,7 +398,6 @@ fn rewrite(
         parts.headers.insert(header::UPGRADE, u.clone());
     }
     // X-Forwarded-For: append the client to whatever is there.
-    let client_ip = conn.client.ip().to_string();
     let xff = {
         let mut prior = parts
             .headers
@@ -390,11 +406,12 @@ fn rewrite(
             .filter_map(|v| v.to_str().ok())
             .peekable();
         if prior.peek().is_none() {
-            HeaderValue::from_str(&client_ip)
+            // The usual case: the connection's own value, made once per connection.
+            Ok(conn.client_ip.clone())
         } else {
             let mut s = prior.collect::<Vec<_>>().join(", ");
             s.push_str(", ");
-            s.push_str(&client_ip);
+            s.push_str(conn.client_ip.to_str().unwrap_or_default());
             HeaderValue::from_str(&s)
         }
     }
@@ -409,14 +426,16 @@ fn rewrite(
         parts.headers.insert(header::HOST, host);
     }
 
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri: Uri = path
-        .parse()
-        .map_err(|_| ProxyError::BadRequest("bad request target"))?;
+    // Origin form: the path and query only (a cheap clone of the received bytes).
+    let mut target = http::uri::Parts::default();
+    target.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let uri = Uri::from_parts(target).map_err(|_| ProxyError::BadRequest("bad request target"))?;
     let body = if body.is_end_stream() {
         RequestBody::Empty
     } else {

@@ -114,12 +114,14 @@ pub struct Router {
     upstreams: Mutex<HashMap<BackendId, Arc<Upstream>>>,
     tls: Option<TlsConnector>,
     total_inflight: Arc<AtomicU64>,
+    /// Data-plane worker threads (each gets its own upstream connection pools).
+    workers: usize,
     /// Told about every local health flip (the health voter listens).
     flips: Mutex<Option<tokio::sync::mpsc::UnboundedSender<BackendId>>>,
 }
 
 impl Router {
-    pub fn new(settings: Settings) -> Arc<Self> {
+    pub fn new(settings: Settings, workers: usize) -> Arc<Self> {
         let tls = match crate::tls::upstream_client_config() {
             Ok(c) => Some(TlsConnector::from(c)),
             Err(e) => {
@@ -142,6 +144,7 @@ impl Router {
             upstreams: Mutex::new(HashMap::new()),
             tls,
             total_inflight,
+            workers,
             flips: Mutex::new(None),
         })
     }
@@ -257,7 +260,12 @@ impl Router {
                 Ok(target) => {
                     known.insert(
                         b.id.clone(),
-                        Arc::new(Upstream::new(b.id.clone(), b.addr.clone(), target)),
+                        Arc::new(Upstream::new(
+                            b.id.clone(),
+                            b.addr.clone(),
+                            target,
+                            self.workers,
+                        )),
                     );
                 }
                 Err(e) => tracing::error!(backend = %b.id, error = %e, "cannot use backend"),
@@ -276,6 +284,7 @@ impl Router {
                             authority: String::new(),
                             tls: None,
                         },
+                        self.workers,
                     ))
                 })
             })

@@ -1,5 +1,10 @@
 //! Client listeners: accept, limit, terminate TLS, serve HTTP/1.1 and h2c with hyper, close idle
 //! connections, and drain on shutdown.
+//!
+//! Like nginx's workers, each of `proxy.workers` threads runs its own single-threaded runtime and
+//! accepts on its own SO_REUSEPORT socket for every listen address, so a connection and the
+//! upstream connections it uses stay on one thread: no work stealing, no cross-thread wakeups on
+//! the request path. The control plane (cluster, admin, probes) runs on another runtime.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -42,6 +47,60 @@ pub struct Server {
     tracker: TaskTracker,
     /// Cancelled to stop accepting and to ask connections to finish.
     drain: CancellationToken,
+    /// Cancelled when the drain is over: worker runtimes stop.
+    done: CancellationToken,
+}
+
+thread_local! {
+    /// This thread's worker number (1-based; 0 off the data plane).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The worker number of the calling thread (0 when it is not a data-plane worker).
+pub fn worker_index() -> usize {
+    WORKER.with(|w| w.get())
+}
+
+/// A TLS server config that a reload can swap.
+pub type TlsSwap = Arc<ArcSwap<rustls::ServerConfig>>;
+
+/// One listen address, bound once per worker with SO_REUSEPORT.
+pub struct Listener {
+    pub addr: std::net::SocketAddr,
+    sockets: Vec<std::net::TcpListener>,
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+}
+
+impl Listener {
+    /// Bind `addr` `workers` times (port 0 picks one port for all).
+    pub fn bind(
+        addr: std::net::SocketAddr,
+        workers: usize,
+        tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    ) -> std::io::Result<Listener> {
+        let mut sockets = Vec::with_capacity(workers);
+        let mut bound = addr;
+        for _ in 0..workers.max(1) {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(bound),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&bound.into())?;
+            s.listen(1024)?;
+            let l: std::net::TcpListener = s.into();
+            bound = l.local_addr()?;
+            sockets.push(l);
+        }
+        Ok(Listener {
+            addr: bound,
+            sockets,
+            tls,
+        })
+    }
 }
 
 impl Server {
@@ -64,17 +123,48 @@ impl Server {
             builder: Arc::new(builder),
             tracker: TaskTracker::new(),
             drain: CancellationToken::new(),
+            done: CancellationToken::new(),
         })
     }
 
-    /// Accept on `listener` until drained. With `tls`, terminate TLS (config swappable live).
-    pub fn spawn_listener(
+    /// Start `workers` threads, each with its own runtime accepting on its own socket of every
+    /// listener, until the drain is over.
+    pub fn start_workers(
         self: &Arc<Self>,
-        listener: TcpListener,
-        tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
-    ) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move { this.accept_loop(listener, tls).await })
+        listeners: Vec<Listener>,
+        workers: usize,
+    ) -> std::io::Result<()> {
+        let workers = workers.max(1);
+        let mut per_worker: Vec<Vec<(std::net::TcpListener, Option<TlsSwap>)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        for l in listeners {
+            for (i, s) in l.sockets.into_iter().enumerate() {
+                per_worker[i % workers].push((s, l.tls.clone()));
+            }
+        }
+        for (i, sockets) in per_worker.into_iter().enumerate() {
+            let this = self.clone();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            std::thread::Builder::new()
+                .name(format!("shoal-worker-{}", i + 1))
+                .spawn(move || {
+                    WORKER.with(|w| w.set(i + 1));
+                    rt.block_on(async move {
+                        for (s, tls) in sockets {
+                            match TcpListener::from_std(s) {
+                                Ok(l) => {
+                                    tokio::spawn(this.clone().accept_loop(l, tls));
+                                }
+                                Err(e) => tracing::error!(error = %e, "cannot use a listener"),
+                            }
+                        }
+                        this.done.cancelled().await;
+                    });
+                })?;
+        }
+        Ok(())
     }
 
     async fn accept_loop(
@@ -109,31 +199,13 @@ impl Server {
                 let gauge = metrics::gauge!(names::CLIENT_CONNECTIONS);
                 gauge.increment(1.0);
                 match tls {
-                    None => {
-                        this.serve(
-                            stream,
-                            ConnInfo {
-                                client,
-                                https: false,
-                            },
-                        )
-                        .await
-                    }
+                    None => this.serve(stream, ConnInfo::new(client, false)).await,
                     Some(cfg) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
                         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
                             .await
                         {
-                            Ok(Ok(s)) => {
-                                this.serve(
-                                    s,
-                                    ConnInfo {
-                                        client,
-                                        https: true,
-                                    },
-                                )
-                                .await
-                            }
+                            Ok(Ok(s)) => this.serve(s, ConnInfo::new(client, true)).await,
                             Ok(Err(e)) => {
                                 tracing::debug!(%client, error = %e, "TLS handshake failed")
                             }
@@ -175,41 +247,47 @@ impl Server {
         let idle = self.opts.client_idle_timeout;
         let mut seen = state.activity.load(Ordering::Relaxed);
         let mut draining = false;
+        // Made once and polled in order: the connection first, the rest only registers wakers.
+        let cancelled = self.drain.cancelled();
+        tokio::pin!(cancelled);
+        let sleep = tokio::time::sleep(idle);
+        tokio::pin!(sleep);
         loop {
             tokio::select! {
+                biased;
                 res = conn.as_mut() => {
                     if let Err(e) = res {
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
                     return;
                 }
-                _ = self.drain.cancelled(), if !draining => {
+                _ = &mut cancelled, if !draining => {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                _ = tokio::time::sleep(idle) => {
+                _ = &mut sleep => {
                     let now = state.activity.load(Ordering::Relaxed);
                     if now == seen && state.active_requests.load(Ordering::Relaxed) == 0 {
                         tracing::debug!("closing idle client connection");
                         return;
                     }
                     seen = now;
+                    sleep.as_mut().reset(tokio::time::Instant::now() + idle);
                 }
             }
         }
     }
 
-    /// Stop accepting, ask every connection to finish, and wait up to `grace` for them.
-    /// Returns the number of connections still open when the grace ran out.
+    /// Stop accepting, ask every connection to finish, and wait up to `grace` for them; then
+    /// stop the workers. Returns the number of connections still open when the grace ran out.
     pub async fn drain(&self, grace: Duration) -> usize {
         self.drain.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            return self.tracker.len();
-        }
-        0
+        let left = match tokio::time::timeout(grace, self.tracker.wait()).await {
+            Ok(()) => 0,
+            Err(_) => self.tracker.len(),
+        };
+        self.done.cancel();
+        left
     }
 }

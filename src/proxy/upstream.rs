@@ -110,7 +110,9 @@ pub struct Upstream {
     pub id: BackendId,
     pub addr: String,
     target: Target,
-    idle: Mutex<Vec<Idle>>,
+    /// Idle connections, one pool per worker thread (slot 0: off the data plane), so a
+    /// connection is only ever used by the thread whose runtime drives it.
+    idle: Box<[Mutex<Vec<Idle>>]>,
     inflight: AtomicU64,
     health: Mutex<LocalHealth>,
     /// False only while the local view is clean (up, no failure streak): successes skip the lock.
@@ -125,14 +127,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(id: BackendId, addr: String, target: Target) -> Self {
+    pub fn new(id: BackendId, addr: String, target: Target, workers: usize) -> Self {
         let metrics = Metrics::new(id.as_str());
         metrics.up.set(1.0);
         Self {
             id,
             addr,
             target,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
             inflight: AtomicU64::new(0),
             health: Mutex::new(LocalHealth::default()),
             dirty: AtomicBool::new(false),
@@ -213,11 +215,15 @@ impl Upstream {
         self.metrics.errors[kind as usize].increment(1);
     }
 
+    fn pool(&self) -> &Mutex<Vec<Idle>> {
+        &self.idle[super::server::worker_index() % self.idle.len()]
+    }
+
     /// A ready connection: a pooled one if any is still open, else a new one.
     pub async fn checkout(&self, connect_timeout: Duration) -> Result<Sender, io::Error> {
         loop {
             let idle = {
-                let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pool = self.pool().lock().unwrap_or_else(|e| e.into_inner());
                 pool.pop()
             };
             let Some(mut idle) = idle else { break };
@@ -240,7 +246,7 @@ impl Upstream {
         if sender.is_closed() {
             return;
         }
-        let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pool = self.pool().lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < MAX_IDLE {
             pool.push(Idle {
                 sender,
