@@ -104,3 +104,44 @@ fn planted_bugs_are_caught() {
         }
     }
 }
+
+/// Health rules under 5% probe and heartbeat loss: no healthy backend is ejected and no live
+/// peer declared dead over many simulated hours; a dead backend is detected in time.
+#[test]
+fn health_no_false_ejections_under_loss_and_timely_detection() {
+    use shoal::sim::health::{run as health_run, HealthSimConfig};
+    let seeds = env_u64("SHOAL_HEALTH_SEEDS").unwrap_or(48);
+    let cfg = HealthSimConfig::default(); // 3 peers, 3 backends, 1 s probes, fall 3, rise 2, 5% loss
+    let (mut false_ej, mut false_dead, mut local_downs) = (0, 0, 0);
+    for seed in 0..seeds {
+        let r = health_run(seed, &cfg);
+        false_ej += r.false_ejections;
+        false_dead += r.false_peer_deaths;
+        local_downs += r.false_local_downs;
+    }
+    println!(
+        "{seeds} simulated hours at 5% loss: {false_ej} false ejections, {false_dead} false peer deaths, {local_downs} momentary local downs"
+    );
+    assert_eq!(false_ej, 0);
+    assert_eq!(false_dead, 0);
+
+    // A killed backend: out of every peer's routing within interval * fall + one interval, and
+    // ejected by agreement right after.
+    let mut worst_local = 0;
+    let mut worst_ejected = 0;
+    for seed in 0..50 {
+        let cfg = HealthSimConfig {
+            duration_ms: 60_000,
+            kill: Some((1, 20_000)),
+            ..HealthSimConfig::default()
+        };
+        let r = health_run(seed, &cfg);
+        let local = r.detect_local_ms.expect("every peer saw it down");
+        let ejected = r.detect_ejected_ms.expect("the cluster ejected it");
+        worst_local = worst_local.max(local);
+        worst_ejected = worst_ejected.max(ejected);
+    }
+    println!("dead backend, 1 s probes, fall 3, 5% loss: worst kill->down on every peer {worst_local} ms, worst kill->ejected {worst_ejected} ms");
+    assert!(worst_local <= 1_000 * 3 + 1_000 + 300, "{worst_local}");
+    assert!(worst_ejected <= worst_local + 100);
+}
