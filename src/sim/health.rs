@@ -181,9 +181,9 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
                 push(&mut queue, &mut events, next, Ev::Probe { peer, backend });
             }
             Ev::Beat { from } => {
-                for to in 0..cfg.peers {
+                for (to, row) in detectors.iter_mut().enumerate() {
                     if to != from && !rng.gen_bool(cfg.loss) {
-                        detectors[to][from].heartbeat(now + rng.gen_range(0..5));
+                        row[from].heartbeat(now + rng.gen_range(0..5));
                     }
                 }
                 push(
