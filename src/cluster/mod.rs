@@ -478,9 +478,11 @@ impl Driver {
         let mut views = Vec::with_capacity(self.peers.len());
         let mut alive = 1; // this peer
         let mut dead = Vec::new();
+        let mut came_back = false;
         for (id, p) in self.peers.iter_mut() {
             let state = p.detector.state(now);
             if state != p.state {
+                came_back |= state == PeerState::Alive;
                 match state {
                     PeerState::Alive => tracing::info!(peer = %id, "peer alive"),
                     PeerState::Suspect => tracing::warn!(peer = %id, "peer suspect"),
@@ -516,5 +518,11 @@ impl Driver {
         self.view
             .quorum
             .store(alive >= self.proposer.majority(), Ordering::Relaxed);
+        // A peer came back (a healed partition, a restart): catch up now, not at the next
+        // periodic read.
+        if came_back && self.current.is_none() && self.queue.is_empty() {
+            self.enqueue_catch_up();
+            self.next();
+        }
     }
 }
