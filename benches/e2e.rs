@@ -7,7 +7,7 @@
 //!     SHOAL_BIN=target/dist/shoal cargo bench --bench e2e
 //!
 //! Needs nginx, haproxy and wrk (Debian packages). Env: E2E_SECONDS (default 10),
-//! E2E_CONNECTIONS (default 64), E2E_ROUNDS (default 3, best of).
+//! E2E_CONNECTIONS (default 64), E2E_ROUNDS (default 5; medians).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -198,7 +198,7 @@ fn main() {
     }
     let secs = env_u64("E2E_SECONDS", 10);
     let conns = env_u64("E2E_CONNECTIONS", 64);
-    let rounds = env_u64("E2E_ROUNDS", 3);
+    let rounds = env_u64("E2E_ROUNDS", 5).max(1);
     let shoal: PathBuf = std::env::var("SHOAL_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_shoal")));
@@ -291,20 +291,32 @@ fn main() {
         ("shoal", shoal_port, vec![shoal_proc.0.id()]),
     ];
     println!(
-        "e2e: wrk -t1 -c{conns} -d{secs}s, 3 nginx backends, best of {rounds} rounds per proxy; shoal binary {}",
+        "e2e: wrk -t1 -c{conns} -d{secs}s, 3 nginx backends, median of {rounds} interleaved rounds per proxy; shoal binary {}",
         shoal.display()
     );
-    let mut results: Vec<Result> = Vec::new();
-    for (name, port, pids) in &targets {
-        let mut best: Option<Result> = None;
-        for _ in 0..rounds {
-            let r = wrk(name, *port, pids, secs, conns);
-            if best.as_ref().is_none_or(|b| r.per_cpu_s > b.per_cpu_s) {
-                best = Some(r);
-            }
+    // Rounds interleave the proxies (nginx, haproxy, shoal, nginx, ...) so that drift in the
+    // machine's state hits all alike; each figure is the median of its rounds.
+    let mut runs: Vec<Vec<Result>> = targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (i, (name, port, pids)) in targets.iter().enumerate() {
+            runs[i].push(wrk(name, *port, pids, secs, conns));
         }
-        results.push(best.unwrap());
     }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let results: Vec<Result> = runs
+        .into_iter()
+        .zip(&targets)
+        .map(|(rs, (name, _, _))| Result {
+            name: name.to_string(),
+            rps: median(rs.iter().map(|r| r.rps).collect()),
+            p50_ms: median(rs.iter().map(|r| r.p50_ms).collect()),
+            p99_ms: median(rs.iter().map(|r| r.p99_ms).collect()),
+            per_cpu_s: median(rs.iter().map(|r| r.per_cpu_s).collect()),
+        })
+        .collect();
     let base = results
         .iter()
         .find(|r| r.name == "nginx")

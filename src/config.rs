@@ -906,6 +906,20 @@ fn cluster(c: &mut Checker, v: Option<&Value>, me: Option<&NodeId>) -> Option<Cl
             }
         }
     };
+    if let (Some(Some(_)), Some(ps)) = (&tls, &peers) {
+        // With TLS, ids are the DNS names in the peers' certificates.
+        let mut ids: Vec<String> = ps.iter().map(|p| p.id.to_string()).collect();
+        if let Some(me) = me {
+            ids.push(me.to_string());
+        }
+        for id in ids {
+            if rustls::pki_types::ServerName::try_from(id.as_str()).is_err()
+                || id.bytes().all(|b| b.is_ascii_digit())
+            {
+                c.err("cluster.tls", format!("node id {id:?} is not a valid DNS name, which TLS needs (certificates name peers by id)"));
+            }
+        }
+    }
     if let (Some(l), Some(None)) = (listen, &tls) {
         if !l.ip().is_loopback() {
             c.err(

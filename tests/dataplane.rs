@@ -691,3 +691,41 @@ async fn tls_termination_with_alpn() {
     }
     let _ = Bytes::new();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_live_settings_and_keeps_the_old_config_when_invalid() {
+    let slow = Backend::start("slow", Behavior::Slow(Duration::from_millis(700))).await;
+    let s = Shoal::start("retries = 0", &backends_toml(&[&slow])).await;
+    let r = send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "30 s request timeout by default");
+
+    // A shorter request timeout, live.
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let shorter = text.replace("retries = 0", "retries = 0\nrequest_timeout = \"200ms\"");
+    std::fs::write(&s.config, &shorter).unwrap();
+    s.signal("-HUP");
+    eventually(
+        Duration::from_secs(3),
+        "the new timeout in force",
+        || async {
+            let r = send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
+                .await
+                .unwrap();
+            (r.status() == 504).then_some(())
+        },
+    )
+    .await;
+
+    // An invalid file is refused: the running config stays, and the process stays up.
+    std::fs::write(&s.config, shorter.replace("retries = 0", "retries = -1")).unwrap();
+    s.signal("-HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(s.log().contains("reload failed"), "{}", s.log());
+    assert_eq!(get_text(s.admin, "/livez").await.unwrap().0, 200);
+}

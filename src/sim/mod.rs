@@ -43,6 +43,8 @@ pub struct SimConfig {
     pub reply_before_persist: bool,
     /// Record a readable event log (for replaying a failing seed).
     pub trace: bool,
+    /// Every node reads the register periodically (as peers do to catch up).
+    pub periodic_reads: bool,
 }
 
 impl SimConfig {
@@ -60,6 +62,7 @@ impl SimConfig {
             faults: Faults::default(),
             reply_before_persist: false,
             trace: false,
+            periodic_reads: true,
         }
     }
 }
@@ -345,6 +348,9 @@ impl Sim {
                 }
             }
             Event::PeriodicRead { node } => {
+                if !self.cfg.periodic_reads {
+                    return;
+                }
                 if self.nodes[node].up && !self.nodes[node].proposer.is_busy() {
                     self.start_change(node, PoolChange::Read, None);
                 }

@@ -30,7 +30,8 @@ impl Ring {
                 buf.clear();
                 buf.extend_from_slice(id);
                 buf.push(b'-');
-                buf.extend_from_slice(p.to_string().as_bytes());
+                // No allocation per point: digits straight into the buffer.
+                let _ = std::io::Write::write_fmt(&mut buf, format_args!("{p}"));
                 points.push((hash_bytes(&buf, RING_SEED), i as u32));
             }
         }
