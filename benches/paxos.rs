@@ -63,8 +63,14 @@ fn throughput(c: &mut Criterion) {
 
 fn rounds(_: &mut Criterion) {
     for (label, clients) in [
-        ("no contention (1 client)", 1usize),
-        ("contention (3 clients, 3 proposers)", 3),
+        (
+            "no contention (1 client; each change through a random peer)",
+            1usize,
+        ),
+        (
+            "contention (3 clients on 3 peers, plus every peer's periodic read)",
+            3,
+        ),
     ] {
         let mut cfg = SimConfig::new(3);
         cfg.clients = clients;

@@ -386,7 +386,8 @@ impl Driver {
                 }
             }
             Body::Paxos { msg } => match msg {
-                Msg::Prepare { .. } | Msg::Accept { .. } => {
+                Msg::Prepare { ref ballot } | Msg::Accept { ref ballot, .. } => {
+                    self.proposer.observe(ballot);
                     if let Some(reply) = self.accept(&msg) {
                         self.transport.send(&m.from, Body::Paxos { msg: reply });
                     }

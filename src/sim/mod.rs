@@ -418,7 +418,8 @@ impl Sim {
             return;
         }
         match &msg {
-            Msg::Prepare { .. } | Msg::Accept { .. } => {
+            Msg::Prepare { ballot } | Msg::Accept { ballot, .. } => {
+                self.nodes[to].proposer.observe(ballot);
                 let before = self.nodes[to].acceptor.state().clone();
                 let Some((changed, reply)) = self.nodes[to].acceptor.handle(&msg) else {
                     return;

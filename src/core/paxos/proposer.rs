@@ -135,6 +135,13 @@ impl Proposer {
         self.acceptors.len() / 2 + 1
     }
 
+    /// A ballot seen elsewhere on this node (its acceptor got a Prepare or Accept): start the
+    /// next round above it, so a proposer that was idle does not lose a round to catch up.
+    /// Always safe: ballots only need to be unique and increasing per proposer.
+    pub fn observe(&mut self, ballot: &Ballot) {
+        self.counter = self.counter.max(ballot.counter);
+    }
+
     /// Rounds lost to a higher ballot so far (for metrics).
     pub fn conflicts(&self) -> u64 {
         self.conflicts
