@@ -523,6 +523,37 @@ async fn idle_client_connections_are_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_are_cut_off() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start("client_idle_timeout = \"500ms\"", &backends_toml(&[&a])).await;
+    let mut c = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    let start = Instant::now();
+    // A byte every 100 ms: never a whole head.
+    let mut closed = false;
+    for b in
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter()
+    {
+        if c.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut buf = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(1), c.read(&mut buf)).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a slowloris head kept the connection open");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(a.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests() {
     let slow = Backend::start("slow", Behavior::Slow(Duration::from_millis(1500))).await;
     let mut s = Shoal::start("", &backends_toml(&[&slow])).await;

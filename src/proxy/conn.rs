@@ -19,9 +19,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Shared between the connection's I/O and its service.
 #[derive(Default, Debug)]
 pub struct ConnState {
-    /// Bytes moved either way; the idle watchdog compares it between ticks.
-    pub activity: AtomicU64,
-    /// Requests being served on this connection.
+    /// Reads and writes that moved bytes; the watchdog compares them between ticks.
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    /// Requests started on this connection, and those being served now.
+    pub requests: AtomicU64,
     pub active_requests: AtomicU64,
     /// Set when a request head had both Content-Length and Transfer-Encoding.
     pub ambiguous: AtomicBool,
@@ -57,7 +59,7 @@ impl<T: AsyncRead> AsyncRead for WatchedIo<T> {
         let res = this.inner.poll_read(cx, buf);
         let new = &buf.filled()[before..];
         if !new.is_empty() {
-            this.state.activity.fetch_add(1, Ordering::Relaxed);
+            this.state.reads.fetch_add(1, Ordering::Relaxed);
             if this.framing.feed(new) {
                 this.state.ambiguous.store(true, Ordering::Relaxed);
             }
@@ -73,7 +75,7 @@ impl<T: AsyncWrite> AsyncWrite for WatchedIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        this.state.activity.fetch_add(1, Ordering::Relaxed);
+        this.state.writes.fetch_add(1, Ordering::Relaxed);
         this.inner.poll_write(cx, buf)
     }
     fn poll_write_vectored(
@@ -82,7 +84,7 @@ impl<T: AsyncWrite> AsyncWrite for WatchedIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        this.state.activity.fetch_add(1, Ordering::Relaxed);
+        this.state.writes.fetch_add(1, Ordering::Relaxed);
         this.inner.poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

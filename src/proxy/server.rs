@@ -109,6 +109,9 @@ impl Server {
         builder
             .http1()
             .timer(TokioTimer::new())
+            // No per-request header timer: the connection watchdog below closes a connection
+            // that sends bytes without starting a request for a whole idle period (slow heads).
+            .header_read_timeout(None)
             .keep_alive(true)
             .max_headers(256)
             .max_buf_size(opts.max_header_bytes.max(8192));
@@ -236,6 +239,7 @@ impl Server {
                 if state.ambiguous.load(Ordering::Relaxed) {
                     return Ok::<_, Infallible>(ProxyError::AmbiguousFraming.response());
                 }
+                state.requests.fetch_add(1, Ordering::Relaxed);
                 state.active_requests.fetch_add(1, Ordering::Relaxed);
                 let resp = proxy.handle(req, info).await;
                 state.active_requests.fetch_sub(1, Ordering::Relaxed);
@@ -245,7 +249,14 @@ impl Server {
         let conn = self.builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
         let idle = self.opts.client_idle_timeout;
-        let mut seen = state.activity.load(Ordering::Relaxed);
+        let load = |s: &ConnState| {
+            (
+                s.reads.load(Ordering::Relaxed),
+                s.writes.load(Ordering::Relaxed),
+                s.requests.load(Ordering::Relaxed),
+            )
+        };
+        let mut seen = load(&state);
         let mut draining = false;
         // Made once and polled in order: the connection first, the rest only registers wakers.
         let cancelled = self.drain.cancelled();
@@ -266,10 +277,17 @@ impl Server {
                     conn.as_mut().graceful_shutdown();
                 }
                 _ = &mut sleep => {
-                    let now = state.activity.load(Ordering::Relaxed);
-                    if now == seen && state.active_requests.load(Ordering::Relaxed) == 0 {
-                        tracing::debug!("closing idle client connection");
-                        return;
+                    let now = load(&state);
+                    if state.active_requests.load(Ordering::Relaxed) == 0 {
+                        let (reads, writes, requests) = (now.0 != seen.0, now.1 != seen.1, now.2 != seen.2);
+                        if !reads && !writes {
+                            tracing::debug!("closing idle client connection");
+                            return;
+                        }
+                        if reads && !writes && !requests {
+                            tracing::debug!("closing a connection that sent bytes but no request");
+                            return;
+                        }
                     }
                     seen = now;
                     sleep.as_mut().reset(tokio::time::Instant::now() + idle);

@@ -253,13 +253,19 @@ pub async fn resetting_backend() -> (SocketAddr, Arc<AtomicU64>) {
     (addr, hits)
 }
 
-/// A free loopback port (bound and released; fine for tests).
+/// A free loopback port for a process started later. Taken below the kernel's ephemeral range
+/// (32768+), so no outgoing connection can grab it in the meantime, and spread by process id so
+/// that test processes running side by side pick different ones.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = 20_000 + (u64::from(std::process::id()) * 131) % 12_000;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = (20_000 + (base - 20_000 + n) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn shoal_bin() -> PathBuf {
@@ -356,8 +362,17 @@ impl Shoal {
     }
 
     pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
+            if let Some(c) = self.child.as_ref() {
+                // A process that exited (a zombie until waited for) will never be ready.
+                let stat =
+                    std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
+                let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
+                if matches!(state, None | Some('Z') | Some('X')) {
+                    panic!("shoal exited before it was ready; log:\n{}", self.log());
+                }
+            }
             if let Ok((200, _)) = get_text(self.admin, "/readyz").await {
                 return;
             }
