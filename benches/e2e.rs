@@ -108,6 +108,21 @@ fn nginx(dir: &Path, name: &str, body: &str) -> Proc {
     Proc(child)
 }
 
+/// Peak resident memory (VmHWM) of the processes, in MiB.
+fn peak_rss_mib(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .sum::<f64>()
+        / 1024.0
+}
+
 struct Result {
     name: String,
     rps: f64,
@@ -317,18 +332,30 @@ fn main() {
             per_cpu_s: median(rs.iter().map(|r| r.per_cpu_s).collect()),
         })
         .collect();
+    let rss: Vec<f64> = targets
+        .iter()
+        .map(|(_, _, pids)| peak_rss_mib(pids))
+        .collect();
     let base = results
         .iter()
         .find(|r| r.name == "nginx")
         .map(|r| (r.rps, r.p99_ms, r.per_cpu_s))
         .unwrap();
     println!(
-        "{:<8} {:>10} {:>9} {:>9} {:>12} {:>8} {:>8} {:>10}",
-        "proxy", "req/s", "p50 ms", "p99 ms", "req/CPU-s", "rps/ng", "p99/ng", "cpu-eff/ng"
+        "{:<8} {:>10} {:>9} {:>9} {:>12} {:>8} {:>8} {:>10} {:>9}",
+        "proxy",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "req/CPU-s",
+        "rps/ng",
+        "p99/ng",
+        "cpu-eff/ng",
+        "peak MiB"
     );
-    for r in &results {
+    for (r, mib) in results.iter().zip(&rss) {
         println!(
-            "{:<8} {:>10.0} {:>9.3} {:>9.3} {:>12.0} {:>8.2} {:>8.2} {:>10.2}",
+            "{:<8} {:>10.0} {:>9.3} {:>9.3} {:>12.0} {:>8.2} {:>8.2} {:>10.2} {:>9.1}",
             r.name,
             r.rps,
             r.p50_ms,
@@ -336,7 +363,8 @@ fn main() {
             r.per_cpu_s,
             r.rps / base.0,
             r.p99_ms / base.1,
-            r.per_cpu_s / base.2
+            r.per_cpu_s / base.2,
+            mib
         );
     }
 }

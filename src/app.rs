@@ -42,6 +42,7 @@ impl Peer {
     /// Bind every listener and start serving.
     pub async fn start(config: Config) -> anyhow::Result<Peer> {
         let metrics = telemetry::prometheus();
+        telemetry::spawn_upkeep(&metrics);
         let workers = match config.proxy.workers {
             0 => std::thread::available_parallelism()
                 .map(|n| n.get())

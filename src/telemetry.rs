@@ -110,6 +110,24 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// Drain histogram samples every few seconds, whether or not anyone scrapes `/metrics` (they
+/// pile up in memory until drained). Once per process; call from within a runtime.
+pub fn spawn_upkeep(handle: &PrometheusHandle) {
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if STARTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let handle = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
 /// Changes the log filter at run time (SIGHUP).
 pub type LogReload = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
