@@ -114,6 +114,17 @@ pub async fn start(
         None => None,
         Some(t) => Some(PeerTls::load(t).map_err(|e| anyhow::anyhow!("cluster.tls: {e}"))?),
     };
+    // Every family shows from the first scrape, before anything happened.
+    metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => "unknown").increment(0);
+    for result in ["committed", "conflict", "timeout"] {
+        metrics::counter!(names::PAXOS_ROUNDS_TOTAL, "result" => result).increment(0);
+    }
+    let _ = metrics::histogram!(names::PAXOS_COMMIT_DURATION_SECONDS);
+    for p in &config.cluster.peers {
+        metrics::gauge!(names::PEER_UP, "peer" => p.id.to_string()).set(1.0);
+        metrics::gauge!(names::PEER_PHI, "peer" => p.id.to_string()).set(0.0);
+        metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => p.id.to_string()).increment(0);
+    }
     let (in_tx, in_rx) = mpsc::channel(8192);
     let transport = Transport::start(
         config.node.id.clone(),

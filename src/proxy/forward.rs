@@ -64,33 +64,46 @@ fn hop_by_hop() -> [&'static HeaderName; 7] {
 /// Remove hop-by-hop fields, including those the `Connection` field names. Returns the
 /// `Upgrade` value when the message asks for one (`Connection: upgrade` + `Upgrade`).
 fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    // One pass over the fields; removals (hash lookups) only for what is there. Tokens that
+    // name no field to drop ("close", "keep-alive", "upgrade") allocate nothing.
     let mut upgrade_requested = false;
-    let upgrade = headers.get(header::UPGRADE).cloned();
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| {
+    let mut named: Vec<HeaderName> = Vec::new();
+    let mut any_hop = false;
+    for (name, value) in headers.iter() {
+        if name == header::CONNECTION {
+            for t in value.to_str().unwrap_or_default().split(',') {
                 let t = t.trim();
                 if t.eq_ignore_ascii_case("upgrade") {
                     upgrade_requested = true;
+                } else if !(t.is_empty()
+                    || t.eq_ignore_ascii_case("close")
+                    || t.eq_ignore_ascii_case("keep-alive"))
+                {
+                    if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                        // Never let a client strip the fields we route and forward by.
+                        if n != header::HOST && n != X_FORWARDED_FOR {
+                            named.push(n);
+                        }
+                    }
                 }
-                HeaderName::from_bytes(t.as_bytes()).ok()
-            })
-            .collect();
-        for name in named {
-            // Never let a client strip the fields we route and forward by.
-            if name != header::HOST && name != X_FORWARDED_FOR {
-                headers.remove(&name);
             }
         }
+        any_hop = any_hop || hop_by_hop().iter().any(|h| *h == name);
     }
-    for name in hop_by_hop() {
-        headers.remove(name);
+    let upgrade = if upgrade_requested {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    for name in named {
+        headers.remove(&name);
     }
-    upgrade.filter(|_| upgrade_requested)
+    if any_hop {
+        for name in hop_by_hop() {
+            headers.remove(name);
+        }
+    }
+    upgrade
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -469,4 +482,59 @@ async fn tunnel(
         (c, b) => tracing::debug!(client = c.is_ok(), backend = b.is_ok(), "upgrade failed"),
     }
     drop(guard);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_connection_tokens_go() {
+        let mut h = map(&[
+            ("connection", "close, x-a"),
+            ("connection", "X-B"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-connection", "keep-alive"),
+            ("host", "h"),
+            ("x-keep", "3"),
+        ]);
+        assert_eq!(strip_hop_by_hop(&mut h), None);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["host", "x-keep"]);
+    }
+
+    #[test]
+    fn upgrade_is_reported_only_when_connection_asks() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(
+            strip_hop_by_hop(&mut h),
+            Some(HeaderValue::from_static("websocket"))
+        );
+        assert!(h.is_empty());
+        let mut h = map(&[("upgrade", "websocket")]);
+        assert_eq!(strip_hop_by_hop(&mut h), None);
+        // Host and X-Forwarded-For cannot be named away.
+        let mut h = map(&[
+            ("connection", "host, x-forwarded-for"),
+            ("host", "h"),
+            ("x-forwarded-for", "1.2.3.4"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+    }
 }

@@ -295,6 +295,10 @@ impl Router {
         metrics::gauge!(names::POOL_VERSION).set(new.version as f64);
         metrics::gauge!(names::POOL_FINGERPRINT).set(new.fingerprint() as f64);
         for b in new.backends.values() {
+            if !old.backends.contains_key(&b.id) {
+                metrics::counter!(names::EJECTIONS_TOTAL, "backend" => b.id.to_string())
+                    .increment(0);
+            }
             for s in BackendState::ALL {
                 metrics::gauge!(names::BACKEND_STATE, "backend" => b.id.to_string(), "state" => s.as_str())
                     .set(if b.state == s { 1.0 } else { 0.0 });
