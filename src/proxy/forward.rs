@@ -88,7 +88,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
                 }
             }
         }
-        any_hop = any_hop || hop_by_hop().iter().any(|h| *h == name);
+        any_hop = any_hop || hop_by_hop().contains(&name);
     }
     let upgrade = if upgrade_requested {
         headers.get(header::UPGRADE).cloned()
