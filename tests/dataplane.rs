@@ -638,6 +638,10 @@ async fn admin_reads_metrics_and_token() {
         "shoal_pool_version",
         "shoal_pool_fingerprint",
         "shoal_client_connections_refused_total",
+        "shoal_ejections_total",
+        "shoal_paxos_rounds_total",
+        "shoal_paxos_commit_duration_seconds",
+        "shoal_peer_auth_failures_total",
     ] {
         assert!(
             m.contains(&format!("# TYPE {family} ")),
