@@ -8,12 +8,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-fn backends_toml(bs: &[&Backend]) -> String {
-    bs.iter()
-        .map(|b| format!("[[backends]]\nid = \"{}\"\naddr = \"{}\"\n", b.name, b.addr))
-        .collect()
-}
-
 async fn pool_of(s: &Shoal) -> serde_json::Value {
     get_json(s.admin, "/pool").await.1
 }

@@ -13,12 +13,6 @@ use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn backends_toml(bs: &[&Backend]) -> String {
-    bs.iter()
-        .map(|b| format!("[[backends]]\nid = \"{}\"\naddr = \"{}\"\n", b.name, b.addr))
-        .collect()
-}
-
 async fn three() -> (Backend, Backend, Backend) {
     (
         Backend::start("b1", Behavior::Echo).await,

@@ -11,12 +11,6 @@ use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-fn backends_toml(bs: &[&Backend]) -> String {
-    bs.iter()
-        .map(|b| format!("[[backends]]\nid = \"{}\"\naddr = \"{}\"\n", b.name, b.addr))
-        .collect()
-}
-
 const FAST_HEALTH: &str =
     "[health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\nfall = 2\nrise = 2\n";
 

@@ -114,6 +114,17 @@ pub struct Report {
 }
 
 const PHASE_TIMEOUT: u64 = 200;
+/// Proposer timing in the simulation (simulated milliseconds).
+const PROPOSER: ProposerConfig = ProposerConfig {
+    phase_timeout: PHASE_TIMEOUT,
+    deadline: 3_000,
+    backoff_base: 20,
+    backoff_cap: 1_000,
+};
+
+fn node_ids(n: usize) -> Vec<NodeId> {
+    (0..n).map(|i| NodeId::new(format!("n{i}"))).collect()
+}
 const READ_PERIOD: u64 = 1_000;
 const LIVENESS_MS: u64 = 5_000;
 
@@ -203,15 +214,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<Report, Failure> {
 impl Sim {
     fn new(seed: u64, cfg: SimConfig) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let ids: Vec<NodeId> = (0..cfg.nodes)
-            .map(|i| NodeId::new(format!("n{i}")))
-            .collect();
-        let pcfg = ProposerConfig {
-            phase_timeout: PHASE_TIMEOUT,
-            deadline: 3_000,
-            backoff_base: 20,
-            backoff_cap: 1_000,
-        };
+        let ids = node_ids(cfg.nodes);
+        let pcfg = PROPOSER;
         let nodes = ids
             .iter()
             .map(|id| {
@@ -701,15 +705,8 @@ impl Sim {
         let mut acceptor = Acceptor::new(n.disk.acceptor.clone());
         acceptor.faults = self.cfg.faults;
         n.acceptor = acceptor;
-        let ids: Vec<NodeId> = (0..self.cfg.nodes)
-            .map(|i| NodeId::new(format!("n{i}")))
-            .collect();
-        let pcfg = ProposerConfig {
-            phase_timeout: PHASE_TIMEOUT,
-            deadline: 3_000,
-            backoff_base: 20,
-            backoff_cap: 1_000,
-        };
+        let ids = node_ids(self.cfg.nodes);
+        let pcfg = PROPOSER;
         let seed = self.rng.gen();
         let n = &mut self.nodes[node];
         n.proposer = Proposer::new(n.id.clone(), ids, pcfg, n.disk.counter_reserved, seed);

@@ -577,3 +577,10 @@ pub async fn admin_call(
         Err(e) => (0, serde_json::Value::String(e)),
     }
 }
+
+/// `[[backends]]` tables seeding these backends (id = name).
+pub fn backends_toml(bs: &[&Backend]) -> String {
+    bs.iter()
+        .map(|b| format!("[[backends]]\nid = \"{}\"\naddr = \"{}\"\n", b.name, b.addr))
+        .collect()
+}
