@@ -108,9 +108,17 @@ pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
         "try: curl http://{}/  |  shoal pool list --admin http://{}",
         running[0].proxy_addrs[0], running[0].admin_addr
     );
-    tokio::signal::ctrl_c().await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     for p in &running {
         p.drain().await;
+    }
+    // The demo's Paxos state is throwaway.
+    for p in &running {
+        let _ = std::fs::remove_dir_all(&p.config.node.data_dir);
     }
     Ok(())
 }

@@ -43,6 +43,8 @@ pub struct Cluster {
     quorum: Arc<AtomicBool>,
     /// Peers the detector currently declares dead.
     dead: Arc<Mutex<Vec<NodeId>>>,
+    /// The driver task, taken by `stopped` to wait for it.
+    task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Cluster {
@@ -53,6 +55,15 @@ impl Cluster {
 
     pub fn dead_peers(&self) -> Vec<NodeId> {
         self.dead.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Wait (up to `limit`) for the driver to finish after the shutdown token was cancelled,
+    /// so no write to the Paxos state is cut off by the runtime stopping.
+    pub async fn stopped(&self, limit: Duration) {
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = task {
+            let _ = tokio::time::timeout(limit, t).await;
+        }
     }
 }
 
@@ -140,6 +151,7 @@ pub async fn start(
         peers: Arc::new(Mutex::new(Vec::new())),
         quorum: Arc::new(AtomicBool::new(config.cluster.peers.is_empty())),
         dead: Arc::new(Mutex::new(Vec::new())),
+        task: Arc::new(Mutex::new(None)),
     };
     let mut ids: Vec<NodeId> = config.cluster.peers.iter().map(|p| p.id.clone()).collect();
     ids.push(config.node.id.clone());
@@ -204,7 +216,8 @@ pub async fn start(
     if fresh {
         tracing::info!(dir = %config.node.data_dir.display(), "no Paxos state yet: a new acceptor");
     }
-    tokio::spawn(driver.run(in_rx, cmd_rx, config.cluster.heartbeat_interval, shutdown));
+    let task = tokio::spawn(driver.run(in_rx, cmd_rx, config.cluster.heartbeat_interval, shutdown));
+    *cluster.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
     Ok(cluster)
 }
 
