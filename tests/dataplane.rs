@@ -758,3 +758,77 @@ async fn sighup_reloads_live_settings_and_keeps_the_old_config_when_invalid() {
     assert!(s.log().contains("reload failed"), "{}", s.log());
     assert_eq!(get_text(s.admin, "/livez").await.unwrap().0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_backends() {
+    use hyper::service::service_fn;
+    // A backend speaking TLS with a certificate for "localhost" from a test CA.
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let ca = write_file(dir.path(), "ca.pem", &ck.cert.pem());
+    let certs = vec![ck.cert.der().clone()];
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let body = format!("tls backend saw {}", req.uri().path());
+                    Ok::<_, std::convert::Infallible>(http::Response::new(full(body)))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let rest = format!(
+        "[health]\ninterval = \"100ms\"\nfall = 1\n[[backends]]\nid = \"secure\"\naddr = \"https://localhost:{port}\"\n"
+    );
+    // The proxy trusts the test CA through SSL_CERT_FILE (read with the system roots).
+    let s = Shoal::start_with_env("", &rest, &[("SSL_CERT_FILE", ca.to_str().unwrap())]).await;
+    for _ in 0..3 {
+        let r = send(
+            s.proxy,
+            request("GET", s.proxy, "/over-tls").body(empty()).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.body());
+        assert_eq!(&r.body()[..], b"tls backend saw /over-tls");
+    }
+    // Health probes go over TLS too, and pass.
+    let m = eventually(Duration::from_secs(3), "a few probes", || async {
+        let m = s.metrics().await;
+        let pass = metric(
+            &m,
+            "shoal_health_checks_total{backend=\"secure\",result=\"pass\"}",
+        );
+        (pass.unwrap_or(0.0) >= 3.0).then_some(m)
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &m,
+            "shoal_health_checks_total{backend=\"secure\",result=\"fail\"}"
+        ),
+        Some(0.0)
+    );
+}
