@@ -284,6 +284,34 @@ async fn reset_retries_idempotent_only() {
     }
     assert!(codes.contains(&502), "{codes:?}");
     assert!(codes.contains(&200), "{codes:?}");
+    // A PUT with a body is idempotent: its body was taped as it went out and is sent again.
+    for i in 0..6 {
+        let body = format!("payload {i} {}", "x".repeat(2000));
+        let r = send(
+            s.proxy,
+            request("PUT", s.proxy, "/doc")
+                .body(full(body.clone()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.body());
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["body_len"], body.len(), "the replayed body arrived whole");
+    }
+    // Over the 64 KiB replay limit a PUT is not replayed after a send.
+    let mut big_codes = Vec::new();
+    for _ in 0..4 {
+        let big = vec![b'y'; 100 * 1024];
+        let r = send(
+            s.proxy,
+            request("PUT", s.proxy, "/big").body(full(big)).unwrap(),
+        )
+        .await
+        .unwrap();
+        big_codes.push(r.status().as_u16());
+    }
+    assert!(big_codes.contains(&502), "{big_codes:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,10 @@
 //! Bodies on both sides of the proxy. Nothing is buffered: request and response bodies stream
-//! frame by frame; a finished upstream response hands its connection back to the pool.
+//! frame by frame; a finished upstream response hands its connection back to the pool. The one
+//! copy kept is a tape of a small idempotent request's body, to send it again after a reset.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -10,12 +13,66 @@ use hyper::body::Incoming;
 
 use super::upstream::{InflightGuard, Sender};
 
+/// Request bodies up to this size are kept while they stream, so that an idempotent request
+/// whose backend failed after receiving it can be retried (as linkerd does, at 64 KiB).
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// A copy of a request body as it went out.
+#[derive(Default, Debug)]
+pub struct Tape {
+    chunks: Vec<Bytes>,
+    len: usize,
+    complete: bool,
+    /// Too long, trailers, or a broken stream: cannot be replayed.
+    spoiled: bool,
+}
+
+pub type SharedTape = Arc<Mutex<Tape>>;
+
+impl Tape {
+    pub fn shared() -> SharedTape {
+        Arc::new(Mutex::new(Tape::default()))
+    }
+
+    /// The whole body, if it was sent whole and kept whole.
+    pub fn replay(tape: &SharedTape) -> Option<RequestBody> {
+        let t = tape.lock().unwrap_or_else(|e| e.into_inner());
+        (t.complete && !t.spoiled).then(|| RequestBody::Replay {
+            chunks: t.chunks.iter().cloned().collect(),
+        })
+    }
+
+    fn record(&mut self, frame: &Frame<Bytes>) {
+        match frame.data_ref() {
+            Some(d) if !self.spoiled && self.len + d.len() <= REPLAY_LIMIT => {
+                self.len += d.len();
+                self.chunks.push(d.clone());
+            }
+            _ => {
+                self.spoiled = true;
+                self.chunks.clear();
+            }
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// What goes to a backend: the client's body as it arrives, or nothing.
+    /// What goes to a backend: the client's body as it arrives (taped when it may be replayed),
+    /// a replay of a taped body, or nothing.
     #[project = RequestBodyProj]
     pub enum RequestBody {
-        Stream { #[pin] inner: Incoming },
+        Stream { #[pin] inner: Incoming, tape: Option<SharedTape> },
+        Replay { chunks: VecDeque<Bytes> },
         Empty,
+    }
+}
+
+impl RequestBody {
+    /// Keep a copy of this body as it streams.
+    pub fn tape(&mut self, tape: SharedTape) {
+        if let RequestBody::Stream { tape: t, .. } = self {
+            *t = Some(tape);
+        }
     }
 }
 
@@ -28,21 +85,43 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.project() {
-            RequestBodyProj::Stream { inner } => inner.poll_frame(cx),
+            RequestBodyProj::Stream { mut inner, tape } => {
+                let polled = inner.as_mut().poll_frame(cx);
+                if let Some(tape) = tape {
+                    let mut t = tape.lock().unwrap_or_else(|e| e.into_inner());
+                    match &polled {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            t.record(frame);
+                            t.complete = inner.is_end_stream();
+                        }
+                        Poll::Ready(None) => t.complete = true,
+                        Poll::Ready(Some(Err(_))) => t.spoiled = true,
+                        Poll::Pending => {}
+                    }
+                }
+                polled
+            }
+            RequestBodyProj::Replay { chunks } => {
+                Poll::Ready(chunks.pop_front().map(|c| Ok(Frame::data(c))))
+            }
             RequestBodyProj::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Stream { inner } => inner.is_end_stream(),
+            RequestBody::Stream { inner, .. } => inner.is_end_stream(),
+            RequestBody::Replay { chunks } => chunks.is_empty(),
             RequestBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Stream { inner } => inner.size_hint(),
+            RequestBody::Stream { inner, .. } => inner.size_hint(),
+            RequestBody::Replay { chunks } => {
+                SizeHint::with_exact(chunks.iter().map(|c| c.len() as u64).sum())
+            }
             RequestBody::Empty => SizeHint::with_exact(0),
         }
     }

@@ -12,7 +12,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::body::{Lease, RequestBody, ResponseBody};
+use super::body::{Lease, RequestBody, ResponseBody, SharedTape, Tape, REPLAY_LIMIT};
 use super::error::ProxyError;
 use super::router::Snapshot;
 use super::upstream::{ErrorKind, Upstream};
@@ -144,20 +144,32 @@ fn hash_key(key: &HashKey, req: &Request<Incoming>, client: &SocketAddr) -> Opti
     }
 }
 
-/// Method, target and headers of the upstream request, kept to rebuild it for a retry.
+/// Method, target, headers and (taped) body of an idempotent upstream request, kept to send it
+/// again after its backend failed.
 struct Template {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    /// None for a bodiless request.
+    tape: Option<SharedTape>,
 }
 
 impl Template {
-    fn build(&self) -> Request<RequestBody> {
-        let mut req = Request::new(RequestBody::Empty);
+    /// The request again, unless its body cannot be replayed (too long, not sent whole).
+    fn build(&self) -> Option<Request<RequestBody>> {
+        let body = match &self.tape {
+            None => RequestBody::Empty,
+            Some(t) => Tape::replay(t)?,
+        };
+        let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.headers_mut() = self.headers.clone();
-        req
+        Some(req)
+    }
+
+    fn can_replay(&self) -> bool {
+        self.tape.as_ref().is_none_or(|t| Tape::replay(t).is_some())
     }
 }
 
@@ -221,14 +233,28 @@ impl Proxy {
             .headers()
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
-        let (first, upgrade) = rewrite(req, conn)?;
-        // Sent requests are replayed only when idempotent and bodiless; keep what rebuilds them.
-        let replayable =
-            first.body().is_end_stream() && is_idempotent(first.method()) && upgrade.is_none();
-        let template = (replayable && settings.retries > 0).then(|| Template {
-            method: first.method().clone(),
-            uri: first.uri().clone(),
-            headers: first.headers().clone(),
+        let (mut first, upgrade) = rewrite(req, conn)?;
+        // A sent request is sent again only if idempotent, with its body taped (up to 64 KiB)
+        // as it streams; keep what rebuilds it.
+        let replayable = is_idempotent(first.method()) && upgrade.is_none() && settings.retries > 0;
+        let bodiless = first.body().is_end_stream();
+        let fits = first
+            .body()
+            .size_hint()
+            .upper()
+            .is_none_or(|n| n <= REPLAY_LIMIT as u64);
+        let template = (replayable && (bodiless || fits)).then(|| {
+            let tape = (!bodiless).then(|| {
+                let t = Tape::shared();
+                first.body_mut().tape(t.clone());
+                t
+            });
+            Template {
+                method: first.method().clone(),
+                uri: first.uri().clone(),
+                headers: first.headers().clone(),
+                tape,
+            }
         });
         let mut pending = Some(first);
 
@@ -246,7 +272,7 @@ impl Proxy {
             attempts += 1;
             let Some(request) = pending
                 .take()
-                .or_else(|| template.as_ref().map(Template::build))
+                .or_else(|| template.as_ref().and_then(Template::build))
             else {
                 break;
             };
@@ -317,9 +343,9 @@ impl Proxy {
                     } else {
                         ProxyError::Reset
                     };
-                    if template.is_none() {
-                        // The request (or part of its body) was sent and it is not safe to
-                        // send again.
+                    if !template.as_ref().is_some_and(Template::can_replay) {
+                        // The request (or part of its body) was sent, and it is not safe or
+                        // not possible to send it again.
                         return Err(last_err);
                     }
                 }
@@ -452,7 +478,10 @@ fn rewrite(
     let body = if body.is_end_stream() {
         RequestBody::Empty
     } else {
-        RequestBody::Stream { inner: body }
+        RequestBody::Stream {
+            inner: body,
+            tape: None,
+        }
     };
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
