@@ -68,7 +68,7 @@ fn children(pid: u32) -> Vec<u32> {
     v
 }
 
-fn wait_port(port: u16) {
+fn wait_port(what: &str, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -76,7 +76,7 @@ fn wait_port(port: u16) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("nothing listening on {port}");
+    panic!("{what}: nothing listening on {port} after 10 s (did it start? is the port taken?)");
 }
 
 struct Proc(Child);
@@ -232,7 +232,7 @@ fn main() {
         })
         .collect();
     for p in &backend_ports {
-        wait_port(*p);
+        wait_port("nginx backend", *p);
     }
 
     // nginx as the proxy: round robin, keep-alive upstream.
@@ -244,7 +244,7 @@ fn main() {
     let nginx_proxy = nginx(dir, "proxy", &format!(
         "  upstream pool {{\n{servers}    keepalive 128;\n  }}\n  server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://pool; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}"
     ));
-    wait_port(nginx_port);
+    wait_port("nginx proxy", nginx_port);
 
     // HAProxy: one thread, round robin, connection reuse.
     let haproxy_port = free_port();
@@ -269,7 +269,7 @@ fn main() {
             .spawn()
             .unwrap(),
     );
-    wait_port(haproxy_port);
+    wait_port("haproxy", haproxy_port);
 
     // Shoal: one worker thread, a one-node cluster.
     let shoal_port = free_port();
@@ -297,7 +297,7 @@ fn main() {
             .spawn()
             .unwrap(),
     );
-    wait_port(shoal_port);
+    wait_port("shoal", shoal_port);
     std::thread::sleep(Duration::from_millis(500));
 
     let targets: Vec<(&str, u16, Vec<u32>)> = vec![
