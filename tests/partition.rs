@@ -79,6 +79,11 @@ impl Net {
             prefix,
             procs: Vec::new(),
         };
+        // Leftovers of a crashed run that had the same process id.
+        for n in ["a", "b", "c", "h"] {
+            let _ = sh(&["ip", "netns", "del", &net.ns(n)]);
+            let _ = sh(&["ip", "link", "del", &format!("{}v{n}", net.prefix)]);
+        }
         let hub = net.ns("h");
         ok(&["ip", "netns", "add", &hub]);
         ok(&["ip", "-n", &hub, "link", "set", "lo", "up"]);
