@@ -194,6 +194,26 @@ async fn websocket_style_upgrade_passes_through() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_without_host_is_forwarded_with_one() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start("", &backends_toml(&[&a])).await;
+    let got = raw(
+        s.proxy,
+        b"GET /old HTTP/1.0\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        got.starts_with("HTTP/1.0 200") || got.starts_with("HTTP/1.1 200"),
+        "{got}"
+    );
+    let body = got.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["headers"]["host"], a.addr.to_string());
+    assert!(v["headers"].get("x-forwarded-host").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge() {
     let a = Backend::start("b1", Behavior::Echo).await;
     let s = Shoal::start("", &backends_toml(&[&a])).await;

@@ -270,12 +270,18 @@ impl Proxy {
                 self.retries.increment(1);
             }
             attempts += 1;
-            let Some(request) = pending
+            let Some(mut request) = pending
                 .take()
                 .or_else(|| template.as_ref().and_then(Template::build))
             else {
                 break;
             };
+            if !request.headers().contains_key(header::HOST) {
+                // An HTTP/1.0 client may send no Host; HTTP/1.1 to the backend needs one.
+                if let Some(h) = upstream.host_header() {
+                    request.headers_mut().insert(header::HOST, h);
+                }
+            }
             let guard = upstream.start();
             if bounded {
                 snap.total_inflight().fetch_add(1, Ordering::Relaxed);

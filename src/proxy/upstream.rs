@@ -146,6 +146,11 @@ impl Upstream {
         }
     }
 
+    /// The backend's `host:port`, for requests that arrived without a Host.
+    pub fn host_header(&self) -> Option<http::HeaderValue> {
+        http::HeaderValue::from_str(&self.target.authority).ok()
+    }
+
     /// This peer's own view, without side effects.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
