@@ -230,7 +230,8 @@ struct PeerEntry {
 struct Current {
     reply: Option<Reply>,
     started: Instant,
-    change_kind: &'static str,
+    /// A read (not timed as a commit).
+    is_read: bool,
 }
 
 struct Driver {
@@ -324,17 +325,14 @@ impl Driver {
             let Some((change, reply)) = self.queue.pop_front() else {
                 return;
             };
-            let kind = match change {
-                PoolChange::Read => "read",
-                _ => "change",
-            };
+            let is_read = change == PoolChange::Read;
             let mut out = Vec::new();
             let now = self.now_ms();
             if self.proposer.propose(change, self.rules, now, &mut out) {
                 self.current = Some(Current {
                     reply,
                     started: Instant::now(),
-                    change_kind: kind,
+                    is_read,
                 });
                 self.act(out);
             }
@@ -471,7 +469,7 @@ impl Driver {
         metrics::counter!(names::PAXOS_ROUNDS_TOTAL, "result" => label).increment(1);
         if let Some(pool) = committed {
             if let Some(c) = &cur {
-                if c.change_kind == "change" {
+                if !c.is_read {
                     metrics::histogram!(names::PAXOS_COMMIT_DURATION_SECONDS)
                         .record(c.started.elapsed().as_secs_f64());
                 }
