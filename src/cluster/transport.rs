@@ -1,11 +1,12 @@
 //! Peer transport: length-prefixed JSON frames over TCP, mutual TLS when `[cluster.tls]` is set.
 //!
-//! Each peer dials every other peer once and sends on that connection; it receives on its
-//! listener. A connection starts with a `Hello` naming the sender; with TLS, the sender's client
-//! certificate must chain to the cluster CA and name the claimed id as a DNS SAN, and the id must
-//! be one of the configured peers. Every later frame must carry the same sender, or it is dropped
-//! and counted. Sending never blocks the caller: a full queue drops the message (Paxos and
-//! heartbeats tolerate loss).
+//! Each pair of peers shares one connection, both ways: the peer with the lower id dials, the
+//! other accepts. A connection starts with a `Hello` naming the dialer; with TLS, the dialer's
+//! client certificate must chain to the cluster CA and name the claimed id as a DNS SAN, the id
+//! must be one of the configured peers, and the dialer checks the server's certificate names the
+//! peer it dialed. Every later frame, either way, must carry the authenticated sender, or it is
+//! dropped and counted. Sending never blocks the caller: a full queue drops the message (Paxos
+//! and heartbeats tolerate loss).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -113,25 +114,33 @@ impl Transport {
         shutdown: CancellationToken,
     ) -> Transport {
         let known: Arc<Vec<NodeId>> = Arc::new(peers.iter().map(|p| p.id.clone()).collect());
-        tokio::spawn(accept_loop(
-            listener,
-            known,
-            tls.clone(),
-            inbox,
-            shutdown.clone(),
-        ));
         let mut links = HashMap::new();
+        let mut handoff = HashMap::new();
         for p in peers {
             let (tx, rx) = mpsc::channel(QUEUE);
+            let (conn_tx, conn_rx) = mpsc::channel(4);
             links.insert(p.id.clone(), tx);
+            handoff.insert(p.id.clone(), conn_tx);
             tokio::spawn(link(
-                me.clone(),
-                p.clone(),
-                tls.clone(),
+                Link {
+                    me: me.clone(),
+                    peer: p.clone(),
+                    tls: tls.clone(),
+                    inbox: inbox.clone(),
+                    known: known.clone(),
+                },
                 rx,
+                conn_rx,
                 shutdown.clone(),
             ));
         }
+        tokio::spawn(accept_loop(
+            listener,
+            known,
+            tls,
+            Arc::new(handoff),
+            shutdown,
+        ));
         Transport {
             me,
             links: Arc::new(links),
@@ -175,61 +184,120 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Frame> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// Keep a connection to `peer` and send what is queued for it.
-async fn link(
+/// What one peer link needs.
+struct Link {
     me: NodeId,
     peer: PeerConfig,
     tls: Option<PeerTls>,
+    inbox: mpsc::Sender<Inbound>,
+    known: Arc<Vec<NodeId>>,
+}
+
+/// Keep the one connection with `peer` (dialing it if our id is lower, else taking the one it
+/// dials), send what is queued for it, and pass on what it sends.
+async fn link(
+    l: Link,
     mut rx: mpsc::Receiver<Body>,
+    mut accepted: mpsc::Receiver<Box<dyn PeerIo>>,
     shutdown: CancellationToken,
 ) {
+    let dials = l.me < l.peer.id;
     let mut backoff = Duration::from_millis(50);
     let mut logged_down = false;
+    let mut next: Option<Box<dyn PeerIo>> = None;
     loop {
-        let conn = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            c = connect(&me, &peer, tls.as_ref()) => c,
-        };
-        let mut stream = match conn {
-            Ok(s) => {
-                backoff = Duration::from_millis(50);
-                if logged_down {
-                    tracing::info!(peer = %peer.id, "peer link up");
-                    logged_down = false;
+        let io = match next.take() {
+            Some(io) => io,
+            None if dials => {
+                let conn = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    a = accepted.recv() => match a { Some(io) => Ok(io), None => return },
+                    c = connect(&l.me, &l.peer, l.tls.as_ref()) => c,
+                };
+                match conn {
+                    Ok(io) => io,
+                    Err(e) => {
+                        if !logged_down {
+                            tracing::debug!(peer = %l.peer.id, error = %e, "cannot reach peer");
+                            logged_down = true;
+                        }
+                        // While disconnected, what was queued is stale: drop it.
+                        while rx.try_recv().is_ok() {}
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
                 }
-                s
             }
-            Err(e) => {
-                if !logged_down {
-                    tracing::debug!(peer = %peer.id, error = %e, "cannot reach peer");
-                    logged_down = true;
-                }
-                // While disconnected, what was queued is stale: drop it.
-                while rx.try_recv().is_ok() {}
+            None => {
+                // The peer dials us.
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    a = accepted.recv() => match a { Some(io) => io, None => return },
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        while rx.try_recv().is_ok() {}
+                        continue;
+                    }
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
             }
         };
+        backoff = Duration::from_millis(50);
+        if logged_down {
+            tracing::info!(peer = %l.peer.id, "peer link up");
+            logged_down = false;
+        }
+        let (mut rd, mut wr) = tokio::io::split(io);
+        let reader = read_loop(&mut rd, &l.peer.id, &l.inbox, &l.known);
+        tokio::pin!(reader);
         loop {
-            let body = tokio::select! {
+            tokio::select! {
                 _ = shutdown.cancelled() => return,
-                b = rx.recv() => match b { Some(b) => b, None => return },
-            };
-            let frame = Frame {
-                from: me.clone(),
-                body,
-            };
-            match tokio::time::timeout(IO_TIMEOUT, write_frame(&mut stream, &frame)).await {
-                Ok(Ok(())) => {}
-                _ => {
-                    tracing::debug!(peer = %peer.id, "peer link broke");
+                _ = &mut reader => break,
+                newer = accepted.recv() => {
+                    // The peer opened a new connection (it restarted): use that one.
+                    next = newer;
                     break;
                 }
+                b = rx.recv() => {
+                    let Some(body) = b else { return };
+                    let frame = Frame { from: l.me.clone(), body };
+                    match tokio::time::timeout(IO_TIMEOUT, write_frame(&mut wr, &frame)).await {
+                        Ok(Ok(())) => {}
+                        _ => break,
+                    }
+                }
             }
+        }
+        tracing::debug!(peer = %l.peer.id, "peer link broke");
+    }
+}
+
+/// Pass on every frame from `peer` until the connection ends; frames claiming another sender
+/// are dropped and counted.
+async fn read_loop<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    peer: &NodeId,
+    inbox: &mpsc::Sender<Inbound>,
+    known: &[NodeId],
+) {
+    loop {
+        let Ok(frame) = read_frame(rd).await else {
+            return;
+        };
+        if frame.from != *peer {
+            metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => label_for(Some(&frame.from), known)).increment(1);
+            tracing::warn!(peer = %peer, claimed = %frame.from, "frame from another sender dropped");
+            continue;
+        }
+        let msg = Inbound {
+            from: peer.clone(),
+            body: frame.body,
+        };
+        if inbox.send(msg).await.is_err() {
+            return;
         }
     }
 }
@@ -272,11 +340,13 @@ async fn connect(
     Ok(io)
 }
 
+type Handoff = Arc<HashMap<NodeId, mpsc::Sender<Box<dyn PeerIo>>>>;
+
 async fn accept_loop(
     listener: TcpListener,
     known: Arc<Vec<NodeId>>,
     tls: Option<PeerTls>,
-    inbox: mpsc::Sender<Inbound>,
+    handoff: Handoff,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -292,32 +362,42 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        let (known, tls, inbox, shutdown) =
-            (known.clone(), tls.clone(), inbox.clone(), shutdown.clone());
+        let (known, tls, handoff, shutdown) = (
+            known.clone(),
+            tls.clone(),
+            handoff.clone(),
+            shutdown.clone(),
+        );
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = serve_peer(stream, addr, &known, tls.as_ref(), inbox) => {}
+                _ = authenticate(stream, addr, &known, tls.as_ref(), &handoff) => {}
             }
         });
     }
 }
 
-fn auth_failure(claimed: Option<&NodeId>, known: &[NodeId], addr: SocketAddr, why: &str) {
-    let label = match claimed {
+/// The `peer` label: a configured id, or "unknown" (labels stay bounded).
+fn label_for(claimed: Option<&NodeId>, known: &[NodeId]) -> String {
+    match claimed {
         Some(id) if known.contains(id) => id.to_string(),
         _ => "unknown".to_string(),
-    };
+    }
+}
+
+fn auth_failure(claimed: Option<&NodeId>, known: &[NodeId], addr: SocketAddr, why: &str) {
+    let label = label_for(claimed, known);
     metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => label.clone()).increment(1);
     tracing::warn!(%addr, peer = %label, reason = why, "peer refused");
 }
 
-async fn serve_peer(
+/// Authenticate a dialing peer, then hand the connection to that peer's link.
+async fn authenticate(
     stream: TcpStream,
     addr: SocketAddr,
     known: &[NodeId],
     tls: Option<&PeerTls>,
-    inbox: mpsc::Sender<Inbound>,
+    handoff: &Handoff,
 ) {
     let (mut io, cert): (Box<dyn PeerIo>, Option<CertificateDer<'static>>) = match tls {
         None => (Box::new(stream), None),
@@ -365,30 +445,8 @@ async fn serve_peer(
             return;
         }
     }
-    loop {
-        let frame = match read_frame(&mut io).await {
-            Ok(f) => f,
-            Err(_) => return,
-        };
-        if frame.from != from {
-            auth_failure(
-                Some(&frame.from),
-                known,
-                addr,
-                "sender differs from the authenticated peer",
-            );
-            continue;
-        }
-        if inbox
-            .send(Inbound {
-                from: from.clone(),
-                body: frame.body,
-            })
-            .await
-            .is_err()
-        {
-            return;
-        }
+    if let Some(tx) = handoff.get(&from) {
+        let _ = tx.send(io).await;
     }
 }
 
