@@ -99,7 +99,6 @@ impl PeerTls {
 /// Outbound queues to every peer.
 #[derive(Clone)]
 pub struct Transport {
-    me: NodeId,
     links: Arc<HashMap<NodeId, mpsc::Sender<Body>>>,
 }
 
@@ -142,7 +141,6 @@ impl Transport {
             shutdown,
         ));
         Transport {
-            me,
             links: Arc::new(links),
         }
     }
@@ -152,10 +150,6 @@ impl Transport {
             // Full queue or closed link: drop; the protocol retries what matters.
             let _ = tx.try_send(body);
         }
-    }
-
-    pub fn me(&self) -> &NodeId {
-        &self.me
     }
 }
 
