@@ -322,7 +322,9 @@ async fn cli_pool_and_peers_commands() {
     let (code, out, _) = run(&["peers"]);
     assert_eq!(code, 0);
     assert!(
-        out.contains("alive") && out.contains(" b ") || out.contains("b "),
+        ["b", "c"].iter().all(|id| out
+            .lines()
+            .any(|l| l.starts_with(&format!("{id} ")) && l.contains(" alive "))),
         "{out}"
     );
     let (code, out, _) = run(&["peers", "--json"]);

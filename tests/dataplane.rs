@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -766,7 +765,6 @@ async fn tls_termination_with_alpn() {
         assert_eq!(v["headers"]["x-forwarded-proto"], "https");
         assert_eq!(v["path"], "/secure");
     }
-    let _ = Bytes::new();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

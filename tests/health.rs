@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http_body_util::BodyExt;
-use serde_json::json;
 use tokio::net::TcpListener;
 
 const FAST_HEALTH: &str =
@@ -238,7 +237,7 @@ async fn the_ejection_cap_holds_and_traffic_still_flows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ejected_and_down_keys_move_to_the_same_next_backend_everywhere() {
-    let bs: Vec<Backend> = futures_join(5).await;
+    let bs: Vec<Backend> = start_backends(5).await;
     let refs: Vec<&Backend> = bs.iter().collect();
     let seeds = backends_toml(&refs);
     let nodes = start_cluster(3, |_| String::new(), |_| {
@@ -277,7 +276,7 @@ async fn ejected_and_down_keys_move_to_the_same_next_backend_everywhere() {
     }
 }
 
-async fn futures_join(n: usize) -> Vec<Backend> {
+async fn start_backends(n: usize) -> Vec<Backend> {
     let mut v = Vec::new();
     for i in 0..n {
         v.push(Backend::start(&format!("k{i}"), Behavior::Echo).await);
@@ -320,7 +319,6 @@ async fn draining_takes_no_new_requests_and_finishes_in_flight_ones() {
     assert_eq!(b1.hits(), 1, "a draining backend got a new request");
     let (code, _) = admin_call(nodes[2].admin, "POST", "/pool/backends/b1/undrain", None).await;
     assert_eq!(code, 200);
-    let _ = json!({});
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
