@@ -293,11 +293,9 @@ impl Admin {
 
     async fn commit(&self, change: PoolChange, ok: StatusCode) -> Resp {
         match self.control.change(change).await {
-            Ok(pool) => {
-                // The answering peer shows the change from now on.
-                self.router.publish(pool.clone());
-                json_response(ok, &pool_json(&pool))
-            }
+            // The cluster task published the pool to this peer's routing before answering, so
+            // its own GET /pool shows the change from now on.
+            Ok(pool) => json_response(ok, &pool_json(&pool)),
             Err(ControlError::Rejected(e)) => {
                 let status = match e {
                     ChangeError::NotFound(_) => StatusCode::NOT_FOUND,

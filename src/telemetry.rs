@@ -29,6 +29,22 @@ pub const PAXOS_COMMIT_DURATION_SECONDS: &str = "shoal_paxos_commit_duration_sec
 /// Label value for requests that reached no backend.
 pub const NO_BACKEND: &str = "none";
 
+/// `shoal_requests_total{backend, code}` for one backend, by status class (`1xx`..`5xx`):
+/// handles made once, so counting a response is one atomic add.
+pub struct StatusCounters([metrics::Counter; 5]);
+
+impl StatusCounters {
+    pub fn new(backend: &str) -> Self {
+        Self(["1xx", "2xx", "3xx", "4xx", "5xx"].map(
+            |c| metrics::counter!(REQUESTS_TOTAL, "backend" => backend.to_string(), "code" => c),
+        ))
+    }
+
+    pub fn count(&self, status: u16) {
+        self.0[(status / 100).clamp(1, 5) as usize - 1].increment(1);
+    }
+}
+
 /// Describe every family, so each shows up with HELP and TYPE from the first scrape.
 pub fn describe() {
     describe_counter!(

@@ -81,6 +81,8 @@ async fn peers_agree_route_alike_and_learn_changes_fast() {
     assert_eq!(code, 201, "{pool}");
     let committed = Instant::now();
     let version = pool["version"].as_u64().unwrap();
+    // The answering peer shows the change at once, not eventually.
+    assert_eq!(pool_of(&nodes[1]).await["version"].as_u64(), Some(version));
     for n in &nodes {
         eventually(
             Duration::from_secs(1),

@@ -217,12 +217,8 @@ impl Proxy {
         snap: &Snapshot,
         start: Instant,
     ) -> Result<(Response<ResponseBody>, Arc<Upstream>), ProxyError> {
-        // Framing hyper would otherwise resolve on its own; the spec says refuse it.
-        if req.headers().contains_key(header::TRANSFER_ENCODING)
-            && req.headers().contains_key(header::CONTENT_LENGTH)
-        {
-            return Err(ProxyError::AmbiguousFraming);
-        }
+        // Content-Length with Transfer-Encoding never gets here: hyper drops the length, so
+        // the connection's framing watcher (conn.rs) flags such requests before they are served.
         let settings = &snap.settings;
         let key = match settings.balance.algorithm {
             Algorithm::ConsistentHash(_) => hash_key(&settings.hash_key, &req, &conn.client),
@@ -394,8 +390,7 @@ impl Proxy {
     }
 
     fn count_local(&self, status: StatusCode) {
-        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        self.local_responses[class].increment(1);
+        self.local_responses.count(status.as_u16());
     }
 }
 

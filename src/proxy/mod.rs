@@ -20,22 +20,15 @@ pub struct Proxy {
     pub router: Arc<Router>,
     retries: Counter,
     /// `shoal_requests_total{backend="none"}` by status class: answered without a backend.
-    local_responses: [Counter; 5],
+    local_responses: names::StatusCounters,
 }
 
 impl Proxy {
     pub fn new(router: Arc<Router>) -> Arc<Self> {
-        let class = |c: &'static str| metrics::counter!(names::REQUESTS_TOTAL, "backend" => names::NO_BACKEND, "code" => c);
         Arc::new(Self {
             router,
             retries: metrics::counter!(names::RETRIES_TOTAL),
-            local_responses: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
+            local_responses: names::StatusCounters::new(names::NO_BACKEND),
         })
     }
 }

@@ -80,7 +80,7 @@ struct Idle {
 }
 
 struct Metrics {
-    by_class: [Counter; 5],
+    by_class: names::StatusCounters,
     duration: Histogram,
     errors: [Counter; 4],
     up: Gauge,
@@ -88,16 +88,9 @@ struct Metrics {
 
 impl Metrics {
     fn new(id: &str) -> Self {
-        let class = |c: &'static str| metrics::counter!(names::REQUESTS_TOTAL, "backend" => id.to_string(), "code" => c);
         let err = |k: &'static str| metrics::counter!(names::UPSTREAM_ERRORS_TOTAL, "backend" => id.to_string(), "kind" => k);
         Self {
-            by_class: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
+            by_class: names::StatusCounters::new(id),
             duration: metrics::histogram!(names::REQUEST_DURATION_SECONDS, "backend" => id.to_string()),
             errors: [err("connect"), err("timeout"), err("reset"), err("status")],
             up: metrics::gauge!(names::BACKEND_UP, "backend" => id.to_string()),
@@ -211,8 +204,7 @@ impl Upstream {
     }
 
     pub fn count_response(&self, status: u16, elapsed: Duration) {
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.metrics.by_class[class].increment(1);
+        self.metrics.by_class.count(status);
         self.metrics.duration.record(elapsed.as_secs_f64());
     }
 
