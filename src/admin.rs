@@ -21,37 +21,24 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{normalize_backend_addr, valid_backend_id};
-use crate::core::pool::{Backend, BackendId, ChangeError, NodeId, Pool, PoolChange, MAX_WEIGHT};
-use crate::proxy::router::Router;
+use crate::core::detector::PeerView;
+use crate::core::pool::{Backend, BackendId, ChangeError, NodeId, Pool, PoolChange};
 
-/// Why a pool change did not commit.
+/// Why a pool change did not commit, as the admin API needs to know it.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// The change's precondition failed; nothing changed.
     #[error(transparent)]
     Rejected(#[from] ChangeError),
-    /// No majority answered in time.
-    #[error("no quorum: {0}")]
-    NoQuorum(String),
-    /// Accepts were sent but not confirmed: the change may or may not have committed.
-    #[error("outcome unknown (the change may have committed; read the pool before retrying): {0}")]
-    Unknown(String),
-}
-
-/// One row of `GET /peers`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct PeerView {
-    pub id: String,
-    pub addr: String,
-    pub state: String,
-    pub phi: f64,
-    pub last_seen_ms: Option<u64>,
+    /// The cluster could not decide now (no quorum, busy, outcome unknown); the message says
+    /// which, and whether the change may still have committed.
+    #[error(transparent)]
+    Unavailable(Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// What the admin API needs from the cluster.
+/// What the admin API needs from the cluster (the consumer owns the seam; `app` implements it).
 pub trait PoolControl: Send + Sync + 'static {
     /// Commit `change` (by a majority, in a cluster) and return the pool it produced.
     fn change(&self, change: PoolChange) -> BoxFuture<'_, Result<Pool, ControlError>>;
@@ -61,11 +48,19 @@ pub trait PoolControl: Send + Sync + 'static {
     fn quorum(&self) -> bool;
 }
 
+/// What the admin API reads from the data plane.
+pub trait RoutingView: Send + Sync + 'static {
+    /// The pool this peer routes from.
+    fn pool(&self) -> Arc<Pool>;
+    /// This peer's own view of a backend: up (or not probed yet) or down.
+    fn local_up(&self, id: &BackendId) -> bool;
+}
+
 /// Shared state of the admin server.
 pub struct Admin {
     pub node: NodeId,
     pub token: Option<String>,
-    pub router: Arc<Router>,
+    pub routing: Arc<dyn RoutingView>,
     pub control: Arc<dyn PoolControl>,
     pub metrics: PrometheusHandle,
     /// Set once every listener is bound.
@@ -87,13 +82,57 @@ fn json_response(status: StatusCode, v: &impl Serialize) -> Resp {
     r
 }
 
-fn error(status: StatusCode, msg: impl std::fmt::Display) -> Resp {
-    let mut r = json_response(status, &json!({ "error": msg.to_string() }));
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+/// Every way an admin request fails, and the one place each becomes an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("no such endpoint: {0}")]
+    NoEndpoint(String),
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: Method, path: String },
+    #[error("not ready: listeners not bound or no pool known yet")]
+    NotReady,
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NoEndpoint(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Control(ControlError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Control(ControlError::Rejected(e)) => match e {
+                ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
+                ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
+                ChangeError::Exists(_)
+                | ChangeError::AddrInUse(..)
+                | ChangeError::AlreadySeeded(_)
+                | ChangeError::Full => StatusCode::CONFLICT,
+            },
+        }
     }
-    r
+
+    /// `{"error": "..."}` with the status; 503 says when to retry, 401 how to authenticate.
+    pub fn response(&self) -> Resp {
+        let status = self.status();
+        let mut r = json_response(status, &json!({ "error": self.to_string() }));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
 }
 
 /// The pool as the API shows it: backends sorted by id, without the vote bookkeeping.
@@ -132,6 +171,10 @@ struct WeightBody {
     weight: u32,
 }
 
+fn invalid(e: crate::core::pool::InvalidBackend) -> ApiError {
+    ApiError::BadRequest(format!("{}: {e}", e.field()))
+}
+
 impl Admin {
     /// Serve the admin API on `listener` until `shutdown`.
     pub fn spawn(
@@ -143,20 +186,16 @@ impl Admin {
             loop {
                 let (stream, _) = tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    a = listener.accept() => match a {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "admin accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
+                    a = crate::net::accept(&listener, "admin") => a,
                 };
                 let this = self.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let this = this.clone();
-                        async move { Ok::<_, Infallible>(this.handle(req).await) }
+                        async move {
+                            let resp = this.handle(req).await.unwrap_or_else(|e| e.response());
+                            Ok::<_, Infallible>(resp)
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -167,24 +206,20 @@ impl Admin {
     }
 
     pub fn ready(&self) -> bool {
-        self.listening.load(Ordering::Relaxed) && self.router.pool().exists()
+        self.listening.load(Ordering::Relaxed) && self.routing.pool().exists()
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Resp {
+    async fn handle(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
         let path = req.uri().path().to_string();
         let method = req.method().clone();
         match (&method, path.as_str()) {
             (&Method::GET, "/livez") => {
-                return json_response(StatusCode::OK, &json!({"status": "alive"}))
+                return Ok(json_response(StatusCode::OK, &json!({"status": "alive"})))
             }
             (&Method::GET, "/readyz") => {
-                return if self.ready() {
-                    json_response(StatusCode::OK, &json!({"status": "ready"}))
-                } else {
-                    error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: listeners not bound or no pool known yet",
-                    )
+                return match self.ready() {
+                    true => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
+                    false => Err(ApiError::NotReady),
                 };
             }
             (&Method::GET, "/metrics") => {
@@ -193,7 +228,7 @@ impl Admin {
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4"),
                 );
-                return r;
+                return Ok(r);
             }
             _ => {}
         }
@@ -204,56 +239,28 @@ impl Admin {
                 .get(header::AUTHORIZATION)
                 .is_some_and(|v| constant_time_eq(v.as_bytes(), expected.as_bytes()));
             if !ok {
-                let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return r;
+                return Err(ApiError::Unauthorized);
             }
         }
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (&method, segments.as_slice()) {
-            (&Method::GET, ["pool"]) => {
-                json_response(StatusCode::OK, &pool_json(&self.router.pool()))
-            }
-            (&Method::GET, ["peers"]) => json_response(StatusCode::OK, &self.control.peers()),
-            (&Method::GET, ["status"]) => json_response(StatusCode::OK, &self.status()),
+            (&Method::GET, ["pool"]) => Ok(json_response(
+                StatusCode::OK,
+                &pool_json(&self.routing.pool()),
+            )),
+            (&Method::GET, ["peers"]) => Ok(json_response(StatusCode::OK, &self.control.peers())),
+            (&Method::GET, ["status"]) => Ok(json_response(StatusCode::OK, &self.status())),
             (&Method::POST, ["pool", "backends"]) => {
-                let body: AddBody = match read_json(req).await {
-                    Ok(b) => b,
-                    Err(r) => return r,
-                };
-                let addr = match normalize_backend_addr(&body.addr) {
-                    Ok(a) => a,
-                    Err(e) => return error(StatusCode::BAD_REQUEST, format!("addr: {e}")),
-                };
-                if !(1..=MAX_WEIGHT).contains(&body.weight) {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!("weight: must be 1..=1000, got {}", body.weight),
-                    );
-                }
-                let id = body.id.unwrap_or_else(|| addr.clone());
-                if !valid_backend_id(&id) {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!(
-                            "id: bad id {id:?} (1 to 64 printable characters, no spaces or '/')"
-                        ),
-                    );
-                }
-                let change = PoolChange::AddBackend {
-                    backend: Backend::new(id, addr, body.weight),
-                };
-                self.commit(change, StatusCode::CREATED).await
+                let body: AddBody = read_json(req).await?;
+                let backend =
+                    Backend::checked(body.id.as_deref(), &body.addr, body.weight).map_err(invalid)?;
+                self.commit(PoolChange::AddBackend { backend }, StatusCode::CREATED)
+                    .await
             }
             (&Method::DELETE, ["pool", "backends", id]) => {
-                self.commit(
-                    PoolChange::RemoveBackend {
-                        id: BackendId::new(*id),
-                    },
-                    StatusCode::OK,
-                )
-                .await
+                let id = BackendId::new(*id);
+                self.commit(PoolChange::RemoveBackend { id }, StatusCode::OK)
+                    .await
             }
             (&Method::POST, ["pool", "backends", id, op @ ("drain" | "undrain")]) => {
                 let change = PoolChange::SetState {
@@ -264,60 +271,32 @@ impl Admin {
             }
             (&Method::PUT, ["pool", "backends", id]) => {
                 let id = BackendId::new(*id);
-                let body: WeightBody = match read_json(req).await {
-                    Ok(b) => b,
-                    Err(r) => return r,
-                };
-                if !(1..=MAX_WEIGHT).contains(&body.weight) {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!("weight: must be 1..=1000, got {}", body.weight),
-                    );
-                }
-                self.commit(
-                    PoolChange::SetWeight {
-                        id,
-                        weight: body.weight,
-                    },
-                    StatusCode::OK,
-                )
-                .await
+                let body: WeightBody = read_json(req).await?;
+                let weight = crate::core::pool::check_weight(body.weight).map_err(invalid)?;
+                self.commit(PoolChange::SetWeight { id, weight }, StatusCode::OK)
+                    .await
             }
-            (_, ["pool"] | ["peers"] | ["status"] | ["pool", "backends", ..]) => error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} is not allowed on {path}"),
-            ),
-            _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+            (_, ["pool"] | ["peers"] | ["status"] | ["pool", "backends", ..]) => {
+                Err(ApiError::MethodNotAllowed { method, path })
+            }
+            _ => Err(ApiError::NoEndpoint(path)),
         }
     }
 
-    async fn commit(&self, change: PoolChange, ok: StatusCode) -> Resp {
-        match self.control.change(change).await {
-            // The cluster task published the pool to this peer's routing before answering, so
-            // its own GET /pool shows the change from now on.
-            Ok(pool) => json_response(ok, &pool_json(&pool)),
-            Err(ControlError::Rejected(e)) => {
-                let status = match e {
-                    ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
-                    ChangeError::BadWeight(_) => StatusCode::BAD_REQUEST,
-                    ChangeError::Exists(_)
-                    | ChangeError::AddrInUse(..)
-                    | ChangeError::AlreadySeeded(_) => StatusCode::CONFLICT,
-                };
-                error(status, e)
-            }
-            Err(e @ ControlError::NoQuorum(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-            Err(e @ ControlError::Unknown(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-        }
+    /// Commit a change and answer with the pool it produced. The cluster published that pool to
+    /// this peer's routing before answering, so its own GET /pool shows the change from now on.
+    async fn commit(&self, change: PoolChange, ok: StatusCode) -> Result<Resp, ApiError> {
+        let pool = self.control.change(change).await?;
+        Ok(json_response(ok, &pool_json(&pool)))
     }
 
     fn status(&self) -> serde_json::Value {
-        let pool = self.router.pool();
+        let pool = self.routing.pool();
         let backends: Vec<_> = pool
             .backends
             .values()
             .map(|b| {
-                let up = self.router.upstream(&b.id).is_none_or(|u| u.is_up());
+                let up = self.routing.local_up(&b.id);
                 json!({
                     "id": b.id.as_str(),
                     "state": b.state.as_str(),
@@ -335,20 +314,71 @@ impl Admin {
     }
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Resp> {
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "body unreadable or over 64 KiB",
-            ))
-        }
-    };
-    serde_json::from_slice(&body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError::BadRequest("body unreadable or over 64 KiB".into()))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("bad JSON body: {e}")))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::pool::InvalidBackend;
+
+    /// One status per variant, and the headers that go with them.
+    #[test]
+    fn every_error_has_its_answer() {
+        let unavailable = || ControlError::Unavailable("no quorum".into());
+        let cases = [
+            (ApiError::BadRequest("x".into()), 400),
+            (ApiError::Unauthorized, 401),
+            (ApiError::NoEndpoint("/x".into()), 404),
+            (
+                ApiError::MethodNotAllowed {
+                    method: Method::PATCH,
+                    path: "/pool".into(),
+                },
+                405,
+            ),
+            (ApiError::NotReady, 503),
+            (ApiError::Control(unavailable()), 503),
+            (
+                ChangeError::NotFound(BackendId::new("w")).into(),
+                404,
+            ),
+            (
+                ChangeError::Invalid(InvalidBackend::Weight(0)).into(),
+                400,
+            ),
+            (ChangeError::Exists(BackendId::new("w")).into(), 409),
+            (
+                ChangeError::AddrInUse("a:1".into(), BackendId::new("w")).into(),
+                409,
+            ),
+            (ChangeError::AlreadySeeded(3).into(), 409),
+            (ChangeError::Full.into(), 409),
+        ];
+        for (e, code) in cases {
+            let r = e.response();
+            assert_eq!(r.status().as_u16(), code, "{e:?}");
+            assert_eq!(r.headers().contains_key(header::RETRY_AFTER), code == 503);
+            assert_eq!(
+                r.headers().contains_key(header::WWW_AUTHENTICATE),
+                code == 401
+            );
+        }
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        ApiError::Control(ControlError::Rejected(e))
+    }
 }

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod demo;
+pub mod net;
 pub mod probe;
 pub mod proxy;
 pub mod sim;

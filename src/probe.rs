@@ -1,60 +1,69 @@
-//! Active health probes, and turning this peer's local view into health votes.
-//!
-//! Every peer probes every backend (GET `health.path`, 2xx within `health.timeout` passes) at
-//! `health.interval` with ±10% jitter. Probe and traffic outcomes feed the same local view; a
-//! flip changes this peer's routing at once and, through a vote, the agreed pool: the pool marks
-//! a backend `ejected` only when a majority of peers vote it down. The voter reconciles the
-//! local view with the agreed votes periodically, so a lost proposal or a restart heals itself,
-//! and expires the votes of peers the detector declares dead.
+//! Active health probes: every backend is probed (GET `health.path` on a fresh connection, 2xx
+//! within `health.timeout` passes) every `health.interval` with ±10% jitter, and each result is
+//! handed to whoever owns the local view. This module knows no routing table and no cluster:
+//! the consumer hands it a `Probed` (its own small seam), and `app` wires the two.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::Empty;
 use rand::Rng;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::Cluster;
-use crate::core::health::Source;
-use crate::core::pool::{BackendId, NodeId, PoolChange};
-use crate::proxy::router::Router;
-use crate::proxy::upstream::Upstream;
+use crate::core::pool::BackendId;
+use crate::net::Target;
 use crate::telemetry as names;
 
-/// How often the prober looks for added or removed backends, and the voter reconciles.
+/// How often the supervisor looks for added or removed backends.
 const RECONCILE: Duration = Duration::from_millis(500);
-/// A vote not yet reflected in the pool is proposed again after this long.
-const REVOTE_AFTER: Duration = Duration::from_secs(2);
 
-/// Start probing and voting until `shutdown`.
-pub fn spawn(router: Arc<Router>, cluster: Cluster, me: NodeId, shutdown: CancellationToken) {
-    let flips = router.subscribe_flips();
-    tokio::spawn(probe_supervisor(router.clone(), shutdown.clone()));
-    tokio::spawn(voter(router, cluster, me, flips, shutdown));
+/// How to probe, read before every probe (a reload changes it).
+#[derive(Clone, Debug)]
+pub struct ProbeSettings {
+    pub path: String,
+    pub timeout: Duration,
+    pub interval: Duration,
 }
 
-/// One probe task per backend of the current pool.
-async fn probe_supervisor(router: Arc<Router>, shutdown: CancellationToken) {
-    let mut tasks: HashMap<BackendId, (Arc<Upstream>, JoinHandle<()>)> = HashMap::new();
+/// What the prober needs from the side that owns the backends and their local view.
+pub trait Probed: Send + Sync + 'static {
+    /// The backends to probe now: id, address (a changed address restarts its probe), target.
+    fn targets(&self) -> Vec<(BackendId, String, Target)>;
+    fn settings(&self) -> ProbeSettings;
+    /// One probe's result.
+    fn record(&self, id: &BackendId, ok: bool);
+}
+
+/// Probe every backend `probed` lists until `shutdown`.
+pub fn spawn(probed: Arc<dyn Probed>, shutdown: CancellationToken) -> JoinHandle<()> {
+    tokio::spawn(supervise(probed, shutdown))
+}
+
+/// One probe task per backend.
+async fn supervise(probed: Arc<dyn Probed>, shutdown: CancellationToken) {
+    let mut tasks: HashMap<BackendId, (String, JoinHandle<()>)> = HashMap::new();
     let mut tick = tokio::time::interval(RECONCILE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let current = router.all_upstreams();
-        tasks.retain(|id, (u, handle)| {
-            let keep = current.iter().any(|c| &c.id == id && Arc::ptr_eq(c, u));
+        let current = probed.targets();
+        tasks.retain(|id, (addr, handle)| {
+            let keep = current.iter().any(|(i, a, _)| i == id && a == addr);
             if !keep {
                 handle.abort();
             }
             keep
         });
-        for u in current {
-            if !tasks.contains_key(&u.id) {
-                let handle = tokio::spawn(probe_loop(router.clone(), u.clone()));
-                tasks.insert(u.id.clone(), (u, handle));
+        for (id, addr, target) in current {
+            if !tasks.contains_key(&id) {
+                let handle = tokio::spawn(probe_loop(probed.clone(), id.clone(), target));
+                tasks.insert(id, (addr, handle));
             }
         }
     }
@@ -63,97 +72,38 @@ async fn probe_supervisor(router: Arc<Router>, shutdown: CancellationToken) {
     }
 }
 
-async fn probe_loop(router: Arc<Router>, upstream: Arc<Upstream>) {
-    let pass = metrics::counter!(names::HEALTH_CHECKS_TOTAL, "backend" => upstream.id.to_string(), "result" => "pass");
-    let fail = metrics::counter!(names::HEALTH_CHECKS_TOTAL, "backend" => upstream.id.to_string(), "result" => "fail");
+async fn probe_loop(probed: Arc<dyn Probed>, id: BackendId, target: Target) {
+    let pass = metrics::counter!(names::HEALTH_CHECKS_TOTAL, "backend" => id.to_string(), "result" => "pass");
+    let fail = metrics::counter!(names::HEALTH_CHECKS_TOTAL, "backend" => id.to_string(), "result" => "fail");
     // Spread probes of different backends (and peers) over the interval.
-    let first = router.snapshot().settings.trial_every;
+    let first = probed.settings().interval;
     let offset = rand::thread_rng().gen_range(0..=first.as_millis() as u64);
     tokio::time::sleep(Duration::from_millis(offset)).await;
     loop {
-        let settings = router.snapshot().settings.clone();
+        let settings = probed.settings();
         let started = Instant::now();
-        let ok = upstream
-            .probe(&settings.probe_path, settings.probe_timeout)
-            .await;
+        let ok = check(&target, &settings.path, settings.timeout).await;
         if ok { &pass } else { &fail }.increment(1);
-        if upstream
-            .record(Source::Probe, ok, &settings.thresholds)
-            .is_some()
-        {
-            router.health_changed(&upstream.id);
-        }
-        let interval = settings.trial_every.as_millis() as f64;
+        probed.record(&id, ok);
+        let interval = settings.interval.as_millis() as f64;
         let jittered = interval * rand::thread_rng().gen_range(0.9..=1.1);
         let next = Duration::from_millis(jittered as u64).saturating_sub(started.elapsed());
         tokio::time::sleep(next).await;
     }
 }
 
-/// Keep this peer's votes in the agreed pool equal to its local view.
-async fn voter(
-    router: Arc<Router>,
-    cluster: Cluster,
-    me: NodeId,
-    mut flips: tokio::sync::mpsc::UnboundedReceiver<BackendId>,
-    shutdown: CancellationToken,
-) {
-    let mut pending: HashMap<String, (bool, Instant)> = HashMap::new();
-    let mut tick = tokio::time::interval(RECONCILE);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-            Some(_) = flips.recv() => {}
-        }
-        let pool = router.pool();
-        if !pool.exists() {
-            continue;
-        }
-        for b in pool.backends.values() {
-            let up = router.upstream(&b.id).is_none_or(|u| u.is_up());
-            let voted_down = b.down_votes.contains(&me);
-            if up != voted_down {
-                pending.remove(b.id.as_str());
-                continue;
-            }
-            // The pool disagrees with our view: (re)propose, unless just done.
-            let key = b.id.to_string();
-            if pending
-                .get(&key)
-                .is_some_and(|(want_up, at)| *want_up == up && at.elapsed() < REVOTE_AFTER)
-            {
-                continue;
-            }
-            pending.insert(key, (up, Instant::now()));
-            let change = if up {
-                PoolChange::VoteUp {
-                    id: b.id.clone(),
-                    peer: me.clone(),
-                }
-            } else {
-                PoolChange::VoteDown {
-                    id: b.id.clone(),
-                    peer: me.clone(),
-                }
-            };
-            tracing::debug!(backend = %b.id, up, "health vote");
-            cluster.submit(change);
-        }
-        for peer in cluster.dead_peers() {
-            if pool.backends.values().any(|b| b.down_votes.contains(&peer)) {
-                let key = format!("expire:{peer}");
-                if pending
-                    .get(&key)
-                    .is_some_and(|(_, at)| at.elapsed() < REVOTE_AFTER)
-                {
-                    continue;
-                }
-                pending.insert(key, (true, Instant::now()));
-                tracing::info!(%peer, "expiring the health votes of a dead peer");
-                cluster.submit(PoolChange::ExpireVotes { peer });
-            }
-        }
-    }
+/// One probe on a fresh connection: GET `path`, pass on 2xx within `timeout`.
+pub async fn check(target: &Target, path: &str, timeout: Duration) -> bool {
+    let attempt = async {
+        let mut sender = target.connect::<Empty<Bytes>>().await.ok()?;
+        let req = http::Request::get(path)
+            .header(http::header::HOST, target.authority())
+            .header(http::header::USER_AGENT, "shoal-health")
+            .header(http::header::CONNECTION, "close")
+            .body(Empty::new())
+            .ok()?;
+        let resp = sender.send_request(req).await.ok()?;
+        Some(resp.status().is_success())
+    };
+    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
 }

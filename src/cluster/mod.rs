@@ -1,6 +1,7 @@
 //! The peer shell around the consensus core: one task owns this node's acceptor, proposer and
 //! storage, talks to the other peers through the transport, runs heartbeats and the failure
-//! detector, and publishes every newly learned pool to the data plane.
+//! detector, and hands every newly learned pool to a `Publish` (in a peer, `app` connects it to
+//! the data plane's routing table). It knows neither the data plane nor the admin API.
 
 pub mod storage;
 pub mod transport;
@@ -14,12 +15,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{BoxFuture, ControlError, PeerView, PoolControl};
 use crate::config::Config;
-use crate::core::detector::{Detector, DetectorConfig, PeerState};
+use crate::core::detector::{Detector, DetectorConfig, PeerState, PeerView};
 use crate::core::paxos::{Acceptor, Action, Durable, Msg, Outcome, Proposer, ProposerConfig};
-use crate::core::pool::{NodeId, Pool, PoolChange, Rules};
-use crate::proxy::router::Router;
+use crate::core::pool::{BackendState, ChangeError, NodeId, Pool, PoolChange, Rules};
 use crate::telemetry as names;
 use storage::{FileStore, Storage};
 use transport::{Body, Inbound, PeerTls, Transport};
@@ -29,7 +28,36 @@ const READ_PERIOD: Duration = Duration::from_secs(2);
 /// Pending changes beyond this are refused at once (503).
 const MAX_QUEUE: usize = 1024;
 
-type Reply = oneshot::Sender<Result<Pool, ControlError>>;
+/// How long a caller waits for the outcome of its change.
+const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+
+/// Why a change did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The change's precondition failed against the agreed pool; nothing changed.
+    #[error(transparent)]
+    Rejected(#[from] ChangeError),
+    /// No majority answered before any accept carrying the change went out: it did not happen.
+    #[error("no quorum: no majority of peers answered; nothing changed")]
+    NoQuorum,
+    /// Too many changes are waiting already; nothing changed.
+    #[error("too many pending changes; nothing changed")]
+    Busy,
+    /// Accepts were sent but a majority did not confirm in time.
+    #[error("outcome unknown: a majority did not confirm in time (the change may have committed; read the pool before retrying)")]
+    Unknown,
+    /// The cluster task is gone (shutting down).
+    #[error("the cluster task is not running")]
+    Stopped,
+}
+
+/// Where learned pools go (in a peer: the data plane's routing table). Called in version order,
+/// each version at most once, before the change that produced it is answered.
+pub trait Publish: Send + Sync + 'static {
+    fn publish(&self, pool: Pool);
+}
+
+type Reply = oneshot::Sender<Result<Pool, Error>>;
 
 enum Command {
     Change(PoolChange, Option<Reply>),
@@ -65,33 +93,31 @@ impl Cluster {
             let _ = tokio::time::timeout(limit, t).await;
         }
     }
-}
 
-impl PoolControl for Cluster {
-    fn change(&self, change: PoolChange) -> BoxFuture<'_, Result<Pool, ControlError>> {
-        Box::pin(async move {
-            let (tx, rx) = oneshot::channel();
-            if self
-                .commands
-                .try_send(Command::Change(change, Some(tx)))
-                .is_err()
-            {
-                return Err(ControlError::NoQuorum("too many pending changes".into()));
-            }
-            match tokio::time::timeout(Duration::from_secs(30), rx).await {
-                Ok(Ok(r)) => r,
-                _ => Err(ControlError::Unknown(
-                    "the cluster task did not answer".into(),
-                )),
-            }
-        })
+    /// Commit `change` through a majority and return the pool it produced.
+    pub async fn change(&self, change: PoolChange) -> Result<Pool, Error> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .commands
+            .try_send(Command::Change(change, Some(tx)))
+            .is_err()
+        {
+            return Err(Error::Busy);
+        }
+        match tokio::time::timeout(ANSWER_WITHIN, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Stopped),
+            Err(_) => Err(Error::Unknown),
+        }
     }
 
-    fn peers(&self) -> Vec<PeerView> {
+    /// The other peers as this peer's detector sees them.
+    pub fn peers(&self) -> Vec<PeerView> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn quorum(&self) -> bool {
+    /// Whether a majority of peers answers now.
+    pub fn quorum(&self) -> bool {
         self.quorum.load(Ordering::Relaxed)
     }
 }
@@ -100,7 +126,7 @@ impl PoolControl for Cluster {
 pub async fn start(
     config: &Config,
     listener: TcpListener,
-    router: Arc<Router>,
+    publish: Arc<dyn Publish>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Cluster> {
     let mut store = FileStore::open(&config.node.data_dir).map_err(|e| {
@@ -117,9 +143,11 @@ pub async fn start(
     })?;
     let fresh = durable.is_none();
     let durable = durable.unwrap_or_default();
-    if let Some(pool) = store.load_learned() {
-        // A routing hint until the cluster answers: the last pool this peer learned.
-        router.publish(pool);
+    // A routing hint until the cluster answers: the last pool this peer learned.
+    let learned = store.load_learned().unwrap_or_default();
+    if learned.exists() {
+        record_pool_metrics(&Pool::default(), &learned);
+        publish.publish(learned.clone());
     }
     let tls = match &config.cluster.tls {
         None => None,
@@ -189,8 +217,8 @@ pub async fn start(
         store,
         rules: config.rules(),
         seeds: config.backends.clone(),
-        learned: router.pool().as_ref().clone(),
-        router,
+        learned,
+        publish,
         transport,
         peers: config
             .cluster
@@ -243,7 +271,7 @@ struct Driver {
     rules: Rules,
     seeds: Vec<crate::core::pool::Backend>,
     learned: Pool,
-    router: Arc<Router>,
+    publish: Arc<dyn Publish>,
     transport: Transport,
     peers: BTreeMap<NodeId, PeerEntry>,
     queue: VecDeque<(PoolChange, Option<Reply>)>,
@@ -432,12 +460,13 @@ impl Driver {
         if pool.version <= self.learned.version && self.learned.exists() {
             return false;
         }
+        record_pool_metrics(&self.learned, &pool);
         self.learned = pool.clone();
         let store = &self.store;
         if let Err(e) = tokio::task::block_in_place(|| store.save_learned(&pool)) {
             tracing::warn!(error = %e, "cannot save the learned pool");
         }
-        self.router.publish(pool);
+        self.publish.publish(pool);
         true
     }
 
@@ -447,19 +476,9 @@ impl Driver {
             Outcome::Committed(p) | Outcome::AlreadyCommitted(p) => {
                 (Ok(p.clone()), Some(p.clone()))
             }
-            Outcome::Rejected(e, p) => (Err(ControlError::Rejected(e.clone())), Some(p.clone())),
-            Outcome::NotApplied => (
-                Err(ControlError::NoQuorum(
-                    "no majority of peers answered; nothing changed".into(),
-                )),
-                None,
-            ),
-            Outcome::Unknown => (
-                Err(ControlError::Unknown(
-                    "a majority did not confirm in time".into(),
-                )),
-                None,
-            ),
+            Outcome::Rejected(e, p) => (Err(Error::Rejected(e.clone())), Some(p.clone())),
+            Outcome::NotApplied => (Err(Error::NoQuorum), None),
+            Outcome::Unknown => (Err(Error::Unknown), None),
         };
         let label = if committed.is_some() {
             "committed"
@@ -546,6 +565,36 @@ impl Driver {
         if came_back && self.current.is_none() && self.queue.is_empty() {
             self.enqueue_catch_up();
             self.next();
+        }
+    }
+}
+
+/// The agreed pool's metrics, as this peer learns a new version: version, fingerprint, each
+/// backend's state, and an ejection for every backend that became `ejected`.
+fn record_pool_metrics(old: &Pool, new: &Pool) {
+    metrics::gauge!(names::POOL_VERSION).set(new.version as f64);
+    metrics::gauge!(names::POOL_FINGERPRINT).set(new.fingerprint() as f64);
+    for b in new.backends.values() {
+        let id = b.id.to_string();
+        let was = old.backends.get(&b.id).map(|o| o.state);
+        if was.is_none() {
+            metrics::counter!(names::EJECTIONS_TOTAL, "backend" => id.clone()).increment(0);
+        }
+        for s in BackendState::ALL {
+            metrics::gauge!(names::BACKEND_STATE, "backend" => id.clone(), "state" => s.as_str())
+                .set(if b.state == s { 1.0 } else { 0.0 });
+        }
+        if b.state == BackendState::Ejected && was != Some(BackendState::Ejected) {
+            metrics::counter!(names::EJECTIONS_TOTAL, "backend" => id.clone()).increment(1);
+            tracing::warn!(backend = %b.id, version = new.version, "backend ejected by the cluster");
+        }
+    }
+    for b in old.backends.values() {
+        if !new.backends.contains_key(&b.id) {
+            for s in BackendState::ALL {
+                metrics::gauge!(names::BACKEND_STATE, "backend" => b.id.to_string(), "state" => s.as_str())
+                    .set(0.0);
+            }
         }
     }
 }

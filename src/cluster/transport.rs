@@ -60,35 +60,8 @@ pub struct PeerTls {
 }
 
 impl PeerTls {
-    pub fn load(t: &ClusterTls) -> Result<Self, String> {
-        let provider = crate::tls::provider();
-        let mut roots = rustls::RootCertStore::empty();
-        for c in crate::tls::load_certs(&t.ca)? {
-            roots
-                .add(c)
-                .map_err(|e| format!("cluster.tls.ca: unusable CA certificate: {e}"))?;
-        }
-        let roots = Arc::new(roots);
-        let certs = crate::tls::load_certs(&t.cert)?;
-        let key = crate::tls::load_key(&t.key)?;
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            roots.clone(),
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| format!("cluster.tls.ca: {e}"))?;
-        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(certs.clone(), key.clone_key())
-            .map_err(|e| format!("cluster.tls.cert/key: {e}"))?;
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| format!("cluster.tls.cert/key: {e}"))?;
+    pub fn load(t: &ClusterTls) -> Result<Self, crate::tls::TlsError> {
+        let (server, client) = crate::tls::load_mutual(&t.ca, &t.cert, &t.key)?;
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             connector: TlsConnector::from(Arc::new(client)),
@@ -346,14 +319,7 @@ async fn accept_loop(
     loop {
         let (stream, addr) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cluster accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            a = crate::net::accept(&listener, "cluster") => a,
         };
         let _ = stream.set_nodelay(true);
         let (known, tls, handoff, shutdown) = (

@@ -124,6 +124,16 @@ impl Detector {
     }
 }
 
+/// One other peer as this peer's detector sees it: a row of `GET /peers`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PeerView {
+    pub id: String,
+    pub addr: String,
+    pub state: String,
+    pub phi: f64,
+    pub last_seen_ms: Option<u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,10 @@
-//! This peer's own view of one backend: rise/fall counters for probes and a consecutive-failure
-//! count for live traffic. Pure: `record` takes an outcome and says when the view flips.
+//! Health decisions, pure: this peer's own view of one backend (rise/fall counters for probes,
+//! a consecutive-failure count for live traffic; `record` says when the view flips), and the
+//! voter that turns the local view into health votes on the agreed pool.
+
+use std::collections::BTreeMap;
+
+use super::pool::{BackendId, NodeId, Pool, PoolChange};
 
 /// Up or down, as this peer sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,9 +117,90 @@ impl LocalHealth {
     }
 }
 
+/// What a vote is about: a backend, or the votes of a dead peer.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum VoteKey {
+    Backend(BackendId),
+    Expire(NodeId),
+}
+
+/// This peer's health votes. `reconcile` compares the agreed pool with the local view and says
+/// which changes to propose so that the pool's votes match what this peer sees, and which dead
+/// peers' votes to expire. A vote not yet reflected in the pool is proposed again after
+/// `revote_after_ms`, so a lost proposal or a restart heals itself.
+#[derive(Debug)]
+pub struct Voter {
+    me: NodeId,
+    revote_after_ms: u64,
+    /// Proposed and not yet seen in the pool: (wanted up, when).
+    pending: BTreeMap<VoteKey, (bool, u64)>,
+}
+
+impl Voter {
+    pub fn new(me: NodeId, revote_after_ms: u64) -> Self {
+        Self {
+            me,
+            revote_after_ms,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// The changes to propose now.
+    pub fn reconcile(
+        &mut self,
+        pool: &Pool,
+        local_up: impl Fn(&BackendId) -> bool,
+        dead: &[NodeId],
+        now_ms: u64,
+    ) -> Vec<PoolChange> {
+        let mut out = Vec::new();
+        if !pool.exists() {
+            return out;
+        }
+        for b in pool.backends.values() {
+            let up = local_up(&b.id);
+            let key = VoteKey::Backend(b.id.clone());
+            if up != b.down_votes.contains(&self.me) {
+                // The pool shows this peer's view already.
+                self.pending.remove(&key);
+                continue;
+            }
+            if self.recently(&key, up, now_ms) {
+                continue;
+            }
+            self.pending.insert(key, (up, now_ms));
+            let (id, peer) = (b.id.clone(), self.me.clone());
+            out.push(if up {
+                PoolChange::VoteUp { id, peer }
+            } else {
+                PoolChange::VoteDown { id, peer }
+            });
+        }
+        for peer in dead {
+            if !pool.backends.values().any(|b| b.down_votes.contains(peer)) {
+                continue;
+            }
+            let key = VoteKey::Expire(peer.clone());
+            if self.recently(&key, true, now_ms) {
+                continue;
+            }
+            self.pending.insert(key, (true, now_ms));
+            out.push(PoolChange::ExpireVotes { peer: peer.clone() });
+        }
+        out
+    }
+
+    fn recently(&self, key: &VoteKey, up: bool, now_ms: u64) -> bool {
+        self.pending.get(key).is_some_and(|&(want_up, at)| {
+            want_up == up && now_ms.saturating_sub(at) < self.revote_after_ms
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::pool::{Backend, Rules};
 
     const T: Thresholds = Thresholds {
         rise: 2,
@@ -183,5 +269,50 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(h.record(Source::Traffic, false, &t), None);
         }
+    }
+
+    #[test]
+    fn voter_follows_the_local_view_and_expires_dead_peers() {
+        let me = NodeId::new("a");
+        let mut pool = Pool::default()
+            .apply(
+                &PoolChange::Seed {
+                    backends: vec![Backend::new("x", "127.0.0.1:1", 1)],
+                },
+                &Rules::default(),
+            )
+            .unwrap();
+        let x = BackendId::new("x");
+        let mut v = Voter::new(me.clone(), 2_000);
+        // Agreed and local views match: nothing to do.
+        assert!(v.reconcile(&pool, |_| true, &[], 0).is_empty());
+        // Local down: vote once, not again before the revote period, again after it.
+        let down = v.reconcile(&pool, |_| false, &[], 10);
+        assert_eq!(
+            down,
+            vec![PoolChange::VoteDown {
+                id: x.clone(),
+                peer: me.clone()
+            }]
+        );
+        assert!(v.reconcile(&pool, |_| false, &[], 1_000).is_empty());
+        assert_eq!(v.reconcile(&pool, |_| false, &[], 2_010), down);
+        // The vote landed: nothing more; back up: vote up.
+        pool.backends.get_mut(&x).unwrap().down_votes.insert(me.clone());
+        assert!(v.reconcile(&pool, |_| false, &[], 2_020).is_empty());
+        assert_eq!(
+            v.reconcile(&pool, |_| true, &[], 2_030),
+            vec![PoolChange::VoteUp {
+                id: x.clone(),
+                peer: me.clone()
+            }]
+        );
+        // A dead peer's votes are expired, once per revote period.
+        let b = NodeId::new("b");
+        pool.backends.get_mut(&x).unwrap().down_votes.insert(b.clone());
+        let dead = [b.clone()];
+        let out = v.reconcile(&pool, |_| false, &dead, 3_000);
+        assert_eq!(out, vec![PoolChange::ExpireVotes { peer: b.clone() }]);
+        assert!(v.reconcile(&pool, |_| false, &dead, 3_100).is_empty());
     }
 }

@@ -93,6 +93,25 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// A checked backend: the address normalized, the id (the address by default) and weight
+    /// within their rules. The first problem found is returned.
+    pub fn checked(id: Option<&str>, addr: &str, weight: u32) -> Result<Backend, InvalidBackend> {
+        let addr = normalize_addr(addr)?;
+        let id = check_backend_id(id.unwrap_or(&addr))?;
+        let weight = check_weight(weight)?;
+        Ok(Backend::new(id.0, addr, weight))
+    }
+
+    /// Whether this backend keeps the rules (`checked` would give it back unchanged).
+    pub fn check(&self) -> Result<(), InvalidBackend> {
+        let checked = Backend::checked(Some(self.id.as_str()), &self.addr, self.weight)?;
+        if checked.addr == self.addr {
+            Ok(())
+        } else {
+            Err(InvalidBackend::Addr(self.addr.clone()))
+        }
+    }
+
     pub fn new(id: impl Into<String>, addr: impl Into<String>, weight: u32) -> Self {
         Self {
             id: BackendId::new(id),
@@ -199,11 +218,90 @@ pub enum ChangeError {
     AlreadySeeded(u64),
     #[error("address {0} is already used by backend {1}")]
     AddrInUse(String, BackendId),
-    #[error("weight must be 1..=1000, got {0}")]
-    BadWeight(u32),
+    #[error("{field}: {0}", field = .0.field())]
+    Invalid(InvalidBackend),
+    #[error("the pool holds at most {MAX_BACKENDS} backends")]
+    Full,
 }
 
+/// Weights are 1..=`MAX_WEIGHT`.
 pub const MAX_WEIGHT: u32 = 1000;
+/// The pool holds at most this many backends, so that the register (with its votes) always fits
+/// in one peer frame with room to spare: a full pool can never wedge the cluster.
+pub const MAX_BACKENDS: usize = 10_000;
+
+/// Why a backend's address, id or weight is not acceptable. The one place these rules live:
+/// the config file, the admin API and `apply` all check with these functions.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum InvalidBackend {
+    #[error("bad address {0:?} (expected host:port or https://host:port, e.g. 127.0.0.1:9001)")]
+    Addr(String),
+    #[error("bad id {0:?} (1 to 64 printable characters, no spaces or '/')")]
+    Id(String),
+    #[error("must be 1..={MAX_WEIGHT}, got {0}")]
+    Weight(u32),
+}
+
+impl InvalidBackend {
+    /// The field at fault, for messages that name it (`weight: must be ...`).
+    pub fn field(&self) -> &'static str {
+        match self {
+            InvalidBackend::Addr(_) => "addr",
+            InvalidBackend::Id(_) => "id",
+            InvalidBackend::Weight(_) => "weight",
+        }
+    }
+}
+
+/// `host:port` or `https://host:port`, normalized (an `http://` prefix and a trailing `/` are
+/// dropped).
+pub fn normalize_addr(s: &str) -> Result<String, InvalidBackend> {
+    let (scheme, rest) = if let Some(r) = s.strip_prefix("https://") {
+        ("https://", r)
+    } else if let Some(r) = s.strip_prefix("http://") {
+        ("", r)
+    } else {
+        ("", s)
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let bad = || InvalidBackend::Addr(s.to_string());
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && !host.contains('/')
+        && (host.parse::<std::net::IpAddr>().is_ok()
+            || (host.starts_with('[') && host.ends_with(']'))
+            || host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && host_ok => Ok(format!("{scheme}{rest}")),
+        _ => Err(bad()),
+    }
+}
+
+/// Backend ids: 1..=64 printable ASCII characters without spaces or `/`.
+pub fn check_backend_id(s: &str) -> Result<BackendId, InvalidBackend> {
+    if (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
+        Ok(BackendId::new(s))
+    } else {
+        Err(InvalidBackend::Id(s.to_string()))
+    }
+}
+
+pub fn check_weight(w: u32) -> Result<u32, InvalidBackend> {
+    if (1..=MAX_WEIGHT).contains(&w) {
+        Ok(w)
+    } else {
+        Err(InvalidBackend::Weight(w))
+    }
+}
+
+/// Node ids: `[a-z0-9-]{1,32}`.
+pub fn valid_node_id(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
 
 impl Pool {
     /// True once any pool has been agreed (seeded or changed).
@@ -233,8 +331,11 @@ impl Pool {
                 if self.exists() {
                     return Err(ChangeError::AlreadySeeded(self.version));
                 }
+                if backends.len() > MAX_BACKENDS {
+                    return Err(ChangeError::Full);
+                }
                 for b in backends {
-                    check_weight(b.weight)?;
+                    b.check().map_err(ChangeError::Invalid)?;
                     let mut b = b.clone();
                     b.state = BackendState::Active;
                     b.down_votes.clear();
@@ -245,7 +346,10 @@ impl Pool {
                 return Ok(next);
             }
             PoolChange::AddBackend { backend } => {
-                check_weight(backend.weight)?;
+                backend.check().map_err(ChangeError::Invalid)?;
+                if self.backends.len() >= MAX_BACKENDS {
+                    return Err(ChangeError::Full);
+                }
                 if self.backends.contains_key(&backend.id) {
                     return Err(ChangeError::Exists(backend.id.clone()));
                 }
@@ -266,7 +370,7 @@ impl Pool {
                 }
             }
             PoolChange::SetWeight { id, weight } => {
-                check_weight(*weight)?;
+                weight_ok(*weight)?;
                 next.get_mut(id)?.weight = *weight;
             }
             PoolChange::SetState { id, draining } => {
@@ -378,12 +482,8 @@ impl Pool {
     }
 }
 
-fn check_weight(w: u32) -> Result<(), ChangeError> {
-    if (1..=MAX_WEIGHT).contains(&w) {
-        Ok(())
-    } else {
-        Err(ChangeError::BadWeight(w))
-    }
+fn weight_ok(w: u32) -> Result<(), ChangeError> {
+    check_weight(w).map(drop).map_err(ChangeError::Invalid)
 }
 
 #[cfg(test)]
@@ -490,7 +590,7 @@ mod tests {
                 },
                 &r
             ),
-            Err(ChangeError::BadWeight(0))
+            Err(ChangeError::Invalid(InvalidBackend::Weight(0)))
         );
         let p4 = p3
             .apply(

@@ -1,5 +1,4 @@
-//! Bodies on both sides of the proxy. Nothing is buffered: request and response bodies stream
-//! frame by frame; a finished upstream response hands its connection back to the pool. The one
+//! What goes to a backend. Nothing is buffered: a request body streams frame by frame. The one
 //! copy kept is a tape of a small idempotent request's body, to send it again after a reset.
 
 use std::collections::VecDeque;
@@ -10,8 +9,6 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-
-use super::upstream::{InflightGuard, Sender};
 
 /// Request bodies up to this size are kept while they stream, so that an idempotent request
 /// whose backend failed after receiving it can be retried (as linkerd does, at 64 KiB).
@@ -123,102 +120,6 @@ impl Body for RequestBody {
                 SizeHint::with_exact(chunks.iter().map(|c| c.len() as u64).sum())
             }
             RequestBody::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
-
-/// Keeps the backend connection and the in-flight count with the response until its body ends.
-pub struct Lease {
-    pub sender: Sender,
-    pub guard: InflightGuard,
-}
-
-impl Lease {
-    fn release(self) {
-        self.guard.upstream().checkin(self.sender);
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// What goes to a client: a backend's body, or a short local one (errors, admin).
-    #[project = ResponseBodyProj]
-    pub enum ResponseBody {
-        Full { data: Option<Bytes> },
-        Upstream { #[pin] inner: Incoming, lease: Option<Lease> },
-    }
-}
-
-impl ResponseBody {
-    pub fn full(data: impl Into<Bytes>) -> Self {
-        ResponseBody::Full {
-            data: Some(data.into()),
-        }
-    }
-
-    pub fn empty() -> Self {
-        ResponseBody::Full { data: None }
-    }
-
-    pub fn upstream(inner: Incoming, lease: Option<Lease>) -> Self {
-        let mut body = ResponseBody::Upstream { inner, lease };
-        // An empty body (e.g. 204, HEAD) is already done: free the connection now.
-        if let ResponseBody::Upstream { inner, lease } = &mut body {
-            if inner.is_end_stream() {
-                if let Some(l) = lease.take() {
-                    l.release();
-                }
-            }
-        }
-        body
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.project() {
-            ResponseBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ResponseBodyProj::Upstream { mut inner, lease } => {
-                let polled = inner.as_mut().poll_frame(cx);
-                // The server stops polling once `is_end_stream` says so, so release on the last
-                // data frame too, not only on the final `None`.
-                let finished = match &polled {
-                    Poll::Ready(None) => true,
-                    Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
-                    _ => false,
-                };
-                if finished {
-                    if let Some(l) = lease.take() {
-                        l.release();
-                    }
-                }
-                if let Poll::Ready(Some(Err(_))) = &polled {
-                    // The backend broke off mid-body: drop the connection, not pool it.
-                    lease.take();
-                }
-                polled
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ResponseBody::Full { data } => data.is_none(),
-            ResponseBody::Upstream { inner, .. } => inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ResponseBody::Full { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
-            ResponseBody::Upstream { inner, .. } => inner.size_hint(),
         }
     }
 }

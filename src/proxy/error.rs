@@ -2,7 +2,7 @@
 
 use http::{header, HeaderValue, Response, StatusCode};
 
-use super::body::ResponseBody;
+use super::response::ResponseBody;
 
 /// Why a request was answered by the proxy itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

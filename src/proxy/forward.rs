@@ -1,8 +1,8 @@
-//! Forwarding one client request: pick candidates, rewrite headers, send with timeouts, retry on
-//! another backend when that is safe, stream the response back.
+//! Forwarding one client request, in three steps: plan (hash key, rewritten request, what can
+//! rebuild it for a retry), attempt (one backend, with timeouts), on-outcome (record it in the
+//! backend's local view and metrics, then answer, or retry on the next candidate when safe).
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,16 +10,19 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use metrics::Counter;
 
-use super::body::{Lease, RequestBody, ResponseBody, SharedTape, Tape, REPLAY_LIMIT};
+use super::body::{RequestBody, SharedTape, Tape, REPLAY_LIMIT};
 use super::error::ProxyError;
-use super::router::Snapshot;
-use super::upstream::{ErrorKind, Upstream};
-use super::Proxy;
+use super::response::ResponseBody;
+use super::table::{Candidates, RoutingTable, Settings, Snapshot};
+use super::upstream::{ErrorKind, Lease, Sender, Upstream};
 use crate::config::HashKey;
 use crate::core::balance::{hash, Algorithm};
 use crate::core::health::Source;
+use crate::telemetry as names;
 
 /// What the server knows about the client connection.
 #[derive(Clone, Debug)]
@@ -28,16 +31,19 @@ pub struct ConnInfo {
     pub https: bool,
     /// The client's IP as a header value (for X-Forwarded-For), made once per connection.
     pub client_ip: HeaderValue,
+    /// The data-plane worker serving the connection (its upstream connections are its own).
+    pub worker: usize,
 }
 
 impl ConnInfo {
-    pub fn new(client: SocketAddr, https: bool) -> Self {
+    pub fn new(client: SocketAddr, https: bool, worker: usize) -> Self {
         let client_ip = HeaderValue::from_str(&client.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Self {
             client,
             https,
             client_ip,
+            worker,
         }
     }
 }
@@ -173,65 +179,33 @@ impl Template {
     }
 }
 
-impl Proxy {
-    /// Serve one client request. Never fails: every error becomes a response.
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        conn: ConnInfo,
-    ) -> Response<ResponseBody> {
-        let start = Instant::now();
-        let snap = self.router.snapshot();
-        // Only an access log needs these after the request is consumed.
-        let access = snap
-            .settings
-            .access_log
-            .then(|| (req.method().clone(), req.uri().path().to_string()));
-        let (resp, backend) = match self.forward(req, &conn, &snap, start).await {
-            Ok((resp, upstream)) => (resp, Some(upstream)),
-            Err(e) => {
-                let status = e.status();
-                self.count_local(status);
-                tracing::debug!(error = %e, "answered locally");
-                (e.response(), None)
-            }
-        };
-        if let Some((method, path)) = access {
-            tracing::info!(
-                target: "shoal::access",
-                client = %conn.client,
-                method = %method,
-                path = %path,
-                status = resp.status().as_u16(),
-                backend = backend.as_ref().map(|u| u.id.as_str()).unwrap_or("-"),
-                ms = start.elapsed().as_secs_f64() * 1000.0,
-            );
-        }
-        resp
-    }
+/// What forwarding one request needs before the first attempt.
+struct Plan {
+    /// The hashed key (consistent hashing only; None when the request lacks it).
+    key: Option<u64>,
+    /// The rewritten request, until an attempt takes it (a connect failure hands it back).
+    pending: Option<Request<RequestBody>>,
+    /// What rebuilds a request that was sent, when sending it again is safe.
+    template: Option<Template>,
+    /// The client's side of an upgrade, and the Upgrade value forwarded.
+    upgrade: Option<(OnUpgrade, HeaderValue)>,
+}
 
-    async fn forward(
-        &self,
-        mut req: Request<Incoming>,
-        conn: &ConnInfo,
-        snap: &Snapshot,
-        start: Instant,
-    ) -> Result<(Response<ResponseBody>, Arc<Upstream>), ProxyError> {
+impl Plan {
+    fn new(mut req: Request<Incoming>, conn: &ConnInfo, settings: &Settings) -> Result<Plan, ProxyError> {
         // Content-Length with Transfer-Encoding never gets here: hyper drops the length, so
         // the connection's framing watcher (conn.rs) flags such requests before they are served.
-        let settings = &snap.settings;
         let key = match settings.balance.algorithm {
             Algorithm::ConsistentHash(_) => hash_key(&settings.hash_key, &req, &conn.client),
             Algorithm::RoundRobin => None,
         };
-
         let client_upgrade = req
             .headers()
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
         let (mut first, upgrade) = rewrite(req, conn)?;
         // A sent request is sent again only if idempotent, with its body taped (up to 64 KiB)
-        // as it streams; keep what rebuilds it.
+        // as it streams.
         let replayable = is_idempotent(first.method()) && upgrade.is_none() && settings.retries > 0;
         let bodiless = first.body().is_end_stream();
         let fits = first
@@ -252,100 +226,168 @@ impl Proxy {
                 tape,
             }
         });
-        let mut pending = Some(first);
+        Ok(Plan {
+            key,
+            pending: Some(first),
+            template,
+            upgrade: client_upgrade.zip(upgrade),
+        })
+    }
 
-        let panic = snap.panic.load(Ordering::Relaxed);
+    /// The request for an attempt on `upstream`: the original, or a rebuilt one for a retry.
+    fn request_for(&mut self, upstream: &Upstream) -> Option<Request<RequestBody>> {
+        let mut request = self
+            .pending
+            .take()
+            .or_else(|| self.template.as_ref().and_then(Template::build))?;
+        if !request.headers().contains_key(header::HOST) {
+            // An HTTP/1.0 client may send no Host; HTTP/1.1 to the backend needs one.
+            if let Some(h) = upstream.host_header() {
+                request.headers_mut().insert(header::HOST, h);
+            }
+        }
+        Some(request)
+    }
+
+    /// Whether a request that reached a backend may go to another one.
+    fn can_resend(&self) -> bool {
+        self.template.as_ref().is_some_and(Template::can_replay)
+    }
+
+    /// The client's response: the backend's streamed back (its connection leased until the body
+    /// ends), or, for an accepted upgrade, the 101 while a tunnel splices the two connections.
+    fn respond(self, mut resp: Response<Incoming>, lease: Lease) -> Response<ResponseBody> {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some((client, _)) = self.upgrade {
+                let backend = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(client, backend, lease));
+                let (parts, _) = resp.into_parts();
+                return Response::from_parts(parts, ResponseBody::empty());
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Response::from_parts(parts, ResponseBody::upstream(body, Some(lease)))
+    }
+}
+
+/// How one attempt on one backend ended.
+enum Attempt {
+    Response(Response<Incoming>, Sender),
+    /// Never reached the backend; the request comes back intact.
+    NotSent(Request<RequestBody>, std::io::Error),
+    /// Sent (at least partly) and then failed.
+    Failed(ErrorKind),
+}
+
+/// The forwarding service shared by every client connection of one peer.
+pub struct Proxy {
+    table: Arc<RoutingTable>,
+    retries: Counter,
+    /// `shoal_requests_total{backend="none"}` by status class: answered without a backend.
+    local_responses: names::StatusCounters,
+}
+
+impl Proxy {
+    pub fn new(table: Arc<RoutingTable>) -> Arc<Self> {
+        Arc::new(Self {
+            table,
+            retries: metrics::counter!(names::RETRIES_TOTAL),
+            local_responses: names::StatusCounters::new(names::NO_BACKEND),
+        })
+    }
+
+    /// Serve one client request. Never fails: every error becomes a response, here.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let snap = self.table.snapshot();
+        // Only an access log needs these after the request is consumed.
+        let access = snap
+            .settings
+            .access_log
+            .then(|| (req.method().clone(), req.uri().path().to_string()));
+        let (resp, backend) = match self.forward(req, &conn, &snap, start).await {
+            Ok((resp, upstream)) => (resp, Some(upstream)),
+            Err(e) => {
+                self.local_responses.count(e.status().as_u16());
+                tracing::debug!(error = %e, "answered locally");
+                (e.response(), None)
+            }
+        };
+        if let Some((method, path)) = access {
+            tracing::info!(
+                target: "shoal::access",
+                client = %conn.client,
+                method = %method,
+                path = %path,
+                status = resp.status().as_u16(),
+                backend = backend.as_ref().map(|u| u.id.as_str()).unwrap_or("-"),
+                ms = start.elapsed().as_secs_f64() * 1000.0,
+            );
+        }
+        resp
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        snap: &Snapshot,
+        start: Instant,
+    ) -> Result<(Response<ResponseBody>, Arc<Upstream>), ProxyError> {
+        let settings = &snap.settings;
+        let mut plan = Plan::new(req, conn, settings)?;
+        let candidates = Candidates {
+            snapshot: snap,
+            registry: self.table.registry(),
+        };
         let bounded = settings.balance.bounded_load > 0.0;
-        let mut route = snap.selector.route(key, panic, snap);
-        let mut attempts = 0u32;
+        let mut route = snap
+            .selector
+            .route(plan.key, self.table.in_panic(), &candidates);
         let mut last_err = ProxyError::NoBackend;
-        while attempts <= settings.retries {
+        for attempt in 0..=settings.retries {
             let Some(member) = route.next() else { break };
             let upstream = &snap.upstreams[member as usize];
-            if attempts > 0 {
+            if attempt > 0 {
                 self.retries.increment(1);
             }
-            attempts += 1;
-            let Some(mut request) = pending
-                .take()
-                .or_else(|| template.as_ref().and_then(Template::build))
-            else {
+            let Some(request) = plan.request_for(upstream) else {
                 break;
             };
-            if !request.headers().contains_key(header::HOST) {
-                // An HTTP/1.0 client may send no Host; HTTP/1.1 to the backend needs one.
-                if let Some(h) = upstream.host_header() {
-                    request.headers_mut().insert(header::HOST, h);
-                }
-            }
-            let guard = upstream.start();
-            if bounded {
-                snap.total_inflight().fetch_add(1, Ordering::Relaxed);
-            }
-            let outcome = self.attempt(upstream, request, settings).await;
-            if bounded {
-                snap.total_inflight().fetch_sub(1, Ordering::Relaxed);
-            }
-            match outcome {
-                Attempt::Response(mut resp, sender) => {
-                    let status = resp.status();
-                    let failed = matches!(status.as_u16(), 502..=504);
-                    if failed {
-                        upstream.count_error(ErrorKind::Status);
-                    }
-                    if upstream
-                        .record(Source::Traffic, !failed, &settings.thresholds)
-                        .is_some()
-                    {
-                        self.router.health_changed(&upstream.id);
-                    }
-                    upstream.count_response(status.as_u16(), start.elapsed());
-                    if status == StatusCode::SWITCHING_PROTOCOLS {
-                        if let (Some(client), Some(_)) = (client_upgrade, upgrade.as_ref()) {
-                            let backend = hyper::upgrade::on(&mut resp);
-                            tokio::spawn(tunnel(client, backend, sender, guard));
-                            let (parts, _) = resp.into_parts();
-                            return Ok((
-                                Response::from_parts(parts, ResponseBody::empty()),
-                                upstream.clone(),
-                            ));
-                        }
-                    }
-                    let (mut parts, body) = resp.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    let lease = Lease { sender, guard };
-                    return Ok((
-                        Response::from_parts(parts, ResponseBody::upstream(body, Some(lease))),
-                        upstream.clone(),
-                    ));
+            let guard = upstream.start(bounded);
+            match self.attempt(upstream, request, settings, conn.worker).await {
+                Attempt::Response(resp, sender) => {
+                    let status = resp.status().as_u16();
+                    let failed = matches!(status, 502..=504).then_some(ErrorKind::Status);
+                    self.on_outcome(upstream, failed, settings);
+                    upstream.count_response(status, start.elapsed());
+                    let lease = Lease {
+                        sender,
+                        guard,
+                        worker: conn.worker,
+                    };
+                    return Ok((plan.respond(resp, lease), upstream.clone()));
                 }
                 Attempt::NotSent(request, err) => {
                     // Nothing reached the backend: any method may go elsewhere.
-                    upstream.count_error(ErrorKind::Connect);
-                    if upstream
-                        .record(Source::Traffic, false, &settings.thresholds)
-                        .is_some()
-                    {
-                        self.router.health_changed(&upstream.id);
-                    }
+                    self.on_outcome(upstream, Some(ErrorKind::Connect), settings);
                     tracing::debug!(backend = %upstream.id, error = %err, "connect failed");
-                    pending = Some(request);
+                    plan.pending = Some(request);
                     last_err = ProxyError::Connect;
                 }
                 Attempt::Failed(kind) => {
-                    upstream.count_error(kind);
-                    if upstream
-                        .record(Source::Traffic, false, &settings.thresholds)
-                        .is_some()
-                    {
-                        self.router.health_changed(&upstream.id);
-                    }
+                    self.on_outcome(upstream, Some(kind), settings);
                     last_err = if kind == ErrorKind::Timeout {
                         ProxyError::Timeout
                     } else {
                         ProxyError::Reset
                     };
-                    if !template.as_ref().is_some_and(Template::can_replay) {
+                    if !plan.can_resend() {
                         // The request (or part of its body) was sent, and it is not safe or
                         // not possible to send it again.
                         return Err(last_err);
@@ -361,14 +403,15 @@ impl Proxy {
         &self,
         upstream: &Upstream,
         mut request: Request<RequestBody>,
-        settings: &super::router::Settings,
+        settings: &Settings,
+        worker: usize,
     ) -> Attempt {
         // A pooled connection may have closed since it was parked; hyper hands the request back
         // untouched then, and we take another connection (a few times at most).
         for _ in 0..3 {
-            let mut sender = match upstream.checkout(settings.connect_timeout).await {
+            let mut sender = match upstream.checkout(worker, settings.connect_timeout).await {
                 Ok(s) => s,
-                Err(e) => return Attempt::NotSent(request, e.to_string()),
+                Err(e) => return Attempt::NotSent(request, e),
             };
             let sent = sender.try_send_request(request);
             match tokio::time::timeout(settings.request_timeout, sent).await {
@@ -386,20 +429,25 @@ impl Proxy {
                 Err(_) => return Attempt::Failed(ErrorKind::Timeout),
             }
         }
-        Attempt::NotSent(request, "connections kept closing".into())
+        Attempt::NotSent(
+            request,
+            std::io::Error::other("pooled connections kept closing"),
+        )
     }
 
-    fn count_local(&self, status: StatusCode) {
-        self.local_responses.count(status.as_u16());
+    /// An attempt's outcome (`failure` None for a good answer) into the backend's metrics and
+    /// this peer's local view; a flip changes routing at once and tells the health voter.
+    fn on_outcome(&self, upstream: &Upstream, failure: Option<ErrorKind>, settings: &Settings) {
+        if let Some(kind) = failure {
+            upstream.count_error(kind);
+        }
+        if upstream
+            .record(Source::Traffic, failure.is_none(), &settings.thresholds)
+            .is_some()
+        {
+            self.table.health_changed(&upstream.id);
+        }
     }
-}
-
-enum Attempt {
-    Response(Response<Incoming>, super::upstream::Sender),
-    /// Never reached the backend; the request comes back intact.
-    NotSent(Request<RequestBody>, String),
-    /// Sent (at least partly) and then failed.
-    Failed(ErrorKind),
 }
 
 /// Turn the client's request into the backend's: origin-form target, HTTP/1.1, hop-by-hop
@@ -492,14 +540,11 @@ fn rewrite(
     Ok((out, upgrade))
 }
 
-/// Splice an upgraded client connection to the upgraded backend connection.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    backend: hyper::upgrade::OnUpgrade,
-    sender: super::upstream::Sender,
-    guard: super::upstream::InflightGuard,
-) {
+/// Splice an upgraded client connection to the upgraded backend connection. The lease keeps the
+/// backend counted in flight for the tunnel's life; its connection is never pooled again.
+async fn tunnel(client: OnUpgrade, backend: OnUpgrade, lease: Lease) {
     let (client, backend) = tokio::join!(client, backend);
+    let Lease { sender, guard, .. } = lease;
     drop(sender);
     match (client, backend) {
         (Ok(c), Ok(b)) => {

@@ -1,34 +1,17 @@
-//! The data plane: client listeners, forwarding, the upstream connection pools.
+//! The data plane: client listeners, forwarding, the routing table and the upstreams.
+//!
+//! Inside, imports run one way: `server` (listeners, connections) -> `forward` (one request:
+//! plan, attempt, on-outcome) -> `table` (the published snapshot) -> `upstream` (connection
+//! pools, local health) -> `body`; `response` and `error` turn results into client answers.
+//! Nothing here knows the cluster or the admin API: `app` hands the table its pools.
 
 pub mod body;
 pub mod conn;
 pub mod error;
 pub mod forward;
-pub mod router;
+pub mod response;
 pub mod server;
+pub mod table;
 pub mod upstream;
 
-use std::sync::Arc;
-
-use metrics::Counter;
-
-use crate::telemetry as names;
-use router::Router;
-
-/// Shared by every client connection of one peer.
-pub struct Proxy {
-    pub router: Arc<Router>,
-    retries: Counter,
-    /// `shoal_requests_total{backend="none"}` by status class: answered without a backend.
-    local_responses: names::StatusCounters,
-}
-
-impl Proxy {
-    pub fn new(router: Arc<Router>) -> Arc<Self> {
-        Arc::new(Self {
-            router,
-            retries: metrics::counter!(names::RETRIES_TOTAL),
-            local_responses: names::StatusCounters::new(names::NO_BACKEND),
-        })
-    }
-}
+pub use forward::Proxy;

@@ -23,8 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use super::conn::{ConnState, WatchedIo};
 use super::error::ProxyError;
-use super::forward::ConnInfo;
-use super::Proxy;
+use super::forward::{ConnInfo, Proxy};
 use crate::telemetry as names;
 
 /// How client connections are served.
@@ -51,16 +50,6 @@ pub struct Server {
     done: CancellationToken,
 }
 
-thread_local! {
-    /// This thread's worker number (1-based; 0 off the data plane).
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// The worker number of the calling thread (0 when it is not a data-plane worker).
-pub fn worker_index() -> usize {
-    WORKER.with(|w| w.get())
-}
-
 /// A TLS server config that a reload can swap.
 pub type TlsSwap = Arc<ArcSwap<rustls::ServerConfig>>;
 
@@ -68,7 +57,7 @@ pub type TlsSwap = Arc<ArcSwap<rustls::ServerConfig>>;
 pub struct Listener {
     pub addr: std::net::SocketAddr,
     sockets: Vec<std::net::TcpListener>,
-    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    tls: Option<TlsSwap>,
 }
 
 impl Listener {
@@ -76,7 +65,7 @@ impl Listener {
     pub fn bind(
         addr: std::net::SocketAddr,
         workers: usize,
-        tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+        tls: Option<TlsSwap>,
     ) -> std::io::Result<Listener> {
         let mut sockets = Vec::with_capacity(workers);
         let mut bound = addr;
@@ -153,12 +142,13 @@ impl Server {
             std::thread::Builder::new()
                 .name(format!("shoal-worker-{}", i + 1))
                 .spawn(move || {
-                    WORKER.with(|w| w.set(i + 1));
+                    // Worker numbers start at 1 (0 is off the data plane).
+                    let worker = i + 1;
                     rt.block_on(async move {
                         for (s, tls) in sockets {
                             match TcpListener::from_std(s) {
                                 Ok(l) => {
-                                    tokio::spawn(this.clone().accept_loop(l, tls));
+                                    tokio::spawn(this.clone().accept_loop(l, tls, worker));
                                 }
                                 Err(e) => tracing::error!(error = %e, "cannot use a listener"),
                             }
@@ -170,25 +160,12 @@ impl Server {
         Ok(())
     }
 
-    async fn accept_loop(
-        self: Arc<Self>,
-        listener: TcpListener,
-        tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
-    ) {
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, tls: Option<TlsSwap>, worker: usize) {
         let refused = metrics::counter!(names::CLIENT_CONNECTIONS_REFUSED_TOTAL);
         loop {
-            let accepted = tokio::select! {
+            let (stream, client) = tokio::select! {
                 _ = self.drain.cancelled() => break,
-                a = listener.accept() => a,
-            };
-            let (stream, client) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+                a = crate::net::accept(&listener, "proxy") => a,
             };
             let Ok(permit) = self.limit.clone().try_acquire_owned() else {
                 refused.increment(1);
@@ -202,13 +179,13 @@ impl Server {
                 let gauge = metrics::gauge!(names::CLIENT_CONNECTIONS);
                 gauge.increment(1.0);
                 match tls {
-                    None => this.serve(stream, ConnInfo::new(client, false)).await,
+                    None => this.serve(stream, ConnInfo::new(client, false, worker)).await,
                     Some(cfg) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
                         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
                             .await
                         {
-                            Ok(Ok(s)) => this.serve(s, ConnInfo::new(client, true)).await,
+                            Ok(Ok(s)) => this.serve(s, ConnInfo::new(client, true, worker)).await,
                             Ok(Err(e)) => {
                                 tracing::debug!(%client, error = %e, "TLS handshake failed")
                             }

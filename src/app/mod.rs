@@ -1,4 +1,9 @@
-//! Wiring: one peer from a config (listeners, router, admin, cluster), its reload and its drain.
+//! Wiring: one peer from a config (listeners, routing table, cluster, probes, admin), its reload
+//! and its drain. The only module that sees every shell: they meet here through the seams in
+//! `seams` and the health voter in `health`.
+
+mod health;
+mod seams;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -10,18 +15,18 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{Admin, PoolControl};
+use crate::admin::Admin;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::proxy::router::{Router, Settings};
 use crate::proxy::server::{Listener, Server, ServerOptions};
+use crate::proxy::table::{RoutingTable, Settings};
 use crate::proxy::Proxy;
 use crate::telemetry::{self, LogReload};
 
 /// A running peer.
 pub struct Peer {
     pub config: Config,
-    pub router: Arc<Router>,
+    pub table: Arc<RoutingTable>,
     pub cluster: Cluster,
     pub admin: Arc<Admin>,
     server: Arc<Server>,
@@ -49,8 +54,8 @@ impl Peer {
                 .unwrap_or(1),
             n => n,
         };
-        let router = Router::new(Settings::from_config(&config), workers);
-        let proxy = Proxy::new(router.clone());
+        let table = RoutingTable::new(Settings::from_config(&config), workers);
+        let proxy = Proxy::new(table.clone());
         let server = Server::new(
             proxy,
             ServerOptions {
@@ -71,7 +76,7 @@ impl Peer {
             None => None,
             Some(t) => {
                 let cfg = crate::tls::load_server_config(&t.cert, &t.key)
-                    .map_err(|e| anyhow::anyhow!("proxy.tls: {e}"))?;
+                    .context("proxy.tls")?;
                 let swap = Arc::new(ArcSwap::new(cfg));
                 for addr in &t.listen {
                     let l = Listener::bind(*addr, workers, Some(swap.clone()))
@@ -87,11 +92,11 @@ impl Peer {
 
         let cluster_listener = bind(config.cluster.listen, "cluster.listen").await?;
         let cluster =
-            crate::cluster::start(&config, cluster_listener, router.clone(), shutdown.clone())
+            crate::cluster::start(&config, cluster_listener, table.clone(), shutdown.clone())
                 .await?;
-        let control: Arc<dyn PoolControl> = Arc::new(cluster.clone());
-        crate::probe::spawn(
-            router.clone(),
+        crate::probe::spawn(table.clone(), shutdown.clone());
+        health::spawn_voter(
+            table.clone(),
             cluster.clone(),
             config.node.id.clone(),
             shutdown.clone(),
@@ -100,8 +105,8 @@ impl Peer {
         let admin = Arc::new(Admin {
             node: config.node.id.clone(),
             token: config.admin.token.clone(),
-            router: router.clone(),
-            control,
+            routing: table.clone(),
+            control: Arc::new(cluster.clone()),
             metrics,
             listening: Default::default(),
         });
@@ -118,7 +123,7 @@ impl Peer {
         );
         Ok(Peer {
             config,
-            router,
+            table,
             cluster,
             admin,
             server,
@@ -131,7 +136,7 @@ impl Peer {
 
     /// Apply what can change live from a new config; say what needs a restart.
     pub fn reload(&mut self, new: Config, log: Option<&LogReload>) {
-        self.router.set_settings(Settings::from_config(&new));
+        self.table.set_settings(Settings::from_config(&new));
         if let Some(h) = log {
             if let Ok(f) = tracing_subscriber::EnvFilter::try_new(&new.log.level) {
                 let _ = h.reload(f);

@@ -1,0 +1,51 @@
+//! The health voter's loop: on every local flip and every `RECONCILE`, the core's `Voter`
+//! compares the agreed pool with this peer's local view, and its changes go to the cluster.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::core::health::Voter;
+use crate::core::pool::{NodeId, PoolChange};
+use crate::proxy::table::RoutingTable;
+
+/// How often the voter reconciles without a flip.
+const RECONCILE: Duration = Duration::from_millis(500);
+/// A vote not yet reflected in the pool is proposed again after this long.
+const REVOTE_AFTER: Duration = Duration::from_secs(2);
+
+pub fn spawn_voter(
+    table: Arc<RoutingTable>,
+    cluster: Cluster,
+    me: NodeId,
+    shutdown: CancellationToken,
+) {
+    let mut flips = table.subscribe_flips();
+    let mut voter = Voter::new(me, REVOTE_AFTER.as_millis() as u64);
+    let epoch = Instant::now();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RECONCILE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+                Some(_) = flips.recv() => {}
+            }
+            let pool = table.pool();
+            let local_up = |id: &_| table.upstream(id).is_none_or(|u| u.is_up());
+            let now = epoch.elapsed().as_millis() as u64;
+            for change in voter.reconcile(&pool, local_up, &cluster.dead_peers(), now) {
+                match &change {
+                    PoolChange::ExpireVotes { peer } => {
+                        tracing::info!(%peer, "expiring the health votes of a dead peer")
+                    }
+                    other => tracing::debug!(change = ?other, "health vote"),
+                }
+                cluster.submit(change);
+            }
+        }
+    });
+}

@@ -1,0 +1,81 @@
+//! Where the shells meet: each consumer's seam implemented by the shell that serves it. Nothing
+//! else in the crate imports two shells.
+
+use std::sync::Arc;
+
+use crate::admin::{BoxFuture, ControlError, PoolControl, RoutingView};
+use crate::cluster::{self, Cluster};
+use crate::core::detector::PeerView;
+use crate::core::health::Source;
+use crate::core::pool::{BackendId, Pool, PoolChange};
+use crate::net::Target;
+use crate::probe::{ProbeSettings, Probed};
+use crate::proxy::table::RoutingTable;
+
+/// The cluster's learned pools become the data plane's routing table.
+impl cluster::Publish for RoutingTable {
+    fn publish(&self, pool: Pool) {
+        RoutingTable::publish(self, pool);
+    }
+}
+
+/// The admin API's changes go through the cluster.
+impl PoolControl for Cluster {
+    fn change(&self, change: PoolChange) -> BoxFuture<'_, Result<Pool, ControlError>> {
+        Box::pin(async move {
+            Cluster::change(self, change).await.map_err(|e| match e {
+                cluster::Error::Rejected(e) => ControlError::Rejected(e),
+                other => ControlError::Unavailable(Box::new(other)),
+            })
+        })
+    }
+
+    fn peers(&self) -> Vec<PeerView> {
+        Cluster::peers(self)
+    }
+
+    fn quorum(&self) -> bool {
+        Cluster::quorum(self)
+    }
+}
+
+/// The admin API reads the pool and the local view from the routing table.
+impl RoutingView for RoutingTable {
+    fn pool(&self) -> Arc<Pool> {
+        RoutingTable::pool(self)
+    }
+
+    fn local_up(&self, id: &BackendId) -> bool {
+        self.upstream(id).is_none_or(|u| u.is_up())
+    }
+}
+
+/// Probes dial the routing table's upstreams and feed their local view.
+impl Probed for RoutingTable {
+    fn targets(&self) -> Vec<(BackendId, String, Target)> {
+        self.registry()
+            .of_pool(&self.pool())
+            .into_iter()
+            .map(|u| (u.id.clone(), u.addr.clone(), u.target().clone()))
+            .collect()
+    }
+
+    fn settings(&self) -> ProbeSettings {
+        let s = &self.snapshot().settings;
+        ProbeSettings {
+            path: s.probe_path.clone(),
+            timeout: s.probe_timeout,
+            interval: s.trial_every,
+        }
+    }
+
+    fn record(&self, id: &BackendId, ok: bool) {
+        let Some(upstream) = self.upstream(id) else {
+            return;
+        };
+        let thresholds = self.snapshot().settings.thresholds;
+        if upstream.record(Source::Probe, ok, &thresholds).is_some() {
+            self.health_changed(id);
+        }
+    }
+}

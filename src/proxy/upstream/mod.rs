@@ -1,0 +1,283 @@
+//! Backends as this peer uses them. An `Upstream` joins the parts that outlive pool versions:
+//! where to dial (`net::Target`), the keep-alive connections (`conns`), this peer's local health
+//! view (`health`), the in-flight count and the metric handles. The `Registry` keeps one
+//! `Upstream` per backend id across versions, so pooled connections, load and health carry over.
+
+mod conns;
+mod health;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram};
+use tokio_rustls::TlsConnector;
+
+pub use conns::Sender;
+use conns::ConnPool;
+use health::LocalView;
+
+use crate::core::balance::Selector;
+use crate::core::health::{Local, Source, Thresholds};
+use crate::core::pool::{BackendId, Pool};
+use crate::net::Target;
+use crate::telemetry as names;
+
+/// Why an attempt failed, as `shoal_upstream_errors_total{kind}` counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    Connect,
+    Timeout,
+    Reset,
+    Status,
+}
+
+struct Metrics {
+    by_class: names::StatusCounters,
+    duration: Histogram,
+    errors: [Counter; 4],
+    up: Gauge,
+}
+
+impl Metrics {
+    fn new(id: &str) -> Self {
+        let err = |k: &'static str| metrics::counter!(names::UPSTREAM_ERRORS_TOTAL, "backend" => id.to_string(), "kind" => k);
+        Self {
+            by_class: names::StatusCounters::new(id),
+            duration: metrics::histogram!(names::REQUEST_DURATION_SECONDS, "backend" => id.to_string()),
+            errors: [err("connect"), err("timeout"), err("reset"), err("status")],
+            up: metrics::gauge!(names::BACKEND_UP, "backend" => id.to_string()),
+        }
+    }
+}
+
+/// One backend's runtime state on this peer.
+pub struct Upstream {
+    pub id: BackendId,
+    pub addr: String,
+    target: Target,
+    conns: ConnPool,
+    health: LocalView,
+    inflight: AtomicU64,
+    /// Requests in flight to every backend (shared by all upstreams; for bounded load).
+    total_inflight: Arc<AtomicU64>,
+    metrics: Metrics,
+}
+
+impl Upstream {
+    fn new(
+        id: BackendId,
+        addr: String,
+        target: Target,
+        workers: usize,
+        total: Arc<AtomicU64>,
+    ) -> Self {
+        let metrics = Metrics::new(id.as_str());
+        metrics.up.set(1.0);
+        Self {
+            id,
+            addr,
+            target,
+            conns: ConnPool::new(workers),
+            health: LocalView::default(),
+            inflight: AtomicU64::new(0),
+            total_inflight: total,
+            metrics,
+        }
+    }
+
+    /// Where to dial (health probes dial it too).
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The backend's `host:port`, for requests that arrived without a Host.
+    pub fn host_header(&self) -> Option<http::HeaderValue> {
+        http::HeaderValue::from_str(self.target.authority()).ok()
+    }
+
+    /// This peer's own view, without side effects.
+    pub fn is_up(&self) -> bool {
+        self.health.is_up()
+    }
+
+    /// Usable for a new request (see `LocalView::usable`).
+    pub fn usable(&self, trial_every: Duration) -> bool {
+        self.health.usable(trial_every)
+    }
+
+    pub fn inflight(&self) -> u64 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Count one request in flight until the guard drops; in the all-backends total too when
+    /// bounded load needs it.
+    pub fn start(self: &Arc<Self>, count_total: bool) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        if count_total {
+            self.total_inflight.fetch_add(1, Ordering::Relaxed);
+        }
+        InflightGuard {
+            upstream: self.clone(),
+            count_total,
+        }
+    }
+
+    /// Record an outcome into the local view; returns the new state when it flips (logged and
+    /// shown in `shoal_backend_up` here, once per flip).
+    pub fn record(&self, source: Source, ok: bool, t: &Thresholds) -> Option<Local> {
+        let flip = self.health.record(source, ok, t)?;
+        self.metrics
+            .up
+            .set(if flip == Local::Up { 1.0 } else { 0.0 });
+        match flip {
+            Local::Down => tracing::warn!(backend = %self.id, ?source, "backend down (local view)"),
+            Local::Up => tracing::info!(backend = %self.id, ?source, "backend up (local view)"),
+        }
+        Some(flip)
+    }
+
+    pub fn count_response(&self, status: u16, elapsed: Duration) {
+        self.metrics.by_class.count(status);
+        self.metrics.duration.record(elapsed.as_secs_f64());
+    }
+
+    pub fn count_error(&self, kind: ErrorKind) {
+        self.metrics.errors[kind as usize].increment(1);
+    }
+
+    /// A ready connection for data-plane worker `worker`.
+    pub async fn checkout(&self, worker: usize, connect_timeout: Duration) -> io::Result<Sender> {
+        self.conns
+            .checkout(worker, &self.target, connect_timeout)
+            .await
+    }
+}
+
+/// Decrements the in-flight counts when dropped.
+pub struct InflightGuard {
+    upstream: Arc<Upstream>,
+    count_total: bool,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.upstream.inflight.fetch_sub(1, Ordering::Relaxed);
+        if self.count_total {
+            self.upstream.total_inflight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A backend connection and the in-flight count, kept with a response until its body ends.
+pub struct Lease {
+    pub sender: Sender,
+    pub guard: InflightGuard,
+    /// The worker whose runtime drives the connection.
+    pub worker: usize,
+}
+
+impl Lease {
+    /// The exchange completed: the connection goes back to its worker's idle list.
+    pub fn release(self) {
+        let Lease {
+            sender,
+            guard,
+            worker,
+        } = self;
+        guard.upstream.conns.checkin(worker, sender);
+    }
+}
+
+/// One `Upstream` per backend id, kept across pool versions.
+pub struct Registry {
+    known: Mutex<HashMap<BackendId, Arc<Upstream>>>,
+    tls: Option<TlsConnector>,
+    /// Data-plane worker threads (each gets its own idle connections).
+    workers: usize,
+    total_inflight: Arc<AtomicU64>,
+}
+
+impl Registry {
+    pub fn new(workers: usize) -> Self {
+        let tls = match crate::tls::upstream_client_config() {
+            Ok(c) => Some(TlsConnector::from(c)),
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream TLS unavailable");
+                None
+            }
+        };
+        Self {
+            known: Mutex::new(HashMap::new()),
+            tls,
+            workers,
+            total_inflight: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn upstream(&self, id: BackendId, addr: String, target: Target) -> Arc<Upstream> {
+        Arc::new(Upstream::new(
+            id,
+            addr,
+            target,
+            self.workers,
+            self.total_inflight.clone(),
+        ))
+    }
+
+    /// Requests in flight to every backend.
+    pub fn total_inflight(&self) -> u64 {
+        self.total_inflight.load(Ordering::Relaxed)
+    }
+
+    pub fn get(&self, id: &BackendId) -> Option<Arc<Upstream>> {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Every backend of `pool` with its upstream (for probes).
+    pub fn of_pool(&self, pool: &Pool) -> Vec<Arc<Upstream>> {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        pool.backends
+            .keys()
+            .filter_map(|id| known.get(id).cloned())
+            .collect()
+    }
+
+    /// Bring the registry to `pool` (new backends get an upstream, departed ones are forgotten
+    /// and their idle connections close with them) and list the upstreams of the selector's
+    /// members, indexed like `selector.members()`.
+    pub fn members(&self, pool: &Pool, selector: &Selector) -> Arc<[Arc<Upstream>]> {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.retain(|id, u| pool.backends.get(id).is_some_and(|b| b.addr == u.addr));
+        for b in pool.backends.values() {
+            if known.contains_key(&b.id) {
+                continue;
+            }
+            match Target::parse(&b.addr, self.tls.as_ref()) {
+                Ok(target) => {
+                    known.insert(
+                        b.id.clone(),
+                        self.upstream(b.id.clone(), b.addr.clone(), target),
+                    );
+                }
+                Err(e) => tracing::error!(backend = %b.id, error = %e, "cannot use backend"),
+            }
+        }
+        selector
+            .members()
+            .iter()
+            .map(|m| {
+                known.get(&m.id).cloned().unwrap_or_else(|| {
+                    // Unusable address: an upstream that always fails to connect.
+                    self.upstream(m.id.clone(), String::new(), Target::unreachable())
+                })
+            })
+            .collect()
+    }
+}
