@@ -135,6 +135,12 @@ impl ApiError {
     }
 }
 
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        ApiError::Control(ControlError::Rejected(e))
+    }
+}
+
 /// The pool as the API shows it: backends sorted by id, without the vote bookkeeping.
 pub fn pool_json(pool: &Pool) -> serde_json::Value {
     let backends: Vec<_> = pool
@@ -252,8 +258,8 @@ impl Admin {
             (&Method::GET, ["status"]) => Ok(json_response(StatusCode::OK, &self.status())),
             (&Method::POST, ["pool", "backends"]) => {
                 let body: AddBody = read_json(req).await?;
-                let backend =
-                    Backend::checked(body.id.as_deref(), &body.addr, body.weight).map_err(invalid)?;
+                let backend = Backend::checked(body.id.as_deref(), &body.addr, body.weight)
+                    .map_err(invalid)?;
                 self.commit(PoolChange::AddBackend { backend }, StatusCode::CREATED)
                     .await
             }
@@ -349,14 +355,8 @@ mod tests {
             ),
             (ApiError::NotReady, 503),
             (ApiError::Control(unavailable()), 503),
-            (
-                ChangeError::NotFound(BackendId::new("w")).into(),
-                404,
-            ),
-            (
-                ChangeError::Invalid(InvalidBackend::Weight(0)).into(),
-                400,
-            ),
+            (ChangeError::NotFound(BackendId::new("w")).into(), 404),
+            (ChangeError::Invalid(InvalidBackend::Weight(0)).into(), 400),
             (ChangeError::Exists(BackendId::new("w")).into(), 409),
             (
                 ChangeError::AddrInUse("a:1".into(), BackendId::new("w")).into(),
@@ -374,11 +374,5 @@ mod tests {
                 code == 401
             );
         }
-    }
-}
-
-impl From<ChangeError> for ApiError {
-    fn from(e: ChangeError) -> Self {
-        ApiError::Control(ControlError::Rejected(e))
     }
 }

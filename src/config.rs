@@ -1,8 +1,11 @@
 //! The config file: TOML plus `SHOAL__SECTION__KEY` environment overrides, read with the `config`
-//! crate, then checked key by key into a typed `Config`.
+//! crate, shaped by serde into the typed structures below (defaults in their `Default`), then
+//! checked by one pass of rules over the typed values.
 //!
-//! Every problem is collected (not just the first) and each names its key as a path, e.g.
-//! `backends[1].weight: must be 1..=1000, got 0`. Unknown keys are errors.
+//! Every problem is reported at once, each naming its key as a path, e.g.
+//! `backends[1].weight: must be 1..=1000, got 0`: every unknown key, every broken rule, and the
+//! first wrong-typed value of each section and list entry (each is read on its own). The backend
+//! rules (address, id, weight) are the core's, shared with the admin API.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -10,11 +13,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde::de::{DeserializeOwned, Deserializer, Error as _, Visitor};
+use serde::Deserialize;
+use serde_json::Value;
 
 use crate::core::balance::{Algorithm, BalanceSpec, HashMethod};
 use crate::core::health::Thresholds;
-use crate::core::pool::{Backend, NodeId, Rules};
+use crate::core::pool::{self, Backend, NodeId, Rules};
 
 /// A validated config.
 #[derive(Clone, Debug)]
@@ -30,28 +35,41 @@ pub struct Config {
     pub backends: Vec<Backend>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NodeConfig {
+    #[serde(deserialize_with = "text")]
     pub id: NodeId,
+    /// Defaults to `data/<id>`.
+    #[serde(default)]
     pub data_dir: PathBuf,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
+    #[serde(deserialize_with = "addrs")]
     pub listen: Vec<SocketAddr>,
     pub workers: usize,
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     pub client_idle_timeout: Duration,
     pub max_connections: usize,
     pub retries: u32,
     pub max_header_bytes: usize,
+    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    #[serde(default)]
     pub tls: Option<ProxyTls>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProxyTls {
+    #[serde(deserialize_with = "addrs")]
     pub listen: Vec<SocketAddr>,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -78,26 +96,89 @@ impl fmt::Display for HashKey {
     }
 }
 
-#[derive(Clone, Debug)]
+impl std::str::FromStr for HashKey {
+    type Err = String;
+
+    /// `header:NAME | cookie:NAME | query:NAME | path | client_ip`.
+    fn from_str(s: &str) -> Result<HashKey, String> {
+        let bad = || {
+            format!("unknown source {s:?} (expected header:NAME, cookie:NAME, query:NAME, path or client_ip)")
+        };
+        let (kind, name) = match s {
+            "path" => return Ok(HashKey::Path),
+            "client_ip" => return Ok(HashKey::ClientIp),
+            _ => s.split_once(':').ok_or_else(bad)?,
+        };
+        if name.is_empty() {
+            return Err(format!("{kind}: needs a name, e.g. {kind}:x-user"));
+        }
+        match kind {
+            "header" => http::HeaderName::from_bytes(name.as_bytes())
+                .map(HashKey::Header)
+                .map_err(|_| format!("bad header name {name:?}")),
+            "cookie" => Ok(HashKey::Cookie(name.to_string())),
+            "query" => Ok(HashKey::Query(name.to_string())),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HashKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlgorithmName {
+    RoundRobin,
+    ConsistentHash,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BalanceConfig {
-    pub algorithm: Algorithm,
+    pub algorithm: AlgorithmName,
     pub hash_key: HashKey,
+    #[serde(with = "hash_method")]
+    pub hash_method: HashMethod,
     pub bounded_load: f64,
 }
 
 impl BalanceConfig {
     pub fn spec(&self) -> BalanceSpec {
         BalanceSpec {
-            algorithm: self.algorithm,
+            algorithm: match self.algorithm {
+                AlgorithmName::RoundRobin => Algorithm::RoundRobin,
+                AlgorithmName::ConsistentHash => Algorithm::ConsistentHash(self.hash_method),
+            },
             bounded_load: self.bounded_load,
         }
     }
 }
 
-#[derive(Clone, Debug)]
+/// `hash_method` by name (the core's `HashMethod` knows nothing of serde).
+mod hash_method {
+    use super::*;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HashMethod, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "maglev" => Ok(HashMethod::Maglev),
+            "ring" => Ok(HashMethod::Ring),
+            other => Err(D::Error::custom(format!(
+                "unknown method {other:?} (expected \"maglev\" or \"ring\")"
+            ))),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     pub path: String,
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
@@ -116,46 +197,137 @@ impl HealthConfig {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PeerConfig {
+    #[serde(deserialize_with = "text")]
     pub id: NodeId,
     pub addr: String,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
+    #[serde(deserialize_with = "addr")]
     pub listen: SocketAddr,
+    /// Read entry by entry (see `from_value`).
+    #[serde(deserialize_with = "elsewhere")]
     pub peers: Vec<PeerConfig>,
+    #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     pub phi_threshold: f64,
+    #[serde(with = "humantime_serde")]
     pub dead_after: Duration,
+    #[serde(default)]
     pub tls: Option<ClusterTls>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClusterTls {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AdminConfig {
+    #[serde(deserialize_with = "addr")]
     pub listen: SocketAddr,
+    #[serde(default, deserialize_with = "text")]
     pub token: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
     pub access_log: bool,
+}
+
+/// One `[[backends]]` entry as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendEntry {
+    addr: String,
+    #[serde(default = "one")]
+    weight: u64,
+    #[serde(default, deserialize_with = "text")]
+    id: Option<String>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// Durations as "250ms", "2s", "1m".
+mod humantime_serde {
+    use super::*;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            D::Error::custom(format!(
+                "bad duration {s:?} ({e}; expected e.g. \"250ms\", \"2s\", \"1m\")"
+            ))
+        })
+    }
+}
+
+/// A string, also from a number (an environment override turns `7` into one).
+fn text<'de, D: Deserializer<'de>, T: From<String>>(d: D) -> Result<T, D::Error> {
+    match Value::deserialize(d)? {
+        Value::String(s) => Ok(T::from(s)),
+        Value::Number(n) => Ok(T::from(n.to_string())),
+        v => Err(D::Error::custom(format!(
+            "expected a string, got {}",
+            type_name(&v)
+        ))),
+    }
+}
+
+/// A key read elsewhere (a list read entry by entry): accepted here, its value skipped.
+fn elsewhere<'de, D: Deserializer<'de>, T: Default>(d: D) -> Result<T, D::Error> {
+    serde::de::IgnoredAny::deserialize(d)?;
+    Ok(T::default())
+}
+
+fn parse_addr<E: serde::de::Error>(s: &str) -> Result<SocketAddr, E> {
+    s.parse().map_err(|_| {
+        E::custom(format!(
+            "bad address {s:?} (expected IP:PORT, e.g. 127.0.0.1:8080)"
+        ))
+    })
+}
+
+fn addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    parse_addr(&String::deserialize(d)?)
+}
+
+/// One address or a list of them.
+fn addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let list = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    };
+    if list.is_empty() {
+        return Err(D::Error::custom("must list at least one address"));
+    }
+    list.iter().map(|s| parse_addr(s)).collect()
 }
 
 impl Config {
@@ -169,7 +341,7 @@ impl Config {
 
     /// A short human summary, printed by `shoal check`.
     pub fn summary(&self) -> String {
-        let alg = match self.balance.algorithm {
+        let alg = match self.balance.spec().algorithm {
             Algorithm::RoundRobin => "round_robin".to_string(),
             Algorithm::ConsistentHash(m) => format!(
                 "consistent_hash ({}, key {})",
@@ -201,13 +373,62 @@ pub struct ConfigErrors(pub Vec<String>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+/// The shipped defaults (SPEC section 2), under every config: the one place they are written.
+const DEFAULTS: &str = r#"
+[proxy]
+listen = ["127.0.0.1:8080"]
+workers = 0
+connect_timeout = "1s"
+request_timeout = "30s"
+client_idle_timeout = "60s"
+max_connections = 10000
+retries = 2
+max_header_bytes = 65536
+shutdown_grace = "10s"
+[balance]
+algorithm = "round_robin"
+hash_key = "client_ip"
+hash_method = "maglev"
+bounded_load = 0.0
+[health]
+path = "/healthz"
+interval = "1s"
+timeout = "500ms"
+rise = 2
+fall = 3
+passive_failures = 5
+max_ejected_percent = 50
+panic_below_percent = 50
+[cluster]
+listen = "127.0.0.1:7001"
+peers = []
+heartbeat_interval = "250ms"
+phi_threshold = 8.0
+dead_after = "5s"
+[admin]
+listen = "127.0.0.1:9901"
+[log]
+level = "info"
+format = "text"
+access_log = false
+"#;
+
+/// Defaults of tables that exist only when configured.
+const TLS_LISTEN: &str = "0.0.0.0:8443";
+
+/// `over` laid over `under`, table by table (other values replace).
+fn merge(under: &mut Value, over: &Value) {
+    match (under, over) {
+        (Value::Object(u), Value::Object(o)) => {
+            for (k, v) in o {
+                merge(u.entry(k.clone()).or_insert(Value::Null), v);
             }
-            write!(f, "{e}")?;
         }
-        Ok(())
+        (u, o) => *u = o.clone(),
     }
 }
 
@@ -225,12 +446,8 @@ pub fn read_raw(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Value, ConfigErrors> {
-    if let Err(e) = std::fs::metadata(path) {
-        return Err(ConfigErrors(vec![format!(
-            "{}: cannot read config file: {e}",
-            path.display()
-        )]));
-    }
+    let fail = |e: &dyn fmt::Display| ConfigErrors(vec![format!("{}: {e}", path.display())]);
+    std::fs::metadata(path).map_err(|e| fail(&format_args!("cannot read config file: {e}")))?;
     let env: std::collections::HashMap<String, String> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with("SHOAL__"))
@@ -244,34 +461,297 @@ pub fn read_raw(
     for k in LIST_KEYS {
         source = source.with_list_parse_key(k);
     }
-    let built = config::Config::builder()
+    config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
         .add_source(source)
         .build()
-        .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
-    built
-        .try_deserialize::<Value>()
-        .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))
+        .and_then(|c| c.try_deserialize::<Value>())
+        .map_err(|e| fail(&e))
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a table",
+    }
+}
+
+/// The keys a config structure accepts, as serde's derive lists them (it hands them to
+/// `deserialize_struct`, where this deserializer catches them).
+fn keys_of<T: DeserializeOwned>() -> &'static [&'static str] {
+    struct Catch<'a>(&'a mut &'static [&'static str]);
+    impl<'de> Deserializer<'de> for Catch<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(Self::Error::custom("caught"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut keys: &'static [&'static str] = &[];
+    let _ = T::deserialize(Catch(&mut keys));
+    keys
+}
+
+/// Collects problems; each names its key.
+#[derive(Default)]
+struct Checker {
+    errors: Vec<String>,
+}
+
+impl Checker {
+    fn err(&mut self, key: &str, msg: impl fmt::Display) {
+        self.errors.push(format!("{key}: {msg}"));
+    }
+
+    /// The table at `path` as `T`: unknown keys are each reported (and set aside so the rest
+    /// still reads); a value of the wrong type is reported with its key.
+    fn read<T: DeserializeOwned>(&mut self, path: &str, v: Option<&Value>) -> Option<T> {
+        let mut v = v.cloned().unwrap_or(Value::Object(Default::default()));
+        if let Value::Object(map) = &mut v {
+            let known = keys_of::<T>();
+            map.retain(|k, _| {
+                let ok = known.contains(&k.as_str());
+                if !ok {
+                    let key = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    self.err(
+                        &key,
+                        format!("unknown key (expected one of: {})", known.join(", ")),
+                    );
+                }
+                ok
+            });
+        }
+        match serde_path_to_error::deserialize::<_, T>(v) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let key = match (path, inner.as_str()) {
+                    (p, ".") => p.to_string(),
+                    ("", i) => i.to_string(),
+                    (p, i) => format!("{p}.{i}"),
+                };
+                let msg = e.into_inner().to_string();
+                // serde names a missing key in its message; the key is the table's.
+                self.err(&key, msg.replace("missing field", "missing key"));
+                None
+            }
+        }
+    }
+
+    /// The list at `key`, each entry read on its own as `T`.
+    fn entries<T: DeserializeOwned>(&mut self, key: &str, v: Option<&Value>) -> Option<Vec<T>> {
+        let list = match v {
+            None => return Some(Vec::new()),
+            Some(Value::Array(a)) => a,
+            Some(v) => {
+                self.err(
+                    key,
+                    format!("expected a list of tables, got {}", type_name(v)),
+                );
+                return None;
+            }
+        };
+        let read: Vec<Option<T>> = list
+            .iter()
+            .enumerate()
+            .map(|(i, e)| self.read(&format!("{key}[{i}]"), Some(e)))
+            .collect();
+        read.into_iter().collect()
+    }
+
+    /// A rule: report `msg` at `key` unless `ok`.
+    fn rule(&mut self, ok: bool, key: &str, msg: impl FnOnce() -> String) {
+        if !ok {
+            self.err(key, msg());
+        }
+    }
+
+    fn range<T: PartialOrd + fmt::Display>(&mut self, key: &str, v: T, lo: T, hi: T) {
+        let ok = lo <= v && v <= hi;
+        self.rule(ok, key, || format!("must be {lo}..={hi}, got {v}"));
+    }
+
+    fn positive(&mut self, key: &str, d: Duration) {
+        self.rule(!d.is_zero(), key, || "must be greater than zero".into());
+    }
+
+    fn readable(&mut self, key: &str, p: &Path) {
+        if let Err(e) = std::fs::metadata(p) {
+            self.err(key, format!("cannot read {}: {e}", p.display()));
+        }
+    }
 }
 
 /// Validate a raw tree into a `Config`, collecting every problem.
 pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)] // only its keys are used
+    struct Root {
+        node: Value,
+        proxy: Value,
+        balance: Value,
+        health: Value,
+        cluster: Value,
+        admin: Value,
+        log: Value,
+        backends: Value,
+    }
     let mut c = Checker::default();
-    let root = c.table(
-        Some(raw),
-        "",
-        &[
-            "node", "proxy", "balance", "health", "cluster", "admin", "log", "backends",
-        ],
+    let mut tree = config::Config::builder()
+        .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+        .build()
+        .and_then(|d| d.try_deserialize::<Value>())
+        .map_err(|e| ConfigErrors(vec![format!("built-in defaults: {e}")]))?;
+    merge(&mut tree, raw);
+    if let Some(tls) = tree
+        .pointer_mut("/proxy/tls")
+        .and_then(Value::as_object_mut)
+    {
+        tls.entry("listen").or_insert_with(|| TLS_LISTEN.into());
+    }
+    let raw = &tree;
+    let section = |name: &str| raw.get(name);
+    // Unknown top-level keys; the sections are read one by one below.
+    let known = keys_of::<Root>();
+    for k in raw.as_object().into_iter().flat_map(|m| m.keys()) {
+        if !known.contains(&k.as_str()) {
+            c.err(
+                k,
+                format!("unknown key (expected one of: {})", known.join(", ")),
+            );
+        }
+    }
+    let node: Option<NodeConfig> = match section("node") {
+        None => {
+            c.err(
+                "node.id",
+                "required (a unique id for this peer, [a-z0-9-]{1,32})",
+            );
+            None
+        }
+        v => c.read("node", v),
+    };
+    let proxy: Option<ProxyConfig> = c.read("proxy", section("proxy"));
+    let balance: Option<BalanceConfig> = c.read("balance", section("balance"));
+    let health: Option<HealthConfig> = c.read("health", section("health"));
+    let mut cluster: Option<ClusterConfig> = c.read("cluster", section("cluster"));
+    let peers = c.entries::<PeerConfig>(
+        "cluster.peers",
+        section("cluster").and_then(|v| v.get("peers")),
     );
-    let node = node(&mut c, root.get("node").1);
-    let proxy = proxy(&mut c, root.get("proxy").1);
-    let balance = balance(&mut c, root.get("balance").1);
-    let health = health(&mut c, root.get("health").1);
-    let cluster = cluster(&mut c, root.get("cluster").1, node.as_ref().map(|n| &n.id));
-    let admin = admin(&mut c, root.get("admin").1);
-    let log = log(&mut c, root.get("log").1);
-    let backends = backends(&mut c, root.get("backends").1);
+    let admin: Option<AdminConfig> = c.read("admin", section("admin"));
+    let log: Option<LogConfig> = c.read("log", section("log"));
+    let entries = c.entries::<BackendEntry>("backends", section("backends"));
+    let node = node.map(|mut n| {
+        if n.data_dir.as_os_str().is_empty() {
+            n.data_dir = PathBuf::from(format!("data/{}", n.id));
+        }
+        n
+    });
+    if let (Some(cl), Some(peers)) = (cluster.as_mut(), peers) {
+        cl.peers = peers;
+    }
+    let backends = entries.and_then(|e| backends(&mut c, e));
+    // The rules, over typed values.
+    if let Some(n) = &node {
+        let id = n.id.as_str();
+        c.rule(pool::valid_node_id(id), "node.id", || {
+            format!("bad id {id:?} (expected [a-z0-9-]{{1,32}})")
+        });
+    }
+    if let Some(p) = &proxy {
+        c.range("proxy.workers", p.workers, 0, 1024);
+        c.range("proxy.max_connections", p.max_connections, 1, 1_000_000);
+        c.range("proxy.retries", p.retries, 0, 16);
+        c.range(
+            "proxy.max_header_bytes",
+            p.max_header_bytes,
+            8_192,
+            1_048_576,
+        );
+        for (k, d) in [
+            ("connect_timeout", p.connect_timeout),
+            ("request_timeout", p.request_timeout),
+            ("client_idle_timeout", p.client_idle_timeout),
+            ("shutdown_grace", p.shutdown_grace),
+        ] {
+            c.positive(&format!("proxy.{k}"), d);
+        }
+        if let Some(t) = &p.tls {
+            c.readable("proxy.tls.cert", &t.cert);
+            c.readable("proxy.tls.key", &t.key);
+            if c.errors.is_empty() {
+                if let Err(e) = crate::tls::load_server_config(&t.cert, &t.key) {
+                    c.err("proxy.tls", e);
+                }
+            }
+        }
+    }
+    if let Some(b) = &balance {
+        let x = b.bounded_load;
+        c.rule(
+            x == 0.0 || (1.0..=100.0).contains(&x),
+            "balance.bounded_load",
+            || format!("must be 0 (off) or 1.0..=100.0, got {x}"),
+        );
+    }
+    if let Some(h) = &health {
+        let path = &h.path;
+        let ok = path.starts_with('/') && path.parse::<http::uri::PathAndQuery>().is_ok();
+        c.rule(ok, "health.path", || {
+            format!("bad path {path:?} (expected an absolute path like /healthz)")
+        });
+        c.positive("health.interval", h.interval);
+        c.positive("health.timeout", h.timeout);
+        c.range("health.rise", h.rise, 1, 100);
+        c.range("health.fall", h.fall, 1, 100);
+        c.range("health.passive_failures", h.passive_failures, 0, 10_000);
+        c.range("health.max_ejected_percent", h.max_ejected_percent, 0, 100);
+        c.range("health.panic_below_percent", h.panic_below_percent, 0, 100);
+    }
+    if let (Some(cl), Some(n)) = (&cluster, &node) {
+        cluster_rules(&mut c, cl, &n.id);
+    }
+    if let Some(a) = &admin {
+        c.rule(
+            a.token.as_ref().is_none_or(|t| !t.is_empty()),
+            "admin.token",
+            || "must not be empty".into(),
+        );
+        let l = a.listen;
+        c.rule(
+            a.token.is_some() || l.ip().is_loopback(),
+            "admin.listen",
+            || format!("{l} is not a loopback address: admin.token is required"),
+        );
+    }
+    if let Some(l) = &log {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&l.level) {
+            c.err("log.level", format!("bad filter {:?}: {e}", l.level));
+        }
+    }
     match (node, proxy, balance, health, cluster, admin, log, backends) {
         (
             Some(node),
@@ -296,753 +776,100 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
     }
 }
 
-/// Collects problems while reading typed values out of the raw tree.
-#[derive(Default)]
-struct Checker {
-    errors: Vec<String>,
-}
-
-/// A table being read: its path for messages, and its map (empty when absent).
-struct Table<'a> {
-    path: String,
-    map: Option<&'a Map<String, Value>>,
-}
-
-impl<'a> Table<'a> {
-    fn key(&self, k: &str) -> String {
-        if self.path.is_empty() {
-            k.to_string()
-        } else {
-            format!("{}.{k}", self.path)
-        }
-    }
-    fn get(&self, k: &str) -> (String, Option<&'a Value>) {
-        (self.key(k), self.map.and_then(|m| m.get(k)))
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "nothing",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a table",
-    }
-}
-
-impl Checker {
-    fn err(&mut self, key: &str, msg: impl fmt::Display) {
-        self.errors.push(format!("{key}: {msg}"));
-    }
-
-    /// Open a table at `path`, reporting keys not in `known`.
-    fn table<'a>(&mut self, v: Option<&'a Value>, path: &str, known: &[&str]) -> Table<'a> {
-        let map = match v {
-            None => None,
-            Some(Value::Object(m)) => {
-                for k in m.keys() {
-                    if !known.contains(&k.as_str()) {
-                        let key = if path.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{path}.{k}")
-                        };
-                        self.err(
-                            &key,
-                            format!("unknown key (expected one of: {})", known.join(", ")),
-                        );
-                    }
-                }
-                Some(m)
-            }
-            Some(other) => {
-                self.err(path, format!("expected a table, got {}", type_name(other)));
-                None
-            }
-        };
-        Table {
-            path: path.to_string(),
-            map,
-        }
-    }
-
-    fn sub<'a>(&mut self, t: &Table<'a>, k: &str, known: &[&str]) -> Table<'a> {
-        let (key, v) = t.get(k);
-        self.table(v, &key, known)
-    }
-
-    fn string(&mut self, t: &Table, k: &str) -> Option<Option<String>> {
-        match t.get(k) {
-            (_, None) => Some(None),
-            (_, Some(Value::String(s))) => Some(Some(s.clone())),
-            // Environment overrides may parse "7" as a number; ids like that are still strings.
-            (_, Some(Value::Number(n))) => Some(Some(n.to_string())),
-            (key, Some(v)) => {
-                self.err(&key, format!("expected a string, got {}", type_name(v)));
-                None
-            }
-        }
-    }
-
-    fn str_or(&mut self, t: &Table, k: &str, default: &str) -> Option<String> {
-        self.string(t, k)
-            .map(|s| s.unwrap_or_else(|| default.to_string()))
-    }
-
-    fn int(
-        &mut self,
-        t: &Table,
-        k: &str,
-        default: u64,
-        range: std::ops::RangeInclusive<u64>,
-    ) -> Option<u64> {
-        let (key, v) = t.get(k);
-        let n = match v {
-            None => return Some(default),
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(n) => n,
-                None => {
-                    self.err(
-                        &key,
-                        format!("must be {}..={}, got {n}", range.start(), range.end()),
-                    );
-                    return None;
-                }
-            },
-            Some(Value::String(s)) if s.parse::<u64>().is_ok() => s.parse().unwrap_or_default(),
-            Some(v) => {
-                self.err(&key, format!("expected an integer, got {}", type_name(v)));
-                return None;
-            }
-        };
-        if range.contains(&n) {
-            Some(n)
-        } else {
-            self.err(
-                &key,
-                format!("must be {}..={}, got {n}", range.start(), range.end()),
-            );
-            None
-        }
-    }
-
-    fn float(&mut self, t: &Table, k: &str, default: f64) -> Option<f64> {
-        let (key, v) = t.get(k);
-        match v {
-            None => Some(default),
-            Some(Value::Number(n)) => n.as_f64(),
-            Some(Value::String(s)) if s.parse::<f64>().is_ok() => s.parse().ok(),
-            Some(v) => {
-                self.err(&key, format!("expected a number, got {}", type_name(v)));
-                None
-            }
-        }
-    }
-
-    fn boolean(&mut self, t: &Table, k: &str, default: bool) -> Option<bool> {
-        let (key, v) = t.get(k);
-        match v {
-            None => Some(default),
-            Some(Value::Bool(b)) => Some(*b),
-            Some(Value::String(s)) if s == "true" || s == "false" => Some(s == "true"),
-            Some(v) => {
-                self.err(
-                    &key,
-                    format!("expected true or false, got {}", type_name(v)),
-                );
-                None
-            }
-        }
-    }
-
-    fn duration(&mut self, t: &Table, k: &str, default: &str) -> Option<Duration> {
-        let key = t.key(k);
-        let s = self.str_or(t, k, default)?;
-        match humantime::parse_duration(&s) {
-            Ok(d) if !d.is_zero() => Some(d),
-            Ok(_) => {
-                self.err(&key, "must be greater than zero");
-                None
-            }
-            Err(e) => {
-                self.err(
-                    &key,
-                    format!("bad duration {s:?} ({e}; expected e.g. \"250ms\", \"2s\", \"1m\")"),
-                );
-                None
-            }
-        }
-    }
-
-    fn addr(&mut self, key: &str, s: &str) -> Option<SocketAddr> {
-        match s.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                self.err(
-                    key,
-                    format!("bad address {s:?} (expected IP:PORT, e.g. 127.0.0.1:8080)"),
-                );
-                None
-            }
-        }
-    }
-
-    fn addr_or(&mut self, t: &Table, k: &str, default: &str) -> Option<SocketAddr> {
-        let key = t.key(k);
-        let s = self.str_or(t, k, default)?;
-        self.addr(&key, &s)
-    }
-
-    fn addr_list(&mut self, t: &Table, k: &str, default: &[&str]) -> Option<Vec<SocketAddr>> {
-        let (key, v) = t.get(k);
-        let items: Vec<(String, String)> = match v {
-            None => default
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (format!("{key}[{i}]"), s.to_string()))
-                .collect(),
-            Some(Value::String(s)) => vec![(key.clone(), s.clone())],
-            Some(Value::Array(a)) => {
-                let mut out = Vec::new();
-                for (i, v) in a.iter().enumerate() {
-                    match v {
-                        Value::String(s) => out.push((format!("{key}[{i}]"), s.clone())),
-                        v => self.err(
-                            &format!("{key}[{i}]"),
-                            format!("expected a string, got {}", type_name(v)),
-                        ),
-                    }
-                }
-                out
-            }
-            Some(v) => {
-                self.err(
-                    &key,
-                    format!("expected a list of addresses, got {}", type_name(v)),
-                );
-                return None;
-            }
-        };
-        if items.is_empty() {
-            self.err(&key, "must list at least one address");
-            return None;
-        }
-        let n = items.len();
-        let out: Vec<SocketAddr> = items.iter().filter_map(|(k, s)| self.addr(k, s)).collect();
-        (out.len() == n).then_some(out)
-    }
-
-    fn required_file(&mut self, t: &Table, k: &str) -> Option<PathBuf> {
-        let key = t.key(k);
-        match self.string(t, k)? {
-            None => {
-                self.err(&key, "required");
-                None
-            }
-            Some(p) => {
-                let p = PathBuf::from(p);
-                if let Err(e) = std::fs::metadata(&p) {
-                    self.err(&key, format!("cannot read {}: {e}", p.display()));
-                    return None;
-                }
-                Some(p)
-            }
-        }
-    }
-}
-
-/// `[a-z0-9-]{1,32}`.
-pub fn valid_node_id(s: &str) -> bool {
-    (1..=32).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
-/// Backend ids: 1..=64 printable ASCII characters without spaces or `/`.
-pub fn valid_backend_id(s: &str) -> bool {
-    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
-}
-
-/// `host:port` or `https://host:port` (an `http://` prefix is accepted and dropped).
-pub fn normalize_backend_addr(s: &str) -> Result<String, String> {
-    let (scheme, rest) = if let Some(r) = s.strip_prefix("https://") {
-        ("https://", r)
-    } else if let Some(r) = s.strip_prefix("http://") {
-        ("", r)
-    } else {
-        ("", s)
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    let bad = || {
-        format!("bad address {s:?} (expected host:port or https://host:port, e.g. 127.0.0.1:9001)")
-    };
-    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-    let host_ok = !host.is_empty()
-        && !host.contains('/')
-        && (host.parse::<std::net::IpAddr>().is_ok()
-            || (host.starts_with('[') && host.ends_with(']'))
-            || host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 && host_ok => Ok(format!("{scheme}{rest}")),
-        _ => Err(bad()),
-    }
-}
-
-fn node(c: &mut Checker, v: Option<&Value>) -> Option<NodeConfig> {
-    let t = c.table(v, "node", &["id", "data_dir"]);
-    let id = match c.string(&t, "id")? {
-        None => {
+fn cluster_rules(c: &mut Checker, cl: &ClusterConfig, me: &NodeId) {
+    c.positive("cluster.heartbeat_interval", cl.heartbeat_interval);
+    c.positive("cluster.dead_after", cl.dead_after);
+    let phi = cl.phi_threshold;
+    c.rule(phi > 0.0 && phi <= 100.0, "cluster.phi_threshold", || {
+        format!("must be above 0 and at most 100, got {phi}")
+    });
+    let mut seen = BTreeSet::new();
+    for (i, p) in cl.peers.iter().enumerate() {
+        let (key, id) = (format!("cluster.peers[{i}]"), p.id.as_str());
+        if !pool::valid_node_id(id) {
             c.err(
-                "node.id",
-                "required (a unique id for this peer, [a-z0-9-]{1,32})",
-            );
-            return None;
-        }
-        Some(id) if !valid_node_id(&id) => {
-            c.err(
-                "node.id",
+                &format!("{key}.id"),
                 format!("bad id {id:?} (expected [a-z0-9-]{{1,32}})"),
             );
-            return None;
+        } else if p.id == *me {
+            c.err(
+                &format!("{key}.id"),
+                format!("{id:?} is this node's own id; list only the other peers"),
+            );
+        } else if !seen.insert(id) {
+            c.err(&format!("{key}.id"), format!("duplicate peer id {id:?}"));
         }
-        Some(id) => id,
-    };
-    let data_dir = c.str_or(&t, "data_dir", &format!("data/{id}"))?;
-    Some(NodeConfig {
-        id: NodeId::new(id),
-        data_dir: data_dir.into(),
-    })
-}
-
-fn proxy(c: &mut Checker, v: Option<&Value>) -> Option<ProxyConfig> {
-    let t = c.table(
-        v,
-        "proxy",
-        &[
-            "listen",
-            "workers",
-            "connect_timeout",
-            "request_timeout",
-            "client_idle_timeout",
-            "max_connections",
-            "retries",
-            "max_header_bytes",
-            "shutdown_grace",
-            "tls",
-        ],
-    );
-    let listen = c.addr_list(&t, "listen", &["127.0.0.1:8080"]);
-    let workers = c.int(&t, "workers", 0, 0..=1024);
-    let connect_timeout = c.duration(&t, "connect_timeout", "1s");
-    let request_timeout = c.duration(&t, "request_timeout", "30s");
-    let client_idle_timeout = c.duration(&t, "client_idle_timeout", "60s");
-    let max_connections = c.int(&t, "max_connections", 10_000, 1..=1_000_000);
-    let retries = c.int(&t, "retries", 2, 0..=16);
-    let max_header_bytes = c.int(&t, "max_header_bytes", 65_536, 8_192..=1_048_576);
-    let shutdown_grace = c.duration(&t, "shutdown_grace", "10s");
-    let tls = match t.get("tls").1 {
-        None => Some(None),
-        Some(_) => {
-            let tt = c.sub(&t, "tls", &["listen", "cert", "key"]);
-            let listen = c.addr_list(&tt, "listen", &["0.0.0.0:8443"]);
-            let cert = c.required_file(&tt, "cert");
-            let key = c.required_file(&tt, "key");
-            match (listen, cert, key) {
-                (Some(listen), Some(cert), Some(key)) => {
-                    if let Err(e) = crate::tls::load_server_config(&cert, &key) {
-                        c.err("proxy.tls", e);
-                        None
-                    } else {
-                        Some(Some(ProxyTls { listen, cert, key }))
-                    }
-                }
-                _ => None,
+        let port_ok = p
+            .addr
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+        c.rule(port_ok, &format!("{key}.addr"), || {
+            format!("bad address {:?} (expected host:port)", p.addr)
+        });
+    }
+    match &cl.tls {
+        Some(t) => {
+            for (k, p) in [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)] {
+                c.readable(&format!("cluster.tls.{k}"), p);
+            }
+            // With TLS, ids are the DNS names in the peers' certificates.
+            for id in cl.peers.iter().map(|p| &p.id).chain([me]) {
+                let ok = rustls::pki_types::ServerName::try_from(id.as_str()).is_ok()
+                    && !id.as_str().bytes().all(|b| b.is_ascii_digit());
+                c.rule(ok, "cluster.tls", || format!("node id {:?} is not a valid DNS name, which TLS needs (certificates name peers by id)", id.as_str()));
             }
         }
-    };
-    Some(ProxyConfig {
-        listen: listen?,
-        workers: workers? as usize,
-        connect_timeout: connect_timeout?,
-        request_timeout: request_timeout?,
-        client_idle_timeout: client_idle_timeout?,
-        max_connections: max_connections? as usize,
-        retries: retries? as u32,
-        max_header_bytes: max_header_bytes? as usize,
-        shutdown_grace: shutdown_grace?,
-        tls: tls?,
-    })
-}
-
-/// Parse `header:NAME | cookie:NAME | query:NAME | path | client_ip`.
-pub fn parse_hash_key(s: &str) -> Result<HashKey, String> {
-    let bad = || {
-        format!("unknown source {s:?} (expected header:NAME, cookie:NAME, query:NAME, path or client_ip)")
-    };
-    match s {
-        "path" => return Ok(HashKey::Path),
-        "client_ip" => return Ok(HashKey::ClientIp),
-        _ => {}
-    }
-    let (kind, name) = s.split_once(':').ok_or_else(bad)?;
-    if name.is_empty() {
-        return Err(format!("{kind}: needs a name, e.g. {kind}:x-user"));
-    }
-    match kind {
-        "header" => http::HeaderName::from_bytes(name.as_bytes())
-            .map(HashKey::Header)
-            .map_err(|_| format!("bad header name {name:?}")),
-        "cookie" => Ok(HashKey::Cookie(name.to_string())),
-        "query" => Ok(HashKey::Query(name.to_string())),
-        _ => Err(bad()),
+        None => {
+            let l = cl.listen;
+            c.rule(l.ip().is_loopback(), "cluster.listen", || format!("{l} is not a loopback address: [cluster.tls] (mutual TLS between peers) is required"));
+        }
     }
 }
 
-fn balance(c: &mut Checker, v: Option<&Value>) -> Option<BalanceConfig> {
-    let t = c.table(
-        v,
-        "balance",
-        &["algorithm", "hash_key", "hash_method", "bounded_load"],
-    );
-    let method = match c.str_or(&t, "hash_method", "maglev")?.as_str() {
-        "maglev" => Some(HashMethod::Maglev),
-        "ring" => Some(HashMethod::Ring),
-        other => {
-            c.err(
-                "balance.hash_method",
-                format!("unknown method {other:?} (expected \"maglev\" or \"ring\")"),
-            );
-            None
-        }
-    };
-    let algorithm = match c.str_or(&t, "algorithm", "round_robin")?.as_str() {
-        "round_robin" => Some(Algorithm::RoundRobin),
-        "consistent_hash" => method.map(Algorithm::ConsistentHash),
-        other => {
-            c.err(
-                "balance.algorithm",
-                format!(
-                    "unknown algorithm {other:?} (expected \"round_robin\" or \"consistent_hash\")"
-                ),
-            );
-            None
-        }
-    };
-    let hash_key = match parse_hash_key(&c.str_or(&t, "hash_key", "client_ip")?) {
-        Ok(k) => Some(k),
-        Err(e) => {
-            c.err("balance.hash_key", e);
-            None
-        }
-    };
-    let bounded_load = match c.float(&t, "bounded_load", 0.0)? {
-        x if x == 0.0 || (1.0..=100.0).contains(&x) => Some(x),
-        x => {
-            c.err(
-                "balance.bounded_load",
-                format!("must be 0 (off) or 1.0..=100.0, got {x}"),
-            );
-            None
-        }
-    };
-    method?;
-    Some(BalanceConfig {
-        algorithm: algorithm?,
-        hash_key: hash_key?,
-        bounded_load: bounded_load?,
-    })
-}
-
-fn health(c: &mut Checker, v: Option<&Value>) -> Option<HealthConfig> {
-    let t = c.table(
-        v,
-        "health",
-        &[
-            "path",
-            "interval",
-            "timeout",
-            "rise",
-            "fall",
-            "passive_failures",
-            "max_ejected_percent",
-            "panic_below_percent",
-        ],
-    );
-    let path = c.str_or(&t, "path", "/healthz")?;
-    if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+/// The seed backends, each checked by the core's rules (every problem of every entry).
+fn backends(c: &mut Checker, entries: Vec<BackendEntry>) -> Option<Vec<Backend>> {
+    if entries.len() > pool::MAX_BACKENDS {
         c.err(
-            "health.path",
-            format!("bad path {path:?} (expected an absolute path like /healthz)"),
+            "backends",
+            format!(
+                "at most {} backends, got {}",
+                pool::MAX_BACKENDS,
+                entries.len()
+            ),
         );
+        return None;
     }
-    let interval = c.duration(&t, "interval", "1s");
-    let timeout = c.duration(&t, "timeout", "500ms");
-    let rise = c.int(&t, "rise", 2, 1..=100);
-    let fall = c.int(&t, "fall", 3, 1..=100);
-    let passive = c.int(&t, "passive_failures", 5, 0..=10_000);
-    let max_ej = c.int(&t, "max_ejected_percent", 50, 0..=100);
-    let panic = c.int(&t, "panic_below_percent", 50, 0..=100);
-    Some(HealthConfig {
-        path,
-        interval: interval?,
-        timeout: timeout?,
-        rise: rise? as u32,
-        fall: fall? as u32,
-        passive_failures: passive? as u32,
-        max_ejected_percent: max_ej? as u8,
-        panic_below_percent: panic? as u8,
-    })
-}
-
-fn cluster(c: &mut Checker, v: Option<&Value>, me: Option<&NodeId>) -> Option<ClusterConfig> {
-    let t = c.table(
-        v,
-        "cluster",
-        &[
-            "listen",
-            "peers",
-            "heartbeat_interval",
-            "phi_threshold",
-            "dead_after",
-            "tls",
-        ],
-    );
-    let listen = c.addr_or(&t, "listen", "127.0.0.1:7001");
-    let heartbeat_interval = c.duration(&t, "heartbeat_interval", "250ms");
-    let phi = match c.float(&t, "phi_threshold", 8.0)? {
-        x if x > 0.0 && x <= 100.0 => Some(x),
-        x => {
-            c.err(
-                "cluster.phi_threshold",
-                format!("must be above 0 and at most 100, got {x}"),
-            );
-            None
+    let (mut out, mut ids, mut addrs) = (Vec::new(), BTreeSet::new(), BTreeSet::new());
+    let before = c.errors.len();
+    for (i, e) in entries.into_iter().enumerate() {
+        let key = |field: &str| format!("backends[{i}].{field}");
+        let weight = pool::check_weight(u32::try_from(e.weight).unwrap_or(u32::MAX));
+        let addr = pool::normalize_addr(&e.addr);
+        for err in [weight.as_ref().err(), addr.as_ref().err()]
+            .into_iter()
+            .flatten()
+        {
+            c.err(&key(err.field()), err);
         }
-    };
-    let dead_after = c.duration(&t, "dead_after", "5s");
-    let mut peers = Some(Vec::new());
-    match t.get("peers") {
-        (_, None) => {}
-        (key, Some(Value::Array(list))) => {
-            let mut seen = BTreeSet::new();
-            for (i, p) in list.iter().enumerate() {
-                let path = format!("{key}[{i}]");
-                let pt = c.table(Some(p), &path, &["id", "addr"]);
-                let id = c.string(&pt, "id").flatten();
-                let addr = c.string(&pt, "addr").flatten();
-                match (id, addr) {
-                    (Some(id), Some(addr)) => {
-                        if !valid_node_id(&id) {
-                            c.err(
-                                &format!("{path}.id"),
-                                format!("bad id {id:?} (expected [a-z0-9-]{{1,32}})"),
-                            );
-                            peers = None;
-                        } else if Some(&NodeId::new(id.clone())) == me {
-                            c.err(
-                                &format!("{path}.id"),
-                                format!("{id:?} is this node's own id; list only the other peers"),
-                            );
-                            peers = None;
-                        } else if !seen.insert(id.clone()) {
-                            c.err(&format!("{path}.id"), format!("duplicate peer id {id:?}"));
-                            peers = None;
-                        }
-                        if addr
-                            .rsplit_once(':')
-                            .and_then(|(_, p)| p.parse::<u16>().ok())
-                            .is_none()
-                        {
-                            c.err(
-                                &format!("{path}.addr"),
-                                format!("bad address {addr:?} (expected host:port)"),
-                            );
-                            peers = None;
-                        }
-                        if let Some(ps) = peers.as_mut() {
-                            ps.push(PeerConfig {
-                                id: NodeId::new(id),
-                                addr,
-                            });
-                        }
-                    }
-                    (id, addr) => {
-                        if id.is_none() {
-                            c.err(&format!("{path}.id"), "required");
-                        }
-                        if addr.is_none() {
-                            c.err(&format!("{path}.addr"), "required");
-                        }
-                        peers = None;
-                    }
-                }
-            }
-        }
-        (key, Some(v)) => {
-            c.err(
-                &key,
-                format!(
-                    "expected a list of {{ id, addr }} tables, got {}",
-                    type_name(v)
-                ),
-            );
-            peers = None;
-        }
-    }
-    let tls = match t.get("tls").1 {
-        None => Some(None),
-        Some(_) => {
-            let tt = c.sub(&t, "tls", &["ca", "cert", "key"]);
-            let ca = c.required_file(&tt, "ca");
-            let cert = c.required_file(&tt, "cert");
-            let key = c.required_file(&tt, "key");
-            match (ca, cert, key) {
-                (Some(ca), Some(cert), Some(key)) => Some(Some(ClusterTls { ca, cert, key })),
-                _ => None,
-            }
-        }
-    };
-    if let (Some(Some(_)), Some(ps)) = (&tls, &peers) {
-        // With TLS, ids are the DNS names in the peers' certificates.
-        let mut ids: Vec<String> = ps.iter().map(|p| p.id.to_string()).collect();
-        if let Some(me) = me {
-            ids.push(me.to_string());
-        }
-        for id in ids {
-            if rustls::pki_types::ServerName::try_from(id.as_str()).is_err()
-                || id.bytes().all(|b| b.is_ascii_digit())
-            {
-                c.err("cluster.tls", format!("node id {id:?} is not a valid DNS name, which TLS needs (certificates name peers by id)"));
-            }
-        }
-    }
-    if let (Some(l), Some(None)) = (listen, &tls) {
-        if !l.ip().is_loopback() {
-            c.err(
-                "cluster.listen",
-                format!("{l} is not a loopback address: [cluster.tls] (mutual TLS between peers) is required"),
-            );
-        }
-    }
-    Some(ClusterConfig {
-        listen: listen?,
-        peers: peers?,
-        heartbeat_interval: heartbeat_interval?,
-        phi_threshold: phi?,
-        dead_after: dead_after?,
-        tls: tls?,
-    })
-}
-
-fn admin(c: &mut Checker, v: Option<&Value>) -> Option<AdminConfig> {
-    let t = c.table(v, "admin", &["listen", "token"]);
-    let listen = c.addr_or(&t, "listen", "127.0.0.1:9901")?;
-    let token = c.string(&t, "token")?;
-    if matches!(&token, Some(s) if s.is_empty()) {
-        c.err("admin.token", "must not be empty");
-    }
-    if token.is_none() && !listen.ip().is_loopback() {
-        c.err(
-            "admin.listen",
-            format!("{listen} is not a loopback address: admin.token is required"),
-        );
-    }
-    Some(AdminConfig { listen, token })
-}
-
-fn log(c: &mut Checker, v: Option<&Value>) -> Option<LogConfig> {
-    let t = c.table(v, "log", &["level", "format", "access_log"]);
-    let level = c.str_or(&t, "level", "info")?;
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
-        c.err("log.level", format!("bad filter {level:?}: {e}"));
-    }
-    let format = match c.str_or(&t, "format", "text")?.as_str() {
-        "text" => Some(LogFormat::Text),
-        "json" => Some(LogFormat::Json),
-        other => {
-            c.err(
-                "log.format",
-                format!("unknown format {other:?} (expected \"text\" or \"json\")"),
-            );
-            None
-        }
-    };
-    let access_log = c.boolean(&t, "access_log", false);
-    Some(LogConfig {
-        level,
-        format: format?,
-        access_log: access_log?,
-    })
-}
-
-fn backends(c: &mut Checker, v: Option<&Value>) -> Option<Vec<Backend>> {
-    let list = match v {
-        None => return Some(Vec::new()),
-        Some(Value::Array(a)) => a,
-        Some(v) => {
-            c.err(
-                "backends",
-                format!("expected [[backends]] tables, got {}", type_name(v)),
-            );
-            return None;
-        }
-    };
-    let mut out = Vec::new();
-    let mut ok = true;
-    let mut ids = BTreeSet::new();
-    let mut addrs = BTreeSet::new();
-    for (i, b) in list.iter().enumerate() {
-        let path = format!("backends[{i}]");
-        let t = c.table(Some(b), &path, &["addr", "weight", "id"]);
-        let addr = match c.string(&t, "addr").flatten() {
-            None => {
-                c.err(&format!("{path}.addr"), "required (host:port)");
-                None
-            }
-            Some(a) => match normalize_backend_addr(&a) {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    c.err(&format!("{path}.addr"), e);
-                    None
-                }
-            },
-        };
-        let weight = c.int(&t, "weight", 1, 1..=1000);
-        let id = c.string(&t, "id").flatten();
-        let (Some(addr), Some(weight)) = (addr, weight) else {
-            ok = false;
+        let (Ok(weight), Ok(addr)) = (weight, addr) else {
             continue;
         };
-        let id = id.unwrap_or_else(|| addr.clone());
-        if !valid_backend_id(&id) {
-            c.err(
-                &format!("{path}.id"),
-                format!("bad id {id:?} (1 to 64 printable characters, no spaces or '/')"),
-            );
-            ok = false;
-            continue;
-        }
-        if !ids.insert(id.clone()) {
-            c.err(
-                &format!("{path}.id"),
-                format!("duplicate backend id {id:?}"),
-            );
-            ok = false;
-        }
-        if !addrs.insert(addr.clone()) {
-            c.err(
-                &format!("{path}.addr"),
-                format!("duplicate backend address {addr:?}"),
-            );
-            ok = false;
-        }
-        out.push(Backend::new(id, addr, weight as u32));
+        let id = match pool::check_backend_id(e.id.as_deref().unwrap_or(&addr)) {
+            Ok(id) => id,
+            Err(err) => {
+                c.err(&key("id"), err);
+                continue;
+            }
+        };
+        c.rule(ids.insert(id.clone()), &key("id"), || {
+            format!("duplicate backend id {:?}", id.as_str())
+        });
+        c.rule(addrs.insert(addr.clone()), &key("addr"), || {
+            format!("duplicate backend address {addr:?}")
+        });
+        out.push(Backend::new(id.0, addr, weight));
     }
-    ok.then_some(out)
+    (c.errors.len() == before).then_some(out)
 }
 
 #[cfg(test)]
@@ -1069,7 +896,7 @@ mod tests {
         assert_eq!(c.proxy.retries, 2);
         assert_eq!(c.health.interval, Duration::from_secs(1));
         assert_eq!(c.health.timeout, Duration::from_millis(500));
-        assert_eq!(c.balance.algorithm, Algorithm::RoundRobin);
+        assert_eq!(c.balance.spec().algorithm, Algorithm::RoundRobin);
         assert_eq!(c.balance.hash_key, HashKey::ClientIp);
         assert_eq!(c.cluster.heartbeat_interval, Duration::from_millis(250));
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
@@ -1194,37 +1021,20 @@ mod tests {
 
     #[test]
     fn hash_keys() {
-        assert_eq!(parse_hash_key("path").unwrap(), HashKey::Path);
+        assert_eq!("path".parse::<HashKey>().unwrap(), HashKey::Path);
         assert_eq!(
-            parse_hash_key("cookie:sid").unwrap(),
+            "cookie:sid".parse::<HashKey>().unwrap(),
             HashKey::Cookie("sid".into())
         );
         assert_eq!(
-            parse_hash_key("query:u").unwrap(),
+            "query:u".parse::<HashKey>().unwrap(),
             HashKey::Query("u".into())
         );
         assert!(matches!(
-            parse_hash_key("header:X-User").unwrap(),
+            "header:X-User".parse::<HashKey>().unwrap(),
             HashKey::Header(_)
         ));
-        assert!(parse_hash_key("header:").is_err());
-        assert!(parse_hash_key("body").is_err());
-    }
-
-    #[test]
-    fn backend_addrs() {
-        assert_eq!(
-            normalize_backend_addr("127.0.0.1:9001").unwrap(),
-            "127.0.0.1:9001"
-        );
-        assert_eq!(normalize_backend_addr("http://web:80/").unwrap(), "web:80");
-        assert_eq!(
-            normalize_backend_addr("https://web:443").unwrap(),
-            "https://web:443"
-        );
-        assert_eq!(normalize_backend_addr("[::1]:80").unwrap(), "[::1]:80");
-        assert!(normalize_backend_addr("web").is_err());
-        assert!(normalize_backend_addr("web:0").is_err());
-        assert!(normalize_backend_addr("a b:80").is_err());
+        assert!("header:".parse::<HashKey>().is_err());
+        assert!("body".parse::<HashKey>().is_err());
     }
 }

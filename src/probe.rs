@@ -61,9 +61,9 @@ async fn supervise(probed: Arc<dyn Probed>, shutdown: CancellationToken) {
             keep
         });
         for (id, addr, target) in current {
-            if !tasks.contains_key(&id) {
-                let handle = tokio::spawn(probe_loop(probed.clone(), id.clone(), target));
-                tasks.insert(id, (addr, handle));
+            if let std::collections::hash_map::Entry::Vacant(slot) = tasks.entry(id) {
+                let handle = tokio::spawn(probe_loop(probed.clone(), slot.key().clone(), target));
+                slot.insert((addr, handle));
             }
         }
     }

@@ -118,10 +118,12 @@ pub fn load_mutual(
     let roots = Arc::new(roots);
     let certs = load_certs(cert)?;
     let key = load_key(key)?;
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(TlsError::Verifier)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .map_err(TlsError::Verifier)?;
     let server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Unusable)?

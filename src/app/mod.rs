@@ -75,8 +75,7 @@ impl Peer {
         let tls = match &config.proxy.tls {
             None => None,
             Some(t) => {
-                let cfg = crate::tls::load_server_config(&t.cert, &t.key)
-                    .context("proxy.tls")?;
+                let cfg = crate::tls::load_server_config(&t.cert, &t.key).context("proxy.tls")?;
                 let swap = Arc::new(ArcSwap::new(cfg));
                 for addr in &t.listen {
                     let l = Listener::bind(*addr, workers, Some(swap.clone()))

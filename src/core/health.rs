@@ -298,7 +298,11 @@ mod tests {
         assert!(v.reconcile(&pool, |_| false, &[], 1_000).is_empty());
         assert_eq!(v.reconcile(&pool, |_| false, &[], 2_010), down);
         // The vote landed: nothing more; back up: vote up.
-        pool.backends.get_mut(&x).unwrap().down_votes.insert(me.clone());
+        pool.backends
+            .get_mut(&x)
+            .unwrap()
+            .down_votes
+            .insert(me.clone());
         assert!(v.reconcile(&pool, |_| false, &[], 2_020).is_empty());
         assert_eq!(
             v.reconcile(&pool, |_| true, &[], 2_030),
@@ -309,7 +313,11 @@ mod tests {
         );
         // A dead peer's votes are expired, once per revote period.
         let b = NodeId::new("b");
-        pool.backends.get_mut(&x).unwrap().down_votes.insert(b.clone());
+        pool.backends
+            .get_mut(&x)
+            .unwrap()
+            .down_votes
+            .insert(b.clone());
         let dead = [b.clone()];
         let out = v.reconcile(&pool, |_| false, &dead, 3_000);
         assert_eq!(out, vec![PoolChange::ExpireVotes { peer: b.clone() }]);

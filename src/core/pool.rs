@@ -25,6 +25,12 @@ impl NodeId {
     }
 }
 
+impl From<String> for NodeId {
+    fn from(s: String) -> Self {
+        NodeId(s)
+    }
+}
+
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -746,5 +752,62 @@ mod tests {
             )
             .unwrap();
         assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+
+    #[test]
+    fn backend_rules() {
+        assert_eq!(normalize_addr("127.0.0.1:9001").unwrap(), "127.0.0.1:9001");
+        assert_eq!(normalize_addr("http://web:80/").unwrap(), "web:80");
+        assert_eq!(
+            normalize_addr("https://web:443").unwrap(),
+            "https://web:443"
+        );
+        assert_eq!(normalize_addr("[::1]:80").unwrap(), "[::1]:80");
+        assert!(normalize_addr("web").is_err());
+        assert!(normalize_addr("web:0").is_err());
+        assert!(normalize_addr("a b:80").is_err());
+        assert!(check_backend_id("web-1").is_ok());
+        assert!(check_backend_id("a/b").is_err());
+        assert!(check_backend_id("").is_err());
+        assert_eq!(check_weight(0), Err(InvalidBackend::Weight(0)));
+        assert_eq!(check_weight(1000), Ok(1000));
+        let b = Backend::checked(None, "http://10.0.0.1:80", 2).unwrap();
+        assert_eq!(
+            (b.id.as_str(), b.addr.as_str(), b.weight),
+            ("10.0.0.1:80", "10.0.0.1:80", 2)
+        );
+        let e = Backend::checked(Some("x y"), "10.0.0.1:80", 1).unwrap_err();
+        assert_eq!(
+            format!("{}: {e}", e.field()),
+            "id: bad id \"x y\" (1 to 64 printable characters, no spaces or '/')"
+        );
+        // apply keeps the same rules: an unnormalized or out-of-range backend is refused.
+        let p = Pool::default();
+        let add = |b: Backend| p.apply(&PoolChange::AddBackend { backend: b }, &Rules::default());
+        assert!(add(Backend::new("w", "http://10.0.0.1:80", 1)).is_err());
+        assert!(add(Backend::new("w", "10.0.0.1:80", 1001)).is_err());
+        assert!(add(Backend::new("w", "10.0.0.1:80", 1)).is_ok());
+    }
+
+    #[test]
+    fn the_pool_size_is_capped() {
+        let backends: Vec<Backend> = (0..MAX_BACKENDS)
+            .map(|i| {
+                Backend::new(
+                    format!("b{i}"),
+                    format!("10.{}.{}.{}:80", i / 65536, (i / 256) % 256, i % 256),
+                    1,
+                )
+            })
+            .collect();
+        let full = Pool::default()
+            .apply(&PoolChange::Seed { backends }, &Rules::default())
+            .unwrap();
+        let more = PoolChange::AddBackend {
+            backend: Backend::new("x", "10.255.0.1:80", 1),
+        };
+        assert_eq!(full.apply(&more, &Rules::default()), Err(ChangeError::Full));
+        // A full register stays well inside one peer frame (16 MiB), votes and all.
+        assert!(full.canonical_bytes().len() < 4 * 1024 * 1024);
     }
 }

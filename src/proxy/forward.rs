@@ -192,7 +192,11 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(mut req: Request<Incoming>, conn: &ConnInfo, settings: &Settings) -> Result<Plan, ProxyError> {
+    fn new(
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+        settings: &Settings,
+    ) -> Result<Plan, ProxyError> {
         // Content-Length with Transfer-Encoding never gets here: hyper drops the length, so
         // the connection's framing watcher (conn.rs) flags such requests before they are served.
         let key = match settings.balance.algorithm {

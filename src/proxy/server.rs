@@ -160,7 +160,12 @@ impl Server {
         Ok(())
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, tls: Option<TlsSwap>, worker: usize) {
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<TlsSwap>,
+        worker: usize,
+    ) {
         let refused = metrics::counter!(names::CLIENT_CONNECTIONS_REFUSED_TOTAL);
         loop {
             let (stream, client) = tokio::select! {
@@ -179,7 +184,10 @@ impl Server {
                 let gauge = metrics::gauge!(names::CLIENT_CONNECTIONS);
                 gauge.increment(1.0);
                 match tls {
-                    None => this.serve(stream, ConnInfo::new(client, false, worker)).await,
+                    None => {
+                        this.serve(stream, ConnInfo::new(client, false, worker))
+                            .await
+                    }
                     Some(cfg) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
                         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))

@@ -15,8 +15,8 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram};
 use tokio_rustls::TlsConnector;
 
-pub use conns::Sender;
 use conns::ConnPool;
+pub use conns::Sender;
 use health::LocalView;
 
 use crate::core::balance::Selector;
