@@ -84,14 +84,14 @@ fn safety_and_liveness_over_many_seeds() {
 fn planted_bugs_are_caught() {
     let mut cases: Vec<(&str, SimConfig)> = Vec::new();
     let mut c = SimConfig::new(3);
-    c.reply_before_persist = true;
+    c.faults.reply_before_persist = true;
     cases.push(("acceptor replies before it persists", c));
     let mut c = SimConfig::new(3);
-    c.faults.accept_below_promise = true;
-    cases.push(("acceptor accepts a ballot below its promise", c));
+    c.faults.forget_promises = true;
+    cases.push(("acceptor back from a crash accepts below its promise", c));
     let mut c = SimConfig::new(3);
-    c.faults.skip_highest_accepted = true;
-    cases.push(("proposer skips the highest-accepted value", c));
+    c.faults.hide_accepted_ballots = true;
+    cases.push(("proposer cannot find the highest-accepted value", c));
     for (name, cfg) in cases {
         let caught = (0..500u64).find_map(|seed| run(seed, &cfg).err());
         match caught {

@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::core::paxos::{
-    Acceptor, Action, Durable, Faults, Msg, Outcome, Proposer, ProposerConfig,
+    Acceptor, Action, Ballot, Durable, Msg, Outcome, Proposer, ProposerConfig,
 };
 use crate::core::pool::{Backend, BackendId, NodeId, Pool, PoolChange, Rules};
 use linearizability::{Operation, Seen};
@@ -37,10 +37,8 @@ pub struct SimConfig {
     pub max_delay_ms: u64,
     pub partitions: bool,
     pub crashes: bool,
-    /// Planted bugs (test-only).
+    /// Planted bugs, played by doubles the simulation owns (never by the production types).
     pub faults: Faults,
-    /// Planted bug: acceptors reply before their state is persisted.
-    pub reply_before_persist: bool,
     /// Record a readable event log (for replaying a failing seed).
     pub trace: bool,
     /// Every node reads the register periodically (as peers do to catch up).
@@ -60,11 +58,26 @@ impl SimConfig {
             partitions: true,
             crashes: true,
             faults: Faults::default(),
-            reply_before_persist: false,
             trace: false,
             periodic_reads: true,
         }
     }
+}
+
+/// Planted bugs, for proving that the checkers catch them. Each is a double around the real
+/// acceptor and proposer: a disk or a network that misbehaves in one precise way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// The disk acknowledges an acceptor's write before it is durable: replies leave first, the
+    /// state lands later (or never, if the node crashes meanwhile).
+    pub reply_before_persist: bool,
+    /// The disk keeps accepted values but silently drops promise updates, and the acceptor
+    /// reloads from it after every message (as if it restarted each time): it accepts ballots
+    /// below what it promised.
+    pub forget_promises: bool,
+    /// The network strips the accepted ballot from promises to proposers, so a proposer cannot
+    /// tell which value is the highest-accepted one and continues from an arbitrary one.
+    pub hide_accepted_ballots: bool,
 }
 
 /// A failed run: which seed, which property, and (when traced) the events before it.
@@ -219,10 +232,8 @@ impl Sim {
         let nodes = ids
             .iter()
             .map(|id| {
-                let mut proposer = Proposer::new(id.clone(), ids.clone(), pcfg, 0, rng.gen());
-                proposer.faults = cfg.faults;
-                let mut acceptor = Acceptor::default();
-                acceptor.faults = cfg.faults;
+                let proposer = Proposer::new(id.clone(), ids.clone(), pcfg, 0, rng.gen());
+                let acceptor = Acceptor::default();
                 Node {
                     id: id.clone(),
                     up: true,
@@ -435,8 +446,14 @@ impl Sim {
                 }
                 if changed {
                     let mut durable = self.nodes[to].disk.clone();
-                    durable.acceptor = after;
-                    if self.cfg.reply_before_persist {
+                    if self.cfg.faults.forget_promises {
+                        let kept = durable.acceptor.promised.clone();
+                        durable.acceptor = after;
+                        durable.acceptor.promised = kept;
+                    } else {
+                        durable.acceptor = after;
+                    }
+                    if self.cfg.faults.reply_before_persist {
                         let inc = self.nodes[to].incarnation;
                         let lag = self.rng.gen_range(1..200);
                         self.schedule(
@@ -451,6 +468,9 @@ impl Sim {
                         self.nodes[to].disk = durable;
                     }
                 }
+                if self.cfg.faults.forget_promises {
+                    self.nodes[to].acceptor = Acceptor::new(self.nodes[to].disk.acceptor.clone());
+                }
                 let (id, from_id) = (self.nodes[to].id.clone(), self.nodes[from].id.clone());
                 self.log(|| format!("{id} <- {from_id}: {} => {}", brief(&msg), brief(&reply)));
                 self.send(to, from, reply);
@@ -461,6 +481,12 @@ impl Sim {
                 }
             }
             _ => {
+                let mut msg = msg;
+                if let (true, Msg::Promise { accepted, .. }) =
+                    (self.cfg.faults.hide_accepted_ballots, &mut msg)
+                {
+                    *accepted = Ballot::zero();
+                }
                 let mut out = Vec::new();
                 let from_id = self.nodes[from].id.clone();
                 let now = self.now;
@@ -702,15 +728,12 @@ impl Sim {
         n.up = true;
         n.incarnation += 1;
         // Only what was persisted survives.
-        let mut acceptor = Acceptor::new(n.disk.acceptor.clone());
-        acceptor.faults = self.cfg.faults;
-        n.acceptor = acceptor;
+        n.acceptor = Acceptor::new(n.disk.acceptor.clone());
         let ids = node_ids(self.cfg.nodes);
         let pcfg = PROPOSER;
         let seed = self.rng.gen();
         let n = &mut self.nodes[node];
         n.proposer = Proposer::new(n.id.clone(), ids, pcfg, n.disk.counter_reserved, seed);
-        n.proposer.faults = self.cfg.faults;
         n.learned = Pool::default();
         n.serving = None;
         let id = n.id.clone();

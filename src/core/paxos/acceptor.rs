@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Ballot, Faults, Msg};
+use super::{Ballot, Msg};
 use crate::core::pool::Pool;
 
 /// `promised`, `accepted` and `value`: everything an acceptor knows.
@@ -18,16 +18,11 @@ pub struct AcceptorState {
 #[derive(Clone, Debug, Default)]
 pub struct Acceptor {
     state: AcceptorState,
-    #[doc(hidden)]
-    pub faults: Faults,
 }
 
 impl Acceptor {
     pub fn new(state: AcceptorState) -> Self {
-        Self {
-            state,
-            faults: Faults::default(),
-        }
+        Self { state }
     }
 
     pub fn state(&self) -> &AcceptorState {
@@ -75,8 +70,7 @@ impl Acceptor {
     /// Phase 2b. Refuse a ballot below the promise (a higher proposer has read since) or not
     /// above what was accepted (ballots are unique, so equal means a duplicate).
     fn on_accept(&mut self, b: &Ballot, value: &Pool) -> (bool, Msg) {
-        let below_promise = *b < self.state.promised && !self.faults.accept_below_promise;
-        if below_promise || *b <= self.state.accepted {
+        if *b < self.state.promised || *b <= self.state.accepted {
             return (
                 false,
                 Msg::Conflict {

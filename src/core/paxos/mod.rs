@@ -92,15 +92,5 @@ pub struct Durable {
     pub counter_reserved: u64,
 }
 
-/// Planted bugs, for proving that the simulation's checkers catch them. Never set outside tests.
-#[doc(hidden)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Faults {
-    /// Acceptor: accept a ballot lower than its promise.
-    pub accept_below_promise: bool,
-    /// Proposer: take the first promise's value instead of the highest-accepted one.
-    pub skip_highest_accepted: bool,
-}
-
 #[cfg(test)]
 mod tests;

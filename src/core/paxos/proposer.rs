@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{Ballot, Faults, Msg};
+use super::{Ballot, Msg};
 use crate::core::pool::{Applied, ChangeError, NodeId, Pool, PoolChange, Rules};
 
 /// Timing of a proposer, in milliseconds of the caller's clock.
@@ -100,8 +100,6 @@ pub struct Proposer {
     rng: ChaCha8Rng,
     op: Option<Op>,
     conflicts: u64,
-    #[doc(hidden)]
-    pub faults: Faults,
 }
 
 impl Proposer {
@@ -123,7 +121,6 @@ impl Proposer {
             rng: ChaCha8Rng::seed_from_u64(seed),
             op: None,
             conflicts: 0,
-            faults: Faults::default(),
         }
     }
 
@@ -261,7 +258,6 @@ impl Proposer {
     /// A reply from acceptor `from`.
     pub fn on_message(&mut self, from: &NodeId, msg: &Msg, now: u64, out: &mut Vec<Action>) {
         let majority = self.majority();
-        let faults = self.faults;
         let Some(op) = self.op.as_mut() else { return };
         match (msg, &mut op.phase) {
             (
@@ -281,19 +277,11 @@ impl Proposer {
                 }
                 // Continue from the value with the highest accepted ballot among a majority:
                 // any value that may have been chosen is among them (quorums intersect).
-                let current = if faults.skip_highest_accepted {
-                    promises
-                        .values()
-                        .next()
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default()
-                } else {
-                    promises
-                        .values()
-                        .max_by(|a, b| a.0.cmp(&b.0))
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default()
-                };
+                let current = promises
+                    .values()
+                    .max_by(|a, b| a.0.cmp(&b.0))
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
                 let (value, result) =
                     match current.apply_once(&op.change, &op.rules, &self.id, op.seq) {
                         Ok(Applied::Next(next)) => (next.clone(), Ok(Applied::Next(next))),
