@@ -29,7 +29,7 @@ fn pool(n: usize) -> Pool {
         })
         .collect();
     Pool::default()
-        .apply(&PoolChange::Seed { backends }, &Rules::default())
+        .apply(&PoolChange::seed(backends), &Rules::default())
         .unwrap()
 }
 

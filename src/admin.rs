@@ -46,6 +46,23 @@ pub trait PoolControl: Send + Sync + 'static {
     fn peers(&self) -> Vec<PeerView>;
     /// Whether a majority of peers answers now.
     fn quorum(&self) -> bool;
+    /// This peer's place in the consensus.
+    fn consensus(&self) -> ConsensusView;
+}
+
+/// `/status`'s consensus fields.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConsensusView {
+    pub cluster_id: String,
+    /// "voter" or "learner".
+    pub role: &'static str,
+    /// "voting", "catching_up" or "learner".
+    pub consensus: &'static str,
+    /// The agreed voters.
+    pub members: Vec<String>,
+    /// Why a voter that started without state cannot vote yet, when it has waited a while.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// What the admin API reads from the data plane.
@@ -65,6 +82,8 @@ pub struct Admin {
     pub metrics: PrometheusHandle,
     /// Set once every listener is bound.
     pub listening: AtomicBool,
+    /// Set when the peer starts draining: `/readyz` fails from then on.
+    pub shutting_down: AtomicBool,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -93,7 +112,7 @@ pub enum ApiError {
     NoEndpoint(String),
     #[error("{method} is not allowed on {path}")]
     MethodNotAllowed { method: Method, path: String },
-    #[error("not ready: listeners not bound or no pool known yet")]
+    #[error("not ready: listeners not bound, no pool known yet, or shutting down")]
     NotReady,
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -212,7 +231,9 @@ impl Admin {
     }
 
     pub fn ready(&self) -> bool {
-        self.listening.load(Ordering::Relaxed) && self.routing.pool().exists()
+        self.listening.load(Ordering::Relaxed)
+            && !self.shutting_down.load(Ordering::Relaxed)
+            && self.routing.pool().exists()
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
@@ -311,10 +332,17 @@ impl Admin {
                 })
             })
             .collect();
+        let c = self.control.consensus();
         json!({
             "node": self.node.as_str(),
+            "cluster_id": c.cluster_id,
+            "role": c.role,
+            "consensus": c.consensus,
+            "members": c.members,
+            "waiting": c.waiting,
             "pool_version": pool.version,
             "quorum": self.control.quorum(),
+            "shutting_down": self.shutting_down.load(Ordering::Relaxed),
             "backends": backends,
         })
     }

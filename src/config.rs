@@ -43,6 +43,9 @@ pub struct NodeConfig {
     /// Defaults to `data/<id>`.
     #[serde(default)]
     pub data_dir: PathBuf,
+    /// `shoal run --force-new-cluster` (never from the file).
+    #[serde(skip)]
+    pub force_new_cluster: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]

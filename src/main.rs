@@ -38,12 +38,17 @@ struct AdminArgs {
 enum Command {
     /// Run one peer.
     Run {
-        #[arg(long, default_value = "config/shoal.toml")]
+        #[arg(short, long, env = "SHOAL_CONFIG", default_value = "config/shoal.toml")]
         config: PathBuf,
+        /// Last resort when a majority of voters lost their disks: start a new membership epoch
+        /// with this peer as the only voter, from its own last state; then add the others back
+        /// with `shoal peers add`.
+        #[arg(long)]
+        force_new_cluster: bool,
     },
     /// Validate a config file: a summary and exit 0, or every problem and exit 2.
     Check {
-        #[arg(long, default_value = "config/shoal.toml")]
+        #[arg(short, long, env = "SHOAL_CONFIG", default_value = "config/shoal.toml")]
         config: PathBuf,
     },
     /// Run a local cluster of peers and demo backends in one process, on loopback.
@@ -106,8 +111,11 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config: path } => {
-            let config = match shoal::config::load(&path) {
+        Command::Run {
+            config: path,
+            force_new_cluster,
+        } => {
+            let mut config = match shoal::config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{}: invalid config", path.display());
@@ -117,6 +125,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            config.node.force_new_cluster = force_new_cluster;
             let log = shoal::telemetry::init_logging(&config.log);
             let rt = match runtime() {
                 Ok(rt) => rt,

@@ -49,7 +49,12 @@ fn crate_refs(code: &str) -> BTreeSet<String> {
 /// The top-level module a source file belongs to (`src/proxy/forward.rs` -> `proxy`).
 fn module_of(src: &Path, p: &Path) -> String {
     let rel = p.strip_prefix(src).unwrap();
-    let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
     first.trim_end_matches(".rs").to_string()
 }
 
@@ -60,14 +65,47 @@ fn shells_meet_only_in_app() {
     let forbidden: BTreeMap<&str, &[&str]> = BTreeMap::from([
         (
             "core",
-            &["proxy", "cluster", "admin", "probe", "app", "net", "config", "telemetry", "tls", "sim", "demo", "client"][..],
+            &[
+                "proxy",
+                "cluster",
+                "admin",
+                "probe",
+                "app",
+                "net",
+                "config",
+                "telemetry",
+                "tls",
+                "sim",
+                "demo",
+                "client",
+            ][..],
         ),
-        ("proxy", &["cluster", "admin", "probe", "app", "sim", "demo"][..]),
-        ("cluster", &["proxy", "admin", "probe", "app", "sim", "demo"][..]),
-        ("probe", &["proxy", "cluster", "admin", "app", "config", "sim", "demo"][..]),
-        ("admin", &["proxy", "cluster", "probe", "app", "config", "sim", "demo"][..]),
-        ("net", &["proxy", "cluster", "admin", "probe", "app", "config", "sim", "demo"][..]),
-        ("sim", &["proxy", "cluster", "admin", "probe", "app", "net", "demo"][..]),
+        (
+            "proxy",
+            &["cluster", "admin", "probe", "app", "sim", "demo"][..],
+        ),
+        (
+            "cluster",
+            &["proxy", "admin", "probe", "app", "sim", "demo"][..],
+        ),
+        (
+            "probe",
+            &["proxy", "cluster", "admin", "app", "config", "sim", "demo"][..],
+        ),
+        (
+            "admin",
+            &["proxy", "cluster", "probe", "app", "config", "sim", "demo"][..],
+        ),
+        (
+            "net",
+            &[
+                "proxy", "cluster", "admin", "probe", "app", "config", "sim", "demo",
+            ][..],
+        ),
+        (
+            "sim",
+            &["proxy", "cluster", "admin", "probe", "app", "net", "demo"][..],
+        ),
     ]);
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut problems = Vec::new();
@@ -81,13 +119,23 @@ fn shells_meet_only_in_app() {
                 }
             }
         }
-        graph.entry(m.clone()).or_default().extend(refs.into_iter().filter(|r| *r != m));
+        graph
+            .entry(m.clone())
+            .or_default()
+            .extend(refs.into_iter().filter(|r| *r != m));
     }
     println!("import graph (module -> modules it names):");
     for (m, refs) in &graph {
-        println!("  {m} -> {}", refs.iter().cloned().collect::<Vec<_>>().join(", "));
+        println!(
+            "  {m} -> {}",
+            refs.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
-    assert!(problems.is_empty(), "layering broken:\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "layering broken:\n{}",
+        problems.join("\n")
+    );
 }
 
 #[test]
@@ -96,7 +144,9 @@ fn no_import_cycles_inside_the_data_plane() {
     // file -> sibling files it names through `super::` or `crate::proxy::`.
     let name = |p: &Path| {
         let rel = p.strip_prefix(&dir).unwrap().to_string_lossy().to_string();
-        rel.trim_end_matches(".rs").trim_end_matches("/mod").to_string()
+        rel.trim_end_matches(".rs")
+            .trim_end_matches("/mod")
+            .to_string()
     };
     let files = sources(&dir);
     let top: BTreeSet<String> = files
@@ -123,7 +173,10 @@ fn no_import_cycles_inside_the_data_plane() {
     }
     println!("proxy/ imports:");
     for (f, to) in &edges {
-        println!("  {f} -> {}", to.iter().cloned().collect::<Vec<_>>().join(", "));
+        println!(
+            "  {f} -> {}",
+            to.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
     // Depth-first search for a back edge.
     fn visit(

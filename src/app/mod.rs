@@ -108,6 +108,7 @@ impl Peer {
             control: Arc::new(cluster.clone()),
             metrics,
             listening: Default::default(),
+            shutting_down: Default::default(),
         });
         admin.clone().spawn(admin_listener, shutdown.clone());
         server
@@ -165,6 +166,7 @@ impl Peer {
 
     /// Stop accepting, finish in-flight requests up to `shutdown_grace`, stop everything.
     pub async fn drain(&self) {
+        self.admin.shutting_down.store(true, Ordering::Relaxed);
         let grace = self.config.proxy.shutdown_grace;
         let left = self.server.drain(grace).await;
         if left > 0 {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::admin::{BoxFuture, ControlError, PoolControl, RoutingView};
+use crate::admin::{BoxFuture, ConsensusView, ControlError, PoolControl, RoutingView};
 use crate::cluster::{self, Cluster};
 use crate::core::detector::PeerView;
 use crate::core::health::Source;
@@ -36,6 +36,21 @@ impl PoolControl for Cluster {
 
     fn quorum(&self) -> bool {
         Cluster::quorum(self)
+    }
+
+    fn consensus(&self) -> ConsensusView {
+        let s = self.status();
+        ConsensusView {
+            cluster_id: s.cluster_id,
+            role: if s.consensus == "learner" {
+                "learner"
+            } else {
+                "voter"
+            },
+            consensus: s.consensus,
+            members: s.members.iter().map(|m| m.to_string()).collect(),
+            waiting: s.waiting,
+        }
     }
 }
 

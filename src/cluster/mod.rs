@@ -17,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::core::detector::{Detector, DetectorConfig, PeerState, PeerView};
-use crate::core::paxos::{Acceptor, Action, Durable, Msg, Outcome, Proposer, ProposerConfig};
+use crate::core::paxos::{Consensus, Effects, Node, Outcome, ProposerConfig};
 use crate::core::pool::{BackendState, ChangeError, NodeId, Pool, PoolChange, Rules};
 use crate::telemetry as names;
 use storage::{FileStore, Storage};
-use transport::{Body, Inbound, PeerTls, Transport};
+use transport::{Body, Identity, Inbound, PeerTls, Transport};
 
 /// How often an idle peer reads the register (catching up on missed learn pushes).
 const READ_PERIOD: Duration = Duration::from_secs(2);
@@ -30,6 +30,17 @@ const MAX_QUEUE: usize = 1024;
 
 /// How long a caller waits for the outcome of its change.
 const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+/// A queued change not started by this long after it was asked for is dropped (its caller is
+/// answered at once): one started later could not finish before `ANSWER_WITHIN`, and would
+/// commit behind the back of a caller that was told it timed out.
+const START_WITHIN: Duration = Duration::from_secs(25);
+/// Proposer timing on real networks (milliseconds).
+const PROPOSER: ProposerConfig = ProposerConfig {
+    phase_timeout: 500,
+    deadline: 3_000,
+    backoff_base: 20,
+    backoff_cap: 1_000,
+};
 
 /// Why a change did not commit.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +60,24 @@ pub enum Error {
     /// The cluster task is gone (shutting down).
     #[error("the cluster task is not running")]
     Stopped,
+    /// This voter started without its Paxos state and may not take part yet.
+    #[error("this peer is catching up (it started without its Paxos state); send changes to another peer")]
+    CatchingUp,
+    /// The change waited too long to start; it was dropped and will not commit.
+    #[error("the change waited too long behind others and was dropped; nothing changed")]
+    Expired,
+}
+
+/// This peer's consensus status, for `/status`.
+#[derive(Clone, Debug, Default)]
+pub struct ConsensusStatus {
+    pub cluster_id: String,
+    /// "voting" or "catching_up".
+    pub consensus: &'static str,
+    /// The voters quorums are counted among.
+    pub members: Vec<NodeId>,
+    /// Why a voter cannot catch up, when it has been stuck a while.
+    pub waiting: Option<String>,
 }
 
 /// Where learned pools go (in a peer: the data plane's routing table). Called in version order,
@@ -63,6 +92,14 @@ enum Command {
     Change(PoolChange, Option<Reply>),
 }
 
+/// A change waiting for the proposer.
+struct Queued {
+    change: PoolChange,
+    reply: Option<Reply>,
+    /// Dropped unless started by then.
+    start_by: Instant,
+}
+
 /// The cluster as the admin API and the health checker see it.
 #[derive(Clone)]
 pub struct Cluster {
@@ -71,6 +108,7 @@ pub struct Cluster {
     quorum: Arc<AtomicBool>,
     /// Peers the detector currently declares dead.
     dead: Arc<Mutex<Vec<NodeId>>>,
+    status: Arc<Mutex<ConsensusStatus>>,
     /// The driver task, taken by `stopped` to wait for it.
     task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
@@ -120,6 +158,13 @@ impl Cluster {
     pub fn quorum(&self) -> bool {
         self.quorum.load(Ordering::Relaxed)
     }
+
+    pub fn status(&self) -> ConsensusStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Start this peer's cluster task. Fails if the stored state cannot be read.
@@ -129,22 +174,38 @@ pub async fn start(
     publish: Arc<dyn Publish>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Cluster> {
-    let mut store = FileStore::open(&config.node.data_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "node.data_dir: cannot use {}: {e}",
-            config.node.data_dir.display()
-        )
-    })?;
+    let dir = &config.node.data_dir;
+    let mut store = FileStore::open(dir)
+        .map_err(|e| anyhow::anyhow!("node.data_dir: cannot use {}: {e}", dir.display()))?;
     let durable = store.load().map_err(|e| {
         anyhow::anyhow!(
             "node.data_dir: cannot read the Paxos state in {}: {e} (refusing to start with a blank acceptor under the same id)",
-            config.node.data_dir.display()
+            dir.display()
         )
     })?;
-    let fresh = durable.is_none();
-    let durable = durable.unwrap_or_default();
     // A routing hint until the cluster answers: the last pool this peer learned.
-    let learned = store.load_learned().unwrap_or_default();
+    let mut learned = store.load_learned().unwrap_or_default();
+    let mut durable = durable;
+    if config.node.force_new_cluster {
+        let me = &config.node.id;
+        let (forced, pool) = durable
+            .clone()
+            .unwrap_or_default()
+            .force_new_cluster(me, &learned)
+            .map_err(|e| anyhow::anyhow!("--force-new-cluster: {e}"))?;
+        store
+            .save(&forced)
+            .and_then(|()| store.save_learned(&pool))
+            .map_err(|e| anyhow::anyhow!("--force-new-cluster: cannot write the new state: {e}"))?;
+        tracing::warn!(
+            version = pool.version,
+            epoch = pool.epoch,
+            backends = pool.backends.len(),
+            "forced a new cluster: this peer is the only voter, from its own last state; add the others back with `shoal peers add`"
+        );
+        durable = Some(forced);
+        learned = pool;
+    }
     if learned.exists() {
         record_pool_metrics(&Pool::default(), &learned);
         publish.publish(learned.clone());
@@ -165,11 +226,15 @@ pub async fn start(
         metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => p.id.to_string()).increment(0);
     }
     let (in_tx, in_rx) = mpsc::channel(8192);
+    let identity = Identity::default();
+    identity.set(&learned.cluster_id, learned.epoch);
     let transport = Transport::start(
         config.node.id.clone(),
         listener,
         &config.cluster.peers,
         tls,
+        identity.clone(),
+        config.cluster.dead_after,
         in_tx,
         shutdown.clone(),
     );
@@ -179,47 +244,46 @@ pub async fn start(
         peers: Arc::new(Mutex::new(Vec::new())),
         quorum: Arc::new(AtomicBool::new(config.cluster.peers.is_empty())),
         dead: Arc::new(Mutex::new(Vec::new())),
+        status: Arc::new(Mutex::new(ConsensusStatus::default())),
         task: Arc::new(Mutex::new(None)),
     };
-    let mut ids: Vec<NodeId> = config.cluster.peers.iter().map(|p| p.id.clone()).collect();
-    ids.push(config.node.id.clone());
-    ids.sort();
+    let mut voters: Vec<NodeId> = config.cluster.peers.iter().map(|p| p.id.clone()).collect();
+    voters.push(config.node.id.clone());
+    voters.sort();
     let seed = {
-        // Jitter only needs to differ between peers and runs.
+        // Jitter and incarnations only need to differ between peers and runs.
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        t ^ u64::from(std::process::id())
+        t ^ u64::from(std::process::id()).rotate_left(32)
     };
-    let epoch = Instant::now();
+    if durable.is_none() {
+        tracing::info!(dir = %dir.display(), "no Paxos state: this voter catches up before it votes (or forms a new cluster with the others)");
+    }
+    let learned_hint = learned.clone();
+    let node = Node::new(
+        config.node.id.clone(),
+        voters,
+        PROPOSER,
+        durable,
+        learned,
+        seed,
+    );
     let detector_cfg = DetectorConfig {
         interval_ms: config.cluster.heartbeat_interval.as_millis() as u64,
         phi_threshold: config.cluster.phi_threshold,
         dead_after_ms: config.cluster.dead_after.as_millis() as u64,
     };
     let driver = Driver {
-        me: config.node.id.clone(),
-        acceptor: Acceptor::new(durable.acceptor.clone()),
-        proposer: Proposer::new(
-            config.node.id.clone(),
-            ids,
-            ProposerConfig {
-                phase_timeout: 500,
-                deadline: 3_000,
-                backoff_base: 20,
-                backoff_cap: 1_000,
-            },
-            durable.counter_reserved,
-            seed,
-        ),
-        durable,
+        node,
         store,
         rules: config.rules(),
         seeds: config.backends.clone(),
-        learned,
         publish,
         transport,
+        identity,
+        published: learned_hint,
         peers: config
             .cluster
             .peers
@@ -237,13 +301,11 @@ pub async fn start(
             .collect(),
         queue: VecDeque::new(),
         current: None,
-        epoch,
+        epoch: Instant::now(),
         view: cluster.clone(),
         conflicts_seen: 0,
+        waiting: None,
     };
-    if fresh {
-        tracing::info!(dir = %config.node.data_dir.display(), "no Paxos state yet: a new acceptor");
-    }
     let task = tokio::spawn(driver.run(in_rx, cmd_rx, config.cluster.heartbeat_interval, shutdown));
     *cluster.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
     Ok(cluster)
@@ -262,23 +324,26 @@ struct Current {
     is_read: bool,
 }
 
+/// The cluster task: drives this peer's `Node` with the network, the disk and the clock.
 struct Driver {
-    me: NodeId,
-    acceptor: Acceptor,
-    proposer: Proposer,
-    durable: Durable,
+    node: Node,
     store: FileStore,
     rules: Rules,
     seeds: Vec<crate::core::pool::Backend>,
-    learned: Pool,
     publish: Arc<dyn Publish>,
     transport: Transport,
+    /// What this node's Hello says.
+    identity: Identity,
+    /// The pool last handed to `publish` (for the metrics of what changed).
+    published: Pool,
     peers: BTreeMap<NodeId, PeerEntry>,
-    queue: VecDeque<(PoolChange, Option<Reply>)>,
+    queue: VecDeque<Queued>,
     current: Option<Current>,
     epoch: Instant,
     view: Cluster,
     conflicts_seen: u64,
+    /// The last reason logged for not catching up.
+    waiting: Option<String>,
 }
 
 impl Driver {
@@ -297,116 +362,123 @@ impl Driver {
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut read = tokio::time::interval(READ_PERIOD);
         read.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        self.update_status();
         // Seed (or read) at once: a new cluster gets its pool, a restarted peer catches up.
         self.enqueue_catch_up();
         self.next();
         loop {
             let wake = self
-                .proposer
+                .node
                 .next_wakeup()
                 .map(|ms| tokio::time::Instant::from_std(self.epoch + Duration::from_millis(ms)));
+            let consensus = self.node.consensus();
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    if let Some(o) = self.proposer.cancel() {
+                    if let Some(o) = self.node.cancel() {
                         self.done(o);
                     }
                     return;
                 }
                 Some(m) = inbox.recv() => self.inbound(m),
                 Some(Command::Change(change, reply)) = commands.recv() => {
-                    self.queue.push_back((change, reply));
-                    self.next();
+                    let start_by = Instant::now() + START_WITHIN;
+                    self.queue.push_back(Queued { change, reply, start_by });
                 }
                 _ = beat.tick() => self.heartbeat(),
                 _ = read.tick() => {
                     if self.current.is_none() && self.queue.is_empty() {
                         self.enqueue_catch_up();
-                        self.next();
                     }
                 }
                 _ = async { match wake { Some(w) => tokio::time::sleep_until(w).await, None => std::future::pending().await } } => {
-                    let mut out = Vec::new();
                     let now = self.now_ms();
-                    self.proposer.tick(now, &mut out);
-                    self.act(out);
-                    self.next();
+                    self.node.tick(now);
+                    self.pump();
                 }
             }
+            if self.node.consensus() != consensus {
+                // Just caught up (or formed a new cluster): carry on at once.
+                tracing::info!(
+                    consensus = self.node.consensus().as_str(),
+                    "consensus state changed"
+                );
+                if self.current.is_none() && self.queue.is_empty() {
+                    self.enqueue_catch_up();
+                }
+                self.update_status();
+            }
+            self.next();
         }
     }
 
-    /// A seed while no pool is known, else an identity read.
+    /// Form the cluster while no pool is known and this voter votes, else an identity read
+    /// (which, while catching up, is the catch-up round).
     fn enqueue_catch_up(&mut self) {
-        let change = if self.learned.exists() {
+        let change = if self.node.learned().exists() || self.node.consensus() != Consensus::Voting {
             PoolChange::Read
         } else {
-            PoolChange::Seed {
-                backends: self.seeds.clone(),
-            }
+            self.node.seed(self.seeds.clone())
         };
-        self.queue.push_back((change, None));
+        let start_by = Instant::now() + START_WITHIN;
+        self.queue.push_back(Queued {
+            change,
+            reply: None,
+            start_by,
+        });
     }
 
-    /// Start the next queued change if the proposer is free.
+    /// Start the next queued change if the node is free.
     fn next(&mut self) {
         while self.current.is_none() {
-            let Some((change, reply)) = self.queue.pop_front() else {
+            let Some(q) = self.queue.pop_front() else {
                 return;
             };
-            let is_read = change == PoolChange::Read;
-            let mut out = Vec::new();
+            let refuse = if Instant::now() > q.start_by {
+                Some(Error::Expired)
+            } else if self.node.consensus() != Consensus::Voting && q.change != PoolChange::Read {
+                Some(Error::CatchingUp)
+            } else {
+                None
+            };
+            if let Some(e) = refuse {
+                if let Some(tx) = q.reply {
+                    let _ = tx.send(Err(e));
+                }
+                continue;
+            }
+            let is_read = q.change == PoolChange::Read;
             let now = self.now_ms();
-            if self.proposer.propose(change, self.rules, now, &mut out) {
+            if self.node.propose(q.change, self.rules, now) {
                 self.current = Some(Current {
-                    reply,
+                    reply: q.reply,
                     started: Instant::now(),
                     is_read,
                 });
-                self.act(out);
+                self.pump();
+            } else if let Some(tx) = q.reply {
+                let _ = tx.send(Err(Error::NoQuorum));
             }
         }
     }
 
-    fn persist(&mut self) -> bool {
-        let d = self.durable.clone();
-        let store = &mut self.store;
-        match tokio::task::block_in_place(|| store.save(&d)) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot persist Paxos state; not answering");
-                false
-            }
-        }
-    }
-
-    /// Carry out proposer actions; messages to self are handled here, in order.
-    fn act(&mut self, out: Vec<Action>) {
-        let mut work: VecDeque<Action> = out.into();
-        while let Some(a) = work.pop_front() {
-            match a {
-                Action::SaveCounter(c) => {
-                    self.durable.counter_reserved = c;
-                    if !self.persist() {
-                        // Without the reservation on disk no ballot may leave.
-                        if let Some(o) = self.proposer.cancel() {
-                            self.done(o);
-                        }
-                        return;
-                    }
+    /// Carry out what the node produced: what may happen now, then its write, then what
+    /// waited for the write (only if it landed).
+    fn pump(&mut self) {
+        let ready = self.node.ready();
+        self.carry(ready.now);
+        if let Some(write) = ready.write {
+            let store = &mut self.store;
+            let ok = match tokio::task::block_in_place(|| store.save(&write.state)) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot persist Paxos state; not answering");
+                    false
                 }
-                Action::Send(to, msg) if to == self.me => {
-                    if let Some(reply) = self.accept(&msg) {
-                        let mut more = Vec::new();
-                        let (me, now) = (self.me.clone(), self.now_ms());
-                        self.proposer.on_message(&me, &reply, now, &mut more);
-                        work.extend(more);
-                    }
-                }
-                Action::Send(to, msg) => self.transport.send(&to, Body::Paxos { msg }),
-                Action::Done(o) => self.done(o),
-            }
+            };
+            let held = self.node.written(write, ok);
+            self.carry(held);
         }
-        let c = self.proposer.conflicts();
+        let c = self.node.conflicts();
         if c > self.conflicts_seen {
             metrics::counter!(names::PAXOS_ROUNDS_TOTAL, "result" => "conflict")
                 .increment(c - self.conflicts_seen);
@@ -414,94 +486,82 @@ impl Driver {
         }
     }
 
-    /// The acceptor's side: handle, persist if changed, then (and only then) reply.
-    fn accept(&mut self, msg: &Msg) -> Option<Msg> {
-        let (changed, reply) = self.acceptor.handle(msg)?;
-        if changed {
-            self.durable.acceptor = self.acceptor.state().clone();
-            if !self.persist() {
-                return None;
-            }
+    fn carry(&mut self, effects: Effects) {
+        if let Some(pool) = effects.learned {
+            self.learned(pool);
         }
-        Some(reply)
+        for (to, msg) in effects.messages {
+            self.transport.send(&to, Body::Paxos { msg });
+        }
+        for o in effects.outcomes {
+            self.done(o);
+        }
     }
 
     fn inbound(&mut self, m: Inbound) {
         match m.body {
-            Body::Hello => {}
+            Body::Hello { epoch, .. } => {
+                // A peer at an older membership epoch catches up by learning, never by forming
+                // a quorum of its own: send it what this node learned.
+                let learned = self.node.learned();
+                if learned.exists() && epoch < learned.epoch {
+                    let msg = crate::core::paxos::Msg::Learn {
+                        pool: learned.clone(),
+                    };
+                    self.transport.send(&m.from, Body::Paxos { msg });
+                }
+            }
             Body::Heartbeat => {
                 let now = self.now_ms();
                 if let Some(p) = self.peers.get_mut(&m.from) {
                     p.detector.heartbeat(now);
                 }
             }
-            Body::Paxos { msg } => match msg {
-                Msg::Prepare { ref ballot } | Msg::Accept { ref ballot, .. } => {
-                    self.proposer.observe(ballot);
-                    if let Some(reply) = self.accept(&msg) {
-                        self.transport.send(&m.from, Body::Paxos { msg: reply });
-                    }
-                }
-                Msg::Learn { pool } => {
-                    self.learn(pool);
-                }
-                other => {
-                    let mut out = Vec::new();
-                    let now = self.now_ms();
-                    self.proposer.on_message(&m.from, &other, now, &mut out);
-                    self.act(out);
-                    self.next();
-                }
-            },
+            Body::Paxos { msg } => {
+                let now = self.now_ms();
+                self.node.step(&m.from, msg, now);
+                self.pump();
+            }
         }
     }
 
-    fn learn(&mut self, pool: Pool) -> bool {
-        if pool.version <= self.learned.version && self.learned.exists() {
-            return false;
-        }
-        record_pool_metrics(&self.learned, &pool);
-        self.learned = pool.clone();
+    /// A pool newer than any before: keep it as the routing hint and route from it.
+    fn learned(&mut self, pool: Pool) {
         let store = &self.store;
         if let Err(e) = tokio::task::block_in_place(|| store.save_learned(&pool)) {
             tracing::warn!(error = %e, "cannot save the learned pool");
         }
+        record_pool_metrics(&self.published, &pool);
+        self.identity.set(&pool.cluster_id, pool.epoch);
+        self.published = pool.clone();
         self.publish.publish(pool);
-        true
+        self.update_status();
+    }
+
+    fn update_status(&mut self) {
+        let status = ConsensusStatus {
+            cluster_id: self.node.learned().cluster_id.clone(),
+            consensus: self.node.consensus().as_str(),
+            members: self.node.voters(),
+            waiting: self.node.refusal(),
+        };
+        *self.view.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
     }
 
     fn done(&mut self, outcome: Outcome) {
         let cur = self.current.take();
         let (result, committed) = match &outcome {
-            Outcome::Committed(p) | Outcome::AlreadyCommitted(p) => {
-                (Ok(p.clone()), Some(p.clone()))
-            }
-            Outcome::Rejected(e, p) => (Err(Error::Rejected(e.clone())), Some(p.clone())),
-            Outcome::NotApplied => (Err(Error::NoQuorum), None),
-            Outcome::Unknown => (Err(Error::Unknown), None),
+            Outcome::Committed(p) | Outcome::AlreadyCommitted(p) => (Ok(p.clone()), true),
+            Outcome::Rejected(e, _) => (Err(Error::Rejected(e.clone())), true),
+            Outcome::NotApplied => (Err(Error::NoQuorum), false),
+            Outcome::Unknown => (Err(Error::Unknown), false),
         };
-        let label = if committed.is_some() {
-            "committed"
-        } else {
-            "timeout"
-        };
+        let label = if committed { "committed" } else { "timeout" };
         metrics::counter!(names::PAXOS_ROUNDS_TOTAL, "result" => label).increment(1);
-        if let Some(pool) = committed {
-            if let Some(c) = &cur {
-                if !c.is_read {
-                    metrics::histogram!(names::PAXOS_COMMIT_DURATION_SECONDS)
-                        .record(c.started.elapsed().as_secs_f64());
-                }
-            }
-            if self.learn(pool.clone()) {
-                for id in self.peers.keys() {
-                    self.transport.send(
-                        id,
-                        Body::Paxos {
-                            msg: Msg::Learn { pool: pool.clone() },
-                        },
-                    );
-                }
+        if let (true, Some(c)) = (committed, &cur) {
+            if !c.is_read {
+                metrics::histogram!(names::PAXOS_COMMIT_DURATION_SECONDS)
+                    .record(c.started.elapsed().as_secs_f64());
             }
         }
         if let Some(Current {
@@ -518,7 +578,9 @@ impl Driver {
         }
         let now = self.now_ms();
         let mut views = Vec::with_capacity(self.peers.len());
-        let mut alive = 1; // this peer
+        let voters = self.node.voters();
+        // This peer counts if it votes.
+        let mut alive = usize::from(self.node.consensus() == Consensus::Voting);
         let mut dead = Vec::new();
         let mut came_back = false;
         for (id, p) in self.peers.iter_mut() {
@@ -532,7 +594,7 @@ impl Driver {
                 }
                 p.state = state;
             }
-            if state == PeerState::Alive {
+            if state == PeerState::Alive && voters.contains(id) {
                 alive += 1;
             }
             if state == PeerState::Dead {
@@ -559,12 +621,17 @@ impl Driver {
         *self.view.dead.lock().unwrap_or_else(|e| e.into_inner()) = dead;
         self.view
             .quorum
-            .store(alive >= self.proposer.majority(), Ordering::Relaxed);
+            .store(alive >= self.node.majority(), Ordering::Relaxed);
+        let waiting = self.node.refusal();
+        if waiting.is_some() && waiting != self.waiting {
+            tracing::warn!(reason = waiting.as_deref().unwrap_or(""), "not voting yet");
+        }
+        self.waiting = waiting;
+        self.update_status();
         // A peer came back (a healed partition, a restart): catch up now, not at the next
         // periodic read.
         if came_back && self.current.is_none() && self.queue.is_empty() {
             self.enqueue_catch_up();
-            self.next();
         }
     }
 }

@@ -148,6 +148,8 @@ mod tests {
                 },
             },
             counter_reserved: n * 1000,
+            voting: true,
+            incarnation: 7,
         }
     }
 

@@ -5,8 +5,10 @@
 //! client certificate must chain to the cluster CA and name the claimed id as a DNS SAN, the id
 //! must be one of the configured peers, and the dialer checks the server's certificate names the
 //! peer it dialed. Every later frame, either way, must carry the authenticated sender, or it is
-//! dropped and counted. Sending never blocks the caller: a full queue drops the message (Paxos
-//! and heartbeats tolerate loss).
+//! dropped and counted. Both ends say Hello with their cluster id and membership epoch: a peer of
+//! another cluster is refused and counted. A link that carries nothing (not even heartbeats)
+//! for `idle` is torn down and dialed again, so a link whose packets vanish is noticed. Sending
+//! never blocks the caller: a full queue drops the message (Paxos and heartbeats tolerate loss).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,9 +32,18 @@ use crate::telemetry as names;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Body {
-    Hello,
+    /// The first frame each way: who sends it (the frame's `from`), of which cluster (empty
+    /// while it knows none) and at which membership epoch.
+    Hello {
+        #[serde(default)]
+        cluster: String,
+        #[serde(default)]
+        epoch: u64,
+    },
     Heartbeat,
-    Paxos { msg: Msg },
+    Paxos {
+        msg: Msg,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,6 +62,34 @@ pub struct Inbound {
 const MAX_FRAME: usize = 16 * 1024 * 1024;
 const QUEUE: usize = 4096;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// This node's cluster id and membership epoch, as its Hello says them (the driver updates
+/// them as it learns).
+#[derive(Clone, Default)]
+pub struct Identity(Arc<std::sync::Mutex<(String, u64)>>);
+
+impl Identity {
+    pub fn set(&self, cluster: &str, epoch: u64) {
+        let mut id = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if id.0 != cluster || id.1 != epoch {
+            *id = (cluster.to_string(), epoch);
+        }
+    }
+
+    fn hello(&self) -> Body {
+        let id = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Body::Hello {
+            cluster: id.0.clone(),
+            epoch: id.1,
+        }
+    }
+
+    /// Whether a peer that says `cluster` belongs to another cluster than this node.
+    fn foreign(&self, cluster: &str) -> bool {
+        let id = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        !cluster.is_empty() && !id.0.is_empty() && cluster != id.0
+    }
+}
 
 /// TLS material for both directions.
 #[derive(Clone)]
@@ -76,12 +115,16 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// Start the listener and one outbound link per peer. Inbound messages go to `inbox`.
+    /// Start the listener and one outbound link per peer. Inbound messages go to `inbox`; a
+    /// link silent for `idle` is torn down.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         me: NodeId,
         listener: TcpListener,
         peers: &[PeerConfig],
         tls: Option<PeerTls>,
+        identity: Identity,
+        idle: Duration,
         inbox: mpsc::Sender<Inbound>,
         shutdown: CancellationToken,
     ) -> Transport {
@@ -100,6 +143,8 @@ impl Transport {
                     tls: tls.clone(),
                     inbox: inbox.clone(),
                     known: known.clone(),
+                    identity: identity.clone(),
+                    idle,
                 },
                 rx,
                 conn_rx,
@@ -110,6 +155,7 @@ impl Transport {
             listener,
             known,
             tls,
+            identity,
             Arc::new(handoff),
             shutdown,
         ));
@@ -158,6 +204,8 @@ struct Link {
     tls: Option<PeerTls>,
     inbox: mpsc::Sender<Inbound>,
     known: Arc<Vec<NodeId>>,
+    identity: Identity,
+    idle: Duration,
 }
 
 /// Keep the one connection with `peer` (dialing it if our id is lower, else taking the one it
@@ -179,7 +227,7 @@ async fn link(
                 let conn = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     a = accepted.recv() => match a { Some(io) => Ok(io), None => return },
-                    c = connect(&l.me, &l.peer, l.tls.as_ref()) => c,
+                    c = connect(&l.me, &l.peer, l.tls.as_ref(), &l.identity) => c,
                 };
                 match conn {
                     Ok(io) => io,
@@ -217,7 +265,20 @@ async fn link(
             logged_down = false;
         }
         let (mut rd, mut wr) = tokio::io::split(io);
-        let reader = read_loop(&mut rd, &l.peer.id, &l.inbox, &l.known);
+        if !dials {
+            // Answer the dialer's Hello with ours, so it can check our cluster too.
+            let hello = Frame {
+                from: l.me.clone(),
+                body: l.identity.hello(),
+            };
+            if !matches!(
+                tokio::time::timeout(IO_TIMEOUT, write_frame(&mut wr, &hello)).await,
+                Ok(Ok(()))
+            ) {
+                continue;
+            }
+        }
+        let reader = read_loop(&mut rd, &l);
         tokio::pin!(reader);
         loop {
             tokio::select! {
@@ -242,18 +303,28 @@ async fn link(
     }
 }
 
-/// Pass on every frame from `peer` until the connection ends; frames claiming another sender
-/// are dropped and counted.
-async fn read_loop<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    peer: &NodeId,
-    inbox: &mpsc::Sender<Inbound>,
-    known: &[NodeId],
-) {
+/// Pass on every frame from the link's peer until the connection ends, goes silent for the
+/// link's `idle`, or turns out to belong to another cluster; frames claiming another sender are
+/// dropped and counted.
+async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, l: &Link) {
+    let (peer, inbox, known) = (&l.peer.id, &l.inbox, &l.known[..]);
     loop {
-        let Ok(frame) = read_frame(rd).await else {
-            return;
+        let frame = match tokio::time::timeout(l.idle, read_frame(rd)).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::info!(peer = %peer, "peer link silent too long; reconnecting");
+                return;
+            }
         };
+        if let Body::Hello { cluster, .. } = &frame.body {
+            if l.identity.foreign(cluster) {
+                let why = format!("another cluster ({cluster})");
+                metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => label_for(Some(&frame.from), known)).increment(1);
+                tracing::warn!(peer = %peer, reason = %why, "peer refused");
+                return;
+            }
+        }
         if frame.from != *peer {
             metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => label_for(Some(&frame.from), known)).increment(1);
             tracing::warn!(peer = %peer, claimed = %frame.from, "frame from another sender dropped");
@@ -277,6 +348,7 @@ async fn connect(
     me: &NodeId,
     peer: &PeerConfig,
     tls: Option<&PeerTls>,
+    identity: &Identity,
 ) -> std::io::Result<Box<dyn PeerIo>> {
     let tcp = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(&peer.addr))
         .await
@@ -300,7 +372,7 @@ async fn connect(
         &mut io,
         &Frame {
             from: me.clone(),
-            body: Body::Hello,
+            body: identity.hello(),
         },
     )
     .await?;
@@ -313,6 +385,7 @@ async fn accept_loop(
     listener: TcpListener,
     known: Arc<Vec<NodeId>>,
     tls: Option<PeerTls>,
+    identity: Identity,
     handoff: Handoff,
     shutdown: CancellationToken,
 ) {
@@ -322,16 +395,17 @@ async fn accept_loop(
             a = crate::net::accept(&listener, "cluster") => a,
         };
         let _ = stream.set_nodelay(true);
-        let (known, tls, handoff, shutdown) = (
+        let (known, tls, identity, handoff, shutdown) = (
             known.clone(),
             tls.clone(),
+            identity.clone(),
             handoff.clone(),
             shutdown.clone(),
         );
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = authenticate(stream, addr, &known, tls.as_ref(), &handoff) => {}
+                _ = authenticate(stream, addr, &known, tls.as_ref(), &identity, &handoff) => {}
             }
         });
     }
@@ -357,6 +431,7 @@ async fn authenticate(
     addr: SocketAddr,
     known: &[NodeId],
     tls: Option<&PeerTls>,
+    identity: &Identity,
     handoff: &Handoff,
 ) {
     let (mut io, cert): (Box<dyn PeerIo>, Option<CertificateDer<'static>>) = match tls {
@@ -389,8 +464,21 @@ async fn authenticate(
         }
     };
     let from = hello.from;
-    if !matches!(hello.body, Body::Hello) || !known.contains(&from) {
+    let Body::Hello { cluster, .. } = &hello.body else {
+        auth_failure(Some(&from), known, addr, "no hello");
+        return;
+    };
+    if !known.contains(&from) {
         auth_failure(Some(&from), known, addr, "not a configured peer");
+        return;
+    }
+    if identity.foreign(cluster) {
+        auth_failure(
+            Some(&from),
+            known,
+            addr,
+            &format!("another cluster ({cluster})"),
+        );
         return;
     }
     if tls.is_some() {
@@ -408,6 +496,8 @@ async fn authenticate(
     if let Some(tx) = handoff.get(&from) {
         let _ = tx.send(io).await;
     }
+    // The link passes the Hello on to the driver with the frames that follow.
+    let _ = hello;
 }
 
 /// Whether `cert` is valid for the DNS name `id` (its SAN).

@@ -276,9 +276,7 @@ mod tests {
         let me = NodeId::new("a");
         let mut pool = Pool::default()
             .apply(
-                &PoolChange::Seed {
-                    backends: vec![Backend::new("x", "127.0.0.1:1", 1)],
-                },
+                &PoolChange::seed(vec![Backend::new("x", "127.0.0.1:1", 1)]),
                 &Rules::default(),
             )
             .unwrap();

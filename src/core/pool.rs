@@ -138,6 +138,20 @@ pub struct Pool {
     /// a change after an unanswered accept finds it here instead of applying it twice.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub applied: BTreeMap<NodeId, u64>,
+    /// The cluster's id, made when it formed (empty in a pool from before ids existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster_id: String,
+    /// The agreed voters: quorums are counted among them (empty in a pool from before
+    /// membership was agreed: then each peer's configured list).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub voters: BTreeSet<NodeId>,
+    /// The membership epoch: rises with every change of the voters.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What `apply_once` did.
@@ -180,9 +194,14 @@ impl Default for Rules {
 pub enum PoolChange {
     /// The identity: a read run as a full round.
     Read,
-    /// Seed the pool from config; only when no pool exists yet.
+    /// Form the cluster: the pool from config, a new cluster id and the first voters; only
+    /// when no pool exists yet.
     Seed {
         backends: Vec<Backend>,
+        #[serde(default)]
+        cluster_id: String,
+        #[serde(default)]
+        voters: BTreeSet<NodeId>,
     },
     AddBackend {
         backend: Backend,
@@ -211,6 +230,17 @@ pub enum PoolChange {
     ExpireVotes {
         peer: NodeId,
     },
+}
+
+impl PoolChange {
+    /// Seed `backends` with no cluster id or voters (tests, benches, a lone pool).
+    pub fn seed(backends: Vec<Backend>) -> Self {
+        PoolChange::Seed {
+            backends,
+            cluster_id: String::new(),
+            voters: BTreeSet::new(),
+        }
+    }
 }
 
 /// Why a change was refused; the pool is unchanged.
@@ -333,10 +363,17 @@ impl Pool {
         let mut next = self.clone();
         match change {
             PoolChange::Read => return Ok(next),
-            PoolChange::Seed { backends } => {
+            PoolChange::Seed {
+                backends,
+                cluster_id,
+                voters,
+            } => {
                 if self.exists() {
                     return Err(ChangeError::AlreadySeeded(self.version));
                 }
+                next.cluster_id = cluster_id.clone();
+                next.voters = voters.clone();
+                next.epoch = u64::from(!voters.is_empty());
                 if backends.len() > MAX_BACKENDS {
                     return Err(ChangeError::Full);
                 }
@@ -508,7 +545,7 @@ mod tests {
             .map(|i| Backend::new(format!("b{i}"), format!("127.0.0.1:{}", 9000 + i), 1))
             .collect();
         Pool::default()
-            .apply(&PoolChange::Seed { backends }, &rules(3))
+            .apply(&PoolChange::seed(backends), &rules(3))
             .unwrap()
     }
 
@@ -524,9 +561,7 @@ mod tests {
         let p = seeded(3);
         assert_eq!(p.version, 1);
         assert_eq!(p.backends.len(), 3);
-        let err = p
-            .apply(&PoolChange::Seed { backends: vec![] }, &rules(3))
-            .unwrap_err();
+        let err = p.apply(&PoolChange::seed(vec![]), &rules(3)).unwrap_err();
         assert_eq!(err, ChangeError::AlreadySeeded(1));
     }
 
@@ -801,7 +836,7 @@ mod tests {
             })
             .collect();
         let full = Pool::default()
-            .apply(&PoolChange::Seed { backends }, &Rules::default())
+            .apply(&PoolChange::seed(backends), &Rules::default())
             .unwrap();
         let more = PoolChange::AddBackend {
             backend: Backend::new("x", "10.255.0.1:80", 1),

@@ -90,7 +90,7 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
         .map(|i| Backend::new(format!("b{i}"), format!("10.0.0.{i}:80"), 1))
         .collect();
     let mut pool = Pool::default()
-        .apply(&PoolChange::Seed { backends }, &rules)
+        .apply(&PoolChange::seed(backends), &rules)
         .unwrap_or_default();
     let mut local: Vec<Vec<LocalHealth>> =
         vec![vec![LocalHealth::default(); cfg.backends]; cfg.peers];

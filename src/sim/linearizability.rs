@@ -40,9 +40,20 @@ pub struct NotLinearizable {
     pub best_prefix: Vec<usize>,
 }
 
-/// Check `history` from the empty pool under `rules`. Gives up (and passes) after `budget`
-/// search steps, which the simulation sizes so that it never happens in practice.
-pub fn check(history: &[Operation], rules: &Rules, budget: u64) -> Result<(), NotLinearizable> {
+/// Why a history was not found linearizable.
+#[derive(Debug)]
+pub enum CheckError {
+    NotLinearizable(NotLinearizable),
+    /// The search ran out of its budget before deciding: that is not a pass.
+    Undecided {
+        steps: u64,
+    },
+}
+
+/// Check `history` from the empty pool under `rules`, within `budget` search steps. A history
+/// the search cannot decide within its budget fails (the simulation sizes its histories so
+/// that this does not happen).
+pub fn check(history: &[Operation], rules: &Rules, budget: u64) -> Result<(), CheckError> {
     let mut s = Search {
         ops: history,
         rules,
@@ -53,12 +64,14 @@ pub fn check(history: &[Operation], rules: &Rules, budget: u64) -> Result<(), No
         steps: 0,
         budget,
     };
-    if s.search(&Pool::default()) || s.steps >= budget {
+    if s.search(&Pool::default()) {
         Ok(())
+    } else if s.steps >= budget {
+        Err(CheckError::Undecided { steps: s.steps })
     } else {
-        Err(NotLinearizable {
+        Err(CheckError::NotLinearizable(NotLinearizable {
             best_prefix: s.best,
-        })
+        }))
     }
 }
 

@@ -18,9 +18,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::core::paxos::{
-    Acceptor, Action, Ballot, Durable, Msg, Outcome, Proposer, ProposerConfig,
-};
+use crate::core::paxos::{Ballot, Durable, Effects, Msg, Node as Core, Outcome, ProposerConfig};
 use crate::core::pool::{Backend, BackendId, NodeId, Pool, PoolChange, Rules};
 use linearizability::{Operation, Seen};
 
@@ -37,6 +35,11 @@ pub struct SimConfig {
     pub max_delay_ms: u64,
     pub partitions: bool,
     pub crashes: bool,
+    /// Some crashes lose the disk: the node comes back with an empty `data_dir` (never more
+    /// than a minority of voters without usable state at once).
+    pub disk_loss: bool,
+    /// The chance that a write of the Paxos state fails (nothing that needed it may happen).
+    pub write_failures: f64,
     /// Planted bugs, played by doubles the simulation owns (never by the production types).
     pub faults: Faults,
     /// Record a readable event log (for replaying a failing seed).
@@ -57,6 +60,8 @@ impl SimConfig {
             max_delay_ms: 30,
             partitions: true,
             crashes: true,
+            disk_loss: true,
+            write_failures: 0.01,
             faults: Faults::default(),
             trace: false,
             periodic_reads: true,
@@ -71,13 +76,23 @@ pub struct Faults {
     /// The disk acknowledges an acceptor's write before it is durable: replies leave first, the
     /// state lands later (or never, if the node crashes meanwhile).
     pub reply_before_persist: bool,
-    /// The disk keeps accepted values but silently drops promise updates, and the acceptor
-    /// reloads from it after every message (as if it restarted each time): it accepts ballots
-    /// below what it promised.
-    pub forget_promises: bool,
+    /// A disk that was lost comes back as a blank state that claims to vote (the old bug: an
+    /// empty `data_dir` taken for a new acceptor), so a wiped voter votes at once.
+    pub blank_disk_votes: bool,
     /// The network strips the accepted ballot from promises to proposers, so a proposer cannot
     /// tell which value is the highest-accepted one and continues from an arbitrary one.
     pub hide_accepted_ballots: bool,
+}
+
+/// The kinds of checks a run makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// An online safety property (agreement, no lost commit, ballots, the ejection cap).
+    Safety,
+    /// The client history is not linearizable, or the checker could not decide it.
+    Linearizability,
+    /// Nothing committed in time after the network healed, or a peer did not learn.
+    Liveness,
 }
 
 /// A failed run: which seed, which property, and (when traced) the events before it.
@@ -85,6 +100,8 @@ pub struct Faults {
 pub struct Failure {
     pub seed: u64,
     pub nodes: usize,
+    /// Which kind of check failed.
+    pub check: Check,
     pub reason: String,
     pub trace: Vec<String>,
 }
@@ -93,8 +110,8 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "seed {} ({} nodes): {}",
-            self.seed, self.nodes, self.reason
+            "seed {} ({} nodes): {:?}: {}",
+            self.seed, self.nodes, self.check, self.reason
         )?;
         writeln!(
             f,
@@ -124,6 +141,9 @@ pub struct Report {
     pub messages: u64,
     pub prepares: u64,
     pub final_version: u64,
+    /// Crashes that lost the disk, and writes that failed.
+    pub disk_losses: u64,
+    pub failed_writes: u64,
 }
 
 const PHASE_TIMEOUT: u64 = 200;
@@ -164,7 +184,7 @@ enum Event {
     Persist {
         node: usize,
         incarnation: u64,
-        state: Durable,
+        state: Box<Durable>,
     },
     PeriodicRead {
         node: usize,
@@ -172,15 +192,15 @@ enum Event {
     EndFaults,
 }
 
+/// One simulated peer: the core `Node` the cluster driver runs, and its disk.
 struct Node {
     id: NodeId,
     up: bool,
+    /// Counts starts, so events of an earlier life are ignored.
     incarnation: u64,
-    acceptor: Acceptor,
-    proposer: Proposer,
-    /// What survives a crash.
-    disk: Durable,
-    learned: Pool,
+    core: Core,
+    /// What survives a crash (None: an empty `data_dir`).
+    disk: Option<Durable>,
     /// The client operation this node's proposer runs (index into history).
     serving: Option<usize>,
 }
@@ -206,7 +226,7 @@ struct Sim {
     answered_max: u64,
     report: Report,
     trace: Vec<String>,
-    error: Option<String>,
+    error: Option<(Check, String)>,
 }
 
 /// Run one seed.
@@ -215,9 +235,10 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<Report, Failure> {
     sim.run();
     match sim.error.take() {
         None => Ok(sim.report),
-        Some(reason) => Err(Failure {
+        Some((check, reason)) => Err(Failure {
             seed,
             nodes: cfg.nodes,
+            check,
             reason,
             trace: std::mem::take(&mut sim.trace),
         }),
@@ -228,20 +249,27 @@ impl Sim {
     fn new(seed: u64, cfg: SimConfig) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let ids = node_ids(cfg.nodes);
-        let pcfg = PROPOSER;
+        // Half the runs start as a brand-new cluster (no voter has state: they must recognise
+        // that and form it); the others from voters whose state is initialized.
+        let fresh = rng.gen_bool(0.5);
         let nodes = ids
             .iter()
             .map(|id| {
-                let proposer = Proposer::new(id.clone(), ids.clone(), pcfg, 0, rng.gen());
-                let acceptor = Acceptor::default();
+                let disk = (!fresh).then(Durable::default);
+                let core = Core::new(
+                    id.clone(),
+                    ids.clone(),
+                    PROPOSER,
+                    disk.clone(),
+                    Pool::default(),
+                    rng.gen(),
+                );
                 Node {
                     id: id.clone(),
                     up: true,
                     incarnation: 0,
-                    acceptor,
-                    proposer,
-                    disk: Durable::default(),
-                    learned: Pool::default(),
+                    core,
+                    disk,
                     serving: None,
                 }
             })
@@ -298,10 +326,10 @@ impl Sim {
         }
     }
 
-    fn fail(&mut self, reason: String) {
+    fn fail(&mut self, check: Check, reason: String) {
         if self.error.is_none() {
-            self.log(|| format!("VIOLATION: {reason}"));
-            self.error = Some(reason);
+            self.log(|| format!("VIOLATION ({check:?}): {reason}"));
+            self.error = Some((check, reason));
         }
     }
 
@@ -335,10 +363,9 @@ impl Sim {
             Event::Deliver { from, to, msg } => self.deliver(from, to, msg),
             Event::Wake { node, incarnation } => {
                 if self.nodes[node].up && self.nodes[node].incarnation == incarnation {
-                    let mut out = Vec::new();
                     let now = self.now;
-                    self.nodes[node].proposer.tick(now, &mut out);
-                    self.act(node, out);
+                    self.nodes[node].core.tick(now);
+                    self.pump(node);
                 }
             }
             Event::ClientNext { client } => self.client_next(client),
@@ -359,14 +386,14 @@ impl Sim {
                 state,
             } => {
                 if self.nodes[node].up && self.nodes[node].incarnation == incarnation {
-                    self.nodes[node].disk = state;
+                    self.write_disk(node, *state);
                 }
             }
             Event::PeriodicRead { node } => {
                 if !self.cfg.periodic_reads {
                     return;
                 }
-                if self.nodes[node].up && !self.nodes[node].proposer.is_busy() {
+                if self.nodes[node].up && !self.nodes[node].core.is_busy() {
                     self.start_change(node, PoolChange::Read, None);
                 }
                 self.schedule(READ_PERIOD, Event::PeriodicRead { node });
@@ -392,7 +419,7 @@ impl Sim {
     fn liveness_probe(&mut self, node: usize) {
         let client = self.cfg.clients; // a separate client id
         let change = PoolChange::Read;
-        if self.nodes[node].proposer.is_busy() {
+        if self.nodes[node].core.is_busy() {
             // Wait for the node's current change to finish; retry shortly.
             self.schedule(50, Event::ClientNext { client });
             return;
@@ -428,89 +455,53 @@ impl Sim {
         self.schedule(d, Event::Deliver { from, to, msg });
     }
 
-    fn deliver(&mut self, from: usize, to: usize, msg: Msg) {
+    fn deliver(&mut self, from: usize, to: usize, mut msg: Msg) {
         if !self.nodes[to].up {
             return;
         }
-        match &msg {
-            Msg::Prepare { ballot } | Msg::Accept { ballot, .. } => {
-                self.nodes[to].proposer.observe(ballot);
-                let before = self.nodes[to].acceptor.state().clone();
-                let Some((changed, reply)) = self.nodes[to].acceptor.handle(&msg) else {
-                    return;
-                };
-                let after = self.nodes[to].acceptor.state().clone();
-                // Property 4: promised and accepted never decrease.
-                if after.promised < before.promised || after.accepted < before.accepted {
-                    self.fail(format!("acceptor {} ballots decreased", self.nodes[to].id));
-                }
-                if changed {
-                    let mut durable = self.nodes[to].disk.clone();
-                    if self.cfg.faults.forget_promises {
-                        let kept = durable.acceptor.promised.clone();
-                        durable.acceptor = after;
-                        durable.acceptor.promised = kept;
-                    } else {
-                        durable.acceptor = after;
-                    }
-                    if self.cfg.faults.reply_before_persist {
-                        let inc = self.nodes[to].incarnation;
-                        let lag = self.rng.gen_range(1..200);
-                        self.schedule(
-                            lag,
-                            Event::Persist {
-                                node: to,
-                                incarnation: inc,
-                                state: durable,
-                            },
-                        );
-                    } else {
-                        self.nodes[to].disk = durable;
-                    }
-                }
-                if self.cfg.faults.forget_promises {
-                    self.nodes[to].acceptor = Acceptor::new(self.nodes[to].disk.acceptor.clone());
-                }
-                let (id, from_id) = (self.nodes[to].id.clone(), self.nodes[from].id.clone());
-                self.log(|| format!("{id} <- {from_id}: {} => {}", brief(&msg), brief(&reply)));
-                self.send(to, from, reply);
-            }
-            Msg::Learn { pool } => {
-                if pool.version > self.nodes[to].learned.version {
-                    self.nodes[to].learned = pool.clone();
-                }
-            }
-            _ => {
-                let mut msg = msg;
-                if let (true, Msg::Promise { accepted, .. }) =
-                    (self.cfg.faults.hide_accepted_ballots, &mut msg)
-                {
-                    *accepted = Ballot::zero();
-                }
-                let mut out = Vec::new();
-                let from_id = self.nodes[from].id.clone();
-                let now = self.now;
-                self.nodes[to]
-                    .proposer
-                    .on_message(&from_id, &msg, now, &mut out);
-                self.act(to, out);
-            }
+        if let (true, Msg::Promise { accepted, .. }) =
+            (self.cfg.faults.hide_accepted_ballots, &mut msg)
+        {
+            *accepted = Ballot::zero();
         }
+        let (id, from_id) = (self.nodes[to].id.clone(), self.nodes[from].id.clone());
+        self.log(|| format!("{id} <- {from_id}: {}", brief(&msg)));
+        let now = self.now;
+        self.nodes[to].core.step(&from_id, msg, now);
+        self.pump(to);
     }
 
-    /// Carry out a proposer's actions, in order.
-    fn act(&mut self, node: usize, out: Vec<Action>) {
-        for a in out {
-            match a {
-                Action::SaveCounter(c) => self.nodes[node].disk.counter_reserved = c,
-                Action::Send(to, msg) => {
-                    let to = self.index_of(&to);
-                    self.send(node, to, msg);
-                }
-                Action::Done(outcome) => self.done(node, outcome),
+    /// Carry out what a node produced, as the cluster driver does: what may happen now, then
+    /// its write (which may fail), then what waited for the write.
+    fn pump(&mut self, node: usize) {
+        let ready = self.nodes[node].core.ready();
+        self.carry(node, ready.now);
+        if let Some(write) = ready.write {
+            let ok = !self.rng.gen_bool(self.cfg.write_failures);
+            if !ok {
+                self.report.failed_writes += 1;
+                let id = self.nodes[node].id.clone();
+                self.log(|| format!("{id}: write failed"));
+            } else if self.cfg.faults.reply_before_persist {
+                // The disk says done at once and writes later (or never, if the node crashes).
+                let inc = self.nodes[node].incarnation;
+                let lag = self.rng.gen_range(1..200);
+                let state = Box::new(write.state.clone());
+                self.schedule(
+                    lag,
+                    Event::Persist {
+                        node,
+                        incarnation: inc,
+                        state,
+                    },
+                );
+            } else {
+                self.write_disk(node, write.state.clone());
             }
+            let held = self.nodes[node].core.written(write, ok);
+            self.carry(node, held);
         }
-        if let Some(w) = self.nodes[node].proposer.next_wakeup() {
+        if let Some(w) = self.nodes[node].core.next_wakeup() {
             let inc = self.nodes[node].incarnation;
             let delay = w.saturating_sub(self.now);
             self.schedule(
@@ -521,6 +512,33 @@ impl Sim {
                 },
             );
         }
+    }
+
+    fn carry(&mut self, node: usize, effects: Effects) {
+        for (to, msg) in effects.messages {
+            let to = self.index_of(&to);
+            self.send(node, to, msg);
+        }
+        for o in effects.outcomes {
+            self.done(node, o);
+        }
+    }
+
+    /// The disk now holds `state`. Property 4: an acceptor's ballots never decrease, across
+    /// restarts too (checked on what is on disk; a lost disk starts over).
+    fn write_disk(&mut self, node: usize, state: Durable) {
+        if let Some(old) = &self.nodes[node].disk {
+            if state.acceptor.promised < old.acceptor.promised
+                || state.acceptor.accepted < old.acceptor.accepted
+            {
+                let id = self.nodes[node].id.clone();
+                self.fail(
+                    Check::Safety,
+                    format!("acceptor {id}'s ballots decreased on disk"),
+                );
+            }
+        }
+        self.nodes[node].disk = Some(state);
     }
 
     fn index_of(&self, id: &NodeId) -> usize {
@@ -549,7 +567,10 @@ impl Sim {
             match self.committed.get(&p.version) {
                 Some(q) if q != p => {
                     let v = p.version;
-                    self.fail(format!("two different pools committed as version {v}"));
+                    self.fail(
+                        Check::Safety,
+                        format!("two different pools committed as version {v}"),
+                    );
                 }
                 Some(_) => {}
                 None => {
@@ -558,19 +579,14 @@ impl Sim {
             }
             // Property 5: the ejection cap.
             if p.ejected_count() > p.ejection_cap(&self.rules) {
-                self.fail(format!(
-                    "version {} ejects {} backends, over the cap",
-                    p.version,
-                    p.ejected_count()
-                ));
-            }
-            if p.version > self.nodes[node].learned.version {
-                self.nodes[node].learned = p.clone();
-            }
-            for to in 0..self.nodes.len() {
-                if to != node {
-                    self.send(node, to, Msg::Learn { pool: p.clone() });
-                }
+                self.fail(
+                    Check::Safety,
+                    format!(
+                        "version {} ejects {} backends, over the cap",
+                        p.version,
+                        p.ejected_count()
+                    ),
+                );
             }
         }
         if let Some(i) = op {
@@ -592,9 +608,10 @@ impl Sim {
                 // Property 2: an answered commit is never lost: later operations see it.
                 if p.version < self.floor[i] {
                     let (v, f) = (p.version, self.floor[i]);
-                    self.fail(format!(
-                        "operation {i} saw version {v} after version {f} was answered"
-                    ));
+                    self.fail(
+                        Check::Safety,
+                        format!("operation {i} saw version {v} after version {f} was answered"),
+                    );
                 }
                 self.answered_max = self.answered_max.max(p.version);
             }
@@ -652,7 +669,7 @@ impl Sim {
             return;
         }
         let mut idle: Vec<usize> = (0..self.nodes.len())
-            .filter(|&n| self.nodes[n].up && !self.nodes[n].proposer.is_busy())
+            .filter(|&n| self.nodes[n].up && !self.nodes[n].core.is_busy())
             .collect();
         idle.shuffle(&mut self.rng);
         let Some(&node) = idle.first() else {
@@ -680,15 +697,15 @@ impl Sim {
     fn start_change(&mut self, node: usize, change: PoolChange, op: Option<usize>) {
         let id = self.nodes[node].id.clone();
         self.log(|| format!("{id} proposes {change:?}"));
-        let mut out = Vec::new();
         let now = self.now;
         let rules = self.rules;
-        if self.nodes[node]
-            .proposer
-            .propose(change, rules, now, &mut out)
-        {
+        if self.nodes[node].core.propose(change, rules, now) {
             self.nodes[node].serving = op;
-            self.act(node, out);
+            self.pump(node);
+        } else if op.is_some() {
+            // Refused at once (a node catching up takes no changes): nothing happened.
+            self.nodes[node].serving = op;
+            self.done(node, Outcome::NotApplied);
         }
     }
 
@@ -705,9 +722,22 @@ impl Sim {
             let &victim = up.choose(&mut self.rng).unwrap_or(&0);
             let id = self.nodes[victim].id.clone();
             self.log(|| format!("crash {id}"));
-            let outcome = self.nodes[victim].proposer.cancel();
+            let outcome = self.nodes[victim].core.cancel();
             self.nodes[victim].up = false;
             self.nodes[victim].incarnation += 1;
+            // Lose the disk too, unless that would leave a majority of voters without state.
+            let stateless = (0..self.nodes.len())
+                .filter(|&i| i != victim && !self.has_state(i))
+                .count();
+            if self.cfg.disk_loss && stateless < minority && self.rng.gen_bool(0.3) {
+                self.log(|| format!("{id} lost its disk"));
+                self.report.disk_losses += 1;
+                self.nodes[victim].disk = if self.cfg.faults.blank_disk_votes {
+                    Some(Durable::default())
+                } else {
+                    None
+                };
+            }
             if let Some(o) = outcome {
                 if self.nodes[victim].serving.is_some() {
                     self.done(victim, o);
@@ -720,21 +750,31 @@ impl Sim {
         self.schedule(at, Event::Crash);
     }
 
+    /// Whether a node holds voting state: its disk says so, or (up) it caught up.
+    fn has_state(&self, node: usize) -> bool {
+        let n = &self.nodes[node];
+        let on_disk = n.disk.as_ref().is_some_and(|d| d.voting);
+        on_disk || (n.up && n.core.consensus() == crate::core::paxos::Consensus::Voting)
+    }
+
     fn restart(&mut self, node: usize) {
         if self.nodes[node].up {
             return;
         }
+        let ids = node_ids(self.cfg.nodes);
+        let seed = self.rng.gen();
         let n = &mut self.nodes[node];
         n.up = true;
         n.incarnation += 1;
-        // Only what was persisted survives.
-        n.acceptor = Acceptor::new(n.disk.acceptor.clone());
-        let ids = node_ids(self.cfg.nodes);
-        let pcfg = PROPOSER;
-        let seed = self.rng.gen();
-        let n = &mut self.nodes[node];
-        n.proposer = Proposer::new(n.id.clone(), ids, pcfg, n.disk.counter_reserved, seed);
-        n.learned = Pool::default();
+        // Only what was persisted survives; the learned pool starts empty.
+        n.core = Core::new(
+            n.id.clone(),
+            ids,
+            PROPOSER,
+            n.disk.clone(),
+            Pool::default(),
+            seed,
+        );
         n.serving = None;
         let id = n.id.clone();
         self.log(|| format!("restart {id}"));
@@ -796,24 +836,32 @@ impl Sim {
         });
         match probe {
             None => {
-                self.fail("no change committed within 5 s of the network healing".into());
+                self.fail(
+                    Check::Liveness,
+                    "no change committed within 5 s of the network healing".into(),
+                );
                 return;
             }
             Some(o) if o.response > heal + LIVENESS_MS => {
                 let took = o.response - heal;
-                self.fail(format!("the first change after healing took {took} ms"));
+                self.fail(
+                    Check::Liveness,
+                    format!("the first change after healing took {took} ms"),
+                );
                 return;
             }
             _ => {}
         }
         // Every live peer learned the latest committed version.
         let latest = self.committed.keys().next_back().copied().unwrap_or(0);
-        for n in &self.nodes {
-            if n.learned.version < latest {
-                let (id, v) = (n.id.clone(), n.learned.version);
-                self.fail(format!(
-                    "{id} learned only version {v} of {latest} after healing"
-                ));
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            if n.core.learned().version < latest {
+                let (id, v) = (n.id.clone(), n.core.learned().version);
+                self.fail(
+                    Check::Liveness,
+                    format!("{id} learned only version {v} of {latest} after healing"),
+                );
                 return;
             }
         }
@@ -825,7 +873,21 @@ impl Sim {
             .filter(|o| !(o.seen == Seen::Unknown && o.change == PoolChange::Read))
             .cloned()
             .collect();
-        if let Err(e) = linearizability::check(&ops, &self.rules, 2_000_000) {
+        let e = match linearizability::check(&ops, &self.rules, 2_000_000) {
+            Ok(()) => return,
+            Err(linearizability::CheckError::Undecided { steps }) => {
+                let n = ops.len();
+                self.fail(
+                    Check::Linearizability,
+                    format!(
+                        "the checker could not decide a history of {n} operations in {steps} steps"
+                    ),
+                );
+                return;
+            }
+            Err(linearizability::CheckError::NotLinearizable(e)) => e,
+        };
+        {
             let mut msg = format!(
                 "history of {} operations is not linearizable; longest valid order:",
                 ops.len()
@@ -852,7 +914,7 @@ impl Sim {
                     o.client, o.change, o.invoke, o.response
                 );
             }
-            self.fail(msg);
+            self.fail(Check::Linearizability, msg);
         }
     }
 }
@@ -868,6 +930,7 @@ fn brief(m: &Msg) -> String {
         Msg::Accept { ballot, value } => format!("accept {ballot} v{}", value.version),
         Msg::Accepted { ballot } => format!("accepted {ballot}"),
         Msg::Conflict { ballot, seen } => format!("conflict {ballot} (seen {seen})"),
+        Msg::NotVoting { ballot, formed } => format!("not voting {ballot} (formed {formed})"),
         Msg::Learn { pool } => format!("learn v{}", pool.version),
     }
 }

@@ -344,10 +344,16 @@ impl Shoal {
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    /// Start `shoal run` with extra arguments (e.g. `--force-new-cluster`).
+    pub fn spawn_with(&mut self, args: &[&str]) {
         let log = std::fs::File::create(self.dir.path().join("shoal.log")).unwrap();
         let child = Command::new(shoal_bin())
             .args(["run", "--config"])
             .arg(&self.config)
+            .args(args)
             .env("SHOAL__LOG__LEVEL", "debug")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())

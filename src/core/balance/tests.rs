@@ -10,7 +10,7 @@ fn pool(n: usize) -> Pool {
         .map(|i| Backend::new(format!("web-{i}"), format!("10.0.0.{i}:80"), 1))
         .collect();
     Pool::default()
-        .apply(&PoolChange::Seed { backends }, &Rules::default())
+        .apply(&PoolChange::seed(backends), &Rules::default())
         .unwrap()
 }
 

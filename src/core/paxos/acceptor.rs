@@ -29,6 +29,14 @@ impl Acceptor {
         &self.state
     }
 
+    /// Promise at least `b` (a node that caught up after losing its state refuses every ballot
+    /// up to the one it caught up with).
+    pub fn promise_at_least(&mut self, b: &Ballot) {
+        if *b > self.state.promised {
+            self.state.promised = b.clone();
+        }
+    }
+
     /// The highest ballot this acceptor has seen (what a conflict reports).
     fn seen(&self) -> Ballot {
         self.state.promised.clone().max(self.state.accepted.clone())

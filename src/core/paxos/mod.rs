@@ -12,9 +12,11 @@
 //! reservations to persist (again before the messages leave), and outcomes.
 
 mod acceptor;
+mod node;
 mod proposer;
 
 pub use acceptor::{Acceptor, AcceptorState};
+pub use node::{Consensus, Effects, Node, Ready, Write};
 pub use proposer::{Action, Outcome, Proposer, ProposerConfig};
 
 use std::cmp::Ordering;
@@ -24,12 +26,20 @@ use serde::{Deserialize, Serialize};
 
 use super::pool::{NodeId, Pool};
 
-/// A ballot: (counter, proposer id), ordered by counter, then id. Unique per proposer attempt:
-/// a proposer never reuses a counter, across restarts too (it persists a reservation).
+/// A ballot: (counter, proposer id, incarnation), ordered in that order. Unique per proposer
+/// attempt: a proposer never reuses a counter, across restarts too (it persists a reservation),
+/// and a node that lost its disk starts a new incarnation, so it cannot reuse a ballot of its
+/// earlier life either.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub struct Ballot {
     pub counter: u64,
     pub node: NodeId,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub incarnation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Ballot {
@@ -38,7 +48,11 @@ impl Ballot {
         Self::default()
     }
     pub fn new(counter: u64, node: NodeId) -> Self {
-        Self { counter, node }
+        Self {
+            counter,
+            node,
+            incarnation: 0,
+        }
     }
 }
 
@@ -47,6 +61,7 @@ impl Ord for Ballot {
         self.counter
             .cmp(&o.counter)
             .then_with(|| self.node.cmp(&o.node))
+            .then_with(|| self.incarnation.cmp(&o.incarnation))
     }
 }
 
@@ -80,16 +95,94 @@ pub enum Msg {
     Accepted { ballot: Ballot },
     /// The acceptor refused `ballot`: it has seen `seen`, which is at least as high.
     Conflict { ballot: Ballot, seen: Ballot },
+    /// The acceptor does not vote yet: it started without its state (a lost or new disk) and
+    /// has not caught up. `formed`: it knows of a formed cluster (it learned a pool).
+    NotVoting { ballot: Ballot, formed: bool },
     /// A committed pool, pushed to every peer after a commit.
     Learn { pool: Pool },
 }
 
-/// What a node keeps on disk: the acceptor state and the proposer's counter reservation.
-#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// What a node keeps on disk: the acceptor state, the proposer's counter reservation, and
+/// whether this acceptor may vote (false while a node that started without state catches up).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Durable {
     pub acceptor: AcceptorState,
     /// The proposer never uses a counter at or below this after a restart.
     pub counter_reserved: u64,
+    /// This acceptor answers prepares and accepts (state written before this field existed
+    /// belongs to a voter).
+    #[serde(default = "yes")]
+    pub voting: bool,
+    /// Distinguishes this node's ballots from those of an earlier life that lost its disk.
+    #[serde(default)]
+    pub incarnation: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Why `--force-new-cluster` cannot run.
+#[derive(Debug, thiserror::Error)]
+#[error("this peer knows no pool to recover from (its data_dir holds no agreed state)")]
+pub struct NothingToRecover;
+
+impl Durable {
+    /// `--force-new-cluster`: the last resort when a majority of voters lost their disks. From
+    /// this node's own last state (the newer of what its acceptor holds and what it learned), a
+    /// new membership epoch with this node as the only voter, one version up, accepted under a
+    /// ballot above every one this node has seen, so any peer that learns it takes it as newer.
+    pub fn force_new_cluster(
+        &self,
+        me: &NodeId,
+        learned: &Pool,
+    ) -> Result<(Durable, Pool), NothingToRecover> {
+        let held = &self.acceptor.value;
+        let last = if held.version >= learned.version {
+            held
+        } else {
+            learned
+        };
+        if !last.exists() {
+            return Err(NothingToRecover);
+        }
+        let mut pool = last.clone();
+        pool.voters = [me.clone()].into_iter().collect();
+        pool.epoch += 1;
+        pool.version += 1;
+        let counter = self
+            .counter_reserved
+            .max(self.acceptor.promised.counter)
+            .max(self.acceptor.accepted.counter)
+            + 1;
+        let ballot = Ballot {
+            counter,
+            node: me.clone(),
+            incarnation: self.incarnation,
+        };
+        let durable = Durable {
+            acceptor: AcceptorState {
+                promised: ballot.clone(),
+                accepted: ballot,
+                value: pool.clone(),
+            },
+            counter_reserved: counter,
+            voting: true,
+            incarnation: self.incarnation,
+        };
+        Ok((durable, pool))
+    }
+}
+
+impl Default for Durable {
+    fn default() -> Self {
+        Self {
+            acceptor: AcceptorState::default(),
+            counter_reserved: 0,
+            voting: true,
+            incarnation: 0,
+        }
+    }
 }
 
 #[cfg(test)]

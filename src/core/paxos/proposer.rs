@@ -70,9 +70,20 @@ enum Phase {
         ballot: Ballot,
         value: Pool,
         /// What committing `value` means for the change.
-        result: Result<Applied, ChangeError>,
+        result: Meaning,
         oks: BTreeSet<NodeId>,
     },
+}
+
+/// What committing the accepted value means for the change.
+#[derive(Debug)]
+enum Meaning {
+    /// The change applied (or was a no-op).
+    Applied,
+    /// An earlier attempt of this change is already in the value.
+    Already,
+    /// The precondition failed; the value is what was read.
+    Rejected(ChangeError),
 }
 
 #[derive(Debug)]
@@ -93,6 +104,7 @@ struct Op {
 #[derive(Debug)]
 pub struct Proposer {
     id: NodeId,
+    incarnation: u64,
     acceptors: Vec<NodeId>,
     cfg: ProposerConfig,
     counter: u64,
@@ -114,6 +126,7 @@ impl Proposer {
     ) -> Self {
         Self {
             id,
+            incarnation: 0,
             acceptors,
             cfg,
             counter: counter_reserved,
@@ -126,6 +139,39 @@ impl Proposer {
 
     pub fn id(&self) -> &NodeId {
         &self.id
+    }
+
+    /// Ballots carry `incarnation` from now on (a node that lost its disk picks a new one).
+    pub fn set_incarnation(&mut self, incarnation: u64) {
+        self.incarnation = incarnation;
+    }
+
+    /// The acceptors (and so the quorum) of the next change; the one in progress keeps its own.
+    pub fn set_acceptors(&mut self, acceptors: Vec<NodeId>) {
+        self.acceptors = acceptors;
+    }
+
+    pub fn acceptors(&self) -> &[NodeId] {
+        &self.acceptors
+    }
+
+    /// The ballot of the round in progress, if any.
+    pub fn current_ballot(&self) -> Option<&Ballot> {
+        match &self.op.as_ref()?.phase {
+            Phase::Preparing { ballot, .. } | Phase::Accepting { ballot, .. } => Some(ballot),
+            Phase::Backoff => None,
+        }
+    }
+
+    /// The highest counter this proposer has used or seen.
+    pub fn counter(&self) -> u64 {
+        self.counter
+    }
+
+    /// A counter reservation was not written: only `durable` is. The next round reserves again
+    /// before any ballot above it leaves.
+    pub fn reservation_lost(&mut self, durable: u64) {
+        self.reserved = durable;
     }
 
     pub fn majority(&self) -> usize {
@@ -197,7 +243,11 @@ impl Proposer {
             self.reserved = self.counter + RESERVE;
             out.push(Action::SaveCounter(self.reserved));
         }
-        let ballot = Ballot::new(self.counter, self.id.clone());
+        let ballot = Ballot {
+            counter: self.counter,
+            node: self.id.clone(),
+            incarnation: self.incarnation,
+        };
         op.phase = Phase::Preparing {
             ballot: ballot.clone(),
             promises: BTreeMap::new(),
@@ -284,10 +334,10 @@ impl Proposer {
                     .unwrap_or_default();
                 let (value, result) =
                     match current.apply_once(&op.change, &op.rules, &self.id, op.seq) {
-                        Ok(Applied::Next(next)) => (next.clone(), Ok(Applied::Next(next))),
+                        Ok(Applied::Next(next)) => (next, Meaning::Applied),
                         // Write back what we read, so that the earlier commit is surely chosen.
-                        Ok(Applied::Already) => (current.clone(), Ok(Applied::Already)),
-                        Err(e) => (current.clone(), Err(e)),
+                        Ok(Applied::Already) => (current.clone(), Meaning::Already),
+                        Err(e) => (current.clone(), Meaning::Rejected(e)),
                     };
                 // Once a value that differs from what was read has gone out, giving up leaves the
                 // outcome unknown (a read, a no-op or a rejection only writes back what it read).
@@ -327,9 +377,9 @@ impl Proposer {
                     return;
                 }
                 let outcome = match result {
-                    Ok(Applied::Next(_)) => Outcome::Committed(value.clone()),
-                    Ok(Applied::Already) => Outcome::AlreadyCommitted(value.clone()),
-                    Err(e) => Outcome::Rejected(e.clone(), value.clone()),
+                    Meaning::Applied => Outcome::Committed(value.clone()),
+                    Meaning::Already => Outcome::AlreadyCommitted(value.clone()),
+                    Meaning::Rejected(e) => Outcome::Rejected(e.clone(), value.clone()),
                 };
                 self.finish(outcome, out);
             }

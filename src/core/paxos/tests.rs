@@ -302,3 +302,295 @@ fn a_retry_never_applies_a_change_twice() {
     assert_eq!(pool.version, 1);
     assert_eq!(pool.backends.len(), 1);
 }
+
+// ---- The Node: persistence carried by the type, lost disks, forming, forcing ----
+
+const CFG: ProposerConfig = ProposerConfig {
+    phase_timeout: 100,
+    deadline: 1_000,
+    backoff_base: 10,
+    backoff_cap: 50,
+};
+
+fn ids(names: &[&str]) -> Vec<NodeId> {
+    names.iter().map(|s| n(s)).collect()
+}
+
+/// A voting node with state (a formed cluster's voter after a restart).
+fn voter(id: &str) -> Node {
+    Node::new(
+        n(id),
+        ids(&["a", "b", "c"]),
+        CFG,
+        Some(Durable::default()),
+        Pool::default(),
+        1,
+    )
+}
+
+/// Drive `ready` and an always-successful write; everything that came out.
+fn flush(node: &mut Node) -> Effects {
+    let mut ready = node.ready();
+    if let Some(w) = ready.write.take() {
+        let held = node.written(w, true);
+        ready.now.messages.extend(held.messages);
+        ready.now.outcomes.extend(held.outcomes);
+        ready.now.learned = held.learned.or(ready.now.learned);
+    }
+    ready.now
+}
+
+/// §2.2: a promise leaves only after the promised state is written; nothing is sent at once.
+#[test]
+fn node_replies_only_after_its_state_is_written() {
+    let mut a = voter("a");
+    a.step(&n("b"), Msg::Prepare { ballot: b(5, "b") }, 0);
+    let ready = a.ready();
+    assert!(
+        ready.now.messages.is_empty(),
+        "nothing leaves before the write"
+    );
+    let write = ready.write.expect("the promise must be written");
+    assert_eq!(write.state.acceptor.promised, b(5, "b"));
+    let out = a.written(write, true);
+    assert!(matches!(out.messages.as_slice(), [(to, Msg::Promise { .. })] if *to == n("b")));
+    // An answer that changes nothing (a conflict) needs no write and leaves at once.
+    a.step(&n("c"), Msg::Prepare { ballot: b(4, "c") }, 0);
+    let ready = a.ready();
+    assert!(ready.write.is_none());
+    assert!(matches!(
+        ready.now.messages.as_slice(),
+        [(_, Msg::Conflict { .. })]
+    ));
+}
+
+/// A failed write sends nothing, rolls back to the disk's state, and the next round reserves its
+/// counter again before any ballot leaves.
+#[test]
+fn a_failed_write_sends_nothing_and_rolls_back() {
+    let mut a = voter("a");
+    assert!(a.propose(PoolChange::Read, Rules::default(), 0));
+    let ready = a.ready();
+    let write = ready
+        .write
+        .expect("the counter reservation and own promise");
+    assert!(write.state.counter_reserved > 0);
+    let lost = a.written(write, false);
+    assert!(
+        lost.messages.is_empty(),
+        "no prepare leaves without its reservation"
+    );
+    assert_eq!(lost.outcomes, vec![Outcome::NotApplied]);
+    // The node is as its disk: its own earlier promise is gone, and a new round saves again.
+    a.step(&n("b"), Msg::Prepare { ballot: b(1, "b") }, 0);
+    let out = flush(&mut a);
+    assert!(matches!(
+        out.messages.as_slice(),
+        [(_, Msg::Promise { .. })]
+    ));
+    assert!(a.propose(PoolChange::Read, Rules::default(), 10));
+    let write = a.ready().write.expect("a new reservation");
+    assert!(write.state.counter_reserved > 0);
+}
+
+/// DESIGN 3.1: a voter without state answers no prepare or accept until an identity round
+/// through the other voters committed; then it promises above that round and votes.
+#[test]
+fn a_voter_without_state_catches_up_before_it_votes() {
+    let mut fresh = Node::new(n("b"), ids(&["a", "b", "c"]), CFG, None, Pool::default(), 7);
+    assert_eq!(fresh.consensus(), Consensus::CatchingUp);
+    fresh.step(&n("a"), Msg::Prepare { ballot: b(3, "a") }, 0);
+    let out = flush(&mut fresh);
+    assert!(
+        matches!(
+            out.messages.as_slice(),
+            [(_, Msg::NotVoting { formed: false, .. })]
+        ),
+        "{out:?}"
+    );
+    // Only reads run while catching up, and they go to the other voters only.
+    assert!(!fresh.propose(
+        PoolChange::RemoveBackend {
+            id: crate::core::pool::BackendId::new("x")
+        },
+        Rules::default(),
+        0
+    ));
+    assert!(fresh.propose(PoolChange::Read, Rules::default(), 0));
+    let out = flush(&mut fresh);
+    let prepares: Vec<_> = out
+        .messages
+        .iter()
+        .filter_map(|(to, m)| match m {
+            Msg::Prepare { ballot } => Some((to.clone(), ballot.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        prepares
+            .iter()
+            .map(|(to, _)| to.clone())
+            .collect::<Vec<_>>(),
+        ids(&["a", "c"])
+    );
+    let round = prepares[0].1.clone();
+    // a and c hold a formed pool; they promise, then accept the write-back.
+    let formed = Pool::default()
+        .apply(
+            &PoolChange::seed(vec![Backend::new("w", "10.0.0.1:80", 1)]),
+            &Rules::default(),
+        )
+        .unwrap();
+    for from in ["a", "c"] {
+        fresh.step(
+            &n(from),
+            Msg::Promise {
+                ballot: round.clone(),
+                accepted: b(2, "a"),
+                value: formed.clone(),
+            },
+            1,
+        );
+    }
+    let out = flush(&mut fresh);
+    assert!(out
+        .messages
+        .iter()
+        .any(|(_, m)| matches!(m, Msg::Accept { .. })));
+    for from in ["a", "c"] {
+        fresh.step(
+            &n(from),
+            Msg::Accepted {
+                ballot: round.clone(),
+            },
+            2,
+        );
+    }
+    let ready = fresh.ready();
+    let write = ready.write.expect("voting is written before it counts");
+    assert!(write.state.voting);
+    assert!(write.state.acceptor.promised >= round);
+    let out = fresh.written(write, true);
+    assert_eq!(out.outcomes, vec![Outcome::Committed(formed.clone())]);
+    assert_eq!(fresh.consensus(), Consensus::Voting);
+    // It refuses every ballot up to the one it caught up with, and votes above it.
+    fresh.step(&n("a"), Msg::Prepare { ballot: b(2, "z") }, 3);
+    assert!(matches!(
+        flush(&mut fresh).messages.as_slice(),
+        [(_, Msg::Conflict { .. })]
+    ));
+    fresh.step(
+        &n("a"),
+        Msg::Prepare {
+            ballot: b(round.counter + 1, "a"),
+        },
+        3,
+    );
+    assert!(matches!(
+        flush(&mut fresh).messages.as_slice(),
+        [(_, Msg::Promise { .. })]
+    ));
+}
+
+/// A brand-new cluster: every other voter says it knows no formed pool, so the node votes.
+/// One voter with state among them keeps it catching up.
+#[test]
+fn a_brand_new_cluster_forms_and_a_formed_one_is_not_mistaken_for_new() {
+    let start = |seed| {
+        Node::new(
+            n("a"),
+            ids(&["a", "b", "c"]),
+            CFG,
+            None,
+            Pool::default(),
+            seed,
+        )
+    };
+    let mut a = start(1);
+    assert!(a.propose(PoolChange::Read, Rules::default(), 0));
+    let out = flush(&mut a);
+    let Some((_, Msg::Prepare { ballot })) = out.messages.first() else {
+        panic!("{out:?}")
+    };
+    let mut b2 = start(2);
+    assert!(b2.propose(PoolChange::Read, Rules::default(), 0));
+    let Some((_, Msg::Prepare { ballot: ballot2 })) = flush(&mut b2).messages.first().cloned()
+    else {
+        panic!()
+    };
+    for from in ["b", "c"] {
+        a.step(
+            &n(from),
+            Msg::NotVoting {
+                ballot: ballot.clone(),
+                formed: false,
+            },
+            1,
+        );
+    }
+    assert_eq!(a.consensus(), Consensus::Voting);
+    // The same answers but one with state: still catching up.
+    b2.step(
+        &n("b"),
+        Msg::NotVoting {
+            ballot: ballot2.clone(),
+            formed: false,
+        },
+        1,
+    );
+    b2.step(
+        &n("c"),
+        Msg::NotVoting {
+            ballot: ballot2.clone(),
+            formed: true,
+        },
+        1,
+    );
+    assert_eq!(b2.consensus(), Consensus::CatchingUp);
+}
+
+/// `--force-new-cluster` keeps everything the survivor had, one version and one epoch up, with
+/// the survivor the only voter, under a ballot above any it has seen.
+#[test]
+fn force_new_cluster_recovers_from_the_survivors_own_state() {
+    let pool = Pool::default()
+        .apply(
+            &PoolChange::seed(vec![Backend::new("w", "10.0.0.1:80", 1)]),
+            &Rules::default(),
+        )
+        .unwrap();
+    let d = Durable {
+        acceptor: AcceptorState {
+            promised: b(9, "b"),
+            accepted: b(8, "a"),
+            value: pool.clone(),
+        },
+        counter_reserved: 3_000,
+        voting: true,
+        incarnation: 5,
+    };
+    let (forced, new) = d.force_new_cluster(&n("a"), &Pool::default()).unwrap();
+    assert_eq!(new.backends, pool.backends);
+    assert_eq!((new.version, new.epoch), (pool.version + 1, pool.epoch + 1));
+    assert_eq!(new.voters.iter().cloned().collect::<Vec<_>>(), ids(&["a"]));
+    assert!(forced.acceptor.accepted > b(3_000, "z"));
+    assert_eq!(forced.acceptor.value, new);
+    // A single voter commits alone from it.
+    let mut a = Node::new(
+        n("a"),
+        ids(&["a", "b", "c"]),
+        CFG,
+        Some(forced),
+        new.clone(),
+        1,
+    );
+    assert_eq!(a.voters(), ids(&["a"]));
+    assert!(a.propose(PoolChange::Read, Rules::default(), 0));
+    let out = flush(&mut a);
+    assert!(
+        matches!(out.outcomes.as_slice(), [Outcome::AlreadyCommitted(p) | Outcome::Committed(p)] if p.backends == new.backends)
+    );
+    assert!(Durable::default()
+        .force_new_cluster(&n("a"), &Pool::default())
+        .is_err());
+}
