@@ -99,7 +99,7 @@ pub struct Node {
     durable: Durable,
     /// What the last successful write left on disk: where a failed write rolls back to.
     on_disk: Durable,
-    /// The state changed since the last `ready`: what followed waits for the write.
+    /// The state changed since the last `ready`: what follows waits for the write.
     dirty: bool,
     mode: Mode,
     learned: Pool,
@@ -110,7 +110,10 @@ pub struct Node {
     /// Whether the change in progress is this node's own catch-up round.
     catching_up_op: bool,
     rng: ChaCha8Rng,
+    /// Produced before any state change since the last `ready`: free to happen now.
     out: Effects,
+    /// Produced after one: waits for the write.
+    held: Effects,
 }
 
 impl Node {
@@ -175,6 +178,7 @@ impl Node {
             catching_up_op: false,
             rng,
             out: Effects::default(),
+            held: Effects::default(),
             id,
         };
         node.refresh_peers();
@@ -364,23 +368,31 @@ impl Node {
         self.maybe_brand_new();
     }
 
-    /// Take what happened since the last call.
+    /// Take what happened since the last call. What was produced before the first state change
+    /// may happen now; the rest waits for the write.
     pub fn ready(&mut self) -> Ready {
-        let effects = std::mem::take(&mut self.out);
+        let now = std::mem::take(&mut self.out);
+        let held = std::mem::take(&mut self.held);
         if !self.dirty {
-            return Ready {
-                now: effects,
-                write: None,
-            };
+            return Ready { now, write: None };
         }
         self.dirty = false;
         self.durable.acceptor = self.acceptor.state().clone();
         Ready {
-            now: Effects::default(),
+            now,
             write: Some(Write {
                 state: self.durable.clone(),
-                held: effects,
+                held,
             }),
+        }
+    }
+
+    /// Where an effect goes: after a state change it waits for the write.
+    fn effects(&mut self) -> &mut Effects {
+        if self.dirty {
+            &mut self.held
+        } else {
+            &mut self.out
         }
     }
 
@@ -456,7 +468,7 @@ impl Node {
             .collect();
         if !others.is_empty() && others.is_subset(unformed) {
             if let Some(o) = self.proposer.cancel() {
-                self.out.outcomes.push(o);
+                self.effects().outcomes.push(o);
             }
             self.catching_up_op = false;
             self.start_voting(None);
@@ -492,7 +504,7 @@ impl Node {
     }
 
     fn send(&mut self, to: NodeId, msg: Msg) {
-        self.out.messages.push((to, msg));
+        self.effects().messages.push((to, msg));
     }
 
     fn learn(&mut self, pool: Pool) {
@@ -501,7 +513,7 @@ impl Node {
         }
         self.learned = pool.clone();
         self.refresh_peers();
-        self.out.learned = Some(pool);
+        self.effects().learned = Some(pool);
     }
 
     fn refresh_peers(&mut self) {
@@ -512,10 +524,15 @@ impl Node {
         }
     }
 
-    /// Carry out proposer actions; messages to this node's own acceptor are handled here, in
-    /// order (their state changes join the same write as everything else).
+    /// Carry out proposer actions; messages to this node's own acceptor are handled here (their
+    /// state changes join the same write as everything else), after the messages to the others
+    /// of the same batch: those depend on a counter reservation before them, never on this
+    /// node's own promise, so they leave without waiting for its write.
     fn act(&mut self, actions: Vec<Action>, now: u64) {
-        let mut work: std::collections::VecDeque<Action> = actions.into();
+        let (mine, rest): (Vec<Action>, Vec<Action>) = actions
+            .into_iter()
+            .partition(|a| matches!(a, Action::Send(to, _) if *to == self.id));
+        let mut work: std::collections::VecDeque<Action> = rest.into_iter().chain(mine).collect();
         while let Some(a) = work.pop_front() {
             match a {
                 Action::SaveCounter(c) => {
@@ -562,6 +579,6 @@ impl Node {
                 }
             }
         }
-        self.out.outcomes.push(outcome);
+        self.effects().outcomes.push(outcome);
     }
 }
