@@ -128,16 +128,12 @@ impl ApiError {
             ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Control(ControlError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Control(ControlError::Rejected(e)) => match e {
-                ChangeError::NotFound(_) | ChangeError::VoterNotFound(_) => StatusCode::NOT_FOUND,
+                ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
                 ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
                 ChangeError::Exists(_)
                 | ChangeError::AddrInUse(..)
                 | ChangeError::AlreadySeeded(_)
-                | ChangeError::Full
-                | ChangeError::VoterExists(_)
-                | ChangeError::LastVoter(_)
-                | ChangeError::NoMembership
-                | ChangeError::UnknownPeer(_) => StatusCode::CONFLICT,
+                | ChangeError::Full => StatusCode::CONFLICT,
             },
         }
     }
@@ -198,21 +194,6 @@ fn one() -> u32 {
 #[serde(deny_unknown_fields)]
 struct WeightBody {
     weight: u32,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PeerBody {
-    id: String,
-    addr: String,
-    #[serde(default)]
-    role: Option<String>,
-}
-
-/// The agreed membership as the API shows it.
-fn membership_json(pool: &Pool) -> serde_json::Value {
-    let voters: Vec<&str> = pool.voters.iter().map(|v| v.as_str()).collect();
-    json!({ "epoch": pool.epoch, "version": pool.version, "voters": voters })
 }
 
 fn invalid(e: crate::core::pool::InvalidBackend) -> ApiError {
@@ -322,48 +303,7 @@ impl Admin {
                 self.commit(PoolChange::SetWeight { id, weight }, StatusCode::OK)
                     .await
             }
-            (&Method::POST, ["peers"]) => {
-                let body: PeerBody = read_json(req).await?;
-                if !crate::core::pool::valid_node_id(&body.id) {
-                    let msg = format!("id: bad id {:?} (expected [a-z0-9-]{{1,32}})", body.id);
-                    return Err(ApiError::BadRequest(msg));
-                }
-                match body.role.as_deref() {
-                    None | Some("voter") => {}
-                    Some("learner") => {
-                        return Err(ApiError::BadRequest(
-                            "role: learners are not supported yet; only voters are added".into(),
-                        ))
-                    }
-                    Some(other) => {
-                        let msg = format!("role: unknown role {other:?} (expected \"voter\")");
-                        return Err(ApiError::BadRequest(msg));
-                    }
-                }
-                if body
-                    .addr
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .is_none()
-                {
-                    let msg = format!("addr: bad address {:?} (expected host:port)", body.addr);
-                    return Err(ApiError::BadRequest(msg));
-                }
-                let change = PoolChange::AddVoter {
-                    id: NodeId::new(body.id),
-                    addr: body.addr,
-                };
-                let pool = self.control.change(change).await?;
-                Ok(json_response(StatusCode::CREATED, &membership_json(&pool)))
-            }
-            (&Method::DELETE, ["peers", id]) => {
-                let change = PoolChange::RemoveVoter {
-                    id: NodeId::new(*id),
-                };
-                let pool = self.control.change(change).await?;
-                Ok(json_response(StatusCode::OK, &membership_json(&pool)))
-            }
-            (_, ["pool"] | ["peers"] | ["status"] | ["pool", "backends", ..] | ["peers", _]) => {
+            (_, ["pool"] | ["peers"] | ["status"] | ["pool", "backends", ..]) => {
                 Err(ApiError::MethodNotAllowed { method, path })
             }
             _ => Err(ApiError::NoEndpoint(path)),
@@ -452,11 +392,6 @@ mod tests {
             ),
             (ChangeError::AlreadySeeded(3).into(), 409),
             (ChangeError::Full.into(), 409),
-            (ChangeError::VoterExists(NodeId::new("d")).into(), 409),
-            (ChangeError::VoterNotFound(NodeId::new("d")).into(), 404),
-            (ChangeError::LastVoter(NodeId::new("a")).into(), 409),
-            (ChangeError::NoMembership.into(), 409),
-            (ChangeError::UnknownPeer(NodeId::new("d")).into(), 409),
         ];
         for (e, code) in cases {
             let r = e.response();

@@ -103,8 +103,8 @@ pub fn print_pool(v: &Value) -> String {
 /// The peer table.
 pub fn print_peers(v: &Value) -> String {
     let mut out = format!(
-        "{:<12} {:<24} {:<8} {:<8} {:>8} {:>12}\n",
-        "ID", "ADDR", "ROLE", "STATE", "PHI", "LAST SEEN"
+        "{:<12} {:<24} {:<8} {:>8} {:>12}\n",
+        "ID", "ADDR", "STATE", "PHI", "LAST SEEN"
     );
     for p in v.as_array().into_iter().flatten() {
         let seen = p["last_seen_ms"]
@@ -112,28 +112,13 @@ pub fn print_peers(v: &Value) -> String {
             .map(|ms| format!("{ms} ms ago"))
             .unwrap_or_else(|| "never".into());
         out.push_str(&format!(
-            "{:<12} {:<24} {:<8} {:<8} {:>8.2} {:>12}\n",
+            "{:<12} {:<24} {:<8} {:>8.2} {:>12}\n",
             p["id"].as_str().unwrap_or("?"),
             p["addr"].as_str().unwrap_or("?"),
-            p["role"].as_str().unwrap_or("?"),
             p["state"].as_str().unwrap_or("?"),
             p["phi"].as_f64().unwrap_or(0.0),
             seen
         ));
     }
     out
-}
-
-/// The agreed voters after a membership change.
-pub fn print_membership(v: &Value) -> String {
-    let voters: Vec<&str> = v["voters"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-        .unwrap_or_default();
-    format!(
-        "voters: {} (epoch {}, pool version {})\n",
-        voters.join(", "),
-        v["epoch"],
-        v["version"]
-    )
 }

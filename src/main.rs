@@ -65,27 +65,11 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// The peer table seen by the peer at --admin, or change the agreed voters.
+    /// The peer table seen by the peer at --admin.
     Peers {
-        #[command(subcommand)]
-        op: Option<PeersOp>,
         #[command(flatten)]
         admin: AdminArgs,
     },
-}
-
-#[derive(Subcommand)]
-enum PeersOp {
-    /// Add a voter (one at a time): its id and cluster address, as in cluster.peers.
-    Add {
-        id: String,
-        addr: String,
-        /// Add a learner instead (not supported yet).
-        #[arg(long)]
-        learner: bool,
-    },
-    /// Remove a voter.
-    Remove { id: String },
 }
 
 #[derive(Subcommand)]
@@ -201,27 +185,11 @@ fn main() -> ExitCode {
             };
             client_command(admin, req, shoal::client::print_pool)
         }
-        Command::Peers { op: None, admin } => client_command(
+        Command::Peers { admin } => client_command(
             admin,
             shoal::client::Request::get("/peers"),
             shoal::client::print_peers,
         ),
-        Command::Peers {
-            op: Some(op),
-            admin,
-        } => {
-            let req = match op {
-                PeersOp::Add { id, addr, learner } => {
-                    let role = if learner { "learner" } else { "voter" };
-                    let body = serde_json::json!({ "id": id, "addr": addr, "role": role });
-                    shoal::client::Request::with_body("POST", "/peers", body)
-                }
-                PeersOp::Remove { id } => {
-                    shoal::client::Request::new("DELETE", &format!("/peers/{id}"))
-                }
-            };
-            client_command(admin, req, shoal::client::print_membership)
-        }
     }
 }
 

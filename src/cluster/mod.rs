@@ -276,7 +276,6 @@ pub async fn start(
         dead_after_ms: config.cluster.dead_after.as_millis() as u64,
     };
     let driver = Driver {
-        me: config.node.id.clone(),
         node,
         store,
         rules: config.rules(),
@@ -327,7 +326,6 @@ struct Current {
 
 /// The cluster task: drives this peer's `Node` with the network, the disk and the clock.
 struct Driver {
-    me: NodeId,
     node: Node,
     store: FileStore,
     rules: Rules,
@@ -437,11 +435,7 @@ impl Driver {
             };
             let refuse = if Instant::now() > q.start_by {
                 Some(Error::Expired)
-            } else if let PoolChange::AddVoter { id, addr } = &q.change {
-                // Peer links come from cluster.peers: a voter must be one this peer can reach.
-                let known = *id == self.me || self.peers.get(id).is_some_and(|p| p.addr == *addr);
-                (!known).then(|| Error::Rejected(ChangeError::UnknownPeer(id.clone())))
-            } else if !self.node.caught_up() && q.change != PoolChange::Read {
+            } else if self.node.consensus() != Consensus::Voting && q.change != PoolChange::Read {
                 Some(Error::CatchingUp)
             } else {
                 None
@@ -618,12 +612,6 @@ impl Driver {
             views.push(PeerView {
                 id: id.to_string(),
                 addr: p.addr.clone(),
-                role: if voters.contains(id) {
-                    "voter"
-                } else {
-                    "learner"
-                }
-                .to_string(),
                 state: state.as_str().to_string(),
                 phi,
                 last_seen_ms: p.detector.last_seen().map(|t| now.saturating_sub(t)),

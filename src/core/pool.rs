@@ -230,15 +230,6 @@ pub enum PoolChange {
     ExpireVotes {
         peer: NodeId,
     },
-    /// Add one voter (its cluster address, as the peers know it). Quorums then count it.
-    AddVoter {
-        id: NodeId,
-        addr: String,
-    },
-    /// Remove one voter; the last one cannot be removed.
-    RemoveVoter {
-        id: NodeId,
-    },
 }
 
 impl PoolChange {
@@ -267,18 +258,6 @@ pub enum ChangeError {
     Invalid(InvalidBackend),
     #[error("the pool holds at most {MAX_BACKENDS} backends")]
     Full,
-    #[error("peer {0} is a voter already")]
-    VoterExists(NodeId),
-    #[error("peer {0} is not a voter")]
-    VoterNotFound(NodeId),
-    #[error("peer {0} is the last voter; add another before removing it")]
-    LastVoter(NodeId),
-    #[error("the cluster's voters are not agreed yet (it has not formed)")]
-    NoMembership,
-    #[error(
-        "peer {0} is not in this peer's cluster.peers (with that address): list it there first"
-    )]
-    UnknownPeer(NodeId),
 }
 
 /// Weights are 1..=`MAX_WEIGHT`.
@@ -381,16 +360,6 @@ impl Pool {
     /// Apply `change` under `rules`. `Ok` holds the next pool (same version when nothing changed,
     /// e.g. a read or a repeated vote); `Err` says why the precondition failed.
     pub fn apply(&self, change: &PoolChange, rules: &Rules) -> Result<Pool, ChangeError> {
-        // Majorities are of the agreed voters, once the pool names them: every proposer applies
-        // a change under the same rules, whatever its own config says.
-        let rules = &Rules {
-            cluster_size: if self.voters.is_empty() {
-                rules.cluster_size
-            } else {
-                self.voters.len()
-            },
-            ..*rules
-        };
         let mut next = self.clone();
         match change {
             PoolChange::Read => return Ok(next),
@@ -467,28 +436,9 @@ impl Pool {
                     b.down_votes.remove(peer);
                 }
             }
-            PoolChange::AddVoter { id, .. } => {
-                if self.voters.is_empty() {
-                    return Err(ChangeError::NoMembership);
-                }
-                if !next.voters.insert(id.clone()) {
-                    return Err(ChangeError::VoterExists(id.clone()));
-                }
-                next.epoch += 1;
-            }
-            PoolChange::RemoveVoter { id } => {
-                if !self.voters.contains(id) {
-                    return Err(ChangeError::VoterNotFound(id.clone()));
-                }
-                if self.voters.len() == 1 {
-                    return Err(ChangeError::LastVoter(id.clone()));
-                }
-                next.voters.remove(id);
-                next.epoch += 1;
-            }
         }
         next.settle(rules);
-        if next.backends != self.backends || next.voters != self.voters || !self.exists() {
+        if next.backends != self.backends || !self.exists() {
             next.version = self.version + 1;
         }
         Ok(next)

@@ -40,9 +40,6 @@ pub struct SimConfig {
     pub disk_loss: bool,
     /// The chance that a write of the Paxos state fails (nothing that needed it may happen).
     pub write_failures: f64,
-    /// Clients also add and remove voters (one at a time). The register starts formed, with
-    /// the first three nodes as voters; the others are peers that may be added.
-    pub membership: bool,
     /// Planted bugs, played by doubles the simulation owns (never by the production types).
     pub faults: Faults,
     /// Record a readable event log (for replaying a failing seed).
@@ -65,7 +62,6 @@ impl SimConfig {
             crashes: true,
             disk_loss: true,
             write_failures: 0.01,
-            membership: false,
             faults: Faults::default(),
             trace: false,
             periodic_reads: true,
@@ -158,21 +154,6 @@ const PROPOSER: ProposerConfig = ProposerConfig {
     backoff_base: 20,
     backoff_cap: 1_000,
 };
-
-/// The register a run starts from: empty, or (with membership changes) formed with the first
-/// three nodes as voters.
-fn initial_pool(cfg: &SimConfig) -> Pool {
-    if !cfg.membership {
-        return Pool::default();
-    }
-    Pool {
-        version: 1,
-        voters: node_ids(cfg.nodes).into_iter().take(3).collect(),
-        epoch: 1,
-        cluster_id: "sim".into(),
-        ..Pool::default()
-    }
-}
 
 fn node_ids(n: usize) -> Vec<NodeId> {
     (0..n).map(|i| NodeId::new(format!("n{i}"))).collect()
@@ -269,26 +250,18 @@ impl Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let ids = node_ids(cfg.nodes);
         // Half the runs start as a brand-new cluster (no voter has state: they must recognise
-        // that and form it); the others from voters whose state is initialized. With membership
-        // changes, every run starts formed (voters named in the register).
-        let fresh = !cfg.membership && rng.gen_bool(0.5);
-        let initial = initial_pool(&cfg);
+        // that and form it); the others from voters whose state is initialized.
+        let fresh = rng.gen_bool(0.5);
         let nodes = ids
             .iter()
             .map(|id| {
-                let disk = (!fresh).then(|| Durable {
-                    acceptor: crate::core::paxos::AcceptorState {
-                        value: initial.clone(),
-                        ..Default::default()
-                    },
-                    ..Durable::default()
-                });
+                let disk = (!fresh).then(Durable::default);
                 let core = Core::new(
                     id.clone(),
                     ids.clone(),
                     PROPOSER,
                     disk.clone(),
-                    initial.clone(),
+                    Pool::default(),
                     rng.gen(),
                 );
                 Node {
@@ -682,11 +655,6 @@ impl Sim {
             },
             5 => PoolChange::VoteDown { id, peer },
             6 => PoolChange::VoteUp { id, peer },
-            7 if self.cfg.membership => PoolChange::AddVoter {
-                id: peer,
-                addr: String::new(),
-            },
-            8 if self.cfg.membership => PoolChange::RemoveVoter { id: peer },
             _ => PoolChange::Read,
         }
     }
@@ -761,11 +729,7 @@ impl Sim {
             let stateless = (0..self.nodes.len())
                 .filter(|&i| i != victim && !self.has_state(i))
                 .count();
-            if self.cfg.disk_loss
-                && !self.cfg.membership
-                && stateless < minority
-                && self.rng.gen_bool(0.3)
-            {
+            if self.cfg.disk_loss && stateless < minority && self.rng.gen_bool(0.3) {
                 self.log(|| format!("{id} lost its disk"));
                 self.report.disk_losses += 1;
                 self.nodes[victim].disk = if self.cfg.faults.blank_disk_votes {
@@ -909,8 +873,7 @@ impl Sim {
             .filter(|o| !(o.seen == Seen::Unknown && o.change == PoolChange::Read))
             .cloned()
             .collect();
-        let initial = initial_pool(&self.cfg);
-        let e = match linearizability::check(&ops, &self.rules, &initial, 2_000_000) {
+        let e = match linearizability::check(&ops, &self.rules, 2_000_000) {
             Ok(()) => return,
             Err(linearizability::CheckError::Undecided { steps }) => {
                 let n = ops.len();

@@ -190,19 +190,11 @@ impl Node {
     }
 
     pub fn consensus(&self) -> Consensus {
-        if !self.voters().contains(&self.id) {
-            return Consensus::NotMember;
-        }
         match self.mode {
             Mode::CatchingUp { .. } => Consensus::CatchingUp,
-            Mode::Voting => Consensus::Voting,
+            Mode::Voting if self.voters().contains(&self.id) => Consensus::Voting,
+            Mode::Voting => Consensus::NotMember,
         }
-    }
-
-    /// Whether this node's acceptor may answer (it caught up); whether it is among the voters
-    /// is `consensus`.
-    pub fn caught_up(&self) -> bool {
-        matches!(self.mode, Mode::Voting)
     }
 
     /// The pool learned so far (the highest version committed that this node knows).
@@ -247,8 +239,7 @@ impl Node {
         else {
             return None;
         };
-        let member = self.voters().contains(&self.id);
-        if !member || *failed < REFUSE_AFTER || formed_by.is_empty() {
+        if *failed < REFUSE_AFTER || formed_by.is_empty() {
             return None;
         }
         let with_state: Vec<&str> = formed_by.iter().map(|n| n.as_str()).collect();
@@ -283,17 +274,20 @@ impl Node {
         if self.proposer.is_busy() {
             return false;
         }
-        let catching_up = !self.caught_up();
+        let catching_up = matches!(self.mode, Mode::CatchingUp { .. });
         if catching_up && change != PoolChange::Read {
             return false;
         }
         let voters = self.voters();
-        if catching_up && !voters.iter().any(|v| *v != self.id) {
+        let acceptors: Vec<NodeId> = if catching_up {
+            voters.iter().filter(|v| **v != self.id).cloned().collect()
+        } else {
+            voters.clone()
+        };
+        if acceptors.is_empty() {
             return false;
         }
-        // While catching up, this node's own acceptor is left out of every quorum.
-        let exclude = catching_up.then(|| self.id.clone());
-        self.proposer.set_acceptors(voters.clone(), exclude);
+        self.proposer.set_acceptors(acceptors);
         let rules = Rules {
             cluster_size: voters.len(),
             ..rules
@@ -490,11 +484,11 @@ impl Node {
         self.dirty = true;
     }
 
-    /// The acceptor's side: an acceptor that caught up answers (its state written before the
-    /// answer leaves); one catching up says it does not vote. One that is not among the agreed
-    /// voters answers too: no proposer counts it, until a change that adds it.
+    /// The acceptor's side: a voting acceptor answers (its state written before the answer
+    /// leaves); one catching up, or not among the agreed voters, says it does not vote.
     fn accept(&mut self, msg: &Msg) -> Option<Msg> {
-        if matches!(self.mode, Mode::CatchingUp { .. }) {
+        let member = self.voters().contains(&self.id);
+        if matches!(self.mode, Mode::CatchingUp { .. }) || !member {
             let ballot = match msg {
                 Msg::Prepare { ballot } | Msg::Accept { ballot, .. } => ballot.clone(),
                 _ => return None,

@@ -65,8 +65,6 @@ enum Phase {
     Preparing {
         ballot: Ballot,
         promises: BTreeMap<NodeId, (Ballot, Pool)>,
-        /// Who was sent the prepare (the quorum may grow to the voters of the value read).
-        asked: BTreeSet<NodeId>,
     },
     Accepting {
         ballot: Ballot,
@@ -74,8 +72,6 @@ enum Phase {
         /// What committing `value` means for the change.
         result: Meaning,
         oks: BTreeSet<NodeId>,
-        /// The voter sets a majority of each of which must accept.
-        quorums: Vec<BTreeSet<NodeId>>,
     },
 }
 
@@ -109,10 +105,7 @@ struct Op {
 pub struct Proposer {
     id: NodeId,
     incarnation: u64,
-    /// The voters to ask first (a pool that names none is counted among these).
     acceptors: Vec<NodeId>,
-    /// A voter left out of every quorum (this node, while it catches up).
-    exclude: Option<NodeId>,
     cfg: ProposerConfig,
     counter: u64,
     reserved: u64,
@@ -134,7 +127,6 @@ impl Proposer {
         Self {
             id,
             incarnation: 0,
-            exclude: None,
             acceptors,
             cfg,
             counter: counter_reserved,
@@ -154,31 +146,9 @@ impl Proposer {
         self.incarnation = incarnation;
     }
 
-    /// The voters to ask first in the next change, and a voter to leave out of its quorums
-    /// (the one in progress keeps its own).
-    pub fn set_acceptors(&mut self, acceptors: Vec<NodeId>, exclude: Option<NodeId>) {
+    /// The acceptors (and so the quorum) of the next change; the one in progress keeps its own.
+    pub fn set_acceptors(&mut self, acceptors: Vec<NodeId>) {
         self.acceptors = acceptors;
-        self.exclude = exclude;
-    }
-
-    /// The voters of `pool`: those it names, or, in a pool that names none, the configured ones.
-    fn voters_of(&self, pool: &Pool) -> BTreeSet<NodeId> {
-        let mut v: BTreeSet<NodeId> = if pool.voters.is_empty() {
-            self.acceptors.iter().cloned().collect()
-        } else {
-            pool.voters.clone()
-        };
-        if let Some(x) = &self.exclude {
-            v.remove(x);
-        }
-        v
-    }
-
-    /// Whether `got` holds a majority of every set in `quorums`.
-    fn quorum(quorums: &[BTreeSet<NodeId>], got: impl Fn(&NodeId) -> bool) -> bool {
-        quorums
-            .iter()
-            .all(|q| q.iter().filter(|m| got(m)).count() > q.len() / 2)
     }
 
     pub fn acceptors(&self) -> &[NodeId] {
@@ -278,17 +248,12 @@ impl Proposer {
             node: self.id.clone(),
             incarnation: self.incarnation,
         };
-        let mut asked: BTreeSet<NodeId> = self.acceptors.iter().cloned().collect();
-        if let Some(x) = &self.exclude {
-            asked.remove(x);
-        }
         op.phase = Phase::Preparing {
             ballot: ballot.clone(),
             promises: BTreeMap::new(),
-            asked: asked.clone(),
         };
         op.wake_at = now + self.cfg.phase_timeout;
-        for a in &asked {
+        for a in &self.acceptors {
             out.push(Action::Send(
                 a.clone(),
                 Msg::Prepare {
@@ -322,85 +287,6 @@ impl Proposer {
         op.phase = Phase::Backoff;
     }
 
-    /// A promise arrived: once the promises hold a majority of the voters of the value they
-    /// lead to (and of the new voters, for a membership change), apply the change and send the
-    /// accepts; meanwhile ask any voter of that value not yet asked.
-    fn after_promise(&mut self, now: u64, out: &mut Vec<Action>) {
-        let Some(op) = self.op.as_ref() else { return };
-        let Phase::Preparing {
-            ballot,
-            promises,
-            asked,
-        } = &op.phase
-        else {
-            return;
-        };
-        // Continue from the value with the highest accepted ballot among the promises: any
-        // value that may have been chosen is among them once they are a quorum.
-        let current = promises
-            .values()
-            .max_by(|a, b| a.0.cmp(&b.0))
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        let (value, result) = match current.apply_once(&op.change, &op.rules, &self.id, op.seq) {
-            Ok(Applied::Next(next)) => (next, Meaning::Applied),
-            // Write back what we read, so that the earlier commit is surely chosen.
-            Ok(Applied::Already) => (current.clone(), Meaning::Already),
-            Err(e) => (current.clone(), Meaning::Rejected(e)),
-        };
-        let mut quorums = vec![self.voters_of(&current)];
-        let next_voters = self.voters_of(&value);
-        if next_voters != quorums[0] {
-            quorums.push(next_voters);
-        }
-        let ballot = ballot.clone();
-        let missing: Vec<NodeId> = quorums
-            .iter()
-            .flatten()
-            .filter(|m| !asked.contains(*m))
-            .cloned()
-            .collect();
-        let ready = Self::quorum(&quorums, |m| promises.contains_key(m));
-        let Some(op) = self.op.as_mut() else { return };
-        if let Phase::Preparing { asked, .. } = &mut op.phase {
-            for m in missing {
-                asked.insert(m.clone());
-                out.push(Action::Send(
-                    m,
-                    Msg::Prepare {
-                        ballot: ballot.clone(),
-                    },
-                ));
-            }
-        }
-        if !ready {
-            return;
-        }
-        // Once a value that differs from what was read has gone out, giving up leaves the
-        // outcome unknown (a read, a no-op or a rejection only writes back what it read).
-        if value != current {
-            op.sent_change = true;
-        }
-        let targets: BTreeSet<NodeId> = quorums.iter().flatten().cloned().collect();
-        op.phase = Phase::Accepting {
-            ballot: ballot.clone(),
-            value: value.clone(),
-            result,
-            oks: BTreeSet::new(),
-            quorums,
-        };
-        op.wake_at = now + self.cfg.phase_timeout;
-        for a in targets {
-            out.push(Action::Send(
-                a,
-                Msg::Accept {
-                    ballot: ballot.clone(),
-                    value: value.clone(),
-                },
-            ));
-        }
-    }
-
     fn finish(&mut self, outcome: Outcome, out: &mut Vec<Action>) {
         self.op = None;
         out.push(Action::Done(outcome));
@@ -420,43 +306,62 @@ impl Proposer {
     }
 
     /// A reply from acceptor `from`.
-    ///
-    /// A round's quorum is a majority of the voters of the value it builds on (the one with the
-    /// highest accepted ballot among the promises): when that value names voters not yet asked,
-    /// they are sent the same prepare. A round whose change alters the voters (one at a time)
-    /// needs a majority of the old and of the new voters, in both phases, so any two rounds'
-    /// quorums meet across a membership change, as they do within one membership.
     pub fn on_message(&mut self, from: &NodeId, msg: &Msg, now: u64, out: &mut Vec<Action>) {
-        let exclude = self.exclude.clone();
-        if exclude.as_ref() == Some(from) {
-            return;
-        }
-        let Some(op) = self.op.as_ref() else { return };
-        if let (
-            Msg::Promise {
-                ballot,
-                accepted,
-                value,
-            },
-            Phase::Preparing { ballot: mine, .. },
-        ) = (msg, &op.phase)
-        {
-            if ballot != mine {
-                return;
-            }
-            let entry = (accepted.clone(), value.clone());
-            if let Some(Op {
-                phase: Phase::Preparing { promises, .. },
-                ..
-            }) = self.op.as_mut()
-            {
-                promises.insert(from.clone(), entry);
-            }
-            self.after_promise(now, out);
-            return;
-        }
+        let majority = self.majority();
         let Some(op) = self.op.as_mut() else { return };
         match (msg, &mut op.phase) {
+            (
+                Msg::Promise {
+                    ballot,
+                    accepted,
+                    value,
+                },
+                Phase::Preparing {
+                    ballot: mine,
+                    promises,
+                },
+            ) if ballot == mine => {
+                promises.insert(from.clone(), (accepted.clone(), value.clone()));
+                if promises.len() < majority {
+                    return;
+                }
+                // Continue from the value with the highest accepted ballot among a majority:
+                // any value that may have been chosen is among them (quorums intersect).
+                let current = promises
+                    .values()
+                    .max_by(|a, b| a.0.cmp(&b.0))
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                let (value, result) =
+                    match current.apply_once(&op.change, &op.rules, &self.id, op.seq) {
+                        Ok(Applied::Next(next)) => (next, Meaning::Applied),
+                        // Write back what we read, so that the earlier commit is surely chosen.
+                        Ok(Applied::Already) => (current.clone(), Meaning::Already),
+                        Err(e) => (current.clone(), Meaning::Rejected(e)),
+                    };
+                // Once a value that differs from what was read has gone out, giving up leaves the
+                // outcome unknown (a read, a no-op or a rejection only writes back what it read).
+                if value != current {
+                    op.sent_change = true;
+                }
+                let ballot = mine.clone();
+                op.phase = Phase::Accepting {
+                    ballot: ballot.clone(),
+                    value: value.clone(),
+                    result,
+                    oks: BTreeSet::new(),
+                };
+                op.wake_at = now + self.cfg.phase_timeout;
+                for a in &self.acceptors {
+                    out.push(Action::Send(
+                        a.clone(),
+                        Msg::Accept {
+                            ballot: ballot.clone(),
+                            value: value.clone(),
+                        },
+                    ));
+                }
+            }
             (
                 Msg::Accepted { ballot },
                 Phase::Accepting {
@@ -464,11 +369,11 @@ impl Proposer {
                     value,
                     result,
                     oks,
-                    quorums,
+                    ..
                 },
             ) if ballot == mine => {
                 oks.insert(from.clone());
-                if !Self::quorum(quorums, |m| oks.contains(m)) {
+                if oks.len() < majority {
                     return;
                 }
                 let outcome = match result {
