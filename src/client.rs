@@ -103,8 +103,8 @@ pub fn print_pool(v: &Value) -> String {
 /// The peer table.
 pub fn print_peers(v: &Value) -> String {
     let mut out = format!(
-        "{:<12} {:<24} {:<8} {:>8} {:>12}\n",
-        "ID", "ADDR", "STATE", "PHI", "LAST SEEN"
+        "{:<12} {:<24} {:<8} {:<8} {:>8} {:>12}\n",
+        "ID", "ADDR", "ROLE", "STATE", "PHI", "LAST SEEN"
     );
     for p in v.as_array().into_iter().flatten() {
         let seen = p["last_seen_ms"]
@@ -112,12 +112,53 @@ pub fn print_peers(v: &Value) -> String {
             .map(|ms| format!("{ms} ms ago"))
             .unwrap_or_else(|| "never".into());
         out.push_str(&format!(
-            "{:<12} {:<24} {:<8} {:>8.2} {:>12}\n",
+            "{:<12} {:<24} {:<8} {:<8} {:>8.2} {:>12}\n",
             p["id"].as_str().unwrap_or("?"),
             p["addr"].as_str().unwrap_or("?"),
+            p["role"].as_str().unwrap_or("?"),
             p["state"].as_str().unwrap_or("?"),
             p["phi"].as_f64().unwrap_or(0.0),
             seen
+        ));
+    }
+    out
+}
+
+/// `GET /status` as a short report.
+pub fn print_status(v: &Value) -> String {
+    let s = |k: &str| v[k].as_str().unwrap_or("?").to_string();
+    let members: Vec<&str> = v["members"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    let mut out = format!(
+        "node {} ({}), consensus {}, quorum {}, cluster {}\nvoters: {}\npool version {}\n",
+        s("node"),
+        s("role"),
+        s("consensus"),
+        v["quorum"],
+        s("cluster_id"),
+        members.join(", "),
+        v["pool_version"]
+    );
+    if let Some(w) = v["waiting"].as_str() {
+        out.push_str(&format!("waiting: {w}\n"));
+    }
+    out.push_str(&format!(
+        "{:<24} {:<10} {:<6} {}\n",
+        "BACKEND", "STATE", "LOCAL", "DOWN VOTES"
+    ));
+    for b in v["backends"].as_array().into_iter().flatten() {
+        let votes: Vec<&str> = b["down_votes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:<24} {:<10} {:<6} {}\n",
+            b["id"].as_str().unwrap_or("?"),
+            b["state"].as_str().unwrap_or("?"),
+            b["local"].as_str().unwrap_or("?"),
+            votes.join(",")
         ));
     }
     out

@@ -41,8 +41,7 @@ enum Command {
         #[arg(short, long, env = "SHOAL_CONFIG", default_value = "config/shoal.toml")]
         config: PathBuf,
         /// Last resort when a majority of voters lost their disks: start a new membership epoch
-        /// with this peer as the only voter, from its own last state; then add the others back
-        /// with `shoal peers add`.
+        /// with this peer as the only voter, from its own last state.
         #[arg(long)]
         force_new_cluster: bool,
     },
@@ -62,6 +61,16 @@ enum Command {
     Pool {
         #[command(subcommand)]
         op: PoolOp,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The status of the peer at --admin: consensus, members, the pool with local views.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Exit 0 when the peer at --admin is ready (GET /readyz answers 200), else 1.
+    Health {
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -184,6 +193,20 @@ fn main() -> ExitCode {
                 ),
             };
             client_command(admin, req, shoal::client::print_pool)
+        }
+        Command::Status { admin } => client_command(
+            admin,
+            shoal::client::Request::get("/status"),
+            shoal::client::print_status,
+        ),
+        Command::Health { admin } => {
+            let quiet = AdminArgs {
+                json: false,
+                ..admin
+            };
+            client_command(quiet, shoal::client::Request::get("/readyz"), |_| {
+                "ready\n".into()
+            })
         }
         Command::Peers { admin } => client_command(
             admin,

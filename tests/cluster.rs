@@ -334,6 +334,20 @@ async fn cli_pool_and_peers_commands() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
     assert_eq!(v[0]["state"], "alive");
+    assert_eq!(v[0]["role"], "voter");
+    // status and health, as an operator and a container health check use them.
+    let (code, out, _) = run(&["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("consensus voting")
+            && out.contains("voters: a, b, c")
+            && out.contains("cli-1"),
+        "{out}"
+    );
+    let (code, _, _) = run(&["health"]);
+    assert_eq!(code, 0);
+    let (code, _, err) = run(&["health", "--admin", "http://127.0.0.1:1"]);
+    assert_eq!(code, 1, "{err}");
 }
 
 mod tls {

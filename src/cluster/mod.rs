@@ -201,7 +201,7 @@ pub async fn start(
             version = pool.version,
             epoch = pool.epoch,
             backends = pool.backends.len(),
-            "forced a new cluster: this peer is the only voter, from its own last state; add the others back with `shoal peers add`"
+            "forced a new cluster: this peer is the only voter, from its own last state"
         );
         durable = Some(forced);
         learned = pool;
@@ -435,7 +435,9 @@ impl Driver {
             };
             let refuse = if Instant::now() > q.start_by {
                 Some(Error::Expired)
-            } else if self.node.consensus() != Consensus::Voting && q.change != PoolChange::Read {
+            } else if self.node.consensus() == Consensus::CatchingUp
+                && matches!(q.change, PoolChange::Seed { .. })
+            {
                 Some(Error::CatchingUp)
             } else {
                 None
@@ -612,6 +614,12 @@ impl Driver {
             views.push(PeerView {
                 id: id.to_string(),
                 addr: p.addr.clone(),
+                role: if voters.contains(id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .to_string(),
                 state: state.as_str().to_string(),
                 phi,
                 last_seen_ms: p.detector.last_seen().map(|t| now.saturating_sub(t)),

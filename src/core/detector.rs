@@ -129,6 +129,8 @@ impl Detector {
 pub struct PeerView {
     pub id: String,
     pub addr: String,
+    /// "voter" (among the agreed voters) or "learner".
+    pub role: String,
     pub state: String,
     pub phi: f64,
     pub last_seen_ms: Option<u64>,

@@ -248,8 +248,7 @@ impl Node {
             "this voter started without its Paxos state in a cluster that has formed ({} {} state), \
              and it may vote only after an identity round through a majority of the other voters \
              ({} of {}) that can vote; waiting for them. If a majority of the voters lost their \
-             disks, restart the survivor with --force-new-cluster and add the others back with \
-             `shoal peers add`.",
+             disks, restart the survivor with --force-new-cluster.",
             with_state.join(", "),
             if with_state.len() == 1 { "has" } else { "have" },
             others / 2 + 1,
@@ -268,26 +267,29 @@ impl Node {
         }
     }
 
-    /// Start a change. Returns false (and does nothing) if one is in progress. While catching
-    /// up, only reads run, as catch-up rounds through the other voters.
+    /// Start a change. Returns false (and does nothing) if one is in progress, or if, while this
+    /// node catches up, the other voters are too few to decide it. Whatever commits through the
+    /// others while catching up completes the catch-up.
     pub fn propose(&mut self, change: PoolChange, rules: Rules, now: u64) -> bool {
         if self.proposer.is_busy() {
             return false;
         }
         let catching_up = matches!(self.mode, Mode::CatchingUp { .. });
-        if catching_up && change != PoolChange::Read {
-            return false;
-        }
         let voters = self.voters();
-        let acceptors: Vec<NodeId> = if catching_up {
-            voters.iter().filter(|v| **v != self.id).cloned().collect()
+        // While catching up, this node's own acceptor takes no part: a read (the catch-up round)
+        // counts a majority of the other voters; a change counts a majority of all the voters
+        // among the others, as if this one were down.
+        let (acceptors, quorum): (Vec<NodeId>, Option<usize>) = if catching_up {
+            let others: Vec<NodeId> = voters.iter().filter(|v| **v != self.id).cloned().collect();
+            let quorum = (change != PoolChange::Read).then_some(voters.len() / 2 + 1);
+            (others, quorum)
         } else {
-            voters.clone()
+            (voters.clone(), None)
         };
-        if acceptors.is_empty() {
+        if acceptors.is_empty() || quorum.is_some_and(|q| q > acceptors.len()) {
             return false;
         }
-        self.proposer.set_acceptors(acceptors);
+        self.proposer.set_acceptors(acceptors, quorum);
         let rules = Rules {
             cluster_size: voters.len(),
             ..rules

@@ -89,8 +89,11 @@ enum Meaning {
 #[derive(Debug)]
 struct Op {
     change: PoolChange,
-    /// Unique to this proposer across restarts (its first counter): tags the change in the pool.
-    seq: u64,
+    /// Tags the change in the pool (`apply_once`), so a retry never applies it twice. Chosen
+    /// when the first accept carrying the change leaves: above this proposer's counter and above
+    /// the last tag the pool holds for it, so it is unique even after a lost disk restarted the
+    /// counter; fixed from then on, for the retries.
+    seq: Option<u64>,
     rules: Rules,
     started: u64,
     attempt: u32,
@@ -106,6 +109,8 @@ pub struct Proposer {
     id: NodeId,
     incarnation: u64,
     acceptors: Vec<NodeId>,
+    /// How many acceptors must answer, when not a majority of them.
+    quorum: Option<usize>,
     cfg: ProposerConfig,
     counter: u64,
     reserved: u64,
@@ -128,6 +133,7 @@ impl Proposer {
             id,
             incarnation: 0,
             acceptors,
+            quorum: None,
             cfg,
             counter: counter_reserved,
             reserved: counter_reserved,
@@ -146,9 +152,11 @@ impl Proposer {
         self.incarnation = incarnation;
     }
 
-    /// The acceptors (and so the quorum) of the next change; the one in progress keeps its own.
-    pub fn set_acceptors(&mut self, acceptors: Vec<NodeId>) {
+    /// The acceptors of the next change, and how many must answer (default: a majority of
+    /// them); the change in progress keeps its own.
+    pub fn set_acceptors(&mut self, acceptors: Vec<NodeId>, quorum: Option<usize>) {
         self.acceptors = acceptors;
+        self.quorum = quorum;
     }
 
     pub fn acceptors(&self) -> &[NodeId] {
@@ -175,7 +183,7 @@ impl Proposer {
     }
 
     pub fn majority(&self) -> usize {
-        self.acceptors.len() / 2 + 1
+        self.quorum.unwrap_or(self.acceptors.len() / 2 + 1)
     }
 
     /// A ballot seen elsewhere on this node (its acceptor got a Prepare or Accept): start the
@@ -212,7 +220,7 @@ impl Proposer {
         }
         self.op = Some(Op {
             change,
-            seq: self.counter + 1,
+            seq: None,
             rules,
             started: now,
             attempt: 0,
@@ -332,17 +340,22 @@ impl Proposer {
                     .max_by(|a, b| a.0.cmp(&b.0))
                     .map(|(_, v)| v.clone())
                     .unwrap_or_default();
-                let (value, result) =
-                    match current.apply_once(&op.change, &op.rules, &self.id, op.seq) {
-                        Ok(Applied::Next(next)) => (next, Meaning::Applied),
-                        // Write back what we read, so that the earlier commit is surely chosen.
-                        Ok(Applied::Already) => (current.clone(), Meaning::Already),
-                        Err(e) => (current.clone(), Meaning::Rejected(e)),
-                    };
+                let seq = op.seq.unwrap_or_else(|| {
+                    let last = current.applied.get(&self.id).copied().unwrap_or(0);
+                    last.max(self.counter) + 1
+                });
+                let (value, result) = match current.apply_once(&op.change, &op.rules, &self.id, seq)
+                {
+                    Ok(Applied::Next(next)) => (next, Meaning::Applied),
+                    // Write back what we read, so that the earlier commit is surely chosen.
+                    Ok(Applied::Already) => (current.clone(), Meaning::Already),
+                    Err(e) => (current.clone(), Meaning::Rejected(e)),
+                };
                 // Once a value that differs from what was read has gone out, giving up leaves the
                 // outcome unknown (a read, a no-op or a rejection only writes back what it read).
                 if value != current {
                     op.sent_change = true;
+                    op.seq = Some(seq);
                 }
                 let ballot = mine.clone();
                 op.phase = Phase::Accepting {

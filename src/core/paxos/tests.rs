@@ -408,14 +408,19 @@ fn a_voter_without_state_catches_up_before_it_votes() {
         ),
         "{out:?}"
     );
-    // Only reads run while catching up, and they go to the other voters only.
-    assert!(!fresh.propose(
-        PoolChange::RemoveBackend {
-            id: crate::core::pool::BackendId::new("x")
-        },
-        Rules::default(),
-        0
-    ));
+    // While catching up, rounds go to the other voters only (a change would need both of
+    // them: a majority of all three among the two).
+    let change = PoolChange::RemoveBackend {
+        id: crate::core::pool::BackendId::new("x"),
+    };
+    assert!(fresh.propose(change, Rules::default(), 0));
+    let to: Vec<NodeId> = flush(&mut fresh)
+        .messages
+        .into_iter()
+        .map(|(to, _)| to)
+        .collect();
+    assert_eq!(to, ids(&["a", "c"]));
+    fresh.cancel();
     assert!(fresh.propose(PoolChange::Read, Rules::default(), 0));
     let out = flush(&mut fresh);
     let prepares: Vec<_> = out
