@@ -185,10 +185,6 @@ impl Node {
         node
     }
 
-    pub fn id(&self) -> &NodeId {
-        &self.id
-    }
-
     pub fn consensus(&self) -> Consensus {
         match self.mode {
             Mode::CatchingUp { .. } => Consensus::CatchingUp,

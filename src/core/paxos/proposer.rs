@@ -159,10 +159,6 @@ impl Proposer {
         self.quorum = quorum;
     }
 
-    pub fn acceptors(&self) -> &[NodeId] {
-        &self.acceptors
-    }
-
     /// The ballot of the round in progress, if any.
     pub fn current_ballot(&self) -> Option<&Ballot> {
         match &self.op.as_ref()?.phase {
