@@ -264,3 +264,32 @@ async fn bad_backends_are_refused_with_400_and_change_nothing() {
     }
     assert_eq!(pool(&nodes[0]).await, before);
 }
+
+/// A peer at an older epoch learns the newer pool from the Hello exchange alone, whichever side
+/// of the link dials: here the survivor is c, which accepts the others' links, and nothing
+/// commits after it forced the new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_epoch_learns_the_newer_pool_from_the_hello() {
+    let web = Backend::start("web-1", Behavior::Echo).await;
+    let mut nodes = start_cluster(3, |_| String::new(), |_| backends_toml(&[&web])).await;
+    let (code, p) = add(&nodes[2], "x", "127.0.0.1:9").await;
+    assert_eq!(code, 201, "{p}");
+    wipe(&mut nodes[0]);
+    wipe(&mut nodes[1]);
+    nodes[2].kill9();
+    restart(&mut nodes[2], &["--force-new-cluster"]);
+    nodes[2].wait_ready().await;
+    restart(&mut nodes[0], &[]);
+    restart(&mut nodes[1], &[]);
+    for n in &nodes[..2] {
+        eventually(
+            Duration::from_secs(10),
+            "the forced pool learned",
+            || async {
+                let st = status(n).await;
+                (st["members"] == json!(["c"]) && has(&pool(n).await, "x")).then_some(())
+            },
+        )
+        .await;
+    }
+}

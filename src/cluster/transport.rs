@@ -157,6 +157,7 @@ impl Transport {
             tls,
             identity,
             Arc::new(handoff),
+            inbox,
             shutdown,
         ));
         Transport {
@@ -387,6 +388,7 @@ async fn accept_loop(
     tls: Option<PeerTls>,
     identity: Identity,
     handoff: Handoff,
+    inbox: mpsc::Sender<Inbound>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -395,17 +397,25 @@ async fn accept_loop(
             a = crate::net::accept(&listener, "cluster") => a,
         };
         let _ = stream.set_nodelay(true);
-        let (known, tls, identity, handoff, shutdown) = (
+        let (known, tls, identity, handoff, inbox, shutdown) = (
             known.clone(),
             tls.clone(),
             identity.clone(),
             handoff.clone(),
+            inbox.clone(),
             shutdown.clone(),
         );
         tokio::spawn(async move {
+            let peer = Peer {
+                known: &known,
+                tls: tls.as_ref(),
+                identity: &identity,
+                handoff: &handoff,
+                inbox: &inbox,
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = authenticate(stream, addr, &known, tls.as_ref(), &identity, &handoff) => {}
+                _ = authenticate(stream, addr, peer) => {}
             }
         });
     }
@@ -425,15 +435,25 @@ fn auth_failure(claimed: Option<&NodeId>, known: &[NodeId], addr: SocketAddr, wh
     tracing::warn!(%addr, peer = %label, reason = why, "peer refused");
 }
 
-/// Authenticate a dialing peer, then hand the connection to that peer's link.
-async fn authenticate(
-    stream: TcpStream,
-    addr: SocketAddr,
-    known: &[NodeId],
-    tls: Option<&PeerTls>,
-    identity: &Identity,
-    handoff: &Handoff,
-) {
+/// What the accepting side checks a dialing peer against, and where it goes once admitted.
+struct Peer<'a> {
+    known: &'a [NodeId],
+    tls: Option<&'a PeerTls>,
+    identity: &'a Identity,
+    handoff: &'a Handoff,
+    inbox: &'a mpsc::Sender<Inbound>,
+}
+
+/// Authenticate a dialing peer, then hand the connection to that peer's link and its Hello to
+/// the driver (which learns the peer's epoch from it, as from every Hello).
+async fn authenticate(stream: TcpStream, addr: SocketAddr, p: Peer<'_>) {
+    let Peer {
+        known,
+        tls,
+        identity,
+        handoff,
+        inbox,
+    } = p;
     let (mut io, cert): (Box<dyn PeerIo>, Option<CertificateDer<'static>>) = match tls {
         None => (Box::new(stream), None),
         Some(t) => match tokio::time::timeout(IO_TIMEOUT, t.acceptor.accept(stream)).await {
@@ -496,8 +516,12 @@ async fn authenticate(
     if let Some(tx) = handoff.get(&from) {
         let _ = tx.send(io).await;
     }
-    // The link passes the Hello on to the driver with the frames that follow.
-    let _ = hello;
+    let _ = inbox
+        .send(Inbound {
+            from,
+            body: hello.body,
+        })
+        .await;
 }
 
 /// Whether `cert` is valid for the DNS name `id` (its SAN).
