@@ -196,7 +196,9 @@ async fn two_wiped_voters_are_refused_and_force_new_cluster_recovers() {
         .await;
         let st = status(n).await;
         assert_eq!(st["members"], json!(["a"]), "{st}");
+        assert_eq!(st["role"], "learner", "{st}");
     }
+    assert_eq!(status(&nodes[0]).await["role"], "voter");
 }
 
 /// A peer of another cluster (another cluster id) under a configured id and address is refused

@@ -42,11 +42,7 @@ impl PoolControl for Cluster {
         let s = self.status();
         ConsensusView {
             cluster_id: s.cluster_id,
-            role: if s.consensus == "learner" {
-                "learner"
-            } else {
-                "voter"
-            },
+            role: s.role,
             consensus: s.consensus,
             members: s.members.iter().map(|m| m.to_string()).collect(),
             waiting: s.waiting,

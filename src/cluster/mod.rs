@@ -72,7 +72,9 @@ pub enum Error {
 #[derive(Clone, Debug, Default)]
 pub struct ConsensusStatus {
     pub cluster_id: String,
-    /// "voting" or "catching_up".
+    /// "voter" (among the agreed voters) or "learner".
+    pub role: &'static str,
+    /// "voting", "catching_up" or "learner".
     pub consensus: &'static str,
     /// The voters quorums are counted among.
     pub members: Vec<NodeId>,
@@ -276,6 +278,7 @@ pub async fn start(
         dead_after_ms: config.cluster.dead_after.as_millis() as u64,
     };
     let driver = Driver {
+        me: config.node.id.clone(),
         node,
         store,
         rules: config.rules(),
@@ -326,6 +329,8 @@ struct Current {
 
 /// The cluster task: drives this peer's `Node` with the network, the disk and the clock.
 struct Driver {
+    /// This peer's id.
+    me: NodeId,
     node: Node,
     store: FileStore,
     rules: Rules,
@@ -541,10 +546,16 @@ impl Driver {
     }
 
     fn update_status(&mut self) {
+        let members = self.node.voters();
         let status = ConsensusStatus {
             cluster_id: self.node.learned().cluster_id.clone(),
+            role: if members.contains(&self.me) {
+                "voter"
+            } else {
+                "learner"
+            },
             consensus: self.node.consensus().as_str(),
-            members: self.node.voters(),
+            members,
             waiting: self.node.refusal(),
         };
         *self.view.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
