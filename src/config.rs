@@ -240,6 +240,9 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     #[serde(default, deserialize_with = "text")]
     pub token: Option<String>,
+    /// The token read from a file (a mounted secret); trailing whitespace is dropped.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -664,7 +667,7 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
         "cluster.peers",
         section("cluster").and_then(|v| v.get("peers")),
     );
-    let admin: Option<AdminConfig> = c.read("admin", section("admin"));
+    let mut admin: Option<AdminConfig> = c.read("admin", section("admin"));
     let log: Option<LogConfig> = c.read("log", section("log"));
     let entries = c.entries::<BackendEntry>("backends", section("backends"));
     let node = node.map(|mut n| {
@@ -734,10 +737,21 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
         c.range("health.max_ejected_percent", h.max_ejected_percent, 0, 100);
         c.range("health.panic_below_percent", h.panic_below_percent, 0, 100);
     }
-    if let (Some(cl), Some(n)) = (&cluster, &node) {
+    if let (Some(cl), Some(n)) = (&mut cluster, &node) {
         cluster_rules(&mut c, cl, &n.id);
+        cl.peers.retain(|p| p.id != n.id);
     }
-    if let Some(a) = &admin {
+    if let Some(a) = &mut admin {
+        if let Some(f) = &a.token_file {
+            if a.token.is_some() {
+                c.err("admin.token_file", "set admin.token or admin.token_file, not both");
+            } else {
+                match std::fs::read_to_string(f) {
+                    Ok(t) => a.token = Some(t.trim_end().to_string()),
+                    Err(e) => c.err("admin.token_file", format!("cannot read {}: {e}", f.display())),
+                }
+            }
+        }
         c.rule(
             a.token.as_ref().is_none_or(|t| !t.is_empty()),
             "admin.token",
@@ -795,10 +809,7 @@ fn cluster_rules(c: &mut Checker, cl: &ClusterConfig, me: &NodeId) {
                 format!("bad id {id:?} (expected [a-z0-9-]{{1,32}})"),
             );
         } else if p.id == *me {
-            c.err(
-                &format!("{key}.id"),
-                format!("{id:?} is this node's own id; list only the other peers"),
-            );
+            // This node's own entry: skipped (one list serves every peer).
         } else if !seen.insert(id) {
             c.err(&format!("{key}.id"), format!("duplicate peer id {id:?}"));
         }
@@ -889,6 +900,43 @@ mod tests {
         std::fs::write(&p, toml).unwrap();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         from_value(&read_raw(&p, env)?)
+    }
+
+    #[test]
+    fn one_peer_list_serves_every_peer() {
+        let toml = r#"
+            [node]
+            id = "b"
+            [cluster]
+            peers = [{ id = "a", addr = "shoal-a:7001" }, { id = "b", addr = "shoal-b:7001" },
+                     { id = "c", addr = "shoal-c:7001" }]
+        "#;
+        for me in ["a", "b", "c"] {
+            let c = parse_env(toml, &[("SHOAL__NODE__ID", me)]).unwrap();
+            let ids: Vec<&str> = c.cluster.peers.iter().map(|p| p.id.as_str()).collect();
+            assert_eq!(ids.len(), 2, "{me}: {ids:?}");
+            assert!(!ids.contains(&me), "{me}: {ids:?}");
+            assert_eq!(c.rules().cluster_size, 3);
+        }
+    }
+
+    #[test]
+    fn admin_token_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let toml = format!(
+            "[node]\nid = \"a\"\n[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = {:?}\n",
+            f.display().to_string()
+        );
+        let c = parse(&toml).unwrap();
+        assert_eq!(c.admin.token.as_deref(), Some("s3cret"));
+        let missing = toml.replace(&f.display().to_string(), "/nonexistent/token");
+        let errs = parse(&missing).unwrap_err().0.join("\n");
+        assert!(errs.contains("admin.token_file: cannot read /nonexistent/token"), "{errs}");
+        let both = format!("{toml}token = \"x\"\n");
+        let errs = parse(&both).unwrap_err().0.join("\n");
+        assert!(errs.contains("admin.token_file: set admin.token or admin.token_file"), "{errs}");
     }
 
     #[test]
@@ -995,10 +1043,6 @@ mod tests {
         .unwrap_err()
         .0
         .join("\n");
-        assert!(
-            errs.contains("cluster.peers[0].id: \"a\" is this node's own id"),
-            "{errs}"
-        );
         assert!(errs.contains("cluster.peers[1].id: bad id \"B\""), "{errs}");
         assert!(
             errs.contains("cluster.peers[1].addr: bad address"),
