@@ -744,11 +744,17 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
     if let Some(a) = &mut admin {
         if let Some(f) = &a.token_file {
             if a.token.is_some() {
-                c.err("admin.token_file", "set admin.token or admin.token_file, not both");
+                c.err(
+                    "admin.token_file",
+                    "set admin.token or admin.token_file, not both",
+                );
             } else {
                 match std::fs::read_to_string(f) {
                     Ok(t) => a.token = Some(t.trim_end().to_string()),
-                    Err(e) => c.err("admin.token_file", format!("cannot read {}: {e}", f.display())),
+                    Err(e) => c.err(
+                        "admin.token_file",
+                        format!("cannot read {}: {e}", f.display()),
+                    ),
                 }
             }
         }
@@ -933,10 +939,16 @@ mod tests {
         assert_eq!(c.admin.token.as_deref(), Some("s3cret"));
         let missing = toml.replace(&f.display().to_string(), "/nonexistent/token");
         let errs = parse(&missing).unwrap_err().0.join("\n");
-        assert!(errs.contains("admin.token_file: cannot read /nonexistent/token"), "{errs}");
+        assert!(
+            errs.contains("admin.token_file: cannot read /nonexistent/token"),
+            "{errs}"
+        );
         let both = format!("{toml}token = \"x\"\n");
         let errs = parse(&both).unwrap_err().0.join("\n");
-        assert!(errs.contains("admin.token_file: set admin.token or admin.token_file"), "{errs}");
+        assert!(
+            errs.contains("admin.token_file: set admin.token or admin.token_file"),
+            "{errs}"
+        );
     }
 
     #[test]

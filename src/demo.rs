@@ -51,6 +51,21 @@ pub fn spawn_backend(listener: TcpListener, name: String) {
     });
 }
 
+/// `shoal demo-backend`: one demo backend on `listen`, until SIGTERM or Ctrl-C (for containers).
+pub async fn run_backend(listen: SocketAddr, name: String) -> anyhow::Result<()> {
+    let l = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    println!("demo backend {name} on http://{}", l.local_addr()?);
+    spawn_backend(l, name);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
 /// Start `backends` demo backends and `peers` peers, print where they are, serve until Ctrl-C.
 pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()

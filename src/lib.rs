@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod cert;
 pub mod client;
 pub mod cluster;
 pub mod config;

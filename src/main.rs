@@ -57,6 +57,18 @@ enum Command {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=50))]
         backends: u16,
     },
+    /// One demo backend (answers every path with its name): for containers and tests.
+    DemoBackend {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "backend")]
+        name: String,
+    },
+    /// Make certificates: a private CA for the cluster, and peer/proxy certificates it signs.
+    Cert {
+        #[command(subcommand)]
+        op: CertOp,
+    },
     /// Show or change the agreed backend pool.
     Pool {
         #[command(subcommand)]
@@ -78,6 +90,41 @@ enum Command {
     Peers {
         #[command(flatten)]
         admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertOp {
+    /// Write DIR/ca.pem and DIR/ca-key.pem (mode 0600): the cluster's private CA.
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write DIR/ID.pem and DIR/ID-key.pem signed by the CA: ID (the node id) as a DNS name plus
+    /// the extra names; valid as server and client certificate ([cluster.tls], [proxy.tls]).
+    Issue {
+        id: String,
+        /// Directory holding ca.pem and ca-key.pem.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// An extra DNS name (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// An extra IP address (repeatable).
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -163,6 +210,55 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::DemoBackend { listen, name } => {
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(shoal::demo::run_backend(listen, name)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Cert { op } => {
+            let done = match op {
+                CertOp::Ca { out, days, force } => shoal::cert::make_ca(&out, days, force),
+                CertOp::Issue {
+                    id,
+                    ca,
+                    out,
+                    dns,
+                    ip,
+                    days,
+                    force,
+                } => {
+                    let names = shoal::cert::Names { dns, ips: ip };
+                    shoal::cert::issue(&id, &ca, &out, &names, days, force)
+                }
+            };
+            match done {
+                Ok(paths) => {
+                    for p in paths {
+                        println!("wrote {}", p.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e @ (shoal::cert::CertError::Exists(_) | shoal::cert::CertError::Bad(..))) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
                     ExitCode::from(1)
                 }
             }

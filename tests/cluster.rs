@@ -352,33 +352,25 @@ async fn cli_pool_and_peers_commands() {
 
 mod tls {
     use super::*;
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
     use tokio::io::AsyncWriteExt;
 
-    struct Ca {
-        cert: rcgen::Certificate,
-        key: KeyPair,
+    /// `shoal cert ...`: the one way certificates are made (README, compose, Kubernetes).
+    fn cert(args: &[&str]) {
+        let out = std::process::Command::new(shoal_bin())
+            .arg("cert")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "shoal cert {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
-    fn ca(name: &str) -> Ca {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        Ca {
-            cert: p.self_signed(&key).unwrap(),
-            key,
-        }
-    }
-
-    /// A certificate naming `id` (DNS SAN), for both server and client use.
-    fn leaf(ca: &Ca, id: &str) -> (String, String) {
-        let mut p = CertificateParams::new(vec![id.to_string()]).unwrap();
-        p.subject_alt_names = vec![SanType::DnsName(id.try_into().unwrap())];
-        p.distinguished_name.push(DnType::CommonName, id);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &ca.cert, &ca.key).unwrap();
-        (cert.pem(), key.serialize_pem())
+    fn pair(dir: &std::path::Path, id: &str) -> (String, String) {
+        let read = |f: String| std::fs::read_to_string(dir.join(f)).unwrap();
+        (read(format!("{id}.pem")), read(format!("{id}-key.pem")))
     }
 
     /// Connect to a peer's cluster port with `cert`, claim to be `claim`, send a hello and a
@@ -436,17 +428,32 @@ mod tls {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mutual_tls_admits_peers_and_refuses_strangers() {
         let dir = tempfile::tempdir().unwrap();
-        let good = ca("shoal cluster CA");
-        let ca_pem = good.cert.pem();
-        let ca_path = write_file(dir.path(), "ca.pem", &ca_pem);
-        let mut files = Vec::new();
-        for id in ["a", "b", "c"] {
-            let (c, k) = leaf(&good, id);
-            files.push((
-                write_file(dir.path(), &format!("{id}.pem"), &c),
-                write_file(dir.path(), &format!("{id}-key.pem"), &k),
-            ));
+        let d = dir.path().to_str().unwrap();
+        cert(&["ca", "--out", d]);
+        for id in ["a", "b", "c", "x"] {
+            cert(&["issue", id, "--ca", d, "--out", d]);
         }
+        let other = dir.path().join("other");
+        let o = other.to_str().unwrap();
+        cert(&["ca", "--out", o]);
+        cert(&["issue", "b", "--ca", o, "--out", o]);
+        // A CA is never overwritten by accident.
+        let again = std::process::Command::new(shoal_bin())
+            .args(["cert", "ca", "--out", d])
+            .output()
+            .unwrap();
+        assert_eq!(again.status.code(), Some(2));
+        let ca_path = dir.path().join("ca.pem");
+        let ca_pem = std::fs::read_to_string(&ca_path).unwrap();
+        let files: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|id| {
+                (
+                    dir.path().join(format!("{id}.pem")),
+                    dir.path().join(format!("{id}-key.pem")),
+                )
+            })
+            .collect();
         let nodes = start_cluster(
             3,
             |i| {
@@ -491,16 +498,11 @@ mod tls {
             .unwrap();
 
         // A certificate from another CA: the handshake fails.
-        let other = ca("some other CA");
-        assert!(!intrude(cluster_addr, &ca_pem, leaf(&other, "b"), "a", "b").await);
+        assert!(!intrude(cluster_addr, &ca_pem, pair(&other, "b"), "a", "b").await);
         // A good CA but a certificate naming another id ("x" claiming to be "b").
-        assert!(!intrude(cluster_addr, &ca_pem, leaf(&good, "x"), "a", "b").await);
+        assert!(!intrude(cluster_addr, &ca_pem, pair(dir.path(), "x"), "a", "b").await);
         // The real b certificate is accepted (the connection stays open).
-        let (bc, bk) = (
-            std::fs::read_to_string(&files[1].0).unwrap(),
-            std::fs::read_to_string(&files[1].1).unwrap(),
-        );
-        assert!(intrude(cluster_addr, &ca_pem, (bc, bk), "a", "b").await);
+        assert!(intrude(cluster_addr, &ca_pem, pair(dir.path(), "b"), "a", "b").await);
 
         let m = nodes[0].metrics().await;
         assert!(
