@@ -232,8 +232,16 @@ mod tests {
             webpki::KeyUsage::server_auth(),
             webpki::KeyUsage::client_auth(),
         ] {
-            ee.verify_for_usage(algs.all, &[anchor.clone()], &[], now, usage, None, None)
-                .unwrap();
+            ee.verify_for_usage(
+                algs.all,
+                std::slice::from_ref(&anchor),
+                &[],
+                now,
+                usage,
+                None,
+                None,
+            )
+            .unwrap();
         }
         for name in ["a", "shoal-a.example", "127.0.0.1"] {
             let sn = rustls::pki_types::ServerName::try_from(name).unwrap();
