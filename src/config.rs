@@ -65,6 +65,8 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
     #[serde(default)]
     pub tls: Option<ProxyTls>,
 }
@@ -395,6 +397,7 @@ max_connections = 10000
 retries = 2
 max_header_bytes = 65536
 shutdown_grace = "10s"
+shutdown_delay = "0s"
 [balance]
 algorithm = "round_robin"
 hash_key = "client_ip"

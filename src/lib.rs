@@ -12,6 +12,7 @@ pub mod config;
 pub mod core;
 pub mod demo;
 pub mod net;
+pub mod notify;
 pub mod probe;
 pub mod proxy;
 pub mod sim;

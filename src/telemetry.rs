@@ -25,6 +25,8 @@ pub const PEER_UP: &str = "shoal_peer_up";
 pub const PEER_PHI: &str = "shoal_peer_phi";
 pub const PAXOS_ROUNDS_TOTAL: &str = "shoal_paxos_rounds_total";
 pub const PAXOS_COMMIT_DURATION_SECONDS: &str = "shoal_paxos_commit_duration_seconds";
+pub const CONFIG_RELOADS_TOTAL: &str = "shoal_config_reloads_total";
+pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str = "shoal_certificate_expiry_timestamp_seconds";
 
 /// Label value for requests that reached no backend.
 pub const NO_BACKEND: &str = "none";

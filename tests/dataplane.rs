@@ -878,3 +878,200 @@ async fn upstream_tls_backends() {
         Some(0.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_delay_fails_readyz_first_and_serves_until_it_ends() {
+    let a = Backend::start("a", Behavior::Echo).await;
+    let mut s = Shoal::start("shutdown_delay = \"1500ms\"", &backends_toml(&[&a])).await;
+    s.signal("-TERM");
+    let sent = Instant::now();
+    eventually(Duration::from_millis(500), "readyz 503 at once", || async {
+        matches!(get_text(s.admin, "/readyz").await, Ok((503, _))).then_some(())
+    })
+    .await;
+    // Still serving new connections during the delay.
+    let mut served = 0;
+    while sent.elapsed() < Duration::from_millis(1100) {
+        let r = send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
+            .await
+            .expect("served during shutdown_delay");
+        assert_eq!(r.status(), 200);
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served >= 5, "{served}");
+    // Then the listeners close and the process exits 0.
+    eventually(Duration::from_secs(3), "listener closed", || async {
+        tokio::net::TcpStream::connect(s.proxy)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(s.wait_exit(Duration::from_secs(5)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notify_ready_reloading_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let a = Backend::start("a", Behavior::Echo).await;
+    let mut s = Shoal::start_with_env(
+        "",
+        &backends_toml(&[&a]),
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    )
+    .await;
+    let recv = |sock: &std::os::unix::net::UnixDatagram| {
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    assert_eq!(recv(&sock), "READY=1");
+    s.signal("-HUP");
+    let reloading = recv(&sock);
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let usec: u64 = reloading.rsplit('=').next().unwrap().parse().unwrap();
+    assert!(usec > 0);
+    assert_eq!(recv(&sock), "READY=1");
+    s.signal("-TERM");
+    assert_eq!(recv(&sock), "STOPPING=1");
+    assert_eq!(s.wait_exit(Duration::from_secs(5)), Some(0));
+}
+
+/// `shoal cert ...` into `dir`.
+fn shoal_cert(args: &[&str]) {
+    let out = std::process::Command::new(shoal_bin())
+        .arg("cert")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_certificates_and_the_ejection_cap_and_counts_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    shoal_cert(&["ca", "--out", d]);
+    shoal_cert(&["issue", "t", "--ca", d, "--out", d, "--days", "30"]);
+    let up = Backend::start("up", Behavior::Echo).await;
+    let dead = Backend::start("dead", Behavior::Echo).await;
+    dead.health_ok.store(false, Ordering::SeqCst);
+    let tls_port = free_port();
+    let proxy_keys = format!(
+        "[proxy.tls]\nlisten = [\"127.0.0.1:{tls_port}\"]\ncert = \"{d}/t.pem\"\nkey = \"{d}/t-key.pem\"\n"
+    );
+    let rest = format!(
+        "[cluster.tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/t.pem\"\nkey = \"{d}/t-key.pem\"\n\n\
+         [health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\nfall = 2\nrise = 2\nmax_ejected_percent = 0\n\n{}",
+        backends_toml(&[&up, &dead])
+    );
+    let s = Shoal::start(&proxy_keys, &rest).await;
+    let expiry = |m: &str, cert: &str| {
+        metric(
+            m,
+            &format!("shoal_certificate_expiry_timestamp_seconds{{cert=\"{cert}\"}}"),
+        )
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let m = s.metrics().await;
+    for cert in ["proxy", "cluster"] {
+        let at = expiry(&m, cert).unwrap_or_else(|| panic!("{cert} expiry missing: {m}"));
+        assert!((at - (now + 30.0 * 86_400.0)).abs() < 120.0, "{cert}: {at}");
+    }
+    assert_eq!(
+        metric(&m, "shoal_config_reloads_total{result=\"ok\"}"),
+        Some(0.0)
+    );
+    // The cap is 0: the failing backend is down locally but never ejected.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, pool) = get_json(s.admin, "/pool").await;
+    let state = |pool: &serde_json::Value, id: &str| {
+        pool["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == id)
+            .map(|b| b["state"].clone())
+    };
+    assert_eq!(state(&pool, "dead"), Some("active".into()), "{pool}");
+    let (_, status) = get_json(s.admin, "/status").await;
+    let dead_view = &status["backends"].as_array().unwrap()[0];
+    assert_eq!(dead_view["id"], "dead");
+    assert_eq!(dead_view["local"], "down", "{status}");
+    assert_eq!(
+        dead_view["down_votes"],
+        serde_json::json!(["t"]),
+        "{status}"
+    );
+
+    // New certificates and a cap of 50%, live.
+    shoal_cert(&[
+        "issue", "t", "--ca", d, "--out", d, "--days", "90", "--force",
+    ]);
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace("max_ejected_percent = 0", "max_ejected_percent = 50"),
+    )
+    .unwrap();
+    s.signal("-HUP");
+    eventually(
+        Duration::from_secs(5),
+        "the cap raised: ejected",
+        || async {
+            let (_, pool) = get_json(s.admin, "/pool").await;
+            (state(&pool, "dead") == Some("ejected".into())).then_some(())
+        },
+    )
+    .await;
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "shoal_config_reloads_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    for cert in ["proxy", "cluster"] {
+        let at = expiry(&m, cert).unwrap();
+        assert!((at - (now + 90.0 * 86_400.0)).abs() < 120.0, "{cert}: {at}");
+    }
+
+    // A broken certificate file: the reload fails, nothing changes, and it is counted.
+    std::fs::write(dir.path().join("t.pem"), "not a certificate").unwrap();
+    s.signal("-HUP");
+    eventually(
+        Duration::from_secs(3),
+        "a failed reload counted",
+        || async {
+            let m = s.metrics().await;
+            (metric(&m, "shoal_config_reloads_total{result=\"failed\"}") == Some(1.0)).then_some(())
+        },
+    )
+    .await;
+    let m = s.metrics().await;
+    assert!((expiry(&m, "proxy").unwrap() - (now + 90.0 * 86_400.0)).abs() < 120.0);
+    assert!(s.log().contains("reload failed"), "{}", s.log());
+    // The proxy still serves (over TLS too: the old certificate stays in use).
+    let r = send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

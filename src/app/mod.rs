@@ -134,18 +134,26 @@ impl Peer {
         })
     }
 
-    /// Apply what can change live from a new config; say what needs a restart.
-    pub fn reload(&mut self, new: Config, log: Option<&LogReload>) {
+    /// Apply what can change live from a new config; say what needs a restart. Certificates are
+    /// loaded first: if any fails, nothing changes and the reason is returned.
+    pub fn reload(&mut self, new: Config, log: Option<&LogReload>) -> Result<(), String> {
+        let proxy_tls = match (&self.tls, &new.proxy.tls) {
+            (Some(_), Some(t)) => Some(
+                crate::tls::load_server_config(&t.cert, &t.key)
+                    .map_err(|e| format!("proxy.tls: {e}"))?,
+            ),
+            _ => None,
+        };
+        self.cluster
+            .reload(&new)
+            .map_err(|e| format!("cluster.tls: {e}"))?;
+        if let (Some(swap), Some(cfg)) = (&self.tls, proxy_tls) {
+            swap.store(cfg);
+        }
         self.table.set_settings(Settings::from_config(&new));
         if let Some(h) = log {
             if let Ok(f) = tracing_subscriber::EnvFilter::try_new(&new.log.level) {
                 let _ = h.reload(f);
-            }
-        }
-        if let (Some(swap), Some(t)) = (&self.tls, &new.proxy.tls) {
-            match crate::tls::load_server_config(&t.cert, &t.key) {
-                Ok(cfg) => swap.store(cfg),
-                Err(e) => tracing::error!(error = %e, "TLS certificates not reloaded"),
             }
         }
         let old = &self.config;
@@ -160,13 +168,24 @@ impl Peer {
                 "listen addresses and node id change only on restart; kept the old ones"
             );
         }
-        tracing::info!("config reloaded");
+        record_certificate_expiry(&new);
         self.config = new;
+        Ok(())
     }
 
     /// Stop accepting, finish in-flight requests up to `shutdown_grace`, stop everything.
     pub async fn drain(&self) {
         self.admin.shutting_down.store(true, Ordering::Relaxed);
+        // /readyz fails at once; the listeners keep serving until whatever routes to this peer
+        // (a load balancer, Kubernetes endpoints) has noticed.
+        let delay = self.config.proxy.shutdown_delay;
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "not ready; closing the listeners after shutdown_delay"
+            );
+            tokio::time::sleep(delay).await;
+        }
         let grace = self.config.proxy.shutdown_grace;
         let left = self.server.drain(grace).await;
         if left > 0 {
@@ -179,6 +198,20 @@ impl Peer {
     }
 }
 
+/// `shoal_certificate_expiry_timestamp_seconds` for the proxy's and the cluster's certificates.
+fn record_certificate_expiry(config: &Config) {
+    let certs = [
+        ("proxy", config.proxy.tls.as_ref().map(|t| &t.cert)),
+        ("cluster", config.cluster.tls.as_ref().map(|t| &t.cert)),
+    ];
+    for (name, path) in certs {
+        if let Some(at) = path.and_then(|p| crate::cert::expiry_of(p)) {
+            metrics::gauge!(telemetry::CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, "cert" => name)
+                .set(at as f64);
+        }
+    }
+}
+
 /// `shoal run`: start, then serve until SIGTERM/SIGINT (drain, exit 0); SIGHUP reloads.
 pub async fn run(config: Config, path: PathBuf, log: Option<LogReload>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -186,16 +219,36 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogReload>) -> anyho
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut peer = Peer::start(config).await?;
+    for result in ["ok", "failed"] {
+        metrics::counter!(telemetry::CONFIG_RELOADS_TOTAL, "result" => result).increment(0);
+    }
+    record_certificate_expiry(&peer.config);
+    crate::notify::notify("READY=1");
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match crate::config::load(&path) {
-                Ok(new) => peer.reload(new, log.as_ref()),
-                Err(e) => tracing::error!(problems = %e, "reload failed; keeping the old config"),
-            },
+            _ = hup.recv() => {
+                crate::notify::reloading();
+                let done = crate::config::load(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|new| peer.reload(new, log.as_ref()));
+                let result = match done {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), "config reloaded");
+                        "ok"
+                    }
+                    Err(e) => {
+                        tracing::error!(problems = %e, "reload failed; keeping the old config");
+                        "failed"
+                    }
+                };
+                metrics::counter!(telemetry::CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
+                crate::notify::notify("READY=1");
+            }
         }
     }
+    crate::notify::notify("STOPPING=1");
     tracing::info!("shutting down: draining in-flight requests");
     peer.drain().await;
     // Let the last responses flush.

@@ -7,7 +7,7 @@ pub mod storage;
 pub mod transport;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -113,6 +113,10 @@ pub struct Cluster {
     status: Arc<Mutex<ConsensusStatus>>,
     /// The driver task, taken by `stopped` to wait for it.
     task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// `health.max_ejected_percent`, read at each proposal (a reload changes it).
+    max_ejected_percent: Arc<AtomicU8>,
+    /// The peer certificates (a reload swaps them for new connections).
+    tls: Option<PeerTls>,
 }
 
 impl Cluster {
@@ -154,6 +158,20 @@ impl Cluster {
     /// The other peers as this peer's detector sees them.
     pub fn peers(&self) -> Vec<PeerView> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Apply what a config reload may change: the ejection cap and the peer certificates (the
+    /// old ones stay when the new files do not load).
+    pub fn reload(&self, config: &Config) -> Result<(), crate::tls::TlsError> {
+        if let (Some(tls), Some(files)) = (&self.tls, &config.cluster.tls) {
+            tls.reload(files)?;
+        }
+        let cap = config.health.max_ejected_percent;
+        if self.max_ejected_percent.swap(cap, Ordering::Relaxed) != cap {
+            // Votes already recorded count under the new cap now, not at the next vote.
+            self.submit(PoolChange::Settle);
+        }
+        Ok(())
     }
 
     /// Whether a majority of peers answers now.
@@ -234,7 +252,7 @@ pub async fn start(
         config.node.id.clone(),
         listener,
         &config.cluster.peers,
-        tls,
+        tls.clone(),
         identity.clone(),
         config.cluster.dead_after,
         in_tx,
@@ -248,6 +266,8 @@ pub async fn start(
         dead: Arc::new(Mutex::new(Vec::new())),
         status: Arc::new(Mutex::new(ConsensusStatus::default())),
         task: Arc::new(Mutex::new(None)),
+        max_ejected_percent: Arc::new(AtomicU8::new(config.health.max_ejected_percent)),
+        tls,
     };
     let mut voters: Vec<NodeId> = config.cluster.peers.iter().map(|p| p.id.clone()).collect();
     voters.push(config.node.id.clone());
@@ -282,6 +302,7 @@ pub async fn start(
         node,
         store,
         rules: config.rules(),
+        max_ejected_percent: cluster.max_ejected_percent.clone(),
         seeds: config.backends.clone(),
         publish,
         transport,
@@ -334,6 +355,7 @@ struct Driver {
     node: Node,
     store: FileStore,
     rules: Rules,
+    max_ejected_percent: Arc<AtomicU8>,
     seeds: Vec<crate::core::pool::Backend>,
     publish: Arc<dyn Publish>,
     transport: Transport,
@@ -455,7 +477,11 @@ impl Driver {
             }
             let is_read = q.change == PoolChange::Read;
             let now = self.now_ms();
-            if self.node.propose(q.change, self.rules, now) {
+            let rules = Rules {
+                max_ejected_percent: self.max_ejected_percent.load(Ordering::Relaxed),
+                ..self.rules
+            };
+            if self.node.propose(q.change, rules, now) {
                 self.current = Some(Current {
                     reply: q.reply,
                     started: Instant::now(),

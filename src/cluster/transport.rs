@@ -91,20 +91,44 @@ impl Identity {
     }
 }
 
-/// TLS material for both directions.
+/// TLS material for both directions; a reload swaps it for the connections made after.
 #[derive(Clone)]
 pub struct PeerTls {
+    current: Arc<arc_swap::ArcSwap<TlsPair>>,
+}
+
+struct TlsPair {
     acceptor: TlsAcceptor,
     connector: TlsConnector,
 }
 
 impl PeerTls {
     pub fn load(t: &ClusterTls) -> Result<Self, crate::tls::TlsError> {
-        let (server, client) = crate::tls::load_mutual(&t.ca, &t.cert, &t.key)?;
         Ok(Self {
+            current: Arc::new(arc_swap::ArcSwap::from_pointee(Self::pair(t)?)),
+        })
+    }
+
+    fn pair(t: &ClusterTls) -> Result<TlsPair, crate::tls::TlsError> {
+        let (server, client) = crate::tls::load_mutual(&t.ca, &t.cert, &t.key)?;
+        Ok(TlsPair {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             connector: TlsConnector::from(Arc::new(client)),
         })
+    }
+
+    /// Load the files again (SIGHUP); on error the old material stays.
+    pub fn reload(&self, t: &ClusterTls) -> Result<(), crate::tls::TlsError> {
+        self.current.store(Arc::new(Self::pair(t)?));
+        Ok(())
+    }
+
+    fn connector(&self) -> TlsConnector {
+        self.current.load().connector.clone()
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        self.current.load().acceptor.clone()
     }
 }
 
@@ -361,7 +385,7 @@ async fn connect(
             // The peer's certificate must name its id.
             let name = ServerName::try_from(peer.id.as_str().to_string())
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-            let s = tokio::time::timeout(IO_TIMEOUT, t.connector.connect(name, tcp))
+            let s = tokio::time::timeout(IO_TIMEOUT, t.connector().connect(name, tcp))
                 .await
                 .map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
@@ -456,7 +480,7 @@ async fn authenticate(stream: TcpStream, addr: SocketAddr, p: Peer<'_>) {
     } = p;
     let (mut io, cert): (Box<dyn PeerIo>, Option<CertificateDer<'static>>) = match tls {
         None => (Box::new(stream), None),
-        Some(t) => match tokio::time::timeout(IO_TIMEOUT, t.acceptor.accept(stream)).await {
+        Some(t) => match tokio::time::timeout(IO_TIMEOUT, t.acceptor().accept(stream)).await {
             Ok(Ok(s)) => {
                 let cert = s
                     .get_ref()

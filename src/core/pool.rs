@@ -230,6 +230,9 @@ pub enum PoolChange {
     ExpireVotes {
         peer: NodeId,
     },
+    /// Re-derive ejections from the recorded votes under the proposer's rules (after a reload
+    /// changed the ejection cap); a new version only if a state changed.
+    Settle,
 }
 
 impl PoolChange {
@@ -436,6 +439,7 @@ impl Pool {
                     b.down_votes.remove(peer);
                 }
             }
+            PoolChange::Settle => {}
         }
         next.settle(rules);
         if next.backends != self.backends || !self.exists() {
@@ -554,6 +558,36 @@ mod tests {
     }
     fn peer(s: &str) -> NodeId {
         NodeId::new(s)
+    }
+
+    #[test]
+    fn settle_applies_a_changed_cap_to_recorded_votes() {
+        let capped = Rules {
+            cluster_size: 1,
+            max_ejected_percent: 0,
+        };
+        let p = seeded(2)
+            .apply(
+                &PoolChange::VoteDown {
+                    id: id("b0"),
+                    peer: peer("a"),
+                },
+                &capped,
+            )
+            .unwrap();
+        assert_eq!(p.backends[&id("b0")].state, BackendState::Active);
+        // Same cap: nothing to do, same version.
+        assert_eq!(p.apply(&PoolChange::Settle, &capped).unwrap(), p);
+        let raised = Rules {
+            max_ejected_percent: 50,
+            ..capped
+        };
+        let q = p.apply(&PoolChange::Settle, &raised).unwrap();
+        assert_eq!(q.backends[&id("b0")].state, BackendState::Ejected);
+        assert_eq!(q.version, p.version + 1);
+        // Lowered again: restored.
+        let r = q.apply(&PoolChange::Settle, &capped).unwrap();
+        assert_eq!(r.backends[&id("b0")].state, BackendState::Active);
     }
 
     #[test]
