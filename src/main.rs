@@ -102,8 +102,11 @@ enum CertOp {
         #[arg(long, default_value_t = 3650)]
         days: u32,
         /// Overwrite existing files.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "if_missing")]
         force: bool,
+        /// Do nothing (exit 0) when the files exist already: for init containers.
+        #[arg(long)]
+        if_missing: bool,
     },
     /// Write DIR/ID.pem and DIR/ID-key.pem signed by the CA: ID (the node id) as a DNS name plus
     /// the extra names; valid as server and client certificate ([cluster.tls], [proxy.tls]).
@@ -123,8 +126,11 @@ enum CertOp {
         #[arg(long, default_value_t = 365)]
         days: u32,
         /// Overwrite existing files.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "if_missing")]
         force: bool,
+        /// Do nothing (exit 0) when the files exist already: for init containers.
+        #[arg(long)]
+        if_missing: bool,
     },
 }
 
@@ -232,7 +238,19 @@ fn main() -> ExitCode {
         }
         Command::Cert { op } => {
             let done = match op {
-                CertOp::Ca { out, days, force } => shoal::cert::make_ca(&out, days, force),
+                CertOp::Ca {
+                    out,
+                    days,
+                    force,
+                    if_missing,
+                } => {
+                    let have = ["ca.pem", "ca-key.pem"].map(|f| out.join(f));
+                    if if_missing && have.iter().all(|p| p.exists()) {
+                        println!("kept {} (exists)", have[0].display());
+                        return ExitCode::SUCCESS;
+                    }
+                    shoal::cert::make_ca(&out, days, force)
+                }
                 CertOp::Issue {
                     id,
                     ca,
@@ -241,7 +259,13 @@ fn main() -> ExitCode {
                     ip,
                     days,
                     force,
+                    if_missing,
                 } => {
+                    let have = [format!("{id}.pem"), format!("{id}-key.pem")].map(|f| out.join(f));
+                    if if_missing && have.iter().all(|p| p.exists()) {
+                        println!("kept {} (exists)", have[0].display());
+                        return ExitCode::SUCCESS;
+                    }
                     let names = shoal::cert::Names { dns, ips: ip };
                     shoal::cert::issue(&id, &ca, &out, &names, days, force)
                 }

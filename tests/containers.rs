@@ -808,3 +808,124 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     assert!(failed.is_empty(), "failed requests: {failed:?}");
     assert!(ok.load(Ordering::Relaxed) > 100);
 }
+
+/// `docker compose` (v2) or `docker-compose` (v1), whichever this machine has.
+fn compose_cmd() -> Command {
+    if Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let mut c = Command::new("docker");
+        c.arg("compose");
+        c
+    } else {
+        Command::new("docker-compose")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_cluster_forms_over_mutual_tls_and_serves() {
+    if !docker_available() {
+        return;
+    }
+    let image = image();
+    let project = format!("shoaltest{}{}", std::process::id(), rand_tag());
+    let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+    let env: Vec<(String, String)> = [
+        ("SHOAL_IMAGE", image.clone()),
+        ("SHOAL_TOKEN", TOKEN.to_string()),
+        ("SHOAL_PORT_A", ports[0].to_string()),
+        ("SHOAL_PORT_B", ports[1].to_string()),
+        ("SHOAL_PORT_C", ports[2].to_string()),
+        ("SHOAL_ADMIN_PORT_A", ports[3].to_string()),
+        ("SHOAL_ADMIN_PORT_B", ports[4].to_string()),
+        ("SHOAL_ADMIN_PORT_C", ports[5].to_string()),
+        ("PROMETHEUS_IMAGE", "none".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let compose = |args: &[&str]| {
+        let out = compose_cmd()
+            .args(["-p", &project, "-f", "deploy/compose/compose.yaml"])
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    struct Down<'a>(&'a dyn Fn(&[&str]) -> (bool, String));
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = (self.0)(&["down", "-v", "--remove-orphans", "-t", "5"]);
+        }
+    }
+    let _down = Down(&compose);
+    // Everything but Prometheus (its image cannot be pulled here).
+    let (ok, out) = compose(&["up", "-d", "--no-build", "a", "b", "c"]);
+    assert!(ok, "compose up: {out}");
+    let admin = |i: usize| -> SocketAddr { format!("127.0.0.1:{}", ports[3 + i]).parse().unwrap() };
+    let proxy = |i: usize| -> SocketAddr { format!("127.0.0.1:{}", ports[i]).parse().unwrap() };
+    for i in 0..3 {
+        eventually(Duration::from_secs(40), "compose peer ready", || async {
+            matches!(get_text(admin(i), "/readyz").await, Ok((200, _))).then_some(())
+        })
+        .await;
+    }
+    let authed = |i: usize, method: &str, path: &str| {
+        request(method, admin(i), path)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(empty())
+            .unwrap()
+    };
+    let r = send(admin(0), authed(0, "GET", "/status")).await.unwrap();
+    let status: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+    assert_eq!(status["members"], json!(["a", "b", "c"]), "{status}");
+    // Every peer serves from every backend.
+    for i in 0..3 {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..12 {
+            let p = proxy(i);
+            let r = send(p, request("GET", p, "/").body(empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            seen.insert(
+                String::from_utf8_lossy(r.body())
+                    .split_whitespace()
+                    .nth(2)
+                    .unwrap_or("")
+                    .to_string(),
+            );
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+    }
+    // A change through a is seen by c (the peers reach each other over mutual TLS).
+    let r = send(admin(0), authed(0, "POST", "/pool/backends/web-2/drain"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    eventually(Duration::from_secs(10), "c learned the drain", || async {
+        let r = send(admin(2), authed(2, "GET", "/pool")).await.ok()?;
+        let pool: serde_json::Value = serde_json::from_slice(r.body()).ok()?;
+        pool["backends"]
+            .as_array()?
+            .iter()
+            .any(|b| b["id"] == "web-2" && b["state"] == "draining")
+            .then_some(())
+    })
+    .await;
+    // A second `up` keeps the certificates (--if-missing) and the running cluster.
+    let (ok, out) = compose(&["up", "-d", "--no-build", "a", "b", "c"]);
+    assert!(ok, "second compose up: {out}");
+    let r = send(admin(1), authed(1, "POST", "/pool/backends/web-2/undrain"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
