@@ -81,7 +81,7 @@ fn kubernetes_manifest_passes_the_schema_of_a_current_release() {
         return;
     }
     let out = Command::new("kubernetes-validate")
-        .args(["--strict", "-k", "1.34.0"])
+        .args(["--strict", "-k", "1.37.0"])
         .arg(repo().join("deploy/kubernetes/shoal.yaml"))
         .output()
         .unwrap();
