@@ -71,6 +71,8 @@ pub trait RoutingView: Send + Sync + 'static {
     fn pool(&self) -> Arc<Pool>;
     /// This peer's own view of a backend: up (or not probed yet) or down.
     fn local_up(&self, id: &BackendId) -> bool;
+    /// Responses this peer got from a backend so far, and its requests in flight now.
+    fn traffic(&self, id: &BackendId) -> (u64, u64);
 }
 
 /// Shared state of the admin server.
@@ -80,19 +82,32 @@ pub struct Admin {
     pub routing: Arc<dyn RoutingView>,
     pub control: Arc<dyn PoolControl>,
     pub metrics: PrometheusHandle,
+    /// This peer's recent events (`/events`).
+    pub events: crate::events::Events,
+    /// When the peer started (`/status` reports `uptime_ms`, the clock rates are computed by).
+    pub started: std::time::Instant,
     /// Set once every listener is bound.
     pub listening: AtomicBool,
     /// Set when the peer starts draining: `/readyz` fails from then on.
     pub shutting_down: AtomicBool,
 }
 
-type Resp = Response<Full<Bytes>>;
+/// Admin responses: whole bodies, or a stream (`/events?follow=1`).
+pub type AdminBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+type Resp = Response<AdminBody>;
+
+fn whole(b: impl Into<Bytes>) -> AdminBody {
+    Full::new(b.into()).boxed()
+}
+
+/// The status page: plain HTML, CSS and a little JavaScript, served from the binary.
+const STATUS_PAGE: &str = include_str!("status_page.html");
 
 const MAX_BODY: usize = 64 * 1024;
 
 fn json_response(status: StatusCode, v: &impl Serialize) -> Resp {
     let body = serde_json::to_vec_pretty(v).unwrap_or_default();
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(whole(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -249,8 +264,22 @@ impl Admin {
                     false => Err(ApiError::NotReady),
                 };
             }
+            (&Method::GET, "/") => {
+                let mut r = Response::new(whole(STATUS_PAGE));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                r.headers_mut().insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static(
+                        "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'",
+                    ),
+                );
+                return Ok(r);
+            }
             (&Method::GET, "/metrics") => {
-                let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                let mut r = Response::new(whole(self.metrics.render()));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -277,6 +306,19 @@ impl Admin {
             )),
             (&Method::GET, ["peers"]) => Ok(json_response(StatusCode::OK, &self.control.peers())),
             (&Method::GET, ["status"]) => Ok(json_response(StatusCode::OK, &self.status())),
+            (&Method::GET, ["events"]) => {
+                let follow = req.uri().query().is_some_and(|q| {
+                    q.split('&')
+                        .any(|kv| kv == "follow=1" || kv == "follow=true")
+                });
+                Ok(if follow {
+                    self.follow_events()
+                } else {
+                    let recent = self.events.recent();
+                    let all: Vec<&serde_json::Value> = recent.iter().map(|e| &**e).collect();
+                    json_response(StatusCode::OK, &all)
+                })
+            }
             (&Method::POST, ["pool", "backends"]) => {
                 let body: AddBody = read_json(req).await?;
                 let backend = Backend::checked(body.id.as_deref(), &body.addr, body.weight)
@@ -303,11 +345,54 @@ impl Admin {
                 self.commit(PoolChange::SetWeight { id, weight }, StatusCode::OK)
                     .await
             }
-            (_, ["pool"] | ["peers"] | ["status"] | ["pool", "backends", ..]) => {
+            (_, ["pool"] | ["peers"] | ["status"] | ["events"] | ["pool", "backends", ..]) => {
                 Err(ApiError::MethodNotAllowed { method, path })
             }
             _ => Err(ApiError::NoEndpoint(path)),
         }
+    }
+
+    /// `/events?follow=1`: the events kept, then each new one, as server-sent events; a comment
+    /// every 15 s keeps proxies from closing the stream (and finds clients that left).
+    fn follow_events(&self) -> Resp {
+        let (backlog, mut live) = self.events.follow();
+        let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(16);
+        tokio::spawn(async move {
+            for e in backlog {
+                if tx
+                    .send_data(crate::events::sse_frame(&e).into())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let mut ping = tokio::time::interval(std::time::Duration::from_secs(15));
+            ping.tick().await;
+            loop {
+                let frame = tokio::select! {
+                    e = live.recv() => match e {
+                        Ok(e) => crate::events::sse_frame(&e),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            format!(": {n} events skipped (too slow)\n\n")
+                        }
+                        Err(_) => return,
+                    },
+                    _ = ping.tick() => ": ping\n\n".to_string(),
+                };
+                if tx.send_data(frame.into()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut r = Response::new(body.boxed());
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
     }
 
     /// Commit a change and answer with the pool it produced. The cluster published that pool to
@@ -324,8 +409,13 @@ impl Admin {
             .values()
             .map(|b| {
                 let up = self.routing.local_up(&b.id);
+                let (requests, inflight) = self.routing.traffic(&b.id);
                 json!({
                     "id": b.id.as_str(),
+                    "addr": b.addr,
+                    "weight": b.weight,
+                    "requests": requests,
+                    "inflight": inflight,
                     "state": b.state.as_str(),
                     "local": if up { "up" } else { "down" },
                     "down_votes": b.down_votes.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
@@ -341,6 +431,7 @@ impl Admin {
             "members": c.members,
             "waiting": c.waiting,
             "pool_version": pool.version,
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
             "quorum": self.control.quorum(),
             "shutting_down": self.shutting_down.load(Ordering::Relaxed),
             "backends": backends,

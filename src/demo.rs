@@ -11,6 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::app::Peer;
 
@@ -22,14 +23,19 @@ async fn bind_near(port: u16) -> std::io::Result<TcpListener> {
     }
 }
 
-/// A demo backend: answers every path with its name, `/healthz` with 200.
-pub fn spawn_backend(listener: TcpListener, name: String) {
+/// A demo backend: answers every path with its name, `/healthz` with 200; stops (listener and
+/// open connections) when `stop` is cancelled.
+pub fn spawn_backend(listener: TcpListener, name: String, stop: CancellationToken) {
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok((s, _)) => s,
+                    Err(_) => continue,
+                },
             };
-            let name = name.clone();
+            let (name, stop) = (name.clone(), stop.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let body = if req.uri().path() == "/healthz" {
@@ -43,12 +49,66 @@ pub fn spawn_backend(listener: TcpListener, name: String) {
                     };
                     async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = stop.cancelled() => {}
+                }
             });
         }
     });
+}
+
+/// One of the demo's backends, which the demo can kill and start again on the same port.
+struct DemoBackend {
+    name: String,
+    addr: SocketAddr,
+    running: Option<CancellationToken>,
+}
+
+impl DemoBackend {
+    async fn start(&mut self) -> std::io::Result<()> {
+        if self.running.is_some() {
+            return Ok(());
+        }
+        let l = TcpListener::bind(self.addr).await?;
+        let stop = CancellationToken::new();
+        spawn_backend(l, self.name.clone(), stop.clone());
+        self.running = Some(stop);
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(stop) = self.running.take() {
+            stop.cancel();
+        }
+    }
+}
+
+/// A demo command from standard input: `kill NAME`, `start NAME`; the answer to print.
+async fn command(line: &str, backends: &mut [DemoBackend]) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (verb, name) = match words.as_slice() {
+        [] => return String::new(),
+        [verb, name] => (*verb, *name),
+        _ => return "commands: kill NAME | start NAME (e.g. kill backend-2)".into(),
+    };
+    let Some(b) = backends.iter_mut().find(|b| b.name == name) else {
+        let names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+        return format!("no backend {name:?} (have: {})", names.join(", "));
+    };
+    match verb {
+        "kill" => {
+            b.kill();
+            format!("killed {name}: its port refuses connections; watch the peers react")
+        }
+        "start" => match b.start().await {
+            Ok(()) => format!("started {name} on {}", b.addr),
+            Err(e) => format!("cannot start {name} on {}: {e}", b.addr),
+        },
+        _ => "commands: kill NAME | start NAME (e.g. kill backend-2)".into(),
+    }
 }
 
 /// `shoal demo-backend`: one demo backend on `listen`, until SIGTERM or Ctrl-C (for containers).
@@ -57,7 +117,8 @@ pub async fn run_backend(listen: SocketAddr, name: String) -> anyhow::Result<()>
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     println!("demo backend {name} on http://{}", l.local_addr()?);
-    spawn_backend(l, name);
+    let stop = CancellationToken::new();
+    spawn_backend(l, name, stop.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -66,20 +127,38 @@ pub async fn run_backend(listen: SocketAddr, name: String) -> anyhow::Result<()>
     Ok(())
 }
 
+fn print_event(e: &serde_json::Value) {
+    let at = e["at"].as_str().unwrap_or("");
+    let time = at.get(11..23).unwrap_or(at);
+    println!(
+        "{time}  [{}] {:<15} {}",
+        e["peer"].as_str().unwrap_or("?"),
+        e["kind"].as_str().unwrap_or("?"),
+        e["message"].as_str().unwrap_or("")
+    );
+}
+
 /// Start `backends` demo backends and `peers` peers, print where they are, serve until Ctrl-C.
 pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "error".into()),
         )
         .try_init();
     let mut backend_addrs: Vec<SocketAddr> = Vec::new();
+    let mut demo_backends = Vec::new();
     for i in 0..backends {
         let l = bind_near(9001 + i as u16).await?;
         let addr = l.local_addr()?;
-        spawn_backend(l, format!("backend-{}", i + 1));
+        let (name, stop) = (format!("backend-{}", i + 1), CancellationToken::new());
+        spawn_backend(l, name.clone(), stop.clone());
         backend_addrs.push(addr);
+        demo_backends.push(DemoBackend {
+            name,
+            addr,
+            running: Some(stop),
+        });
     }
     let ids: Vec<String> = (0..peers)
         .map(|i| ((b'a' + i as u8) as char).to_string())
@@ -123,10 +202,50 @@ pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
         "try: curl http://{}/  |  shoal pool list --admin http://{}",
         running[0].proxy_addrs[0], running[0].admin_addr
     );
+    println!(
+        "type `kill backend-2` or `start backend-2` and Enter to watch the cluster react; events follow:"
+    );
+    // Every peer's events, one line each, as they happen.
+    for p in &running {
+        let (backlog, mut live) = p.events.follow();
+        tokio::spawn(async move {
+            for e in backlog {
+                print_event(&e);
+            }
+            while let Ok(e) = live.recv().await {
+                print_event(&e);
+            }
+        });
+    }
+    // Standard input is read on a thread of its own: a blocking read must not hold up the
+    // runtime's shutdown.
+    let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stdin_open = true;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => { r?; break; }
+            _ = term.recv() => break,
+            line = lines.recv(), if stdin_open => match line {
+                Some(line) => {
+                    let answer = command(&line, &mut demo_backends).await;
+                    if !answer.is_empty() {
+                        println!("> {answer}");
+                    }
+                }
+                // No terminal (or it closed): keep serving.
+                None => stdin_open = false,
+            },
+        }
     }
     for p in &running {
         p.drain().await;

@@ -103,3 +103,106 @@ fn pool_client_reports_unreachable_admin() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
+
+#[test]
+fn shoal_demo_serves_and_shows_the_cluster_react_to_a_killed_backend() {
+    use std::io::{BufRead, Write};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(shoal_bin())
+        .arg("demo")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let mut wait_for = |what: &dyn Fn(&str) -> bool, within: Duration| -> String {
+        let deadline = Instant::now() + within;
+        if let Some(l) = seen.iter().find(|l| what(l)) {
+            return l.clone();
+        }
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(l) => {
+                    seen.push(l.clone());
+                    if what(&l) {
+                        return l;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("demo output never matched; got:\n{}", seen.join("\n"));
+    };
+    let line = wait_for(
+        &|l| l.starts_with("peer a  proxy http://"),
+        Duration::from_secs(20),
+    );
+    let proxy = line.split_whitespace().nth(3).unwrap().to_string();
+    wait_for(
+        &|l| l.contains("[c] pool_changed") && l.contains("routing from pool version"),
+        Duration::from_secs(10),
+    );
+    let get = |url: &str| {
+        Command::new("curl")
+            .args(["-s", "-m", "5", url])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    };
+    assert!(get(&format!("{proxy}/")).starts_with("hello from backend-"));
+
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "kill backend-2").unwrap();
+    wait_for(
+        &|l| l.starts_with("> killed backend-2"),
+        Duration::from_secs(5),
+    );
+    for peer in ["a", "b", "c"] {
+        wait_for(
+            &|l| l.contains(&format!("[{peer}] backend_local")) && l.contains("backend-2 down"),
+            Duration::from_secs(10),
+        );
+        wait_for(
+            &|l| l.contains(&format!("[{peer}] ejected")) && l.contains("backend-2"),
+            Duration::from_secs(10),
+        );
+    }
+    writeln!(stdin, "start backend-2").unwrap();
+    for peer in ["a", "b", "c"] {
+        wait_for(
+            &|l| l.contains(&format!("[{peer}] restored")) && l.contains("backend-2"),
+            Duration::from_secs(10),
+        );
+    }
+    writeln!(stdin, "kill nothing").unwrap();
+    wait_for(
+        &|l| l.starts_with("> no backend \"nothing\""),
+        Duration::from_secs(5),
+    );
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert_eq!(st.code(), Some(0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "demo did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

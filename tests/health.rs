@@ -384,3 +384,263 @@ async fn a_paused_peer_ejects_nobody() {
     })
     .await;
 }
+
+/// The events of one peer, oldest first.
+async fn events(s: &Shoal) -> Vec<serde_json::Value> {
+    let (code, v) = get_json(s.admin, "/events").await;
+    assert_eq!(code, 200, "{v}");
+    v.as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_tell_what_each_peer_saw_and_the_cluster_did() {
+    let b1 = Backend::start("b1", Behavior::Echo).await;
+    let b2 = Backend::start("b2", Behavior::Echo).await;
+    let b3 = Backend::start("b3", Behavior::Echo).await;
+    let seeds = backends_toml(&[&b1, &b2, &b3]);
+    let mut nodes = start_cluster(
+        3,
+        |_| "dead_after = \"1s\"\n".to_string(),
+        |_| format!("{FAST_HEALTH}{seeds}"),
+    )
+    .await;
+    // Follow b's events live (server-sent events) from now on.
+    let follow = {
+        let admin = nodes[1].admin;
+        tokio::spawn(async move {
+            let mut tx = client(admin).await;
+            let req = request("GET", admin, "/events?follow=1")
+                .body(empty())
+                .unwrap();
+            let resp = tx.send_request(req).await.unwrap();
+            assert_eq!(resp.headers()["content-type"], "text/event-stream");
+            let mut body = resp.into_body();
+            let mut text = String::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(d) = frame.data_ref() {
+                    text.push_str(&String::from_utf8_lossy(d));
+                }
+                if text.contains("event: ejected\n") {
+                    return text;
+                }
+            }
+            text
+        })
+    };
+    b2.kill();
+    wait_state(&nodes, "b2", "ejected", Duration::from_secs(3)).await;
+    let streamed = tokio::time::timeout(Duration::from_secs(5), follow)
+        .await
+        .expect("the stream delivered the ejection")
+        .unwrap();
+    assert!(streamed.contains("event: pool_changed\n"), "{streamed}");
+    let data = streamed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .collect::<Vec<_>>();
+    assert!(data.iter().all(|e| e["peer"] == "b"), "{streamed}");
+
+    for n in &nodes {
+        let local = eventually(Duration::from_secs(3), "backend_local", || async {
+            events(n)
+                .await
+                .into_iter()
+                .find(|e| e["kind"] == "backend_local" && e["backend"] == "b2")
+        })
+        .await;
+        let ev = events(n).await;
+        assert_eq!(local["state"], "down");
+        assert!(local["why"].as_str().unwrap().contains("probes"), "{local}");
+        let ejected = ev
+            .iter()
+            .find(|e| e["kind"] == "ejected")
+            .unwrap_or_else(|| panic!("no ejected: {ev:?}"));
+        assert_eq!(ejected["backend"], "b2");
+        assert!(
+            ejected["voters"].as_array().unwrap().len() >= 2,
+            "{ejected}"
+        );
+        let version = ejected["version"].as_u64().unwrap();
+        let changed = ev
+            .iter()
+            .find(|e| e["kind"] == "pool_changed" && e["version"] == version)
+            .unwrap();
+        assert!(
+            changed["change"].as_str().unwrap().contains("b2 ejected"),
+            "{changed}"
+        );
+        assert!(changed["through"].is_string(), "{changed}");
+        // Oldest first, RFC 3339 times.
+        assert!(ev
+            .windows(2)
+            .all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()));
+        assert!(ev[0]["at"].as_str().unwrap().contains('T'));
+    }
+
+    // An admin change names the peer it went through.
+    let (code, _) = admin_call(
+        nodes[2].admin,
+        "PUT",
+        "/pool/backends/b1",
+        Some(serde_json::json!({"weight": 3})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    eventually(
+        Duration::from_secs(3),
+        "weight change event on a",
+        || async {
+            events(&nodes[0]).await.into_iter().find(|e| {
+                e["kind"] == "pool_changed"
+                    && e["through"] == "c"
+                    && e["change"]
+                        .as_str()
+                        .is_some_and(|c| c.contains("b1 weight 1 -> 3"))
+            })
+        },
+    )
+    .await;
+
+    // A reload, and a peer that dies.
+    nodes[0].signal("-HUP");
+    eventually(Duration::from_secs(3), "reload event", || async {
+        events(&nodes[0])
+            .await
+            .into_iter()
+            .find(|e| e["kind"] == "reload" && e["result"] == "ok")
+    })
+    .await;
+    nodes[2].kill9();
+    eventually(Duration::from_secs(6), "c dead in a's events", || async {
+        events(&nodes[0])
+            .await
+            .into_iter()
+            .find(|e| e["kind"] == "peer_state" && e["peer_id"] == "c" && e["state"] == "dead")
+    })
+    .await;
+}
+
+/// Headless chromium (Debian's), if installed: under CI=true it must be.
+fn chromium() -> Option<&'static str> {
+    for c in ["chromium", "chromium-browser", "google-chrome"] {
+        if std::process::Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return Some(c);
+        }
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but no chromium: .ci/run must install it"
+    );
+    eprintln!("skipped: no chromium installed");
+    None
+}
+
+/// The status page's DOM once its script has run (and a screenshot, if `png` is given).
+fn browse(browser: &str, url: &str, png: Option<&std::path::Path>) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(browser);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--virtual-time-budget=3000",
+        "--window-size=1400,1000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()));
+    match png {
+        Some(p) => cmd.arg(format!("--screenshot={}", p.display())),
+        None => cmd.arg("--dump-dom"),
+    };
+    let out = cmd.arg(url).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{browser}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_peers_pool_votes_and_events_in_a_browser() {
+    let Some(browser) = chromium() else {
+        return;
+    };
+    let b1 = Backend::start("b1", Behavior::Echo).await;
+    let b2 = Backend::start("b2", Behavior::Echo).await;
+    let b3 = Backend::start("b3", Behavior::Echo).await;
+    let seeds = backends_toml(&[&b1, &b2, &b3]);
+    let nodes = start_cluster(3, |_| String::new(), |_| format!("{FAST_HEALTH}{seeds}")).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (_ok, _failed, tasks) = load(nodes[0].proxy, stop.clone());
+    let url = format!("http://{}/", nodes[0].admin);
+    let (code, html) = get_text(nodes[0].admin, "/").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no external assets"
+    );
+
+    let browser_dom = {
+        let url = url.clone();
+        move || browse(browser, &url, None)
+    };
+    let dom = tokio::task::spawn_blocking(browser_dom.clone())
+        .await
+        .unwrap();
+    for id in ["b1", "b2", "b3"] {
+        assert!(
+            dom.contains(&format!(
+                "data-backend=\"{id}\" data-state=\"active\" data-local=\"up\""
+            )),
+            "{id} not shown active/up:\n{dom}"
+        );
+    }
+    for p in ["b", "c"] {
+        assert!(
+            dom.contains(&format!("data-peer=\"{p}\" data-state=\"alive\"")),
+            "{dom}"
+        );
+    }
+    assert!(dom.contains("routing from pool version"), "{dom}");
+    assert!(dom.contains("class=\"pill voting\">voting</span>"), "{dom}");
+
+    b2.kill();
+    wait_state(&nodes, "b2", "ejected", Duration::from_secs(3)).await;
+    let dom = tokio::task::spawn_blocking(browser_dom).await.unwrap();
+    assert!(
+        dom.contains("data-backend=\"b2\" data-state=\"ejected\" data-local=\"down\""),
+        "b2 not shown ejected:\n{dom}"
+    );
+    assert!(dom.contains("data-kind=\"ejected\""), "{dom}");
+    assert!(dom.contains("b2 ejected by the cluster"), "{dom}");
+    // Request rates: the page computed a rate for the backends carrying the load.
+    assert!(
+        dom.contains("class=\"num rate\">") && !dom.contains("class=\"num rate\">-<"),
+        "{dom}"
+    );
+
+    // A screenshot of the page during the failure, for people to look at.
+    let png = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let shot = png.clone();
+    tokio::task::spawn_blocking(move || browse(browser, &url, Some(&shot)))
+        .await
+        .unwrap();
+    let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        size > 10_000,
+        "screenshot {} is {size} bytes",
+        png.display()
+    );
+    eprintln!("screenshot: {}", png.display());
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        let _ = t.await;
+    }
+}

@@ -7,8 +7,11 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
+use crate::core::health::Source;
 use crate::core::health::Voter;
+use crate::core::pool::BackendId;
 use crate::core::pool::{NodeId, PoolChange};
+use crate::events::Events;
 use crate::proxy::table::RoutingTable;
 
 /// How often the voter reconciles without a flip.
@@ -19,6 +22,7 @@ const REVOTE_AFTER: Duration = Duration::from_secs(2);
 pub fn spawn_voter(
     table: Arc<RoutingTable>,
     cluster: Cluster,
+    events: Events,
     me: NodeId,
     shutdown: CancellationToken,
 ) {
@@ -32,7 +36,7 @@ pub fn spawn_voter(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
-                Some(_) = flips.recv() => {}
+                Some(id) = flips.recv() => backend_local(&table, &events, &id),
             }
             let pool = table.pool();
             let local_up = |id: &_| table.upstream(id).is_none_or(|u| u.is_up());
@@ -48,4 +52,21 @@ pub fn spawn_voter(
             }
         }
     });
+}
+
+/// A `backend_local` event for a flip of this peer's own view of `id`.
+fn backend_local(table: &RoutingTable, events: &Events, id: &BackendId) {
+    let Some(u) = table.upstream(id) else {
+        return;
+    };
+    let (state, why) = match (u.is_up(), u.down_by()) {
+        (true, _) => ("up", "it answers again"),
+        (false, Some(Source::Traffic)) => ("down", "live requests failed in a row"),
+        (false, _) => ("down", "health probes failed in a row"),
+    };
+    events.emit(
+        "backend_local",
+        format!("{id} {state} in this peer's view: {why}"),
+        serde_json::json!({ "backend": id.as_str(), "state": state, "why": why }),
+    );
 }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Admin;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::events::Events;
 use crate::proxy::server::{Listener, Server, ServerOptions};
 use crate::proxy::table::{RoutingTable, Settings};
 use crate::proxy::Proxy;
@@ -26,6 +27,8 @@ use crate::telemetry::{self, LogReload};
 /// A running peer.
 pub struct Peer {
     pub config: Config,
+    /// What happened here recently (`/events`).
+    pub events: Events,
     pub table: Arc<RoutingTable>,
     pub cluster: Cluster,
     pub admin: Arc<Admin>,
@@ -90,13 +93,20 @@ impl Peer {
         let admin_addr = admin_listener.local_addr()?;
 
         let cluster_listener = bind(config.cluster.listen, "cluster.listen").await?;
-        let cluster =
-            crate::cluster::start(&config, cluster_listener, table.clone(), shutdown.clone())
-                .await?;
+        let events = Events::new(config.node.id.as_str());
+        let cluster = crate::cluster::start(
+            &config,
+            cluster_listener,
+            table.clone(),
+            events.clone(),
+            shutdown.clone(),
+        )
+        .await?;
         crate::probe::spawn(table.clone(), shutdown.clone());
         health::spawn_voter(
             table.clone(),
             cluster.clone(),
+            events.clone(),
             config.node.id.clone(),
             shutdown.clone(),
         );
@@ -107,6 +117,8 @@ impl Peer {
             routing: table.clone(),
             control: Arc::new(cluster.clone()),
             metrics,
+            events: events.clone(),
+            started: std::time::Instant::now(),
             listening: Default::default(),
             shutting_down: Default::default(),
         });
@@ -122,6 +134,7 @@ impl Peer {
             "peer started"
         );
         Ok(Peer {
+            events,
             config,
             table,
             cluster,
@@ -235,11 +248,20 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogReload>) -> anyho
                     .and_then(|new| peer.reload(new, log.as_ref()));
                 let result = match done {
                     Ok(()) => {
-                        tracing::info!(path = %path.display(), "config reloaded");
+                        peer.events.emit(
+                            "reload",
+                            format!("config reloaded from {}", path.display()),
+                            serde_json::json!({ "result": "ok", "why": null }),
+                        );
                         "ok"
                     }
                     Err(e) => {
                         tracing::error!(problems = %e, "reload failed; keeping the old config");
+                        peer.events.emit(
+                            "reload",
+                            format!("reload failed; keeping the old config: {e}"),
+                            serde_json::json!({ "result": "failed", "why": e }),
+                        );
                         "failed"
                     }
                 };

@@ -59,6 +59,12 @@ impl RoutingView for RoutingTable {
     fn local_up(&self, id: &BackendId) -> bool {
         self.upstream(id).is_none_or(|u| u.is_up())
     }
+
+    fn traffic(&self, id: &BackendId) -> (u64, u64) {
+        self.upstream(id)
+            .map(|u| (u.served(), u.inflight()))
+            .unwrap_or_default()
+    }
 }
 
 /// Probes dial the routing table's upstreams and feed their local view.

@@ -18,8 +18,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::core::detector::{Detector, DetectorConfig, PeerState, PeerView};
 use crate::core::paxos::{Consensus, Effects, Node, Outcome, ProposerConfig};
-use crate::core::pool::{BackendState, ChangeError, NodeId, Pool, PoolChange, Rules};
+use crate::core::pool::{BackendState, ChangeError, NodeId, Pool, PoolChange, PoolDiff, Rules};
+use crate::events::Events;
 use crate::telemetry as names;
+use serde_json::json;
 use storage::{FileStore, Storage};
 use transport::{Body, Identity, Inbound, PeerTls, Transport};
 
@@ -192,6 +194,7 @@ pub async fn start(
     config: &Config,
     listener: TcpListener,
     publish: Arc<dyn Publish>,
+    events: Events,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Cluster> {
     let dir = &config.node.data_dir;
@@ -302,6 +305,7 @@ pub async fn start(
         node,
         store,
         rules: config.rules(),
+        events,
         max_ejected_percent: cluster.max_ejected_percent.clone(),
         seeds: config.backends.clone(),
         publish,
@@ -355,6 +359,7 @@ struct Driver {
     node: Node,
     store: FileStore,
     rules: Rules,
+    events: Events,
     max_ejected_percent: Arc<AtomicU8>,
     seeds: Vec<crate::core::pool::Backend>,
     publish: Arc<dyn Publish>,
@@ -565,6 +570,7 @@ impl Driver {
             tracing::warn!(error = %e, "cannot save the learned pool");
         }
         record_pool_metrics(&self.published, &pool);
+        pool_events(&self.events, &self.published, &pool);
         self.identity.set(&pool.cluster_id, pool.epoch);
         self.published = pool.clone();
         self.publish.publish(pool);
@@ -626,11 +632,17 @@ impl Driver {
             let state = p.detector.state(now);
             if state != p.state {
                 came_back |= state == PeerState::Alive;
-                match state {
-                    PeerState::Alive => tracing::info!(peer = %id, "peer alive"),
-                    PeerState::Suspect => tracing::warn!(peer = %id, "peer suspect"),
-                    PeerState::Dead => tracing::warn!(peer = %id, "peer dead"),
-                }
+                let phi = p.detector.phi(now);
+                self.events.emit(
+                    "peer_state",
+                    format!("peer {id} {} (was {})", state.as_str(), p.state.as_str()),
+                    json!({
+                        "peer_id": id.as_str(),
+                        "state": state.as_str(),
+                        "was": p.state.as_str(),
+                        "phi": if phi.is_finite() { (phi * 100.0).round() / 100.0 } else { 1e9 },
+                    }),
+                );
                 p.state = state;
             }
             if state == PeerState::Alive && voters.contains(id) {
@@ -683,6 +695,76 @@ impl Driver {
 
 /// The agreed pool's metrics, as this peer learns a new version: version, fingerprint, each
 /// backend's state, and an ejection for every backend that became `ejected`.
+/// `pool_changed`, `ejected`, `restored` and `membership_changed` events for a newly learned pool.
+fn pool_events(events: &Events, old: &Pool, new: &Pool) {
+    if !old.exists() {
+        events.emit(
+            "pool_changed",
+            format!(
+                "routing from pool version {} ({} backends)",
+                new.version,
+                new.backends.len()
+            ),
+            json!({ "version": new.version, "change": "learned", "through": null }),
+        );
+        return;
+    }
+    if new.version == old.version {
+        return;
+    }
+    let d = PoolDiff::between(old, new);
+    let through = d.through.as_ref().map(|p| p.to_string());
+    let change = if d.changes.is_empty() {
+        "no visible change".to_string()
+    } else {
+        d.changes.join("; ")
+    };
+    events.emit(
+        "pool_changed",
+        format!(
+            "pool version {}: {change}{}",
+            new.version,
+            through
+                .as_deref()
+                .map(|p| format!(" (through {p})"))
+                .unwrap_or_default()
+        ),
+        json!({ "version": new.version, "change": change, "through": through }),
+    );
+    for (id, voters) in &d.ejected {
+        let voters: Vec<&str> = voters.iter().map(|v| v.as_str()).collect();
+        events.emit(
+            "ejected",
+            format!(
+                "{id} ejected by the cluster at version {} (down for {})",
+                new.version,
+                voters.join(", ")
+            ),
+            json!({ "backend": id.as_str(), "version": new.version, "voters": voters }),
+        );
+    }
+    for id in &d.restored {
+        let voters: Vec<&str> = new.backends[id]
+            .down_votes
+            .iter()
+            .map(|v| v.as_str())
+            .collect();
+        events.emit(
+            "restored",
+            format!("{id} restored by the cluster at version {}", new.version),
+            json!({ "backend": id.as_str(), "version": new.version, "voters": voters }),
+        );
+    }
+    if let Some(v) = &d.voters {
+        let names: Vec<&str> = v.iter().map(|n| n.as_str()).collect();
+        events.emit(
+            "membership_changed",
+            format!("voters now {} (epoch {})", names.join(", "), new.epoch),
+            json!({ "voters": names, "epoch": new.epoch, "version": new.version }),
+        );
+    }
+}
+
 fn record_pool_metrics(old: &Pool, new: &Pool) {
     metrics::gauge!(names::POOL_VERSION).set(new.version as f64);
     metrics::gauge!(names::POOL_FINGERPRINT).set(new.fingerprint() as f64);

@@ -533,6 +533,75 @@ fn weight_ok(w: u32) -> Result<(), ChangeError> {
     check_weight(w).map(drop).map_err(ChangeError::Invalid)
 }
 
+/// What changed from one agreed pool to the next, for the event log.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PoolDiff {
+    /// One readable line per change ("added web-4", "web-2 draining", ...).
+    pub changes: Vec<String>,
+    /// Backends the cluster ejected, with the peers that voted them down.
+    pub ejected: Vec<(BackendId, Vec<NodeId>)>,
+    /// Backends the cluster restored.
+    pub restored: Vec<BackendId>,
+    /// The peer whose proposal made the new pool, when one did.
+    pub through: Option<NodeId>,
+    /// The voters, when they changed.
+    pub voters: Option<Vec<NodeId>>,
+}
+
+impl PoolDiff {
+    pub fn between(old: &Pool, new: &Pool) -> PoolDiff {
+        let mut d = PoolDiff::default();
+        for (id, b) in &new.backends {
+            let Some(o) = old.backends.get(id) else {
+                d.changes
+                    .push(format!("added {id} ({}, weight {})", b.addr, b.weight));
+                continue;
+            };
+            if o.weight != b.weight {
+                d.changes
+                    .push(format!("{id} weight {} -> {}", o.weight, b.weight));
+            }
+            for p in b.down_votes.difference(&o.down_votes) {
+                d.changes.push(format!("{p} votes {id} down"));
+            }
+            for p in o.down_votes.difference(&b.down_votes) {
+                d.changes.push(format!("{p} votes {id} up"));
+            }
+            if o.state != b.state {
+                d.changes.push(format!("{id} {}", b.state.as_str()));
+                match (o.state, b.state) {
+                    (_, BackendState::Ejected) => d
+                        .ejected
+                        .push((id.clone(), b.down_votes.iter().cloned().collect())),
+                    (BackendState::Ejected, _) => d.restored.push(id.clone()),
+                    _ => {}
+                }
+            }
+        }
+        for id in old.backends.keys() {
+            if !new.backends.contains_key(id) {
+                d.changes.push(format!("removed {id}"));
+            }
+        }
+        if old.voters != new.voters {
+            let v: Vec<NodeId> = new.voters.iter().cloned().collect();
+            let names: Vec<&str> = v.iter().map(|n| n.as_str()).collect();
+            d.changes.push(format!("voters {}", names.join(", ")));
+            d.voters = Some(v);
+        }
+        let moved: Vec<&NodeId> = new
+            .applied
+            .iter()
+            .filter(|(p, seq)| old.applied.get(*p) != Some(*seq))
+            .map(|(p, _)| p)
+            .collect();
+        if let [one] = moved[..] {
+            d.through = Some(one.clone());
+        }
+        d
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,6 +657,44 @@ mod tests {
         // Lowered again: restored.
         let r = q.apply(&PoolChange::Settle, &capped).unwrap();
         assert_eq!(r.backends[&id("b0")].state, BackendState::Active);
+    }
+
+    #[test]
+    fn diff_names_each_change_and_the_proposer() {
+        let r = rules(3);
+        let p = seeded(3);
+        let mut q = p
+            .apply(
+                &PoolChange::VoteDown {
+                    id: id("b1"),
+                    peer: peer("a"),
+                },
+                &r,
+            )
+            .unwrap();
+        q = q
+            .apply(
+                &PoolChange::VoteDown {
+                    id: id("b1"),
+                    peer: peer("b"),
+                },
+                &r,
+            )
+            .unwrap();
+        q.applied.insert(peer("b"), 7);
+        let d = PoolDiff::between(&p, &q);
+        assert_eq!(
+            d.changes,
+            vec!["a votes b1 down", "b votes b1 down", "b1 ejected"]
+        );
+        assert_eq!(d.ejected, vec![(id("b1"), vec![peer("a"), peer("b")])]);
+        assert_eq!(d.through, Some(peer("b")));
+        let back = PoolDiff::between(&q, &p);
+        assert_eq!(back.restored, vec![id("b1")]);
+        let gone = q
+            .apply(&PoolChange::RemoveBackend { id: id("b2") }, &r)
+            .unwrap();
+        assert_eq!(PoolDiff::between(&q, &gone).changes, vec!["removed b2"]);
     }
 
     #[test]

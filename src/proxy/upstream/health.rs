@@ -39,6 +39,14 @@ impl LocalView {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// Which source took it down (None while up).
+    pub fn down_by(&self) -> Option<Source> {
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .down_by()
+    }
+
     /// Usable for a new request: up, or taken down by traffic and due a trial request (at most
     /// one per `trial_every`), so a backend that recovered is found again between probes.
     pub fn usable(&self, trial_every: Duration) -> bool {

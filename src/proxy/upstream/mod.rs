@@ -61,6 +61,8 @@ pub struct Upstream {
     conns: ConnPool,
     health: LocalView,
     inflight: AtomicU64,
+    /// Responses this peer got from the backend (the status page's request rates).
+    served: AtomicU64,
     /// Requests in flight to every backend (shared by all upstreams; for bounded load).
     total_inflight: Arc<AtomicU64>,
     metrics: Metrics,
@@ -83,6 +85,7 @@ impl Upstream {
             conns: ConnPool::new(workers),
             health: LocalView::default(),
             inflight: AtomicU64::new(0),
+            served: AtomicU64::new(0),
             total_inflight: total,
             metrics,
         }
@@ -101,6 +104,11 @@ impl Upstream {
     /// This peer's own view, without side effects.
     pub fn is_up(&self) -> bool {
         self.health.is_up()
+    }
+
+    /// Which source took it down in this peer's view (None while up).
+    pub fn down_by(&self) -> Option<crate::core::health::Source> {
+        self.health.down_by()
     }
 
     /// Usable for a new request (see `LocalView::usable`).
@@ -139,7 +147,13 @@ impl Upstream {
         Some(flip)
     }
 
+    /// Responses received from this backend so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
     pub fn count_response(&self, status: u16, elapsed: Duration) {
+        self.served.fetch_add(1, Ordering::Relaxed);
         self.metrics.by_class.count(status);
         self.metrics.duration.record(elapsed.as_secs_f64());
     }
