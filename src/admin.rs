@@ -84,6 +84,9 @@ pub struct Admin {
     pub metrics: PrometheusHandle,
     /// This peer's recent events (`/events`).
     pub events: crate::events::Events,
+    /// Sets the gauges that are read rather than pushed (quorum, members, in-flight), before
+    /// each scrape.
+    pub collect: Box<dyn Fn() + Send + Sync>,
     /// When the peer started (`/status` reports `uptime_ms`, the clock rates are computed by).
     pub started: std::time::Instant,
     /// Set once every listener is bound.
@@ -279,7 +282,14 @@ impl Admin {
                 return Ok(r);
             }
             (&Method::GET, "/metrics") => {
-                let mut r = Response::new(whole(self.metrics.render()));
+                (self.collect)();
+                let pool = self.routing.pool();
+                let current: std::collections::HashSet<&str> =
+                    pool.backends.keys().map(|id| id.as_str()).collect();
+                let mut text =
+                    crate::telemetry::without_removed_backends(&self.metrics.render(), &current);
+                text.push_str(&crate::telemetry::process_metrics());
+                let mut r = Response::new(whole(text));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4"),

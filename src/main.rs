@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "shoal",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SHOAL_COMMIT"), ")"),
     about = "A leaderless HTTP load-balancing reverse proxy"
 )]
 struct Cli {

@@ -26,6 +26,12 @@ pub const PEER_PHI: &str = "shoal_peer_phi";
 pub const PAXOS_ROUNDS_TOTAL: &str = "shoal_paxos_rounds_total";
 pub const PAXOS_COMMIT_DURATION_SECONDS: &str = "shoal_paxos_commit_duration_seconds";
 pub const CONFIG_RELOADS_TOTAL: &str = "shoal_config_reloads_total";
+pub const BUILD_INFO: &str = "shoal_build_info";
+pub const QUORUM: &str = "shoal_quorum";
+pub const MEMBERS: &str = "shoal_members";
+pub const REQUEST_BYTES_TOTAL: &str = "shoal_request_bytes_total";
+pub const RESPONSE_BYTES_TOTAL: &str = "shoal_response_bytes_total";
+pub const BACKEND_INFLIGHT: &str = "shoal_backend_inflight";
 pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str = "shoal_certificate_expiry_timestamp_seconds";
 
 /// Label value for requests that reached no backend.
@@ -104,6 +110,35 @@ pub fn describe() {
         Unit::Seconds,
         "Time from proposing a change to its commit."
     );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the labels name the version and commit."
+    );
+    describe_gauge!(
+        QUORUM,
+        "1 while this peer reaches a majority of the voters."
+    );
+    describe_gauge!(MEMBERS, "Agreed members of the cluster, by role.");
+    describe_counter!(
+        REQUEST_BYTES_TOTAL,
+        Unit::Bytes,
+        "Request body bytes sent to a backend."
+    );
+    describe_counter!(
+        RESPONSE_BYTES_TOTAL,
+        Unit::Bytes,
+        "Response body bytes received from a backend."
+    );
+    describe_gauge!(
+        BACKEND_INFLIGHT,
+        "Requests in flight to a backend from this peer."
+    );
+    describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads (SIGHUP), by result.");
+    describe_gauge!(
+        CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "When a certificate this peer serves expires (Unix time)."
+    );
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -164,3 +199,167 @@ pub fn init_logging(cfg: &LogConfig) -> Option<LogReload> {
     };
     res.ok().map(|_| handle)
 }
+
+/// The process collector's families (`process_*`, as Prometheus client libraries export them),
+/// read from /proc at scrape time; empty where /proc is missing.
+pub fn process_metrics() -> String {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return String::new();
+    };
+    // Fields after the command name (which may hold spaces) start at state (field 3).
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return String::new();
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| {
+        f.get(n - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf reads a system constant.
+    let ticks = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        t if t > 0 => t as f64,
+        _ => 100.0,
+    };
+    // SAFETY: as above.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as f64,
+        _ => 4096.0,
+    };
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| {
+                    l.strip_prefix("btime ")
+                        .map(|v| v.trim().parse::<f64>().ok())
+                })
+                .flatten()
+        })
+        .unwrap_or(0.0);
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as f64)
+        .unwrap_or(0.0);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a valid pointer.
+    let max_fds = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } {
+        0 => lim.rlim_cur as f64,
+        _ => 0.0,
+    };
+    let families: [(&str, &str, &str, f64); 7] = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            (field(14) + field(15)) / ticks,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            field(24) * page,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            field(23),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            boot + field(22) / ticks,
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            fds,
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max_fds,
+        ),
+        (
+            "process_threads",
+            "gauge",
+            "Number of OS threads in the process.",
+            field(20),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, v) in families {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        ));
+    }
+    out
+}
+
+/// Drop the series of backends that left the pool: every line of a `shoal_` family whose
+/// `backend` label names a backend not in `current` (nor "none", requests answered locally).
+pub fn without_removed_backends(text: &str, current: &std::collections::HashSet<&str>) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let removed = line.starts_with("shoal_")
+            && line
+                .split_once("backend=\"")
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .is_some_and(|(b, _)| b != NO_BACKEND && !current.contains(b));
+        if !removed {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removed_backends_leave_the_exposition() {
+        let text = "# TYPE shoal_backend_up gauge\nshoal_backend_up{backend=\"a\"} 1\nshoal_backend_up{backend=\"gone\"} 0\nshoal_requests_total{backend=\"none\",code=\"5xx\"} 3\nshoal_pool_version 4\n";
+        let current = std::collections::HashSet::from(["a"]);
+        let out = without_removed_backends(text, &current);
+        assert!(out.contains("backend=\"a\""));
+        assert!(!out.contains("gone"));
+        assert!(out.contains("backend=\"none\""));
+        assert!(out.contains("shoal_pool_version 4"));
+    }
+
+    #[test]
+    fn process_families_are_read_from_proc() {
+        // Spend a few clock ticks of CPU first (a fresh process may have used none yet).
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let text = process_metrics();
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            let v: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} missing: {text}"))
+                .parse()
+                .unwrap();
+            assert!(v > 0.0, "{name} = {v}");
+        }
+    }
+}
+
+/// The commit this binary was built from (`unknown` outside a git checkout).
+pub const COMMIT: &str = env!("SHOAL_COMMIT");

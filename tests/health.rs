@@ -644,3 +644,84 @@ async fn the_status_page_shows_peers_pool_votes_and_events_in_a_browser() {
         let _ = t.await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_cover_build_quorum_members_bytes_inflight_and_the_process_and_forget_removed_backends(
+) {
+    let b1 = Backend::start("b1", Behavior::Mirror).await;
+    let b2 = Backend::start("b2", Behavior::Mirror).await;
+    let seeds = backends_toml(&[&b1, &b2]);
+    let nodes = start_cluster(3, |_| String::new(), |_| seeds.clone()).await;
+    let s = &nodes[0];
+    for _ in 0..6 {
+        let r = send(
+            s.proxy,
+            request("POST", s.proxy, "/upload")
+                .body(full(vec![b'x'; 1000]))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let m = s.metrics().await;
+    let version = std::process::Command::new(shoal_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&version.stdout).to_string();
+    let commit = version
+        .split("(commit ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("{version}"));
+    assert!(
+        m.contains(&format!(
+            "shoal_build_info{{version=\"{}\",commit=\"{commit}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "shoal_quorum"), Some(1.0), "{m}");
+    assert_eq!(
+        metric(&m, "shoal_members{role=\"voter\"}"),
+        Some(3.0),
+        "{m}"
+    );
+    for b in ["b1", "b2"] {
+        let sent = metric(&m, &format!("shoal_request_bytes_total{{backend=\"{b}\"}}")).unwrap();
+        let got = metric(
+            &m,
+            &format!("shoal_response_bytes_total{{backend=\"{b}\"}}"),
+        )
+        .unwrap();
+        assert_eq!(
+            sent, 3000.0,
+            "{b}: 3 bodies of 1000 bytes each way (round robin)"
+        );
+        assert!(
+            got >= 3000.0,
+            "{b}: the echo answers with at least the body: {got}"
+        );
+        assert_eq!(
+            metric(&m, &format!("shoal_backend_inflight{{backend=\"{b}\"}}")),
+            Some(0.0)
+        );
+    }
+    assert!(metric(&m, "process_cpu_seconds_total").is_some(), "{m}");
+    for family in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(metric(&m, family).is_some_and(|v| v > 0.0), "{family}: {m}");
+    }
+    // A removed backend's series leave.
+    assert!(m.contains("shoal_backend_up{backend=\"b2\"}"));
+    let (code, _) = admin_call(s.admin, "DELETE", "/pool/backends/b2", None).await;
+    assert_eq!(code, 200);
+    let m = s.metrics().await;
+    assert!(!m.contains("backend=\"b2\""), "{m}");
+    assert!(m.contains("shoal_backend_up{backend=\"b1\"}"), "{m}");
+}

@@ -118,6 +118,7 @@ impl Peer {
             control: Arc::new(cluster.clone()),
             metrics,
             events: events.clone(),
+            collect: collector(table.clone(), cluster.clone()),
             started: std::time::Instant::now(),
             listening: Default::default(),
             shutting_down: Default::default(),
@@ -209,6 +210,26 @@ impl Peer {
         }
         self.shutdown.cancel();
     }
+}
+
+/// The gauges read at scrape time: build info, quorum, members, requests in flight per backend.
+fn collector(table: Arc<RoutingTable>, cluster: Cluster) -> Box<dyn Fn() + Send + Sync> {
+    Box::new(move || {
+        metrics::gauge!(
+            telemetry::BUILD_INFO,
+            "version" => env!("CARGO_PKG_VERSION"),
+            "commit" => telemetry::COMMIT
+        )
+        .set(1.0);
+        metrics::gauge!(telemetry::QUORUM).set(if cluster.quorum() { 1.0 } else { 0.0 });
+        let members = cluster.status().members.len();
+        metrics::gauge!(telemetry::MEMBERS, "role" => "voter").set(members as f64);
+        metrics::gauge!(telemetry::MEMBERS, "role" => "learner").set(0.0);
+        for u in table.registry().of_pool(&table.pool()) {
+            metrics::gauge!(telemetry::BACKEND_INFLIGHT, "backend" => u.id.to_string())
+                .set(u.inflight() as f64);
+        }
+    })
 }
 
 /// `shoal_certificate_expiry_timestamp_seconds` for the proxy's and the cluster's certificates.

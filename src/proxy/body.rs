@@ -36,6 +36,7 @@ impl Tape {
         let t = tape.lock().unwrap_or_else(|e| e.into_inner());
         (t.complete && !t.spoiled).then(|| RequestBody::Replay {
             chunks: t.chunks.iter().cloned().collect(),
+            bytes: None,
         })
     }
 
@@ -58,8 +59,8 @@ pin_project_lite::pin_project! {
     /// a replay of a taped body, or nothing.
     #[project = RequestBodyProj]
     pub enum RequestBody {
-        Stream { #[pin] inner: Incoming, tape: Option<SharedTape> },
-        Replay { chunks: VecDeque<Bytes> },
+        Stream { #[pin] inner: Incoming, tape: Option<SharedTape>, bytes: Option<metrics::Counter> },
+        Replay { chunks: VecDeque<Bytes>, bytes: Option<metrics::Counter> },
         Empty,
     }
 }
@@ -69,6 +70,16 @@ impl RequestBody {
     pub fn tape(&mut self, tape: SharedTape) {
         if let RequestBody::Stream { tape: t, .. } = self {
             *t = Some(tape);
+        }
+    }
+
+    /// Count the bytes that go out (`shoal_request_bytes_total` of the attempt's backend).
+    pub fn count_into(&mut self, counter: metrics::Counter) {
+        match self {
+            RequestBody::Stream { bytes, .. } | RequestBody::Replay { bytes, .. } => {
+                *bytes = Some(counter)
+            }
+            RequestBody::Empty => {}
         }
     }
 }
@@ -82,8 +93,17 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.project() {
-            RequestBodyProj::Stream { mut inner, tape } => {
+            RequestBodyProj::Stream {
+                mut inner,
+                tape,
+                bytes,
+            } => {
                 let polled = inner.as_mut().poll_frame(cx);
+                if let (Some(c), Poll::Ready(Some(Ok(f)))) = (bytes.as_ref(), &polled) {
+                    if let Some(d) = f.data_ref() {
+                        c.increment(d.len() as u64);
+                    }
+                }
                 if let Some(tape) = tape {
                     let mut t = tape.lock().unwrap_or_else(|e| e.into_inner());
                     match &polled {
@@ -98,8 +118,12 @@ impl Body for RequestBody {
                 }
                 polled
             }
-            RequestBodyProj::Replay { chunks } => {
-                Poll::Ready(chunks.pop_front().map(|c| Ok(Frame::data(c))))
+            RequestBodyProj::Replay { chunks, bytes } => {
+                let next = chunks.pop_front();
+                if let (Some(c), Some(d)) = (bytes.as_ref(), &next) {
+                    c.increment(d.len() as u64);
+                }
+                Poll::Ready(next.map(|c| Ok(Frame::data(c))))
             }
             RequestBodyProj::Empty => Poll::Ready(None),
         }
@@ -108,7 +132,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Stream { inner, .. } => inner.is_end_stream(),
-            RequestBody::Replay { chunks } => chunks.is_empty(),
+            RequestBody::Replay { chunks, .. } => chunks.is_empty(),
             RequestBody::Empty => true,
         }
     }
@@ -116,7 +140,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Stream { inner, .. } => inner.size_hint(),
-            RequestBody::Replay { chunks } => {
+            RequestBody::Replay { chunks, .. } => {
                 SizeHint::with_exact(chunks.iter().map(|c| c.len() as u64).sum())
             }
             RequestBody::Empty => SizeHint::with_exact(0),

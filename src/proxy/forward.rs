@@ -244,6 +244,7 @@ impl Plan {
             .pending
             .take()
             .or_else(|| self.template.as_ref().and_then(Template::build))?;
+        request.body_mut().count_into(upstream.request_bytes());
         if !request.headers().contains_key(header::HOST) {
             // An HTTP/1.0 client may send no Host; HTTP/1.1 to the backend needs one.
             if let Some(h) = upstream.host_header() {
@@ -534,6 +535,7 @@ fn rewrite(
         RequestBody::Stream {
             inner: body,
             tape: None,
+            bytes: None,
         }
     };
     let mut out = Request::new(body);

@@ -56,6 +56,11 @@ impl Body for ResponseBody {
             ResponseBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ResponseBodyProj::Upstream { mut inner, lease } => {
                 let polled = inner.as_mut().poll_frame(cx);
+                if let (Some(l), Poll::Ready(Some(Ok(f)))) = (lease.as_ref(), &polled) {
+                    if let Some(d) = f.data_ref() {
+                        l.guard.upstream().count_response_bytes(d.len());
+                    }
+                }
                 // The server stops polling once `is_end_stream` says so, so release on the last
                 // data frame too, not only on the final `None`.
                 let finished = match &polled {

@@ -39,6 +39,8 @@ struct Metrics {
     duration: Histogram,
     errors: [Counter; 4],
     up: Gauge,
+    request_bytes: Counter,
+    response_bytes: Counter,
 }
 
 impl Metrics {
@@ -49,6 +51,8 @@ impl Metrics {
             duration: metrics::histogram!(names::REQUEST_DURATION_SECONDS, "backend" => id.to_string()),
             errors: [err("connect"), err("timeout"), err("reset"), err("status")],
             up: metrics::gauge!(names::BACKEND_UP, "backend" => id.to_string()),
+            request_bytes: metrics::counter!(names::REQUEST_BYTES_TOTAL, "backend" => id.to_string()),
+            response_bytes: metrics::counter!(names::RESPONSE_BYTES_TOTAL, "backend" => id.to_string()),
         }
     }
 }
@@ -147,6 +151,16 @@ impl Upstream {
         Some(flip)
     }
 
+    /// The counter of request body bytes sent to this backend.
+    pub fn request_bytes(&self) -> Counter {
+        self.metrics.request_bytes.clone()
+    }
+
+    /// Count response body bytes received from this backend.
+    pub fn count_response_bytes(&self, n: usize) {
+        self.metrics.response_bytes.increment(n as u64);
+    }
+
     /// Responses received from this backend so far.
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
@@ -174,6 +188,12 @@ impl Upstream {
 pub struct InflightGuard {
     upstream: Arc<Upstream>,
     count_total: bool,
+}
+
+impl InflightGuard {
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
 }
 
 impl Drop for InflightGuard {
