@@ -34,6 +34,9 @@ pub const RESPONSE_BYTES_TOTAL: &str = "shoal_response_bytes_total";
 pub const BACKEND_INFLIGHT: &str = "shoal_backend_inflight";
 pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str = "shoal_certificate_expiry_timestamp_seconds";
 
+/// The commit this binary was built from (`unknown` outside a git checkout).
+pub const COMMIT: &str = env!("SHOAL_COMMIT");
+
 /// Label value for requests that reached no backend.
 pub const NO_BACKEND: &str = "none";
 
@@ -360,6 +363,3 @@ mod tests {
         }
     }
 }
-
-/// The commit this binary was built from (`unknown` outside a git checkout).
-pub const COMMIT: &str = env!("SHOAL_COMMIT");
