@@ -32,6 +32,7 @@ pub const MEMBERS: &str = "shoal_members";
 pub const REQUEST_BYTES_TOTAL: &str = "shoal_request_bytes_total";
 pub const RESPONSE_BYTES_TOTAL: &str = "shoal_response_bytes_total";
 pub const BACKEND_INFLIGHT: &str = "shoal_backend_inflight";
+pub const EJECTION_CAP: &str = "shoal_ejection_cap";
 pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str = "shoal_certificate_expiry_timestamp_seconds";
 
 /// The commit this binary was built from (`unknown` outside a git checkout).

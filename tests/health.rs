@@ -725,3 +725,204 @@ async fn metrics_cover_build_quorum_members_bytes_inflight_and_the_process_and_f
     assert!(!m.contains("backend=\"b2\""), "{m}");
     assert!(m.contains("shoal_backend_up{backend=\"b1\"}"), "{m}");
 }
+
+/// A tool that the observability tests need: under CI=true it must exist.
+fn tool(name: &str) -> bool {
+    let ok = std::process::Command::new(name)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but {name} is missing: .ci/run must install it"
+        );
+        eprintln!("skipped: {name} is not installed");
+    }
+    ok
+}
+
+fn repo_file(p: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+#[test]
+fn alert_rules_pass_promtool_checks_and_unit_tests() {
+    if !tool("promtool") {
+        return;
+    }
+    for args in [
+        vec!["check", "rules", "alerts.yml"],
+        vec!["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(&args)
+            .current_dir(repo_file("deploy/prometheus"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "promtool {args:?}:\n{text}");
+        assert!(text.contains("SUCCESS"), "{text}");
+    }
+    // Every alert has a unit test.
+    let rules = std::fs::read_to_string(repo_file("deploy/prometheus/alerts.yml")).unwrap();
+    let tests = std::fs::read_to_string(repo_file("deploy/prometheus/alerts_test.yml")).unwrap();
+    for name in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        assert!(
+            tests.contains(&format!("alertname: {name}\n"))
+                && tests.contains(&format!("alertname=\"{name}\"")) == false,
+            "alert {name} has no unit test"
+        );
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_query_returns_data_from_a_live_prometheus() {
+    if !tool("prometheus") {
+        return;
+    }
+    // A cluster with TLS on both sides (so certificate expiry is exported), traffic and commits.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let cert = |args: &[&str]| {
+        let out = std::process::Command::new(shoal_bin())
+            .arg("cert")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cert(&["ca", "--out", d]);
+    for id in ["a", "b", "c"] {
+        cert(&["issue", id, "--ca", d, "--out", d]);
+    }
+    let b1 = Backend::start("b1", Behavior::Echo).await;
+    let b2 = Backend::start("b2", Behavior::Echo).await;
+    let seeds = backends_toml(&[&b1, &b2]);
+    let ids = ["a", "b", "c"];
+    let nodes = start_cluster(
+        3,
+        |_| String::new(),
+        |i| {
+            let id = ids[i];
+            format!(
+                "[cluster.tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n\n[proxy.tls]\nlisten = [\"127.0.0.1:{}\"]\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n\n{FAST_HEALTH}{seeds}",
+                free_port()
+            )
+        },
+    )
+    .await;
+    let prom_port = free_port();
+    let targets: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.admin)).collect();
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: shoal\n    static_configs:\n      - targets: [{}]\n",
+            repo_file("deploy/prometheus/alerts.yml").display(),
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
+    let mut prom = std::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _ = &mut prom;
+    let _prom = Kill(prom);
+    let prom_addr: std::net::SocketAddr = format!("127.0.0.1:{prom_port}").parse().unwrap();
+
+    // 15 s of traffic through every peer and a pool change every 300 ms.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for n in &nodes {
+        tasks.extend(load(n.proxy, stop.clone()).2);
+    }
+    let start = Instant::now();
+    let mut w = 1;
+    while start.elapsed() < Duration::from_secs(15) {
+        w = w % 5 + 1;
+        let (code, _) = admin_call(
+            nodes[w % 3].admin,
+            "PUT",
+            "/pool/backends/b1",
+            Some(serde_json::json!({ "weight": w })),
+        )
+        .await;
+        assert_eq!(code, 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_file("deploy/grafana/shoal.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            exprs.push((
+                p["title"].as_str().unwrap().to_string(),
+                t["expr"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    assert!(exprs.len() >= 25, "{}", exprs.len());
+    let mut empty = Vec::new();
+    for (title, expr) in &exprs {
+        // What Grafana substitutes: every peer, a rate window of a few scrapes, the time range.
+        let q = expr
+            .replace("$instance", ".*")
+            .replace("$__rate_interval", "10s")
+            .replace("$__range", "5m");
+        let (code, v) =
+            get_json(prom_addr, &format!("/api/v1/query?query={}", urlencode(&q))).await;
+        assert_eq!(code, 200, "{title}: {q}: {v}");
+        let n = v["data"]["result"].as_array().map(|r| r.len()).unwrap_or(0);
+        if n == 0 {
+            empty.push(format!("{title}: {q}"));
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        let _ = t.await;
+    }
+    assert!(
+        empty.is_empty(),
+        "queries without data:\n{}",
+        empty.join("\n")
+    );
+    eprintln!("{} dashboard queries, each returned data", exprs.len());
+}

@@ -570,6 +570,11 @@ impl Driver {
             tracing::warn!(error = %e, "cannot save the learned pool");
         }
         record_pool_metrics(&self.published, &pool);
+        let rules = Rules {
+            max_ejected_percent: self.max_ejected_percent.load(Ordering::Relaxed),
+            cluster_size: pool.voters.len().max(1),
+        };
+        metrics::gauge!(names::EJECTION_CAP).set(pool.ejection_cap(&rules) as f64);
         pool_events(&self.events, &self.published, &pool);
         self.identity.set(&pool.cluster_id, pool.epoch);
         self.published = pool.clone();
