@@ -773,7 +773,7 @@ fn alert_rules_pass_promtool_checks_and_unit_tests() {
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
     {
         assert!(
-            tests.contains(&format!("alertname: {name}\n"))
+            tests.contains(&format!("alertname: {name}\n")),
             "alert {name} has no unit test"
         );
     }
