@@ -198,7 +198,13 @@ pub fn init_logging(cfg: &LogConfig) -> Option<LogReload> {
             .with(fmt::layer().with_writer(std::io::stderr))
             .try_init(),
         LogFormat::Json => registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
     res.ok().map(|_| handle)

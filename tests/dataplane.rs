@@ -1075,3 +1075,75 @@ async fn sighup_reloads_certificates_and_the_ejection_cap_and_counts_reloads() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_is_flat_json_with_the_whole_exchange() {
+    let a = Backend::start("a", Behavior::Mirror).await;
+    let s = Shoal::start_with_env(
+        "",
+        &backends_toml(&[&a]),
+        &[
+            ("SHOAL__LOG__ACCESS_LOG", "true"),
+            ("SHOAL__LOG__FORMAT", "json"),
+        ],
+    )
+    .await;
+    let body = vec![b'z'; 5000];
+    let r = send(
+        s.proxy,
+        request("POST", s.proxy, "/upload?x=1")
+            .header("user-agent", "shoal-test/1")
+            .header("x-request-id", "req-42")
+            .body(full(body.clone()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.body().len(), 5000);
+    // Without an id, one is made and forwarded to the backend.
+    let r = send(
+        s.proxy,
+        request("GET", s.proxy, "/plain").body(empty()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let lines = eventually(Duration::from_secs(3), "two access lines", || async {
+        let log = s.log();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "shoal::access")
+            .collect();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .await;
+    let post = &lines[0];
+    // Flat: the fields at the top level, next to the time and level.
+    assert!(
+        post["timestamp"].is_string() && post["fields"].is_null(),
+        "{post}"
+    );
+    assert_eq!(post["method"], "POST");
+    assert_eq!(post["path"], "/upload?x=1");
+    assert_eq!(post["host"], s.proxy.to_string());
+    assert_eq!(post["protocol"], "HTTP/1.1");
+    assert_eq!(post["status"], 200);
+    assert_eq!(post["request_bytes"], 5000);
+    assert_eq!(post["response_bytes"], 5000);
+    assert_eq!(post["backend"], "a");
+    assert_eq!(post["attempts"], 1);
+    assert_eq!(post["request_id"], "req-42");
+    assert_eq!(post["user_agent"], "shoal-test/1");
+    assert_eq!(post["client"], "127.0.0.1");
+    assert_eq!(post["complete"], true);
+    assert!(post["duration_ms"].as_f64().unwrap() > 0.0, "{post}");
+    let get = &lines[1];
+    let id = get["request_id"].as_str().unwrap();
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{get}"
+    );
+    assert_eq!(get["request_bytes"], 0);
+}

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -59,7 +60,13 @@ pin_project_lite::pin_project! {
     /// a replay of a taped body, or nothing.
     #[project = RequestBodyProj]
     pub enum RequestBody {
-        Stream { #[pin] inner: Incoming, tape: Option<SharedTape>, bytes: Option<metrics::Counter> },
+        Stream {
+            #[pin] inner: Incoming,
+            tape: Option<SharedTape>,
+            bytes: Option<metrics::Counter>,
+            // The client's body bytes, for the access log.
+            seen: Option<Arc<AtomicU64>>,
+        },
         Replay { chunks: VecDeque<Bytes>, bytes: Option<metrics::Counter> },
         Empty,
     }
@@ -97,11 +104,17 @@ impl Body for RequestBody {
                 mut inner,
                 tape,
                 bytes,
+                seen,
             } => {
                 let polled = inner.as_mut().poll_frame(cx);
-                if let (Some(c), Poll::Ready(Some(Ok(f)))) = (bytes.as_ref(), &polled) {
+                if let Poll::Ready(Some(Ok(f))) = &polled {
                     if let Some(d) = f.data_ref() {
-                        c.increment(d.len() as u64);
+                        if let Some(c) = bytes.as_ref() {
+                            c.increment(d.len() as u64);
+                        }
+                        if let Some(s) = seen.as_ref() {
+                            s.fetch_add(d.len() as u64, Ordering::Relaxed);
+                        }
                     }
                 }
                 if let Some(tape) = tape {

@@ -3,6 +3,7 @@
 //! backend's local view and metrics, then answer, or retry on the next candidate when safe).
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use metrics::Counter;
 
+use super::access::AccessRecord;
 use super::body::{RequestBody, SharedTape, Tape, REPLAY_LIMIT};
 use super::error::ProxyError;
 use super::response::ResponseBody;
@@ -196,6 +198,7 @@ impl Plan {
         mut req: Request<Incoming>,
         conn: &ConnInfo,
         settings: &Settings,
+        seen: Option<Arc<AtomicU64>>,
     ) -> Result<Plan, ProxyError> {
         // Content-Length with Transfer-Encoding never gets here: hyper drops the length, so
         // the connection's framing watcher (conn.rs) flags such requests before they are served.
@@ -207,7 +210,7 @@ impl Plan {
             .headers()
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
-        let (mut first, upgrade) = rewrite(req, conn)?;
+        let (mut first, upgrade) = rewrite(req, conn, seen)?;
         // A sent request is sent again only if idempotent, with its body taped (up to 64 KiB)
         // as it streams.
         let replayable = is_idempotent(first.method()) && upgrade.is_none() && settings.retries > 0;
@@ -310,12 +313,17 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let start = Instant::now();
         let snap = self.table.snapshot();
-        // Only an access log needs these after the request is consumed.
-        let access = snap
+        let mut req = req;
+        let record = snap
             .settings
             .access_log
-            .then(|| (req.method().clone(), req.uri().path().to_string()));
-        let (resp, backend) = match self.forward(req, &conn, &snap, start).await {
+            .then(|| AccessRecord::begin(&mut req, conn.client, start));
+        let seen = record.as_ref().map(|r| r.request_bytes.clone());
+        let mut attempts = 0;
+        let (resp, backend) = match self
+            .forward(req, &conn, &snap, start, &mut attempts, seen)
+            .await
+        {
             Ok((resp, upstream)) => (resp, Some(upstream)),
             Err(e) => {
                 self.local_responses.count(e.status().as_u16());
@@ -323,18 +331,14 @@ impl Proxy {
                 (e.response(), None)
             }
         };
-        if let Some((method, path)) = access {
-            tracing::info!(
-                target: "shoal::access",
-                client = %conn.client,
-                method = %method,
-                path = %path,
-                status = resp.status().as_u16(),
-                backend = backend.as_ref().map(|u| u.id.as_str()).unwrap_or("-"),
-                ms = start.elapsed().as_secs_f64() * 1000.0,
-            );
+        match record {
+            None => resp,
+            Some(mut r) => {
+                let backend = backend.as_ref().map(|u| u.id.as_str());
+                r.respond(resp.status().as_u16(), backend, attempts);
+                resp.map(|body| ResponseBody::logged(body, r))
+            }
         }
-        resp
     }
 
     async fn forward(
@@ -343,9 +347,11 @@ impl Proxy {
         conn: &ConnInfo,
         snap: &Snapshot,
         start: Instant,
+        attempts: &mut u32,
+        seen: Option<Arc<AtomicU64>>,
     ) -> Result<(Response<ResponseBody>, Arc<Upstream>), ProxyError> {
         let settings = &snap.settings;
-        let mut plan = Plan::new(req, conn, settings)?;
+        let mut plan = Plan::new(req, conn, settings, seen)?;
         let candidates = Candidates {
             snapshot: snap,
             registry: self.table.registry(),
@@ -364,6 +370,7 @@ impl Proxy {
             let Some(request) = plan.request_for(upstream) else {
                 break;
             };
+            *attempts += 1;
             let guard = upstream.start(bounded);
             match self.attempt(upstream, request, settings, conn.worker).await {
                 Attempt::Response(resp, sender) => {
@@ -461,6 +468,7 @@ impl Proxy {
 fn rewrite(
     req: Request<Incoming>,
     conn: &ConnInfo,
+    seen: Option<Arc<AtomicU64>>,
 ) -> Result<(Request<RequestBody>, Option<HeaderValue>), ProxyError> {
     let (mut parts, body) = req.into_parts();
     let mut hosts = parts.headers.get_all(header::HOST).iter();
@@ -536,6 +544,7 @@ fn rewrite(
             inner: body,
             tape: None,
             bytes: None,
+            seen,
         }
     };
     let mut out = Request::new(body);

@@ -5,6 +5,7 @@
 //! pools, local health) -> `body`; `response` and `error` turn results into client answers.
 //! Nothing here knows the cluster or the admin API: `app` hands the table its pools.
 
+pub mod access;
 pub mod body;
 pub mod conn;
 pub mod error;

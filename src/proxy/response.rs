@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::access::AccessRecord;
 use super::upstream::Lease;
 
 pin_project_lite::pin_project! {
@@ -16,6 +17,8 @@ pin_project_lite::pin_project! {
     pub enum ResponseBody {
         Full { data: Option<Bytes> },
         Upstream { #[pin] inner: Incoming, lease: Option<Lease> },
+        // Any of the above, with its access log line written when it ends.
+        Logged { inner: Pin<Box<ResponseBody>>, record: Option<Box<AccessRecord>> },
     }
 }
 
@@ -28,6 +31,18 @@ impl ResponseBody {
 
     pub fn empty() -> Self {
         ResponseBody::Full { data: None }
+    }
+
+    /// `body`, logged (`record`) once its last byte went out, or when it is dropped early.
+    pub fn logged(body: ResponseBody, record: AccessRecord) -> Self {
+        let mut record = Box::new(record);
+        if body.is_end_stream() {
+            record.finish(true);
+        }
+        ResponseBody::Logged {
+            inner: Box::pin(body),
+            record: Some(record),
+        }
     }
 
     pub fn upstream(inner: Incoming, lease: Option<Lease>) -> Self {
@@ -79,6 +94,25 @@ impl Body for ResponseBody {
                 }
                 polled
             }
+            ResponseBodyProj::Logged { inner, record } => {
+                let polled = inner.as_mut().poll_frame(cx);
+                if let Some(r) = record.as_mut() {
+                    match &polled {
+                        Poll::Ready(Some(Ok(f))) => {
+                            if let Some(d) = f.data_ref() {
+                                r.add_response_bytes(d.len());
+                            }
+                            if inner.is_end_stream() {
+                                r.finish(true);
+                            }
+                        }
+                        Poll::Ready(None) => r.finish(true),
+                        Poll::Ready(Some(Err(_))) => r.finish(false),
+                        Poll::Pending => {}
+                    }
+                }
+                polled
+            }
         }
     }
 
@@ -86,6 +120,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Full { data } => data.is_none(),
             ResponseBody::Upstream { inner, .. } => inner.is_end_stream(),
+            ResponseBody::Logged { inner, .. } => inner.is_end_stream(),
         }
     }
 
@@ -95,6 +130,7 @@ impl Body for ResponseBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             ResponseBody::Upstream { inner, .. } => inner.size_hint(),
+            ResponseBody::Logged { inner, .. } => inner.size_hint(),
         }
     }
 }
