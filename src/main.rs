@@ -38,6 +38,7 @@ struct AdminArgs {
 enum Command {
     /// Run one peer.
     Run {
+        /// The config file.
         #[arg(short, long, env = "SHOAL_CONFIG", default_value = "config/shoal.toml")]
         config: PathBuf,
         /// Last resort when a majority of voters lost their disks: start a new membership epoch
@@ -47,20 +48,25 @@ enum Command {
     },
     /// Validate a config file: a summary and exit 0, or every problem and exit 2.
     Check {
+        /// The config file.
         #[arg(short, long, env = "SHOAL_CONFIG", default_value = "config/shoal.toml")]
         config: PathBuf,
     },
     /// Run a local cluster of peers and demo backends in one process, on loopback.
     Demo {
+        /// How many peers (1..=9).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
         peers: u16,
+        /// How many demo backends (1..=50).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=50))]
         backends: u16,
     },
     /// One demo backend (answers every path with its name): for containers and tests.
     DemoBackend {
+        /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:8000")]
         listen: std::net::SocketAddr,
+        /// The name it answers with.
         #[arg(long, default_value = "backend")]
         name: String,
     },
@@ -91,14 +97,21 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Print a completion script: `shoal completions bash > /etc/bash_completion.d/shoal`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
 enum CertOp {
     /// Write DIR/ca.pem and DIR/ca-key.pem (mode 0600): the cluster's private CA.
     Ca {
+        /// The directory to write into (created if missing).
         #[arg(long)]
         out: PathBuf,
+        /// Days the CA is valid.
         #[arg(long, default_value_t = 3650)]
         days: u32,
         /// Overwrite existing files.
@@ -111,10 +124,12 @@ enum CertOp {
     /// Write DIR/ID.pem and DIR/ID-key.pem signed by the CA: ID (the node id) as a DNS name plus
     /// the extra names; valid as server and client certificate ([cluster.tls], [proxy.tls]).
     Issue {
+        /// The node id the certificate names (as a DNS name).
         id: String,
         /// Directory holding ca.pem and ca-key.pem.
         #[arg(long)]
         ca: PathBuf,
+        /// The directory to write into (created if missing).
         #[arg(long)]
         out: PathBuf,
         /// An extra DNS name (repeatable).
@@ -123,6 +138,7 @@ enum CertOp {
         /// An extra IP address (repeatable).
         #[arg(long)]
         ip: Vec<std::net::IpAddr>,
+        /// Days the certificate is valid.
         #[arg(long, default_value_t = 365)]
         days: u32,
         /// Overwrite existing files.
@@ -140,20 +156,37 @@ enum PoolOp {
     List,
     /// Add a backend (host:port or https://host:port).
     Add {
+        /// host:port or https://host:port.
         addr: String,
+        /// Relative weight, 1..=1000.
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// The backend's id (default: its address).
         #[arg(long)]
         id: Option<String>,
     },
     /// Remove a backend.
-    Remove { id: String },
+    Remove {
+        /// The backend's id.
+        id: String,
+    },
     /// Stop sending new requests to a backend; in-flight ones finish.
-    Drain { id: String },
+    Drain {
+        /// The backend's id.
+        id: String,
+    },
     /// Send requests to a drained backend again.
-    Undrain { id: String },
+    Undrain {
+        /// The backend's id.
+        id: String,
+    },
     /// Set a backend's weight (1..=1000).
-    Weight { id: String, weight: u32 },
+    Weight {
+        /// The backend's id.
+        id: String,
+        /// The new weight, 1..=1000.
+        weight: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -328,6 +361,11 @@ fn main() -> ExitCode {
                 "ready\n".into()
             })
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Peers { admin } => client_command(
             admin,
             shoal::client::Request::get("/peers"),
@@ -390,4 +428,33 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .thread_name("shoal-ctl")
         .enable_all()
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.get_help().is_none() && !matches!(id, "help" | "version") {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "shoal", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
+    }
 }

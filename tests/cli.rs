@@ -206,3 +206,30 @@ fn shoal_demo_serves_and_shows_the_cluster_react_to_a_killed_backend() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn completions_and_version() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(shoal_bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("shoal") && text.contains("demo-backend"),
+            "{shell}: {text}"
+        );
+    }
+    let out = Command::new(shoal_bin())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(shoal_bin()).arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("shoal {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+}
