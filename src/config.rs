@@ -67,6 +67,8 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     #[serde(with = "humantime_serde")]
     pub shutdown_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tunnel_idle_timeout: Duration,
     #[serde(default)]
     pub tls: Option<ProxyTls>,
 }
@@ -398,6 +400,7 @@ retries = 2
 max_header_bytes = 65536
 shutdown_grace = "10s"
 shutdown_delay = "0s"
+tunnel_idle_timeout = "1h"
 [balance]
 algorithm = "round_robin"
 hash_key = "client_ip"
@@ -705,6 +708,7 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
             ("request_timeout", p.request_timeout),
             ("client_idle_timeout", p.client_idle_timeout),
             ("shutdown_grace", p.shutdown_grace),
+            ("tunnel_idle_timeout", p.tunnel_idle_timeout),
         ] {
             c.positive(&format!("proxy.{k}"), d);
         }

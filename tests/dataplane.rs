@@ -1147,3 +1147,157 @@ async fn the_access_log_is_flat_json_with_the_whole_exchange() {
     );
     assert_eq!(get["request_bytes"], 0);
 }
+
+/// Open an upgraded tunnel through the proxy (the test backend echoes after a 101).
+async fn open_tunnel(proxy: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the 101");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    c
+}
+
+async fn echoes(c: &mut tokio::net::TcpStream) -> bool {
+    if c.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut got = [0u8; 4];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), c.read_exact(&mut got)).await,
+        Ok(Ok(_))
+    ) && &got == b"ping"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_count_as_connections_close_when_idle_and_end_with_the_grace() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let mut s = Shoal::start(
+        "max_connections = 2\nworkers = 1\ntunnel_idle_timeout = \"1500ms\"\nshutdown_grace = \"1s\"",
+        &backends_toml(&[&a]),
+    )
+    .await;
+    let mut t1 = open_tunnel(s.proxy).await;
+    let mut t2 = open_tunnel(s.proxy).await;
+    assert!(echoes(&mut t1).await && echoes(&mut t2).await);
+    let m = s.metrics().await;
+    assert_eq!(metric(&m, "shoal_client_connections"), Some(2.0), "{m}");
+    // A third client is refused: the two tunnels hold the two connections.
+    let third = raw(
+        s.proxy,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(
+        !third.starts_with("HTTP/1.1 200"),
+        "served beyond max_connections: {third}"
+    );
+    let m = s.metrics().await;
+    assert!(
+        metric(&m, "shoal_client_connections_refused_total").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    // t2 stays busy, t1 goes quiet: t1 is closed after tunnel_idle_timeout, t2 is not.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(echoes(&mut t2).await, "a busy tunnel was closed");
+    }
+    let mut b = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(2), t1.read(&mut b)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle tunnel is still open"
+    );
+    eventually(Duration::from_secs(3), "one connection left", || async {
+        let m = s.metrics().await;
+        (metric(&m, "shoal_client_connections") == Some(1.0)).then_some(())
+    })
+    .await;
+    // A drain waits for the open tunnel up to the grace, then closes it and exits 0.
+    s.signal("-TERM");
+    let start = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), t2.read(&mut b)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "tunnel open after the grace"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(s.wait_exit(Duration::from_secs(5)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_field_the_backend_does_not_take_leaves_the_framing_check_on() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start("", &backends_toml(&[&a])).await;
+    // Upgrade without Connection: upgrade is no upgrade: the backend answers 200 and the
+    // connection stays HTTP/1, so a smuggling attempt after it on the same connection gets 400
+    // and never reaches the backend.
+    let mut c = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\"path\"") {
+        let n = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(a.hits(), 1);
+    c.write_all(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut rest)).await;
+    let rest = String::from_utf8_lossy(&rest).to_string();
+    assert!(rest.starts_with("HTTP/1.1 400"), "{rest}");
+    assert_eq!(a.hits(), 1, "the smuggled request reached the backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_heads_over_the_limit_get_431_and_cookies_are_joined() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start("max_header_bytes = 8192", &backends_toml(&[&a])).await;
+    let stream = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let big = http::Request::builder()
+        .uri("http://x/big")
+        .header("x-big", "a".repeat(20_000))
+        .body(empty())
+        .unwrap();
+    let resp = tx.send_request(big).await.unwrap();
+    assert_eq!(resp.status(), 431);
+    assert_eq!(a.hits(), 0);
+    let req = http::Request::builder()
+        .uri("http://x/c")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "session=xyz")
+        .body(empty())
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["headers"]["cookie"], "a=1; b=2; session=xyz", "{v}");
+}

@@ -65,6 +65,7 @@ impl Peer {
                 max_header_bytes: config.proxy.max_header_bytes,
                 client_idle_timeout: config.proxy.client_idle_timeout,
                 max_connections: config.proxy.max_connections,
+                tunnel_idle_timeout: config.proxy.tunnel_idle_timeout,
             },
         );
         let shutdown = CancellationToken::new();

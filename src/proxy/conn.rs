@@ -6,7 +6,8 @@
 //! such requests instead (they are how requests get smuggled past proxies), so this wrapper
 //! follows HTTP/1 framing on the bytes as they arrive and flags the connection; the service
 //! answers 400 and closes. It reads heads line by line and skips bodies by length or chunk size;
-//! after an upgrade or on HTTP/2 it stops looking.
+//! on HTTP/2, or once a 101 actually went out, it stops looking (an `Upgrade` field alone changes
+//! nothing: a backend may refuse the upgrade, and the connection goes on in HTTP/1).
 
 use std::io;
 use std::pin::Pin;
@@ -27,6 +28,8 @@ pub struct ConnState {
     pub active_requests: AtomicU64,
     /// Set when a request head had both Content-Length and Transfer-Encoding.
     pub ambiguous: AtomicBool,
+    /// Set when a 101 went out: the bytes that follow are the tunnel's, not HTTP/1.
+    pub upgraded: AtomicBool,
 }
 
 pin_project_lite::pin_project! {
@@ -60,7 +63,7 @@ impl<T: AsyncRead> AsyncRead for WatchedIo<T> {
         let new = &buf.filled()[before..];
         if !new.is_empty() {
             this.state.reads.fetch_add(1, Ordering::Relaxed);
-            if this.framing.feed(new) {
+            if !this.state.upgraded.load(Ordering::Relaxed) && this.framing.feed(new) {
                 this.state.ambiguous.store(true, Ordering::Relaxed);
             }
         }
@@ -128,7 +131,6 @@ pub struct Framing {
     content_length: Option<u64>,
     saw_te: bool,
     chunked: bool,
-    upgrade: bool,
 }
 
 impl Default for Framing {
@@ -147,7 +149,6 @@ impl Framing {
             content_length: None,
             saw_te: false,
             chunked: false,
-            upgrade: false,
         }
     }
 
@@ -239,8 +240,6 @@ impl Framing {
                     self.saw_te = true;
                     self.chunked = value.len() >= 7
                         && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
-                } else if name.eq_ignore_ascii_case(b"upgrade") {
-                    self.upgrade = true;
                 }
                 false
             }
@@ -276,7 +275,7 @@ impl Framing {
 
     fn head_complete(&mut self) -> bool {
         let ambiguous = self.saw_te && self.content_length.is_some();
-        let next = if ambiguous || self.upgrade {
+        let next = if ambiguous {
             Phase::Off
         } else if self.saw_te {
             if self.chunked {
@@ -301,7 +300,6 @@ impl Framing {
         self.content_length = None;
         self.saw_te = false;
         self.chunked = false;
-        self.upgrade = false;
     }
 }
 
@@ -378,10 +376,20 @@ mod tests {
     }
 
     #[test]
-    fn h2_and_upgrades_stop_the_watch() {
+    fn h2_stops_the_watch_and_an_upgrade_request_does_not() {
         let mut f = Framing::new();
         assert!(!f.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"));
-        let mut f = Framing::new();
-        assert!(!f.feed(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        // Until a 101 actually goes out (the service marks the connection), an Upgrade field
+        // with or without Connection: upgrade is just a field.
+        for head in [
+            &b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"[..],
+            &b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"[..],
+        ] {
+            let mut bytes = head.to_vec();
+            bytes.extend_from_slice(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            );
+            assert!(all_splits(&bytes));
+        }
     }
 }

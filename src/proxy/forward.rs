@@ -35,6 +35,16 @@ pub struct ConnInfo {
     pub client_ip: HeaderValue,
     /// The data-plane worker serving the connection (its upstream connections are its own).
     pub worker: usize,
+    /// Where an upgraded connection's tunnel runs: the connection's own tracker (so the tunnel
+    /// counts as this client connection until it ends) and what closes it (idle, grace over).
+    pub tunnels: Option<Tunnels>,
+}
+
+/// The tunnels of one client connection.
+#[derive(Clone, Debug, Default)]
+pub struct Tunnels {
+    pub tracker: tokio_util::task::TaskTracker,
+    pub close: tokio_util::sync::CancellationToken,
 }
 
 impl ConnInfo {
@@ -46,6 +56,7 @@ impl ConnInfo {
             https,
             client_ip,
             worker,
+            tunnels: None,
         }
     }
 }
@@ -264,11 +275,18 @@ impl Plan {
 
     /// The client's response: the backend's streamed back (its connection leased until the body
     /// ends), or, for an accepted upgrade, the 101 while a tunnel splices the two connections.
-    fn respond(self, mut resp: Response<Incoming>, lease: Lease) -> Response<ResponseBody> {
+    fn respond(
+        self,
+        mut resp: Response<Incoming>,
+        lease: Lease,
+        conn: &ConnInfo,
+    ) -> Response<ResponseBody> {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some((client, _)) = self.upgrade {
                 let backend = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(client, backend, lease));
+                let tunnels = conn.tunnels.clone().unwrap_or_default();
+                let close = tunnels.close.clone();
+                tunnels.tracker.spawn(tunnel(client, backend, lease, close));
                 let (parts, _) = resp.into_parts();
                 return Response::from_parts(parts, ResponseBody::empty());
             }
@@ -383,7 +401,7 @@ impl Proxy {
                         guard,
                         worker: conn.worker,
                     };
-                    return Ok((plan.respond(resp, lease), upstream.clone()));
+                    return Ok((plan.respond(resp, lease, conn), upstream.clone()));
                 }
                 Attempt::NotSent(request, err) => {
                     // Nothing reached the backend: any method may go elsewhere.
@@ -498,6 +516,23 @@ fn rewrite(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, u.clone());
     }
+    // HTTP/2 may split Cookie into several fields; an HTTP/1 backend gets them joined with "; "
+    // (RFC 9113 section 8.2.3).
+    if parts.version == Version::HTTP_2 {
+        let mut cookies = parts.headers.get_all(header::COOKIE).iter();
+        if let (Some(_), Some(_)) = (cookies.next(), cookies.next()) {
+            let joined: Vec<&[u8]> = parts
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect();
+            let joined = joined.join(&b"; "[..]);
+            let v = HeaderValue::from_bytes(&joined)
+                .map_err(|_| ProxyError::BadRequest("bad Cookie"))?;
+            parts.headers.insert(header::COOKIE, v);
+        }
+    }
     // X-Forwarded-For: append the client to whatever is there.
     let xff = {
         let mut prior = parts
@@ -557,7 +592,12 @@ fn rewrite(
 
 /// Splice an upgraded client connection to the upgraded backend connection. The lease keeps the
 /// backend counted in flight for the tunnel's life; its connection is never pooled again.
-async fn tunnel(client: OnUpgrade, backend: OnUpgrade, lease: Lease) {
+async fn tunnel(
+    client: OnUpgrade,
+    backend: OnUpgrade,
+    lease: Lease,
+    close: tokio_util::sync::CancellationToken,
+) {
     let (client, backend) = tokio::join!(client, backend);
     let Lease { sender, guard, .. } = lease;
     drop(sender);
@@ -565,8 +605,13 @@ async fn tunnel(client: OnUpgrade, backend: OnUpgrade, lease: Lease) {
         (Ok(c), Ok(b)) => {
             let mut c = TokioIo::new(c);
             let mut b = TokioIo::new(b);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut b).await {
-                tracing::debug!(error = %e, "tunnel closed");
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut c, &mut b) => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "tunnel closed");
+                    }
+                }
+                _ = close.cancelled() => tracing::debug!("tunnel closed (idle, or the shutdown grace ended)"),
             }
         }
         (c, b) => tracing::debug!(client = c.is_ok(), backend = b.is_ok(), "upgrade failed"),

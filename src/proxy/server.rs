@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use super::conn::{ConnState, WatchedIo};
 use super::error::ProxyError;
-use super::forward::{ConnInfo, Proxy};
+use super::forward::{ConnInfo, Proxy, Tunnels};
 use crate::telemetry as names;
 
 /// How client connections are served.
@@ -32,6 +32,8 @@ pub struct ServerOptions {
     pub max_header_bytes: usize,
     pub client_idle_timeout: Duration,
     pub max_connections: usize,
+    /// An upgraded tunnel with no byte either way for this long is closed.
+    pub tunnel_idle_timeout: Duration,
 }
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,7 +109,9 @@ impl Server {
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(256);
+            .max_concurrent_streams(256)
+            // Beyond it, h2 answers the stream 431 (as HTTP/1 heads beyond it get 431).
+            .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX));
         Arc::new(Self {
             proxy,
             limit: Arc::new(Semaphore::new(opts.max_connections)),
@@ -208,11 +212,13 @@ impl Server {
         // Dropping the listener here closes it: new connections are refused from now on.
     }
 
-    async fn serve<I>(&self, io: I, info: ConnInfo)
+    async fn serve<I>(&self, io: I, mut info: ConnInfo)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let state = Arc::new(ConnState::default());
+        let tunnels = Tunnels::default();
+        info.tunnels = Some(tunnels.clone());
         let io = TokioIo::new(WatchedIo::new(io, state.clone()));
         let proxy = self.proxy.clone();
         let svc_state = state.clone();
@@ -227,6 +233,10 @@ impl Server {
                 state.requests.fetch_add(1, Ordering::Relaxed);
                 state.active_requests.fetch_add(1, Ordering::Relaxed);
                 let resp = proxy.handle(req, info).await;
+                if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    // From the next byte on, the connection is a tunnel, not HTTP/1.
+                    state.upgraded.store(true, Ordering::Relaxed);
+                }
                 state.active_requests.fetch_sub(1, Ordering::Relaxed);
                 Ok(resp)
             }
@@ -255,7 +265,7 @@ impl Server {
                     if let Err(e) = res {
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
-                    return;
+                    break;
                 }
                 _ = &mut cancelled, if !draining => {
                     draining = true;
@@ -276,6 +286,30 @@ impl Server {
                     }
                     seen = now;
                     sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+            }
+        }
+        // An upgraded connection lives on as its tunnel: it still counts against
+        // max_connections and in shoal_client_connections, and it closes when idle. A drain
+        // waits for it up to the grace; then the worker stops and the tunnel with it.
+        tunnels.tracker.close();
+        if tunnels.tracker.is_empty() {
+            return;
+        }
+        let idle = self.opts.tunnel_idle_timeout;
+        let mut seen = load(&state);
+        loop {
+            tokio::select! {
+                _ = tunnels.tracker.wait() => return,
+                _ = tokio::time::sleep(idle) => {
+                    let now = load(&state);
+                    if now.0 == seen.0 && now.1 == seen.1 {
+                        tracing::debug!("closing an idle tunnel");
+                        tunnels.close.cancel();
+                        tunnels.tracker.wait().await;
+                        return;
+                    }
+                    seen = now;
                 }
             }
         }
