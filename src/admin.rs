@@ -87,6 +87,8 @@ pub struct Admin {
     /// Sets the gauges that are read rather than pushed (quorum, members, in-flight), before
     /// each scrape.
     pub collect: Box<dyn Fn() + Send + Sync>,
+    /// This peer's latest answer of each discovery source (`/status`).
+    pub discovery: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// When the peer started (`/status` reports `uptime_ms`, the clock rates are computed by).
     pub started: std::time::Instant,
     /// Set once every listener is bound.
@@ -308,7 +310,13 @@ impl Admin {
                 return Err(ApiError::Unauthorized);
             }
         }
-        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // Discovered backends' ids hold a slash (`NAME/IP:PORT`): in a path it is %2F.
+        let decoded: Vec<String> = path
+            .trim_matches('/')
+            .split('/')
+            .map(percent_decode)
+            .collect();
+        let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
         match (&method, segments.as_slice()) {
             (&Method::GET, ["pool"]) => Ok(json_response(
                 StatusCode::OK,
@@ -445,6 +453,7 @@ impl Admin {
             "quorum": self.control.quorum(),
             "shutting_down": self.shutting_down.load(Ordering::Relaxed),
             "backends": backends,
+            "discovery": (self.discovery)(),
         })
     }
 }
@@ -456,6 +465,26 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
         .map_err(|_| ApiError::BadRequest("body unreadable or over 64 KiB".into()))?
         .to_bytes();
     serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("bad JSON body: {e}")))
+}
+
+/// `%XX` escapes decoded (a bad escape is kept as it is).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -33,6 +33,56 @@ pub struct Config {
     pub log: LogConfig,
     /// Seeds for the agreed pool, used only when the cluster has none yet.
     pub backends: Vec<Backend>,
+    /// Backends found by DNS and agreed by the peers.
+    pub discovery: Vec<DiscoveryConfig>,
+}
+
+/// What a `[[discovery]]` source resolves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveryKind {
+    /// A and AAAA records, with `port`.
+    A,
+    /// SRV records: target and port from each record.
+    Srv,
+}
+
+/// One `[[discovery]]` source.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    #[serde(deserialize_with = "text")]
+    pub name: String,
+    #[serde(rename = "type", default = "kind_a")]
+    pub kind: DiscoveryKind,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(with = "humantime_serde", default = "five_s")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde", default = "thirty_s")]
+    pub remove_after: Duration,
+    #[serde(default, deserialize_with = "opt_addr")]
+    pub resolver: Option<SocketAddr>,
+    #[serde(default = "one32")]
+    pub weight: u32,
+}
+
+fn kind_a() -> DiscoveryKind {
+    DiscoveryKind::A
+}
+fn five_s() -> Duration {
+    Duration::from_secs(5)
+}
+fn thirty_s() -> Duration {
+    Duration::from_secs(30)
+}
+fn one32() -> u32 {
+    1
+}
+
+fn opt_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_addr::<D::Error>(&s).map(Some)
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -629,6 +679,7 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
         admin: Value,
         log: Value,
         backends: Value,
+        discovery: Value,
     }
     let mut c = Checker::default();
     let mut tree = config::Config::builder()
@@ -676,6 +727,10 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
     let mut admin: Option<AdminConfig> = c.read("admin", section("admin"));
     let log: Option<LogConfig> = c.read("log", section("log"));
     let entries = c.entries::<BackendEntry>("backends", section("backends"));
+    let discovery = c.entries::<DiscoveryConfig>("discovery", section("discovery"));
+    if let Some(list) = &discovery {
+        discovery_rules(&mut c, list);
+    }
     let node = node.map(|mut n| {
         if n.data_dir.as_os_str().is_empty() {
             n.data_dir = PathBuf::from(format!("data/{}", n.id));
@@ -782,7 +837,9 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
             c.err("log.level", format!("bad filter {:?}: {e}", l.level));
         }
     }
-    match (node, proxy, balance, health, cluster, admin, log, backends) {
+    match (
+        node, proxy, balance, health, cluster, admin, log, backends, discovery,
+    ) {
         (
             Some(node),
             Some(proxy),
@@ -792,6 +849,7 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
             Some(admin),
             Some(log),
             Some(backends),
+            Some(discovery),
         ) if c.errors.is_empty() => Ok(Config {
             node,
             proxy,
@@ -801,8 +859,46 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
             admin,
             log,
             backends,
+            discovery,
         }),
         _ => Err(ConfigErrors(c.errors)),
+    }
+}
+
+fn discovery_rules(c: &mut Checker, list: &[DiscoveryConfig]) {
+    let mut names = BTreeSet::new();
+    for (i, d) in list.iter().enumerate() {
+        let key = |f: &str| format!("discovery[{i}].{f}");
+        let name_ok = !d.name.is_empty()
+            && d.name.len() <= 253
+            && d.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+        c.rule(name_ok, &key("name"), || {
+            format!("bad DNS name {:?}", d.name)
+        });
+        c.rule(names.insert(d.name.as_str()), &key("name"), || {
+            format!("duplicate discovery source {:?}", d.name)
+        });
+        match (d.kind, d.port) {
+            (DiscoveryKind::A, None) => {
+                c.err(&key("port"), "required for type \"a\" (the backends' port)")
+            }
+            (DiscoveryKind::A, Some(0)) => c.err(&key("port"), "must be 1..=65535, got 0"),
+            (DiscoveryKind::Srv, Some(_)) => c.err(
+                &key("port"),
+                "not for type \"srv\" (the records give the port)",
+            ),
+            _ => {}
+        }
+        c.positive(&key("interval"), d.interval);
+        c.rule(d.remove_after >= d.interval, &key("remove_after"), || {
+            format!(
+                "must be at least the interval ({:?}), got {:?}",
+                d.interval, d.remove_after
+            )
+        });
+        c.range(&key("weight"), d.weight, 1, pool::MAX_WEIGHT);
     }
 }
 

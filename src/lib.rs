@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod demo;
+pub mod discovery;
 pub mod events;
 pub mod net;
 pub mod notify;

@@ -331,17 +331,19 @@ fn main() -> ExitCode {
                     shoal::client::Request::with_body("POST", "/pool/backends", body)
                 }
                 PoolOp::Remove { id } => {
-                    shoal::client::Request::new("DELETE", &format!("/pool/backends/{id}"))
+                    shoal::client::Request::new("DELETE", &format!("/pool/backends/{}", seg(&id)))
                 }
-                PoolOp::Drain { id } => {
-                    shoal::client::Request::new("POST", &format!("/pool/backends/{id}/drain"))
-                }
-                PoolOp::Undrain { id } => {
-                    shoal::client::Request::new("POST", &format!("/pool/backends/{id}/undrain"))
-                }
+                PoolOp::Drain { id } => shoal::client::Request::new(
+                    "POST",
+                    &format!("/pool/backends/{}/drain", seg(&id)),
+                ),
+                PoolOp::Undrain { id } => shoal::client::Request::new(
+                    "POST",
+                    &format!("/pool/backends/{}/undrain", seg(&id)),
+                ),
                 PoolOp::Weight { id, weight } => shoal::client::Request::with_body(
                     "PUT",
-                    &format!("/pool/backends/{id}"),
+                    &format!("/pool/backends/{}", seg(&id)),
                     serde_json::json!({ "weight": weight }),
                 ),
             };
@@ -372,6 +374,11 @@ fn main() -> ExitCode {
             shoal::client::print_peers,
         ),
     }
+}
+
+/// A backend id as a path segment (discovered ids hold a slash).
+fn seg(id: &str) -> String {
+    id.replace('%', "%25").replace('/', "%2F")
 }
 
 fn client_command(

@@ -33,6 +33,7 @@ pub const REQUEST_BYTES_TOTAL: &str = "shoal_request_bytes_total";
 pub const RESPONSE_BYTES_TOTAL: &str = "shoal_response_bytes_total";
 pub const BACKEND_INFLIGHT: &str = "shoal_backend_inflight";
 pub const EJECTION_CAP: &str = "shoal_ejection_cap";
+pub const DISCOVERY_RESOLUTIONS_TOTAL: &str = "shoal_discovery_resolutions_total";
 pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str = "shoal_certificate_expiry_timestamp_seconds";
 
 /// The commit this binary was built from (`unknown` outside a git checkout).

@@ -2,6 +2,7 @@
 //! and its drain. The only module that sees every shell: they meet here through the seams in
 //! `seams` and the health voter in `health`.
 
+mod discovery;
 mod health;
 mod seams;
 
@@ -104,6 +105,15 @@ impl Peer {
         )
         .await?;
         crate::probe::spawn(table.clone(), shutdown.clone());
+        let answers = discovery::Answers::default();
+        discovery::spawn(
+            &config.discovery,
+            table.clone(),
+            cluster.clone(),
+            config.node.id.clone(),
+            answers.clone(),
+            shutdown.clone(),
+        );
         health::spawn_voter(
             table.clone(),
             cluster.clone(),
@@ -120,6 +130,10 @@ impl Peer {
             metrics,
             events: events.clone(),
             collect: collector(table.clone(), cluster.clone()),
+            discovery: Box::new(move || {
+                serde_json::to_value(&*answers.lock().unwrap_or_else(|e| e.into_inner()))
+                    .unwrap_or_default()
+            }),
             started: std::time::Instant::now(),
             listening: Default::default(),
             shutting_down: Default::default(),

@@ -6,6 +6,7 @@
 
 pub mod balance;
 pub mod detector;
+pub mod discovery;
 pub mod health;
 pub mod paxos;
 pub mod pool;

@@ -96,6 +96,9 @@ pub struct Backend {
     /// Peers that currently see this backend down (their health votes).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub down_votes: BTreeSet<NodeId>,
+    /// The discovery source that added it (id `NAME/IP:PORT`); None for backends added by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl Backend {
@@ -125,8 +128,23 @@ impl Backend {
             weight,
             state: BackendState::Active,
             down_votes: BTreeSet::new(),
+            source: None,
         }
     }
+}
+
+/// An address that discovery found, and the peers whose latest answers hold it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Sighting {
+    pub source: String,
+    pub addr: String,
+    pub weight: u32,
+    pub seen_by: BTreeSet<NodeId>,
+}
+
+/// The id of a discovered backend: `NAME/IP:PORT`.
+pub fn discovered_id(source: &str, addr: &str) -> BackendId {
+    BackendId::new(format!("{source}/{addr}"))
 }
 
 /// The register value. Version 0 with no backends means "no pool agreed yet".
@@ -148,6 +166,9 @@ pub struct Pool {
     /// The membership epoch: rises with every change of the voters.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub epoch: u64,
+    /// Discovered addresses with the peers that see them (their discovery votes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sightings: BTreeMap<BackendId, Sighting>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -233,6 +254,15 @@ pub enum PoolChange {
     /// Re-derive ejections from the recorded votes under the proposer's rules (after a reload
     /// changed the ejection cap); a new version only if a state changed.
     Settle,
+    /// A peer's discovery vote for one source: the addresses (`IP:PORT`) its answers held
+    /// within `remove_after`. An address joins the pool once a majority see it and leaves once
+    /// a majority do not.
+    Sightings {
+        source: String,
+        peer: NodeId,
+        weight: u32,
+        addrs: Vec<String>,
+    },
 }
 
 impl PoolChange {
@@ -438,14 +468,80 @@ impl Pool {
                 for b in next.backends.values_mut() {
                     b.down_votes.remove(peer);
                 }
+                for s in next.sightings.values_mut() {
+                    s.seen_by.remove(peer);
+                }
+                next.sightings.retain(|_, s| !s.seen_by.is_empty());
             }
             PoolChange::Settle => {}
+            PoolChange::Sightings {
+                source,
+                peer,
+                weight,
+                addrs,
+            } => {
+                weight_ok(*weight)?;
+                if addrs.len() > MAX_BACKENDS {
+                    return Err(ChangeError::Full);
+                }
+                let mut want = BTreeSet::new();
+                for a in addrs {
+                    let addr = normalize_addr(a).map_err(ChangeError::Invalid)?;
+                    want.insert(addr);
+                }
+                for s in next.sightings.values_mut().filter(|s| &s.source == source) {
+                    if want.remove(&s.addr) {
+                        s.seen_by.insert(peer.clone());
+                        s.weight = *weight;
+                    } else {
+                        s.seen_by.remove(peer);
+                    }
+                }
+                for addr in want {
+                    next.sightings.insert(
+                        discovered_id(source, &addr),
+                        Sighting {
+                            source: source.clone(),
+                            addr,
+                            weight: *weight,
+                            seen_by: BTreeSet::from([peer.clone()]),
+                        },
+                    );
+                }
+                next.sightings.retain(|_, s| !s.seen_by.is_empty());
+            }
         }
+        next.settle_discovery(rules);
         next.settle(rules);
-        if next.backends != self.backends || !self.exists() {
+        if next.backends != self.backends || next.sightings != self.sightings || !self.exists() {
             next.version = self.version + 1;
         }
         Ok(next)
+    }
+
+    /// Discovered backends follow the sightings: one joins once a majority of peers see it, and
+    /// leaves once a majority do not (a backend that only a minority still sees holds, with an
+    /// even cluster, in the band between).
+    fn settle_discovery(&mut self, rules: &Rules) {
+        let (n, majority) = (rules.cluster_size, rules.majority());
+        for (id, s) in &self.sightings {
+            if s.seen_by.len() >= majority
+                && !self.backends.contains_key(id)
+                && self.backends.len() < MAX_BACKENDS
+            {
+                let mut b = Backend::new(id.as_str(), s.addr.clone(), s.weight);
+                b.source = Some(s.source.clone());
+                self.backends.insert(id.clone(), b);
+            }
+        }
+        let sightings = &self.sightings;
+        self.backends.retain(|id, b| {
+            if b.source.is_none() {
+                return true;
+            }
+            let seen = sightings.get(id).map_or(0, |s| s.seen_by.len());
+            n.saturating_sub(seen) < majority
+        });
     }
 
     /// Re-derive `ejected`/`active` from the votes, in id order, never beyond the cap.
