@@ -103,7 +103,7 @@ pub fn run(seed: u64, cfg: &DiscoverySimConfig) -> DiscoveryReport {
             truth.clone()
         };
         for p in 0..cfg.peers {
-            if (t + offsets[p]) % cfg.interval_ms != 0 {
+            if !(t + offsets[p]).is_multiple_of(cfg.interval_ms) {
                 continue;
             }
             let answer: Option<Vec<String>> = if rng.gen_bool(cfg.fail) {

@@ -162,6 +162,8 @@ fn node_ids(n: usize) -> Vec<NodeId> {
 const READ_PERIOD: u64 = 1_000;
 const LIVENESS_MS: u64 = 5_000;
 
+// Most events are deliveries; boxing their message would only add an allocation each.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum Event {
     Deliver {
