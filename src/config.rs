@@ -1030,6 +1030,44 @@ mod tests {
     }
 
     #[test]
+    fn discovery_sources_are_checked() {
+        let ok = parse(
+            "[node]\nid = \"a\"\n[[discovery]]\nname = \"web.internal\"\nport = 8080\n[[discovery]]\nname = \"_http._tcp.api.internal\"\ntype = \"srv\"\nresolver = \"127.0.0.1:5353\"\nweight = 3\n",
+        )
+        .unwrap();
+        assert_eq!(ok.discovery.len(), 2);
+        assert_eq!(ok.discovery[0].kind, DiscoveryKind::A);
+        assert_eq!(ok.discovery[0].interval, Duration::from_secs(5));
+        assert_eq!(ok.discovery[0].remove_after, Duration::from_secs(30));
+        assert_eq!(
+            ok.discovery[1].resolver,
+            Some("127.0.0.1:5353".parse().unwrap())
+        );
+        let errs = parse(
+            "[node]\nid = \"a\"\n[[discovery]]\nname = \"web\"\n[[discovery]]\nname = \"bad name!\"\ntype = \"srv\"\nport = 80\ninterval = \"10s\"\nremove_after = \"5s\"\nweight = 0\n",
+        )
+        .unwrap_err()
+        .0
+        .join("\n");
+        for want in [
+            "discovery[0].port: required for type \"a\"",
+            "discovery[1].name: bad DNS name \"bad name!\"",
+            "discovery[1].port: not for type \"srv\"",
+            "discovery[1].remove_after: must be at least the interval",
+            "discovery[1].weight: must be 1..=1000, got 0",
+        ] {
+            assert!(errs.contains(want), "{want}: {errs}");
+        }
+        let errs = parse(
+            "[node]\nid = \"a\"\n[[discovery]]\nname = \"x\"\ntype = \"mx\"\nresolver = \"nope\"\n",
+        )
+        .unwrap_err()
+        .0
+        .join("\n");
+        assert!(errs.contains("discovery[0]"), "{errs}");
+    }
+
+    #[test]
     fn admin_token_from_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("token");

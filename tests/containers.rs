@@ -887,6 +887,19 @@ async fn the_compose_cluster_forms_over_mutual_tls_and_serves() {
     let r = send(admin(0), authed(0, "GET", "/status")).await.unwrap();
     let status: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
     assert_eq!(status["members"], json!(["a", "b", "c"]), "{status}");
+    // The three backends are discovered (Docker's DNS, alias "web") and agreed by every peer.
+    for i in 0..3 {
+        eventually(
+            Duration::from_secs(30),
+            "three discovered backends",
+            || async {
+                let r = send(admin(i), authed(i, "GET", "/pool")).await.ok()?;
+                let pool: serde_json::Value = serde_json::from_slice(r.body()).ok()?;
+                (pool["backends"].as_array()?.len() == 3).then_some(())
+            },
+        )
+        .await;
+    }
     // Every peer serves from every backend.
     for i in 0..3 {
         let mut seen = std::collections::BTreeSet::new();
@@ -906,26 +919,49 @@ async fn the_compose_cluster_forms_over_mutual_tls_and_serves() {
         }
         assert_eq!(seen.len(), 3, "{seen:?}");
     }
+    // The backends were discovered through Docker's DNS (alias "web") and agreed.
+    let r = send(admin(0), authed(0, "GET", "/pool")).await.unwrap();
+    let pool: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+    let ids: Vec<String> = pool["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        ids.iter()
+            .all(|id| id.starts_with("web/") && id.ends_with(":8000")),
+        "{ids:?}"
+    );
+    let drained = ids[1].clone();
+    let enc = drained.replace('/', "%2F");
     // A change through a is seen by c (the peers reach each other over mutual TLS).
-    let r = send(admin(0), authed(0, "POST", "/pool/backends/web-2/drain"))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let path = format!("/pool/backends/{enc}/drain");
+    let r = send(admin(0), authed(0, "POST", &path)).await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "{path}: {}",
+        String::from_utf8_lossy(r.body())
+    );
     eventually(Duration::from_secs(10), "c learned the drain", || async {
         let r = send(admin(2), authed(2, "GET", "/pool")).await.ok()?;
         let pool: serde_json::Value = serde_json::from_slice(r.body()).ok()?;
         pool["backends"]
             .as_array()?
             .iter()
-            .any(|b| b["id"] == "web-2" && b["state"] == "draining")
+            .any(|b| b["id"] == drained.as_str() && b["state"] == "draining")
             .then_some(())
     })
     .await;
     // A second `up` keeps the certificates (--if-missing) and the running cluster.
     let (ok, out) = compose(&["up", "-d", "--no-build", "a", "b", "c"]);
     assert!(ok, "second compose up: {out}");
-    let r = send(admin(1), authed(1, "POST", "/pool/backends/web-2/undrain"))
-        .await
-        .unwrap();
+    let r = send(
+        admin(1),
+        authed(1, "POST", &format!("/pool/backends/{enc}/undrain")),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 200);
 }

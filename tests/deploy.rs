@@ -334,7 +334,7 @@ fn the_dockerfile_builds_with_the_rust_version_the_crate_declares() {
     );
     // rust-version is true: no locked dependency needs a newer Rust.
     let out = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .args(["metadata", "--format-version", "1", "--locked"])
         .current_dir(repo())
         .output()
         .unwrap();

@@ -41,6 +41,10 @@ struct Dns {
 
 impl Dns {
     fn start(ips: &[&str]) -> Dns {
+        Self::start_with(ips, &[])
+    }
+
+    fn start_with(ips: &[&str], extra: &[String]) -> Dns {
         let dir = tempfile::tempdir().unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -67,6 +71,7 @@ impl Dns {
             ])
             .arg(format!("--port={port}"))
             .arg(format!("--addn-hosts={}", d.hosts.display()))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -338,4 +343,81 @@ async fn a_rollout_that_replaces_every_address_under_load_fails_no_request() {
     println!("rollout: {ok} requests served, {failed} failed");
     assert_eq!(failed, 0);
     assert!(ok > 200, "{ok}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_records_give_targets_and_ports() {
+    if !have_dnsmasq() {
+        return;
+    }
+    let (p1, p2) = (free_port(), free_port());
+    let _b1 = backend_on("127.0.0.31", p1).await;
+    let _b2 = backend_on("127.0.0.32", p2).await;
+    let srv = "_http._tcp.api.shoal.test";
+    let dns = Dns::start_with(
+        &[],
+        &[
+            format!("--srv-host={srv},one.shoal.test,{p1}"),
+            format!("--srv-host={srv},two.shoal.test,{p2}"),
+            "--host-record=one.shoal.test,127.0.0.31".to_string(),
+            "--host-record=two.shoal.test,127.0.0.32".to_string(),
+        ],
+    );
+    let s = Shoal::start(
+        "",
+        &format!(
+            "[[discovery]]\nname = \"{srv}\"\ntype = \"srv\"\ninterval = \"200ms\"\nremove_after = \"1s\"\nresolver = \"127.0.0.1:{}\"\nweight = 2\n",
+            dns.port
+        ),
+    )
+    .await;
+    let want: BTreeSet<String> = [
+        format!("{srv}/127.0.0.31:{p1}"),
+        format!("{srv}/127.0.0.32:{p2}"),
+    ]
+    .into_iter()
+    .collect();
+    eventually(Duration::from_secs(5), "both SRV targets", || async {
+        (pool_ids(s.admin).await == want).then_some(())
+    })
+    .await;
+    let (_, pool) = get_json(s.admin, "/pool").await;
+    assert!(
+        pool["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["weight"] == 2),
+        "{pool}"
+    );
+    // A discovered backend is drained through the admin API (its id's slash as %2F).
+    let id = format!("{srv}%2F127.0.0.31:{p1}");
+    let (code, body) =
+        admin_call(s.admin, "POST", &format!("/pool/backends/{id}/drain"), None).await;
+    assert_eq!(code, 200, "{body}");
+    let (_, pool) = get_json(s.admin, "/pool").await;
+    let b = pool["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["addr"] == format!("127.0.0.31:{p1}"))
+        .cloned()
+        .unwrap();
+    assert_eq!(b["state"], "draining", "{pool}");
+    // And through the CLI, with the id as the pool lists it.
+    let out = Command::new(shoal_bin())
+        .args([
+            "pool",
+            "undrain",
+            &format!("{srv}/127.0.0.31:{p1}"),
+            "--admin",
+        ])
+        .arg(format!("http://{}", s.admin))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -78,6 +78,9 @@ fn shells_meet_only_in_app() {
                 "sim",
                 "demo",
                 "client",
+                "discovery",
+                "events",
+                "cert",
             ][..],
         ),
         (
@@ -98,6 +101,12 @@ fn shells_meet_only_in_app() {
         ),
         (
             "net",
+            &[
+                "proxy", "cluster", "admin", "probe", "app", "config", "sim", "demo",
+            ][..],
+        ),
+        (
+            "discovery",
             &[
                 "proxy", "cluster", "admin", "probe", "app", "config", "sim", "demo",
             ][..],
