@@ -37,7 +37,7 @@ pub struct ConnInfo {
     pub worker: usize,
     /// Where an upgraded connection's tunnel runs: the connection's own tracker (so the tunnel
     /// counts as this client connection until it ends) and what closes it (idle, grace over).
-    pub tunnels: Option<Tunnels>,
+    pub tunnels: Option<Arc<Tunnels>>,
 }
 
 /// The tunnels of one client connection.
@@ -258,7 +258,9 @@ impl Plan {
             .pending
             .take()
             .or_else(|| self.template.as_ref().and_then(Template::build))?;
-        request.body_mut().count_into(upstream.request_bytes());
+        if !matches!(request.body(), RequestBody::Empty) {
+            request.body_mut().count_into(upstream.request_bytes());
+        }
         if !request.headers().contains_key(header::HOST) {
             // An HTTP/1.0 client may send no Host; HTTP/1.1 to the backend needs one.
             if let Some(h) = upstream.host_header() {

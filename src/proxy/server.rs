@@ -217,7 +217,7 @@ impl Server {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let state = Arc::new(ConnState::default());
-        let tunnels = Tunnels::default();
+        let tunnels = Arc::new(Tunnels::default());
         info.tunnels = Some(tunnels.clone());
         let io = TokioIo::new(WatchedIo::new(io, state.clone()));
         let proxy = self.proxy.clone();
