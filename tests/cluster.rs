@@ -354,20 +354,6 @@ mod tls {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    /// `shoal cert ...`: the one way certificates are made (README, compose, Kubernetes).
-    fn cert(args: &[&str]) {
-        let out = std::process::Command::new(shoal_bin())
-            .arg("cert")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "shoal cert {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
     fn pair(dir: &std::path::Path, id: &str) -> (String, String) {
         let read = |f: String| std::fs::read_to_string(dir.join(f)).unwrap();
         (read(format!("{id}.pem")), read(format!("{id}-key.pem")))
@@ -429,14 +415,14 @@ mod tls {
     async fn mutual_tls_admits_peers_and_refuses_strangers() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_str().unwrap();
-        cert(&["ca", "--out", d]);
+        shoal_cert(&["ca", "--out", d]);
         for id in ["a", "b", "c", "x"] {
-            cert(&["issue", id, "--ca", d, "--out", d]);
+            shoal_cert(&["issue", id, "--ca", d, "--out", d]);
         }
         let other = dir.path().join("other");
         let o = other.to_str().unwrap();
-        cert(&["ca", "--out", o]);
-        cert(&["issue", "b", "--ca", o, "--out", o]);
+        shoal_cert(&["ca", "--out", o]);
+        shoal_cert(&["issue", "b", "--ca", o, "--out", o]);
         // A CA is never overwritten by accident.
         let again = std::process::Command::new(shoal_bin())
             .args(["cert", "ca", "--out", d])

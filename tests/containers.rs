@@ -38,20 +38,9 @@ fn docker_ok(args: &[&str]) -> String {
     out
 }
 
-/// Whether to run: a daemon answers, or (not under CI) print why not and skip.
+/// Whether to run: a Docker daemon answers (else skip, or fail under CI).
 fn docker_available() -> bool {
-    let ok = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but no Docker daemon answers `docker info`: the container tests must run in CI"
-        );
-        eprintln!("skipped: no Docker daemon (docker info failed)");
-    }
-    ok
+    have_tool("docker", &["info", "--format", "{{.ServerVersion}}"])
 }
 
 /// Serialize image builds between the test processes nextest runs side by side.
@@ -208,21 +197,9 @@ impl Drop for Cleanup {
 /// Certificates from `shoal cert` for peers a, b, c, readable by the image's user.
 fn certs(dir: &Path) {
     let d = dir.to_str().unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new(shoal_bin())
-            .arg("cert")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&["ca", "--out", d]);
+    shoal_cert(&["ca", "--out", d]);
     for id in ["a", "b", "c"] {
-        run(&["issue", id, "--ca", d, "--out", d]);
+        shoal_cert(&["issue", id, "--ca", d, "--out", d]);
     }
     // The keys are 0600: hand them to the image's numeric user (as root), else open them up
     // (test keys only).

@@ -950,20 +950,6 @@ async fn systemd_notify_ready_reloading_stopping() {
     assert_eq!(s.wait_exit(Duration::from_secs(5)), Some(0));
 }
 
-/// `shoal cert ...` into `dir`.
-fn shoal_cert(args: &[&str]) {
-    let out = std::process::Command::new(shoal_bin())
-        .arg("cert")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_certificates_and_the_ejection_cap_and_counts_reloads() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,33 +8,16 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::shoal_bin;
+use common::{have_tool, shoal_bin, shoal_cert};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Whether `tool` runs (`probe` are arguments that succeed when it does); if not, fail under CI
-/// and print a reason elsewhere.
-fn have(tool: &str, probe: &[&str]) -> bool {
-    let ok = Command::new(tool)
-        .args(probe)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but {tool} is missing: .ci/run must install it"
-        );
-        eprintln!("skipped: {tool} is not installed");
-    }
-    ok
-}
-
 /// The manifest's documents as JSON (PyYAML), with the sha256 of the ConfigMap's shoal.toml.
 fn manifest() -> Option<(Vec<Value>, String)> {
-    if !have("python3", &["-c", "import yaml"]) {
+    if !have_tool("python3", &["-c", "import yaml"]) {
         return None;
     }
     let script = r#"
@@ -77,7 +60,7 @@ fn seconds(text: &str, key: &str) -> u64 {
 
 #[test]
 fn kubernetes_manifest_passes_the_schema_of_a_current_release() {
-    if !have("kubernetes-validate", &["--version"]) {
+    if !have_tool("kubernetes-validate", &["--version"]) {
         return;
     }
     let out = Command::new("kubernetes-validate")
@@ -173,19 +156,7 @@ fn kubernetes_manifest_runs_safely_and_each_pod_config_checks() {
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");
     let t = tls.to_str().unwrap();
-    let cert = |args: &[&str]| {
-        let out = Command::new(shoal_bin())
-            .arg("cert")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    cert(&["ca", "--out", t]);
+    shoal_cert(&["ca", "--out", t]);
     let admin = dir.path().join("admin");
     std::fs::create_dir_all(&admin).unwrap();
     std::fs::write(admin.join("token"), "k8s-token\n").unwrap();
@@ -199,7 +170,7 @@ fn kubernetes_manifest_runs_safely_and_each_pod_config_checks() {
     let cpu = c["resources"]["requests"]["cpu"].as_str().unwrap();
     for i in 0..replicas {
         let name = format!("shoal-{i}");
-        cert(&["issue", &name, "--ca", t, "--out", t]);
+        shoal_cert(&["issue", &name, "--ca", t, "--out", t]);
         let env = pod_env(c, &name, cpu);
         let mut cmd = Command::new(shoal_bin());
         cmd.args(["check", "--config"]).arg(&config).env_clear();
@@ -249,7 +220,7 @@ fn pod_env(container: &Value, name: &str, cpu_request: &str) -> Vec<(String, Str
 
 #[test]
 fn systemd_unit_is_verified_and_hardened() {
-    if !have("systemd-analyze", &["--version"]) {
+    if !have_tool("systemd-analyze", &["--version"]) {
         return;
     }
     let unit = std::fs::read_to_string(repo().join("deploy/systemd/shoal.service")).unwrap();

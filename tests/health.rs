@@ -726,29 +726,13 @@ async fn metrics_cover_build_quorum_members_bytes_inflight_and_the_process_and_f
     assert!(m.contains("shoal_backend_up{backend=\"b1\"}"), "{m}");
 }
 
-/// A tool that the observability tests need: under CI=true it must exist.
-fn tool(name: &str) -> bool {
-    let ok = std::process::Command::new(name)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but {name} is missing: .ci/run must install it"
-        );
-        eprintln!("skipped: {name} is not installed");
-    }
-    ok
-}
-
 fn repo_file(p: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
 #[test]
 fn alert_rules_pass_promtool_checks_and_unit_tests() {
-    if !tool("promtool") {
+    if !have_tool("promtool", &["--version"]) {
         return;
     }
     for args in [
@@ -792,27 +776,15 @@ fn urlencode(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_returns_data_from_a_live_prometheus() {
-    if !tool("prometheus") {
+    if !have_tool("prometheus", &["--version"]) {
         return;
     }
     // A cluster with TLS on both sides (so certificate expiry is exported), traffic and commits.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    let cert = |args: &[&str]| {
-        let out = std::process::Command::new(shoal_bin())
-            .arg("cert")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    cert(&["ca", "--out", d]);
+    shoal_cert(&["ca", "--out", d]);
     for id in ["a", "b", "c"] {
-        cert(&["issue", id, "--ca", d, "--out", d]);
+        shoal_cert(&["issue", id, "--ca", d, "--out", d]);
     }
     let b1 = Backend::start("b1", Behavior::Echo).await;
     let b2 = Backend::start("b2", Behavior::Echo).await;

@@ -590,3 +590,36 @@ pub fn backends_toml(bs: &[&Backend]) -> String {
         .map(|b| format!("[[backends]]\nid = \"{}\"\naddr = \"{}\"\n", b.name, b.addr))
         .collect()
 }
+
+/// `shoal cert ARGS...`, which must succeed: the one way the tests make certificates.
+#[allow(dead_code)]
+pub fn shoal_cert(args: &[&str]) {
+    let out = Command::new(shoal_bin())
+        .arg("cert")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shoal cert {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether an outside tool runs (`probe`: arguments that succeed when it does). Without it a
+/// test prints why and passes on a developer's machine; under `CI=true` it fails.
+#[allow(dead_code)]
+pub fn have_tool(tool: &str, probe: &[&str]) -> bool {
+    let ok = Command::new(tool)
+        .args(probe)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but {tool} is missing: .ci/run must install it"
+        );
+        eprintln!("skipped: {tool} is not installed (or does not run)");
+    }
+    ok
+}
