@@ -414,7 +414,7 @@ impl Config {
         };
         let listen: Vec<String> = self.proxy.listen.iter().map(|a| a.to_string()).collect();
         format!(
-            "node {}: proxy on {}{}, admin on {}, cluster on {} with {} other peer(s), {} seed backend(s), {}",
+            "node {}: proxy on {}{}, admin on {}, cluster on {} with {} other peer(s), {} seed backend(s){}, {}",
             self.node.id,
             listen.join(", "),
             if self.proxy.tls.is_some() { " (+TLS)" } else { "" },
@@ -422,6 +422,10 @@ impl Config {
             self.cluster.listen,
             self.cluster.peers.len(),
             self.backends.len(),
+            match self.discovery.len() {
+                0 => String::new(),
+                n => format!(", {n} discovery source(s)"),
+            },
             alg
         )
     }
