@@ -222,53 +222,12 @@ fn main() -> ExitCode {
             };
             config.node.force_new_cluster = force_new_cluster;
             let log = shoal::telemetry::init_logging(&config.log);
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match rt.block_on(shoal::app::run(config, path, log)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+            serve(shoal::app::run(config, path, log))
         }
         Command::Demo { peers, backends } => {
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match rt.block_on(shoal::demo::run(peers as usize, backends as usize)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+            serve(shoal::demo::run(peers as usize, backends as usize))
         }
-        Command::DemoBackend { listen, name } => {
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match rt.block_on(shoal::demo::run_backend(listen, name)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }
+        Command::DemoBackend { listen, name } => serve(shoal::demo::run_backend(listen, name)),
         Command::Cert { op } => {
             let done = match op {
                 CertOp::Ca {
@@ -429,6 +388,24 @@ fn client_command(
 
 /// The control plane's runtime (cluster, admin, probes). Traffic runs on the worker threads
 /// that `shoal run` starts per `proxy.workers`, each with a runtime of its own.
+/// Run a long-lived command on the control runtime: exit 0 when it ends well, 1 with its error.
+fn serve(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

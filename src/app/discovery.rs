@@ -81,6 +81,7 @@ pub fn spawn(
                 };
                 metrics::counter!(names::DISCOVERY_RESOLUTIONS_TOTAL, "source" => src.name.clone(), "result" => result)
                     .increment(1);
+                tracker.answer(now, answer.as_deref().ok());
                 let at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
                 let shown = match &answer {
                     Ok(a) => json!({ "at": at, "addrs": a, "vote": tracker.vote(now) }),
@@ -89,11 +90,6 @@ pub fn spawn(
                         json!({ "at": at, "error": e })
                     }
                 };
-                tracker.answer(now, answer.as_deref().ok());
-                let mut shown = shown;
-                if answer.is_ok() {
-                    shown["vote"] = json!(tracker.vote(now));
-                }
                 answers
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
