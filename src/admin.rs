@@ -148,12 +148,14 @@ impl ApiError {
             ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Control(ControlError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Control(ControlError::Rejected(e)) => match e {
-                ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
-                ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
+                ChangeError::NotFound(_) | ChangeError::PeerNotFound(_) => StatusCode::NOT_FOUND,
+                ChangeError::Invalid(_) | ChangeError::InvalidPeer(_) => StatusCode::BAD_REQUEST,
                 ChangeError::Exists(_)
                 | ChangeError::AddrInUse(..)
                 | ChangeError::AlreadySeeded(_)
-                | ChangeError::Full => StatusCode::CONFLICT,
+                | ChangeError::Full
+                | ChangeError::PeerExists(_)
+                | ChangeError::LastVoter(_) => StatusCode::CONFLICT,
             },
         }
     }

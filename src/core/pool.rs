@@ -169,6 +169,14 @@ pub struct Pool {
     /// Discovered addresses with the peers that see them (their discovery votes).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sightings: BTreeMap<BackendId, Sighting>,
+    /// The cluster addresses of members added through the membership API (voters of the first
+    /// membership are found through each peer's `cluster.peers`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub addrs: BTreeMap<NodeId, String>,
+    /// Learners recorded in the membership (`peers add --learner`). Learners need no record to
+    /// join; a recorded one is listed and pushed to by address.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub learners: BTreeSet<NodeId>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -251,6 +259,18 @@ pub enum PoolChange {
     ExpireVotes {
         peer: NodeId,
     },
+    /// Add a member: a voter (which starts a new membership epoch) or a recorded learner. A
+    /// recorded learner added as a voter is promoted.
+    AddPeer {
+        id: NodeId,
+        addr: String,
+        #[serde(default)]
+        learner: bool,
+    },
+    /// Remove a member; removing a voter starts a new membership epoch and drops its votes.
+    RemovePeer {
+        id: NodeId,
+    },
     /// Re-derive ejections from the recorded votes under the proposer's rules (after a reload
     /// changed the ejection cap); a new version only if a state changed.
     Settle,
@@ -291,6 +311,14 @@ pub enum ChangeError {
     Invalid(InvalidBackend),
     #[error("the pool holds at most {MAX_BACKENDS} backends")]
     Full,
+    #[error("peer {0} is already a member")]
+    PeerExists(NodeId),
+    #[error("peer {0} is not a member")]
+    PeerNotFound(NodeId),
+    #[error("peer {0} is the last voter; add another voter before removing it")]
+    LastVoter(NodeId),
+    #[error("{0}")]
+    InvalidPeer(String),
 }
 
 /// Weights are 1..=`MAX_WEIGHT`.
@@ -365,6 +393,25 @@ pub fn check_weight(w: u32) -> Result<u32, InvalidBackend> {
     }
 }
 
+/// A member to add: a valid node id and a `host:port` cluster address.
+pub fn check_peer(id: &NodeId, addr: &str) -> Result<(), String> {
+    if !valid_node_id(id.as_str()) {
+        return Err(format!(
+            "peer id {id:?}: expected 1-32 characters of a-z, 0-9 and -"
+        ));
+    }
+    let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && !host.contains('/')
+            && !host.contains(' ')
+            && port.parse::<u16>().is_ok_and(|p| p > 0)
+    });
+    if !ok {
+        return Err(format!("peer address {addr:?}: expected HOST:PORT"));
+    }
+    Ok(())
+}
+
 /// Node ids: `[a-z0-9-]{1,32}`.
 pub fn valid_node_id(s: &str) -> bool {
     (1..=32).contains(&s.len())
@@ -406,7 +453,8 @@ impl Pool {
                 }
                 next.cluster_id = cluster_id.clone();
                 next.voters = voters.clone();
-                next.epoch = u64::from(!voters.is_empty());
+                // Forming seals the formation register (epoch 0): the cluster lives in epoch 1.
+                next.epoch = self.epoch + u64::from(!voters.is_empty());
                 if backends.len() > MAX_BACKENDS {
                     return Err(ChangeError::Full);
                 }
@@ -458,21 +506,48 @@ impl Pool {
                     b.state = BackendState::Active;
                 }
             }
+            // Only voters vote (learners come and go; they never eject or restore).
+            PoolChange::VoteDown { peer, .. }
+            | PoolChange::VoteUp { peer, .. }
+            | PoolChange::Sightings { peer, .. }
+                if !self.may_vote(peer) =>
+            {
+                return Ok(next)
+            }
             PoolChange::VoteDown { id, peer } => {
                 next.get_mut(id)?.down_votes.insert(peer.clone());
             }
             PoolChange::VoteUp { id, peer } => {
                 next.get_mut(id)?.down_votes.remove(peer);
             }
-            PoolChange::ExpireVotes { peer } => {
-                for b in next.backends.values_mut() {
-                    b.down_votes.remove(peer);
+            PoolChange::AddPeer { id, addr, learner } => {
+                check_peer(id, addr).map_err(ChangeError::InvalidPeer)?;
+                if self.voters.contains(id) || (*learner && self.learners.contains(id)) {
+                    return Err(ChangeError::PeerExists(id.clone()));
                 }
-                for s in next.sightings.values_mut() {
-                    s.seen_by.remove(peer);
+                next.addrs.insert(id.clone(), addr.clone());
+                if *learner {
+                    next.learners.insert(id.clone());
+                } else {
+                    next.learners.remove(id);
+                    next.voters.insert(id.clone());
+                    next.epoch += 1;
                 }
-                next.sightings.retain(|_, s| !s.seen_by.is_empty());
             }
+            PoolChange::RemovePeer { id } => {
+                if self.voters.contains(id) {
+                    if self.voters.len() == 1 {
+                        return Err(ChangeError::LastVoter(id.clone()));
+                    }
+                    next.voters.remove(id);
+                    next.epoch += 1;
+                    next.forget_votes(id);
+                } else if !next.learners.remove(id) {
+                    return Err(ChangeError::PeerNotFound(id.clone()));
+                }
+                next.addrs.remove(id);
+            }
+            PoolChange::ExpireVotes { peer } => next.forget_votes(peer),
             PoolChange::Settle => {}
             PoolChange::Sightings {
                 source,
@@ -511,12 +586,54 @@ impl Pool {
                 next.sightings.retain(|_, s| !s.seen_by.is_empty());
             }
         }
+        // Votes count among the agreed voters (the rules' size where none are agreed).
+        let rules = &Rules {
+            cluster_size: if next.voters.is_empty() {
+                rules.cluster_size
+            } else {
+                next.voters.len()
+            },
+            ..*rules
+        };
         next.settle_discovery(rules);
         next.settle(rules);
-        if next.backends != self.backends || next.sightings != self.sightings || !self.exists() {
+        if next.backends != self.backends
+            || next.sightings != self.sightings
+            || next.voters != self.voters
+            || next.learners != self.learners
+            || next.addrs != self.addrs
+            || next.epoch != self.epoch
+            || !self.exists()
+        {
             next.version = self.version + 1;
         }
         Ok(next)
+    }
+
+    /// Whether `peer`'s health and discovery votes count: any peer's before voters are agreed,
+    /// else only a voter's.
+    pub fn may_vote(&self, peer: &NodeId) -> bool {
+        self.voters.is_empty() || self.voters.contains(peer)
+    }
+
+    /// How many of `peers` are voters (all of them before voters are agreed).
+    fn counted(&self, peers: &BTreeSet<NodeId>) -> usize {
+        if self.voters.is_empty() {
+            peers.len()
+        } else {
+            peers.intersection(&self.voters).count()
+        }
+    }
+
+    /// Drop every health and discovery vote of `peer`.
+    fn forget_votes(&mut self, peer: &NodeId) {
+        for b in self.backends.values_mut() {
+            b.down_votes.remove(peer);
+        }
+        for s in self.sightings.values_mut() {
+            s.seen_by.remove(peer);
+        }
+        self.sightings.retain(|_, s| !s.seen_by.is_empty());
     }
 
     /// Discovered backends follow the sightings: one joins once a majority of peers see it, and
@@ -525,7 +642,7 @@ impl Pool {
     fn settle_discovery(&mut self, rules: &Rules) {
         let (n, majority) = (rules.cluster_size, rules.majority());
         for (id, s) in &self.sightings {
-            if s.seen_by.len() >= majority
+            if self.counted(&s.seen_by) >= majority
                 && !self.backends.contains_key(id)
                 && self.backends.len() < MAX_BACKENDS
             {
@@ -534,12 +651,16 @@ impl Pool {
                 self.backends.insert(id.clone(), b);
             }
         }
-        let sightings = &self.sightings;
+        let seen: BTreeMap<BackendId, usize> = self
+            .sightings
+            .iter()
+            .map(|(id, s)| (id.clone(), self.counted(&s.seen_by)))
+            .collect();
         self.backends.retain(|id, b| {
             if b.source.is_none() {
                 return true;
             }
-            let seen = sightings.get(id).map_or(0, |s| s.seen_by.len());
+            let seen = seen.get(id).copied().unwrap_or(0);
             n.saturating_sub(seen) < majority
         });
     }
@@ -552,8 +673,13 @@ impl Pool {
     fn settle(&mut self, rules: &Rules) {
         let majority = rules.majority();
         let up_limit = rules.cluster_size.saturating_sub(majority);
+        let down: BTreeMap<BackendId, usize> = self
+            .backends
+            .values()
+            .map(|b| (b.id.clone(), self.counted(&b.down_votes)))
+            .collect();
         for b in self.backends.values_mut() {
-            if b.state == BackendState::Ejected && b.down_votes.len() <= up_limit {
+            if b.state == BackendState::Ejected && down[&b.id] <= up_limit {
                 b.state = BackendState::Active;
             }
         }
@@ -566,7 +692,7 @@ impl Pool {
                 .backends
                 .values()
                 .filter(|b| b.state == BackendState::Ejected)
-                .map(|b| (b.down_votes.len(), b.id.clone()))
+                .map(|b| (down[&b.id], b.id.clone()))
                 .collect();
             over.sort();
             for (_, id) in over.into_iter().take(ejected - cap) {
@@ -580,7 +706,7 @@ impl Pool {
             if ejected >= cap {
                 break;
             }
-            if b.state == BackendState::Active && b.down_votes.len() >= majority {
+            if b.state == BackendState::Active && down[&b.id] >= majority {
                 b.state = BackendState::Ejected;
                 ejected += 1;
             }

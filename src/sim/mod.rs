@@ -934,7 +934,8 @@ fn brief(m: &Msg) -> String {
         Msg::Accepted { ballot } => format!("accepted {ballot}"),
         Msg::Conflict { ballot, seen } => format!("conflict {ballot} (seen {seen})"),
         Msg::NotVoting { ballot, formed } => format!("not voting {ballot} (formed {formed})"),
-        Msg::Learn { pool } => format!("learn v{}", pool.version),
+        Msg::Learn { pool } => format!("learn v{} (epoch {})", pool.version, pool.epoch),
+        Msg::Fetch => "fetch".into(),
     }
 }
 

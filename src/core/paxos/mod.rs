@@ -26,12 +26,16 @@ use serde::{Deserialize, Serialize};
 
 use super::pool::{NodeId, Pool};
 
-/// A ballot: (counter, proposer id, incarnation), ordered in that order. Unique per proposer
-/// attempt: a proposer never reuses a counter, across restarts too (it persists a reservation),
-/// and a node that lost its disk starts a new incarnation, so it cannot reuse a ballot of its
-/// earlier life either.
+/// A ballot: (membership epoch, counter, proposer id, incarnation), ordered in that order.
+/// Unique per proposer attempt: a proposer never reuses a counter, across restarts too (it
+/// persists a reservation), and a node that lost its disk starts a new incarnation, so it cannot
+/// reuse a ballot of its earlier life either. The epoch says which membership's register the
+/// ballot belongs to (see `node`): an acceptor that has seen a ballot of a later epoch refuses
+/// every ballot of an earlier one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub struct Ballot {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
     pub counter: u64,
     pub node: NodeId,
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -49,6 +53,7 @@ impl Ballot {
     }
     pub fn new(counter: u64, node: NodeId) -> Self {
         Self {
+            epoch: 0,
             counter,
             node,
             incarnation: 0,
@@ -58,8 +63,9 @@ impl Ballot {
 
 impl Ord for Ballot {
     fn cmp(&self, o: &Self) -> Ordering {
-        self.counter
-            .cmp(&o.counter)
+        self.epoch
+            .cmp(&o.epoch)
+            .then_with(|| self.counter.cmp(&o.counter))
             .then_with(|| self.node.cmp(&o.node))
             .then_with(|| self.incarnation.cmp(&o.incarnation))
     }
@@ -73,7 +79,7 @@ impl PartialOrd for Ballot {
 
 impl fmt::Display for Ballot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.counter, self.node)
+        write!(f, "{}:{}.{}", self.epoch, self.counter, self.node)
     }
 }
 
@@ -100,6 +106,9 @@ pub enum Msg {
     NotVoting { ballot: Ballot, formed: bool },
     /// A committed pool, pushed to every peer after a commit.
     Learn { pool: Pool },
+    /// Asks for the latest pool the receiver learned (answered with `Learn`): how a learner
+    /// catches up without running Paxos rounds.
+    Fetch,
 }
 
 /// What a node keeps on disk: the acceptor state, the proposer's counter reservation, and
@@ -155,11 +164,14 @@ impl Durable {
             .max(self.acceptor.promised.counter)
             .max(self.acceptor.accepted.counter)
             + 1;
+        // The new epoch's first ballot: above every ballot of the epochs before.
         let ballot = Ballot {
+            epoch: pool.epoch.max(self.acceptor.promised.epoch + 1),
             counter,
             node: me.clone(),
             incarnation: self.incarnation,
         };
+        pool.epoch = ballot.epoch;
         let durable = Durable {
             acceptor: AcceptorState {
                 promised: ballot.clone(),

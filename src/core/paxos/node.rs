@@ -272,20 +272,9 @@ impl Node {
         }
         let catching_up = matches!(self.mode, Mode::CatchingUp { .. });
         let voters = self.voters();
-        // While catching up, this node's own acceptor takes no part: a read (the catch-up round)
-        // counts a majority of the other voters; a change counts a majority of all the voters
-        // among the others, as if this one were down.
-        let (acceptors, quorum): (Vec<NodeId>, Option<usize>) = if catching_up {
-            let others: Vec<NodeId> = voters.iter().filter(|v| **v != self.id).cloned().collect();
-            let quorum = (change != PoolChange::Read).then_some(voters.len() / 2 + 1);
-            (others, quorum)
-        } else {
-            (voters.clone(), None)
-        };
-        if acceptors.is_empty() || quorum.is_some_and(|q| q > acceptors.len()) {
+        if !self.set_quorum(change == PoolChange::Read) {
             return false;
         }
-        self.proposer.set_acceptors(acceptors, quorum);
         let rules = Rules {
             cluster_size: voters.len(),
             ..rules
@@ -302,6 +291,35 @@ impl Node {
         }
         self.act(actions, now);
         true
+    }
+
+    /// Point the proposer at the learned epoch and its voters. While catching up, this node's
+    /// own acceptor takes no part: a read (the catch-up round) counts a majority of the other
+    /// voters; a change counts a majority of all the voters among the others, as if this one
+    /// were down. False when the voters that may answer cannot make that quorum.
+    fn set_quorum(&mut self, read: bool) -> bool {
+        let voters = self.voters();
+        let (acceptors, quorum): (Vec<NodeId>, Option<usize>) =
+            if matches!(self.mode, Mode::CatchingUp { .. }) {
+                let others: Vec<NodeId> =
+                    voters.iter().filter(|v| **v != self.id).cloned().collect();
+                (others, (!read).then_some(voters.len() / 2 + 1))
+            } else {
+                (voters, None)
+            };
+        if acceptors.is_empty() || quorum.is_some_and(|q| q > acceptors.len()) {
+            return false;
+        }
+        self.proposer.set_acceptors(acceptors, quorum);
+        self.proposer
+            .set_epoch(self.learned.epoch, self.learned.clone());
+        true
+    }
+
+    /// After a seal moved this node to a new epoch mid-change: the change's new quorum.
+    fn configure_proposer(&mut self) -> bool {
+        let read = self.proposer.change() == Some(&PoolChange::Read);
+        self.set_quorum(read)
     }
 
     /// Abandon the change in progress (the node is shutting down).
@@ -339,14 +357,32 @@ impl Node {
     pub fn step(&mut self, from: &NodeId, msg: Msg, now: u64) {
         match msg {
             Msg::Prepare { ref ballot } | Msg::Accept { ref ballot, .. } => {
-                self.proposer.observe(ballot);
+                if ballot.epoch == self.proposer.epoch() {
+                    self.proposer.observe(ballot);
+                }
+                if ballot.epoch < self.learned.epoch && self.learned.exists() {
+                    // A proposer of a sealed epoch: tell it what sealed it.
+                    let pool = self.learned.clone();
+                    self.send(from.clone(), Msg::Learn { pool });
+                }
                 if let Some(reply) = self.accept(&msg) {
                     self.send(from.clone(), reply);
                 }
             }
             Msg::Learn { pool } => self.learn(pool),
+            Msg::Fetch => {
+                if self.learned.exists() {
+                    let pool = self.learned.clone();
+                    self.send(from.clone(), Msg::Learn { pool });
+                }
+            }
             Msg::NotVoting { ref ballot, formed } => {
                 self.note_answer(from, ballot, !formed, formed);
+                // It may not know yet that it votes in this epoch.
+                if ballot.epoch > 0 && ballot.epoch == self.learned.epoch {
+                    let pool = self.learned.clone();
+                    self.send(from.clone(), Msg::Learn { pool });
+                }
             }
             other => {
                 if let Msg::Promise {
@@ -485,12 +521,15 @@ impl Node {
     /// The acceptor's side: a voting acceptor answers (its state written before the answer
     /// leaves); one catching up, or not among the agreed voters, says it does not vote.
     fn accept(&mut self, msg: &Msg) -> Option<Msg> {
-        let member = self.voters().contains(&self.id);
+        let ballot = match msg {
+            Msg::Prepare { ballot } | Msg::Accept { ballot, .. } => ballot.clone(),
+            _ => return None,
+        };
+        // A ballot of an epoch this node has not learned yet comes from a proposer that knows
+        // this node votes there (the acceptor's rules keep it safe either way); up to the
+        // learned epoch, only a voter of the learned membership answers.
+        let member = ballot.epoch > self.learned.epoch || self.voters().contains(&self.id);
         if matches!(self.mode, Mode::CatchingUp { .. }) || !member {
-            let ballot = match msg {
-                Msg::Prepare { ballot } | Msg::Accept { ballot, .. } => ballot.clone(),
-                _ => return None,
-            };
             return Some(Msg::NotVoting {
                 ballot,
                 formed: self.learned.exists(),
@@ -505,6 +544,17 @@ impl Node {
         self.effects().messages.push((to, msg));
     }
 
+    /// A value this node saw chosen: learn it and, if it is news, push it to every peer.
+    fn learned_commit(&mut self, pool: Pool) {
+        let newer = !self.learned.exists() || pool.version > self.learned.version;
+        self.learn(pool.clone());
+        if newer {
+            for p in self.peers.clone() {
+                self.send(p, Msg::Learn { pool: pool.clone() });
+            }
+        }
+    }
+
     fn learn(&mut self, pool: Pool) {
         if self.learned.exists() && pool.version <= self.learned.version {
             return;
@@ -515,10 +565,18 @@ impl Node {
     }
 
     fn refresh_peers(&mut self) {
-        for v in &self.learned.voters {
+        for v in self.learned.voters.iter().chain(&self.learned.learners) {
             if *v != self.id {
                 self.peers.insert(v.clone());
             }
+        }
+    }
+
+    /// Push learned pools to `peer` too (a learner that connected: learners need no record in
+    /// the membership to follow the cluster).
+    pub fn add_listener(&mut self, peer: NodeId) {
+        if peer != self.id {
+            self.peers.insert(peer);
         }
     }
 
@@ -547,6 +605,17 @@ impl Node {
                 }
                 Action::Send(to, msg) => self.send(to, msg),
                 Action::Done(o) => self.done(o),
+                Action::Moved(pool) => {
+                    // A chosen seal: learn the new membership and run the change there.
+                    self.learned_commit(pool);
+                    if !self.configure_proposer() {
+                        let o = self.proposer.cancel();
+                        self.catching_up_op = false;
+                        if let Some(o) = o {
+                            self.effects().outcomes.push(o);
+                        }
+                    }
+                }
             }
         }
     }
@@ -563,19 +632,14 @@ impl Node {
             if catch_up {
                 // Caught up: promise the round's ballot and vote from now on.
                 let ballot = Ballot {
+                    epoch: self.proposer.epoch(),
                     counter: self.proposer.counter(),
                     node: self.id.clone(),
                     incarnation: self.durable.incarnation,
                 };
                 self.start_voting(Some(ballot));
             }
-            let newer = !self.learned.exists() || pool.version > self.learned.version;
-            self.learn(pool.clone());
-            if newer {
-                for p in self.peers.clone() {
-                    self.send(p, Msg::Learn { pool: pool.clone() });
-                }
-            }
+            self.learned_commit(pool);
         }
         self.effects().outcomes.push(outcome);
     }

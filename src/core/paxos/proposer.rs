@@ -53,6 +53,10 @@ pub enum Action {
     Send(NodeId, Msg),
     SaveCounter(u64),
     Done(Outcome),
+    /// The register of this proposer's epoch is sealed: this value, which names the next
+    /// membership, is chosen. The change in progress waits (in backoff) for the driver to learn
+    /// it and move the proposer to the new epoch (`set_epoch`, `set_acceptors`), then runs there.
+    Moved(Pool),
 }
 
 /// Counters reserved per write, so a proposer persists once per this many rounds.
@@ -84,6 +88,9 @@ enum Meaning {
     Already,
     /// The precondition failed; the value is what was read.
     Rejected(ChangeError),
+    /// The value read was sealed (it names a later membership epoch): written back unchanged,
+    /// the change then runs in the new epoch.
+    Moved,
 }
 
 #[derive(Debug)]
@@ -108,6 +115,11 @@ struct Op {
 pub struct Proposer {
     id: NodeId,
     incarnation: u64,
+    /// The membership epoch this proposer's ballots belong to.
+    epoch: u64,
+    /// The latest value known chosen with this epoch's membership: where a round starts when no
+    /// acceptor of the majority accepted anything in this epoch yet.
+    base: Pool,
     acceptors: Vec<NodeId>,
     /// How many acceptors must answer, when not a majority of them.
     quorum: Option<usize>,
@@ -132,6 +144,8 @@ impl Proposer {
         Self {
             id,
             incarnation: 0,
+            epoch: 0,
+            base: Pool::default(),
             acceptors,
             quorum: None,
             cfg,
@@ -150,6 +164,22 @@ impl Proposer {
     /// Ballots carry `incarnation` from now on (a node that lost its disk picks a new one).
     pub fn set_incarnation(&mut self, incarnation: u64) {
         self.incarnation = incarnation;
+    }
+
+    /// The epoch of the next rounds and the latest value known chosen in it (its membership's
+    /// epoch must be `epoch`).
+    pub fn set_epoch(&mut self, epoch: u64, base: Pool) {
+        self.epoch = epoch;
+        self.base = base;
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The change in progress, if any.
+    pub fn change(&self) -> Option<&PoolChange> {
+        self.op.as_ref().map(|o| &o.change)
     }
 
     /// The acceptors of the next change, and how many must answer (default: a majority of
@@ -248,6 +278,7 @@ impl Proposer {
             out.push(Action::SaveCounter(self.reserved));
         }
         let ballot = Ballot {
+            epoch: self.epoch,
             counter: self.counter,
             node: self.id.clone(),
             incarnation: self.incarnation,
@@ -329,23 +360,34 @@ impl Proposer {
                 if promises.len() < majority {
                     return;
                 }
-                // Continue from the value with the highest accepted ballot among a majority:
-                // any value that may have been chosen is among them (quorums intersect).
+                // Continue from the value with the highest accepted ballot of this epoch among a
+                // majority of this epoch's voters: any value chosen in this epoch is among them
+                // (quorums intersect). Values accepted under earlier epochs belong to sealed
+                // registers; where none of this epoch shows, the register still holds its
+                // starting value, the seal that opened the epoch (or a later value known chosen).
+                let epoch = mine.epoch;
                 let current = promises
                     .values()
+                    .filter(|(b, _)| b.epoch == epoch)
                     .max_by(|a, b| a.0.cmp(&b.0))
                     .map(|(_, v)| v.clone())
-                    .unwrap_or_default();
+                    .unwrap_or_else(|| self.base.clone());
                 let seq = op.seq.unwrap_or_else(|| {
                     let last = current.applied.get(&self.id).copied().unwrap_or(0);
                     last.max(self.counter) + 1
                 });
-                let (value, result) = match current.apply_once(&op.change, &op.rules, &self.id, seq)
-                {
-                    Ok(Applied::Next(next)) => (next, Meaning::Applied),
+                let applied = if current.epoch > epoch {
+                    // Sealed: this epoch's register never changes again.
+                    None
+                } else {
+                    Some(current.apply_once(&op.change, &op.rules, &self.id, seq))
+                };
+                let (value, result) = match applied {
+                    None => (current.clone(), Meaning::Moved),
+                    Some(Ok(Applied::Next(next))) => (next, Meaning::Applied),
                     // Write back what we read, so that the earlier commit is surely chosen.
-                    Ok(Applied::Already) => (current.clone(), Meaning::Already),
-                    Err(e) => (current.clone(), Meaning::Rejected(e)),
+                    Some(Ok(Applied::Already)) => (current.clone(), Meaning::Already),
+                    Some(Err(e)) => (current.clone(), Meaning::Rejected(e)),
                 };
                 // Once a value that differs from what was read has gone out, giving up leaves the
                 // outcome unknown (a read, a no-op or a rejection only writes back what it read).
@@ -386,6 +428,13 @@ impl Proposer {
                     return;
                 }
                 let outcome = match result {
+                    Meaning::Moved => {
+                        let sealed = value.clone();
+                        op.phase = Phase::Backoff;
+                        op.wake_at = now;
+                        out.push(Action::Moved(sealed));
+                        return;
+                    }
                     Meaning::Applied => Outcome::Committed(value.clone()),
                     Meaning::Already => Outcome::AlreadyCommitted(value.clone()),
                     Meaning::Rejected(e) => Outcome::Rejected(e.clone(), value.clone()),

@@ -109,6 +109,7 @@ fn run(
             }
             Action::SaveCounter(c) => saved.push(c),
             Action::Done(o) => return Some(o),
+            Action::Moved(p) => panic!("no membership change here, yet moved to {}", p.epoch),
         }
     }
     None
