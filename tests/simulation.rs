@@ -90,6 +90,49 @@ fn safety_and_liveness_over_many_seeds() {
     }
 }
 
+/// Membership changes (voters added and removed among the voters and two spare hosts, in any
+/// order, down to one voter) interleaved with pool changes, loss, partitions, crashes, disk
+/// losses and failed writes: the same safety, linearizability and liveness checks.
+/// `SHOAL_MEMBERSHIP_SEEDS=N` for more seeds, `SHOAL_SEED=S` replays one.
+#[test]
+fn membership_changes_keep_agreement_over_many_seeds() {
+    if let Some(seed) = env_u64("SHOAL_SEED") {
+        for nodes in [3, 5] {
+            let mut cfg = SimConfig::membership(nodes, 2);
+            cfg.trace = true;
+            match run(seed, &cfg) {
+                Ok(r) => println!("membership seed {seed}, {nodes} voters: ok {r:?}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        return;
+    }
+    let seeds = env_u64("SHOAL_MEMBERSHIP_SEEDS").unwrap_or(4_000);
+    for nodes in [3, 5] {
+        let start = Instant::now();
+        let cfg = SimConfig::membership(nodes, 2);
+        match sweep(&cfg, 0, seeds) {
+            Ok((commits, lost, failed)) => println!(
+                "membership, {nodes} voters + 2 spares: {seeds} seeds passed ({commits} commits, {lost} disks lost, {failed} failed writes) in {:.1?}",
+                start.elapsed()
+            ),
+            Err(e) => panic!("{e}"),
+        }
+        // The runs change the voters for real: count it on a sample.
+        let (mut changes, mut top) = (0, 0);
+        for seed in 0..200 {
+            let r = run(seed, &cfg).expect("passed above");
+            changes += r.membership_changes;
+            top = top.max(r.max_epoch);
+        }
+        println!("  200 of them: {changes} committed changes of the voters, epochs up to {top}");
+        assert!(
+            changes >= 200,
+            "too few membership changes to mean anything: {changes}"
+        );
+    }
+}
+
 /// The checkers have teeth: each planted bug is caught within a few hundred seeds.
 #[test]
 fn planted_bugs_are_caught() {
@@ -103,6 +146,10 @@ fn planted_bugs_are_caught() {
     let mut c = SimConfig::new(3);
     c.faults.hide_accepted_ballots = true;
     cases.push(("proposer cannot find the highest-accepted value", c));
+    let mut c = SimConfig::membership(3, 2);
+    c.faults.mix_epochs = true;
+    cases.push(("proposer continues from values of earlier memberships", c));
+
     for (name, cfg) in cases {
         let caught = (0..500u64).find_map(|seed| run(seed, &cfg).err());
         match caught {

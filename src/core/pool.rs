@@ -520,6 +520,13 @@ impl Pool {
             PoolChange::VoteUp { id, peer } => {
                 next.get_mut(id)?.down_votes.remove(peer);
             }
+            PoolChange::AddPeer { .. } | PoolChange::RemovePeer { .. }
+                if self.voters.is_empty() =>
+            {
+                return Err(ChangeError::InvalidPeer(
+                    "the cluster has no agreed membership yet".into(),
+                ));
+            }
             PoolChange::AddPeer { id, addr, learner } => {
                 check_peer(id, addr).map_err(ChangeError::InvalidPeer)?;
                 if self.voters.contains(id) || (*learner && self.learners.contains(id)) {

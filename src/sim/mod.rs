@@ -47,6 +47,11 @@ pub struct SimConfig {
     pub trace: bool,
     /// Every node reads the register periodically (as peers do to catch up).
     pub periodic_reads: bool,
+    /// The cluster forms with its voters (a seed), and clients add and remove voters among
+    /// `nodes + spares` node ids while pool changes, faults and disk losses go on.
+    pub membership: bool,
+    /// Nodes that start outside the membership (new hosts), up and empty.
+    pub spares: usize,
 }
 
 impl SimConfig {
@@ -66,6 +71,17 @@ impl SimConfig {
             faults: Faults::default(),
             trace: false,
             periodic_reads: true,
+            membership: false,
+            spares: 0,
+        }
+    }
+
+    /// Membership changes on: `nodes` voters form the cluster, `spares` more hosts may join.
+    pub fn membership(nodes: usize, spares: usize) -> Self {
+        Self {
+            membership: true,
+            spares,
+            ..Self::new(nodes)
         }
     }
 }
@@ -83,6 +99,10 @@ pub struct Faults {
     /// The network strips the accepted ballot from promises to proposers, so a proposer cannot
     /// tell which value is the highest-accepted one and continues from an arbitrary one.
     pub hide_accepted_ballots: bool,
+    /// The network relabels the accepted ballot in promises with the proposer's epoch, so a
+    /// proposer continues from values accepted under earlier memberships (an unchosen change of
+    /// the voters among them) as if they were its epoch's.
+    pub mix_epochs: bool,
 }
 
 /// The kinds of checks a run makes.
@@ -145,6 +165,9 @@ pub struct Report {
     /// Crashes that lost the disk, and writes that failed.
     pub disk_losses: u64,
     pub failed_writes: u64,
+    /// Committed changes of the voters, and the highest membership epoch reached.
+    pub membership_changes: u64,
+    pub max_epoch: u64,
 }
 
 const PHASE_TIMEOUT: u64 = 200;
@@ -204,6 +227,8 @@ struct Node {
     core: Core,
     /// What survives a crash (None: an empty `data_dir`).
     disk: Option<Durable>,
+    /// The learned pool, as the driver keeps it beside the Paxos state (lost with the disk).
+    learned_disk: Pool,
     /// The client operation this node's proposer runs (index into history).
     serving: Option<usize>,
 }
@@ -252,13 +277,16 @@ impl Sim {
     fn new(seed: u64, cfg: SimConfig) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let ids = node_ids(cfg.nodes);
+        let all = node_ids(cfg.nodes + cfg.spares);
         // Half the runs start as a brand-new cluster (no voter has state: they must recognise
         // that and form it); the others from voters whose state is initialized.
         let fresh = rng.gen_bool(0.5);
-        let nodes = ids
+        let nodes = all
             .iter()
-            .map(|id| {
-                let disk = (!fresh).then(Durable::default);
+            .enumerate()
+            .map(|(i, id)| {
+                // Spares are new hosts: empty.
+                let disk = (!fresh && i < cfg.nodes).then(Durable::default);
                 let core = Core::new(
                     id.clone(),
                     ids.clone(),
@@ -273,6 +301,7 @@ impl Sim {
                     incarnation: 0,
                     core,
                     disk,
+                    learned_disk: Pool::default(),
                     serving: None,
                 }
             })
@@ -305,8 +334,10 @@ impl Sim {
             let at = sim.rng.gen_range(0..50);
             sim.schedule(at, Event::ClientNext { client: c });
         }
-        for n in 0..sim.cfg.nodes {
-            let at = sim.rng.gen_range(0..READ_PERIOD);
+        for n in 0..sim.nodes.len() {
+            // With membership, the first reads come early: they form the cluster.
+            let first = if sim.cfg.membership { 50 } else { READ_PERIOD };
+            let at = sim.rng.gen_range(0..first);
             sim.schedule(at, Event::PeriodicRead { node: n });
         }
         if sim.cfg.crashes {
@@ -397,7 +428,15 @@ impl Sim {
                     return;
                 }
                 if self.nodes[node].up && !self.nodes[node].core.is_busy() {
-                    self.start_change(node, PoolChange::Read, None);
+                    match self.read_or_seed(node) {
+                        // Forming is a change like any other: it joins the history (its own
+                        // client, which issues nothing else).
+                        seed @ PoolChange::Seed { .. } => {
+                            let client = self.cfg.clients + 1;
+                            self.issue(client, node, seed);
+                        }
+                        read => self.start_change(node, read, None),
+                    }
                 }
                 self.schedule(READ_PERIOD, Event::PeriodicRead { node });
             }
@@ -416,6 +455,24 @@ impl Sim {
                 let target = self.rng.gen_range(0..self.nodes.len());
                 self.liveness_probe(target);
             }
+        }
+    }
+
+    /// What a node's periodic round is: as the driver does, a voter that knows no pool forms
+    /// the cluster (with membership on), any other reads.
+    fn read_or_seed(&mut self, node: usize) -> PoolChange {
+        let core = &self.nodes[node].core;
+        if self.cfg.membership
+            && !core.learned().exists()
+            && core.consensus() == crate::core::paxos::Consensus::Voting
+        {
+            PoolChange::Seed {
+                backends: Vec::new(),
+                cluster_id: "sim".into(),
+                voters: node_ids(self.cfg.nodes).into_iter().collect(),
+            }
+        } else {
+            PoolChange::Read
         }
     }
 
@@ -466,6 +523,15 @@ impl Sim {
             (self.cfg.faults.hide_accepted_ballots, &mut msg)
         {
             *accepted = Ballot::zero();
+        }
+        if let (
+            true,
+            Msg::Promise {
+                ballot, accepted, ..
+            },
+        ) = (self.cfg.faults.mix_epochs, &mut msg)
+        {
+            accepted.epoch = ballot.epoch;
         }
         let (id, from_id) = (self.nodes[to].id.clone(), self.nodes[from].id.clone());
         self.log(|| format!("{id} <- {from_id}: {}", brief(&msg)));
@@ -518,6 +584,22 @@ impl Sim {
     }
 
     fn carry(&mut self, node: usize, effects: Effects) {
+        if let Some(p) = effects.learned {
+            // Learned pools are only ever committed ones (a seal that moved a proposer to a new
+            // epoch is learned without an outcome): one pool per version here too.
+            match self.committed.get(&p.version) {
+                Some(q) if *q != p => {
+                    let v = p.version;
+                    self.fail(
+                        Check::Safety,
+                        format!("a node learned a pool as version {v} that differs from the one committed"),
+                    );
+                }
+                Some(_) => {}
+                None => self.record_commit(&p),
+            }
+            self.nodes[node].learned_disk = p;
+        }
         for (to, msg) in effects.messages {
             let to = self.index_of(&to);
             self.send(node, to, msg);
@@ -542,6 +624,16 @@ impl Sim {
             }
         }
         self.nodes[node].disk = Some(state);
+    }
+
+    /// A version seen committed for the first time.
+    fn record_commit(&mut self, p: &Pool) {
+        if p.epoch > self.report.max_epoch && p.epoch > 1 {
+            // Epoch 1 is the formed cluster; every later one is a change of the voters.
+            self.report.membership_changes += p.epoch - self.report.max_epoch.max(1);
+        }
+        self.report.max_epoch = self.report.max_epoch.max(p.epoch);
+        self.committed.insert(p.version, p.clone());
     }
 
     fn index_of(&self, id: &NodeId) -> usize {
@@ -576,9 +668,7 @@ impl Sim {
                     );
                 }
                 Some(_) => {}
-                None => {
-                    self.committed.insert(p.version, p.clone());
-                }
+                None => self.record_commit(p),
             }
             // Property 5: the ejection cap.
             if p.ejected_count() > p.ejection_cap(&self.rules) {
@@ -642,7 +732,18 @@ impl Sim {
     fn random_change(&mut self) -> PoolChange {
         let b = self.rng.gen_range(0..4);
         let id = BackendId::new(format!("b{b}"));
-        let peer = NodeId::new(format!("n{}", self.rng.gen_range(0..self.cfg.nodes)));
+        let peer = NodeId::new(format!("n{}", self.rng.gen_range(0..self.nodes.len())));
+        if self.cfg.membership && self.rng.gen_bool(0.25) {
+            return if self.rng.gen_bool(0.5) {
+                PoolChange::AddPeer {
+                    id: peer,
+                    addr: "sim:7001".into(),
+                    learner: false,
+                }
+            } else {
+                PoolChange::RemovePeer { id: peer }
+            };
+        }
         match self.rng.gen_range(0..9) {
             0 | 1 => PoolChange::AddBackend {
                 backend: Backend::new(format!("b{b}"), format!("10.0.0.{b}:80"), 1),
@@ -669,6 +770,11 @@ impl Sim {
             return;
         }
         if self.client_ops_left[client] == 0 || !self.faulting {
+            return;
+        }
+        if self.cfg.membership && !self.committed.values().any(|p| !p.voters.is_empty()) {
+            // Changes start once the cluster has formed.
+            self.schedule(20, Event::ClientNext { client });
             return;
         }
         let mut idle: Vec<usize> = (0..self.nodes.len())
@@ -732,9 +838,15 @@ impl Sim {
             let stateless = (0..self.nodes.len())
                 .filter(|&i| i != victim && !self.has_state(i))
                 .count();
-            if self.cfg.disk_loss && stateless < minority && self.rng.gen_bool(0.3) {
+            let may_lose = if self.cfg.membership {
+                stateless == 0 && self.disk_loss_leaves_majorities(victim)
+            } else {
+                stateless < minority
+            };
+            if self.cfg.disk_loss && may_lose && self.rng.gen_bool(0.3) {
                 self.log(|| format!("{id} lost its disk"));
                 self.report.disk_losses += 1;
+                self.nodes[victim].learned_disk = Pool::default();
                 self.nodes[victim].disk = if self.cfg.faults.blank_disk_votes {
                     Some(Durable::default())
                 } else {
@@ -753,6 +865,25 @@ impl Sim {
         self.schedule(at, Event::Crash);
     }
 
+    /// Whether `victim` may lose its disk within the guarantee (a minority of voters lose their
+    /// state): every membership that any node has accepted, learned or seen committed keeps a
+    /// majority of its voters with state, counting the victim as lost (one at a time).
+    fn disk_loss_leaves_majorities(&self, victim: usize) -> bool {
+        let id = &self.nodes[victim].id;
+        let mut sets: Vec<&std::collections::BTreeSet<NodeId>> = Vec::new();
+        for n in &self.nodes {
+            if let Some(d) = &n.disk {
+                sets.push(&d.acceptor.value.voters);
+            }
+            sets.push(&n.learned_disk.voters);
+            sets.push(&n.core.learned().voters);
+        }
+        if let Some(p) = self.committed.values().next_back() {
+            sets.push(&p.voters);
+        }
+        sets.iter().filter(|s| s.contains(id)).all(|s| s.len() >= 2)
+    }
+
     /// Whether a node holds voting state: its disk says so, or (up) it caught up.
     fn has_state(&self, node: usize) -> bool {
         let n = &self.nodes[node];
@@ -769,13 +900,13 @@ impl Sim {
         let n = &mut self.nodes[node];
         n.up = true;
         n.incarnation += 1;
-        // Only what was persisted survives; the learned pool starts empty.
+        // Only what was persisted survives: the Paxos state and the learned pool.
         n.core = Core::new(
             n.id.clone(),
             ids,
             PROPOSER,
             n.disk.clone(),
-            Pool::default(),
+            n.learned_disk.clone(),
             seed,
         );
         n.serving = None;
@@ -855,10 +986,20 @@ impl Sim {
             }
             _ => {}
         }
-        // Every live peer learned the latest committed version.
+        // Every live peer learned the latest committed version (with membership: every voter
+        // of the latest membership; the others learn when they ask).
         let latest = self.committed.keys().next_back().copied().unwrap_or(0);
+        let voters = self
+            .committed
+            .values()
+            .next_back()
+            .map(|p| p.voters.clone())
+            .unwrap_or_default();
         for i in 0..self.nodes.len() {
             let n = &self.nodes[i];
+            if self.cfg.membership && !voters.contains(&n.id) {
+                continue;
+            }
             if n.core.learned().version < latest {
                 let (id, v) = (n.id.clone(), n.core.learned().version);
                 self.fail(

@@ -310,9 +310,9 @@ impl Node {
         if acceptors.is_empty() || quorum.is_some_and(|q| q > acceptors.len()) {
             return false;
         }
-        self.proposer.set_acceptors(acceptors, quorum);
         self.proposer
             .set_epoch(self.learned.epoch, self.learned.clone());
+        self.proposer.set_acceptors(acceptors, quorum);
         true
     }
 
@@ -364,6 +364,9 @@ impl Node {
                     // A proposer of a sealed epoch: tell it what sealed it.
                     let pool = self.learned.clone();
                     self.send(from.clone(), Msg::Learn { pool });
+                } else if ballot.epoch > self.learned.epoch {
+                    // This node is behind: the proposer knows a later membership.
+                    self.send(from.clone(), Msg::Fetch);
                 }
                 if let Some(reply) = self.accept(&msg) {
                     self.send(from.clone(), reply);
@@ -385,6 +388,12 @@ impl Node {
                 }
             }
             other => {
+                if let Msg::Conflict { ref seen, .. } = other {
+                    if seen.epoch > self.learned.epoch {
+                        // Beaten by a ballot of a later membership: learn it.
+                        self.send(from.clone(), Msg::Fetch);
+                    }
+                }
                 if let Msg::Promise {
                     ref ballot,
                     ref value,
@@ -559,9 +568,21 @@ impl Node {
         if self.learned.exists() && pool.version <= self.learned.version {
             return;
         }
+        let moved = pool.epoch != self.learned.epoch;
         self.learned = pool.clone();
         self.refresh_peers();
         self.effects().learned = Some(pool);
+        if moved && self.proposer.is_busy() {
+            // The change in progress continues in the new epoch, among its voters.
+            self.proposer
+                .set_epoch(self.learned.epoch, self.learned.clone());
+            if !self.configure_proposer() {
+                self.catching_up_op = false;
+                if let Some(o) = self.proposer.cancel() {
+                    self.effects().outcomes.push(o);
+                }
+            }
+        }
     }
 
     fn refresh_peers(&mut self) {

@@ -169,6 +169,17 @@ impl Proposer {
     /// The epoch of the next rounds and the latest value known chosen in it (its membership's
     /// epoch must be `epoch`).
     pub fn set_epoch(&mut self, epoch: u64, base: Pool) {
+        if epoch != self.epoch {
+            // A round in flight belongs to the old epoch's register (sealed, or this proposer
+            // would not have learned a later one): abandon it; the change runs again in the new
+            // epoch, where its tag (`apply_once`) finds it if the old round's value got in.
+            if let Some(op) = self.op.as_mut() {
+                if !matches!(op.phase, Phase::Backoff) {
+                    op.phase = Phase::Backoff;
+                    op.wake_at = 0;
+                }
+            }
+        }
         self.epoch = epoch;
         self.base = base;
     }
@@ -183,7 +194,8 @@ impl Proposer {
     }
 
     /// The acceptors of the next change, and how many must answer (default: a majority of
-    /// them); the change in progress keeps its own.
+    /// them). Called between rounds only (or with `set_epoch` to a new epoch, which abandons
+    /// the round in flight): a round counts its answers against the quorum it started with.
     pub fn set_acceptors(&mut self, acceptors: Vec<NodeId>, quorum: Option<usize>) {
         self.acceptors = acceptors;
         self.quorum = quorum;
