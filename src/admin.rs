@@ -63,6 +63,11 @@ pub struct ConsensusView {
     /// Why a voter that started without state cannot vote yet, when it has waited a while.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// The membership epoch and the recorded learners.
+    pub epoch: u64,
+    pub learners: Vec<String>,
+    /// Members' cluster addresses, where known.
+    pub addrs: std::collections::BTreeMap<String, Option<String>>,
 }
 
 /// What the admin API reads from the data plane.
@@ -182,6 +187,28 @@ impl From<ChangeError> for ApiError {
     }
 }
 
+/// The agreed membership as the API shows it: voters and recorded learners with their cluster
+/// addresses (`known` fills in those of the first voters, which came from config files).
+pub fn membership_json(
+    pool: &Pool,
+    known: &std::collections::BTreeMap<String, Option<String>>,
+) -> serde_json::Value {
+    let row = |id: &NodeId| {
+        let addr = pool
+            .addrs
+            .get(id)
+            .cloned()
+            .or_else(|| known.get(id.as_str()).cloned().flatten());
+        json!({ "id": id.as_str(), "addr": addr })
+    };
+    json!({
+        "version": pool.version,
+        "epoch": pool.epoch,
+        "voters": pool.voters.iter().map(row).collect::<Vec<_>>(),
+        "learners": pool.learners.iter().map(row).collect::<Vec<_>>(),
+    })
+}
+
 /// The pool as the API shows it: backends sorted by id, without the vote bookkeeping.
 pub fn pool_json(pool: &Pool) -> serde_json::Value {
     let backends: Vec<_> = pool
@@ -197,6 +224,15 @@ pub fn pool_json(pool: &Pool) -> serde_json::Value {
         })
         .collect();
     json!({ "version": pool.version, "backends": backends })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerBody {
+    id: String,
+    addr: String,
+    #[serde(default)]
+    role: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -365,9 +401,41 @@ impl Admin {
                 self.commit(PoolChange::SetWeight { id, weight }, StatusCode::OK)
                     .await
             }
-            (_, ["pool"] | ["peers"] | ["status"] | ["events"] | ["pool", "backends", ..]) => {
-                Err(ApiError::MethodNotAllowed { method, path })
+            (&Method::POST, ["peers"]) => {
+                let body: PeerBody = read_json(req).await?;
+                let learner = match body.role.as_deref() {
+                    None | Some("voter") => false,
+                    Some("learner") => true,
+                    Some(other) => {
+                        return Err(ApiError::BadRequest(format!(
+                            "role {other:?}: expected \"voter\" or \"learner\""
+                        )))
+                    }
+                };
+                let id = NodeId::new(body.id);
+                crate::core::pool::check_peer(&id, &body.addr).map_err(ApiError::BadRequest)?;
+                let change = PoolChange::AddPeer {
+                    id,
+                    addr: body.addr,
+                    learner,
+                };
+                self.commit_membership(change, StatusCode::CREATED).await
             }
+            (&Method::DELETE, ["peers", id]) => {
+                let change = PoolChange::RemovePeer {
+                    id: NodeId::new(*id),
+                };
+                self.commit_membership(change, StatusCode::OK).await
+            }
+            (
+                _,
+                ["pool"]
+                | ["peers"]
+                | ["peers", _]
+                | ["status"]
+                | ["events"]
+                | ["pool", "backends", ..],
+            ) => Err(ApiError::MethodNotAllowed { method, path }),
             _ => Err(ApiError::NoEndpoint(path)),
         }
     }
@@ -422,6 +490,17 @@ impl Admin {
         Ok(json_response(ok, &pool_json(&pool)))
     }
 
+    /// Commit a change of the membership and answer with the membership it produced.
+    async fn commit_membership(
+        &self,
+        change: PoolChange,
+        ok: StatusCode,
+    ) -> Result<Resp, ApiError> {
+        let pool = self.control.change(change).await?;
+        let known = self.control.consensus().addrs;
+        Ok(json_response(ok, &membership_json(&pool, &known)))
+    }
+
     fn status(&self) -> serde_json::Value {
         let pool = self.routing.pool();
         let backends: Vec<_> = pool
@@ -449,6 +528,11 @@ impl Admin {
             "role": c.role,
             "consensus": c.consensus,
             "members": c.members,
+            "membership": {
+                "epoch": c.epoch,
+                "voters": c.members.iter().map(|id| json!({"id": id, "addr": c.addrs.get(id).cloned().flatten()})).collect::<Vec<_>>(),
+                "learners": c.learners.iter().map(|id| json!({"id": id, "addr": c.addrs.get(id).cloned().flatten()})).collect::<Vec<_>>(),
+            },
             "waiting": c.waiting,
             "pool_version": pool.version,
             "uptime_ms": self.started.elapsed().as_millis() as u64,

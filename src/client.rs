@@ -124,6 +124,25 @@ pub fn print_peers(v: &Value) -> String {
     out
 }
 
+/// A membership (the answer of `peers add` / `peers remove`).
+pub fn print_membership(v: &Value) -> String {
+    let mut out = format!(
+        "membership epoch {} (pool version {})\n{:<12} {:<8} {}\n",
+        v["epoch"], v["version"], "ID", "ROLE", "ADDR"
+    );
+    for (role, key) in [("voter", "voters"), ("learner", "learners")] {
+        for m in v[key].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "{:<12} {:<8} {}\n",
+                m["id"].as_str().unwrap_or("?"),
+                role,
+                m["addr"].as_str().unwrap_or("-"),
+            ));
+        }
+    }
+    out
+}
+
 /// `GET /status` as a short report.
 pub fn print_status(v: &Value) -> String {
     let s = |k: &str| v[k].as_str().unwrap_or("?").to_string();

@@ -277,6 +277,28 @@ pub struct ClusterConfig {
     pub dead_after: Duration,
     #[serde(default)]
     pub tls: Option<ClusterTls>,
+    /// `voter` (an acceptor, counted in quorums) or `learner` (routes, probes and learns the
+    /// pool; proposes through the voters; never in a quorum).
+    #[serde(default)]
+    pub role: Role,
+}
+
+/// A peer's part in consensus, from `cluster.role`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    #[default]
+    Voter,
+    Learner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Voter => "voter",
+            Role::Learner => "learner",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -414,8 +436,9 @@ impl Config {
         };
         let listen: Vec<String> = self.proxy.listen.iter().map(|a| a.to_string()).collect();
         format!(
-            "node {}: proxy on {}{}, admin on {}, cluster on {} with {} other peer(s), {} seed backend(s){}, {}",
+            "node {} ({}): proxy on {}{}, admin on {}, cluster on {} with {} other peer(s), {} seed backend(s){}, {}",
             self.node.id,
+            self.cluster.role.as_str(),
             listen.join(", "),
             if self.proxy.tls.is_some() { " (+TLS)" } else { "" },
             self.admin.listen,

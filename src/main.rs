@@ -92,8 +92,10 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// The peer table seen by the peer at --admin.
+    /// The peer table seen by the peer at --admin; `add`/`remove` change the agreed membership.
     Peers {
+        #[command(subcommand)]
+        op: Option<PeersOp>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -147,6 +149,29 @@ enum CertOp {
         /// Do nothing (exit 0) when the files exist already: for init containers.
         #[arg(long)]
         if_missing: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeersOp {
+    /// List the peers this peer sees (the default).
+    List,
+    /// Add a member: a voter (a new membership epoch), or with --learner a recorded learner.
+    /// Answers once committed.
+    Add {
+        /// The new member's node id.
+        id: String,
+        /// Its cluster address (host:port), as the other peers dial it.
+        addr: String,
+        /// Record a learner (routes and learns, never in a quorum) instead of a voter.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a member (a voter's removal starts a new membership epoch). Answers once
+    /// committed.
+    Remove {
+        /// The member's node id.
+        id: String,
     },
 }
 
@@ -327,11 +352,31 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
-        Command::Peers { admin } => client_command(
-            admin,
-            shoal::client::Request::get("/peers"),
-            shoal::client::print_peers,
-        ),
+        Command::Peers { op, admin } => match op.unwrap_or(PeersOp::List) {
+            PeersOp::List => client_command(
+                admin,
+                shoal::client::Request::get("/peers"),
+                shoal::client::print_peers,
+            ),
+            PeersOp::Add { id, addr, learner } => client_command(
+                admin,
+                shoal::client::Request::with_body(
+                    "POST",
+                    "/peers",
+                    serde_json::json!({
+                        "id": id,
+                        "addr": addr,
+                        "role": if learner { "learner" } else { "voter" },
+                    }),
+                ),
+                shoal::client::print_membership,
+            ),
+            PeersOp::Remove { id } => client_command(
+                admin,
+                shoal::client::Request::new("DELETE", &format!("/peers/{}", seg(&id))),
+                shoal::client::print_membership,
+            ),
+        },
     }
 }
 

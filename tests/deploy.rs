@@ -184,7 +184,8 @@ fn kubernetes_manifest_runs_safely_and_each_pod_config_checks() {
             + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{name}: {env:?}\n{text}");
         assert!(
-            text.contains(&format!("node {name}:")) && text.contains("with 2 other peer(s)"),
+            text.contains(&format!("node {name} (voter):"))
+                && text.contains("with 2 other peer(s)"),
             "{name}: {text}"
         );
     }

@@ -237,9 +237,20 @@ fn collector(table: Arc<RoutingTable>, cluster: Cluster) -> Box<dyn Fn() + Send 
         )
         .set(1.0);
         metrics::gauge!(telemetry::QUORUM).set(if cluster.quorum() { 1.0 } else { 0.0 });
-        let members = cluster.status().members.len();
-        metrics::gauge!(telemetry::MEMBERS, "role" => "voter").set(members as f64);
-        metrics::gauge!(telemetry::MEMBERS, "role" => "learner").set(0.0);
+        let status = cluster.status();
+        metrics::gauge!(telemetry::MEMBERS, "role" => "voter").set(status.members.len() as f64);
+        // Learners: the recorded ones, the others this peer sees alive, and itself if it is one.
+        let mut learners: std::collections::BTreeSet<String> =
+            status.learners.iter().map(|l| l.to_string()).collect();
+        for p in cluster.peers() {
+            if p.role == "learner" && p.state != "dead" {
+                learners.insert(p.id);
+            }
+        }
+        if status.role == "learner" {
+            learners.insert(String::from("(this peer)"));
+        }
+        metrics::gauge!(telemetry::MEMBERS, "role" => "learner").set(learners.len() as f64);
         for u in table.registry().of_pool(&table.pool()) {
             metrics::gauge!(telemetry::BACKEND_INFLIGHT, "backend" => u.id.to_string())
                 .set(u.inflight() as f64);

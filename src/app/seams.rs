@@ -46,6 +46,13 @@ impl PoolControl for Cluster {
             consensus: s.consensus,
             members: s.members.iter().map(|m| m.to_string()).collect(),
             waiting: s.waiting,
+            epoch: s.epoch,
+            learners: s.learners.iter().map(|m| m.to_string()).collect(),
+            addrs: s
+                .addrs
+                .iter()
+                .map(|(id, a)| (id.to_string(), a.clone()))
+                .collect(),
         }
     }
 }

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::core::detector::{Detector, DetectorConfig, PeerState, PeerView};
 use crate::core::paxos::{Consensus, Effects, Node, Outcome, ProposerConfig};
 use crate::core::pool::{BackendState, ChangeError, NodeId, Pool, PoolChange, PoolDiff, Rules};
@@ -82,6 +82,11 @@ pub struct ConsensusStatus {
     pub members: Vec<NodeId>,
     /// Why a voter cannot catch up, when it has been stuck a while.
     pub waiting: Option<String>,
+    /// The membership epoch, the recorded learners, and the members' cluster addresses where
+    /// known.
+    pub epoch: u64,
+    pub learners: Vec<NodeId>,
+    pub addrs: BTreeMap<NodeId, Option<String>>,
 }
 
 /// Where learned pools go (in a peer: the data plane's routing table). Called in version order,
@@ -122,8 +127,19 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Propose a change without waiting for it (health votes).
+    /// Propose a change without waiting for it (health and discovery votes). Only a voter's
+    /// votes count, so a learner's are not proposed at all.
     pub fn submit(&self, change: PoolChange) {
+        let vote = matches!(
+            change,
+            PoolChange::VoteDown { .. }
+                | PoolChange::VoteUp { .. }
+                | PoolChange::Sightings { .. }
+                | PoolChange::ExpireVotes { .. }
+        );
+        if vote && self.status().role != "voter" {
+            return;
+        }
         let _ = self.commands.try_send(Command::Change(change, None));
     }
 
@@ -251,6 +267,7 @@ pub async fn start(
     let (in_tx, in_rx) = mpsc::channel(8192);
     let identity = Identity::default();
     identity.set(&learned.cluster_id, learned.epoch);
+    let role = config.cluster.role;
     let transport = Transport::start(
         config.node.id.clone(),
         listener,
@@ -260,6 +277,7 @@ pub async fn start(
         config.cluster.dead_after,
         in_tx,
         shutdown.clone(),
+        role == Role::Learner,
     );
     let (cmd_tx, cmd_rx) = mpsc::channel(MAX_QUEUE);
     let cluster = Cluster {
@@ -272,8 +290,11 @@ pub async fn start(
         max_ejected_percent: Arc::new(AtomicU8::new(config.health.max_ejected_percent)),
         tls,
     };
+    // The configured voters: the peers, and this node unless it is a learner.
     let mut voters: Vec<NodeId> = config.cluster.peers.iter().map(|p| p.id.clone()).collect();
-    voters.push(config.node.id.clone());
+    if role == Role::Voter {
+        voters.push(config.node.id.clone());
+    }
     voters.sort();
     let seed = {
         // Jitter and incarnations only need to differ between peers and runs.
@@ -302,6 +323,15 @@ pub async fn start(
     };
     let driver = Driver {
         me: config.node.id.clone(),
+        role,
+        configured: config
+            .cluster
+            .peers
+            .iter()
+            .map(|p| (p.id.clone(), p.addr.clone()))
+            .collect(),
+        detector_cfg,
+        fetch_turn: 0,
         node,
         store,
         rules: config.rules(),
@@ -340,6 +370,7 @@ pub async fn start(
 }
 
 struct PeerEntry {
+    /// Its cluster address, when known (a learner that dialed in has none here).
     addr: String,
     detector: Detector,
     state: PeerState,
@@ -356,6 +387,13 @@ struct Current {
 struct Driver {
     /// This peer's id.
     me: NodeId,
+    /// `cluster.role`: a learner dials the voters and follows the pool by asking for it.
+    role: Role,
+    /// `cluster.peers`: addresses to find the cluster by.
+    configured: BTreeMap<NodeId, String>,
+    detector_cfg: DetectorConfig,
+    /// Which voter a learner asks next for the latest pool.
+    fetch_turn: usize,
     node: Node,
     store: FileStore,
     rules: Rules,
@@ -418,7 +456,9 @@ impl Driver {
                 }
                 _ = beat.tick() => self.heartbeat(),
                 _ = read.tick() => {
-                    if self.current.is_none() && self.queue.is_empty() {
+                    if self.node.consensus() == Consensus::NotMember {
+                        self.fetch();
+                    } else if self.current.is_none() && self.queue.is_empty() {
                         self.enqueue_catch_up();
                     }
                 }
@@ -443,9 +483,31 @@ impl Driver {
         }
     }
 
+    /// Not a voter: ask one voter (in turn) for the latest pool it learned, instead of running
+    /// a Paxos round (any number of learners may do this without slowing the voters down).
+    fn fetch(&mut self) {
+        let voters: Vec<NodeId> = self
+            .node
+            .voters()
+            .into_iter()
+            .filter(|v| *v != self.me)
+            .collect();
+        if voters.is_empty() {
+            return;
+        }
+        self.fetch_turn = (self.fetch_turn + 1) % voters.len();
+        let msg = crate::core::paxos::Msg::Fetch;
+        self.transport
+            .send(&voters[self.fetch_turn], Body::Paxos { msg });
+    }
+
     /// Form the cluster while no pool is known and this voter votes, else an identity read
     /// (which, while catching up, is the catch-up round).
     fn enqueue_catch_up(&mut self) {
+        if self.node.consensus() == Consensus::NotMember && self.node.learned().exists() {
+            self.fetch();
+            return;
+        }
         let change = if self.node.learned().exists() || self.node.consensus() != Consensus::Voting {
             PoolChange::Read
         } else {
@@ -539,6 +601,18 @@ impl Driver {
     fn inbound(&mut self, m: Inbound) {
         match m.body {
             Body::Hello { epoch, .. } => {
+                // Every peer that says Hello follows the pool: learners that dialed in get the
+                // pushes, and a row in the peer table.
+                self.node.add_listener(m.from.clone());
+                let now = self.now_ms();
+                let cfg = self.detector_cfg;
+                self.peers
+                    .entry(m.from.clone())
+                    .or_insert_with(|| PeerEntry {
+                        addr: String::new(),
+                        detector: Detector::new(cfg, now),
+                        state: PeerState::Alive,
+                    });
                 // A peer at an older membership epoch catches up by learning, never by forming
                 // a quorum of its own: send it what this node learned.
                 let learned = self.node.learned();
@@ -563,8 +637,40 @@ impl Driver {
         }
     }
 
+    /// Links to the members of a membership: voters are dialed by the lower id of a pair (or
+    /// by a learner), learners dial in themselves.
+    fn connect_members(&mut self, pool: &Pool) {
+        let now = self.now_ms();
+        for id in pool.voters.iter().chain(&pool.learners) {
+            if *id == self.me {
+                continue;
+            }
+            let addr = pool
+                .addrs
+                .get(id)
+                .or_else(|| self.configured.get(id))
+                .cloned()
+                .unwrap_or_default();
+            let voter = pool.voters.contains(id);
+            let dial = voter && !addr.is_empty() && (self.role == Role::Learner || self.me < *id);
+            self.transport.ensure(id, dial.then_some(addr.as_str()));
+            let cfg = self.detector_cfg;
+            let entry = self.peers.entry(id.clone()).or_insert_with(|| PeerEntry {
+                addr: String::new(),
+                detector: Detector::new(cfg, now),
+                state: PeerState::Alive,
+            });
+            if entry.addr.is_empty() {
+                entry.addr = addr;
+            }
+        }
+    }
+
     /// A pool newer than any before: keep it as the routing hint and route from it.
     fn learned(&mut self, pool: Pool) {
+        if pool.epoch != self.published.epoch || !self.published.exists() {
+            self.connect_members(&pool);
+        }
         let store = &self.store;
         if let Err(e) = tokio::task::block_in_place(|| store.save_learned(&pool)) {
             tracing::warn!(error = %e, "cannot save the learned pool");
@@ -584,7 +690,23 @@ impl Driver {
 
     fn update_status(&mut self) {
         let members = self.node.voters();
+        let learned = self.node.learned();
         let status = ConsensusStatus {
+            epoch: learned.epoch,
+            learners: learned.learners.iter().cloned().collect(),
+            addrs: learned
+                .voters
+                .iter()
+                .chain(&learned.learners)
+                .map(|id| {
+                    let addr = learned
+                        .addrs
+                        .get(id)
+                        .or_else(|| self.configured.get(id))
+                        .cloned();
+                    (id.clone(), addr)
+                })
+                .collect(),
             cluster_id: self.node.learned().cluster_id.clone(),
             role: if members.contains(&self.me) {
                 "voter"

@@ -132,15 +132,35 @@ impl PeerTls {
     }
 }
 
-/// Outbound queues to every peer.
+/// One peer link as the transport keeps it: its outbound queue, and where the accept loop
+/// hands it a connection the peer dialed.
+struct LinkHandle {
+    tx: mpsc::Sender<Body>,
+    handoff: mpsc::Sender<Box<dyn PeerIo>>,
+}
+
+/// What every link and the accept loop share.
+struct Shared {
+    me: NodeId,
+    tls: Option<PeerTls>,
+    identity: Identity,
+    idle: Duration,
+    inbox: mpsc::Sender<Inbound>,
+    shutdown: CancellationToken,
+    links: std::sync::Mutex<HashMap<NodeId, LinkHandle>>,
+}
+
+/// Outbound queues to every peer, made as peers become known: the configured ones, members of
+/// the agreed membership, and learners when they dial in.
 #[derive(Clone)]
 pub struct Transport {
-    links: Arc<HashMap<NodeId, mpsc::Sender<Body>>>,
+    shared: Arc<Shared>,
 }
 
 impl Transport {
-    /// Start the listener and one outbound link per peer. Inbound messages go to `inbox`; a
-    /// link silent for `idle` is torn down.
+    /// Start the listener and one link per configured peer. Inbound messages go to `inbox`; a
+    /// link silent for `idle` is torn down. A learner (`dials_all`) dials every peer it knows;
+    /// a voter dials the voters whose id is above its own and takes the other connections.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         me: NodeId,
@@ -151,48 +171,78 @@ impl Transport {
         idle: Duration,
         inbox: mpsc::Sender<Inbound>,
         shutdown: CancellationToken,
+        dials_all: bool,
     ) -> Transport {
-        let known: Arc<Vec<NodeId>> = Arc::new(peers.iter().map(|p| p.id.clone()).collect());
-        let mut links = HashMap::new();
-        let mut handoff = HashMap::new();
+        let t = Transport {
+            shared: Arc::new(Shared {
+                me,
+                tls,
+                identity,
+                idle,
+                inbox,
+                shutdown,
+                links: std::sync::Mutex::new(HashMap::new()),
+            }),
+        };
         for p in peers {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            let (conn_tx, conn_rx) = mpsc::channel(4);
-            links.insert(p.id.clone(), tx);
-            handoff.insert(p.id.clone(), conn_tx);
-            tokio::spawn(link(
-                Link {
-                    me: me.clone(),
-                    peer: p.clone(),
-                    tls: tls.clone(),
-                    inbox: inbox.clone(),
-                    known: known.clone(),
-                    identity: identity.clone(),
-                    idle,
-                },
-                rx,
-                conn_rx,
-                shutdown.clone(),
-            ));
+            let dial = dials_all || t.shared.me < p.id;
+            t.ensure(&p.id, dial.then_some(p.addr.as_str()));
         }
-        tokio::spawn(accept_loop(
-            listener,
-            known,
-            tls,
-            identity,
-            Arc::new(handoff),
-            inbox,
-            shutdown,
+        tokio::spawn(accept_loop(listener, t.clone()));
+        t
+    }
+
+    /// A link to `id`, made if there is none: dialing `dial` (its address) when this side of
+    /// the pair dials, else waiting for the peer to dial in.
+    pub fn ensure(&self, id: &NodeId, dial: Option<&str>) {
+        if *id == self.shared.me {
+            return;
+        }
+        let mut links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        if links.contains_key(id) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (conn_tx, conn_rx) = mpsc::channel(4);
+        links.insert(
+            id.clone(),
+            LinkHandle {
+                tx,
+                handoff: conn_tx,
+            },
+        );
+        tokio::spawn(link(
+            Link {
+                shared: self.shared.clone(),
+                peer: id.clone(),
+                addr: dial.map(str::to_string),
+            },
+            rx,
+            conn_rx,
         ));
-        Transport {
-            links: Arc::new(links),
-        }
+    }
+
+    /// The peers this transport has links to.
+    pub fn known(&self) -> Vec<NodeId> {
+        let links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.keys().cloned().collect()
+    }
+
+    fn knows(&self, id: &NodeId) -> bool {
+        let links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.contains_key(id)
+    }
+
+    fn handoff(&self, id: &NodeId) -> Option<mpsc::Sender<Box<dyn PeerIo>>> {
+        let links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.get(id).map(|l| l.handoff.clone())
     }
 
     pub fn send(&self, to: &NodeId, body: Body) {
-        if let Some(tx) = self.links.get(to) {
+        let links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = links.get(to) {
             // Full queue or closed link: drop; the protocol retries what matters.
-            let _ = tx.try_send(body);
+            let _ = l.tx.try_send(body);
         }
     }
 }
@@ -224,13 +274,10 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Frame> {
 
 /// What one peer link needs.
 struct Link {
-    me: NodeId,
-    peer: PeerConfig,
-    tls: Option<PeerTls>,
-    inbox: mpsc::Sender<Inbound>,
-    known: Arc<Vec<NodeId>>,
-    identity: Identity,
-    idle: Duration,
+    shared: Arc<Shared>,
+    peer: NodeId,
+    /// The address to dial, when this side dials.
+    addr: Option<String>,
 }
 
 /// Keep the one connection with `peer` (dialing it if our id is lower, else taking the one it
@@ -239,9 +286,10 @@ async fn link(
     l: Link,
     mut rx: mpsc::Receiver<Body>,
     mut accepted: mpsc::Receiver<Box<dyn PeerIo>>,
-    shutdown: CancellationToken,
 ) {
-    let dials = l.me < l.peer.id;
+    let shutdown = l.shared.shutdown.clone();
+    let me = l.shared.me.clone();
+    let dials = l.addr.is_some();
     let mut backoff = Duration::from_millis(50);
     let mut logged_down = false;
     let mut next: Option<Box<dyn PeerIo>> = None;
@@ -252,13 +300,13 @@ async fn link(
                 let conn = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     a = accepted.recv() => match a { Some(io) => Ok(io), None => return },
-                    c = connect(&l.me, &l.peer, l.tls.as_ref(), &l.identity) => c,
+                    c = connect(&me, &l.peer, l.addr.as_deref().unwrap_or_default(), l.shared.tls.as_ref(), &l.shared.identity) => c,
                 };
                 match conn {
                     Ok(io) => io,
                     Err(e) => {
                         if !logged_down {
-                            tracing::debug!(peer = %l.peer.id, error = %e, "cannot reach peer");
+                            tracing::debug!(peer = %l.peer, error = %e, "cannot reach peer");
                             logged_down = true;
                         }
                         // While disconnected, what was queued is stale: drop it.
@@ -286,15 +334,15 @@ async fn link(
         };
         backoff = Duration::from_millis(50);
         if logged_down {
-            tracing::info!(peer = %l.peer.id, "peer link up");
+            tracing::info!(peer = %l.peer, "peer link up");
             logged_down = false;
         }
         let (mut rd, mut wr) = tokio::io::split(io);
         if !dials {
             // Answer the dialer's Hello with ours, so it can check our cluster too.
             let hello = Frame {
-                from: l.me.clone(),
-                body: l.identity.hello(),
+                from: me.clone(),
+                body: l.shared.identity.hello(),
             };
             if !matches!(
                 tokio::time::timeout(IO_TIMEOUT, write_frame(&mut wr, &hello)).await,
@@ -316,7 +364,7 @@ async fn link(
                 }
                 b = rx.recv() => {
                     let Some(body) = b else { return };
-                    let frame = Frame { from: l.me.clone(), body };
+                    let frame = Frame { from: me.clone(), body };
                     match tokio::time::timeout(IO_TIMEOUT, write_frame(&mut wr, &frame)).await {
                         Ok(Ok(())) => {}
                         _ => break,
@@ -324,7 +372,7 @@ async fn link(
                 }
             }
         }
-        tracing::debug!(peer = %l.peer.id, "peer link broke");
+        tracing::debug!(peer = %l.peer, "peer link broke");
     }
 }
 
@@ -332,9 +380,9 @@ async fn link(
 /// link's `idle`, or turns out to belong to another cluster; frames claiming another sender are
 /// dropped and counted.
 async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, l: &Link) {
-    let (peer, inbox, known) = (&l.peer.id, &l.inbox, &l.known[..]);
+    let (peer, inbox) = (&l.peer, &l.shared.inbox);
     loop {
-        let frame = match tokio::time::timeout(l.idle, read_frame(rd)).await {
+        let frame = match tokio::time::timeout(l.shared.idle, read_frame(rd)).await {
             Ok(Ok(f)) => f,
             Ok(Err(_)) => return,
             Err(_) => {
@@ -343,15 +391,16 @@ async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, l: &Link) {
             }
         };
         if let Body::Hello { cluster, .. } = &frame.body {
-            if l.identity.foreign(cluster) {
+            if l.shared.identity.foreign(cluster) {
                 let why = format!("another cluster ({cluster})");
-                metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => label_for(Some(&frame.from), known)).increment(1);
+                metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => frame.from.to_string()).increment(1);
                 tracing::warn!(peer = %peer, reason = %why, "peer refused");
                 return;
             }
         }
         if frame.from != *peer {
-            metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => label_for(Some(&frame.from), known)).increment(1);
+            metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => peer.to_string())
+                .increment(1);
             tracing::warn!(peer = %peer, claimed = %frame.from, "frame from another sender dropped");
             continue;
         }
@@ -371,11 +420,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerIo for T {}
 
 async fn connect(
     me: &NodeId,
-    peer: &PeerConfig,
+    peer: &NodeId,
+    addr: &str,
     tls: Option<&PeerTls>,
     identity: &Identity,
 ) -> std::io::Result<Box<dyn PeerIo>> {
-    let tcp = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(&peer.addr))
+    let tcp = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     tcp.set_nodelay(true)?;
@@ -383,7 +433,7 @@ async fn connect(
         None => Box::new(tcp),
         Some(t) => {
             // The peer's certificate must name its id.
-            let name = ServerName::try_from(peer.id.as_str().to_string())
+            let name = ServerName::try_from(peer.as_str().to_string())
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
             let s = tokio::time::timeout(IO_TIMEOUT, t.connector().connect(name, tcp))
                 .await
@@ -404,83 +454,48 @@ async fn connect(
     Ok(io)
 }
 
-type Handoff = Arc<HashMap<NodeId, mpsc::Sender<Box<dyn PeerIo>>>>;
-
-async fn accept_loop(
-    listener: TcpListener,
-    known: Arc<Vec<NodeId>>,
-    tls: Option<PeerTls>,
-    identity: Identity,
-    handoff: Handoff,
-    inbox: mpsc::Sender<Inbound>,
-    shutdown: CancellationToken,
-) {
+async fn accept_loop(listener: TcpListener, t: Transport) {
+    let shutdown = t.shared.shutdown.clone();
     loop {
         let (stream, addr) = tokio::select! {
             _ = shutdown.cancelled() => return,
             a = crate::net::accept(&listener, "cluster") => a,
         };
         let _ = stream.set_nodelay(true);
-        let (known, tls, identity, handoff, inbox, shutdown) = (
-            known.clone(),
-            tls.clone(),
-            identity.clone(),
-            handoff.clone(),
-            inbox.clone(),
-            shutdown.clone(),
-        );
+        let (t, shutdown) = (t.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let peer = Peer {
-                known: &known,
-                tls: tls.as_ref(),
-                identity: &identity,
-                handoff: &handoff,
-                inbox: &inbox,
-            };
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = authenticate(stream, addr, peer) => {}
+                _ = authenticate(stream, addr, &t) => {}
             }
         });
     }
 }
 
-/// The `peer` label: a configured id, or "unknown" (labels stay bounded).
-fn label_for(claimed: Option<&NodeId>, known: &[NodeId]) -> String {
+/// The `peer` label: a peer this node has a link to, or "unknown" (labels stay bounded).
+fn label_for(claimed: Option<&NodeId>, t: &Transport) -> String {
     match claimed {
-        Some(id) if known.contains(id) => id.to_string(),
+        Some(id) if t.knows(id) => id.to_string(),
         _ => "unknown".to_string(),
     }
 }
 
-fn auth_failure(claimed: Option<&NodeId>, known: &[NodeId], addr: SocketAddr, why: &str) {
-    let label = label_for(claimed, known);
+fn auth_failure(claimed: Option<&NodeId>, t: &Transport, addr: SocketAddr, why: &str) {
+    let label = label_for(claimed, t);
     metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => label.clone()).increment(1);
     tracing::warn!(%addr, peer = %label, reason = why, "peer refused");
 }
 
-/// What the accepting side checks a dialing peer against, and where it goes once admitted.
-struct Peer<'a> {
-    known: &'a [NodeId],
-    tls: Option<&'a PeerTls>,
-    identity: &'a Identity,
-    handoff: &'a Handoff,
-    inbox: &'a mpsc::Sender<Inbound>,
-}
-
-/// Authenticate a dialing peer, then hand the connection to that peer's link and its Hello to
-/// the driver (which learns the peer's epoch from it, as from every Hello).
-async fn authenticate(stream: TcpStream, addr: SocketAddr, p: Peer<'_>) {
-    let Peer {
-        known,
-        tls,
-        identity,
-        handoff,
-        inbox,
-    } = p;
+/// Authenticate a dialing peer, then hand the connection to that peer's link (made now for a
+/// peer not known yet: a learner joining) and its Hello to the driver (which learns the peer's
+/// epoch and role from it, as from every Hello). With TLS, the peer's certificate must chain to
+/// the cluster CA and name the id it claims; without TLS (loopback only), the id is taken as
+/// said.
+async fn authenticate(stream: TcpStream, addr: SocketAddr, t: &Transport) {
+    let (tls, identity) = (&t.shared.tls, &t.shared.identity);
     let (mut io, cert): (Box<dyn PeerIo>, Option<CertificateDer<'static>>) = match tls {
         None => (Box::new(stream), None),
-        Some(t) => match tokio::time::timeout(IO_TIMEOUT, t.acceptor().accept(stream)).await {
+        Some(tl) => match tokio::time::timeout(IO_TIMEOUT, tl.acceptor().accept(stream)).await {
             Ok(Ok(s)) => {
                 let cert = s
                     .get_ref()
@@ -491,11 +506,11 @@ async fn authenticate(stream: TcpStream, addr: SocketAddr, p: Peer<'_>) {
                 (Box::new(s), cert)
             }
             Ok(Err(e)) => {
-                auth_failure(None, known, addr, &format!("TLS handshake failed: {e}"));
+                auth_failure(None, t, addr, &format!("TLS handshake failed: {e}"));
                 return;
             }
             Err(_) => {
-                auth_failure(None, known, addr, "TLS handshake timed out");
+                auth_failure(None, t, addr, "TLS handshake timed out");
                 return;
             }
         },
@@ -503,23 +518,23 @@ async fn authenticate(stream: TcpStream, addr: SocketAddr, p: Peer<'_>) {
     let hello = match tokio::time::timeout(IO_TIMEOUT, read_frame(&mut io)).await {
         Ok(Ok(f)) => f,
         _ => {
-            auth_failure(None, known, addr, "no hello");
+            auth_failure(None, t, addr, "no hello");
             return;
         }
     };
     let from = hello.from;
     let Body::Hello { cluster, .. } = &hello.body else {
-        auth_failure(Some(&from), known, addr, "no hello");
+        auth_failure(Some(&from), t, addr, "no hello");
         return;
     };
-    if !known.contains(&from) {
-        auth_failure(Some(&from), known, addr, "not a configured peer");
+    if !crate::core::pool::valid_node_id(from.as_str()) || from == t.shared.me {
+        auth_failure(Some(&from), t, addr, "not a valid peer id");
         return;
     }
     if identity.foreign(cluster) {
         auth_failure(
             Some(&from),
-            known,
+            t,
             addr,
             &format!("another cluster ({cluster})"),
         );
@@ -530,17 +545,21 @@ async fn authenticate(stream: TcpStream, addr: SocketAddr, p: Peer<'_>) {
         if !ok {
             auth_failure(
                 Some(&from),
-                known,
+                t,
                 addr,
                 "certificate does not name the claimed id",
             );
             return;
         }
     }
-    if let Some(tx) = handoff.get(&from) {
+    // A peer not known yet (a learner) gets a link that waits for its connections.
+    t.ensure(&from, None);
+    if let Some(tx) = t.handoff(&from) {
         let _ = tx.send(io).await;
     }
-    let _ = inbox
+    let _ = t
+        .shared
+        .inbox
         .send(Inbound {
             from,
             body: hello.body,

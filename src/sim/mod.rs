@@ -866,8 +866,9 @@ impl Sim {
     }
 
     /// Whether `victim` may lose its disk within the guarantee (a minority of voters lose their
-    /// state): every membership that any node has accepted, learned or seen committed keeps a
-    /// majority of its voters with state, counting the victim as lost (one at a time).
+    /// state): every membership that any node has accepted, learned or seen committed, and any
+    /// that one change may still make of it, keeps a majority of its voters with state, counting
+    /// the victim as lost (one at a time).
     fn disk_loss_leaves_majorities(&self, victim: usize) -> bool {
         let id = &self.nodes[victim].id;
         let mut sets: Vec<&std::collections::BTreeSet<NodeId>> = Vec::new();
@@ -881,7 +882,10 @@ impl Sim {
         if let Some(p) = self.committed.values().next_back() {
             sets.push(&p.voters);
         }
-        sets.iter().filter(|s| s.contains(id)).all(|s| s.len() >= 2)
+        // At least three: a change in flight may shrink a membership by one voter, and a
+        // membership of one voter that lost its disk has nothing to catch up from (refused, not
+        // lost: the operator's --force-new-cluster).
+        sets.iter().filter(|s| s.contains(id)).all(|s| s.len() >= 3)
     }
 
     /// Whether a node holds voting state: its disk says so, or (up) it caught up.

@@ -103,6 +103,9 @@ pub struct Node {
     dirty: bool,
     mode: Mode,
     learned: Pool,
+    /// What `learned` was before a pool learned while a write was pending: a commit this node
+    /// saw through its own unwritten acceptor state is not known to hold if that write fails.
+    learned_before_write: Option<Pool>,
     /// Voters from the config: the membership until a formed pool names its own.
     config_voters: Vec<NodeId>,
     /// Everyone to push learned pools to (voters and configured peers, not this node).
@@ -173,6 +176,7 @@ impl Node {
             on_disk,
             mode,
             learned: hint,
+            learned_before_write: None,
             config_voters: voters,
             peers,
             catching_up_op: false,
@@ -186,10 +190,12 @@ impl Node {
     }
 
     pub fn consensus(&self) -> Consensus {
+        if !self.voters().contains(&self.id) {
+            return Consensus::NotMember;
+        }
         match self.mode {
             Mode::CatchingUp { .. } => Consensus::CatchingUp,
-            Mode::Voting if self.voters().contains(&self.id) => Consensus::Voting,
-            Mode::Voting => Consensus::NotMember,
+            Mode::Voting => Consensus::Voting,
         }
     }
 
@@ -235,7 +241,7 @@ impl Node {
         else {
             return None;
         };
-        if *failed < REFUSE_AFTER || formed_by.is_empty() {
+        if *failed < REFUSE_AFTER || formed_by.is_empty() || !self.voters().contains(&self.id) {
             return None;
         }
         let with_state: Vec<&str> = formed_by.iter().map(|n| n.as_str()).collect();
@@ -446,7 +452,11 @@ impl Node {
     pub fn written(&mut self, write: Write, ok: bool) -> Effects {
         if ok {
             self.on_disk = write.state;
+            self.learned_before_write = None;
             return write.held;
+        }
+        if let Some(before) = self.learned_before_write.take() {
+            self.learned = before;
         }
         let mut lost = Effects::default();
         // Outcomes that needed the write are not known to hold.
@@ -569,6 +579,9 @@ impl Node {
             return;
         }
         let moved = pool.epoch != self.learned.epoch;
+        if self.dirty && self.learned_before_write.is_none() {
+            self.learned_before_write = Some(self.learned.clone());
+        }
         self.learned = pool.clone();
         self.refresh_peers();
         self.effects().learned = Some(pool);

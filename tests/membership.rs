@@ -1,0 +1,574 @@
+//! Membership from outside: real `shoal run` processes on loopback growing from 3 to 5 voters and
+//! back, a dead voter replaced on a new host, a removed voter refused, and learners that follow,
+//! route and propose but never count (SPEC sections 1-5, Membership; DESIGN section 3.1).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// One peer's ports.
+#[derive(Clone)]
+struct Ports {
+    id: String,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    cluster: SocketAddr,
+}
+
+impl Ports {
+    fn new(id: &str) -> Ports {
+        let port = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+        Ports {
+            id: id.to_string(),
+            proxy: port(),
+            admin: port(),
+            cluster: port(),
+        }
+    }
+}
+
+/// A peer that lists `known` as its `cluster.peers` (to form or to find the cluster).
+fn peer(p: &Ports, known: &[&Ports], role: &str, extra: &str) -> Shoal {
+    let dir = tempfile::tempdir().unwrap();
+    let peers: Vec<String> = known
+        .iter()
+        .map(|q| format!("{{ id = \"{}\", addr = \"{}\" }}", q.id, q.cluster))
+        .collect();
+    let text = format!(
+        "[node]\nid = \"{}\"\ndata_dir = \"{}\"\n\n[proxy]\nlisten = [\"{}\"]\n\n[admin]\nlisten = \"{}\"\n\n[cluster]\nlisten = \"{}\"\nrole = \"{role}\"\npeers = [{}]\nheartbeat_interval = \"100ms\"\ndead_after = \"2s\"\n\n{extra}\n",
+        p.id,
+        dir.path().join("data").display(),
+        p.proxy,
+        p.admin,
+        p.cluster,
+        peers.join(", "),
+    );
+    let mut s = Shoal::prepare(&text, p.proxy, p.admin, dir);
+    s.spawn();
+    s
+}
+
+async fn admin_json(s: &Shoal, path: &str) -> serde_json::Value {
+    match get_text(s.admin, path).await {
+        Ok((200, text)) => serde_json::from_str(&text).unwrap_or_default(),
+        _ => serde_json::Value::Null,
+    }
+}
+
+fn ids(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str().or_else(|| x["id"].as_str()).map(str::to_string))
+        .collect()
+}
+
+/// Every peer in `peers` reports `voters` as the agreed voters.
+async fn all_see_voters(peers: &[&Shoal], voters: &[&str], within: Duration) {
+    for s in peers {
+        eventually(
+            within,
+            &format!("voters {voters:?} at {}", s.admin),
+            || async {
+                let st = admin_json(s, "/status").await;
+                (ids(&st["members"]) == voters).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// `shoal ARGS --admin http://ADDR`; returns (exit ok, stdout, stderr).
+fn cli(admin: SocketAddr, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(shoal_bin())
+        .args(args)
+        .args(["--admin", &format!("http://{admin}")])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn add_backend(s: &Shoal, id: &str, addr: &str) -> (u16, serde_json::Value) {
+    admin_call(
+        s.admin,
+        "POST",
+        "/pool/backends",
+        Some(json!({"addr": addr, "id": id})),
+    )
+    .await
+}
+
+/// Traffic through every proxy in turn and a client that keeps changing the pool through
+/// every admin API in turn, until stopped; counts what failed.
+struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    changes: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(proxies: Vec<SocketAddr>, admins: Vec<SocketAddr>, backend: String) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sent, failed, changes) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let mut tasks = Vec::new();
+        {
+            let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let addr = proxies[i % proxies.len()];
+                    i += 1;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    match get_text(addr, "/load").await {
+                        Ok((200, _)) => {}
+                        other => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("request through {addr} failed: {other:?}");
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }));
+        }
+        {
+            let (stop, changes) = (stop.clone(), changes.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut i = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let admin = admins[i as usize % admins.len()];
+                    i += 1;
+                    let (code, _) = admin_call(
+                        admin,
+                        "PUT",
+                        &format!("/pool/backends/{backend}"),
+                        Some(json!({"weight": 1 + i % 3})),
+                    )
+                    .await;
+                    if code == 200 {
+                        changes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }));
+        }
+        Load {
+            stop,
+            sent,
+            failed,
+            changes,
+            tasks,
+        }
+    }
+
+    /// Stop; returns (requests sent, failed, pool changes committed).
+    async fn stop(self) -> (u64, u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.changes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+async fn backends(n: usize) -> (Vec<Backend>, String) {
+    let mut bs = Vec::new();
+    for i in 0..n {
+        bs.push(Backend::start(&format!("web-{i}"), Behavior::Echo).await);
+    }
+    let toml = backends_toml(&bs.iter().collect::<Vec<_>>());
+    (bs, toml)
+}
+
+/// 3 voters grow to 5 (one through the CLI, one through the API) and shrink back to 3 while
+/// traffic flows through every proxy and a client changes the pool through every admin API:
+/// no request fails, changes keep committing, the new voters count in quorums (two of five
+/// down and changes still commit), and a removed voter that comes back is refused as a voter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_three_to_five_and_shrink_back_while_serving() {
+    let (_bs, seeds) = backends(3).await;
+    let ports: Vec<Ports> = ["a", "b", "c", "d", "e"]
+        .iter()
+        .map(|id| Ports::new(id))
+        .collect();
+    let first: Vec<&Ports> = ports[..3].iter().collect();
+    let mut nodes: Vec<Shoal> = Vec::new();
+    for p in &ports[..3] {
+        nodes.push(peer(p, &first, "voter", &seeds));
+    }
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    all_see_voters(
+        &nodes.iter().collect::<Vec<_>>(),
+        &["a", "b", "c"],
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // New hosts d and e know the first voters; they start outside the membership.
+    for p in &ports[3..] {
+        nodes.push(peer(p, &first, "voter", ""));
+    }
+    nodes[3].wait_ready().await;
+    nodes[4].wait_ready().await;
+    let st = admin_json(&nodes[3], "/status").await;
+    assert_eq!(st["role"], "learner", "not yet a member: {st}");
+
+    // Traffic through c, d and e (a and b are killed on the way), changes through a, b, c.
+    let load = Load::start(
+        ports[2..].iter().map(|p| p.proxy).collect(),
+        ports[..3].iter().map(|p| p.admin).collect(),
+        "web-0".into(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Grow: d through the CLI (at a), e through the API (at b).
+    let d_addr = ports[3].cluster.to_string();
+    let (ok, out, err) = cli(ports[0].admin, &["peers", "add", "d", &d_addr]);
+    assert!(ok, "peers add d: {out}{err}");
+    println!("$ shoal peers add d {d_addr}\n{out}");
+    assert!(out.contains("d ") && out.contains("voter"), "{out}");
+    let (code, m) = admin_call(
+        ports[1].admin,
+        "POST",
+        "/peers",
+        Some(json!({"id": "e", "addr": ports[4].cluster.to_string(), "role": "voter"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{m}");
+    assert_eq!(ids(&m["voters"]), ["a", "b", "c", "d", "e"], "{m}");
+    all_see_voters(
+        &nodes.iter().collect::<Vec<_>>(),
+        &["a", "b", "c", "d", "e"],
+        Duration::from_secs(10),
+    )
+    .await;
+    for n in &nodes[3..] {
+        eventually(Duration::from_secs(10), "the new voter votes", || async {
+            (admin_json(n, "/status").await["consensus"] == "voting").then_some(())
+        })
+        .await;
+    }
+    // Adding a member twice is a conflict; a bad address a bad request.
+    let (code, _) = admin_call(
+        ports[0].admin,
+        "POST",
+        "/peers",
+        Some(json!({"id": "d", "addr": d_addr})),
+    )
+    .await;
+    assert_eq!(code, 409);
+    let (code, _) = admin_call(
+        ports[0].admin,
+        "POST",
+        "/peers",
+        Some(json!({"id": "f", "addr": "nowhere"})),
+    )
+    .await;
+    assert_eq!(code, 400);
+    let (ok, out, _) = cli(ports[2].admin, &["peers"]);
+    assert!(ok);
+    println!("$ shoal peers   (at c, five voters)\n{out}");
+
+    // The new voters count: with a and b down, c, d and e (3 of 5) commit.
+    nodes[0].kill9();
+    nodes[1].kill9();
+    let (code, p) = add_backend(&nodes[4], "while-two-down", "127.0.0.1:1").await;
+    assert_eq!(code, 201, "3 of 5 voters must commit: {p}");
+    nodes[0].spawn();
+    nodes[1].spawn();
+    nodes[0].wait_ready().await;
+    nodes[1].wait_ready().await;
+    let (code, _) = admin_call(
+        ports[0].admin,
+        "DELETE",
+        "/pool/backends/while-two-down",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
+
+    // Shrink back: d through the CLI, e through the API.
+    let (ok, out, err) = cli(ports[0].admin, &["peers", "remove", "d"]);
+    assert!(ok, "peers remove d: {out}{err}");
+    println!("$ shoal peers remove d\n{out}");
+    let (code, m) = admin_call(ports[2].admin, "DELETE", "/peers/e", None).await;
+    assert_eq!(code, 200, "{m}");
+    assert_eq!(ids(&m["voters"]), ["a", "b", "c"], "{m}");
+    let (code, _) = admin_call(ports[2].admin, "DELETE", "/peers/e", None).await;
+    assert_eq!(code, 404, "not a member any more");
+    all_see_voters(
+        &nodes[..3].iter().collect::<Vec<_>>(),
+        &["a", "b", "c"],
+        Duration::from_secs(10),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (sent, failed, changes) = load.stop().await;
+    println!("grow 3->5 and shrink 5->3 under load: {sent} requests, {failed} failed; {changes} pool changes committed meanwhile");
+    assert_eq!(failed, 0);
+    assert!(changes >= 10, "the pool kept changing: {changes}");
+    let (ok, out, _) = cli(ports[0].admin, &["peers"]);
+    assert!(ok);
+    println!("$ shoal peers   (at a, after the shrink)\n{out}");
+
+    // d, removed, stops and comes back with its state: it learns it is no voter, and it does
+    // not count: with b and c down, a and d cannot commit.
+    nodes[3].kill9();
+    nodes[4].kill9();
+    nodes[3].spawn();
+    nodes[3].wait_ready().await;
+    eventually(
+        Duration::from_secs(10),
+        "d knows it was removed",
+        || async {
+            let st = admin_json(&nodes[3], "/status").await;
+            (st["role"] == "learner" && ids(&st["members"]) == ["a", "b", "c"]).then_some(())
+        },
+    )
+    .await;
+    nodes[1].kill9();
+    nodes[2].kill9();
+    let (code, p) = add_backend(&nodes[0], "no-quorum", "127.0.0.1:2").await;
+    assert_eq!(code, 503, "a removed voter must not make a quorum: {p}");
+    let (code, p) = add_backend(&nodes[3], "no-quorum", "127.0.0.1:2").await;
+    assert_eq!(code, 503, "nor propose one: {p}");
+    nodes[1].spawn();
+    nodes[1].wait_ready().await;
+    let (code, p) = add_backend(&nodes[0], "quorum-again", "127.0.0.1:3").await;
+    assert_eq!(code, 201, "a and b are a majority of a, b, c: {p}");
+    eventually(
+        Duration::from_secs(5),
+        "the removed peer still learns",
+        || async {
+            let p = admin_json(&nodes[3], "/pool").await;
+            p["backends"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|b| b["id"] == "quorum-again"))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// A voter's host dies for good: it is removed while the others serve, a new host is added in
+/// its place with an empty disk, catches up, votes, and carries quorums.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_a_dead_voter_on_a_new_host() {
+    let (_bs, seeds) = backends(2).await;
+    let ports: Vec<Ports> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|id| Ports::new(id))
+        .collect();
+    let first: Vec<&Ports> = ports[..3].iter().collect();
+    let mut nodes: Vec<Shoal> = Vec::new();
+    for p in &ports[..3] {
+        nodes.push(peer(p, &first, "voter", &seeds));
+    }
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    let (code, _) = add_backend(&nodes[0], "before", "127.0.0.1:1").await;
+    assert_eq!(code, 201);
+    let load = Load::start(
+        ports[..2].iter().map(|p| p.proxy).collect(),
+        ports[..2].iter().map(|p| p.admin).collect(),
+        "web-0".into(),
+    );
+    // c's host is gone for good.
+    nodes[2].kill9();
+    let (ok, out, err) = cli(ports[0].admin, &["peers", "remove", "c"]);
+    assert!(ok, "{out}{err}");
+    // The new host: an empty disk, knows a and b.
+    let known: Vec<&Ports> = ports[..2].iter().collect();
+    nodes.push(peer(&ports[3], &known, "voter", ""));
+    nodes[3].wait_ready().await;
+    let (ok, out, err) = cli(
+        ports[1].admin,
+        &["peers", "add", "d", &ports[3].cluster.to_string()],
+    );
+    assert!(ok, "{out}{err}");
+    println!("$ shoal peers add d (replacing c)\n{out}");
+    let live = [&nodes[0], &nodes[1], &nodes[3]];
+    all_see_voters(&live, &["a", "b", "d"], Duration::from_secs(10)).await;
+    eventually(Duration::from_secs(10), "d votes", || async {
+        (admin_json(&nodes[3], "/status").await["consensus"] == "voting").then_some(())
+    })
+    .await;
+    let (sent, failed, changes) = load.stop().await;
+    println!("replace c by d under load: {sent} requests, {failed} failed; {changes} pool changes committed");
+    assert_eq!(failed, 0);
+    // d carries quorums: with a down, b and d commit, and d has everything from before.
+    nodes[0].kill9();
+    let (code, p) = add_backend(&nodes[3], "after", "127.0.0.1:2").await;
+    assert_eq!(code, 201, "{p}");
+    let ids: Vec<String> = p["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ids.contains(&"before".to_string()), "{p}");
+    nodes[0].spawn();
+    nodes[0].wait_ready().await;
+}
+
+/// Learners (cluster.role = "learner", never added): they learn the pool, route, and propose
+/// through the voters; they never count in a quorum, and their health views never eject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learners_follow_route_and_never_count() {
+    let (bs, seeds) = backends(3).await;
+    let ports: Vec<Ports> = ["a", "b", "c", "l1", "l2"]
+        .iter()
+        .map(|id| Ports::new(id))
+        .collect();
+    let voters: Vec<&Ports> = ports[..3].iter().collect();
+    let health =
+        "[health]\ninterval = \"200ms\"\ntimeout = \"100ms\"\npassive_failures = 2\nrise = 50\n";
+    let mut nodes: Vec<Shoal> = Vec::new();
+    for p in &ports[..3] {
+        nodes.push(peer(p, &voters, "voter", &format!("{seeds}\n{health}")));
+    }
+    for p in &ports[3..] {
+        nodes.push(peer(p, &voters, "learner", health));
+    }
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    for n in &nodes[3..] {
+        let st = admin_json(n, "/status").await;
+        assert_eq!(st["role"], "learner", "{st}");
+        assert_eq!(st["consensus"], "learner", "{st}");
+        assert_eq!(ids(&st["members"]), ["a", "b", "c"], "{st}");
+    }
+    // A change through a voter reaches the learners; one through a learner commits through
+    // the voters.
+    let (code, _) = add_backend(&nodes[0], "via-voter", "127.0.0.1:1").await;
+    assert_eq!(code, 201);
+    let (code, p) = add_backend(&nodes[3], "via-learner", "127.0.0.1:2").await;
+    assert_eq!(code, 201, "{p}");
+    for n in &nodes {
+        eventually(Duration::from_secs(5), "every peer has both", || async {
+            let p = admin_json(n, "/pool").await;
+            let b = p["backends"].as_array().cloned().unwrap_or_default();
+            (b.iter().any(|b| b["id"] == "via-voter") && b.iter().any(|b| b["id"] == "via-learner"))
+                .then_some(())
+        })
+        .await;
+    }
+    for id in ["via-voter", "via-learner"] {
+        let (code, _) = admin_call(
+            ports[0].admin,
+            "DELETE",
+            &format!("/pool/backends/{id}"),
+            None,
+        )
+        .await;
+        assert_eq!(code, 200);
+    }
+    // Learners route.
+    for n in &nodes[3..] {
+        let (code, _) = get_text(n.proxy, "/hello").await.unwrap();
+        assert_eq!(code, 200);
+    }
+    // The voters see the learners, and count them.
+    eventually(Duration::from_secs(5), "a counts two learners", || async {
+        let m = nodes[0].metrics().await;
+        (metric(&m, "shoal_members{role=\"learner\"}") == Some(2.0)
+            && metric(&m, "shoal_members{role=\"voter\"}") == Some(3.0))
+        .then_some(())
+    })
+    .await;
+    let peers = admin_json(&nodes[0], "/peers").await;
+    let learners: Vec<String> = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "learner")
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(learners, ["l1", "l2"], "{peers}");
+
+    // web-0 fails for the learners and for a (their live requests see 503s): 3 of 5 peers see
+    // it down, but only 1 of 3 voters: it stays active.
+    bs[0].set(Behavior::Status(503));
+    let hammer = |addrs: Vec<SocketAddr>, until: Instant| async move {
+        while Instant::now() < until {
+            for a in &addrs {
+                let _ = get_text(*a, "/x").await;
+            }
+        }
+    };
+    let until = Instant::now() + Duration::from_secs(3);
+    hammer(vec![ports[0].proxy, ports[3].proxy, ports[4].proxy], until).await;
+    for n in &nodes[3..] {
+        let st = admin_json(n, "/status").await;
+        let web0 = st["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == "web-0")
+            .unwrap()
+            .clone();
+        assert_eq!(web0["local"], "down", "the learner saw it fail: {st}");
+    }
+    let st = admin_json(&nodes[1], "/status").await;
+    let web0 = st["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == "web-0")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        web0["state"], "active",
+        "learners' views must not eject: {web0}"
+    );
+    assert_eq!(ids(&web0["down_votes"]), ["a"], "only voters vote: {web0}");
+    // b sees it fail too: 2 of 3 voters, ejected. The mechanism works; learners just don't count.
+    let until = Instant::now() + Duration::from_secs(3);
+    hammer(vec![ports[0].proxy, ports[1].proxy], until).await;
+    eventually(Duration::from_secs(5), "ejected by two voters", || async {
+        let st = admin_json(&nodes[2], "/status").await;
+        let web0 = st["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["id"] == "web-0")?
+            .clone();
+        (web0["state"] == "ejected").then_some(())
+    })
+    .await;
+    bs[0].set(Behavior::Echo);
+
+    // Learners never count in a quorum: with two voters down, nothing commits, through a
+    // voter or a learner, though both learners are up.
+    nodes[1].kill9();
+    nodes[2].kill9();
+    let (code, _) = add_backend(&nodes[0], "x", "127.0.0.1:3").await;
+    assert_eq!(code, 503);
+    let (code, _) = add_backend(&nodes[3], "x", "127.0.0.1:3").await;
+    assert_eq!(code, 503);
+    // ... and they keep routing.
+    let (code, _) = get_text(nodes[4].proxy, "/still").await.unwrap();
+    assert_eq!(code, 200);
+}
