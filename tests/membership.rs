@@ -286,6 +286,19 @@ async fn grow_three_to_five_and_shrink_back_while_serving() {
     )
     .await;
     assert_eq!(code, 400);
+    // Every peer's table shows the new voters as voters, with their addresses.
+    for n in &nodes {
+        eventually(Duration::from_secs(5), "peer tables show five voters", || async {
+            let rows = admin_json(n, "/peers").await;
+            let rows = rows.as_array()?;
+            (rows.len() == 4
+                && rows
+                    .iter()
+                    .all(|r| r["role"] == "voter" && r["addr"].as_str().is_some_and(|a| !a.is_empty())))
+            .then_some(())
+        })
+        .await;
+    }
     let (ok, out, _) = cli(ports[2].admin, &["peers"]);
     assert!(ok);
     println!("$ shoal peers   (at c, five voters)\n{out}");

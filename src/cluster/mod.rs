@@ -641,6 +641,8 @@ impl Driver {
     /// by a learner), learners dial in themselves.
     fn connect_members(&mut self, pool: &Pool) {
         let now = self.now_ms();
+        self.transport
+            .set_outside(self.role == Role::Learner || !pool.voters.contains(&self.me));
         for id in pool.voters.iter().chain(&pool.learners) {
             if *id == self.me {
                 continue;

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -148,6 +149,9 @@ struct Shared {
     inbox: mpsc::Sender<Inbound>,
     shutdown: CancellationToken,
     links: std::sync::Mutex<HashMap<NodeId, LinkHandle>>,
+    /// This node is outside the agreed membership (or knows none yet): it dials peers whose
+    /// address it knows even where the other side of the pair would dial.
+    outside: AtomicBool,
 }
 
 /// Outbound queues to every peer, made as peers become known: the configured ones, members of
@@ -182,11 +186,12 @@ impl Transport {
                 inbox,
                 shutdown,
                 links: std::sync::Mutex::new(HashMap::new()),
+                outside: AtomicBool::new(true),
             }),
         };
         for p in peers {
             let dial = dials_all || t.shared.me < p.id;
-            t.ensure(&p.id, dial.then_some(p.addr.as_str()));
+            t.ensure_with(&p.id, dial, Some(p.addr.as_str()));
         }
         tokio::spawn(accept_loop(listener, t.clone()));
         t
@@ -195,6 +200,15 @@ impl Transport {
     /// A link to `id`, made if there is none: dialing `dial` (its address) when this side of
     /// the pair dials, else waiting for the peer to dial in.
     pub fn ensure(&self, id: &NodeId, dial: Option<&str>) {
+        self.ensure_with(id, dial.is_some(), dial);
+    }
+
+    /// Whether this node is outside the agreed membership (see `Shared::outside`).
+    pub fn set_outside(&self, outside: bool) {
+        self.shared.outside.store(outside, Ordering::Relaxed);
+    }
+
+    fn ensure_with(&self, id: &NodeId, dial: bool, addr: Option<&str>) {
         if *id == self.shared.me {
             return;
         }
@@ -215,7 +229,8 @@ impl Transport {
             Link {
                 shared: self.shared.clone(),
                 peer: id.clone(),
-                addr: dial.map(str::to_string),
+                addr: addr.filter(|_| dial).map(str::to_string),
+                fallback: addr.filter(|_| !dial).map(str::to_string),
             },
             rx,
             conn_rx,
@@ -278,6 +293,9 @@ struct Link {
     peer: NodeId,
     /// The address to dial, when this side dials.
     addr: Option<String>,
+    /// The peer's address when the other side dials: used only while this node is outside the
+    /// membership and the peer has not dialed for a while.
+    fallback: Option<String>,
 }
 
 /// Keep the one connection with `peer` (dialing it if our id is lower, else taking the one it
@@ -290,6 +308,8 @@ async fn link(
     let shutdown = l.shared.shutdown.clone();
     let me = l.shared.me.clone();
     let dials = l.addr.is_some();
+    // Seconds spent waiting for the peer to dial.
+    let mut waited = 0u32;
     let mut backoff = Duration::from_millis(50);
     let mut logged_down = false;
     let mut next: Option<Box<dyn PeerIo>> = None;
@@ -321,11 +341,32 @@ async fn link(
                 }
             }
             None => {
-                // The peer dials us.
+                // The peer dials us. A node outside the agreed membership (new, removed, or
+                // not formed yet) that knows the peer's address dials it after a while anyway:
+                // the peer may not know it at all.
+                let fallback = l
+                    .fallback
+                    .as_deref()
+                    .filter(|_| waited >= 2 && l.shared.outside.load(Ordering::Relaxed));
+                let dial = async {
+                    match fallback {
+                        Some(addr) => connect(&me, &l.peer, addr, l.shared.tls.as_ref(), &l.shared.identity).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    a = accepted.recv() => match a { Some(io) => io, None => return },
+                    a = accepted.recv() => match a { Some(io) => { waited = 0; io }, None => return },
+                    c = dial => match c {
+                        Ok(io) => io,
+                        Err(_) => {
+                            while rx.try_recv().is_ok() {}
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    },
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        waited += 1;
                         while rx.try_recv().is_ok() {}
                         continue;
                     }
