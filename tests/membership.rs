@@ -288,15 +288,19 @@ async fn grow_three_to_five_and_shrink_back_while_serving() {
     assert_eq!(code, 400);
     // Every peer's table shows the new voters as voters, with their addresses.
     for n in &nodes {
-        eventually(Duration::from_secs(5), "peer tables show five voters", || async {
-            let rows = admin_json(n, "/peers").await;
-            let rows = rows.as_array()?;
-            (rows.len() == 4
-                && rows
-                    .iter()
-                    .all(|r| r["role"] == "voter" && r["addr"].as_str().is_some_and(|a| !a.is_empty())))
-            .then_some(())
-        })
+        eventually(
+            Duration::from_secs(5),
+            "peer tables show five voters",
+            || async {
+                let rows = admin_json(n, "/peers").await;
+                let rows = rows.as_array()?;
+                (rows.len() == 4
+                    && rows.iter().all(|r| {
+                        r["role"] == "voter" && r["addr"].as_str().is_some_and(|a| !a.is_empty())
+                    }))
+                .then_some(())
+            },
+        )
         .await;
     }
     let (ok, out, _) = cli(ports[2].admin, &["peers"]);
@@ -584,4 +588,153 @@ async fn learners_follow_route_and_never_count() {
     // ... and they keep routing.
     let (code, _) = get_text(nodes[4].proxy, "/still").await.unwrap();
     assert_eq!(code, 200);
+}
+
+/// CPU time (user + system) and bytes written so far by a process, from /proc.
+fn cpu_and_written(s: &Shoal) -> (f64, u64) {
+    let pid = s.child.as_ref().unwrap().id();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = fields
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    let written = io
+        .lines()
+        .find_map(|l| l.strip_prefix("wchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    (ticks / 100.0, written)
+}
+
+/// Mean CPU milliseconds per second and kilobytes written per second of `peers` over `d`.
+async fn idle_cost(peers: &[&Shoal], d: Duration) -> (f64, f64) {
+    let before: Vec<(f64, u64)> = peers.iter().map(|s| cpu_and_written(s)).collect();
+    tokio::time::sleep(d).await;
+    let secs = d.as_secs_f64();
+    let (mut cpu, mut kb) = (0.0, 0.0);
+    for (s, b) in peers.iter().zip(&before) {
+        let a = cpu_and_written(s);
+        cpu += (a.0 - b.0) * 1000.0 / secs;
+        kb += (a.1 - b.1) as f64 / 1024.0 / secs;
+    }
+    let n = peers.len() as f64;
+    (cpu / n, kb / n)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// 3 voters and 20 learner processes: every pool change is committed and learned by all 23
+/// (p50/p99 printed), and the idle cost of heartbeats per peer (CPU and bytes written, from
+/// /proc) with no learners and with twenty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_voters_and_twenty_learners() {
+    let (_bs, seeds) = backends(3).await;
+    let ports: Vec<Ports> = (0..23)
+        .map(|i| {
+            Ports::new(&if i < 3 {
+                format!("v{i}")
+            } else {
+                format!("l{:02}", i - 3)
+            })
+        })
+        .collect();
+    let voters: Vec<&Ports> = ports[..3].iter().collect();
+    let mut nodes: Vec<Shoal> = Vec::new();
+    for p in &ports[..3] {
+        nodes.push(peer(p, &voters, "voter", &seeds));
+    }
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let window = Duration::from_secs(5);
+    let (v0_cpu, v0_kb) = idle_cost(&nodes.iter().collect::<Vec<_>>(), window).await;
+
+    for p in &ports[3..] {
+        nodes.push(peer(p, &voters, "learner", ""));
+    }
+    for n in &nodes[3..] {
+        n.wait_ready().await;
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the voters see twenty learners",
+        || async {
+            let m = nodes[0].metrics().await;
+            (metric(&m, "shoal_members{role=\"learner\"}") == Some(20.0)).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let all: Vec<&Shoal> = nodes.iter().collect();
+    let (v_cpu, v_kb) = idle_cost(&all[..3], window).await;
+    let (l_cpu, l_kb) = idle_cost(&all[3..], window).await;
+
+    // Twenty changes through a voter: time from the request to each peer having the version.
+    let mut learned: Vec<Duration> = Vec::new();
+    let mut slowest_all: Vec<Duration> = Vec::new();
+    for i in 0..20 {
+        let start = Instant::now();
+        let (code, p) = admin_call(
+            nodes[i % 3].admin,
+            "PUT",
+            "/pool/backends/web-0",
+            Some(json!({"weight": 1 + i % 5})),
+        )
+        .await;
+        assert_eq!(code, 200, "{p}");
+        let version = p["version"].as_u64().unwrap();
+        let mut set = tokio::task::JoinSet::new();
+        for n in &nodes {
+            let admin = n.admin;
+            set.spawn(async move {
+                let deadline = start + Duration::from_secs(5);
+                loop {
+                    if let Ok((200, text)) = get_text(admin, "/pool").await {
+                        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                        if v["version"].as_u64().is_some_and(|v| v >= version) {
+                            return Some(start.elapsed());
+                        }
+                    }
+                    if Instant::now() > deadline {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            });
+        }
+        let mut worst = Duration::ZERO;
+        while let Some(r) = set.join_next().await {
+            let t = r.unwrap().expect("every peer learns the change within 5 s");
+            worst = worst.max(t);
+            learned.push(t);
+        }
+        slowest_all.push(worst);
+    }
+    learned.sort();
+    slowest_all.sort();
+    println!(
+        "3 voters + 20 learners: a change committed and learned, per peer: p50 {:?}, p99 {:?}; by all 23: p50 {:?}, p99 {:?} (20 changes)",
+        percentile(&learned, 0.5),
+        percentile(&learned, 0.99),
+        percentile(&slowest_all, 0.5),
+        percentile(&slowest_all, 0.99),
+    );
+    println!(
+        "idle cost per voter: {v0_cpu:.2} ms CPU/s, {v0_kb:.1} KiB/s written with no learners; {v_cpu:.2} ms CPU/s, {v_kb:.1} KiB/s with 20 ({:.3} ms CPU/s and {:.2} KiB/s per learner); per learner: {l_cpu:.2} ms CPU/s, {l_kb:.1} KiB/s",
+        (v_cpu - v0_cpu) / 20.0,
+        (v_kb - v0_kb) / 20.0,
+    );
 }

@@ -350,7 +350,16 @@ async fn link(
                     .filter(|_| waited >= 2 && l.shared.outside.load(Ordering::Relaxed));
                 let dial = async {
                     match fallback {
-                        Some(addr) => connect(&me, &l.peer, addr, l.shared.tls.as_ref(), &l.shared.identity).await,
+                        Some(addr) => {
+                            connect(
+                                &me,
+                                &l.peer,
+                                addr,
+                                l.shared.tls.as_ref(),
+                                &l.shared.identity,
+                            )
+                            .await
+                        }
                         None => std::future::pending().await,
                     }
                 };

@@ -427,7 +427,18 @@ impl Sim {
                 if !self.cfg.periodic_reads {
                     return;
                 }
-                if self.nodes[node].up && !self.nodes[node].core.is_busy() {
+                let outside = self.nodes[node].core.consensus()
+                    == crate::core::paxos::Consensus::NotMember
+                    && self.nodes[node].core.learned().exists();
+                if self.nodes[node].up && outside {
+                    // As the driver does: a node outside the membership asks a voter for the
+                    // latest pool instead of running a round.
+                    let voters = self.nodes[node].core.voters();
+                    if let Some(v) = voters.choose(&mut self.rng) {
+                        let to = self.index_of(v);
+                        self.send(node, to, Msg::Fetch);
+                    }
+                } else if self.nodes[node].up && !self.nodes[node].core.is_busy() {
                     match self.read_or_seed(node) {
                         // Forming is a change like any other: it joins the history (its own
                         // client, which issues nothing else).
@@ -438,7 +449,14 @@ impl Sim {
                         read => self.start_change(node, read, None),
                     }
                 }
-                self.schedule(READ_PERIOD, Event::PeriodicRead { node });
+                // With membership the first reads came at once (they form the cluster): spread
+                // the later ones, as peers started at different times do.
+                let next = if self.cfg.membership {
+                    self.rng.gen_range(READ_PERIOD / 2..READ_PERIOD * 3 / 2)
+                } else {
+                    READ_PERIOD
+                };
+                self.schedule(next, Event::PeriodicRead { node });
             }
             Event::EndFaults => {
                 self.faulting = false;
