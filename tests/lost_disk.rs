@@ -209,6 +209,45 @@ async fn two_wiped_voters_are_refused_and_force_new_cluster_recovers() {
         assert_eq!(st["role"], "learner", "{st}");
     }
     assert_eq!(status(&nodes[0]).await["role"], "voter");
+
+    // `shoal peers add` brings the cluster back: b and c become voters again, catch up, vote,
+    // and with nothing committed by the survivor lost.
+    for n in &nodes[1..] {
+        let id = if std::ptr::eq(n, &nodes[1]) { "b" } else { "c" };
+        let out = std::process::Command::new(shoal_bin())
+            .args(["peers", "add", id, &cluster_addr(n)])
+            .args(["--admin", &format!("http://{}", nodes[0].admin)])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "peers add {id}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        consensus_is(n, "voting", Duration::from_secs(10)).await;
+    }
+    for n in &nodes {
+        eventually(Duration::from_secs(10), "three voters again", || async {
+            (status(n).await["members"] == json!(["a", "b", "c"])).then_some(())
+        })
+        .await;
+    }
+    // b and c carry quorums without the survivor, and hold everything it had.
+    nodes[0].kill9();
+    let (code, p) = add(&nodes[1], "z", "127.0.0.1:11").await;
+    assert_eq!(code, 201, "{p}");
+    assert!(has(&p, "x") && has(&p, "y") && has(&p, "z"), "{p}");
+}
+
+/// A peer's cluster address, from its config file.
+fn cluster_addr(s: &Shoal) -> String {
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    text.lines()
+        .skip_while(|l| *l != "[cluster]")
+        .find_map(|l| l.strip_prefix("listen = \""))
+        .map(|l| l.trim_end_matches('"').to_string())
+        .unwrap()
 }
 
 /// A peer of another cluster (another cluster id) under a configured id and address is refused
