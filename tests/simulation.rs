@@ -208,6 +208,51 @@ fn health_no_false_ejections_under_loss_and_timely_detection() {
     assert!(worst_ejected <= worst_local + 100);
 }
 
+/// Learners come and go (eight autoscaled learners beside three voters, each up for 5-120 s at a
+/// time) and see every backend down, voting it down each time: no healthy backend is ever
+/// ejected, and a dead one is still ejected by the voters. If every peer's vote counted, the
+/// same runs would eject healthy backends (the check can fail).
+#[test]
+fn health_learners_coming_and_going_never_eject() {
+    use shoal::sim::health::{run as health_run, HealthSimConfig};
+    let seeds = env_u64("SHOAL_HEALTH_SEEDS").unwrap_or(24);
+    let cfg = HealthSimConfig {
+        learners: 8,
+        ..HealthSimConfig::default()
+    };
+    let false_ej: u64 = (0..seeds)
+        .map(|s| health_run(s, &cfg).false_ejections)
+        .sum();
+    println!("{seeds} simulated hours, 3 voters and 8 learners that see every backend down: {false_ej} false ejections");
+    assert_eq!(false_ej, 0);
+    let counted = HealthSimConfig {
+        learner_votes_count: true,
+        duration_ms: 600_000,
+        ..cfg.clone()
+    };
+    let planted: u64 = (0..4)
+        .map(|s| health_run(s, &counted).false_ejections)
+        .sum();
+    println!("  if learners' votes counted: {planted} false ejections in 4 x 10 simulated minutes");
+    assert!(planted > 0, "the check must be able to fail");
+    let mut worst = 0;
+    for seed in 0..20 {
+        let r = health_run(
+            seed,
+            &HealthSimConfig {
+                duration_ms: 60_000,
+                kill: Some((1, 20_000)),
+                ..cfg.clone()
+            },
+        );
+        worst = worst.max(
+            r.detect_ejected_ms
+                .expect("the voters ejected the dead backend"),
+        );
+    }
+    println!("  a dead backend with learners around: ejected at worst {worst} ms after it died");
+}
+
 /// Agreed discovery under flapping, failing and disagreeing DNS answers: the pool holds exactly
 /// the addresses in DNS at every step after it formed, and a removed address leaves within
 /// remove_after plus a few intervals. 3 and 5 peers, 200 seeds each (10 simulated minutes).

@@ -33,6 +33,12 @@ pub struct HealthSimConfig {
     pub duration_ms: u64,
     /// Kill this backend at this time (for detection-time runs).
     pub kill: Option<(usize, u64)>,
+    /// Learners that come and go (autoscaled proxies): each is up for a while, then gone, then
+    /// back. They cannot reach any backend (every probe fails), and cast votes as a voter would:
+    /// the agreed pool (which names the voters) must not count them.
+    pub learners: usize,
+    /// Planted: the pool names no voters, so every peer's vote counts (learners' too).
+    pub learner_votes_count: bool,
 }
 
 impl Default for HealthSimConfig {
@@ -53,6 +59,8 @@ impl Default for HealthSimConfig {
             commit_ms: 5,
             duration_ms: 3_600_000,
             kill: None,
+            learners: 0,
+            learner_votes_count: false,
         }
     }
 }
@@ -71,9 +79,26 @@ pub struct HealthReport {
 }
 
 enum Ev {
-    Probe { peer: usize, backend: usize },
-    Beat { from: usize },
-    Commit { change: PoolChange },
+    Probe {
+        peer: usize,
+        backend: usize,
+    },
+    /// A learner starts or stops.
+    Toggle {
+        learner: usize,
+    },
+    /// A learner's probe, in one of its lives.
+    LearnerProbe {
+        learner: usize,
+        backend: usize,
+        life: u64,
+    },
+    Beat {
+        from: usize,
+    },
+    Commit {
+        change: PoolChange,
+    },
     Check,
 }
 
@@ -81,7 +106,11 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let ids: Vec<NodeId> = (0..cfg.peers)
         .map(|i| NodeId::new(format!("p{i}")))
+        .chain((0..cfg.learners).map(|i| NodeId::new(format!("l{i}"))))
         .collect();
+    let total = cfg.peers + cfg.learners;
+    // Learners' lives: up or gone.
+    let mut learner_up = vec![false; cfg.learners];
     let rules = Rules {
         cluster_size: cfg.peers,
         max_ejected_percent: 50,
@@ -89,11 +118,18 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
     let backends: Vec<Backend> = (0..cfg.backends)
         .map(|i| Backend::new(format!("b{i}"), format!("10.0.0.{i}:80"), 1))
         .collect();
-    let mut pool = Pool::default()
-        .apply(&PoolChange::seed(backends), &rules)
-        .unwrap_or_default();
-    let mut local: Vec<Vec<LocalHealth>> =
-        vec![vec![LocalHealth::default(); cfg.backends]; cfg.peers];
+    // With learners, the pool names its voters (as a formed cluster's does).
+    let seed = if cfg.learners > 0 && !cfg.learner_votes_count {
+        PoolChange::Seed {
+            backends,
+            cluster_id: "sim".into(),
+            voters: ids[..cfg.peers].iter().cloned().collect(),
+        }
+    } else {
+        PoolChange::seed(backends)
+    };
+    let mut pool = Pool::default().apply(&seed, &rules).unwrap_or_default();
+    let mut local: Vec<Vec<LocalHealth>> = vec![vec![LocalHealth::default(); cfg.backends]; total];
     let dcfg = DetectorConfig {
         interval_ms: cfg.heartbeat_ms,
         phi_threshold: cfg.phi_threshold,
@@ -131,11 +167,17 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
         let at = rng.gen_range(0..cfg.heartbeat_ms);
         push(&mut queue, &mut events, at, Ev::Beat { from: p });
     }
+    for l in 0..cfg.learners {
+        let at = rng.gen_range(0..30_000);
+        push(&mut queue, &mut events, at, Ev::Toggle { learner: l });
+    }
     push(&mut queue, &mut events, 1_000, Ev::Check);
     let mut report = HealthReport::default();
     let dead_backend = cfg.kill.map(|(b, _)| b);
     let kill_at = cfg.kill.map(|(_, t)| t).unwrap_or(u64::MAX);
     let mut down_on: Vec<bool> = vec![false; cfg.peers];
+    // Probes of learners in the queue that belong to an earlier life.
+    let mut life = vec![0u64; cfg.learners];
     while let Some(Reverse((now, _, idx))) = queue.pop() {
         if now > cfg.duration_ms {
             break;
@@ -144,6 +186,72 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
             continue;
         };
         match ev {
+            Ev::Toggle { learner } => {
+                learner_up[learner] = !learner_up[learner];
+                life[learner] += 1;
+                if learner_up[learner] {
+                    // A new process: fresh local views, probing from now on.
+                    let peer = cfg.peers + learner;
+                    local[peer] = vec![LocalHealth::default(); cfg.backends];
+                    for b in 0..cfg.backends {
+                        let at = now + rng.gen_range(0..cfg.probe_interval_ms);
+                        push(
+                            &mut queue,
+                            &mut events,
+                            at,
+                            Ev::LearnerProbe {
+                                learner,
+                                backend: b,
+                                life: life[learner],
+                            },
+                        );
+                    }
+                }
+                let at = now + rng.gen_range(5_000..120_000);
+                push(&mut queue, &mut events, at, Ev::Toggle { learner });
+            }
+            Ev::LearnerProbe {
+                learner,
+                backend,
+                life: l,
+            } => {
+                if !learner_up[learner] || life[learner] != l {
+                    continue;
+                }
+                let peer = cfg.peers + learner;
+                // It reaches no backend.
+                if let Some(flip) =
+                    local[peer][backend].record(Source::Probe, false, &cfg.thresholds)
+                {
+                    let id = BackendId::new(format!("b{backend}"));
+                    let change = match flip {
+                        Local::Down => PoolChange::VoteDown {
+                            id,
+                            peer: ids[peer].clone(),
+                        },
+                        Local::Up => PoolChange::VoteUp {
+                            id,
+                            peer: ids[peer].clone(),
+                        },
+                    };
+                    push(
+                        &mut queue,
+                        &mut events,
+                        now + cfg.commit_ms,
+                        Ev::Commit { change },
+                    );
+                }
+                push(
+                    &mut queue,
+                    &mut events,
+                    now + cfg.probe_interval_ms,
+                    Ev::LearnerProbe {
+                        learner,
+                        backend,
+                        life: l,
+                    },
+                );
+            }
             Ev::Probe { peer, backend } => {
                 let dead = dead_backend == Some(backend) && now >= kill_at;
                 let ok = !dead && !rng.gen_bool(cfg.loss);

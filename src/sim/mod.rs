@@ -463,6 +463,7 @@ impl Sim {
                 self.blocked.clear();
                 self.cfg.drop = 0.0;
                 self.cfg.duplicate = 0.0;
+                self.cfg.write_failures = 0.0;
                 self.log(|| "faults end: network healed, everyone restarts".into());
                 for n in 0..self.nodes.len() {
                     if !self.nodes[n].up {
