@@ -456,7 +456,7 @@ impl Driver {
                 }
                 _ = beat.tick() => self.heartbeat(),
                 _ = read.tick() => {
-                    if self.node.consensus() == Consensus::NotMember {
+                    if self.node.consensus() == Consensus::NotMember && !self.node.is_catching_up() {
                         self.fetch();
                     } else if self.current.is_none() && self.queue.is_empty() {
                         self.enqueue_catch_up();
@@ -504,7 +504,10 @@ impl Driver {
     /// Form the cluster while no pool is known and this voter votes, else an identity read
     /// (which, while catching up, is the catch-up round).
     fn enqueue_catch_up(&mut self) {
-        if self.node.consensus() == Consensus::NotMember && self.node.learned().exists() {
+        if self.node.consensus() == Consensus::NotMember
+            && self.node.learned().exists()
+            && !self.node.is_catching_up()
+        {
             self.fetch();
             return;
         }

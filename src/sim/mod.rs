@@ -429,7 +429,8 @@ impl Sim {
                 }
                 let outside = self.nodes[node].core.consensus()
                     == crate::core::paxos::Consensus::NotMember
-                    && self.nodes[node].core.learned().exists();
+                    && self.nodes[node].core.learned().exists()
+                    && !self.nodes[node].core.is_catching_up();
                 if self.nodes[node].up && outside {
                     // As the driver does: a node outside the membership asks a voter for the
                     // latest pool instead of running a round.

@@ -199,6 +199,13 @@ impl Node {
         }
     }
 
+    /// Whether this node started without state and has not caught up yet (whether it is a
+    /// voter or not): it finishes that with an identity round through the voters, so that it can
+    /// vote at once if it is made a voter.
+    pub fn is_catching_up(&self) -> bool {
+        matches!(self.mode, Mode::CatchingUp { .. })
+    }
+
     /// The pool learned so far (the highest version committed that this node knows).
     pub fn learned(&self) -> &Pool {
         &self.learned
