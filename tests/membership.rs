@@ -738,3 +738,74 @@ async fn three_voters_and_twenty_learners() {
         (v_kb - v0_kb) / 20.0,
     );
 }
+
+/// Under mutual TLS, a learner with a certificate from the cluster's CA joins without any
+/// membership change, learns and routes; one whose certificate comes from another CA is refused
+/// (and counted) and learns nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learners_join_under_mutual_tls_with_the_clusters_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    shoal_cert(&["ca", "--out", d]);
+    for id in ["a", "b", "c", "l1"] {
+        shoal_cert(&["issue", id, "--ca", d, "--out", d]);
+    }
+    let other = dir.path().join("other");
+    let o = other.to_str().unwrap();
+    shoal_cert(&["ca", "--out", o]);
+    shoal_cert(&["issue", "l2", "--ca", o, "--out", o]);
+    let tls = |ca: &str, certs: &str, id: &str| {
+        format!("[cluster.tls]\nca = \"{ca}/ca.pem\"\ncert = \"{certs}/{id}.pem\"\nkey = \"{certs}/{id}-key.pem\"\n")
+    };
+    let (_bs, seeds) = backends(2).await;
+    let ports: Vec<Ports> = ["a", "b", "c", "l1", "l2"]
+        .iter()
+        .map(|id| Ports::new(id))
+        .collect();
+    let voters: Vec<&Ports> = ports[..3].iter().collect();
+    let mut nodes: Vec<Shoal> = Vec::new();
+    for p in &ports[..3] {
+        nodes.push(peer(
+            p,
+            &voters,
+            "voter",
+            &format!("{}\n{seeds}", tls(d, d, &p.id)),
+        ));
+    }
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    let good = peer(&ports[3], &voters, "learner", &tls(d, d, "l1"));
+    good.wait_ready().await;
+    let (code, _) = get_text(good.proxy, "/via-learner").await.unwrap();
+    assert_eq!(code, 200);
+    let st = admin_json(&good, "/status").await;
+    assert_eq!(st["role"], "learner", "{st}");
+    assert_eq!(ids(&st["members"]), ["a", "b", "c"], "{st}");
+    // A stranger: its own CA trusts nothing of ours and ours nothing of it.
+    let stranger = peer(&ports[4], &voters, "learner", &tls(o, o, "l2"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        get_text(stranger.admin, "/readyz").await.map(|r| r.0).ok(),
+        Some(503),
+        "it knows no pool"
+    );
+    let failures: f64 = {
+        let mut sum = 0.0;
+        for n in &nodes {
+            let m = n.metrics().await;
+            sum += m
+                .lines()
+                .filter(|l| l.starts_with("shoal_peer_auth_failures_total{"))
+                .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+                .sum::<f64>();
+        }
+        sum
+    };
+    assert!(failures >= 1.0, "the stranger's attempts are counted");
+    eventually(Duration::from_secs(5), "a sees one learner", || async {
+        let m = nodes[0].metrics().await;
+        (metric(&m, "shoal_members{role=\"learner\"}") == Some(1.0)).then_some(())
+    })
+    .await;
+}
