@@ -812,6 +812,10 @@ impl PoolDiff {
                 d.changes.push(format!("removed {id}"));
             }
         }
+        if old.learners != new.learners {
+            let names: Vec<&str> = new.learners.iter().map(|n| n.as_str()).collect();
+            d.changes.push(format!("recorded learners {}", names.join(", ")));
+        }
         if old.voters != new.voters {
             let v: Vec<NodeId> = new.voters.iter().cloned().collect();
             let names: Vec<&str> = v.iter().map(|n| n.as_str()).collect();
