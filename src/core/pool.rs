@@ -814,7 +814,8 @@ impl PoolDiff {
         }
         if old.learners != new.learners {
             let names: Vec<&str> = new.learners.iter().map(|n| n.as_str()).collect();
-            d.changes.push(format!("recorded learners {}", names.join(", ")));
+            d.changes
+                .push(format!("recorded learners {}", names.join(", ")));
         }
         if old.voters != new.voters {
             let v: Vec<NodeId> = new.voters.iter().cloned().collect();
@@ -860,6 +861,150 @@ mod tests {
     }
     fn peer(s: &str) -> NodeId {
         NodeId::new(s)
+    }
+
+    fn formed(voters: &[&str]) -> Pool {
+        let backends = (0..3)
+            .map(|i| Backend::new(format!("b{i}"), format!("127.0.0.1:{}", 9000 + i), 1))
+            .collect();
+        Pool::default()
+            .apply(
+                &PoolChange::Seed {
+                    backends,
+                    cluster_id: "x".into(),
+                    voters: voters.iter().map(|v| peer(v)).collect(),
+                },
+                &rules(voters.len()),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn membership_changes_follow_their_rules() {
+        let r = rules(3);
+        let p = formed(&["a", "b", "c"]);
+        assert_eq!(p.epoch, 1);
+        let add = |id: &str, learner: bool| PoolChange::AddPeer {
+            id: peer(id),
+            addr: "10.0.0.4:7001".into(),
+            learner,
+        };
+        // A voter: a new epoch, a new version, its address recorded.
+        let q = p.apply(&add("d", false), &r).unwrap();
+        assert_eq!((q.epoch, q.version), (2, p.version + 1));
+        assert!(q.voters.contains(&peer("d")));
+        assert_eq!(q.addrs[&peer("d")], "10.0.0.4:7001");
+        assert_eq!(
+            q.apply(&add("d", false), &r),
+            Err(ChangeError::PeerExists(peer("d")))
+        );
+        assert!(matches!(
+            p.apply(
+                &PoolChange::AddPeer {
+                    id: peer("D!"),
+                    addr: "x:1".into(),
+                    learner: false
+                },
+                &r
+            ),
+            Err(ChangeError::InvalidPeer(_))
+        ));
+        assert!(matches!(
+            p.apply(
+                &PoolChange::AddPeer {
+                    id: peer("d"),
+                    addr: "nowhere".into(),
+                    learner: false
+                },
+                &r
+            ),
+            Err(ChangeError::InvalidPeer(_))
+        ));
+        // A learner: recorded, the epoch (the quorum) unchanged; promoted by adding it as a voter.
+        let l = p.apply(&add("l", true), &r).unwrap();
+        assert_eq!(l.epoch, p.epoch);
+        assert!(l.learners.contains(&peer("l")) && !l.voters.contains(&peer("l")));
+        let promoted = l.apply(&add("l", false), &r).unwrap();
+        assert!(promoted.voters.contains(&peer("l")) && promoted.learners.is_empty());
+        // Removing a voter: a new epoch, and its votes go with it.
+        let voted = p
+            .apply(
+                &PoolChange::VoteDown {
+                    id: id("b0"),
+                    peer: peer("c"),
+                },
+                &r,
+            )
+            .unwrap();
+        let gone = voted
+            .apply(&PoolChange::RemovePeer { id: peer("c") }, &r)
+            .unwrap();
+        assert_eq!(gone.epoch, 2);
+        assert!(gone.backends[&id("b0")].down_votes.is_empty());
+        assert_eq!(
+            gone.apply(&PoolChange::RemovePeer { id: peer("c") }, &r),
+            Err(ChangeError::PeerNotFound(peer("c")))
+        );
+        let one = formed(&["a"]);
+        assert_eq!(
+            one.apply(&PoolChange::RemovePeer { id: peer("a") }, &r),
+            Err(ChangeError::LastVoter(peer("a")))
+        );
+        // No membership to change before the cluster formed.
+        assert!(matches!(
+            Pool::default().apply(&add("d", false), &r),
+            Err(ChangeError::InvalidPeer(_))
+        ));
+    }
+
+    #[test]
+    fn only_voters_votes_count() {
+        let r = rules(3);
+        let p = formed(&["a", "b", "c"]);
+        // A learner's vote changes nothing, not even the version.
+        let q = p
+            .apply(
+                &PoolChange::VoteDown {
+                    id: id("b0"),
+                    peer: peer("l"),
+                },
+                &r,
+            )
+            .unwrap();
+        assert_eq!(q, p);
+        // Two of three voters eject (cap 1 of 3).
+        let q = q
+            .apply(
+                &PoolChange::VoteDown {
+                    id: id("b0"),
+                    peer: peer("a"),
+                },
+                &r,
+            )
+            .unwrap();
+        assert_eq!(q.backends[&id("b0")].state, BackendState::Active);
+        let q = q
+            .apply(
+                &PoolChange::VoteDown {
+                    id: id("b0"),
+                    peer: peer("b"),
+                },
+                &r,
+            )
+            .unwrap();
+        assert_eq!(q.backends[&id("b0")].state, BackendState::Ejected);
+        // After growing to five voters the same two votes are no majority: restored.
+        let add = |id: &str| PoolChange::AddPeer {
+            id: peer(id),
+            addr: "h:1".into(),
+            learner: false,
+        };
+        let q = q
+            .apply(&add("d"), &r)
+            .unwrap()
+            .apply(&add("e"), &r)
+            .unwrap();
+        assert_eq!(q.backends[&id("b0")].state, BackendState::Active);
     }
 
     #[test]
