@@ -29,7 +29,8 @@ fn commit(p: &mut Proposer, accs: &mut BTreeMap<NodeId, Acceptor>, change: PoolC
                 }
             }
             Action::Done(o) => return o,
-            Action::SaveCounter(_) => {}
+            // No membership change in this bench.
+            Action::SaveCounter(_) | Action::Moved(_) => {}
         }
         i += 1;
     }

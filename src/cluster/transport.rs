@@ -30,6 +30,8 @@ use crate::core::pool::NodeId;
 use crate::telemetry as names;
 
 /// What peers say to each other.
+// Most frames are Paxos messages, which carry a pool; boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Body {

@@ -62,6 +62,8 @@ pub enum Action {
 /// Counters reserved per write, so a proposer persists once per this many rounds.
 const RESERVE: u64 = 1_000;
 
+// One per proposer: the accepted value lives inline rather than in a box of its own.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Phase {
     /// Waiting to start the next attempt.
