@@ -588,6 +588,19 @@ async fn learners_follow_route_and_never_count() {
     // ... and they keep routing.
     let (code, _) = get_text(nodes[4].proxy, "/still").await.unwrap();
     assert_eq!(code, 200);
+
+    // A learner that goes away for good leaves the voters' tables after 10 x dead_after (20 s).
+    nodes[3].kill9();
+    eventually(Duration::from_secs(40), "l1 forgotten by a", || async {
+        let rows = admin_json(&nodes[0], "/peers").await;
+        let ids: Vec<String> = rows
+            .as_array()?
+            .iter()
+            .filter_map(|r| r["id"].as_str().map(str::to_string))
+            .collect();
+        (!ids.contains(&"l1".to_string()) && ids.contains(&"l2".to_string())).then_some(())
+    })
+    .await;
 }
 
 /// CPU time (user + system) and bytes written so far by a process, from /proc.

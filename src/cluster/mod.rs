@@ -671,6 +671,31 @@ impl Driver {
         }
     }
 
+    /// Learners that left (autoscaled away) leave the peer table and their link once silent
+    /// for ten times `dead_after`: members and configured peers stay.
+    fn forget_gone_learners(&mut self, now: u64, voters: &[NodeId]) {
+        let after = self.detector_cfg.dead_after_ms * 10;
+        let learned = self.node.learned();
+        let gone: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| {
+                !voters.contains(id)
+                    && !learned.learners.contains(*id)
+                    && !self.configured.contains_key(*id)
+                    && p.state == PeerState::Dead
+                    && now.saturating_sub(p.detector.last_seen().unwrap_or(0)) > after
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            tracing::info!(peer = %id, "learner gone: forgotten");
+            self.peers.remove(&id);
+            self.node.remove_listener(&id);
+            self.transport.forget(&id);
+        }
+    }
+
     /// A pool newer than any before: keep it as the routing hint and route from it.
     fn learned(&mut self, pool: Pool) {
         if pool.epoch != self.published.epoch || !self.published.exists() {
@@ -756,6 +781,7 @@ impl Driver {
         let now = self.now_ms();
         let mut views = Vec::with_capacity(self.peers.len());
         let voters = self.node.voters();
+        self.forget_gone_learners(now, &voters);
         // This peer counts if it votes.
         let mut alive = usize::from(self.node.consensus() == Consensus::Voting);
         let mut dead = Vec::new();

@@ -239,6 +239,12 @@ impl Transport {
         ));
     }
 
+    /// Drop the link to `id` (its task ends): a learner that left.
+    pub fn forget(&self, id: &NodeId) {
+        let mut links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.remove(id);
+    }
+
     /// The peers this transport has links to.
     pub fn known(&self) -> Vec<NodeId> {
         let links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());

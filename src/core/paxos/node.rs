@@ -613,6 +613,13 @@ impl Node {
         }
     }
 
+    /// Stop pushing to `peer` (a learner that left), unless it is a member.
+    pub fn remove_listener(&mut self, peer: &NodeId) {
+        if !self.learned.voters.contains(peer) && !self.learned.learners.contains(peer) {
+            self.peers.remove(peer);
+        }
+    }
+
     /// Push learned pools to `peer` too (a learner that connected: learners need no record in
     /// the membership to follow the cluster).
     pub fn add_listener(&mut self, peer: NodeId) {
