@@ -108,6 +108,9 @@ struct Op {
     attempt: u32,
     /// An accept carrying a real change was sent: a failure now leaves the outcome unknown.
     sent_change: bool,
+    /// Acceptors that refused the current phase's ballot: the round goes on while the others
+    /// can still make a quorum.
+    refused: BTreeSet<NodeId>,
     phase: Phase,
     wake_at: u64,
 }
@@ -265,6 +268,7 @@ impl Proposer {
             started: now,
             attempt: 0,
             sent_change: false,
+            refused: BTreeSet::new(),
             phase: Phase::Backoff,
             wake_at: now,
         });
@@ -301,6 +305,7 @@ impl Proposer {
             ballot: ballot.clone(),
             promises: BTreeMap::new(),
         };
+        op.refused.clear();
         op.wake_at = now + self.cfg.phase_timeout;
         for a in &self.acceptors {
             out.push(Action::Send(
@@ -416,6 +421,7 @@ impl Proposer {
                     result,
                     oks: BTreeSet::new(),
                 };
+                op.refused.clear();
                 op.wake_at = now + self.cfg.phase_timeout;
                 for a in &self.acceptors {
                     out.push(Action::Send(
@@ -465,6 +471,12 @@ impl Proposer {
                 }
                 // Fast-forward past the ballot that beat us, so the next attempt can win.
                 self.counter = self.counter.max(seen.counter);
+                op.refused.insert(from.clone());
+                // The others may still make a quorum (a refusal from one acceptor that saw a
+                // competing round does not undo the answers of the rest): wait for them.
+                if self.acceptors.len().saturating_sub(op.refused.len()) >= majority {
+                    return;
+                }
                 self.conflicts += 1;
                 self.retry_later(now, out);
             }
