@@ -936,6 +936,15 @@ fn cluster_rules(c: &mut Checker, cl: &ClusterConfig, me: &NodeId) {
     c.rule(phi > 0.0 && phi <= 100.0, "cluster.phi_threshold", || {
         format!("must be above 0 and at most 100, got {phi}")
     });
+    let others = cl.peers.iter().filter(|p| p.id != *me).count();
+    c.rule(
+        cl.role == Role::Voter || others > 0,
+        "cluster.peers",
+        || {
+            "a learner (cluster.role = \"learner\") needs the voters to follow in cluster.peers"
+                .into()
+        },
+    );
     let mut seen = BTreeSet::new();
     for (i, p) in cl.peers.iter().enumerate() {
         let (key, id) = (format!("cluster.peers[{i}]"), p.id.as_str());
@@ -1200,6 +1209,27 @@ mod tests {
             ),
             "{errs}"
         );
+    }
+
+    #[test]
+    fn a_learner_needs_voters() {
+        let errs = parse(
+            r#"
+            [node]
+            id = "l"
+            [cluster]
+            role = "learner"
+            "#,
+        )
+        .unwrap_err()
+        .0
+        .join("\n");
+        assert!(errs.contains("cluster.peers: a learner"), "{errs}");
+        let errs = parse("[node]\nid = \"l\"\n[cluster]\nrole = \"boss\"\n")
+            .unwrap_err()
+            .0
+            .join("\n");
+        assert!(errs.contains("cluster.role"), "{errs}");
     }
 
     #[test]
