@@ -144,10 +144,15 @@ fn parse_ms(s: &str) -> f64 {
     }
 }
 
-fn wrk(name: &str, port: u16, pids: &[u32], secs: u64, conns: u64) -> Result {
+fn wrk(name: &str, port: u16, path: &str, pids: &[u32], secs: u64, conns: u64) -> Result {
     // Warm up connections and caches.
     let _ = Command::new("wrk")
-        .args(["-t1", "-c16", "-d1s", &format!("http://127.0.0.1:{port}/")])
+        .args([
+            "-t1",
+            "-c16",
+            "-d1s",
+            &format!("http://127.0.0.1:{port}{path}"),
+        ])
         .output();
     let cpu0 = cpu_seconds(pids);
     let out = Command::new("wrk")
@@ -156,7 +161,7 @@ fn wrk(name: &str, port: u16, pids: &[u32], secs: u64, conns: u64) -> Result {
             &format!("-c{conns}"),
             &format!("-d{secs}s"),
             "--latency",
-            &format!("http://127.0.0.1:{port}/"),
+            &format!("http://127.0.0.1:{port}{path}"),
         ])
         .output()
         .expect("wrk (apt-get install wrk)");
@@ -220,14 +225,17 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
 
-    // Three backends: nginx, one worker each, a small fixed answer.
+    // Three backends: nginx, one worker each, a small fixed answer at /, a 1 MiB file at /big.
+    let big = dir.join("big.bin");
+    std::fs::write(&big, vec![b'x'; 1 << 20]).unwrap();
     let backend_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let _backends: Vec<Proc> = backend_ports
         .iter()
         .enumerate()
         .map(|(i, p)| {
             nginx(dir, &format!("backend{i}"), &format!(
-                "  server {{ listen 127.0.0.1:{p}; location / {{ return 200 \"hello from backend {i}\\n\"; }} }}"
+                "  server {{ listen 127.0.0.1:{p}; location / {{ return 200 \"hello from backend {i}\\n\"; }} location = /big {{ alias {}; }} }}",
+                big.display()
             ))
         })
         .collect();
@@ -309,12 +317,38 @@ fn main() {
         "e2e: wrk -t1 -c{conns} -d{secs}s, 3 nginx backends, median of {rounds} interleaved rounds per proxy; shoal binary {}",
         shoal.display()
     );
+    table(
+        "small answers, keep-alive",
+        "/",
+        None,
+        &targets,
+        (secs, conns, rounds),
+    );
+    table(
+        "1 MiB responses, keep-alive",
+        "/big",
+        Some(1 << 20),
+        &targets,
+        (secs, conns.min(16), rounds),
+    );
+}
+
+/// One comparison: every proxy on `path`, in interleaved rounds; medians, and ratios to nginx
+/// and to the better of nginx and HAProxy. With `bytes`, throughput is also given in MiB per
+/// CPU-second (each response is that long).
+fn table(
+    title: &str,
+    path: &str,
+    bytes: Option<u64>,
+    targets: &[(&str, u16, Vec<u32>)],
+    (secs, conns, rounds): (u64, u64, u64),
+) {
     // Rounds interleave the proxies (nginx, haproxy, shoal, nginx, ...) so that drift in the
     // machine's state hits all alike; each figure is the median of its rounds.
     let mut runs: Vec<Vec<Result>> = targets.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
         for (i, (name, port, pids)) in targets.iter().enumerate() {
-            runs[i].push(wrk(name, *port, pids, secs, conns));
+            runs[i].push(wrk(name, *port, path, pids, secs, conns));
         }
     }
     let median = |mut v: Vec<f64>| {
@@ -323,7 +357,7 @@ fn main() {
     };
     let results: Vec<Result> = runs
         .into_iter()
-        .zip(&targets)
+        .zip(targets)
         .map(|(rs, (name, _, _))| Result {
             name: name.to_string(),
             rps: median(rs.iter().map(|r| r.rps).collect()),
@@ -341,8 +375,14 @@ fn main() {
         .find(|r| r.name == "nginx")
         .map(|r| (r.rps, r.p99_ms, r.per_cpu_s))
         .unwrap();
+    let best = results
+        .iter()
+        .filter(|r| r.name != "shoal")
+        .map(|r| r.per_cpu_s)
+        .fold(0.0, f64::max);
+    println!("\n{title} ({path}, -c{conns})");
     println!(
-        "{:<8} {:>10} {:>9} {:>9} {:>12} {:>8} {:>8} {:>10} {:>9}",
+        "{:<8} {:>10} {:>9} {:>9} {:>12} {:>8} {:>8} {:>10} {:>10} {:>9}{}",
         "proxy",
         "req/s",
         "p50 ms",
@@ -351,11 +391,16 @@ fn main() {
         "rps/ng",
         "p99/ng",
         "cpu-eff/ng",
-        "peak MiB"
+        "cpu/best",
+        "peak MiB",
+        if bytes.is_some() { "  MiB/CPU-s" } else { "" }
     );
     for (r, mib) in results.iter().zip(&rss) {
+        let per_byte = bytes
+            .map(|b| format!("  {:>10.0}", r.per_cpu_s * b as f64 / (1 << 20) as f64))
+            .unwrap_or_default();
         println!(
-            "{:<8} {:>10.0} {:>9.3} {:>9.3} {:>12.0} {:>8.2} {:>8.2} {:>10.2} {:>9.1}",
+            "{:<8} {:>10.0} {:>9.3} {:>9.3} {:>12.0} {:>8.2} {:>8.2} {:>10.2} {:>10.2} {:>9.1}{per_byte}",
             r.name,
             r.rps,
             r.p50_ms,
@@ -364,6 +409,7 @@ fn main() {
             r.rps / base.0,
             r.p99_ms / base.1,
             r.per_cpu_s / base.2,
+            r.per_cpu_s / best,
             mib
         );
     }
