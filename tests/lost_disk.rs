@@ -43,13 +43,7 @@ fn restart(s: &mut Shoal, args: &[&str]) {
 }
 
 async fn add(s: &Shoal, id: &str, addr: &str) -> (u16, serde_json::Value) {
-    admin_call(
-        s.admin,
-        "POST",
-        "/pool/backends",
-        Some(json!({"addr": addr, "id": id})),
-    )
-    .await
+    add_backend(s, id, addr).await
 }
 
 async fn consensus_is(s: &Shoal, want: &str, within: Duration) {

@@ -62,6 +62,21 @@ fn peer_env(p: &Ports, known: &[&Ports], role: &str, extra: &str, env: &[(&str, 
     s
 }
 
+/// Ports for `ids`, and the first three started as the voters that form the cluster (each with
+/// `extra(id)` in its config), ready.
+async fn form(ids: &[&str], extra: impl Fn(&str) -> String) -> (Vec<Ports>, Vec<Shoal>) {
+    let ports: Vec<Ports> = ids.iter().map(|id| Ports::new(id)).collect();
+    let first: Vec<&Ports> = ports[..3].iter().collect();
+    let nodes: Vec<Shoal> = ports[..3]
+        .iter()
+        .map(|p| peer(p, &first, "voter", &extra(&p.id)))
+        .collect();
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    (ports, nodes)
+}
+
 async fn admin_json(s: &Shoal, path: &str) -> serde_json::Value {
     match get_text(s.admin, path).await {
         Ok((200, text)) => serde_json::from_str(&text).unwrap_or_default(),
@@ -104,16 +119,6 @@ fn cli(admin: SocketAddr, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-async fn add_backend(s: &Shoal, id: &str, addr: &str) -> (u16, serde_json::Value) {
-    admin_call(
-        s.admin,
-        "POST",
-        "/pool/backends",
-        Some(json!({"addr": addr, "id": id})),
-    )
-    .await
 }
 
 /// Traffic through every proxy in turn and a client that keeps changing the pool through
@@ -214,18 +219,8 @@ async fn backends(n: usize) -> (Vec<Backend>, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grow_three_to_five_and_shrink_back_while_serving() {
     let (_bs, seeds) = backends(3).await;
-    let ports: Vec<Ports> = ["a", "b", "c", "d", "e"]
-        .iter()
-        .map(|id| Ports::new(id))
-        .collect();
+    let (ports, mut nodes) = form(&["a", "b", "c", "d", "e"], |_| seeds.clone()).await;
     let first: Vec<&Ports> = ports[..3].iter().collect();
-    let mut nodes: Vec<Shoal> = Vec::new();
-    for p in &ports[..3] {
-        nodes.push(peer(p, &first, "voter", &seeds));
-    }
-    for n in &nodes {
-        n.wait_ready().await;
-    }
     all_see_voters(
         &nodes.iter().collect::<Vec<_>>(),
         &["a", "b", "c"],
@@ -401,18 +396,7 @@ async fn grow_three_to_five_and_shrink_back_while_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replace_a_dead_voter_on_a_new_host() {
     let (_bs, seeds) = backends(2).await;
-    let ports: Vec<Ports> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|id| Ports::new(id))
-        .collect();
-    let first: Vec<&Ports> = ports[..3].iter().collect();
-    let mut nodes: Vec<Shoal> = Vec::new();
-    for p in &ports[..3] {
-        nodes.push(peer(p, &first, "voter", &seeds));
-    }
-    for n in &nodes {
-        n.wait_ready().await;
-    }
+    let (ports, mut nodes) = form(&["a", "b", "c", "d"], |_| seeds.clone()).await;
     let (code, _) = add_backend(&nodes[0], "before", "127.0.0.1:1").await;
     assert_eq!(code, 201);
     let load = Load::start(

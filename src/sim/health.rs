@@ -102,6 +102,16 @@ enum Ev {
     Check,
 }
 
+/// The vote a peer proposes when its local view of backend `b{backend}` flips.
+fn vote(flip: Local, backend: usize, peer: &NodeId) -> PoolChange {
+    let id = BackendId::new(format!("b{backend}"));
+    let peer = peer.clone();
+    match flip {
+        Local::Down => PoolChange::VoteDown { id, peer },
+        Local::Up => PoolChange::VoteUp { id, peer },
+    }
+}
+
 pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let ids: Vec<NodeId> = (0..cfg.peers)
@@ -223,17 +233,7 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
                 if let Some(flip) =
                     local[peer][backend].record(Source::Probe, false, &cfg.thresholds)
                 {
-                    let id = BackendId::new(format!("b{backend}"));
-                    let change = match flip {
-                        Local::Down => PoolChange::VoteDown {
-                            id,
-                            peer: ids[peer].clone(),
-                        },
-                        Local::Up => PoolChange::VoteUp {
-                            id,
-                            peer: ids[peer].clone(),
-                        },
-                    };
+                    let change = vote(flip, backend, &ids[peer]);
                     push(
                         &mut queue,
                         &mut events,
@@ -266,17 +266,7 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
                             report.detect_local_ms = Some(now - kill_at);
                         }
                     }
-                    let id = BackendId::new(format!("b{backend}"));
-                    let change = match flip {
-                        Local::Down => PoolChange::VoteDown {
-                            id,
-                            peer: ids[peer].clone(),
-                        },
-                        Local::Up => PoolChange::VoteUp {
-                            id,
-                            peer: ids[peer].clone(),
-                        },
-                    };
+                    let change = vote(flip, backend, &ids[peer]);
                     push(
                         &mut queue,
                         &mut events,

@@ -584,6 +584,18 @@ pub async fn admin_call(
     }
 }
 
+/// `POST /pool/backends` with an id and an address.
+#[allow(dead_code)]
+pub async fn add_backend(s: &Shoal, id: &str, addr: &str) -> (u16, serde_json::Value) {
+    admin_call(
+        s.admin,
+        "POST",
+        "/pool/backends",
+        Some(serde_json::json!({"addr": addr, "id": id})),
+    )
+    .await
+}
+
 /// `[[backends]]` tables seeding these backends (id = name).
 pub fn backends_toml(bs: &[&Backend]) -> String {
     bs.iter()
