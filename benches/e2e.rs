@@ -144,6 +144,66 @@ fn parse_ms(s: &str) -> f64 {
     }
 }
 
+/// HTTP/2 clients: `h2load` over cleartext HTTP/2 (prior knowledge), `conns` connections with
+/// 100 streams each, for `secs`. h2load gives no percentiles: p50 is its mean, p99 its max.
+fn h2load(name: &str, port: u16, pids: &[u32], secs: u64, conns: u64) -> Result {
+    let url = format!("http://127.0.0.1:{port}/");
+    let _ = Command::new("h2load")
+        .args(["-c4", "-m100", "-D", "1", &url])
+        .output();
+    let cpu0 = cpu_seconds(pids);
+    let out = Command::new("h2load")
+        .args([
+            &format!("-c{conns}"),
+            "-m100",
+            "-D",
+            &secs.to_string(),
+            &url,
+        ])
+        .output()
+        .expect("h2load (apt-get install nghttp2-client)");
+    let cpu = cpu_seconds(pids) - cpu0;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (mut rps, mut done, mut mean, mut max) = (0.0, 0.0, 0.0, 0.0);
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(rest) = l.strip_prefix("finished in") {
+            rps = rest
+                .split(',')
+                .nth(1)
+                .and_then(|v| v.trim().strip_suffix(" req/s"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0);
+        } else if let Some(rest) = l.strip_prefix("requests:") {
+            // "N total, N started, N done, N succeeded, ..."
+            done = rest
+                .split(',')
+                .find_map(|f| f.trim().strip_suffix(" succeeded"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0);
+            let failed: u64 = rest
+                .split(',')
+                .find_map(|f| f.trim().strip_suffix(" failed"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if failed > 0 {
+                eprintln!("{name}: {l}");
+            }
+        } else if let Some(rest) = l.strip_prefix("time for request:") {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            max = f.get(1).map(|v| parse_ms(v)).unwrap_or(0.0);
+            mean = f.get(2).map(|v| parse_ms(v)).unwrap_or(0.0);
+        }
+    }
+    Result {
+        name: name.to_string(),
+        rps,
+        p50_ms: mean,
+        p99_ms: max,
+        per_cpu_s: if cpu > 0.0 { done / cpu } else { 0.0 },
+    }
+}
+
 fn wrk(name: &str, port: u16, path: &str, pids: &[u32], secs: u64, conns: u64) -> Result {
     // Warm up connections and caches.
     let _ = Command::new("wrk")
@@ -253,9 +313,16 @@ fn main() {
         "  upstream pool {{\n{servers}    keepalive 128;\n  }}\n  server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://pool; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}"
     ));
     wait_port("nginx proxy", nginx_port);
+    // The same proxy for HTTP/2 clients (cleartext, prior knowledge).
+    let nginx_h2_port = free_port();
+    let nginx_h2 = nginx(dir, "proxy-h2", &format!(
+        "  upstream pool {{\n{servers}    keepalive 128;\n  }}\n  http2_max_concurrent_streams 128;\n  server {{ listen 127.0.0.1:{nginx_h2_port} http2; location / {{ proxy_pass http://pool; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}"
+    ));
+    wait_port("nginx h2 proxy", nginx_h2_port);
 
-    // HAProxy: one thread, round robin, connection reuse.
+    // HAProxy: one thread, round robin, connection reuse (and an h2c frontend).
     let haproxy_port = free_port();
+    let haproxy_h2_port = free_port();
     let hcfg = dir.join("haproxy.cfg");
     let hservers: String = backend_ports
         .iter()
@@ -265,7 +332,7 @@ fn main() {
     std::fs::write(
         &hcfg,
         format!(
-            "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n  option forwardfor\nfrontend fe\n  bind 127.0.0.1:{haproxy_port}\n  default_backend be\nbackend be\n  balance roundrobin\n{hservers}"
+            "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n  option forwardfor\nfrontend fe\n  bind 127.0.0.1:{haproxy_port}\n  default_backend be\nfrontend fe2\n  bind 127.0.0.1:{haproxy_h2_port} proto h2\n  default_backend be\nbackend be\n  balance roundrobin\n{hservers}"
         ),
     )
     .unwrap();
@@ -331,6 +398,29 @@ fn main() {
         &targets,
         (secs, conns.min(16), rounds),
     );
+    let have_h2load = Command::new("h2load")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_h2load {
+        let h2_targets: Vec<(&str, u16, Vec<u32>)> = vec![
+            ("nginx", nginx_h2_port, children(nginx_h2.0.id())),
+            ("haproxy", haproxy_h2_port, targets[1].2.clone()),
+            ("shoal", targets[2].1, targets[2].2.clone()),
+        ];
+        let h2_conns = 4;
+        table_of(
+            "HTTP/2 clients (h2load, h2c, 4 connections x 100 streams; p50 = mean, p99 = max)",
+            "/",
+            None,
+            &h2_targets,
+            rounds,
+            h2_conns,
+            |name, port, pids| h2load(name, port, pids, secs, h2_conns),
+        );
+    } else {
+        eprintln!("e2e: h2load not installed (apt-get install nghttp2-client); no HTTP/2 table");
+    }
 }
 
 /// One comparison: every proxy on `path`, in interleaved rounds; medians, and ratios to nginx
@@ -343,12 +433,26 @@ fn table(
     targets: &[(&str, u16, Vec<u32>)],
     (secs, conns, rounds): (u64, u64, u64),
 ) {
+    let run = |name: &str, port: u16, pids: &[u32]| wrk(name, port, path, pids, secs, conns);
+    table_of(title, path, bytes, targets, rounds, conns, run);
+}
+
+/// `table` with any load generator (`run` measures one proxy once).
+fn table_of(
+    title: &str,
+    path: &str,
+    bytes: Option<u64>,
+    targets: &[(&str, u16, Vec<u32>)],
+    rounds: u64,
+    conns: u64,
+    run: impl Fn(&str, u16, &[u32]) -> Result,
+) {
     // Rounds interleave the proxies (nginx, haproxy, shoal, nginx, ...) so that drift in the
     // machine's state hits all alike; each figure is the median of its rounds.
     let mut runs: Vec<Vec<Result>> = targets.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
         for (i, (name, port, pids)) in targets.iter().enumerate() {
-            runs[i].push(wrk(name, *port, path, pids, secs, conns));
+            runs[i].push(run(name, *port, pids));
         }
     }
     let median = |mut v: Vec<f64>| {
