@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::detector::PeerView;
-use crate::core::pool::{Backend, BackendId, ChangeError, NodeId, Pool, PoolChange};
+use crate::core::pool::{Backend, BackendId, ChangeError, NodeId, Pool, PoolChange, Protocol};
 
 /// Why a pool change did not commit, as the admin API needs to know it.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +220,7 @@ pub fn pool_json(pool: &Pool) -> serde_json::Value {
                 "addr": b.addr,
                 "weight": b.weight,
                 "state": b.state.as_str(),
+                "protocol": b.protocol.as_str(),
             })
         })
         .collect();
@@ -242,6 +243,8 @@ struct AddBody {
     #[serde(default = "one")]
     weight: u32,
     id: Option<String>,
+    /// "http1" (default) or "h2".
+    protocol: Option<String>,
 }
 
 fn one() -> u32 {
@@ -377,8 +380,13 @@ impl Admin {
             }
             (&Method::POST, ["pool", "backends"]) => {
                 let body: AddBody = read_json(req).await?;
+                let protocol = match body.protocol.as_deref() {
+                    None => Protocol::Http1,
+                    Some(p) => p.parse().map_err(invalid)?,
+                };
                 let backend = Backend::checked(body.id.as_deref(), &body.addr, body.weight)
-                    .map_err(invalid)?;
+                    .map_err(invalid)?
+                    .with_protocol(protocol);
                 self.commit(PoolChange::AddBackend { backend }, StatusCode::CREATED)
                     .await
             }

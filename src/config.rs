@@ -345,6 +345,8 @@ struct BackendEntry {
     weight: u64,
     #[serde(default, deserialize_with = "text")]
     id: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    protocol: Option<String>,
 }
 
 fn one() -> u64 {
@@ -1010,6 +1012,14 @@ fn backends(c: &mut Checker, entries: Vec<BackendEntry>) -> Option<Vec<Backend>>
         {
             c.err(&key(err.field()), err);
         }
+        let protocol = match e.protocol.as_deref().map(str::parse::<pool::Protocol>) {
+            None => pool::Protocol::Http1,
+            Some(Ok(p)) => p,
+            Some(Err(err)) => {
+                c.err(&key("protocol"), err);
+                continue;
+            }
+        };
         let (Ok(weight), Ok(addr)) = (weight, addr) else {
             continue;
         };
@@ -1026,7 +1036,7 @@ fn backends(c: &mut Checker, entries: Vec<BackendEntry>) -> Option<Vec<Backend>>
         c.rule(addrs.insert(addr.clone()), &key("addr"), || {
             format!("duplicate backend address {addr:?}")
         });
-        out.push(Backend::new(id.0, addr, weight));
+        out.push(Backend::new(id.0, addr, weight).with_protocol(protocol));
     }
     (c.errors.len() == before).then_some(out)
 }
@@ -1160,11 +1170,20 @@ mod tests {
             [[backends]]
             addr = "127.0.0.1:9002"
             weight = 0
+            [[backends]]
+            addr = "127.0.0.1:9003"
+            protocol = "h3"
             "#,
         )
         .unwrap_err()
         .0;
         let all = errs.join("\n");
+        assert!(
+            all.contains(
+                r#"backends[2].protocol: unknown protocol "h3" (expected "http1" or "h2")"#
+            ),
+            "{all}"
+        );
         assert!(all.contains("node.colour: unknown key"), "{all}");
         assert!(all.contains(r#"balance.hash_key: unknown source "foo" (expected header:NAME, cookie:NAME, query:NAME, path or client_ip)"#), "{all}");
         assert!(all.contains("health.interval: bad duration"), "{all}");
@@ -1172,7 +1191,7 @@ mod tests {
             all.contains("backends[1].weight: must be 1..=1000, got 0"),
             "{all}"
         );
-        assert_eq!(errs.len(), 4, "{all}");
+        assert_eq!(errs.len(), 5, "{all}");
     }
 
     #[test]

@@ -189,6 +189,9 @@ enum PoolOp {
         /// The backend's id (default: its address).
         #[arg(long)]
         id: Option<String>,
+        /// "http1" (default) or "h2" (HTTP/2 to the backend: h2c, or ALPN h2 for https://).
+        #[arg(long)]
+        protocol: Option<String>,
     },
     /// Remove a backend.
     Remove {
@@ -307,10 +310,18 @@ fn main() -> ExitCode {
         Command::Pool { op, admin } => {
             let req = match op {
                 PoolOp::List => shoal::client::Request::get("/pool"),
-                PoolOp::Add { addr, weight, id } => {
+                PoolOp::Add {
+                    addr,
+                    weight,
+                    id,
+                    protocol,
+                } => {
                     let mut body = serde_json::json!({ "addr": addr, "weight": weight });
                     if let Some(id) = id {
                         body["id"] = id.into();
+                    }
+                    if let Some(p) = protocol {
+                        body["protocol"] = p.into();
                     }
                     shoal::client::Request::with_body("POST", "/pool/backends", body)
                 }

@@ -1,5 +1,5 @@
 //! Sockets every shell shares: accepting with backoff, and dialing a backend (TCP, optional TLS,
-//! HTTP/1.1 handshake). A leaf: it knows nothing of pools, routing or peers.
+//! an HTTP/1.1 or HTTP/2 handshake). A leaf: it knows nothing of pools, routing or peers.
 
 use std::error::Error as StdError;
 use std::io;
@@ -9,8 +9,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -50,15 +54,19 @@ pub struct Target {
     authority: String,
     /// Some when the backend speaks TLS (`https://host:port`).
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// Speak HTTP/2 (prior knowledge over TCP, or what ALPN chose over TLS).
+    h2: bool,
 }
 
 impl Target {
-    /// A target from a pool address: `host:port`, or `https://host:port` (needs `tls`).
-    pub fn parse(addr: &str, tls: Option<&TlsConnector>) -> Result<Target, TargetError> {
+    /// A target from a pool address: `host:port`, or `https://host:port` (needs `tls`, whose
+    /// ALPN list should offer what `h2` asks for), spoken to with HTTP/2 when `h2`.
+    pub fn parse(addr: &str, tls: Option<&TlsConnector>, h2: bool) -> Result<Target, TargetError> {
         let Some(rest) = addr.strip_prefix("https://") else {
             return Ok(Target {
                 authority: addr.to_string(),
                 tls: None,
+                h2,
             });
         };
         let connector = tls.ok_or(TargetError::NoTls)?.clone();
@@ -71,6 +79,7 @@ impl Target {
         Ok(Target {
             authority: rest.to_string(),
             tls: Some((connector, name)),
+            h2,
         })
     }
 
@@ -79,7 +88,13 @@ impl Target {
         Target {
             authority: String::new(),
             tls: None,
+            h2: false,
         }
+    }
+
+    /// Whether connections to it are HTTP/2 (shared by many requests at once).
+    pub fn is_h2(&self) -> bool {
+        self.h2
     }
 
     /// `host:port`, as a Host header for requests that arrived without one.
@@ -87,10 +102,11 @@ impl Target {
         &self.authority
     }
 
-    /// A new HTTP/1.1 connection; its driver runs as a task on the calling runtime.
-    pub async fn connect<B>(&self) -> io::Result<http1::SendRequest<B>>
+    /// A new connection (HTTP/1.1, or HTTP/2 for an h2 target); its driver runs as a task on
+    /// the calling runtime.
+    pub async fn connect<B>(&self) -> io::Result<Sender<B>>
     where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
         let tcp = TcpStream::connect(&self.authority).await?;
@@ -101,18 +117,157 @@ impl Target {
                 BackendIo::Tls(Box::new(connector.connect(name.clone(), tcp).await?))
             }
         };
+        let authority = self.authority.clone();
+        if self.h2 {
+            let default_authority = Authority::try_from(self.authority.as_str())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let (send, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(io::Error::other)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(backend = %authority, error = %e, "backend connection ended");
+                }
+            });
+            let scheme = if self.tls.is_some() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            };
+            return Ok(Sender::H2 {
+                send,
+                scheme,
+                authority: default_authority,
+            });
+        }
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
             .map_err(io::Error::other)?;
-        let authority = self.authority.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(backend = %authority, error = %e, "backend connection ended");
             }
         });
-        Ok(sender)
+        Ok(Sender::H1(sender))
     }
+}
+
+/// A backend connection ready for requests: HTTP/1.1 (one exchange at a time) or HTTP/2 (a
+/// cheap clone per request, all multiplexed on one connection).
+pub enum Sender<B> {
+    H1(http1::SendRequest<B>),
+    H2 {
+        send: http2::SendRequest<B>,
+        /// `:scheme` of every request (https over TLS).
+        scheme: Scheme,
+        /// `:authority` for requests that carry no Host.
+        authority: Authority,
+    },
+}
+
+impl<B> Sender<B> {
+    /// Another handle on the same connection, for an HTTP/2 one (None for HTTP/1, which
+    /// carries one exchange at a time).
+    pub fn share(&self) -> Option<Self> {
+        match self {
+            Sender::H1(_) => None,
+            Sender::H2 {
+                send,
+                scheme,
+                authority,
+            } => Some(Sender::H2 {
+                send: send.clone(),
+                scheme: scheme.clone(),
+                authority: authority.clone(),
+            }),
+        }
+    }
+}
+
+impl<B> Sender<B>
+where
+    B: http_body::Body + Send + 'static,
+{
+    /// Whether the connection is HTTP/2 (shared, not checked out one request at a time).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Sender::H2 { .. })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2 { send, .. } => send.is_closed(),
+        }
+    }
+
+    /// Wait until the connection can take a request (an HTTP/1 one whose previous response is
+    /// still finishing); fails once it has closed.
+    pub async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2 { send, .. } => send.ready().await,
+        }
+    }
+
+    /// Send `req`; a request that was never written comes back in the error. For HTTP/2 the
+    /// request is put in HTTP/2 form first (`:scheme` and `:authority` from the Host field, no
+    /// connection-specific fields).
+    pub async fn try_send_request(
+        &mut self,
+        req: Request<B>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<B>>> {
+        match self {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2 {
+                send,
+                scheme,
+                authority,
+            } => send.try_send_request(h2_form(req, scheme, authority)).await,
+        }
+    }
+}
+
+/// Fields that are connection-specific in HTTP/1 and forbidden in HTTP/2 (RFC 9113 §8.2.2).
+const NOT_IN_H2: [&str; 5] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// An HTTP/1-shaped request in the form an HTTP/2 connection sends: absolute target (so
+/// `:scheme` and `:authority` are set, the latter from Host), no Host field, no
+/// connection-specific fields, TE only as "trailers".
+fn h2_form<B>(mut req: Request<B>, scheme: &Scheme, default: &Authority) -> Request<B> {
+    let headers = req.headers_mut();
+    let authority = headers
+        .remove(header::HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        .unwrap_or_else(|| default.clone());
+    for name in NOT_IN_H2 {
+        headers.remove(name);
+    }
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| te != HeaderValue::from_static("trailers"))
+    {
+        headers.remove(header::TE);
+    }
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(scheme.clone());
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_2;
+    req
 }
 
 /// A backend connection: plain TCP or TLS.

@@ -1,4 +1,5 @@
-//! Active health probes: every backend is probed (GET `health.path` on a fresh connection, 2xx
+//! Active health probes: every backend is probed (GET `health.path` on a fresh connection of the
+//! backend's own protocol, HTTP/1.1 or HTTP/2, 2xx
 //! within `health.timeout` passes) every `health.interval` with ±10% jitter, and each result is
 //! handed to whoever owns the local view. This module knows no routing table and no cluster:
 //! the consumer hands it a `Probed` (its own small seam), and `app` wires the two.
@@ -102,7 +103,7 @@ pub async fn check(target: &Target, path: &str, timeout: Duration) -> bool {
             .header(http::header::CONNECTION, "close")
             .body(Empty::new())
             .ok()?;
-        let resp = sender.send_request(req).await.ok()?;
+        let resp = sender.try_send_request(req).await.ok()?;
         Some(resp.status().is_success())
     };
     matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))

@@ -89,7 +89,7 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerC
 }
 
 /// A client config for upstream TLS: the system's roots (and `SSL_CERT_FILE` if set).
-pub fn upstream_client_config() -> Result<Arc<rustls::ClientConfig>, TlsError> {
+pub fn upstream_client_config(alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(c);
@@ -99,7 +99,7 @@ pub fn upstream_client_config() -> Result<Arc<rustls::ClientConfig>, TlsError> {
         .map_err(TlsError::Unusable)?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(cfg))
 }
 

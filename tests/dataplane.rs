@@ -848,22 +848,19 @@ async fn upstream_tls_backends() {
         assert_eq!(&r.body()[..], b"tls backend saw /over-tls");
     }
     // Health probes go over TLS too, and pass.
+    probes_pass(&s, "secure").await;
+}
+
+/// Wait for three passed probes of `backend`, and none failed.
+async fn probes_pass(s: &Shoal, backend: &str) {
+    let pass = format!("shoal_health_checks_total{{backend=\"{backend}\",result=\"pass\"}}");
+    let fail = format!("shoal_health_checks_total{{backend=\"{backend}\",result=\"fail\"}}");
     let m = eventually(Duration::from_secs(3), "a few probes", || async {
         let m = s.metrics().await;
-        let pass = metric(
-            &m,
-            "shoal_health_checks_total{backend=\"secure\",result=\"pass\"}",
-        );
-        (pass.unwrap_or(0.0) >= 3.0).then_some(m)
+        (metric(&m, &pass).unwrap_or(0.0) >= 3.0).then_some(m)
     })
     .await;
-    assert_eq!(
-        metric(
-            &m,
-            "shoal_health_checks_total{backend=\"secure\",result=\"fail\"}"
-        ),
-        Some(0.0)
-    );
+    assert_eq!(metric(&m, &fail), Some(0.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1275,4 +1272,344 @@ async fn http2_heads_over_the_limit_get_431_and_cookies_are_joined() {
     let v: serde_json::Value =
         serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(v["headers"]["cookie"], "a=1; b=2; session=xyz", "{v}");
+}
+
+/// One request as an HTTP/2 test backend saw it.
+#[derive(Clone, Debug)]
+struct H2Seen {
+    conn: u64,
+    path: String,
+    version: http::Version,
+    te: Option<String>,
+}
+
+/// An HTTP/2-only backend (h2c, or TLS offering only ALPN h2), gRPC-style: `/echo` answers JSON
+/// about the request, `/grpc.Echo/Stream` echoes each request frame as it arrives and ends with
+/// trailers, `/slow` answers after 3 s, anything else (probes) 200. It records every request
+/// and the connection that carried it.
+async fn h2_backend(
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<H2Seen>>>) {
+    use hyper::service::service_fn;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        for conn in 1u64.. {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let (log, tls) = (log.clone(), tls.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let log = log.clone();
+                    async move { Ok::<_, std::convert::Infallible>(h2_serve(req, conn, &log).await) }
+                });
+                let server = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                match tls {
+                    None => {
+                        let _ = server.serve_connection(TokioIo::new(s), svc).await;
+                    }
+                    Some(acceptor) => {
+                        if let Ok(t) = acceptor.accept(s).await {
+                            let _ = server.serve_connection(TokioIo::new(t), svc).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+async fn h2_serve(
+    req: http::Request<hyper::body::Incoming>,
+    conn: u64,
+    log: &std::sync::Mutex<Vec<H2Seen>>,
+) -> http::Response<Body> {
+    let te = req
+        .headers()
+        .get("te")
+        .map(|v| v.to_str().unwrap_or("?").to_string());
+    log.lock().unwrap().push(H2Seen {
+        conn,
+        path: req.uri().path().to_string(),
+        version: req.version(),
+        te,
+    });
+    match req.uri().path() {
+        "/echo" => {
+            let v = serde_json::json!({
+                "version": format!("{:?}", req.version()),
+                "scheme": req.uri().scheme_str(),
+                "authority": req.uri().authority().map(|a| a.to_string()),
+                "host": req.headers().get("host").map(|h| h.to_str().unwrap().to_string()),
+                "xff": req.headers().get("x-forwarded-for").map(|h| h.to_str().unwrap().to_string()),
+            });
+            http::Response::new(full(v.to_string()))
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            http::Response::new(full("late"))
+        }
+        "/grpc.Echo/Stream" => {
+            let (mut tx, body) =
+                http_body_util::channel::Channel::<bytes::Bytes, hyper::Error>::new(4);
+            let mut incoming = req.into_body();
+            tokio::spawn(async move {
+                while let Some(Ok(frame)) = incoming.frame().await {
+                    if let Some(d) = frame.into_data().ok().filter(|d| !d.is_empty()) {
+                        let mut echo = b"echo:".to_vec();
+                        echo.extend_from_slice(&d);
+                        if tx.send_data(echo.into()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                trailers.insert("grpc-message", http::HeaderValue::from_static("done"));
+                let _ = tx.send_trailers(trailers).await;
+            });
+            http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body.boxed())
+                .unwrap()
+        }
+        _ => http::Response::new(full("ok")),
+    }
+}
+
+/// An h2c connection to the proxy (prior knowledge).
+async fn h2c_client(proxy: std::net::SocketAddr) -> hyper::client::conn::http2::SendRequest<Body> {
+    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_backends_multiplex_stream_both_ways_and_pass_trailers() {
+    let (addr, seen) = h2_backend(None).await;
+    let rest = format!(
+        "[health]\ninterval = \"100ms\"\npath = \"/healthz\"\n\
+         [[backends]]\nid = \"grpc\"\naddr = \"{addr}\"\nprotocol = \"h2\"\n"
+    );
+    let s = Shoal::start("workers = 2\nrequest_timeout = \"1s\"", &rest).await;
+
+    // HTTP/1.1 clients reach it over HTTP/2, with :authority from their Host.
+    let v = echo_of(
+        s.proxy,
+        http::Request::get("/echo")
+            .header("host", "app.example:81")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(v["version"], "HTTP/2.0", "{v}");
+    assert_eq!(v["scheme"], "http", "{v}");
+    assert_eq!(v["authority"], "app.example:81", "{v}");
+    assert_eq!(v["xff"], "127.0.0.1", "{v}");
+
+    // Multiplexed: 200 requests from 50 concurrent client connections ride on at most one
+    // backend connection per data-plane worker.
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let proxy = s.proxy;
+        tasks.push(tokio::spawn(async move {
+            let mut c = client(proxy).await;
+            for _ in 0..4 {
+                let req = request("GET", proxy, "/echo").body(empty()).unwrap();
+                let r = c.send_request(req).await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.into_body().collect().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let data: Vec<H2Seen> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path == "/echo")
+        .cloned()
+        .collect();
+    assert_eq!(data.len(), 201);
+    let conns: std::collections::BTreeSet<u64> = data.iter().map(|r| r.conn).collect();
+    assert!(
+        conns.len() <= 2,
+        "201 requests over {} connections",
+        conns.len()
+    );
+
+    // gRPC-style bidirectional streaming over h2c: each message's echo comes back before the
+    // next is sent, and the backend's trailers reach the client.
+    let mut h2 = h2c_client(s.proxy).await;
+    let (mut tx, body) = http_body_util::channel::Channel::<bytes::Bytes, hyper::Error>::new(4);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://app.example/grpc.Echo/Stream")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body.boxed())
+        .unwrap();
+    tx.send_data("one".into()).await.unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), h2.send_request(req))
+        .await
+        .expect("response headers while the request still streams")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    let mut rb = resp.into_body();
+    // The next non-empty data frame, or the trailers (as text).
+    let mut next_data = async || loop {
+        let f = tokio::time::timeout(Duration::from_secs(5), rb.frame())
+            .await
+            .expect("a frame in time")
+            .expect("body not ended")
+            .unwrap();
+        match f.into_data() {
+            Ok(d) if d.is_empty() => continue,
+            Ok(d) => return Some(d),
+            Err(f) => {
+                return f
+                    .into_trailers()
+                    .ok()
+                    .map(|t| bytes::Bytes::from(format!("trailers:{t:?}")))
+            }
+        }
+    };
+    assert_eq!(&next_data().await.unwrap()[..], b"echo:one");
+    tx.send_data("two".into()).await.unwrap();
+    assert_eq!(&next_data().await.unwrap()[..], b"echo:two");
+    drop(tx);
+    let trailers = next_data().await.unwrap();
+    let trailers = String::from_utf8_lossy(&trailers).to_string();
+    assert!(trailers.contains("\"grpc-status\": \"0\""), "{trailers}");
+    assert!(
+        trailers.contains("\"grpc-message\": \"done\""),
+        "{trailers}"
+    );
+    let grpc = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.path == "/grpc.Echo/Stream")
+        .cloned()
+        .unwrap();
+    assert_eq!(grpc.version, http::Version::HTTP_2);
+    assert_eq!(grpc.te.as_deref(), Some("trailers"));
+
+    // The same timeout rule: no response headers within request_timeout is 504.
+    let r = send(
+        s.proxy,
+        request("GET", s.proxy, "/slow").body(empty()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 504);
+
+    // Health probes speak HTTP/2 too (this backend speaks nothing else), and pass.
+    probes_pass(&s, "grpc").await;
+    assert!(seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path == "/healthz")
+        .all(|r| r.version == http::Version::HTTP_2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_backends_over_tls_by_alpn_and_retried_like_any_other() {
+    // A TLS backend that offers only h2 (ALPN), with a certificate from a test CA.
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let ca = write_file(dir.path(), "ca.pem", &ck.cert.pem());
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let (addr, seen) = h2_backend(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await;
+    // And an h2 backend that is down: connect failures go to the next backend, for any method.
+    let dead = free_port();
+    let rest = format!(
+        "[balance]\nalgorithm = \"round_robin\"\n[health]\ninterval = \"1h\"\n\
+         [[backends]]\nid = \"tls-h2\"\naddr = \"https://localhost:{}\"\nprotocol = \"h2\"\n\
+         [[backends]]\nid = \"down\"\naddr = \"127.0.0.1:{dead}\"\nprotocol = \"h2\"\n",
+        addr.port()
+    );
+    let s = Shoal::start_with_env("", &rest, &[("SSL_CERT_FILE", ca.to_str().unwrap())]).await;
+    for _ in 0..6 {
+        let r = send(
+            s.proxy,
+            request("POST", s.proxy, "/echo").body(full("x")).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.body());
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["version"], "HTTP/2.0", "{v}");
+        assert_eq!(v["scheme"], "https", "{v}");
+    }
+    assert_eq!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == "/echo")
+            .count(),
+        6
+    );
+    let m = s.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "shoal_upstream_errors_total{backend=\"down\",kind=\"connect\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "the dead backend was tried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_protocol_is_checked_and_shown() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start("", &backends_toml(&[&a])).await;
+    let (status, body) = admin_call(
+        s.admin,
+        "POST",
+        "/pool/backends",
+        Some(serde_json::json!({"addr": "127.0.0.1:9", "protocol": "h3"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("protocol"), "{body}");
+    let (status, body) = admin_call(
+        s.admin,
+        "POST",
+        "/pool/backends",
+        Some(serde_json::json!({"addr": "127.0.0.1:9", "id": "g", "protocol": "h2"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let g = body["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == "g")
+        .unwrap()
+        .clone();
+    assert_eq!(g["protocol"], "h2");
 }

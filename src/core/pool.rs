@@ -99,6 +99,43 @@ pub struct Backend {
     /// The discovery source that added it (id `NAME/IP:PORT`); None for backends added by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// How the peers talk to it (HTTP/1.1 unless it says `h2`).
+    #[serde(default, skip_serializing_if = "Protocol::is_http1")]
+    pub protocol: Protocol,
+}
+
+/// The protocol spoken to a backend: HTTP/1.1 (one request per connection at a time, kept
+/// alive) or HTTP/2 (`h2`: h2c for `host:port`, ALPN h2 for `https://`; requests multiplexed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http1,
+    H2,
+}
+
+impl Protocol {
+    pub fn is_http1(&self) -> bool {
+        *self == Protocol::Http1
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2 => "h2",
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = InvalidBackend;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "http1" => Ok(Protocol::Http1),
+            "h2" => Ok(Protocol::H2),
+            other => Err(InvalidBackend::Protocol(other.to_string())),
+        }
+    }
 }
 
 impl Backend {
@@ -129,7 +166,14 @@ impl Backend {
             state: BackendState::Active,
             down_votes: BTreeSet::new(),
             source: None,
+            protocol: Protocol::Http1,
         }
+    }
+
+    /// The same backend, spoken to with `protocol`.
+    pub fn with_protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
     }
 }
 
@@ -337,6 +381,8 @@ pub enum InvalidBackend {
     Id(String),
     #[error("must be 1..={MAX_WEIGHT}, got {0}")]
     Weight(u32),
+    #[error("unknown protocol {0:?} (expected \"http1\" or \"h2\")")]
+    Protocol(String),
 }
 
 impl InvalidBackend {
@@ -346,6 +392,7 @@ impl InvalidBackend {
             InvalidBackend::Addr(_) => "addr",
             InvalidBackend::Id(_) => "id",
             InvalidBackend::Weight(_) => "weight",
+            InvalidBackend::Protocol(_) => "protocol",
         }
     }
 }
@@ -839,6 +886,24 @@ impl PoolDiff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backend_protocol_is_stored_only_when_not_http1() {
+        let plain = Backend::new("a", "127.0.0.1:1", 1);
+        let text = serde_json::to_string(&plain).unwrap();
+        assert!(!text.contains("protocol"), "{text}");
+        let back: Backend = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.protocol, Protocol::Http1);
+        let h2 = plain.with_protocol(Protocol::H2);
+        let text = serde_json::to_string(&h2).unwrap();
+        assert!(text.contains(r#""protocol":"h2""#), "{text}");
+        assert_eq!(serde_json::from_str::<Backend>(&text).unwrap(), h2);
+        assert_eq!("h2".parse::<Protocol>(), Ok(Protocol::H2));
+        assert_eq!(
+            "h3".parse::<Protocol>(),
+            Err(InvalidBackend::Protocol("h3".into()))
+        );
+    }
 
     fn rules(n: usize) -> Rules {
         Rules {

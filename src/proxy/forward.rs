@@ -200,6 +200,9 @@ struct Plan {
     pending: Option<Request<RequestBody>>,
     /// What rebuilds a request that was sent, when sending it again is safe.
     template: Option<Template>,
+    /// The client said `TE: trailers` (kept for HTTP/2 backends, gRPC's way of saying it takes
+    /// trailers; removed for HTTP/1 ones, to which it is hop-by-hop).
+    te_trailers: bool,
     /// The client's side of an upgrade, and the Upgrade value forwarded.
     upgrade: Option<(OnUpgrade, HeaderValue)>,
 }
@@ -222,6 +225,7 @@ impl Plan {
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
         let (mut first, upgrade) = rewrite(req, conn, seen)?;
+        let te_trailers = first.headers().contains_key(header::TE);
         // A sent request is sent again only if idempotent, with its body taped (up to 64 KiB)
         // as it streams.
         let replayable = is_idempotent(first.method()) && upgrade.is_none() && settings.retries > 0;
@@ -248,6 +252,7 @@ impl Plan {
             key,
             pending: Some(first),
             template,
+            te_trailers,
             upgrade: client_upgrade.zip(upgrade),
         })
     }
@@ -260,6 +265,9 @@ impl Plan {
             .or_else(|| self.template.as_ref().and_then(Template::build))?;
         if !matches!(request.body(), RequestBody::Empty) {
             request.body_mut().count_into(upstream.request_bytes());
+        }
+        if self.te_trailers && !upstream.target().is_h2() {
+            request.headers_mut().remove(header::TE);
         }
         if !request.headers().contains_key(header::HOST) {
             // An HTTP/1.0 client may send no Host; HTTP/1.1 to the backend needs one.
@@ -506,12 +514,27 @@ fn rewrite(
     if host.is_none() && parts.version == Version::HTTP_11 {
         return Err(ProxyError::BadRequest("missing Host"));
     }
+    // `TE: trailers` says the client takes trailers (gRPC sends it); it is hop-by-hop, but this
+    // proxy passes trailers through, so an HTTP/2 backend is told the same (`request_for` drops
+    // it for HTTP/1 ones).
+    let trailers = parts
+        .headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     let upgrade = if parts.version == Version::HTTP_11 {
         strip_hop_by_hop(&mut parts.headers)
     } else {
         strip_hop_by_hop(&mut parts.headers);
         None
     };
+    if trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if let Some(u) = &upgrade {
         parts
             .headers

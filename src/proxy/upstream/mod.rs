@@ -21,7 +21,7 @@ use health::LocalView;
 
 use crate::core::balance::Selector;
 use crate::core::health::{Local, Source, Thresholds};
-use crate::core::pool::{BackendId, Pool};
+use crate::core::pool::{BackendId, Pool, Protocol};
 use crate::net::Target;
 use crate::telemetry as names;
 
@@ -228,7 +228,10 @@ impl Lease {
 /// One `Upstream` per backend id, kept across pool versions.
 pub struct Registry {
     known: Mutex<HashMap<BackendId, Arc<Upstream>>>,
+    /// Upstream TLS offering ALPN http/1.1.
     tls: Option<TlsConnector>,
+    /// Upstream TLS offering ALPN h2 (for `protocol = "h2"` backends).
+    tls_h2: Option<TlsConnector>,
     /// Data-plane worker threads (each gets its own idle connections).
     workers: usize,
     total_inflight: Arc<AtomicU64>,
@@ -236,7 +239,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(workers: usize) -> Self {
-        let tls = match crate::tls::upstream_client_config() {
+        let connector = |alpn: &[u8]| match crate::tls::upstream_client_config(alpn) {
             Ok(c) => Some(TlsConnector::from(c)),
             Err(e) => {
                 tracing::warn!(error = %e, "upstream TLS unavailable");
@@ -245,7 +248,8 @@ impl Registry {
         };
         Self {
             known: Mutex::new(HashMap::new()),
-            tls,
+            tls: connector(b"http/1.1"),
+            tls_h2: connector(b"h2"),
             workers,
             total_inflight: Arc::new(AtomicU64::new(0)),
         }
@@ -288,12 +292,18 @@ impl Registry {
     /// members, indexed like `selector.members()`.
     pub fn members(&self, pool: &Pool, selector: &Selector) -> Arc<[Arc<Upstream>]> {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        known.retain(|id, u| pool.backends.get(id).is_some_and(|b| b.addr == u.addr));
+        known.retain(|id, u| {
+            pool.backends
+                .get(id)
+                .is_some_and(|b| b.addr == u.addr && b.protocol.is_http1() != u.target.is_h2())
+        });
         for b in pool.backends.values() {
             if known.contains_key(&b.id) {
                 continue;
             }
-            match Target::parse(&b.addr, self.tls.as_ref()) {
+            let h2 = b.protocol == Protocol::H2;
+            let tls = if h2 { &self.tls_h2 } else { &self.tls };
+            match Target::parse(&b.addr, tls.as_ref(), h2) {
                 Ok(target) => {
                     known.insert(
                         b.id.clone(),
