@@ -22,6 +22,12 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Whether table `name` is to run: E2E_TABLES lists them (small, big, h2, tls, idle, change;
+/// default all).
+fn wanted(name: &str) -> bool {
+    std::env::var("E2E_TABLES").map_or(true, |v| v.split(',').any(|t| t.trim() == name))
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -92,13 +98,27 @@ impl Drop for Proc {
 }
 
 fn nginx(dir: &Path, name: &str, body: &str) -> Proc {
+    nginx_with(dir, name, body, false)
+}
+
+/// The config of an nginx instance: one worker, with or without a master process (a master is
+/// what reloads on SIGHUP).
+fn nginx_conf(dir: &Path, name: &str, body: &str, master: bool) -> PathBuf {
     let conf = dir.join(format!("{name}.conf"));
     std::fs::create_dir_all(dir.join(name)).unwrap();
     let text = format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/{name}/nginx.pid;\nerror_log {d}/{name}/error.log crit;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/{name};\n  proxy_temp_path {d}/{name};\n  fastcgi_temp_path {d}/{name};\n  uwsgi_temp_path {d}/{name};\n  scgi_temp_path {d}/{name};\n  keepalive_requests 1000000;\n{body}\n}}\n",
-        d = dir.display()
+        "daemon off;\nmaster_process {m};\nworker_processes 1;\nworker_rlimit_nofile {nofile};\npid {d}/{name}/nginx.pid;\nerror_log {d}/{name}/error.log crit;\nevents {{ worker_connections {conns}; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/{name};\n  proxy_temp_path {d}/{name};\n  fastcgi_temp_path {d}/{name};\n  uwsgi_temp_path {d}/{name};\n  scgi_temp_path {d}/{name};\n  keepalive_requests 1000000;\n{body}\n}}\n",
+        d = dir.display(),
+        m = if master { "on" } else { "off" },
+        nofile = nofile_limit(),
+        conns = nofile_limit() - 1000,
     );
     std::fs::write(&conf, text).unwrap();
+    conf
+}
+
+fn nginx_with(dir: &Path, name: &str, body: &str, master: bool) -> Proc {
+    let conf = nginx_conf(dir, name, body, master);
     let child = Command::new("nginx")
         .args(["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -121,6 +141,136 @@ fn peak_rss_mib(pids: &[u32]) -> f64 {
         })
         .sum::<f64>()
         / 1024.0
+}
+
+/// This process's hard limit on open files (what every proxy started here may raise its own to).
+fn nofile_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
+        r.rlim_max
+    } else {
+        4096
+    }
+}
+
+/// Resident memory now (VmRSS) of the processes, in MiB.
+fn rss_mib(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .sum::<f64>()
+        / 1024.0
+}
+
+/// CPU seconds of a master process and every worker it ever had: its own time, the time of
+/// workers it has reaped (cutime, cstime) and that of the live ones. What nginx costs across
+/// reloads, which replace its workers.
+fn cpu_tree(master: u32) -> f64 {
+    let field = |pid: u32, idx: &[usize]| -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return 0.0;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return 0.0;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        idx.iter()
+            .filter_map(|i| f.get(*i).and_then(|v| v.parse::<f64>().ok()))
+            .sum::<f64>()
+            / ticks()
+    };
+    let live: f64 = children(master)
+        .into_iter()
+        .filter(|p| *p != master)
+        .map(|p| field(p, &[11, 12]))
+        .sum();
+    field(master, &[11, 12, 13, 14]) + live
+}
+
+/// Open `n` client connections to `port`, one keep-alive request answered on each, and leave
+/// them idle. Returns the connections and how many got a 200.
+fn open_idle(port: u16, n: usize) -> (Vec<std::net::TcpStream>, usize) {
+    use std::io::{Read, Write};
+    let mut conns = Vec::with_capacity(n);
+    let mut ok = 0;
+    let mut buf = [0u8; 4096];
+    for _ in 0..n {
+        let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            continue;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+        if c.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            .is_ok()
+        {
+            if let Ok(k) = c.read(&mut buf) {
+                if buf[..k].starts_with(b"HTTP/1.1 200") {
+                    ok += 1;
+                }
+            }
+        }
+        conns.push(c);
+    }
+    (conns, ok)
+}
+
+/// One HTTP/1.1 request on a new connection (`Connection: close`); the status code.
+fn http_call(port: u16, method: &str, path: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut out = String::new();
+    if c.write_all(req.as_bytes()).is_err() || c.read_to_string(&mut out).is_err() {
+        return 0;
+    }
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One HAProxy runtime API command; true when it answered nothing but a blank line (success).
+fn haproxy_cmd(sock: &Path, cmd: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::os::unix::net::UnixStream::connect(sock) else {
+        return false;
+    };
+    let mut out = String::new();
+    c.write_all(format!("{cmd}\n").as_bytes()).is_ok()
+        && c.read_to_string(&mut out).is_ok()
+        && out.trim().is_empty()
+}
+
+/// `change(i)` every 100 ms (10 per second) until `stop`; how many of them succeeded, of how many.
+fn changer(
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    change: impl Fn(u64) -> bool + Send + 'static,
+) -> std::thread::JoinHandle<(u64, u64)> {
+    std::thread::spawn(move || {
+        let (mut ok, mut all) = (0, 0);
+        let start = Instant::now();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            all += 1;
+            ok += u64::from(change(all));
+            let next = start + Duration::from_millis(100 * all);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        (ok, all)
+    })
 }
 
 struct Result {
@@ -205,27 +355,38 @@ fn h2load(name: &str, port: u16, pids: &[u32], secs: u64, conns: u64) -> Result 
 }
 
 fn wrk(name: &str, port: u16, path: &str, pids: &[u32], secs: u64, conns: u64) -> Result {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    wrk_with(name, &url, &[], &|| cpu_seconds(pids), secs, conns)
+}
+
+/// wrk on `url` with `extra` arguments (e.g. a header), the proxy's CPU read by `cpu`.
+fn wrk_with(
+    name: &str,
+    url: &str,
+    extra: &[&str],
+    cpu: &dyn Fn() -> f64,
+    secs: u64,
+    conns: u64,
+) -> Result {
     // Warm up connections and caches.
     let _ = Command::new("wrk")
-        .args([
-            "-t1",
-            "-c16",
-            "-d1s",
-            &format!("http://127.0.0.1:{port}{path}"),
-        ])
+        .args(["-t1", "-c16", "-d1s"])
+        .args(extra)
+        .arg(url)
         .output();
-    let cpu0 = cpu_seconds(pids);
+    let cpu0 = cpu();
     let out = Command::new("wrk")
         .args([
             "-t1",
             &format!("-c{conns}"),
             &format!("-d{secs}s"),
             "--latency",
-            &format!("http://127.0.0.1:{port}{path}"),
         ])
+        .args(extra)
+        .arg(url)
         .output()
         .expect("wrk (apt-get install wrk)");
-    let cpu = cpu_seconds(pids) - cpu0;
+    let cpu = cpu() - cpu0;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let mut rps = 0.0;
     let mut p50 = 0.0;
@@ -284,6 +445,9 @@ fn main() {
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_shoal")));
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
+    // Idle connections to hold: 10,000, or what HAProxy (two descriptors reserved per
+    // connection) can hold under this machine's open-file limit.
+    let idle = (env_u64("E2E_IDLE", 10_000)).min(nofile_limit().saturating_sub(200) / 2) as usize;
 
     // Three backends: nginx, one worker each, a small fixed answer at /, a 1 MiB file at /big.
     let big = dir.join("big.bin");
@@ -303,14 +467,31 @@ fn main() {
         wait_port("nginx backend", *p);
     }
 
-    // nginx as the proxy: round robin, keep-alive upstream.
+    // One certificate (ECDSA P-256, for "localhost") for every proxy's TLS listener.
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = dir.join("proxy.pem");
+    let key = dir.join("proxy-key.pem");
+    let combined = dir.join("proxy-combined.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    std::fs::write(
+        &combined,
+        format!("{}{}", ck.cert.pem(), ck.key_pair.serialize_pem()),
+    )
+    .unwrap();
+
+    // nginx as the proxy: round robin, keep-alive upstream; plain and TLS listeners.
     let nginx_port = free_port();
+    let nginx_tls_port = free_port();
     let servers: String = backend_ports
         .iter()
         .map(|p| format!("    server 127.0.0.1:{p};\n"))
         .collect();
+    let location = "location / { proxy_pass http://pool; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }";
     let nginx_proxy = nginx(dir, "proxy", &format!(
-        "  upstream pool {{\n{servers}    keepalive 128;\n  }}\n  server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://pool; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}"
+        "  upstream pool {{\n{servers}    keepalive 128;\n  }}\n  server {{ listen 127.0.0.1:{nginx_port}; {location} }}\n  server {{ listen 127.0.0.1:{nginx_tls_port} ssl; ssl_certificate {}; ssl_certificate_key {}; {location} }}",
+        cert.display(),
+        key.display()
     ));
     wait_port("nginx proxy", nginx_port);
     // The same proxy for HTTP/2 clients (cleartext, prior knowledge).
@@ -320,9 +501,12 @@ fn main() {
     ));
     wait_port("nginx h2 proxy", nginx_h2_port);
 
-    // HAProxy: one thread, round robin, connection reuse (and an h2c frontend).
+    // HAProxy: one thread, round robin, connection reuse (and h2c and TLS frontends, and the
+    // runtime API on a socket).
     let haproxy_port = free_port();
     let haproxy_h2_port = free_port();
+    let haproxy_tls_port = free_port();
+    let haproxy_sock = dir.join("haproxy.sock");
     let hcfg = dir.join("haproxy.cfg");
     let hservers: String = backend_ports
         .iter()
@@ -332,7 +516,10 @@ fn main() {
     std::fs::write(
         &hcfg,
         format!(
-            "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n  option forwardfor\nfrontend fe\n  bind 127.0.0.1:{haproxy_port}\n  default_backend be\nfrontend fe2\n  bind 127.0.0.1:{haproxy_h2_port} proto h2\n  default_backend be\nbackend be\n  balance roundrobin\n{hservers}"
+            "global\n  nbthread 1\n  maxconn {}\n  stats socket {} mode 600 level admin\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n  option forwardfor\nfrontend fe\n  bind 127.0.0.1:{haproxy_port}\n  default_backend be\nfrontend fe2\n  bind 127.0.0.1:{haproxy_h2_port} proto h2\n  default_backend be\nfrontend fe3\n  bind 127.0.0.1:{haproxy_tls_port} ssl crt {}\n  default_backend be\nbackend be\n  balance roundrobin\n{hservers}",
+            idle + 50,
+            haproxy_sock.display(),
+            combined.display()
         ),
     )
     .unwrap();
@@ -346,8 +533,10 @@ fn main() {
     );
     wait_port("haproxy", haproxy_port);
 
-    // Shoal: one worker thread, a one-node cluster.
+    // Shoal: one worker thread, a one-node cluster; plain and TLS listeners.
     let shoal_port = free_port();
+    let shoal_tls_port = free_port();
+    let shoal_admin = free_port();
     let scfg = dir.join("shoal.toml");
     let sbackends: String = backend_ports
         .iter()
@@ -357,9 +546,11 @@ fn main() {
     std::fs::write(
         &scfg,
         format!(
-            "[node]\nid = \"bench\"\ndata_dir = \"{}\"\n[proxy]\nlisten = [\"127.0.0.1:{shoal_port}\"]\nworkers = 1\n[admin]\nlisten = \"127.0.0.1:{}\"\n[cluster]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"warn\"\n{sbackends}",
+            "[node]\nid = \"bench\"\ndata_dir = \"{}\"\n[proxy]\nlisten = [\"127.0.0.1:{shoal_port}\"]\nworkers = 1\nmax_connections = {}\n[proxy.tls]\nlisten = [\"127.0.0.1:{shoal_tls_port}\"]\ncert = \"{}\"\nkey = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{shoal_admin}\"\n[cluster]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"warn\"\n{sbackends}",
             dir.join("shoal-data").display(),
-            free_port(),
+            idle + 50,
+            cert.display(),
+            key.display(),
             free_port()
         ),
     )
@@ -384,42 +575,198 @@ fn main() {
         "e2e: wrk -t1 -c{conns} -d{secs}s, 3 nginx backends, median of {rounds} interleaved rounds per proxy; shoal binary {}",
         shoal.display()
     );
-    table(
-        "small answers, keep-alive",
-        "/",
-        None,
-        &targets,
-        (secs, conns, rounds),
-    );
-    table(
-        "1 MiB responses, keep-alive",
-        "/big",
-        Some(1 << 20),
-        &targets,
-        (secs, conns.min(16), rounds),
-    );
-    let have_h2load = Command::new("h2load")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if have_h2load {
-        let h2_targets: Vec<(&str, u16, Vec<u32>)> = vec![
-            ("nginx", nginx_h2_port, children(nginx_h2.0.id())),
-            ("haproxy", haproxy_h2_port, targets[1].2.clone()),
-            ("shoal", targets[2].1, targets[2].2.clone()),
-        ];
-        let h2_conns = 4;
-        table_of(
-            "HTTP/2 clients (h2load, h2c, 4 connections x 100 streams; p50 = mean, p99 = max)",
+    if wanted("idle") {
+        // 10,000 idle keep-alive client connections, first, while every proxy is fresh (memory
+        // freed after a load stays resident and would hide what new connections take): resident
+        // memory before, with them open, and the difference per connection. nginx allocates its
+        // connection table at start, so its difference is what each connection costs beyond that.
+        println!("\nidle keep-alive client connections ({idle}, one request answered on each)");
+        println!(
+            "{:<8} {:>10} {:>14} {:>14} {:>12}",
+            "proxy", "answered", "RSS before MiB", "RSS with MiB", "KiB / conn"
+        );
+        for (name, port, pids) in &targets {
+            let before = rss_mib(pids);
+            let (open, ok) = open_idle(*port, idle);
+            std::thread::sleep(Duration::from_millis(500));
+            let with = rss_mib(pids);
+            drop(open);
+            println!(
+                "{name:<8} {ok:>10} {before:>14.1} {with:>14.1} {:>12.2}",
+                (with - before) * 1024.0 / idle as f64
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    if wanted("small") {
+        table(
+            "small answers, keep-alive",
             "/",
             None,
-            &h2_targets,
-            rounds,
-            h2_conns,
-            |name, port, pids| h2load(name, port, pids, secs, h2_conns),
+            &targets,
+            (secs, conns, rounds),
         );
-    } else {
-        eprintln!("e2e: h2load not installed (apt-get install nghttp2-client); no HTTP/2 table");
+    }
+    if wanted("big") {
+        table(
+            "1 MiB responses, keep-alive",
+            "/big",
+            Some(1 << 20),
+            &targets,
+            (secs, conns.min(16), rounds),
+        );
+    }
+    if wanted("h2") {
+        let have_h2load = Command::new("h2load")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if have_h2load {
+            let h2_targets: Vec<(&str, u16, Vec<u32>)> = vec![
+                ("nginx", nginx_h2_port, children(nginx_h2.0.id())),
+                ("haproxy", haproxy_h2_port, targets[1].2.clone()),
+                ("shoal", targets[2].1, targets[2].2.clone()),
+            ];
+            let h2_conns = 4;
+            table_of(
+                "HTTP/2 clients (h2load, h2c, 4 connections x 100 streams; p50 = mean, p99 = max)",
+                "/",
+                None,
+                &h2_targets,
+                rounds,
+                h2_conns,
+                |name, port, pids| h2load(name, port, pids, secs, h2_conns),
+            );
+        } else {
+            eprintln!(
+                "e2e: h2load not installed (apt-get install nghttp2-client); no HTTP/2 table"
+            );
+        }
+    }
+    if wanted("tls") {
+        // TLS termination: the same certificate everywhere, each proxy's own TLS defaults (rustls;
+        // OpenSSL for nginx and HAProxy). wrk neither resumes sessions nor offers ALPN, so with
+        // `Connection: close` every request is a full handshake on a new connection.
+        let tls_targets: Vec<(&str, u16, Vec<u32>)> = vec![
+            ("nginx", nginx_tls_port, targets[0].2.clone()),
+            ("haproxy", haproxy_tls_port, targets[1].2.clone()),
+            ("shoal", shoal_tls_port, targets[2].2.clone()),
+        ];
+        let over_tls = |extra: &'static [&'static str]| {
+            move |name: &str, port: u16, pids: &[u32]| {
+                let url = format!("https://127.0.0.1:{port}/");
+                wrk_with(name, &url, extra, &|| cpu_seconds(pids), secs, conns)
+            }
+        };
+        table_of(
+            "TLS full handshakes (a new connection per request; req/CPU-s = handshakes per CPU-second)",
+            "/",
+            None,
+            &tls_targets,
+            rounds,
+            conns,
+            over_tls(&["-H", "Connection: close"]),
+        );
+        table_of(
+            "keep-alive requests over TLS",
+            "/",
+            None,
+            &tls_targets,
+            rounds,
+            conns,
+            over_tls(&[]),
+        );
+    }
+    if wanted("change") {
+        // A pool change under load: 10 weight changes per second while wrk runs. nginx has no
+        // runtime API in its open-source build: its way is a new config and a reload (SIGHUP to a
+        // master process, which starts a new worker); HAProxy's runtime API sets the weight; Shoal
+        // commits each change through its (one-node) Paxos register via the admin API.
+        let reload_port = free_port();
+        let reload_body = |w: u64| {
+            let servers: String = backend_ports
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    format!(
+                        "    server 127.0.0.1:{p} weight={};\n",
+                        if i == 2 { w } else { 1 }
+                    )
+                })
+                .collect();
+            format!(
+                "  upstream pool {{\n{servers}    keepalive 128;\n  }}\n  server {{ listen 127.0.0.1:{reload_port}; {location} }}"
+            )
+        };
+        let nginx_reload = nginx_with(dir, "proxy-reload", &reload_body(1), true);
+        wait_port("nginx reload proxy", reload_port);
+        std::thread::sleep(Duration::from_millis(300));
+        let master = nginx_reload.0.id();
+        let change_targets: Vec<(&str, u16, Vec<u32>)> = vec![
+            ("nginx", reload_port, vec![master]),
+            ("haproxy", haproxy_port, targets[1].2.clone()),
+            ("shoal", shoal_port, targets[2].2.clone()),
+        ];
+        let applied = std::sync::Mutex::new(Vec::<String>::new());
+        table_of(
+            "a pool change under load (10 weight changes per second)",
+            "/",
+            None,
+            &change_targets,
+            rounds,
+            conns,
+            |name, port, pids| {
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let weight = |i: u64| 1 + i % 2;
+                let handle = match name {
+                    "nginx" => {
+                        let (dir, body) = (dir.to_path_buf(), reload_body);
+                        let bodies: Vec<String> = (1..=2).map(body).collect();
+                        changer(stop.clone(), move |i| {
+                            nginx_conf(
+                                &dir,
+                                "proxy-reload",
+                                &bodies[(weight(i) - 1) as usize],
+                                true,
+                            );
+                            Command::new("kill")
+                                .args(["-HUP", &master.to_string()])
+                                .status()
+                                .is_ok_and(|s| s.success())
+                        })
+                    }
+                    "haproxy" => {
+                        let sock = haproxy_sock.clone();
+                        changer(stop.clone(), move |i| {
+                            haproxy_cmd(&sock, &format!("set weight be/b2 {}", weight(i)))
+                        })
+                    }
+                    _ => changer(stop.clone(), move |i| {
+                        let body = format!("{{\"weight\": {}}}", weight(i));
+                        http_call(shoal_admin, "PUT", "/pool/backends/b2", &body) == 200
+                    }),
+                };
+                let url = format!("http://127.0.0.1:{port}/");
+                let cpu = |pids: &[u32]| {
+                    if name == "nginx" {
+                        cpu_tree(pids[0])
+                    } else {
+                        cpu_seconds(pids)
+                    }
+                };
+                let r = wrk_with(name, &url, &[], &|| cpu(pids), secs, conns);
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let (ok, all) = handle.join().unwrap();
+                applied
+                    .lock()
+                    .unwrap()
+                    .push(format!("{name}: {ok} of {all} changes applied"));
+                r
+            },
+        );
+        for line in applied.lock().unwrap().iter() {
+            println!("  {line}");
+        }
     }
 }
 
