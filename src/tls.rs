@@ -88,8 +88,9 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerC
     Ok(Arc::new(cfg))
 }
 
-/// A client config for upstream TLS: the system's roots (and `SSL_CERT_FILE` if set).
-pub fn upstream_client_config(alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+/// A client config for upstream TLS: the system's roots (and `SSL_CERT_FILE` if set), offering
+/// ALPN http/1.1 (clone it and change `alpn_protocols` for h2).
+pub fn upstream_client_config() -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(c);
@@ -99,8 +100,8 @@ pub fn upstream_client_config(alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, 
         .map_err(TlsError::Unusable)?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    Ok(Arc::new(cfg))
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
 }
 
 /// Mutual TLS between peers: a server config that requires a client certificate from `ca`, and

@@ -80,15 +80,45 @@ fn hop_by_hop() -> [&'static HeaderName; 7] {
     ]
 }
 
-/// Remove hop-by-hop fields, including those the `Connection` field names. Returns the
-/// `Upgrade` value when the message asks for one (`Connection: upgrade` + `Upgrade`).
-fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+/// What the one pass of `strip_hop_by_hop` saw, so the caller looks nothing up again.
+#[derive(Default)]
+struct Seen {
+    /// The `Upgrade` value when the message asks for one (`Connection: upgrade` + `Upgrade`).
+    upgrade: Option<HeaderValue>,
+    /// `TE` listed `trailers`.
+    te_trailers: bool,
+    /// Host fields (2 means two or more), and the first.
+    hosts: u8,
+    host: Option<HeaderValue>,
+    /// An X-Forwarded-For field is there.
+    forwarded_for: bool,
+}
+
+/// Remove hop-by-hop fields, including those the `Connection` field names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) -> Seen {
     // One pass over the fields; removals (hash lookups) only for what is there. Tokens that
     // name no field to drop ("close", "keep-alive", "upgrade") allocate nothing.
     let mut upgrade_requested = false;
     let mut named: Vec<HeaderName> = Vec::new();
-    let mut any_hop = false;
+    // Which of the hop-by-hop fields are there (bit i: hop_by_hop()[i]): only those are
+    // removed, each removal being a hash lookup.
+    let mut present = 0u8;
+    let mut seen = Seen::default();
     for (name, value) in headers.iter() {
+        if name == header::HOST {
+            seen.hosts = (seen.hosts + 1).min(2);
+            if seen.host.is_none() {
+                seen.host = Some(value.clone());
+            }
+        } else if name == X_FORWARDED_FOR {
+            seen.forwarded_for = true;
+        } else if name == header::TE {
+            seen.te_trailers |= value
+                .to_str()
+                .unwrap_or_default()
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+        }
         if name == header::CONNECTION {
             for t in value.to_str().unwrap_or_default().split(',') {
                 let t = t.trim();
@@ -107,22 +137,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
                 }
             }
         }
-        any_hop = any_hop || hop_by_hop().contains(&name);
+        if let Some(i) = hop_by_hop().iter().position(|h| *h == name) {
+            present |= 1 << i;
+        }
     }
-    let upgrade = if upgrade_requested {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
+    if upgrade_requested {
+        seen.upgrade = headers.get(header::UPGRADE).cloned();
+    }
     for name in named {
         headers.remove(&name);
     }
-    if any_hop {
-        for name in hop_by_hop() {
+    for (i, name) in hop_by_hop().into_iter().enumerate() {
+        if present & (1 << i) != 0 {
             headers.remove(name);
         }
     }
-    upgrade
+    seen
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -224,8 +254,7 @@ impl Plan {
             .headers()
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
-        let (mut first, upgrade) = rewrite(req, conn, seen)?;
-        let te_trailers = first.headers().contains_key(header::TE);
+        let (mut first, upgrade, te_trailers) = rewrite(req, conn, seen)?;
         // A sent request is sent again only if idempotent, with its body taped (up to 64 KiB)
         // as it streams.
         let replayable = is_idempotent(first.method()) && upgrade.is_none() && settings.retries > 0;
@@ -491,45 +520,34 @@ impl Proxy {
 }
 
 /// Turn the client's request into the backend's: origin-form target, HTTP/1.1, hop-by-hop
-/// fields removed, X-Forwarded-* set, Host kept. Returns the request and the Upgrade value to
-/// forward, if the client asked for one.
+/// fields removed, X-Forwarded-* set, Host kept. Returns the request, the Upgrade value to
+/// forward (if the client asked for one) and whether the client said `TE: trailers`.
 fn rewrite(
     req: Request<Incoming>,
     conn: &ConnInfo,
     seen: Option<Arc<AtomicU64>>,
-) -> Result<(Request<RequestBody>, Option<HeaderValue>), ProxyError> {
+) -> Result<(Request<RequestBody>, Option<HeaderValue>, bool), ProxyError> {
     let (mut parts, body) = req.into_parts();
-    let mut hosts = parts.headers.get_all(header::HOST).iter();
-    if hosts.next().is_some() && hosts.next().is_some() {
+    let fields = strip_hop_by_hop(&mut parts.headers);
+    if fields.hosts > 1 {
         return Err(ProxyError::BadRequest("more than one Host"));
     }
     // The received Host: the Host field, or the authority of an HTTP/2 (or absolute-form) target.
-    let host = match parts.headers.get(header::HOST) {
-        Some(h) => Some(h.clone()),
-        None => parts
+    let host = fields.host.or_else(|| {
+        parts
             .uri
             .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    };
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     if host.is_none() && parts.version == Version::HTTP_11 {
         return Err(ProxyError::BadRequest("missing Host"));
     }
     // `TE: trailers` says the client takes trailers (gRPC sends it); it is hop-by-hop, but this
     // proxy passes trailers through, so an HTTP/2 backend is told the same (`request_for` drops
     // it for HTTP/1 ones).
-    let trailers = parts
-        .headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    let upgrade = if parts.version == Version::HTTP_11 {
-        strip_hop_by_hop(&mut parts.headers)
-    } else {
-        strip_hop_by_hop(&mut parts.headers);
-        None
-    };
+    let trailers = fields.te_trailers;
+    // Only HTTP/1.1 upgrades (HTTP/2 has no Upgrade).
+    let upgrade = fields.upgrade.filter(|_| parts.version == Version::HTTP_11);
     if trailers {
         parts
             .headers
@@ -559,7 +577,10 @@ fn rewrite(
         }
     }
     // X-Forwarded-For: append the client to whatever is there.
-    let xff = {
+    let xff = if !fields.forwarded_for {
+        // The usual case: the connection's own value, made once per connection.
+        Ok(conn.client_ip.clone())
+    } else {
         let mut prior = parts
             .headers
             .get_all(&X_FORWARDED_FOR)
@@ -567,7 +588,7 @@ fn rewrite(
             .filter_map(|v| v.to_str().ok())
             .peekable();
         if prior.peek().is_none() {
-            // The usual case: the connection's own value, made once per connection.
+            // Only fields that are not text: the connection's own value.
             Ok(conn.client_ip.clone())
         } else {
             let mut s = prior.collect::<Vec<_>>().join(", ");
@@ -612,7 +633,7 @@ fn rewrite(
     *out.uri_mut() = uri;
     *out.version_mut() = Version::HTTP_11;
     *out.headers_mut() = parts.headers;
-    Ok((out, upgrade))
+    Ok((out, upgrade, trailers))
 }
 
 /// Splice an upgraded client connection to the upgraded backend connection. The lease keeps the
@@ -673,21 +694,38 @@ mod tests {
             ("host", "h"),
             ("x-keep", "3"),
         ]);
-        assert_eq!(strip_hop_by_hop(&mut h), None);
+        assert_eq!(strip_hop_by_hop(&mut h).upgrade, None);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["host", "x-keep"]);
+    }
+
+    #[test]
+    fn one_pass_sees_hosts_forwarded_for_and_te_trailers() {
+        let mut h = map(&[
+            ("host", "a"),
+            ("te", "gzip, Trailers"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("host", "b"),
+        ]);
+        let seen = strip_hop_by_hop(&mut h);
+        assert_eq!(seen.hosts, 2);
+        assert_eq!(seen.host, Some(HeaderValue::from_static("a")));
+        assert!(seen.te_trailers && seen.forwarded_for);
+        assert!(!h.contains_key("te"));
+        let seen = strip_hop_by_hop(&mut map(&[("te", "gzip")]));
+        assert!(!seen.te_trailers && !seen.forwarded_for && seen.hosts == 0);
     }
 
     #[test]
     fn upgrade_is_reported_only_when_connection_asks() {
         let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         assert_eq!(
-            strip_hop_by_hop(&mut h),
+            strip_hop_by_hop(&mut h).upgrade,
             Some(HeaderValue::from_static("websocket"))
         );
         assert!(h.is_empty());
         let mut h = map(&[("upgrade", "websocket")]);
-        assert_eq!(strip_hop_by_hop(&mut h), None);
+        assert_eq!(strip_hop_by_hop(&mut h).upgrade, None);
         // Host and X-Forwarded-For cannot be named away.
         let mut h = map(&[
             ("connection", "host, x-forwarded-for"),

@@ -104,7 +104,8 @@ impl Server {
             // that sends bytes without starting a request for a whole idle period (slow heads).
             .header_read_timeout(None)
             .keep_alive(true)
-            .max_headers(256)
+            // hyper's default header count (100, like HAProxy's 101): parsed in a stack array;
+            // any other limit costs two heap allocations and two 256-slot fills per request.
             .max_buf_size(opts.max_header_bytes.max(8192));
         builder
             .http2()

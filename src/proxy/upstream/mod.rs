@@ -239,17 +239,25 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(workers: usize) -> Self {
-        let connector = |alpn: &[u8]| match crate::tls::upstream_client_config(alpn) {
-            Ok(c) => Some(TlsConnector::from(c)),
+        // The system's roots are read once; the h2 connector differs only in its ALPN offer.
+        let (tls, tls_h2) = match crate::tls::upstream_client_config() {
+            Ok(http1) => {
+                let mut h2 = http1.clone();
+                h2.alpn_protocols = vec![b"h2".to_vec()];
+                (
+                    Some(TlsConnector::from(Arc::new(http1))),
+                    Some(TlsConnector::from(Arc::new(h2))),
+                )
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "upstream TLS unavailable");
-                None
+                (None, None)
             }
         };
         Self {
             known: Mutex::new(HashMap::new()),
-            tls: connector(b"http/1.1"),
-            tls_h2: connector(b"h2"),
+            tls,
+            tls_h2,
             workers,
             total_inflight: Arc::new(AtomicU64::new(0)),
         }
