@@ -85,16 +85,17 @@ pub async fn call(base: &str, token: Option<&str>, req: Request) -> Result<(u16,
 pub fn print_pool(v: &Value) -> String {
     let mut out = format!("pool version {}\n", v["version"]);
     out.push_str(&format!(
-        "{:<24} {:<28} {:>6}  {}\n",
-        "ID", "ADDR", "WEIGHT", "STATE"
+        "{:<24} {:<28} {:>6}  {:<9} {}\n",
+        "ID", "ADDR", "WEIGHT", "STATE", "PROTOCOL"
     ));
     for b in v["backends"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "{:<24} {:<28} {:>6}  {}\n",
+            "{:<24} {:<28} {:>6}  {:<9} {}\n",
             b["id"].as_str().unwrap_or("?"),
             b["addr"].as_str().unwrap_or("?"),
             b["weight"].as_u64().unwrap_or(0),
             b["state"].as_str().unwrap_or("?"),
+            b["protocol"].as_str().unwrap_or("http1"),
         ));
     }
     out

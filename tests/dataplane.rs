@@ -1612,4 +1612,15 @@ async fn a_backend_protocol_is_checked_and_shown() {
         .unwrap()
         .clone();
     assert_eq!(g["protocol"], "h2");
+    // `shoal pool list` shows it too.
+    let out = std::process::Command::new(shoal_bin())
+        .args(["pool", "list", "--admin", &format!("http://{}", s.admin)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("g "))
+        .unwrap_or_default();
+    assert!(line.trim_end().ends_with("h2"), "{text}");
 }
