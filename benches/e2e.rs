@@ -1,13 +1,16 @@
 //! End to end, in one run: Shoal, nginx and HAProxy, each proxying round robin to the same three
 //! nginx backends on loopback (keep-alive upstream, one worker or thread each), loaded by the same
-//! wrk command. Prints requests/s, p50/p99 latency and requests per proxy CPU-second, as ratios
-//! to nginx.
+//! client. Tables: idle keep-alive connections (memory each), small answers, 1 MiB responses,
+//! HTTP/2 clients (h2load), TLS full handshakes and keep-alive over TLS, and a pool change under
+//! load (10 changes per second). Each gives requests/s, p50/p99 latency and requests per proxy
+//! CPU-second, as ratios to nginx and to the better of nginx and HAProxy.
 //!
 //!     cargo build --profile dist
 //!     SHOAL_BIN=target/dist/shoal cargo bench --bench e2e
 //!
-//! Needs nginx, haproxy and wrk (Debian packages). Env: E2E_SECONDS (default 10),
-//! E2E_CONNECTIONS (default 64), E2E_ROUNDS (default 5; medians).
+//! Needs nginx, haproxy and wrk (h2load from nghttp2-client for the HTTP/2 table; Debian
+//! packages). Env: E2E_SECONDS (default 10), E2E_CONNECTIONS (default 64), E2E_ROUNDS (default 5;
+//! medians), E2E_IDLE (default 10,000), E2E_TABLES (default all: small,big,h2,tls,idle,change).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
