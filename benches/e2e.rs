@@ -133,10 +133,15 @@ fn nginx_with(dir: &Path, name: &str, body: &str, master: bool) -> Proc {
 
 /// Peak resident memory (VmHWM) of the processes, in MiB.
 fn peak_rss_mib(pids: &[u32]) -> f64 {
+    status_mib(pids, "VmHWM:")
+}
+
+/// A memory field of /proc/PID/status (in kB there), summed over the processes, in MiB.
+fn status_mib(pids: &[u32], field: &str) -> f64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
         .filter_map(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|v| v.parse::<f64>().ok())
@@ -162,17 +167,7 @@ fn nofile_limit() -> u64 {
 
 /// Resident memory now (VmRSS) of the processes, in MiB.
 fn rss_mib(pids: &[u32]) -> f64 {
-    pids.iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-        })
-        .sum::<f64>()
-        / 1024.0
+    status_mib(pids, "VmRSS:")
 }
 
 /// CPU seconds of a master process and every worker it ever had: its own time, the time of
