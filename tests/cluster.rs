@@ -121,13 +121,12 @@ async fn minority_down_changes_commit_majority_down_gives_503_and_traffic_flows(
 
     // kill -9 one peer: changes still commit.
     nodes[2].kill9();
-    let (code, p) = admin_call(
-        nodes[0].admin,
+    let change = (
         "POST",
         "/pool/backends",
-        Some(json!({"addr": "127.0.0.1:1", "id": "x1"})),
-    )
-    .await;
+        json!({"addr": "127.0.0.1:1", "id": "x1"}),
+    );
+    let (code, p) = commit_eventually(&nodes[0], &nodes, change, Duration::from_secs(30)).await;
     assert_eq!(code, 201, "{p}");
     let v = p["version"].as_u64().unwrap();
     let (code, _) = admin_call(

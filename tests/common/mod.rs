@@ -563,6 +563,34 @@ where
     }
 }
 
+/// A change through `via`'s admin API, sent again while it answers 503 (no quorum: as an
+/// operator would, while peers on a loaded machine find each other), for up to `within`. Any
+/// other status fails the test; so does no commit in time, with every peer's log printed.
+pub async fn commit_eventually(
+    via: &Shoal,
+    all: &[Shoal],
+    (method, path, body): (&str, &str, serde_json::Value),
+    within: Duration,
+) -> (u16, serde_json::Value) {
+    let start = Instant::now();
+    loop {
+        let (code, p) = admin_call(via.admin, method, path, Some(body.clone())).await;
+        if code != 503 {
+            if start.elapsed() > Duration::from_secs(3) {
+                println!("{method} {path} committed after {:?}", start.elapsed());
+            }
+            return (code, p);
+        }
+        if start.elapsed() > within {
+            for (i, s) in all.iter().enumerate() {
+                eprintln!("--- log of peer {i} ---\n{}", s.log());
+            }
+            panic!("{method} {path}: still 503 after {within:?}: {p}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// POST/PUT/DELETE a JSON body to an admin API; returns status and JSON.
 pub async fn admin_call(
     admin: SocketAddr,
