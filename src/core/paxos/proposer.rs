@@ -473,10 +473,8 @@ impl Proposer {
                 self.counter = self.counter.max(seen.counter);
                 op.refused.insert(from.clone());
                 // The others may still make a quorum (a refusal from one acceptor that saw a
-                // competing round does not undo the answers of the rest): wait for them, but
-                // only briefly, since one of them may be down.
+                // competing round does not undo the answers of the rest): wait for them.
                 if self.acceptors.len().saturating_sub(op.refused.len()) >= majority {
-                    op.wake_at = op.wake_at.min(now + 2 * self.cfg.backoff_base);
                     return;
                 }
                 self.conflicts += 1;
