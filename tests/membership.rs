@@ -84,15 +84,6 @@ async fn admin_json(s: &Shoal, path: &str) -> serde_json::Value {
     }
 }
 
-/// A backend's row in a `/status` answer.
-fn backend(status: &serde_json::Value, id: &str) -> serde_json::Value {
-    status["backends"]
-        .as_array()
-        .and_then(|bs| bs.iter().find(|b| b["id"] == id))
-        .cloned()
-        .unwrap_or_else(|| panic!("no backend {id} in {status}"))
-}
-
 fn ids(v: &serde_json::Value) -> Vec<String> {
     v.as_array()
         .into_iter()
@@ -541,11 +532,23 @@ async fn learners_follow_route_and_never_count() {
     hammer(vec![ports[0].proxy, ports[3].proxy, ports[4].proxy], until).await;
     for n in &nodes[3..] {
         let st = admin_json(n, "/status").await;
-        let web0 = backend(&st, "web-0");
+        let web0 = st["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == "web-0")
+            .unwrap()
+            .clone();
         assert_eq!(web0["local"], "down", "the learner saw it fail: {st}");
     }
     let st = admin_json(&nodes[1], "/status").await;
-    let web0 = backend(&st, "web-0");
+    let web0 = st["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == "web-0")
+        .unwrap()
+        .clone();
     assert_eq!(
         web0["state"], "active",
         "learners' views must not eject: {web0}"

@@ -329,8 +329,7 @@ impl Node {
         true
     }
 
-    /// After this node learned a new epoch mid-change: the change's quorum there (`set_epoch`
-    /// abandons a round in flight of the old epoch).
+    /// After a seal moved this node to a new epoch mid-change: the change's new quorum.
     fn configure_proposer(&mut self) -> bool {
         let read = self.proposer.change() == Some(&PoolChange::Read);
         self.set_quorum(read)
@@ -597,6 +596,8 @@ impl Node {
         self.effects().learned = Some(pool);
         if moved && self.proposer.is_busy() {
             // The change in progress continues in the new epoch, among its voters.
+            self.proposer
+                .set_epoch(self.learned.epoch, self.learned.clone());
             if !self.configure_proposer() {
                 self.catching_up_op = false;
                 if let Some(o) = self.proposer.cancel() {
@@ -654,9 +655,17 @@ impl Node {
                 }
                 Action::Send(to, msg) => self.send(to, msg),
                 Action::Done(o) => self.done(o),
-                // A chosen seal: learning it moves the change in progress to the new epoch
-                // (`learn`).
-                Action::Moved(pool) => self.learned_commit(pool),
+                Action::Moved(pool) => {
+                    // A chosen seal: learn the new membership and run the change there.
+                    self.learned_commit(pool);
+                    if !self.configure_proposer() {
+                        let o = self.proposer.cancel();
+                        self.catching_up_op = false;
+                        if let Some(o) = o {
+                            self.effects().outcomes.push(o);
+                        }
+                    }
+                }
             }
         }
     }
