@@ -551,12 +551,10 @@ impl Node {
             Msg::Prepare { ballot } | Msg::Accept { ballot, .. } => ballot.clone(),
             _ => return None,
         };
-        // Only a voter of the learned membership answers, and only up to the learned epoch: an
-        // acceptor never promises in an epoch whose starting value (the seal) it does not know,
-        // so that knowledge survives with every acceptor that moved on (were it only with the
-        // proposer, a proposer that lost its disk could leave the old epoch refused by acceptors
-        // and the new one unknown to all). It asks the proposer for the seal (`Fetch`, above).
-        let member = ballot.epoch <= self.learned.epoch && self.voters().contains(&self.id);
+        // A ballot of an epoch this node has not learned yet comes from a proposer that knows
+        // this node votes there (the acceptor's rules keep it safe either way); up to the
+        // learned epoch, only a voter of the learned membership answers.
+        let member = ballot.epoch > self.learned.epoch || self.voters().contains(&self.id);
         if matches!(self.mode, Mode::CatchingUp { .. }) || !member {
             return Some(Msg::NotVoting {
                 ballot,
