@@ -108,9 +108,6 @@ struct Op {
     attempt: u32,
     /// An accept carrying a real change was sent: a failure now leaves the outcome unknown.
     sent_change: bool,
-    /// Acceptors that refused the current phase's ballot: the round goes on while the others
-    /// can still make a quorum.
-    refused: BTreeSet<NodeId>,
     phase: Phase,
     wake_at: u64,
 }
@@ -268,7 +265,6 @@ impl Proposer {
             started: now,
             attempt: 0,
             sent_change: false,
-            refused: BTreeSet::new(),
             phase: Phase::Backoff,
             wake_at: now,
         });
@@ -305,7 +301,6 @@ impl Proposer {
             ballot: ballot.clone(),
             promises: BTreeMap::new(),
         };
-        op.refused.clear();
         op.wake_at = now + self.cfg.phase_timeout;
         for a in &self.acceptors {
             out.push(Action::Send(
@@ -421,7 +416,6 @@ impl Proposer {
                     result,
                     oks: BTreeSet::new(),
                 };
-                op.refused.clear();
                 op.wake_at = now + self.cfg.phase_timeout;
                 for a in &self.acceptors {
                     out.push(Action::Send(
@@ -471,12 +465,6 @@ impl Proposer {
                 }
                 // Fast-forward past the ballot that beat us, so the next attempt can win.
                 self.counter = self.counter.max(seen.counter);
-                op.refused.insert(from.clone());
-                // The others may still make a quorum (a refusal from one acceptor that saw a
-                // competing round does not undo the answers of the rest): wait for them.
-                if self.acceptors.len().saturating_sub(op.refused.len()) >= majority {
-                    return;
-                }
                 self.conflicts += 1;
                 self.retry_later(now, out);
             }
