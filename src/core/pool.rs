@@ -221,6 +221,10 @@ pub struct Pool {
     /// join; a recorded one is listed and pushed to by address.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub learners: BTreeSet<NodeId>,
+    /// The peer whose change made this version (none in a pool from before it was recorded):
+    /// a peer that learns several versions at once still names who made the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub through: Option<NodeId>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -782,6 +786,7 @@ impl Pool {
         let mut next = self.apply(change, rules)?;
         if next.version != self.version {
             next.applied.insert(origin.clone(), seq);
+            next.through = Some(origin.clone());
         }
         Ok(Applied::Next(next))
     }
@@ -876,9 +881,12 @@ impl PoolDiff {
             .filter(|(p, seq)| old.applied.get(*p) != Some(*seq))
             .map(|(p, _)| p)
             .collect();
-        if let [one] = moved[..] {
-            d.through = Some(one.clone());
-        }
+        d.through = match (&new.through, &moved[..]) {
+            (Some(p), _) => Some(p.clone()),
+            // A pool from before `through` was recorded: the one proposer whose tag moved.
+            (None, [one]) => Some((*one).clone()),
+            (None, _) => None,
+        };
         d
     }
 }
@@ -1138,6 +1146,34 @@ mod tests {
             .apply(&PoolChange::RemoveBackend { id: id("b2") }, &r)
             .unwrap();
         assert_eq!(PoolDiff::between(&q, &gone).changes, vec!["removed b2"]);
+    }
+
+    /// A peer that learns two versions at once (its own vote and another's) still names the
+    /// peer whose change made the last one.
+    #[test]
+    fn diff_over_several_versions_names_the_last_proposer() {
+        let r = rules(3);
+        let p = seeded(3);
+        let vote = |by: &str| PoolChange::VoteDown {
+            id: id("b1"),
+            peer: peer(by),
+        };
+        let Applied::Next(q) = p.apply_once(&vote("a"), &r, &peer("a"), 1).unwrap() else {
+            panic!("not applied")
+        };
+        let Applied::Next(q) = q.apply_once(&vote("c"), &r, &peer("c"), 4).unwrap() else {
+            panic!("not applied")
+        };
+        assert_eq!(q.version, p.version + 2);
+        let d = PoolDiff::between(&p, &q);
+        assert_eq!(
+            d.changes,
+            vec!["a votes b1 down", "c votes b1 down", "b1 ejected"]
+        );
+        assert_eq!(d.through, Some(peer("c")));
+        // Stored with the pool, so every peer reads the same.
+        let text = serde_json::to_string(&q).unwrap();
+        assert_eq!(serde_json::from_str::<Pool>(&text).unwrap(), q);
     }
 
     #[test]

@@ -159,6 +159,7 @@ impl Durable {
         pool.voters = [me.clone()].into_iter().collect();
         pool.epoch += 1;
         pool.version += 1;
+        pool.through = Some(me.clone());
         let counter = self
             .counter_reserved
             .max(self.acceptor.promised.counter)
