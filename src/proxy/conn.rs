@@ -177,20 +177,20 @@ impl Framing {
                     };
                 }
                 Phase::Head | Phase::Trailers | Phase::ChunkSize | Phase::ChunkEnd => {
-                    let (line_done, rest) = match data.iter().position(|&b| b == b'\n') {
-                        Some(i) => {
-                            self.keep(&data[..i]);
-                            (true, &data[i + 1..])
-                        }
-                        None => {
-                            self.keep(data);
-                            (false, &data[data.len()..])
-                        }
+                    let Some(i) = memchr::memchr(b'\n', data) else {
+                        self.keep(data);
+                        return ambiguous;
                     };
-                    data = rest;
-                    if line_done {
-                        ambiguous |= self.line_complete();
+                    let line = &data[..i];
+                    data = &data[i + 1..];
+                    if self.line_len == 0 {
+                        // The whole line arrived in this read: looked at where it is.
+                        ambiguous |= self.line_complete(line);
+                    } else {
+                        self.keep(line);
+                        let (kept, n) = (self.line, self.line_len);
                         self.line_len = 0;
+                        ambiguous |= self.line_complete(&kept[..n]);
                     }
                 }
             }
@@ -205,8 +205,7 @@ impl Framing {
         self.line_len += n;
     }
 
-    fn line_complete(&mut self) -> bool {
-        let mut line = &self.line[..self.line_len];
+    fn line_complete(&mut self, mut line: &[u8]) -> bool {
         if let [head @ .., b'\r'] = line {
             line = head;
         }
@@ -222,24 +221,24 @@ impl Framing {
                     self.first_line = false;
                     return false;
                 }
-                if line.is_empty() {
-                    return self.head_complete();
-                }
-                let Some(colon) = line.iter().position(|&b| b == b':') else {
-                    return false;
-                };
-                let name = &line[..colon];
-                let value = trim(&line[colon + 1..]);
-                if name.eq_ignore_ascii_case(b"content-length") {
-                    let n = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|v| v.split(',').next())
-                        .and_then(|v| v.trim().parse::<u64>().ok());
-                    self.content_length = Some(n.unwrap_or(0));
-                } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                    self.saw_te = true;
-                    self.chunked = value.len() >= 7
-                        && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
+                // Only two fields matter; most lines are rejected by their first byte. (No
+                // space may come between a field name and its colon: RFC 9112 §5.1.)
+                match line.first().map(|b| b | 0x20) {
+                    None => return self.head_complete(),
+                    Some(b'c') if starts_with_ignore_case(line, b"content-length:") => {
+                        let n = std::str::from_utf8(trim(&line[15..]))
+                            .ok()
+                            .and_then(|v| v.split(',').next())
+                            .and_then(|v| v.trim().parse::<u64>().ok());
+                        self.content_length = Some(n.unwrap_or(0));
+                    }
+                    Some(b't') if starts_with_ignore_case(line, b"transfer-encoding:") => {
+                        let value = trim(&line[18..]);
+                        self.saw_te = true;
+                        self.chunked = value.len() >= 7
+                            && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
+                    }
+                    _ => {}
                 }
                 false
             }
@@ -301,6 +300,10 @@ impl Framing {
         self.saw_te = false;
         self.chunked = false;
     }
+}
+
+fn starts_with_ignore_case(line: &[u8], prefix: &[u8]) -> bool {
+    line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
 fn trim(mut s: &[u8]) -> &[u8] {
