@@ -231,8 +231,9 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// What `apply_once` did.
+/// What `apply_once` did. (A return value, matched at once: the pool is not boxed.)
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Applied {
     /// The next pool (the same one if the change was a no-op).
     Next(Pool),
