@@ -65,6 +65,19 @@ pub struct DiscoveryConfig {
     pub resolver: Option<SocketAddr>,
     #[serde(default = "one32")]
     pub weight: u32,
+    /// "http1" (default) or "h2", for the backends it finds (checked by `discovery_rules`).
+    #[serde(default, deserialize_with = "text")]
+    pub protocol: Option<String>,
+}
+
+impl DiscoveryConfig {
+    /// The protocol the found backends are spoken to with.
+    pub fn protocol(&self) -> pool::Protocol {
+        self.protocol
+            .as_deref()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_default()
+    }
 }
 
 fn kind_a() -> DiscoveryKind {
@@ -928,6 +941,9 @@ fn discovery_rules(c: &mut Checker, list: &[DiscoveryConfig]) {
             )
         });
         c.range(&key("weight"), d.weight, 1, pool::MAX_WEIGHT);
+        if let Some(Err(e)) = d.protocol.as_deref().map(str::parse::<pool::Protocol>) {
+            c.err(&key("protocol"), e);
+        }
     }
 }
 
@@ -1078,10 +1094,12 @@ mod tests {
     #[test]
     fn discovery_sources_are_checked() {
         let ok = parse(
-            "[node]\nid = \"a\"\n[[discovery]]\nname = \"web.internal\"\nport = 8080\n[[discovery]]\nname = \"_http._tcp.api.internal\"\ntype = \"srv\"\nresolver = \"127.0.0.1:5353\"\nweight = 3\n",
+            "[node]\nid = \"a\"\n[[discovery]]\nname = \"web.internal\"\nport = 8080\n[[discovery]]\nname = \"_http._tcp.api.internal\"\ntype = \"srv\"\nresolver = \"127.0.0.1:5353\"\nweight = 3\nprotocol = \"h2\"\n",
         )
         .unwrap();
         assert_eq!(ok.discovery.len(), 2);
+        assert_eq!(ok.discovery[0].protocol(), pool::Protocol::Http1);
+        assert_eq!(ok.discovery[1].protocol(), pool::Protocol::H2);
         assert_eq!(ok.discovery[0].kind, DiscoveryKind::A);
         assert_eq!(ok.discovery[0].interval, Duration::from_secs(5));
         assert_eq!(ok.discovery[0].remove_after, Duration::from_secs(30));
@@ -1090,7 +1108,7 @@ mod tests {
             Some("127.0.0.1:5353".parse().unwrap())
         );
         let errs = parse(
-            "[node]\nid = \"a\"\n[[discovery]]\nname = \"web\"\n[[discovery]]\nname = \"bad name!\"\ntype = \"srv\"\nport = 80\ninterval = \"10s\"\nremove_after = \"5s\"\nweight = 0\n",
+            "[node]\nid = \"a\"\n[[discovery]]\nname = \"web\"\n[[discovery]]\nname = \"bad name!\"\ntype = \"srv\"\nport = 80\ninterval = \"10s\"\nremove_after = \"5s\"\nweight = 0\nprotocol = \"h3\"\n",
         )
         .unwrap_err()
         .0
@@ -1101,6 +1119,7 @@ mod tests {
             "discovery[1].port: not for type \"srv\"",
             "discovery[1].remove_after: must be at least the interval",
             "discovery[1].weight: must be 1..=1000, got 0",
+            r#"discovery[1].protocol: unknown protocol "h3" (expected "http1" or "h2")"#,
         ] {
             assert!(errs.contains(want), "{want}: {errs}");
         }

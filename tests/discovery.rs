@@ -410,3 +410,47 @@ async fn srv_records_give_targets_and_ports() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// An HTTP/2-only (h2c) backend on `ip:port` that answers every request with the HTTP version
+/// it came in.
+async fn h2_only_backend_on(ip: &str, port: u16) {
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let l = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let version = format!("{:?}", req.version());
+                    Ok::<_, std::convert::Infallible>(http::Response::new(full(version)))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+/// A source with `protocol = "h2"` adds backends spoken to over HTTP/2 (this backend speaks
+/// nothing else), shown as such in the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sources_protocol_goes_to_the_backends_it_finds() {
+    if !have_dnsmasq() {
+        return;
+    }
+    let port = free_port();
+    h2_only_backend_on("127.0.0.33", port).await;
+    let dns = Dns::start(&["127.0.0.33"]);
+    let s = Shoal::start(
+        "",
+        &format!("{}protocol = \"h2\"\n", discovery_toml(dns.port, port)),
+    )
+    .await;
+    let want = ids(port, &["127.0.0.33"]);
+    all_see(std::slice::from_ref(&s), &want, Duration::from_secs(5)).await;
+    let (_, pool) = get_json(s.admin, "/pool").await;
+    assert_eq!(pool["backends"][0]["protocol"], "h2", "{pool}");
+    let (code, body) = get_text(s.proxy, "/").await.unwrap();
+    assert_eq!((code, body.as_str()), (200, "HTTP/2.0"));
+}

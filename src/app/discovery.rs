@@ -61,7 +61,8 @@ pub fn spawn(
                 src.weight,
                 src.remove_after.as_millis() as u64,
                 REVOTE_AFTER.as_millis() as u64,
-            );
+            )
+            .with_protocol(src.protocol());
             let mut tick = tokio::time::interval(src.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

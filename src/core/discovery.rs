@@ -8,12 +8,13 @@
 
 use std::collections::BTreeMap;
 
-use super::pool::{normalize_addr, NodeId, Pool, PoolChange};
+use super::pool::{normalize_addr, NodeId, Pool, PoolChange, Protocol};
 
 #[derive(Debug)]
 pub struct Tracker {
     source: String,
     weight: u32,
+    protocol: Protocol,
     remove_after_ms: u64,
     revote_after_ms: u64,
     /// Each address of a successful answer, and when an answer last held it.
@@ -29,12 +30,19 @@ impl Tracker {
         Self {
             source: source.to_string(),
             weight,
+            protocol: Protocol::Http1,
             remove_after_ms,
             revote_after_ms,
             last_seen: BTreeMap::new(),
             voting: false,
             pending: None,
         }
+    }
+
+    /// The backends this source adds are spoken to with `protocol`.
+    pub fn with_protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
     }
 
     /// Record a resolution: `Some(addrs)` an answer (maybe empty: the name has no records),
@@ -77,12 +85,12 @@ impl Tracker {
             .filter(|s| s.source == self.source && s.seen_by.contains(me))
             .map(|s| s.addr.clone())
             .collect();
-        let weight_ok = pool
+        let settings_shown = pool
             .sightings
             .values()
             .filter(|s| s.source == self.source)
-            .all(|s| s.weight == self.weight);
-        if want == shown && weight_ok {
+            .all(|s| s.weight == self.weight && s.protocol == self.protocol);
+        if want == shown && settings_shown {
             self.pending = None;
             return None;
         }
@@ -97,6 +105,7 @@ impl Tracker {
             peer: me.clone(),
             weight: self.weight,
             addrs: want,
+            protocol: self.protocol,
         })
     }
 }
@@ -156,6 +165,35 @@ mod tests {
             pool = vote(&pool, &mut t[i], me, 3500);
         }
         assert_eq!(ids(&pool), vec!["web/10.0.0.1:80"]);
+    }
+
+    /// A source's protocol goes to the backends it adds, and a changed setting (a reload) is
+    /// voted again and followed by them.
+    #[test]
+    fn the_sources_protocol_goes_to_its_backends() {
+        let mut pool = Pool::default()
+            .apply(&PoolChange::seed(vec![]), &rules())
+            .unwrap();
+        let addr = ["10.0.0.1:80".to_string()];
+        let mut t: Vec<Tracker> = (0..2)
+            .map(|_| Tracker::new("grpc", 1, 3000, 1000).with_protocol(Protocol::H2))
+            .collect();
+        for (i, me) in [(0, "a"), (1, "b")] {
+            t[i].answer(0, Some(&addr));
+            pool = vote(&pool, &mut t[i], me, 0);
+        }
+        let id = BackendId::new("grpc/10.0.0.1:80");
+        assert_eq!(pool.backends[&id].protocol, Protocol::H2);
+        // Stored with the vote (the pool's JSON), so every peer builds the same backend.
+        let text = serde_json::to_string(&pool).unwrap();
+        assert_eq!(serde_json::from_str::<Pool>(&text).unwrap(), pool);
+        // Back to HTTP/1.1 on one peer: the vote differs from what the pool shows, so it is
+        // proposed again, and the backend follows.
+        let mut back = Tracker::new("grpc", 1, 3000, 1000);
+        back.answer(10, Some(&addr));
+        pool = vote(&pool, &mut back, "a", 10);
+        assert_eq!(pool.backends[&id].protocol, Protocol::Http1);
+        assert_eq!(ids(&pool), vec!["grpc/10.0.0.1:80"]);
     }
 
     #[test]

@@ -184,6 +184,9 @@ pub struct Sighting {
     pub addr: String,
     pub weight: u32,
     pub seen_by: BTreeSet<NodeId>,
+    /// The source's protocol (HTTP/1.1 unless it says `h2`).
+    #[serde(default, skip_serializing_if = "Protocol::is_http1")]
+    pub protocol: Protocol,
 }
 
 /// The id of a discovered backend: `NAME/IP:PORT`.
@@ -331,6 +334,9 @@ pub enum PoolChange {
         peer: NodeId,
         weight: u32,
         addrs: Vec<String>,
+        /// The source's protocol, given to the backends it adds.
+        #[serde(default, skip_serializing_if = "Protocol::is_http1")]
+        protocol: Protocol,
     },
 }
 
@@ -613,6 +619,7 @@ impl Pool {
                 peer,
                 weight,
                 addrs,
+                protocol,
             } => {
                 weight_ok(*weight)?;
                 if addrs.len() > MAX_BACKENDS {
@@ -627,6 +634,7 @@ impl Pool {
                     if want.remove(&s.addr) {
                         s.seen_by.insert(peer.clone());
                         s.weight = *weight;
+                        s.protocol = *protocol;
                     } else {
                         s.seen_by.remove(peer);
                     }
@@ -639,6 +647,7 @@ impl Pool {
                             addr,
                             weight: *weight,
                             seen_by: BTreeSet::from([peer.clone()]),
+                            protocol: *protocol,
                         },
                     );
                 }
@@ -705,9 +714,18 @@ impl Pool {
                 && !self.backends.contains_key(id)
                 && self.backends.len() < MAX_BACKENDS
             {
-                let mut b = Backend::new(id.as_str(), s.addr.clone(), s.weight);
+                let mut b =
+                    Backend::new(id.as_str(), s.addr.clone(), s.weight).with_protocol(s.protocol);
                 b.source = Some(s.source.clone());
                 self.backends.insert(id.clone(), b);
+            }
+        }
+        // The protocol follows the source's setting (the admin API does not change it).
+        for (id, b) in self.backends.iter_mut() {
+            if let Some(s) = self.sightings.get(id) {
+                if b.source.is_some() {
+                    b.protocol = s.protocol;
+                }
             }
         }
         let seen: BTreeMap<BackendId, usize> = self
