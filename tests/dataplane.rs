@@ -1624,3 +1624,103 @@ async fn a_backend_protocol_is_checked_and_shown() {
         .unwrap_or_default();
     assert!(line.trim_end().ends_with("h2"), "{text}");
 }
+
+/// A raw HTTP/1.1 backend that answers "ok" on keep-alive connections and closes each one after
+/// `idle` without a request (as Node.js does after 5 s). Counts the connections whose first
+/// request was a POST (health probes, GETs on connections of their own, are left out).
+async fn closing_backend(idle: Duration) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut c, _) = l.accept().await.unwrap();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut first = true;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // A whole head and its Content-Length body, or close when idle too long.
+                    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n");
+                    if let Some(end) = head_end {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        if buf.len() >= end + 4 + len {
+                            if std::mem::take(&mut first) && head.starts_with("post ") {
+                                count.fetch_add(1, Ordering::SeqCst);
+                            }
+                            buf.drain(..end + 4 + len);
+                            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                            if c.write_all(answer).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                    match tokio::time::timeout(idle, c.read(&mut chunk)).await {
+                        Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return, // idle too long, or the proxy closed: close
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Pooled backend connections are reused, and one the backend closed while it sat idle is
+/// noticed before a request goes on it: a POST after each close is answered (not 502, which a
+/// POST written into a closed connection would get, as it is never sent twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_are_reused_and_one_closed_while_idle_costs_no_post() {
+    let (addr, accepted) = closing_backend(Duration::from_millis(150)).await;
+    let s = Shoal::start(
+        "retries = 0\nworkers = 1",
+        &format!("[[backends]]\nid = \"closer\"\naddr = \"{addr}\"\n"),
+    )
+    .await;
+    let mut tx = client(s.proxy).await;
+    let post = |n: usize| {
+        request("POST", s.proxy, "/form")
+            .body(full(format!("field={n}")))
+            .unwrap()
+    };
+    for n in 0..20 {
+        tx.ready().await.unwrap();
+        let r = tx.send_request(post(n)).await.unwrap();
+        assert_eq!(r.status(), 200, "request {n}");
+        assert_eq!(
+            &r.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+    }
+    // Back to back on one client connection: the same backend connection each time.
+    let reused = accepted.load(Ordering::SeqCst);
+    assert!(reused <= 2, "{reused} backend connections for 20 requests");
+    for n in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        tx.ready().await.unwrap();
+        let r = tx.send_request(post(n)).await.unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "POST after the backend closed its connection ({n})"
+        );
+    }
+    assert!(accepted.load(Ordering::SeqCst) >= reused + 5);
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "shoal_upstream_errors_total{backend=\"closer\",kind=\"reset\"}"
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
+}
