@@ -1724,3 +1724,75 @@ async fn pooled_connections_are_reused_and_one_closed_while_idle_costs_no_post()
         "{m}"
     );
 }
+
+/// An h2c backend (the h2 crate's server) that refuses every stream with REFUSED_STREAM, as a
+/// busy or restarting HTTP/2 server does; counts the streams it refused.
+async fn refusing_h2_backend() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let refused = Arc::new(AtomicU64::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
+/// A stream an HTTP/2 backend refuses (RFC 9113 §8.7: not processed) goes to the next backend
+/// whatever its method, body included; a reset after processing still does not (POST).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_h2_stream_is_sent_elsewhere_for_any_method() {
+    let (refuser, refused) = refusing_h2_backend().await;
+    let (good, seen) = h2_backend(None).await;
+    let rest = format!(
+        "[balance]\nalgorithm = \"round_robin\"\n[health]\ninterval = \"1h\"\n\
+         [[backends]]\nid = \"refuser\"\naddr = \"{refuser}\"\nprotocol = \"h2\"\n\
+         [[backends]]\nid = \"good\"\naddr = \"{good}\"\nprotocol = \"h2\"\n"
+    );
+    let s = Shoal::start("", &rest).await;
+    for n in 0..6 {
+        let r = send(
+            s.proxy,
+            request("POST", s.proxy, "/echo")
+                .body(full(format!("order {n}")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200, "POST {n}: {:?}", r.body());
+    }
+    // Round robin sent about half of them to the refusing backend first.
+    assert!(
+        refused.load(Ordering::SeqCst) >= 2,
+        "the refusing backend was tried"
+    );
+    let echoed = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path == "/echo")
+        .count();
+    assert_eq!(echoed, 6);
+    // Refusals are counted, but do not take the backend down in this peer's view.
+    let m = s.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "shoal_upstream_errors_total{backend=\"refuser\",kind=\"reset\"}"
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{m}"
+    );
+}

@@ -201,6 +201,9 @@ struct Template {
     headers: HeaderMap,
     /// None for a bodiless request.
     tape: Option<SharedTape>,
+    /// Safe to send again after a backend received it (else only after a refusal that says
+    /// it was not processed).
+    idempotent: bool,
 }
 
 impl Template {
@@ -241,9 +244,10 @@ impl Plan {
     fn new(
         mut req: Request<Incoming>,
         conn: &ConnInfo,
-        settings: &Settings,
+        snap: &Snapshot,
         seen: Option<Arc<AtomicU64>>,
     ) -> Result<Plan, ProxyError> {
+        let settings = &snap.settings;
         // Content-Length with Transfer-Encoding never gets here: hyper drops the length, so
         // the connection's framing watcher (conn.rs) flags such requests before they are served.
         let key = match settings.balance.algorithm {
@@ -255,9 +259,11 @@ impl Plan {
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
         let (mut first, upgrade, te_trailers) = rewrite(req, conn, seen)?;
-        // A sent request is sent again only if idempotent, with its body taped (up to 64 KiB)
-        // as it streams.
-        let replayable = is_idempotent(first.method()) && upgrade.is_none() && settings.retries > 0;
+        // A sent request is sent again only if idempotent, or (any method) after an HTTP/2
+        // backend refused its stream unprocessed; its body is taped (up to 64 KiB) as it
+        // streams.
+        let idempotent = is_idempotent(first.method());
+        let replayable = (idempotent || snap.any_h2) && upgrade.is_none() && settings.retries > 0;
         let bodiless = first.body().is_end_stream();
         let fits = first
             .body()
@@ -275,6 +281,7 @@ impl Plan {
                 uri: first.uri().clone(),
                 headers: first.headers().clone(),
                 tape,
+                idempotent,
             }
         });
         Ok(Plan {
@@ -307,9 +314,12 @@ impl Plan {
         Some(request)
     }
 
-    /// Whether a request that reached a backend may go to another one.
-    fn can_resend(&self) -> bool {
-        self.template.as_ref().is_some_and(Template::can_replay)
+    /// Whether a request that reached a backend may go to another one: an idempotent one, or
+    /// any one the backend `refused` unprocessed (RFC 9113 §8.7).
+    fn can_resend(&self, refused: bool) -> bool {
+        self.template
+            .as_ref()
+            .is_some_and(|t| (t.idempotent || refused) && t.can_replay())
     }
 
     /// The client's response: the backend's streamed back (its connection leased until the body
@@ -343,6 +353,8 @@ enum Attempt {
     NotSent(Request<RequestBody>, std::io::Error),
     /// Sent (at least partly) and then failed.
     Failed(ErrorKind),
+    /// An HTTP/2 backend refused the stream without processing it (REFUSED_STREAM).
+    Refused,
 }
 
 /// The forwarding service shared by every client connection of one peer.
@@ -408,7 +420,7 @@ impl Proxy {
         seen: Option<Arc<AtomicU64>>,
     ) -> Result<(Response<ResponseBody>, Arc<Upstream>), ProxyError> {
         let settings = &snap.settings;
-        let mut plan = Plan::new(req, conn, settings, seen)?;
+        let mut plan = Plan::new(req, conn, snap, seen)?;
         let candidates = Candidates {
             snapshot: snap,
             registry: self.table.registry(),
@@ -449,6 +461,16 @@ impl Proxy {
                     plan.pending = Some(request);
                     last_err = ProxyError::Connect;
                 }
+                Attempt::Refused => {
+                    // Not processed: any method may go elsewhere, if it can be rebuilt. The
+                    // backend is not at fault (it is busy or going away): no failure recorded.
+                    tracing::debug!(backend = %upstream.id, "stream refused");
+                    upstream.count_error(ErrorKind::Reset);
+                    last_err = ProxyError::Reset;
+                    if !plan.can_resend(true) {
+                        return Err(last_err);
+                    }
+                }
                 Attempt::Failed(kind) => {
                     self.on_outcome(upstream, Some(kind), settings);
                     last_err = if kind == ErrorKind::Timeout {
@@ -456,7 +478,7 @@ impl Proxy {
                     } else {
                         ProxyError::Reset
                     };
-                    if !plan.can_resend() {
+                    if !plan.can_resend(false) {
                         // The request (or part of its body) was sent, and it is not safe or
                         // not possible to send it again.
                         return Err(last_err);
@@ -490,6 +512,7 @@ impl Proxy {
                         request = r;
                         continue;
                     }
+                    None if refused(e.error()) => return Attempt::Refused,
                     None => {
                         tracing::debug!(backend = %upstream.id, error = %e.error(), "backend failed before answering");
                         return Attempt::Failed(ErrorKind::Reset);
@@ -517,6 +540,19 @@ impl Proxy {
             self.table.health_changed(&upstream.id);
         }
     }
+}
+
+/// Whether an HTTP/2 backend refused the stream: RST_STREAM with REFUSED_STREAM, which says
+/// it did no processing of it (RFC 9113 §8.7).
+fn refused(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Turn the client's request into the backend's: origin-form target, HTTP/1.1, hop-by-hop

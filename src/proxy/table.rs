@@ -59,6 +59,9 @@ pub struct Snapshot {
     /// Indexed like `selector.members()`.
     pub upstreams: Arc<[Arc<Upstream>]>,
     pub settings: Arc<Settings>,
+    /// Some backend speaks HTTP/2: a stream it refuses may go elsewhere whatever the method, so
+    /// every request keeps what rebuilds it.
+    pub any_h2: bool,
 }
 
 /// A snapshot as the selector asks about it: this peer's health view and the in-flight loads.
@@ -98,6 +101,7 @@ impl RoutingTable {
             pool: Arc::new(empty),
             upstreams: Arc::from(Vec::new()),
             settings: Arc::new(settings),
+            any_h2: false,
         };
         Arc::new(Self {
             current: ArcSwap::from_pointee(snapshot),
@@ -161,11 +165,13 @@ impl RoutingTable {
 
     fn install(&self, pool: Arc<Pool>, selector: Arc<Selector>, settings: Arc<Settings>) {
         let upstreams = self.registry.members(&pool, &selector);
+        let any_h2 = upstreams.iter().any(|u| u.target().is_h2());
         self.current.store(Arc::new(Snapshot {
             pool,
             selector,
             upstreams,
             settings,
+            any_h2,
         }));
         self.evaluate_panic();
     }
