@@ -714,18 +714,16 @@ impl Pool {
                 && !self.backends.contains_key(id)
                 && self.backends.len() < MAX_BACKENDS
             {
-                let mut b =
-                    Backend::new(id.as_str(), s.addr.clone(), s.weight).with_protocol(s.protocol);
+                let mut b = Backend::new(id.as_str(), s.addr.clone(), s.weight);
                 b.source = Some(s.source.clone());
                 self.backends.insert(id.clone(), b);
             }
         }
-        // The protocol follows the source's setting (the admin API does not change it).
-        for (id, b) in self.backends.iter_mut() {
+        // A discovered backend's protocol is its source's, from when it joins and whenever the
+        // setting changes (the admin API does not change it).
+        for (id, b) in self.backends.iter_mut().filter(|(_, b)| b.source.is_some()) {
             if let Some(s) = self.sightings.get(id) {
-                if b.source.is_some() {
-                    b.protocol = s.protocol;
-                }
+                b.protocol = s.protocol;
             }
         }
         let seen: BTreeMap<BackendId, usize> = self

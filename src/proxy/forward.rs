@@ -462,8 +462,8 @@ impl Proxy {
                     last_err = ProxyError::Connect;
                 }
                 Attempt::Refused => {
-                    // Not processed: any method may go elsewhere, if it can be rebuilt. The
-                    // backend is not at fault (it is busy or going away): no failure recorded.
+                    // Not processed: any method may go elsewhere, if it can be rebuilt. Counted
+                    // as a reset, but not a health failure: the backend is busy or going away.
                     tracing::debug!(backend = %upstream.id, "stream refused");
                     upstream.count_error(ErrorKind::Reset);
                     last_err = ProxyError::Reset;
