@@ -502,7 +502,7 @@ pub struct PeerPorts {
 
 /// Start `n` peers (ids a, b, c, ...) that list each other; `extra(i)` is appended to each
 /// config (tables after [cluster], e.g. [balance], [[backends]]); `cluster_extra(i)` goes inside
-/// [cluster]. Waits until all are ready.
+/// [cluster]. Waits until all are ready and every voter votes.
 pub async fn start_cluster(
     n: usize,
     cluster_extra: impl Fn(usize) -> String,
@@ -541,6 +541,20 @@ pub async fn start_cluster(
     }
     for s in &nodes {
         s.wait_ready().await;
+    }
+    // Formed means every voter votes: a voter that found the cluster formed without it (the
+    // others were quicker) votes only after an identity round through both others, so a test
+    // that then kills one would be testing a cluster that never had three voters.
+    for s in &nodes {
+        eventually(
+            Duration::from_secs(20),
+            "every peer voting (or a learner)",
+            || async {
+                let (code, st) = get_json(s.admin, "/status").await;
+                (code == 200 && st["consensus"] != "catching_up").then_some(())
+            },
+        )
+        .await;
     }
     nodes
 }
