@@ -102,6 +102,18 @@ impl Target {
         &self.authority
     }
 
+    /// A new connection's stream: TCP, with TLS on top for an `https://` target.
+    pub async fn dial(&self) -> io::Result<BackendIo> {
+        let tcp = TcpStream::connect(&self.authority).await?;
+        tcp.set_nodelay(true)?;
+        Ok(match &self.tls {
+            None => BackendIo::Plain(tcp),
+            Some((connector, name)) => {
+                BackendIo::Tls(Box::new(connector.connect(name.clone(), tcp).await?))
+            }
+        })
+    }
+
     /// A new connection (HTTP/1.1, or HTTP/2 for an h2 target); its driver runs as a task on
     /// the calling runtime.
     pub async fn connect<B>(&self) -> io::Result<Sender<B>>
@@ -109,14 +121,7 @@ impl Target {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
-        let tcp = TcpStream::connect(&self.authority).await?;
-        tcp.set_nodelay(true)?;
-        let io = match &self.tls {
-            None => BackendIo::Plain(tcp),
-            Some((connector, name)) => {
-                BackendIo::Tls(Box::new(connector.connect(name.clone(), tcp).await?))
-            }
-        };
+        let io = self.dial().await?;
         let authority = self.authority.clone();
         if self.h2 {
             let default_authority = Authority::try_from(self.authority.as_str())
@@ -271,7 +276,7 @@ fn h2_form<B>(mut req: Request<B>, scheme: &Scheme, default: &Authority) -> Requ
 }
 
 /// A backend connection: plain TCP or TLS.
-enum BackendIo {
+pub enum BackendIo {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }

@@ -20,7 +20,8 @@ use super::body::{RequestBody, SharedTape, Tape, REPLAY_LIMIT};
 use super::error::ProxyError;
 use super::response::ResponseBody;
 use super::table::{Candidates, RoutingTable, Settings, Snapshot};
-use super::upstream::{ErrorKind, Lease, Sender, Upstream};
+use super::upstream::h1::{self, SendError};
+use super::upstream::{Conn, ErrorKind, Lease, Sender, Upstream};
 use crate::config::HashKey;
 use crate::core::balance::{hash, Algorithm};
 use crate::core::health::Source;
@@ -326,29 +327,49 @@ impl Plan {
     /// ends), or, for an accepted upgrade, the 101 while a tunnel splices the two connections.
     fn respond(
         self,
-        mut resp: Response<Incoming>,
-        lease: Lease,
+        mut parts: http::response::Parts,
+        reply: Reply,
+        mut lease: Lease,
         conn: &ConnInfo,
     ) -> Response<ResponseBody> {
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some((client, _)) = self.upgrade {
-                let backend = hyper::upgrade::on(&mut resp);
-                let tunnels = conn.tunnels.clone().unwrap_or_default();
-                let close = tunnels.close.clone();
-                tunnels.tracker.spawn(tunnel(client, backend, lease, close));
-                let (parts, _) = resp.into_parts();
-                return Response::from_parts(parts, ResponseBody::empty());
+        let body = match reply {
+            Reply::H1(body) => {
+                if let (StatusCode::SWITCHING_PROTOCOLS, Some((client, _))) =
+                    (parts.status, self.upgrade)
+                {
+                    if let Some((backend, early)) = body.upgraded() {
+                        let tunnels = conn.tunnels.clone().unwrap_or_default();
+                        let close = tunnels.close.clone();
+                        tunnels
+                            .tracker
+                            .spawn(tunnel(client, backend, early, lease, close));
+                    }
+                    return Response::from_parts(parts, ResponseBody::empty());
+                }
+                strip_hop_by_hop(&mut parts.headers);
+                ResponseBody::h1(body, lease)
             }
-        }
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        Response::from_parts(parts, ResponseBody::upstream(body, Some(lease)))
+            Reply::H2(body, sender) => {
+                strip_hop_by_hop(&mut parts.headers);
+                lease.h2 = Some(sender);
+                ResponseBody::upstream(body, Some(lease))
+            }
+        };
+        Response::from_parts(parts, body)
     }
+}
+
+/// A backend's answer body, before it becomes the client's.
+enum Reply {
+    /// Read from its HTTP/1.1 connection, which it carries.
+    H1(h1::ResponseBody),
+    /// A stream of the worker's shared HTTP/2 connection.
+    H2(Incoming, Sender),
 }
 
 /// How one attempt on one backend ended.
 enum Attempt {
-    Response(Response<Incoming>, Sender),
+    Response(http::response::Parts, Reply),
     /// Never reached the backend; the request comes back intact.
     NotSent(Request<RequestBody>, std::io::Error),
     /// Sent (at least partly) and then failed.
@@ -442,17 +463,17 @@ impl Proxy {
             *attempts += 1;
             let guard = upstream.start(bounded);
             match self.attempt(upstream, request, settings, conn.worker).await {
-                Attempt::Response(resp, sender) => {
-                    let status = resp.status().as_u16();
+                Attempt::Response(parts, reply) => {
+                    let status = parts.status.as_u16();
                     let failed = matches!(status, 502..=504).then_some(ErrorKind::Status);
                     self.on_outcome(upstream, failed, settings);
                     upstream.count_response(status, start.elapsed());
                     let lease = Lease {
-                        sender,
                         guard,
                         worker: conn.worker,
+                        h2: None,
                     };
-                    return Ok((plan.respond(resp, lease, conn), upstream.clone()));
+                    return Ok((plan.respond(parts, reply, lease, conn), upstream.clone()));
                 }
                 Attempt::NotSent(request, err) => {
                     // Nothing reached the backend: any method may go elsewhere.
@@ -497,16 +518,40 @@ impl Proxy {
         settings: &Settings,
         worker: usize,
     ) -> Attempt {
-        // A pooled connection may have closed since it was parked; hyper hands the request back
+        // A pooled connection may have closed since it was parked; the request comes back
         // untouched then, and we take another connection (a few times at most).
         for _ in 0..3 {
-            let mut sender = match upstream.checkout(worker, settings.connect_timeout).await {
-                Ok(s) => s,
+            let conn = match upstream.checkout(worker, settings.connect_timeout).await {
+                Ok(c) => c,
                 Err(e) => return Attempt::NotSent(request, e),
+            };
+            let mut sender = match conn {
+                Conn::H2(sender) => sender,
+                Conn::H1(c) => {
+                    let sent = c.send(&mut request);
+                    match tokio::time::timeout(settings.request_timeout, sent).await {
+                        Ok(Ok(resp)) => {
+                            let (parts, body) = resp.into_parts();
+                            return Attempt::Response(parts, Reply::H1(body));
+                        }
+                        Ok(Err(SendError::NotSent(e))) => {
+                            tracing::debug!(backend = %upstream.id, error = %e, "connection closed before the request went out");
+                            continue;
+                        }
+                        Ok(Err(SendError::Failed(e))) => {
+                            tracing::debug!(backend = %upstream.id, error = %e, "backend failed before answering");
+                            return Attempt::Failed(ErrorKind::Reset);
+                        }
+                        Err(_) => return Attempt::Failed(ErrorKind::Timeout),
+                    }
+                }
             };
             let sent = sender.try_send_request(request);
             match tokio::time::timeout(settings.request_timeout, sent).await {
-                Ok(Ok(resp)) => return Attempt::Response(resp, sender),
+                Ok(Ok(resp)) => {
+                    let (parts, body) = resp.into_parts();
+                    return Attempt::Response(parts, Reply::H2(body, sender));
+                }
                 Ok(Err(mut e)) => match e.take_message() {
                     Some(r) => {
                         request = r;
@@ -672,23 +717,27 @@ fn rewrite(
     Ok((out, upgrade, trailers))
 }
 
-/// Splice an upgraded client connection to the upgraded backend connection. The lease keeps the
-/// backend counted in flight for the tunnel's life; its connection is never pooled again.
+/// Splice an upgraded client connection to the upgraded backend connection (`early`: what the
+/// backend sent right behind its 101). The lease keeps the backend counted in flight for the
+/// tunnel's life; its connection is never pooled again.
 async fn tunnel(
     client: OnUpgrade,
-    backend: OnUpgrade,
+    mut backend: crate::net::BackendIo,
+    early: bytes::Bytes,
     lease: Lease,
     close: tokio_util::sync::CancellationToken,
 ) {
-    let (client, backend) = tokio::join!(client, backend);
-    let Lease { sender, guard, .. } = lease;
-    drop(sender);
-    match (client, backend) {
-        (Ok(c), Ok(b)) => {
+    match client.await {
+        Ok(c) => {
             let mut c = TokioIo::new(c);
-            let mut b = TokioIo::new(b);
+            let splice = async {
+                if !early.is_empty() {
+                    tokio::io::AsyncWriteExt::write_all(&mut c, &early).await?;
+                }
+                tokio::io::copy_bidirectional(&mut c, &mut backend).await
+            };
             tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut c, &mut b) => {
+                r = splice => {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, "tunnel closed");
                     }
@@ -696,9 +745,9 @@ async fn tunnel(
                 _ = close.cancelled() => tracing::debug!("tunnel closed (idle, or the shutdown grace ended)"),
             }
         }
-        (c, b) => tracing::debug!(client = c.is_ok(), backend = b.is_ok(), "upgrade failed"),
+        Err(e) => tracing::debug!(error = %e, "client upgrade failed"),
     }
-    drop(guard);
+    drop(lease);
 }
 
 #[cfg(test)]

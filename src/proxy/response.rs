@@ -9,7 +9,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::access::AccessRecord;
-use super::upstream::Lease;
+use super::upstream::{h1, Lease};
+
+/// Why a body broke off: the backend's connection failed mid-body.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 pin_project_lite::pin_project! {
     /// What goes to a client: a backend's body, or a short local one (errors, admin).
@@ -17,6 +20,8 @@ pin_project_lite::pin_project! {
     pub enum ResponseBody {
         Full { data: Option<Bytes> },
         Upstream { #[pin] inner: Incoming, lease: Option<Lease> },
+        // A body read by the request's task from its HTTP/1.1 connection.
+        H1 { inner: h1::ResponseBody, lease: Option<Lease> },
         // Any of the above, with its access log line written when it ends.
         Logged { inner: Pin<Box<ResponseBody>>, record: Option<Box<AccessRecord>> },
     }
@@ -45,13 +50,26 @@ impl ResponseBody {
         }
     }
 
+    /// A body read from an HTTP/1.1 connection, which goes back to the pool when it ends.
+    pub fn h1(mut inner: h1::ResponseBody, lease: Lease) -> Self {
+        if inner.is_end_stream() {
+            // An empty body (e.g. 204, HEAD) is already done: free the connection now.
+            lease.release(inner.reusable());
+            return ResponseBody::H1 { inner, lease: None };
+        }
+        ResponseBody::H1 {
+            inner,
+            lease: Some(lease),
+        }
+    }
+
     pub fn upstream(inner: Incoming, lease: Option<Lease>) -> Self {
         let mut body = ResponseBody::Upstream { inner, lease };
         // An empty body (e.g. 204, HEAD) is already done: free the connection now.
         if let ResponseBody::Upstream { inner, lease } = &mut body {
             if inner.is_end_stream() {
                 if let Some(l) = lease.take() {
-                    l.release();
+                    l.release(None);
                 }
             }
         }
@@ -61,12 +79,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.project() {
             ResponseBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ResponseBodyProj::Upstream { mut inner, lease } => {
@@ -85,14 +103,36 @@ impl Body for ResponseBody {
                 };
                 if finished {
                     if let Some(l) = lease.take() {
-                        l.release();
+                        l.release(None);
                     }
                 }
-                if let Poll::Ready(Some(Err(_))) = &polled {
-                    // The backend broke off mid-body: drop the connection, not pool it.
-                    lease.take();
+                polled.map(|f| f.map(|r| r.map_err(Into::into)))
+            }
+            ResponseBodyProj::H1 { inner, lease } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(f))) => {
+                        if let (Some(l), Some(d)) = (lease.as_ref(), f.data_ref()) {
+                            l.guard.upstream().count_response_bytes(d.len());
+                        }
+                        // The server stops polling once `is_end_stream` says so: release on
+                        // the last frame, not only on the final `None`.
+                        if inner.is_end_stream() {
+                            if let Some(l) = lease.take() {
+                                l.release(inner.reusable());
+                            }
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        if let Some(l) = lease.take() {
+                            l.release(inner.reusable());
+                        }
+                    }
+                    // A broken body leaves no connection to pool; the lease just ends.
+                    Poll::Ready(Some(Err(_))) => drop(lease.take()),
+                    Poll::Pending => {}
                 }
-                polled
+                polled.map(|f| f.map(|r| r.map_err(Into::into)))
             }
             ResponseBodyProj::Logged { inner, record } => {
                 let polled = inner.as_mut().poll_frame(cx);
@@ -120,6 +160,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Full { data } => data.is_none(),
             ResponseBody::Upstream { inner, .. } => inner.is_end_stream(),
+            ResponseBody::H1 { inner, .. } => inner.is_end_stream(),
             ResponseBody::Logged { inner, .. } => inner.is_end_stream(),
         }
     }
@@ -130,6 +171,7 @@ impl Body for ResponseBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             ResponseBody::Upstream { inner, .. } => inner.size_hint(),
+            ResponseBody::H1 { inner, .. } => inner.size_hint(),
             ResponseBody::Logged { inner, .. } => inner.size_hint(),
         }
     }

@@ -6,6 +6,7 @@ use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::h1;
 use crate::net::Target;
 use crate::proxy::body::RequestBody;
 
@@ -14,17 +15,31 @@ const MAX_IDLE: usize = 256;
 /// Idle connections older than this are not reused (backends commonly close at 60-75 s).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A connection ready to carry one request (or, for HTTP/2, a handle on the shared one).
+/// A handle on a shared HTTP/2 connection (its driver runs as a task of the worker).
 pub type Sender = crate::net::Sender<RequestBody>;
 
+/// A connection checked out for one request: an HTTP/1.1 one of its own (driven by the
+/// request's task), or a handle on the worker's shared HTTP/2 connection.
+pub enum Conn {
+    H1(h1::Conn),
+    H2(Sender),
+}
+
 struct Idle {
-    sender: Sender,
+    conn: h1::Conn,
     since: Instant,
+}
+
+/// One worker's connections to the backend.
+#[derive(Default)]
+struct Slot {
+    idle: Vec<Idle>,
+    shared: Option<Sender>,
 }
 
 /// Idle connections of one backend, by worker (slot 0: off the data plane).
 pub struct ConnPool {
-    idle: Box<[Mutex<Vec<Idle>>]>,
+    slots: Box<[Mutex<Slot>]>,
     /// HTTP/2: held while a worker dials its shared connection, so requests arriving meanwhile
     /// wait for it instead of each dialing their own.
     dialing: Box<[tokio::sync::Mutex<()>]>,
@@ -33,13 +48,15 @@ pub struct ConnPool {
 impl ConnPool {
     pub fn new(workers: usize) -> Self {
         Self {
-            idle: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
+            slots: (0..=workers).map(|_| Mutex::default()).collect(),
             dialing: (0..=workers).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
 
-    fn slot(&self, worker: usize) -> &Mutex<Vec<Idle>> {
-        &self.idle[worker % self.idle.len()]
+    fn slot(&self, worker: usize) -> std::sync::MutexGuard<'_, Slot> {
+        self.slots[worker % self.slots.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// A ready connection for `worker`: a pooled one if any is still open, else a new one.
@@ -48,26 +65,22 @@ impl ConnPool {
         worker: usize,
         target: &Target,
         connect_timeout: Duration,
-    ) -> io::Result<Sender> {
+    ) -> io::Result<Conn> {
         if target.is_h2() {
             return self.shared(worker, target, connect_timeout).await;
         }
         loop {
-            let idle = self
-                .slot(worker)
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop();
-            let Some(mut idle) = idle else { break };
-            if idle.since.elapsed() > IDLE_TIMEOUT || idle.sender.is_closed() {
-                continue;
-            }
-            // Normally ready at once; waits only if the previous response is still finishing.
-            if idle.sender.ready().await.is_ok() {
-                return Ok(idle.sender);
+            let Some(mut idle) = self.slot(worker).idle.pop() else {
+                break;
+            };
+            // Anything that arrived on a parked connection (the backend closing it, mostly)
+            // makes it unusable; checking costs no system call while nothing did.
+            if idle.since.elapsed() <= IDLE_TIMEOUT && idle.conn.is_open() {
+                return Ok(Conn::H1(idle.conn));
             }
         }
-        connect(target, connect_timeout).await
+        let io = timed(connect_timeout, target.dial()).await?;
+        Ok(Conn::H1(h1::Conn::new(io)))
     }
 
     /// The worker's HTTP/2 connection to the backend, made when there is none open.
@@ -76,11 +89,11 @@ impl ConnPool {
         worker: usize,
         target: &Target,
         connect_timeout: Duration,
-    ) -> io::Result<Sender> {
+    ) -> io::Result<Conn> {
         let open = || {
-            let mut slot = self.slot(worker).lock().unwrap_or_else(|e| e.into_inner());
-            slot.retain(|i| !i.sender.is_closed());
-            slot.last().and_then(|i| i.sender.share())
+            let mut slot = self.slot(worker);
+            slot.shared = slot.shared.take().filter(|s| !s.is_closed());
+            slot.shared.as_ref().and_then(|s| s.share()).map(Conn::H2)
         };
         if let Some(s) = open() {
             return Ok(s);
@@ -89,36 +102,29 @@ impl ConnPool {
         if let Some(s) = open() {
             return Ok(s);
         }
-        let sender = connect(target, connect_timeout).await?;
-        if let Some(s) = sender.share() {
-            let mut slot = self.slot(worker).lock().unwrap_or_else(|e| e.into_inner());
-            slot.clear();
-            slot.push(Idle {
-                sender: s,
-                since: Instant::now(),
-            });
-        }
-        Ok(sender)
+        let sender = timed(connect_timeout, target.connect()).await?;
+        self.slot(worker).shared = sender.share();
+        Ok(Conn::H2(sender))
     }
 
-    /// Park a connection whose exchange completed.
-    pub fn checkin(&self, worker: usize, sender: Sender) {
-        if sender.is_closed() || sender.is_shared() {
-            // A shared (HTTP/2) connection stays in its slot; this handle just goes.
-            return;
-        }
-        let mut idle = self.slot(worker).lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(Idle {
-                sender,
+    /// Park an HTTP/1.1 connection whose exchange completed.
+    pub fn checkin(&self, worker: usize, mut conn: h1::Conn) {
+        conn.shrink();
+        let mut slot = self.slot(worker);
+        if slot.idle.len() < MAX_IDLE {
+            slot.idle.push(Idle {
+                conn,
                 since: Instant::now(),
             });
         }
     }
 }
 
-async fn connect(target: &Target, connect_timeout: Duration) -> io::Result<Sender> {
-    match tokio::time::timeout(connect_timeout, target.connect()).await {
+async fn timed<T>(
+    limit: Duration,
+    connecting: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match tokio::time::timeout(limit, connecting).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
     }

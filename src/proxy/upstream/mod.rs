@@ -4,6 +4,7 @@
 //! `Upstream` per backend id across versions, so pooled connections, load and health carry over.
 
 mod conns;
+pub mod h1;
 mod health;
 
 use std::collections::HashMap;
@@ -16,7 +17,7 @@ use metrics::{Counter, Gauge, Histogram};
 use tokio_rustls::TlsConnector;
 
 use conns::ConnPool;
-pub use conns::Sender;
+pub use conns::{Conn, Sender};
 use health::LocalView;
 
 use crate::core::balance::Selector;
@@ -177,7 +178,7 @@ impl Upstream {
     }
 
     /// A ready connection for data-plane worker `worker`.
-    pub async fn checkout(&self, worker: usize, connect_timeout: Duration) -> io::Result<Sender> {
+    pub async fn checkout(&self, worker: usize, connect_timeout: Duration) -> io::Result<Conn> {
         self.conns
             .checkout(worker, &self.target, connect_timeout)
             .await
@@ -205,23 +206,23 @@ impl Drop for InflightGuard {
     }
 }
 
-/// A backend connection and the in-flight count, kept with a response until its body ends.
+/// The in-flight count (and an HTTP/2 connection's handle), kept with a response until its
+/// body ends.
 pub struct Lease {
-    pub sender: Sender,
     pub guard: InflightGuard,
     /// The worker whose runtime drives the connection.
     pub worker: usize,
+    /// The shared HTTP/2 connection the response streams on.
+    pub h2: Option<Sender>,
 }
 
 impl Lease {
-    /// The exchange completed: the connection goes back to its worker's idle list.
-    pub fn release(self) {
-        let Lease {
-            sender,
-            guard,
-            worker,
-        } = self;
-        guard.upstream.conns.checkin(worker, sender);
+    /// The exchange completed: an HTTP/1.1 connection that may carry another goes back to its
+    /// worker's idle list.
+    pub fn release(self, conn: Option<h1::Conn>) {
+        if let Some(conn) = conn {
+            self.guard.upstream.conns.checkin(self.worker, conn);
+        }
     }
 }
 

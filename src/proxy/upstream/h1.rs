@@ -1,0 +1,722 @@
+//! A lean HTTP/1.1 client for backend connections, driven by the request's own task.
+//!
+//! hyper's client runs each connection as a task of its own and hands every request and
+//! response through channels (a handoff and two task wake-ups per exchange). Here the request
+//! head is written straight from the request's parts, the response head is parsed with
+//! `httparse` out of one read buffer, and the response body is read by the body itself as the
+//! client side polls it: small answers cost one write and one read. The connection travels with
+//! the response body and goes back to the pool when the body ends cleanly.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::net::BackendIo;
+use crate::proxy::body::RequestBody;
+
+/// The longest response head (or chunk-size line, or trailer section) taken from a backend.
+const MAX_HEAD: usize = 64 * 1024;
+/// Response header fields taken from a backend (hyper's client default).
+const MAX_HEADERS: usize = 100;
+/// Reads start at this size and double while they fill the buffer, up to `READ_MAX`.
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 256 * 1024;
+/// Body data up to this size is gathered with the head into one write.
+const GATHER: usize = 16 * 1024;
+
+/// One HTTP/1.1 connection to a backend, idle or carrying one exchange.
+pub struct Conn {
+    io: BackendIo,
+    /// Read from the backend and not yet used.
+    buf: BytesMut,
+    /// What goes out next (a request head, and small body chunks gathered behind it).
+    out: Vec<u8>,
+    read_size: usize,
+    /// Where each field of the head being parsed is (kept to spare an allocation per answer).
+    spans: Vec<(HeaderName, usize, usize)>,
+    /// The rest of a request body the backend answered before taking: it keeps going out
+    /// while the answer streams (full duplex), and the connection is reused only if it all went.
+    upload: Option<(RequestBody, Upload)>,
+    /// That rest could not be sent: the connection is not reused.
+    unfinished: bool,
+}
+
+/// How sending a request failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// Nothing reached the connection: the request may go elsewhere as it is.
+    NotSent(io::Error),
+    /// The request was (perhaps partly) sent, or the answer broke off.
+    Failed(io::Error),
+}
+
+impl Conn {
+    pub fn new(io: BackendIo) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            read_size: READ_MIN,
+            spans: Vec::new(),
+            upload: None,
+            unfinished: false,
+        }
+    }
+
+    /// Let go of large buffers before the connection is parked (a 1 MiB answer grows reads to
+    /// 256 KiB; an idle connection keeps none of that).
+    pub fn shrink(&mut self) {
+        if self.buf.capacity() > READ_MIN {
+            self.buf = BytesMut::new();
+        }
+        if self.out.capacity() > 4 * GATHER {
+            self.out = Vec::new();
+        }
+    }
+
+    /// Whether a parked connection can still carry a request: nothing arrived on it since its
+    /// last exchange (an end of stream, an error or stray bytes all mean it cannot). Costs no
+    /// system call unless the socket was reported readable.
+    pub fn is_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut byte);
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut rb)
+            .is_pending()
+    }
+
+    /// Send `req` and read the response head. The body streams out as the client sends it;
+    /// an answer may come before it is all sent (a 413, or an echo), and the rest then goes on
+    /// as the answer's body is read. `req` is left in place (its body taken once sending began).
+    pub async fn send(
+        mut self,
+        req: &mut Request<RequestBody>,
+    ) -> Result<Response<ResponseBody>, SendError> {
+        let framing = self.write_head(req);
+        let head_only = req.method() == Method::HEAD;
+        let body = req.body_mut();
+        let mut up = Upload {
+            framing,
+            done: framing == Out::Empty,
+            flushing: framing == Out::Empty,
+            written: 0,
+            sent_any: false,
+        };
+        let early = poll_fn(|cx| {
+            // Once the head is out, an answer may come before the body is all sent.
+            if up.sent_any {
+                match self.poll_early(cx) {
+                    Poll::Ready(Ok(true)) => return Poll::Ready(Ok(true)),
+                    Poll::Ready(Ok(false)) | Poll::Pending => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Failed(e))),
+                }
+            }
+            self.poll_upload(cx, body, &mut up).map_ok(|()| false)
+        })
+        .await?;
+        if early {
+            // The rest of the body goes on beside the answer (an echo, a bidirectional stream).
+            self.upload = Some((std::mem::replace(body, RequestBody::Empty), up));
+        }
+        self.read_head(head_only).await.map_err(SendError::Failed)
+    }
+
+    /// The request head into `out`, with the framing the body needs.
+    fn write_head(&mut self, req: &Request<RequestBody>) -> Out {
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(req.method().as_str().as_bytes());
+        out.push(b' ');
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut has_length = false;
+        for (name, value) in req.headers() {
+            if name == header::CONTENT_LENGTH {
+                has_length = true;
+            }
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        let body = req.body();
+        let framing = if matches!(body, RequestBody::Empty) {
+            // A method that carries content gets an explicit empty one.
+            if !has_length && matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+                out.extend_from_slice(b"content-length: 0\r\n");
+            }
+            Out::Empty
+        } else if let Some(n) = body.size_hint().exact() {
+            if !has_length {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            Out::Length
+        } else {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            Out::Chunked
+        };
+        out.extend_from_slice(b"\r\n");
+        framing
+    }
+
+    /// Drive the upload: gather the body behind the head in `out` and write it out when it is
+    /// large, when the client has nothing more for now, and at the end.
+    fn poll_upload(
+        &mut self,
+        cx: &mut Context<'_>,
+        body: &mut RequestBody,
+        up: &mut Upload,
+    ) -> Poll<Result<(), SendError>> {
+        loop {
+            if up.flushing {
+                while up.written < self.out.len() {
+                    let wrote = Pin::new(&mut self.io).poll_write(cx, &self.out[up.written..]);
+                    match std::task::ready!(wrote) {
+                        Ok(0) => {
+                            return Poll::Ready(Err(up.failed(io::ErrorKind::WriteZero.into())))
+                        }
+                        Ok(n) => {
+                            up.written += n;
+                            up.sent_any = true;
+                        }
+                        Err(e) => return Poll::Ready(Err(up.failed(e))),
+                    }
+                }
+                std::task::ready!(Pin::new(&mut self.io).poll_flush(cx))
+                    .map_err(SendError::Failed)?;
+                self.out.clear();
+                up.written = 0;
+                up.flushing = false;
+                if up.done {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            let frame = match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Pending if self.out.is_empty() => return Poll::Pending,
+                Poll::Pending => {
+                    // The client has nothing more now: the backend gets what there is.
+                    up.flushing = true;
+                    continue;
+                }
+                Poll::Ready(f) => f,
+            };
+            match frame {
+                None => {
+                    if up.framing == Out::Chunked {
+                        self.out.extend_from_slice(b"0\r\n\r\n");
+                    }
+                    up.done = true;
+                    up.flushing = true;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(SendError::Failed(io::Error::other(e)))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) => {
+                        if up.framing == Out::Chunked {
+                            let mut size = [0u8; 18];
+                            self.out.extend_from_slice(hex(data.len(), &mut size));
+                            self.out.extend_from_slice(b"\r\n");
+                            self.out.extend_from_slice(&data);
+                            self.out.extend_from_slice(b"\r\n");
+                        } else {
+                            self.out.extend_from_slice(&data);
+                        }
+                        up.flushing = self.out.len() >= GATHER;
+                    }
+                    Err(frame) => {
+                        // Trailers end the body: sent with a chunked one, dropped from a sized one.
+                        if up.framing == Out::Chunked {
+                            self.out.extend_from_slice(b"0\r\n");
+                            if let Ok(trailers) = frame.into_trailers() {
+                                for (name, value) in &trailers {
+                                    self.out.extend_from_slice(name.as_str().as_bytes());
+                                    self.out.extend_from_slice(b": ");
+                                    self.out.extend_from_slice(value.as_bytes());
+                                    self.out.extend_from_slice(b"\r\n");
+                                }
+                            }
+                            self.out.extend_from_slice(b"\r\n");
+                        }
+                        up.done = true;
+                        up.flushing = true;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Whether a final answer has arrived while the body is still going out (interim 1xx
+    /// answers are dropped here). An end of stream or an error fails the exchange.
+    fn poll_early(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        loop {
+            if !self.buf.is_empty() {
+                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut parsed = httparse::Response::new(&mut fields);
+                match parsed.parse(&self.buf) {
+                    Ok(httparse::Status::Complete(n)) => {
+                        let code = parsed.code.unwrap_or(0);
+                        if (100..200).contains(&code) && code != 101 {
+                            self.buf.advance(n);
+                            continue;
+                        }
+                        return Poll::Ready(Ok(true));
+                    }
+                    Ok(httparse::Status::Partial) if self.buf.len() <= MAX_HEAD => {}
+                    Ok(httparse::Status::Partial) => {
+                        return Poll::Ready(Err(invalid("response head too long")))
+                    }
+                    Err(e) => return Poll::Ready(Err(invalid(e))),
+                }
+            }
+            match std::task::ready!(self.poll_fill(cx))? {
+                0 => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "backend closed the connection while the request went out",
+                    )))
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Read more from the backend into `buf`; 0 at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_MIN / 4 {
+            self.buf.reserve(self.read_size);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == room && self.read_size < READ_MAX {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// The response head (1xx answers other than 101 are skipped), with a body reading the
+    /// rest from this connection.
+    async fn read_head(mut self, head_only: bool) -> io::Result<Response<ResponseBody>> {
+        loop {
+            if let Some((resp, framing, keep_alive)) = self.parse_head(head_only)? {
+                if resp.status().is_informational()
+                    && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    continue;
+                }
+                let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                let keep_alive = keep_alive && !upgraded;
+                let body = ResponseBody {
+                    conn: Some(self),
+                    framing,
+                    keep_alive,
+                    upgraded,
+                };
+                return Ok(resp.map(|()| body));
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err(invalid("response head too long"));
+            }
+            let n = poll_fn(|cx| self.poll_fill(cx)).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "backend closed the connection before answering",
+                ));
+            }
+        }
+    }
+
+    /// A complete response head out of `buf`, if there is one.
+    fn parse_head(&mut self, head_only: bool) -> io::Result<Option<(Response<()>, In, bool)>> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let len = match parsed.parse(&self.buf) {
+            Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+            Ok(httparse::Status::Complete(_)) => return Err(invalid("response head too long")),
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(invalid(e)),
+        };
+        let status = parsed
+            .code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or_else(|| invalid("bad status code"))?;
+        let version = if parsed.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Field values are slices of the head's bytes, shared, not copied.
+        let base = self.buf.as_ptr() as usize;
+        let mut spans = std::mem::take(&mut self.spans);
+        spans.clear();
+        for f in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(invalid)?;
+            let start = f.value.as_ptr() as usize - base;
+            spans.push((name, start, start + f.value.len()));
+        }
+        let head = self.buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        let mut transfer_coded = false;
+        let mut close = version == Version::HTTP_10;
+        for (name, start, end) in spans.drain(..) {
+            let value = HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(invalid)?;
+            if name == header::CONTENT_LENGTH {
+                let n = value
+                    .to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or_else(|| invalid("bad Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(invalid("conflicting Content-Length"));
+                }
+                length = Some(n);
+            } else if name == header::TRANSFER_ENCODING {
+                transfer_coded = true;
+                // Chunked only when it is the last coding.
+                chunked = value
+                    .to_str()
+                    .ok()
+                    .and_then(|s| s.rsplit(',').next())
+                    .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+            } else if name == header::CONNECTION {
+                for token in value.to_str().unwrap_or_default().split(',') {
+                    let token = token.trim();
+                    if token.eq_ignore_ascii_case("close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case("keep-alive") {
+                        close = false;
+                    }
+                }
+            }
+            headers.append(name, value);
+        }
+        self.spans = spans;
+        let bodiless = head_only
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let (framing, keep_alive) = if bodiless {
+            (In::Length(0), !close)
+        } else if transfer_coded {
+            // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which must not be
+            // passed on; a connection that carried both is not reused.
+            if length.is_some() {
+                headers.remove(header::CONTENT_LENGTH);
+            }
+            if chunked {
+                (In::Chunked(Chunk::Size), !close && length.is_none())
+            } else {
+                (In::ToEnd, false)
+            }
+        } else if let Some(n) = length {
+            (In::Length(n), !close)
+        } else {
+            (In::ToEnd, false)
+        };
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        *resp.version_mut() = version;
+        *resp.headers_mut() = headers;
+        Ok(Some((resp, framing, keep_alive)))
+    }
+}
+
+fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// `n` in hex, into `buf`.
+fn hex(mut n: usize, buf: &mut [u8; 18]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// How a request body is framed on the wire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Out {
+    Empty,
+    Length,
+    Chunked,
+}
+
+/// Where an upload is.
+struct Upload {
+    framing: Out,
+    /// The body has ended; what is in `out` is the last of the request.
+    done: bool,
+    /// Writing `out` (up to `written`) before taking more of the body.
+    flushing: bool,
+    written: usize,
+    /// Some of the request reached the connection.
+    sent_any: bool,
+}
+
+impl Upload {
+    /// A failed write: `NotSent` while nothing of the request went out.
+    fn failed(&self, e: io::Error) -> SendError {
+        if self.sent_any {
+            SendError::Failed(e)
+        } else {
+            SendError::NotSent(e)
+        }
+    }
+}
+
+/// How much of a response body is left.
+#[derive(Debug)]
+enum In {
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the backend closes.
+    ToEnd,
+    Done,
+}
+
+/// Where a chunked body's reader is.
+#[derive(Debug)]
+enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+/// A response body read from its connection as the client polls it.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    framing: In,
+    /// The connection may carry another exchange once this body has ended.
+    keep_alive: bool,
+    /// A 101: the connection now belongs to the upgraded protocol.
+    upgraded: bool,
+}
+
+impl ResponseBody {
+    /// The connection, if the body ended cleanly, the request went out whole and it may carry
+    /// another exchange.
+    pub fn reusable(&mut self) -> Option<Conn> {
+        if !self.keep_alive || !matches!(self.framing, In::Done | In::Length(0)) {
+            return None;
+        }
+        self.conn
+            .take()
+            .filter(|c| c.buf.is_empty() && c.upload.is_none() && !c.unfinished)
+    }
+
+    /// After a 101: the connection and what the backend already sent past the head.
+    pub fn upgraded(mut self) -> Option<(BackendIo, Bytes)> {
+        let conn = self.conn.take().filter(|_| self.upgraded)?;
+        Some((conn.io, conn.buf.freeze()))
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Some((mut body, mut up)) = conn.upload.take() {
+            // The request's rest, while the backend takes it; one it stopped taking is left.
+            match conn.poll_upload(cx, &mut body, &mut up) {
+                Poll::Pending => conn.upload = Some((body, up)),
+                // All sent: nothing keeps the connection from carrying another exchange.
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => conn.unfinished = true,
+            }
+        }
+        loop {
+            match &mut self.framing {
+                In::Done | In::Length(0) => {
+                    self.framing = In::Done;
+                    return Poll::Ready(None);
+                }
+                In::Length(left) => {
+                    if !conn.buf.is_empty() {
+                        let n = (*left).min(conn.buf.len() as u64) as usize;
+                        *left -= n as u64;
+                        return Poll::Ready(Some(Ok(Frame::data(conn.buf.split_to(n).freeze()))));
+                    }
+                }
+                In::ToEnd => {
+                    if !conn.buf.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(conn.buf.split().freeze()))));
+                    }
+                }
+                In::Chunked(state) => match state {
+                    Chunk::Size => {
+                        if let Some(eol) = memchr::memchr(b'\n', &conn.buf) {
+                            let line = &conn.buf[..eol];
+                            let line = line.strip_suffix(b"\r").unwrap_or(line);
+                            let digits = line
+                                .iter()
+                                .position(|b| !b.is_ascii_hexdigit())
+                                .unwrap_or(line.len());
+                            let rest = &line[digits..];
+                            if digits == 0
+                                || digits > 15
+                                || !(rest.is_empty() || rest.trim_ascii_start().starts_with(b";"))
+                            {
+                                return Poll::Ready(Some(Err(invalid("bad chunk size"))));
+                            }
+                            let size = line[..digits].iter().fold(0u64, |n, d| {
+                                n * 16 + (*d as char).to_digit(16).unwrap_or(0) as u64
+                            });
+                            conn.buf.advance(eol + 1);
+                            *state = if size == 0 {
+                                Chunk::Trailers
+                            } else {
+                                Chunk::Data(size)
+                            };
+                            continue;
+                        }
+                        if conn.buf.len() > MAX_HEAD {
+                            return Poll::Ready(Some(Err(invalid("chunk size line too long"))));
+                        }
+                    }
+                    Chunk::Data(left) => {
+                        if !conn.buf.is_empty() {
+                            let n = (*left).min(conn.buf.len() as u64) as usize;
+                            *left -= n as u64;
+                            if *left == 0 {
+                                *state = Chunk::DataEnd;
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(
+                                conn.buf.split_to(n).freeze(),
+                            ))));
+                        }
+                    }
+                    Chunk::DataEnd => {
+                        if conn.buf.len() >= 2 || conn.buf.first() == Some(&b'\n') {
+                            if conn.buf.starts_with(b"\r\n") {
+                                conn.buf.advance(2);
+                            } else if conn.buf.starts_with(b"\n") {
+                                conn.buf.advance(1);
+                            } else {
+                                return Poll::Ready(Some(Err(invalid("missing CRLF after chunk"))));
+                            }
+                            *state = Chunk::Size;
+                            continue;
+                        }
+                    }
+                    Chunk::Trailers => {
+                        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                        match httparse::parse_headers(&conn.buf, &mut fields) {
+                            Ok(httparse::Status::Complete((n, fields))) => {
+                                let mut trailers = HeaderMap::new();
+                                for f in fields.iter() {
+                                    let name = HeaderName::from_bytes(f.name.as_bytes());
+                                    let value = HeaderValue::from_bytes(f.value);
+                                    if let (Ok(name), Ok(value)) = (name, value) {
+                                        trailers.append(name, value);
+                                    }
+                                }
+                                conn.buf.advance(n);
+                                self.framing = In::Done;
+                                if trailers.is_empty() {
+                                    return Poll::Ready(None);
+                                }
+                                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                            }
+                            Ok(httparse::Status::Partial) if conn.buf.len() <= MAX_HEAD => {}
+                            Ok(httparse::Status::Partial) => {
+                                return Poll::Ready(Some(Err(invalid("trailers too long"))));
+                            }
+                            Err(e) => return Poll::Ready(Some(Err(invalid(e)))),
+                        }
+                    }
+                },
+            }
+            // Nothing usable buffered: read more.
+            match std::task::ready!(conn.poll_fill(cx)) {
+                Ok(0) if matches!(self.framing, In::ToEnd) => {
+                    self.framing = In::Done;
+                    self.keep_alive = false;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "backend closed the connection mid-body",
+                    ))))
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(e))),
+            }
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        let this = self.get_mut();
+        let polled = this.poll_next(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            // A broken body: the connection is not reused.
+            this.keep_alive = false;
+            this.framing = In::Done;
+            this.conn = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, In::Done | In::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            In::Length(n) => SizeHint::with_exact(n),
+            In::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_sizes() {
+        let mut b = [0u8; 18];
+        assert_eq!(hex(0, &mut b), b"0");
+        assert_eq!(hex(255, &mut b), b"ff");
+        assert_eq!(hex(0x10000, &mut b), b"10000");
+        assert_eq!(hex(usize::MAX, &mut b), b"ffffffffffffffff");
+    }
+}
