@@ -1796,3 +1796,313 @@ async fn a_refused_h2_stream_is_sent_elsewhere_for_any_method() {
         "{m}"
     );
 }
+
+/// A raw HTTP/1.1 backend that answers each request with the bytes scripted for its path (and
+/// closes after the answers marked so); `/upload` answers with the request's raw body. Counts
+/// the connections it accepted.
+async fn scripted_backend(
+    script: Vec<(&'static str, Vec<u8>, bool)>,
+) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    let script = Arc::new(script);
+    tokio::spawn(async move {
+        loop {
+            let (mut c, _) = l.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let script = script.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match c.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    if head.starts_with("post /reject ") {
+                        // Refuse the upload at once, read none of it, and hold the connection.
+                        let answer =
+                            b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo long";
+                        let _ = c.write_all(answer).await;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        return;
+                    }
+                    let len: Option<usize> = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map(|v| v.trim().parse().unwrap());
+                    let chunked = head.contains("transfer-encoding: chunked");
+                    // The body: by length, or up to the last chunk (no trailers sent here).
+                    let body_end = loop {
+                        let rest = &buf[end + 4..];
+                        if let Some(n) = len {
+                            if rest.len() >= n {
+                                break end + 4 + n;
+                            }
+                        } else if !chunked {
+                            break end + 4;
+                        } else if let Some(p) = rest.windows(5).position(|w| w == b"0\r\n\r\n") {
+                            break end + 4 + p + 5;
+                        }
+                        match c.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    };
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let body: Vec<u8> = buf[end + 4..body_end].to_vec();
+                    buf.drain(..body_end);
+                    let (answer, close) = if path == "/upload" {
+                        let mut a = format!(
+                            "HTTP/1.1 200 OK\r\nX-Request-Head: {}\r\nContent-Length: {}\r\n\r\n",
+                            head.lines().skip(1).collect::<Vec<_>>().join("|"),
+                            body.len()
+                        )
+                        .into_bytes();
+                        a.extend_from_slice(&body);
+                        (a, false)
+                    } else {
+                        match script.iter().find(|(p, _, _)| *p == path) {
+                            Some((_, a, close)) => (a.clone(), *close),
+                            None => (
+                                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                                false,
+                            ),
+                        }
+                    };
+                    if c.write_all(&answer).await.is_err() || close {
+                        return;
+                    }
+                    if answer.starts_with(b"HTTP/1.1 101") {
+                        // Switched: echo whatever comes.
+                        let (mut r, mut w) = c.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// The upstream HTTP/1.1 client against a backend's raw bytes: chunked answers (with
+/// extensions and trailers), interim 1xx answers skipped, bodies read to the close, Content-Length
+/// beside Transfer-Encoding (body by chunks, connection not reused), HEAD answers without a body
+/// (connection reused), conflicting lengths and an endless head refused with 502, bytes behind a
+/// 101 passed into the tunnel, request bodies without a length sent chunked, and an answer that
+/// comes before the request body was taken passed on at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_client_reads_every_framing_a_backend_may_send() {
+    let huge = format!(
+        "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 0\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let (addr, accepted) = scripted_backend(vec![
+        ("/chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc\r\n\r\n".to_vec(), false),
+        ("/interim", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone".to_vec(), false),
+        ("/to-end", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the close".to_vec(), true),
+        ("/both", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".to_vec(), false),
+        ("/head", b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n".to_vec(), false),
+        ("/plain", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(), false),
+        ("/conflict", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab".to_vec(), true),
+        ("/huge", huge.into_bytes(), true),
+        ("/switch", b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x-test\r\n\r\nEARLY".to_vec(), false),
+    ])
+    .await;
+    let s = Shoal::start(
+        "retries = 0\nworkers = 1",
+        &format!("[[backends]]\nid = \"raw\"\naddr = \"{addr}\"\n"),
+    )
+    .await;
+    let get = |path: &str| {
+        send(
+            s.proxy,
+            request("GET", s.proxy, path).body(empty()).unwrap(),
+        )
+    };
+
+    let r = get("/chunked").await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), &r.body()[..]),
+        (200, &b"hello world"[..])
+    );
+    assert_eq!(r.headers()["content-type"], "text/plain");
+    // Trailers reach a client that takes them (an HTTP/2 one here).
+    let mut h2 = h2c_client(s.proxy).await;
+    let resp = h2
+        .send_request(
+            http::Request::builder()
+                .uri(format!("http://{}/chunked", s.proxy))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let collected = resp.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["x-checksum"], "abc");
+    assert_eq!(&collected.to_bytes()[..], b"hello world");
+
+    let r = get("/interim").await.unwrap();
+    assert_eq!((r.status().as_u16(), &r.body()[..]), (200, &b"done"[..]));
+
+    let r = get("/to-end").await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), &r.body()[..]),
+        (200, &b"until the close"[..])
+    );
+
+    // Transfer-Encoding wins over Content-Length, and that connection is not used again.
+    let before = accepted.load(Ordering::SeqCst);
+    let r = get("/both").await.unwrap();
+    assert_eq!((r.status().as_u16(), &r.body()[..]), (200, &b"abc"[..]));
+    let r = get("/plain").await.unwrap();
+    assert_eq!((r.status().as_u16(), &r.body()[..]), (200, &b"ok"[..]));
+    // Two new connections: the one before ended with `/to-end`, and `/both` left its own.
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        before + 2,
+        "a connection that carried both lengths was reused"
+    );
+
+    // HEAD: the length is the GET's, no body follows, and the connection carries on.
+    let before = accepted.load(Ordering::SeqCst);
+    let r = send(
+        s.proxy,
+        request("HEAD", s.proxy, "/head").body(empty()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "1000");
+    assert!(r.body().is_empty());
+    let r = get("/plain").await.unwrap();
+    assert_eq!((r.status().as_u16(), &r.body()[..]), (200, &b"ok"[..]));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        before,
+        "the HEAD's connection was not reused"
+    );
+
+    // An upgrade: what the backend sent right behind its 101 reaches the client first.
+    let mut c = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    c.write_all(
+        b"GET /switch HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: x-test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.ends_with(b"EARLY") {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk))
+            .await
+            .expect("the 101 and the early bytes")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    c.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"ping");
+    drop(c);
+
+    for bad in ["/conflict", "/huge"] {
+        let r = get(bad).await.unwrap();
+        assert_eq!(r.status(), 502, "{bad}");
+    }
+
+    // A body without a length (an HTTP/2 client's) goes out chunked; one with a length as is.
+    let (mut tx, rx) = http_body_util::channel::Channel::<bytes::Bytes, hyper::Error>::new(4);
+    let sending = tokio::spawn(async move {
+        tx.send_data(bytes::Bytes::from_static(b"abc"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send_data(bytes::Bytes::from_static(b"defg"))
+            .await
+            .unwrap();
+    });
+    let resp = h2
+        .send_request(
+            http::Request::builder()
+                .method("POST")
+                .uri(format!("http://{}/upload", s.proxy))
+                .body(rx.boxed())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    sending.await.unwrap();
+    let head = resp.headers()["x-request-head"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let raw = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        head.contains("transfer-encoding: chunked") && !head.contains("content-length"),
+        "{head}"
+    );
+    assert_eq!(&raw[..], b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n");
+    let r = send(
+        s.proxy,
+        request("POST", s.proxy, "/upload")
+            .body(full("field=1"))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let head = r.headers()["x-request-head"].to_str().unwrap().to_string();
+    assert!(
+        head.contains("content-length: 7") && !head.contains("transfer-encoding"),
+        "{head}"
+    );
+    assert_eq!(&r.body()[..], b"field=1");
+
+    // An answer before the body is taken ends the upload: the client gets the 413 (not a 504
+    // after the request timeout, with 16 MiB stuck behind full socket buffers).
+    let (mut tx, rx) = http_body_util::channel::Channel::<bytes::Bytes, hyper::Error>::new(4);
+    tokio::spawn(async move {
+        for _ in 0..256 {
+            if tx
+                .send_data(bytes::Bytes::from(vec![b'x'; 64 * 1024]))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let resp = tokio::time::timeout(
+        Duration::from_secs(4),
+        h2.send_request(
+            http::Request::builder()
+                .method("POST")
+                .uri(format!("http://{}/reject", s.proxy))
+                .body(rx.boxed())
+                .unwrap(),
+        ),
+    )
+    .await
+    .expect("the backend's early answer")
+    .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(
+        &resp.into_body().collect().await.unwrap().to_bytes()[..],
+        b"too long"
+    );
+}
