@@ -116,10 +116,8 @@ impl Conn {
         let early = poll_fn(|cx| {
             // Once the head is out, an answer may come before the body is all sent.
             if up.sent_any {
-                match self.poll_early(cx) {
-                    Poll::Ready(Ok(true)) => return Poll::Ready(Ok(true)),
-                    Poll::Ready(Ok(false)) | Poll::Pending => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Failed(e))),
+                if let Poll::Ready(answered) = self.poll_early(cx) {
+                    return Poll::Ready(answered.map(|()| true).map_err(SendError::Failed));
                 }
             }
             self.poll_upload(cx, body, &mut up).map_ok(|()| false)
@@ -259,9 +257,9 @@ impl Conn {
         }
     }
 
-    /// Whether a final answer has arrived while the body is still going out (interim 1xx
+    /// Ready once a final answer has arrived while the body is still going out (interim 1xx
     /// answers are dropped here). An end of stream or an error fails the exchange.
-    fn poll_early(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+    fn poll_early(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             if !self.buf.is_empty() {
                 let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -273,7 +271,7 @@ impl Conn {
                             self.buf.advance(n);
                             continue;
                         }
-                        return Poll::Ready(Ok(true));
+                        return Poll::Ready(Ok(()));
                     }
                     Ok(httparse::Status::Partial) if self.buf.len() <= MAX_HEAD => {}
                     Ok(httparse::Status::Partial) => {
