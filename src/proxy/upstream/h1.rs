@@ -144,10 +144,7 @@ impl Conn {
             if name == header::CONTENT_LENGTH {
                 has_length = true;
             }
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            field(out, name, value);
         }
         let body = req.body();
         let framing = if matches!(body, RequestBody::Empty) {
@@ -241,10 +238,7 @@ impl Conn {
                             self.out.extend_from_slice(b"0\r\n");
                             if let Ok(trailers) = frame.into_trailers() {
                                 for (name, value) in &trailers {
-                                    self.out.extend_from_slice(name.as_str().as_bytes());
-                                    self.out.extend_from_slice(b": ");
-                                    self.out.extend_from_slice(value.as_bytes());
-                                    self.out.extend_from_slice(b"\r\n");
+                                    field(&mut self.out, name, value);
                                 }
                             }
                             self.out.extend_from_slice(b"\r\n");
@@ -444,6 +438,14 @@ impl Conn {
 
 fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// One `name: value` line of a head or a trailer section.
+fn field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// `n` in hex, into `buf`.
