@@ -14,5 +14,6 @@ pub mod response;
 pub mod server;
 pub mod table;
 pub mod upstream;
+pub mod wire;
 
 pub use forward::Proxy;

@@ -12,33 +12,26 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use bytes::{Buf, Bytes};
+use http::header::{self, HeaderName};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::net::BackendIo;
 use crate::proxy::body::RequestBody;
+use crate::proxy::wire::{
+    self, field, invalid, Chunk, Decoded, Decoder, Framing, GATHER, MAX_HEAD, MAX_HEADERS,
+};
 
-/// The longest response head (or chunk-size line, or trailer section) taken from a backend.
-const MAX_HEAD: usize = 64 * 1024;
-/// Response header fields taken from a backend (hyper's client default).
-const MAX_HEADERS: usize = 100;
-/// Reads start at this size and double while they fill the buffer, up to `READ_MAX`.
-const READ_MIN: usize = 8 * 1024;
-const READ_MAX: usize = 256 * 1024;
-/// Body data up to this size is gathered with the head into one write.
-const GATHER: usize = 16 * 1024;
 
 /// One HTTP/1.1 connection to a backend, idle or carrying one exchange.
 pub struct Conn {
     io: BackendIo,
     /// Read from the backend and not yet used.
-    buf: BytesMut,
+    rb: wire::ReadBuf,
     /// What goes out next (a request head, and small body chunks gathered behind it).
     out: Vec<u8>,
-    read_size: usize,
     /// Where each field of the head being parsed is (kept to spare an allocation per answer).
     spans: Vec<(HeaderName, usize, usize)>,
     /// The rest of a request body the backend answered before taking: it keeps going out
@@ -61,9 +54,8 @@ impl Conn {
     pub fn new(io: BackendIo) -> Self {
         Self {
             io,
-            buf: BytesMut::new(),
+            rb: wire::ReadBuf::default(),
             out: Vec::new(),
-            read_size: READ_MIN,
             spans: Vec::new(),
             upload: None,
             unfinished: false,
@@ -73,9 +65,7 @@ impl Conn {
     /// Let go of large buffers before the connection is parked (a 1 MiB answer grows reads to
     /// 256 KiB; an idle connection keeps none of that).
     pub fn shrink(&mut self) {
-        if self.buf.capacity() > READ_MIN {
-            self.buf = BytesMut::new();
-        }
+        self.rb.shrink();
         if self.out.capacity() > 4 * GATHER {
             self.out = Vec::new();
         }
@@ -85,7 +75,7 @@ impl Conn {
     /// last exchange (an end of stream, an error or stray bytes all mean it cannot). Costs no
     /// system call unless the socket was reported readable.
     pub fn is_open(&mut self) -> bool {
-        if !self.buf.is_empty() {
+        if !self.rb.buf.is_empty() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
@@ -222,11 +212,7 @@ impl Conn {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) => {
                         if up.framing == Out::Chunked {
-                            let mut size = [0u8; 18];
-                            self.out.extend_from_slice(hex(data.len(), &mut size));
-                            self.out.extend_from_slice(b"\r\n");
-                            self.out.extend_from_slice(&data);
-                            self.out.extend_from_slice(b"\r\n");
+                            wire::chunk(&mut self.out, &data);
                         } else {
                             self.out.extend_from_slice(&data);
                         }
@@ -235,13 +221,7 @@ impl Conn {
                     Err(frame) => {
                         // Trailers end the body: sent with a chunked one, dropped from a sized one.
                         if up.framing == Out::Chunked {
-                            self.out.extend_from_slice(b"0\r\n");
-                            if let Ok(trailers) = frame.into_trailers() {
-                                for (name, value) in &trailers {
-                                    field(&mut self.out, name, value);
-                                }
-                            }
-                            self.out.extend_from_slice(b"\r\n");
+                            wire::last_chunk(&mut self.out, frame.trailers_ref());
                         }
                         up.done = true;
                         up.flushing = true;
@@ -255,19 +235,19 @@ impl Conn {
     /// answers are dropped here). An end of stream or an error fails the exchange.
     fn poll_early(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            if !self.buf.is_empty() {
+            if !self.rb.buf.is_empty() {
                 let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut parsed = httparse::Response::new(&mut fields);
-                match parsed.parse(&self.buf) {
+                match parsed.parse(&self.rb.buf) {
                     Ok(httparse::Status::Complete(n)) => {
                         let code = parsed.code.unwrap_or(0);
                         if (100..200).contains(&code) && code != 101 {
-                            self.buf.advance(n);
+                            self.rb.buf.advance(n);
                             continue;
                         }
                         return Poll::Ready(Ok(()));
                     }
-                    Ok(httparse::Status::Partial) if self.buf.len() <= MAX_HEAD => {}
+                    Ok(httparse::Status::Partial) if self.rb.buf.len() <= MAX_HEAD => {}
                     Ok(httparse::Status::Partial) => {
                         return Poll::Ready(Err(invalid("response head too long")))
                     }
@@ -286,21 +266,9 @@ impl Conn {
         }
     }
 
-    /// Read more from the backend into `buf`; 0 at the end of the stream.
+    /// Read more from the backend; 0 at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_MIN / 4 {
-            self.buf.reserve(self.read_size);
-        }
-        let room = self.buf.capacity() - self.buf.len();
-        let n = std::task::ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
-            cx,
-            &mut self.buf
-        ))?;
-        if n == room && self.read_size < READ_MAX {
-            self.read_size *= 2;
-        }
-        Poll::Ready(Ok(n))
+        self.rb.poll_fill(&mut self.io, cx)
     }
 
     /// The response head (1xx answers other than 101 are skipped), with a body reading the
@@ -323,7 +291,7 @@ impl Conn {
                 };
                 return Ok(resp.map(|()| body));
             }
-            if self.buf.len() > MAX_HEAD {
+            if self.rb.buf.len() > MAX_HEAD {
                 return Err(invalid("response head too long"));
             }
             let n = poll_fn(|cx| self.poll_fill(cx)).await?;
@@ -337,13 +305,13 @@ impl Conn {
     }
 
     /// A complete response head out of `buf`, if there is one.
-    fn parse_head(&mut self, head_only: bool) -> io::Result<Option<(Response<()>, In, bool)>> {
-        if self.buf.is_empty() {
+    fn parse_head(&mut self, head_only: bool) -> io::Result<Option<(Response<()>, Decoder, bool)>> {
+        if self.rb.buf.is_empty() {
             return Ok(None);
         }
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut fields);
-        let len = match parsed.parse(&self.buf) {
+        let len = match parsed.parse(&self.rb.buf) {
             Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
             Ok(httparse::Status::Complete(_)) => return Err(invalid("response head too long")),
             Ok(httparse::Status::Partial) => return Ok(None),
@@ -359,59 +327,24 @@ impl Conn {
             Version::HTTP_11
         };
         // Field values are slices of the head's bytes, shared, not copied.
-        let base = self.buf.as_ptr() as usize;
         let mut spans = std::mem::take(&mut self.spans);
-        spans.clear();
-        for f in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(invalid)?;
-            let start = f.value.as_ptr() as usize - base;
-            spans.push((name, start, start + f.value.len()));
-        }
-        let head = self.buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
-        let mut length: Option<u64> = None;
-        let mut chunked = false;
-        let mut transfer_coded = false;
-        let mut close = version == Version::HTTP_10;
-        for (name, start, end) in spans.drain(..) {
-            let value = HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(invalid)?;
-            if name == header::CONTENT_LENGTH {
-                let n = value
-                    .to_str()
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .ok_or_else(|| invalid("bad Content-Length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(invalid("conflicting Content-Length"));
-                }
-                length = Some(n);
-            } else if name == header::TRANSFER_ENCODING {
-                transfer_coded = true;
-                // Chunked only when it is the last coding.
-                chunked = value
-                    .to_str()
-                    .ok()
-                    .and_then(|s| s.rsplit(',').next())
-                    .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-            } else if name == header::CONNECTION {
-                for token in value.to_str().unwrap_or_default().split(',') {
-                    let token = token.trim();
-                    if token.eq_ignore_ascii_case("close") {
-                        close = true;
-                    } else if token.eq_ignore_ascii_case("keep-alive") {
-                        close = false;
-                    }
-                }
-            }
-            headers.append(name, value);
-        }
+        let mut seen = Framing::default();
+        wire::note_fields(&self.rb.buf, parsed.headers, &mut spans)?;
+        let (_, mut headers) = wire::take_fields(&mut self.rb.buf, len, &mut spans, &mut seen)?;
+        let Framing {
+            length,
+            transfer_coded,
+            chunked,
+            ..
+        } = seen;
+        let close = seen.close || (version == Version::HTTP_10 && !seen.keep_alive);
         self.spans = spans;
         let bodiless = head_only
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
         let (framing, keep_alive) = if bodiless {
-            (In::Length(0), !close)
+            (Decoder::Length(0), !close)
         } else if transfer_coded {
             // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which must not be
             // passed on; a connection that carried both is not reused.
@@ -419,45 +352,20 @@ impl Conn {
                 headers.remove(header::CONTENT_LENGTH);
             }
             if chunked {
-                (In::Chunked(Chunk::Size), !close && length.is_none())
+                (Decoder::Chunked(Chunk::Size), !close && length.is_none())
             } else {
-                (In::ToEnd, false)
+                (Decoder::ToEnd, false)
             }
         } else if let Some(n) = length {
-            (In::Length(n), !close)
+            (Decoder::Length(n), !close)
         } else {
-            (In::ToEnd, false)
+            (Decoder::ToEnd, false)
         };
         let mut resp = Response::new(());
         *resp.status_mut() = status;
         *resp.version_mut() = version;
         *resp.headers_mut() = headers;
         Ok(Some((resp, framing, keep_alive)))
-    }
-}
-
-fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
-}
-
-/// One `name: value` line of a head or a trailer section.
-fn field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-/// `n` in hex, into `buf`.
-fn hex(mut n: usize, buf: &mut [u8; 18]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b"0123456789abcdef"[n & 15];
-        n >>= 4;
-        if n == 0 {
-            return &buf[i..];
-        }
     }
 }
 
@@ -492,30 +400,10 @@ impl Upload {
     }
 }
 
-/// How much of a response body is left.
-#[derive(Debug)]
-enum In {
-    Length(u64),
-    Chunked(Chunk),
-    /// Until the backend closes.
-    ToEnd,
-    Done,
-}
-
-/// Where a chunked body's reader is.
-#[derive(Debug)]
-enum Chunk {
-    Size,
-    Data(u64),
-    /// The CRLF after a chunk's data.
-    DataEnd,
-    Trailers,
-}
-
 /// A response body read from its connection as the client polls it.
 pub struct ResponseBody {
     conn: Option<Conn>,
-    framing: In,
+    framing: Decoder,
     /// The connection may carry another exchange once this body has ended.
     keep_alive: bool,
     /// A 101: the connection now belongs to the upgraded protocol.
@@ -526,18 +414,18 @@ impl ResponseBody {
     /// The connection, if the body ended cleanly, the request went out whole and it may carry
     /// another exchange.
     pub fn reusable(&mut self) -> Option<Conn> {
-        if !self.keep_alive || !matches!(self.framing, In::Done | In::Length(0)) {
+        if !self.keep_alive || !self.framing.is_end() {
             return None;
         }
         self.conn
             .take()
-            .filter(|c| c.buf.is_empty() && c.upload.is_none() && !c.unfinished)
+            .filter(|c| c.rb.buf.is_empty() && c.upload.is_none() && !c.unfinished)
     }
 
     /// After a 101: the connection and what the backend already sent past the head.
     pub fn upgraded(mut self) -> Option<(BackendIo, Bytes)> {
         let conn = self.conn.take().filter(|_| self.upgraded)?;
-        Some((conn.io, conn.buf.freeze()))
+        Some((conn.io, conn.rb.buf.freeze()))
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
@@ -554,111 +442,16 @@ impl ResponseBody {
             }
         }
         loop {
-            match &mut self.framing {
-                In::Done | In::Length(0) => {
-                    self.framing = In::Done;
-                    return Poll::Ready(None);
-                }
-                In::Length(left) => {
-                    if !conn.buf.is_empty() {
-                        let n = (*left).min(conn.buf.len() as u64) as usize;
-                        *left -= n as u64;
-                        return Poll::Ready(Some(Ok(Frame::data(conn.buf.split_to(n).freeze()))));
-                    }
-                }
-                In::ToEnd => {
-                    if !conn.buf.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(conn.buf.split().freeze()))));
-                    }
-                }
-                In::Chunked(state) => match state {
-                    Chunk::Size => {
-                        if let Some(eol) = memchr::memchr(b'\n', &conn.buf) {
-                            let line = &conn.buf[..eol];
-                            let line = line.strip_suffix(b"\r").unwrap_or(line);
-                            let digits = line
-                                .iter()
-                                .position(|b| !b.is_ascii_hexdigit())
-                                .unwrap_or(line.len());
-                            let rest = &line[digits..];
-                            if digits == 0
-                                || digits > 15
-                                || !(rest.is_empty() || rest.trim_ascii_start().starts_with(b";"))
-                            {
-                                return Poll::Ready(Some(Err(invalid("bad chunk size"))));
-                            }
-                            let size = line[..digits].iter().fold(0u64, |n, d| {
-                                n * 16 + (*d as char).to_digit(16).unwrap_or(0) as u64
-                            });
-                            conn.buf.advance(eol + 1);
-                            *state = if size == 0 {
-                                Chunk::Trailers
-                            } else {
-                                Chunk::Data(size)
-                            };
-                            continue;
-                        }
-                        if conn.buf.len() > MAX_HEAD {
-                            return Poll::Ready(Some(Err(invalid("chunk size line too long"))));
-                        }
-                    }
-                    Chunk::Data(left) => {
-                        if !conn.buf.is_empty() {
-                            let n = (*left).min(conn.buf.len() as u64) as usize;
-                            *left -= n as u64;
-                            if *left == 0 {
-                                *state = Chunk::DataEnd;
-                            }
-                            return Poll::Ready(Some(Ok(Frame::data(
-                                conn.buf.split_to(n).freeze(),
-                            ))));
-                        }
-                    }
-                    Chunk::DataEnd => {
-                        if conn.buf.len() >= 2 || conn.buf.first() == Some(&b'\n') {
-                            if conn.buf.starts_with(b"\r\n") {
-                                conn.buf.advance(2);
-                            } else if conn.buf.starts_with(b"\n") {
-                                conn.buf.advance(1);
-                            } else {
-                                return Poll::Ready(Some(Err(invalid("missing CRLF after chunk"))));
-                            }
-                            *state = Chunk::Size;
-                            continue;
-                        }
-                    }
-                    Chunk::Trailers => {
-                        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                        match httparse::parse_headers(&conn.buf, &mut fields) {
-                            Ok(httparse::Status::Complete((n, fields))) => {
-                                let mut trailers = HeaderMap::new();
-                                for f in fields.iter() {
-                                    let name = HeaderName::from_bytes(f.name.as_bytes());
-                                    let value = HeaderValue::from_bytes(f.value);
-                                    if let (Ok(name), Ok(value)) = (name, value) {
-                                        trailers.append(name, value);
-                                    }
-                                }
-                                conn.buf.advance(n);
-                                self.framing = In::Done;
-                                if trailers.is_empty() {
-                                    return Poll::Ready(None);
-                                }
-                                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                            }
-                            Ok(httparse::Status::Partial) if conn.buf.len() <= MAX_HEAD => {}
-                            Ok(httparse::Status::Partial) => {
-                                return Poll::Ready(Some(Err(invalid("trailers too long"))));
-                            }
-                            Err(e) => return Poll::Ready(Some(Err(invalid(e)))),
-                        }
-                    }
-                },
+            match self.framing.decode(&mut conn.rb.buf) {
+                Ok(Decoded::Frame(f)) => return Poll::Ready(Some(Ok(f))),
+                Ok(Decoded::End) => return Poll::Ready(None),
+                Ok(Decoded::More) => {}
+                Err(e) => return Poll::Ready(Some(Err(e))),
             }
             // Nothing usable buffered: read more.
             match std::task::ready!(conn.poll_fill(cx)) {
-                Ok(0) if matches!(self.framing, In::ToEnd) => {
-                    self.framing = In::Done;
+                Ok(0) if self.framing == Decoder::ToEnd => {
+                    self.framing = Decoder::Done;
                     self.keep_alive = false;
                     return Poll::Ready(None);
                 }
@@ -688,35 +481,21 @@ impl Body for ResponseBody {
         if let Poll::Ready(Some(Err(_))) = &polled {
             // A broken body: the connection is not reused.
             this.keep_alive = false;
-            this.framing = In::Done;
+            this.framing = Decoder::Done;
             this.conn = None;
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.framing, In::Done | In::Length(0))
+        self.framing.is_end()
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.framing {
-            In::Length(n) => SizeHint::with_exact(n),
-            In::Done => SizeHint::with_exact(0),
+            Decoder::Length(n) => SizeHint::with_exact(n),
+            Decoder::Done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hex_sizes() {
-        let mut b = [0u8; 18];
-        assert_eq!(hex(0, &mut b), b"0");
-        assert_eq!(hex(255, &mut b), b"ff");
-        assert_eq!(hex(0x10000, &mut b), b"10000");
-        assert_eq!(hex(usize::MAX, &mut b), b"ffffffffffffffff");
     }
 }

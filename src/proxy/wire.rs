@@ -1,0 +1,407 @@
+//! HTTP/1.1 on the wire, shared by both of Shoal's ends (the client side in `server::h1`, the
+//! backend side in `upstream::h1`): an adaptive read buffer, the message-body decoder
+//! (Content-Length, chunked with trailers, read-to-close) and the writing of field lines.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body::Frame;
+use tokio::io::AsyncRead;
+
+/// The longest head (or chunk-size line, or trailer section) taken from a peer.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Header fields taken in one head (hyper's default; HAProxy's is 101).
+pub const MAX_HEADERS: usize = 100;
+/// Reads start at this size and double while they fill the buffer, up to `READ_MAX`.
+pub const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 256 * 1024;
+/// Body data up to this size is gathered with a head into one write.
+pub const GATHER: usize = 16 * 1024;
+
+pub fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// One `name: value` line of a head or a trailer section.
+pub fn field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `n` in hex, into `buf`.
+pub fn hex(mut n: usize, buf: &mut [u8; 18]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// One chunk of a chunked body: its size line, the data, its CRLF.
+pub fn chunk(out: &mut Vec<u8>, data: &[u8]) {
+    let mut size = [0u8; 18];
+    out.extend_from_slice(hex(data.len(), &mut size));
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The end of a chunked body: the last chunk and the trailer section.
+pub fn last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        field(out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What was read from a peer and not yet used, and how much the next read asks for.
+#[derive(Debug)]
+pub struct ReadBuf {
+    pub buf: BytesMut,
+    read_size: usize,
+}
+
+impl Default for ReadBuf {
+    fn default() -> Self {
+        Self {
+            buf: BytesMut::new(),
+            read_size: READ_MIN,
+        }
+    }
+}
+
+impl ReadBuf {
+    /// Read more into `buf`; 0 at the end of the stream. Reads grow while they fill the room.
+    pub fn poll_fill<I: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        io: &mut I,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_MIN / 4 {
+            self.buf.reserve(self.read_size);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == room && self.read_size < READ_MAX {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Let go of a buffer grown by a large message (nothing buffered is lost).
+    pub fn shrink(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > READ_MIN {
+            self.buf = BytesMut::new();
+        }
+    }
+}
+
+/// How much of a message body is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoder {
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the peer closes.
+    ToEnd,
+    Done,
+}
+
+/// Where a chunked body's reader is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+/// What the decoder made of the buffered bytes.
+pub enum Decoded {
+    Frame(Frame<Bytes>),
+    /// The body has ended (trailers, if any, came as the last frame).
+    End,
+    /// Nothing usable is buffered: read more.
+    More,
+}
+
+impl Decoder {
+    pub fn is_end(&self) -> bool {
+        matches!(self, Decoder::Done | Decoder::Length(0))
+    }
+
+    /// The next frame out of `buf`, if it holds one.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Decoded> {
+        loop {
+            match self {
+                Decoder::Done | Decoder::Length(0) => {
+                    *self = Decoder::Done;
+                    return Ok(Decoded::End);
+                }
+                Decoder::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let n = (*left).min(buf.len() as u64) as usize;
+                    *left -= n as u64;
+                    return Ok(Decoded::Frame(Frame::data(buf.split_to(n).freeze())));
+                }
+                Decoder::ToEnd => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    return Ok(Decoded::Frame(Frame::data(buf.split().freeze())));
+                }
+                Decoder::Chunked(state) => match state {
+                    Chunk::Size => {
+                        let Some(eol) = memchr::memchr(b'\n', buf) else {
+                            if buf.len() > MAX_HEAD {
+                                return Err(invalid("chunk size line too long"));
+                            }
+                            return Ok(Decoded::More);
+                        };
+                        let line = &buf[..eol];
+                        let line = line.strip_suffix(b"\r").unwrap_or(line);
+                        let digits = line
+                            .iter()
+                            .position(|b| !b.is_ascii_hexdigit())
+                            .unwrap_or(line.len());
+                        let rest = &line[digits..];
+                        if digits == 0
+                            || digits > 15
+                            || !(rest.is_empty() || rest.trim_ascii_start().starts_with(b";"))
+                        {
+                            return Err(invalid("bad chunk size"));
+                        }
+                        let size = line[..digits].iter().fold(0u64, |n, d| {
+                            n * 16 + (*d as char).to_digit(16).unwrap_or(0) as u64
+                        });
+                        buf.advance(eol + 1);
+                        *state = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Chunk::Data(left) => {
+                        if buf.is_empty() {
+                            return Ok(Decoded::More);
+                        }
+                        let n = (*left).min(buf.len() as u64) as usize;
+                        *left -= n as u64;
+                        if *left == 0 {
+                            *state = Chunk::DataEnd;
+                        }
+                        return Ok(Decoded::Frame(Frame::data(buf.split_to(n).freeze())));
+                    }
+                    Chunk::DataEnd => {
+                        if buf.starts_with(b"\r\n") {
+                            buf.advance(2);
+                        } else if buf.starts_with(b"\n") {
+                            buf.advance(1);
+                        } else if buf.len() < 2 && buf.first().is_none_or(|b| *b == b'\r') {
+                            return Ok(Decoded::More);
+                        } else {
+                            return Err(invalid("missing CRLF after chunk"));
+                        }
+                        *state = Chunk::Size;
+                    }
+                    Chunk::Trailers => {
+                        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                        match httparse::parse_headers(buf, &mut fields) {
+                            Ok(httparse::Status::Complete((n, fields))) => {
+                                let mut trailers = HeaderMap::new();
+                                for f in fields.iter() {
+                                    let name = HeaderName::from_bytes(f.name.as_bytes());
+                                    let value = HeaderValue::from_bytes(f.value);
+                                    if let (Ok(name), Ok(value)) = (name, value) {
+                                        trailers.append(name, value);
+                                    }
+                                }
+                                buf.advance(n);
+                                *self = Decoder::Done;
+                                if trailers.is_empty() {
+                                    return Ok(Decoded::End);
+                                }
+                                return Ok(Decoded::Frame(Frame::trailers(trailers)));
+                            }
+                            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {
+                                return Ok(Decoded::More)
+                            }
+                            Ok(httparse::Status::Partial) => {
+                                return Err(invalid("trailers too long"))
+                            }
+                            Err(e) => return Err(invalid(e)),
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// What a head's framing fields say.
+#[derive(Debug, Default)]
+pub struct Framing {
+    /// Content-Length (several fields or list members must agree).
+    pub length: Option<u64>,
+    /// Transfer-Encoding is there; `chunked`: its last coding is chunked.
+    pub transfer_coded: bool,
+    pub chunked: bool,
+    /// `Connection` tokens.
+    pub close: bool,
+    pub keep_alive: bool,
+}
+
+impl Framing {
+    /// Take in one field of the head; an error for a Content-Length that is not a number or
+    /// disagrees with an earlier one.
+    pub fn see(&mut self, name: &HeaderName, value: &HeaderValue) -> io::Result<()> {
+        use http::header;
+        if name == header::CONTENT_LENGTH {
+            for v in value.as_bytes().split(|b| *b == b',') {
+                let v = v.trim_ascii();
+                if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+                    return Err(invalid("bad Content-Length"));
+                }
+                let n = v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                if self.length.is_some_and(|l| l != n) {
+                    return Err(invalid("conflicting Content-Length"));
+                }
+                self.length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            self.transfer_coded = true;
+            // Chunked only when it is the last coding (of the last field).
+            self.chunked = value
+                .as_bytes()
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where each parsed field is in `buf` (the bytes httparse read), with its name, into `spans`.
+pub fn note_fields(
+    buf: &[u8],
+    fields: &[httparse::Header<'_>],
+    spans: &mut Vec<(HeaderName, usize, usize)>,
+) -> io::Result<()> {
+    let base = buf.as_ptr() as usize;
+    spans.clear();
+    for f in fields {
+        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(invalid)?;
+        let start = f.value.as_ptr() as usize - base;
+        spans.push((name, start, start + f.value.len()));
+    }
+    Ok(())
+}
+
+/// Split the head (the first `len` bytes) off `buf` and make its fields (noted in `spans`) with
+/// values sharing the head's bytes, not copies. Returns the frozen head too, for other parts
+/// to slice.
+pub fn take_fields(
+    buf: &mut BytesMut,
+    len: usize,
+    spans: &mut Vec<(HeaderName, usize, usize)>,
+    framing: &mut Framing,
+) -> io::Result<(Bytes, HeaderMap)> {
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, start, end) in spans.drain(..) {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(invalid)?;
+        framing.see(&name, &value)?;
+        headers.append(name, value);
+    }
+    Ok((head, headers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_sizes() {
+        let mut b = [0u8; 18];
+        assert_eq!(hex(0, &mut b), b"0");
+        assert_eq!(hex(255, &mut b), b"ff");
+        assert_eq!(hex(0x10000, &mut b), b"10000");
+        assert_eq!(hex(usize::MAX, &mut b), b"ffffffffffffffff");
+    }
+
+    fn decode_all(mut d: Decoder, input: &[u8], step: usize) -> io::Result<(Vec<u8>, bool)> {
+        let mut buf = BytesMut::new();
+        let mut data = Vec::new();
+        let mut trailers = false;
+        let mut rest = input;
+        loop {
+            match d.decode(&mut buf)? {
+                Decoded::Frame(f) => match f.into_data() {
+                    Ok(b) => data.extend_from_slice(&b),
+                    Err(_) => trailers = true,
+                },
+                Decoded::End => return Ok((data, trailers)),
+                Decoded::More => {
+                    if rest.is_empty() {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    let n = step.min(rest.len());
+                    buf.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_however_the_bytes_arrive() {
+        let input = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n";
+        for step in 1..input.len() {
+            let (data, trailers) = decode_all(Decoder::Chunked(Chunk::Size), input, step).unwrap();
+            assert_eq!(data, b"hello world");
+            assert!(trailers);
+        }
+        assert!(decode_all(Decoder::Chunked(Chunk::Size), b"zz\r\n", 4).is_err());
+        assert!(decode_all(Decoder::Chunked(Chunk::Size), b"1\r\naXX", 7).is_err());
+        let (data, _) = decode_all(Decoder::Length(3), b"abcdef", 2).unwrap();
+        assert_eq!(data, b"abc");
+    }
+
+    #[test]
+    fn content_length_lists_must_agree() {
+        let cl = http::header::CONTENT_LENGTH;
+        let mut f = Framing::default();
+        f.see(&cl, &HeaderValue::from_static("5, 5")).unwrap();
+        assert_eq!(f.length, Some(5));
+        assert!(f.see(&cl, &HeaderValue::from_static("6")).is_err());
+        for bad in ["", "+5", "5a", "-1", "99999999999999999999"] {
+            let mut f = Framing::default();
+            assert!(f.see(&cl, &HeaderValue::from_static(bad)).is_err(), "{bad}");
+        }
+    }
+}
