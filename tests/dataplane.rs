@@ -2106,3 +2106,186 @@ async fn the_upstream_client_reads_every_framing_a_backend_may_send() {
         b"too long"
     );
 }
+
+/// Read one answer (head and a Content-Length or chunked body) off a raw connection.
+async fn read_answer(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (String, Vec<u8>) {
+    read_answer_to(s, buf, false).await
+}
+
+/// `read_answer`, for the answer to a HEAD when `head` (no body, whatever the fields say).
+async fn read_answer_to(
+    s: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    head_req: bool,
+) -> (String, Vec<u8>) {
+    let deadline = Duration::from_secs(5);
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            let lower = head.to_ascii_lowercase();
+            let rest = buf[end + 4..].to_vec();
+            let head_only = head.starts_with("HTTP/1.1 100") || head_req;
+            if head_only {
+                *buf = rest;
+                return (head, Vec::new());
+            }
+            if let Some(n) = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+            {
+                if rest.len() >= n {
+                    *buf = rest[n..].to_vec();
+                    return (head, rest[..n].to_vec());
+                }
+            } else if lower.contains("transfer-encoding: chunked") {
+                if let Some((used, data)) = dechunk(&rest) {
+                    *buf = rest[used..].to_vec();
+                    return (head, data);
+                }
+            } else {
+                *buf = rest;
+                return (head, Vec::new());
+            }
+        }
+        let n = tokio::time::timeout(deadline, s.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed early; had {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A whole chunked body at the start of `b`: bytes used (trailers included) and the data.
+fn dechunk(b: &[u8]) -> Option<(usize, Vec<u8>)> {
+    let mut at = 0;
+    let mut data = Vec::new();
+    loop {
+        let eol = at + b[at..].windows(2).position(|w| w == b"\r\n")?;
+        let line = std::str::from_utf8(&b[at..eol]).ok()?;
+        let size = usize::from_str_radix(line.split(';').next()?.trim(), 16).ok()?;
+        at = eol + 2;
+        if size == 0 {
+            let end = at + b[at..].windows(2).position(|w| w == b"\r\n")?;
+            if end == at {
+                return Some((at + 2, data));
+            }
+            // Trailer fields, then an empty line.
+            let end = at + b[at..].windows(4).position(|w| w == b"\r\n\r\n")?;
+            return Some((end + 4, data));
+        }
+        if b.len() < at + size + 2 {
+            return None;
+        }
+        data.extend_from_slice(&b[at..at + size]);
+        at += size + 2;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http1_server_answers_what_clients_send() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let m = Backend::start("m1", Behavior::Mirror).await;
+    let s = Shoal::start("", &backends_toml(&[&a])).await;
+    let sm = Shoal::start("", &backends_toml(&[&m])).await;
+    let json = |b: &[u8]| -> serde_json::Value { serde_json::from_slice(b).unwrap() };
+
+    // Pipelined: three requests in one write, three answers in order on one connection, each
+    // with a Date.
+    let mut c = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    c.write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\nHEAD /3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    for path in ["/1", "/2"] {
+        let (head, body) = read_answer(&mut c, &mut buf).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.to_ascii_lowercase().contains("\r\ndate: "), "{head}");
+        assert_eq!(json(&body)["path"], path);
+    }
+    // HEAD: the length a GET would get, and no body (the next answer starts right after).
+    let (head, _) = read_answer_to(&mut c, &mut buf, true).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    c.write_all(b"GET /4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut c, &mut buf).await;
+    assert!(buf.is_empty(), "bytes after a HEAD answer: {buf:?}");
+    assert_eq!(json(&body)["path"], "/4");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0, "the connection closes after Connection: close");
+
+    // HTTP/1.0: kept alive only when asked, and told so.
+    let mut c = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    let mut buf = Vec::new();
+    for i in 0..2 {
+        c.write_all(
+            format!("GET /old{i} HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let (head, body) = read_answer(&mut c, &mut buf).await;
+        assert!(
+            head.to_ascii_lowercase().contains("connection: keep-alive"),
+            "{head}"
+        );
+        assert_eq!(json(&body)["path"], format!("/old{i}"));
+    }
+    let got = raw(
+        s.proxy,
+        b"GET /old HTTP/1.0\r\nHost: x\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        got.to_ascii_lowercase().contains("connection: close"),
+        "{got}"
+    );
+
+    // A chunked upload with a trailer and an Expect: 100-continue upload, mirrored back.
+    let mut c = tokio::net::TcpStream::connect(sm.proxy).await.unwrap();
+    let mut buf = Vec::new();
+    c.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-sum: 1\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut c, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"hello world");
+    c.write_all(
+        b"PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, _) = read_answer(&mut c, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 100 Continue"), "{head}");
+    c.write_all(b"data").await.unwrap();
+    let (head, body) = read_answer(&mut c, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"data");
+
+    // Refused before any backend: a coding that is not chunked, and one in HTTP/1.0.
+    let before = a.hits();
+    for bad in [
+        &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"[..],
+        b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ] {
+        let got = raw(s.proxy, bad, Duration::from_secs(3)).await;
+        assert!(got.starts_with("HTTP/1.1 400"), "{bad:?}: {got}");
+    }
+    assert_eq!(a.hits(), before);
+}

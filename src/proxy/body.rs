@@ -11,6 +11,48 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::response::BodyError;
+use super::server::h1::H1Body;
+
+/// A client's request body: read by Shoal's own HTTP/1 loop, or by hyper's HTTP/2 server.
+pub enum ClientBody {
+    H1(H1Body),
+    H2(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ClientBody::H1(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            ClientBody::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::H1(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::H1(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
 /// Request bodies up to this size are kept while they stream, so that an idempotent request
 /// whose backend failed after receiving it can be retried (as linkerd does, at 64 KiB).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
@@ -61,7 +103,7 @@ pin_project_lite::pin_project! {
     #[project = RequestBodyProj]
     pub enum RequestBody {
         Stream {
-            #[pin] inner: Incoming,
+            #[pin] inner: ClientBody,
             tape: Option<SharedTape>,
             bytes: Option<metrics::Counter>,
             // The client's body bytes, for the access log.
@@ -93,12 +135,12 @@ impl RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.project() {
             RequestBodyProj::Stream {
                 mut inner,

@@ -11,14 +11,13 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use metrics::Counter;
 
 use super::access::AccessRecord;
-use super::body::{RequestBody, SharedTape, Tape, REPLAY_LIMIT};
+use super::body::{ClientBody, RequestBody, SharedTape, Tape, REPLAY_LIMIT};
 use super::error::ProxyError;
 use super::response::ResponseBody;
+use super::server::h1::ClientUpgrade;
 use super::table::{Candidates, RoutingTable, Settings, Snapshot};
 use super::upstream::h1::{self, SendError};
 use super::upstream::{Conn, ErrorKind, Lease, Sender, Upstream};
@@ -164,7 +163,7 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// The request's hash key, hashed; `None` when the request does not carry it.
-fn hash_key(key: &HashKey, req: &Request<Incoming>, client: &SocketAddr) -> Option<u64> {
+fn hash_key(key: &HashKey, req: &Request<ClientBody>, client: &SocketAddr) -> Option<u64> {
     match key {
         HashKey::ClientIp => Some(match client.ip() {
             std::net::IpAddr::V4(a) => hash::hash_key(&a.octets()),
@@ -238,19 +237,19 @@ struct Plan {
     /// trailers; removed for HTTP/1 ones, to which it is hop-by-hop).
     te_trailers: bool,
     /// The client's side of an upgrade, and the Upgrade value forwarded.
-    upgrade: Option<(OnUpgrade, HeaderValue)>,
+    upgrade: Option<(ClientUpgrade, HeaderValue)>,
 }
 
 impl Plan {
     fn new(
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         conn: &ConnInfo,
         snap: &Snapshot,
         seen: Option<Arc<AtomicU64>>,
     ) -> Result<Plan, ProxyError> {
         let settings = &snap.settings;
-        // Content-Length with Transfer-Encoding never gets here: hyper drops the length, so
-        // the connection's framing watcher (conn.rs) flags such requests before they are served.
+        // Content-Length with Transfer-Encoding never gets here: the HTTP/1 loop refuses such
+        // heads (server/h1.rs), and HTTP/2 has no such framing.
         let key = match settings.balance.algorithm {
             Algorithm::ConsistentHash(_) => hash_key(&settings.hash_key, &req, &conn.client),
             Algorithm::RoundRobin => None,
@@ -258,7 +257,7 @@ impl Plan {
         let client_upgrade = req
             .headers()
             .contains_key(header::UPGRADE)
-            .then(|| hyper::upgrade::on(&mut req));
+            .then(|| ClientUpgrade::of(&mut req));
         let (mut first, upgrade, te_trailers) = rewrite(req, conn, seen)?;
         // A sent request is sent again only if idempotent, or (any method) after an HTTP/2
         // backend refused its stream unprocessed; its body is taped (up to 64 KiB) as it
@@ -398,7 +397,7 @@ impl Proxy {
     /// Serve one client request. Never fails: every error becomes a response, here.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         conn: ConnInfo,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
@@ -433,7 +432,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         conn: &ConnInfo,
         snap: &Snapshot,
         start: Instant,
@@ -604,7 +603,7 @@ fn refused(e: &hyper::Error) -> bool {
 /// fields removed, X-Forwarded-* set, Host kept. Returns the request, the Upgrade value to
 /// forward (if the client asked for one) and whether the client said `TE: trailers`.
 fn rewrite(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     conn: &ConnInfo,
     seen: Option<Arc<AtomicU64>>,
 ) -> Result<(Request<RequestBody>, Option<HeaderValue>, bool), ProxyError> {
@@ -721,15 +720,14 @@ fn rewrite(
 /// backend sent right behind its 101). The lease keeps the backend counted in flight for the
 /// tunnel's life; its connection is never pooled again.
 async fn tunnel(
-    client: OnUpgrade,
+    client: ClientUpgrade,
     mut backend: crate::net::BackendIo,
     early: bytes::Bytes,
     lease: Lease,
     close: tokio_util::sync::CancellationToken,
 ) {
-    match client.await {
-        Ok(c) => {
-            let mut c = TokioIo::new(c);
+    match client.io().await {
+        Ok(mut c) => {
             let splice = async {
                 if !early.is_empty() {
                     tokio::io::AsyncWriteExt::write_all(&mut c, &early).await?;

@@ -24,7 +24,6 @@ use crate::proxy::wire::{
     self, field, invalid, Chunk, Decoded, Decoder, Framing, GATHER, MAX_HEAD, MAX_HEADERS,
 };
 
-
 /// One HTTP/1.1 connection to a backend, idle or carrying one exchange.
 pub struct Conn {
     io: BackendIo,

@@ -1,5 +1,6 @@
-//! Client listeners: accept, limit, terminate TLS, serve HTTP/1.1 and h2c with hyper, close idle
-//! connections, and drain on shutdown.
+//! Client listeners: accept, limit, terminate TLS, serve HTTP/1.1 (Shoal's own loop, `h1`) and
+//! HTTP/2 (hyper's server, after ALPN or the h2c preface), close idle connections, and drain on
+//! shutdown.
 //!
 //! Like nginx's workers, each of `proxy.workers` threads runs its own single-threaded runtime and
 //! accepts on its own SO_REUSEPORT socket for every listen address, so a connection and the
@@ -12,18 +13,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::body::ClientBody;
 use super::conn::{ConnState, WatchedIo};
-use super::error::ProxyError;
 use super::forward::{ConnInfo, Proxy, Tunnels};
+use h1::{BoxIo, Ended};
+
+pub mod h1;
 use crate::telemetry as names;
 
 /// How client connections are served.
@@ -43,7 +50,7 @@ pub struct Server {
     proxy: Arc<Proxy>,
     opts: ServerOptions,
     limit: Arc<Semaphore>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    h2: http2::Builder<TokioExecutor>,
     /// Connection tasks, waited for on drain.
     tracker: TaskTracker,
     /// Cancelled to stop accepting and to ask connections to finish.
@@ -96,20 +103,11 @@ impl Listener {
 
 impl Server {
     pub fn new(proxy: Arc<Proxy>, opts: ServerOptions) -> Arc<Self> {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            // No per-request header timer: the connection watchdog below closes a connection
-            // that sends bytes without starting a request for a whole idle period (slow heads).
-            .header_read_timeout(None)
-            .keep_alive(true)
-            // hyper's default header count (100, like HAProxy's 101): parsed in a stack array;
-            // any other limit costs two heap allocations and two 256-slot fills per request.
-            .max_buf_size(opts.max_header_bytes.max(8192));
-        builder
-            .http2()
-            .timer(TokioTimer::new())
+        // HTTP/1 is served by Shoal's own loop (h1.rs). No per-request header timer: the
+        // connection watchdog below closes a connection that sends bytes without starting a
+        // request for a whole idle period (slow heads).
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .max_concurrent_streams(256)
             // Beyond it, h2 answers the stream 431 (as HTTP/1 heads beyond it get 431).
             .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX));
@@ -117,7 +115,7 @@ impl Server {
             proxy,
             limit: Arc::new(Semaphore::new(opts.max_connections)),
             opts,
-            builder: Arc::new(builder),
+            h2,
             tracker: TaskTracker::new(),
             drain: CancellationToken::new(),
             done: CancellationToken::new(),
@@ -190,7 +188,7 @@ impl Server {
                 gauge.increment(1.0);
                 match tls {
                     None => {
-                        this.serve(stream, ConnInfo::new(client, false, worker))
+                        this.serve(stream, ConnInfo::new(client, false, worker), false)
                             .await
                     }
                     // Boxed: the TLS path's state is several KiB, which a plain connection's
@@ -205,7 +203,8 @@ impl Server {
                             .await
                             {
                                 Ok(Ok(s)) => {
-                                    this.serve(s, ConnInfo::new(client, true, worker)).await
+                                    let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                                    this.serve(s, ConnInfo::new(client, true, worker), h2).await
                                 }
                                 Ok(Err(e)) => {
                                     tracing::debug!(%client, error = %e, "TLS handshake failed")
@@ -224,38 +223,30 @@ impl Server {
         // Dropping the listener here closes it: new connections are refused from now on.
     }
 
-    async fn serve<I>(&self, io: I, mut info: ConnInfo)
+    async fn serve<I>(&self, io: I, mut info: ConnInfo, alpn_h2: bool)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let state = Arc::new(ConnState::default());
         let tunnels = Arc::new(Tunnels::default());
         info.tunnels = Some(tunnels.clone());
-        let io = TokioIo::new(WatchedIo::new(io, state.clone()));
-        let proxy = self.proxy.clone();
-        let svc_state = state.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            let info = info.clone();
-            let state = svc_state.clone();
-            async move {
-                if state.ambiguous.load(Ordering::Relaxed) {
-                    return Ok::<_, Infallible>(ProxyError::AmbiguousFraming.response());
+        let io: BoxIo = Box::new(WatchedIo::new(io, state.clone()));
+        let h2c = !info.https;
+        let conn = async {
+            let io = if alpn_h2 {
+                h1::Rewind::new(Bytes::new(), io)
+            } else {
+                let conn = h1::Conn::new(io, self.opts.max_header_bytes);
+                match conn
+                    .serve(&self.proxy, &info, &state, &self.drain, h2c)
+                    .await
+                {
+                    Ended::H2(io) => io,
+                    Ended::Closed | Ended::Upgraded => return,
                 }
-                state.requests.fetch_add(1, Ordering::Relaxed);
-                state.active_requests.fetch_add(1, Ordering::Relaxed);
-                // Boxed: hyper keeps the slot for a request's future for the connection's
-                // whole life, so an idle keep-alive connection would hold ~4.5 KiB for nothing.
-                let resp = Box::pin(proxy.handle(req, info)).await;
-                if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                    // From the next byte on, the connection is a tunnel, not HTTP/1.
-                    state.upgraded.store(true, Ordering::Relaxed);
-                }
-                state.active_requests.fetch_sub(1, Ordering::Relaxed);
-                Ok(resp)
-            }
-        });
-        let conn = self.builder.serve_connection_with_upgrades(io, service);
+            };
+            self.serve_h2(io, &info, &state).await;
+        };
         tokio::pin!(conn);
         let idle = self.opts.client_idle_timeout;
         let load = |s: &ConnState| {
@@ -266,25 +257,12 @@ impl Server {
             )
         };
         let mut seen = load(&state);
-        let mut draining = false;
-        // Made once and polled in order: the connection first, the rest only registers wakers.
-        let cancelled = self.drain.cancelled();
-        tokio::pin!(cancelled);
         let sleep = tokio::time::sleep(idle);
         tokio::pin!(sleep);
         loop {
             tokio::select! {
                 biased;
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::debug!(error = %e, "client connection ended with an error");
-                    }
-                    break;
-                }
-                _ = &mut cancelled, if !draining => {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                }
+                () = conn.as_mut() => break,
                 _ = &mut sleep => {
                     let now = load(&state);
                     if state.active_requests.load(Ordering::Relaxed) == 0 {
@@ -326,6 +304,38 @@ impl Server {
                     seen = now;
                 }
             }
+        }
+    }
+
+    /// HTTP/2 (ALPN h2, or prior knowledge) through hyper's server; a drain sends GOAWAY and
+    /// lets the streams in flight finish.
+    async fn serve_h2(&self, io: h1::Rewind, info: &ConnInfo, state: &Arc<ConnState>) {
+        let proxy = self.proxy.clone();
+        let info = info.clone();
+        let svc_state = state.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            let info = info.clone();
+            let state = svc_state.clone();
+            async move {
+                state.requests.fetch_add(1, Ordering::Relaxed);
+                state.active_requests.fetch_add(1, Ordering::Relaxed);
+                let resp = Box::pin(proxy.handle(req.map(ClientBody::H2), info)).await;
+                state.active_requests.fetch_sub(1, Ordering::Relaxed);
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = self.h2.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let res = tokio::select! {
+            res = conn.as_mut() => res,
+            _ = self.drain.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "HTTP/2 client connection ended with an error");
         }
     }
 
