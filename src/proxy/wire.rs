@@ -102,11 +102,40 @@ impl ReadBuf {
         Poll::Ready(Ok(n))
     }
 
-    /// Let go of a buffer grown by a large message (nothing buffered is lost).
+    /// Like `poll_fill`, for a buffer let go of while its connection was idle: the read goes
+    /// to the stack first, and the buffer is made for what came (a small head costs a small
+    /// allocation; a connection waiting for its next request holds none).
+    pub fn poll_fill_fresh<I: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        io: &mut I,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() != 0 {
+            return self.poll_fill(io, cx);
+        }
+        // Not zeroed: a read may come to nothing (the socket not readable yet).
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut rb = tokio::io::ReadBuf::uninit(&mut stack);
+        std::task::ready!(Pin::new(io).poll_read(cx, &mut rb))?;
+        self.buf.extend_from_slice(rb.filled());
+        Poll::Ready(Ok(rb.filled().len()))
+    }
+
+    /// Let go of the buffer when nothing is in it (an idle connection keeps no memory for reads).
+    pub fn release(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+            self.read_size = READ_MIN;
+        }
+    }
+
+    /// Let go of a buffer grown by a large message (nothing buffered is lost); reads start
+    /// small again.
     pub fn shrink(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > READ_MIN {
             self.buf = BytesMut::new();
         }
+        self.read_size = READ_MIN;
     }
 }
 
@@ -323,16 +352,18 @@ pub fn note_fields(
 }
 
 /// Split the head (the first `len` bytes) off `buf` and make its fields (noted in `spans`) with
-/// values sharing the head's bytes, not copies. Returns the frozen head too, for other parts
+/// values sharing the head's bytes, not copies, in a map with `room` for more. Returns the frozen head too, for other parts
 /// to slice.
 pub fn take_fields(
     buf: &mut BytesMut,
     len: usize,
     spans: &mut Vec<(HeaderName, usize, usize)>,
     framing: &mut Framing,
+    room: usize,
 ) -> io::Result<(Bytes, HeaderMap)> {
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // `room` for fields the caller adds (growing the map rehashes it).
+    let mut headers = HeaderMap::with_capacity(spans.len() + room);
     for (name, start, end) in spans.drain(..) {
         let value = HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(invalid)?;
         framing.see(&name, &value)?;

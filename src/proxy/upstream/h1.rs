@@ -329,7 +329,7 @@ impl Conn {
         let mut spans = std::mem::take(&mut self.spans);
         let mut seen = Framing::default();
         wire::note_fields(&self.rb.buf, parsed.headers, &mut spans)?;
-        let (_, mut headers) = wire::take_fields(&mut self.rb.buf, len, &mut spans, &mut seen)?;
+        let (_, mut headers) = wire::take_fields(&mut self.rb.buf, len, &mut spans, &mut seen, 0)?;
         let Framing {
             length,
             transfer_coded,
