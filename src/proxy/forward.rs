@@ -15,9 +15,9 @@ use metrics::Counter;
 
 use super::access::AccessRecord;
 use super::body::{ClientBody, RequestBody, SharedTape, Tape, REPLAY_LIMIT};
+use super::client::ClientUpgrade;
 use super::error::ProxyError;
 use super::response::ResponseBody;
-use super::server::h1::ClientUpgrade;
 use super::table::{Candidates, RoutingTable, Settings, Snapshot};
 use super::upstream::h1::{self, SendError};
 use super::upstream::{Conn, ErrorKind, Lease, Sender, Upstream};
@@ -198,7 +198,9 @@ fn hash_key(key: &HashKey, req: &Request<ClientBody>, client: &SocketAddr) -> Op
 struct Template {
     method: Method,
     uri: Uri,
-    headers: HeaderMap,
+    /// None when the sent request itself comes back to be sent again (a bodiless request to a
+    /// pool of HTTP/1.1 backends, whose client leaves the request in place): no copy is made.
+    headers: Option<HeaderMap>,
     /// None for a bodiless request.
     tape: Option<SharedTape>,
     /// Safe to send again after a backend received it (else only after a refusal that says
@@ -216,7 +218,7 @@ impl Template {
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = self.headers.clone();
+        *req.headers_mut() = self.headers.clone()?;
         Some(req)
     }
 
@@ -233,6 +235,8 @@ struct Plan {
     pending: Option<Request<RequestBody>>,
     /// What rebuilds a request that was sent, when sending it again is safe.
     template: Option<Template>,
+    /// `request_for` added a Host for the backend (an HTTP/1.0 client sent none).
+    host_added: bool,
     /// The client said `TE: trailers` (kept for HTTP/2 backends, gRPC's way of saying it takes
     /// trailers; removed for HTTP/1 ones, to which it is hop-by-hop).
     te_trailers: bool,
@@ -279,7 +283,7 @@ impl Plan {
             Template {
                 method: first.method().clone(),
                 uri: first.uri().clone(),
-                headers: first.headers().clone(),
+                headers: (!bodiless || snap.any_h2).then(|| first.headers().clone()),
                 tape,
                 idempotent,
             }
@@ -288,6 +292,7 @@ impl Plan {
             key,
             pending: Some(first),
             template,
+            host_added: false,
             te_trailers,
             upgrade: client_upgrade.zip(upgrade),
         })
@@ -309,9 +314,23 @@ impl Plan {
             // An HTTP/1.0 client may send no Host; HTTP/1.1 to the backend needs one.
             if let Some(h) = upstream.host_header() {
                 request.headers_mut().insert(header::HOST, h);
+                self.host_added = true;
             }
         }
         Some(request)
+    }
+
+    /// Take back a bodiless request an HTTP/1.1 attempt sent, when the template keeps no copy.
+    fn take_back(&mut self, sent: Option<Request<RequestBody>>) {
+        let kept = self.template.as_ref().is_some_and(|t| t.headers.is_some());
+        if let (false, Some(mut r)) = (kept, sent) {
+            if matches!(r.body(), RequestBody::Empty) {
+                if std::mem::take(&mut self.host_added) {
+                    r.headers_mut().remove(header::HOST);
+                }
+                self.pending = Some(r);
+            }
+        }
     }
 
     /// Whether a request that reached a backend may go to another one: an idempotent one, or
@@ -372,7 +391,8 @@ enum Attempt {
     /// Never reached the backend; the request comes back intact.
     NotSent(Request<RequestBody>, std::io::Error),
     /// Sent (at least partly) and then failed.
-    Failed(ErrorKind),
+    /// The request comes back when the client left it in place (HTTP/1.1; its body is gone).
+    Failed(ErrorKind, Option<Request<RequestBody>>),
     /// An HTTP/2 backend refused the stream without processing it (REFUSED_STREAM).
     Refused,
 }
@@ -491,7 +511,7 @@ impl Proxy {
                         return Err(last_err);
                     }
                 }
-                Attempt::Failed(kind) => {
+                Attempt::Failed(kind, sent) => {
                     self.on_outcome(upstream, Some(kind), settings);
                     last_err = if kind == ErrorKind::Timeout {
                         ProxyError::Timeout
@@ -503,6 +523,7 @@ impl Proxy {
                         // not possible to send it again.
                         return Err(last_err);
                     }
+                    plan.take_back(sent);
                 }
             }
         }
@@ -539,9 +560,9 @@ impl Proxy {
                         }
                         Ok(Err(SendError::Failed(e))) => {
                             tracing::debug!(backend = %upstream.id, error = %e, "backend failed before answering");
-                            return Attempt::Failed(ErrorKind::Reset);
+                            return Attempt::Failed(ErrorKind::Reset, Some(request));
                         }
-                        Err(_) => return Attempt::Failed(ErrorKind::Timeout),
+                        Err(_) => return Attempt::Failed(ErrorKind::Timeout, Some(request)),
                     }
                 }
             };
@@ -559,10 +580,10 @@ impl Proxy {
                     None if refused(e.error()) => return Attempt::Refused,
                     None => {
                         tracing::debug!(backend = %upstream.id, error = %e.error(), "backend failed before answering");
-                        return Attempt::Failed(ErrorKind::Reset);
+                        return Attempt::Failed(ErrorKind::Reset, None);
                     }
                 },
-                Err(_) => return Attempt::Failed(ErrorKind::Timeout),
+                Err(_) => return Attempt::Failed(ErrorKind::Timeout, None),
             }
         }
         Attempt::NotSent(
