@@ -11,8 +11,10 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::response::BodyError;
-use super::server::h1::H1Body;
+use super::client::H1Body;
+
+/// Why a body broke off (the client's or a backend's connection failed mid-body).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A client's request body: read by Shoal's own HTTP/1 loop, or by hyper's HTTP/2 server.
 pub enum ClientBody {

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod body;
+pub mod client;
 pub mod conn;
 pub mod error;
 pub mod forward;

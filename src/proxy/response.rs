@@ -11,8 +11,7 @@ use hyper::body::Incoming;
 use super::access::AccessRecord;
 use super::upstream::{h1, Lease};
 
-/// Why a body broke off: the backend's connection failed mid-body.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+pub use super::body::BodyError;
 
 pin_project_lite::pin_project! {
     /// What goes to a client: a backend's body, or a short local one (errors, admin).

@@ -26,9 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::body::ClientBody;
+use super::client::{BoxIo, Rewind};
 use super::conn::{ConnState, WatchedIo};
 use super::forward::{ConnInfo, Proxy, Tunnels};
-use h1::{BoxIo, Ended};
+use h1::Ended;
 
 pub mod h1;
 use crate::telemetry as names;
@@ -234,7 +235,7 @@ impl Server {
         let h2c = !info.https;
         let conn = async {
             let io = if alpn_h2 {
-                h1::Rewind::new(Bytes::new(), io)
+                Rewind::new(Bytes::new(), io)
             } else {
                 let conn = h1::Conn::new(io, self.opts.max_header_bytes);
                 match conn
@@ -309,7 +310,7 @@ impl Server {
 
     /// HTTP/2 (ALPN h2, or prior knowledge) through hyper's server; a drain sends GOAWAY and
     /// lets the streams in flight finish.
-    async fn serve_h2(&self, io: h1::Rewind, info: &ConnInfo, state: &Arc<ConnState>) {
+    async fn serve_h2(&self, io: Rewind, info: &ConnInfo, state: &Arc<ConnState>) {
         let proxy = self.proxy.clone();
         let info = info.clone();
         let svc_state = state.clone();
