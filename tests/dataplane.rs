@@ -2278,6 +2278,24 @@ async fn the_http1_server_answers_what_clients_send() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, b"data");
 
+    // A body whose bytes look like a smuggled head is a body: the request after it is the next
+    // one, answered in turn.
+    let body = "a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    c.write_all(
+        format!(
+            "POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (head, echoed) = read_answer(&mut c, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(echoed, body.as_bytes());
+    let (head, _) = read_answer(&mut c, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
     // Refused before any backend: a coding that is not chunked, and one in HTTP/1.0.
     let before = a.hits();
     for bad in [
