@@ -2,7 +2,9 @@
 //! nginx backends on loopback (keep-alive upstream, one worker or thread each), loaded by the same
 //! client. Tables: idle keep-alive connections (memory each), small answers, 1 MiB responses,
 //! HTTP/2 clients (h2load), TLS full handshakes and keep-alive over TLS, and a pool change under
-//! load (10 changes per second). Each gives requests/s, p50/p99 latency and requests per proxy
+//! load (10 changes per second), and small answers under consistent hashing (`hash`: nginx
+//! `hash $request_uri consistent`, HAProxy `balance uri` + `hash-type consistent`, Shoal
+//! `consistent_hash` on the path). Each gives requests/s, p50/p99 latency and requests per proxy
 //! CPU-second, as ratios to nginx and to the better of nginx and HAProxy.
 //!
 //!     cargo build --profile dist
@@ -10,7 +12,8 @@
 //!
 //! Needs nginx, haproxy and wrk (h2load from nghttp2-client for the HTTP/2 table; Debian
 //! packages). Env: E2E_SECONDS (default 10), E2E_CONNECTIONS (default 64), E2E_ROUNDS (default 5;
-//! medians), E2E_IDLE (default 10,000), E2E_TABLES (default all: small,big,h2,tls,idle,change).
+//! medians), E2E_IDLE (default 10,000), E2E_TABLES (default all:
+//! small,hash,big,h2,tls,idle,change).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -25,7 +28,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Whether table `name` is to run: E2E_TABLES lists them (small, big, h2, tls, idle, change;
+/// Whether table `name` is to run: E2E_TABLES lists them (small, hash, big, h2, tls, idle, change;
 /// default all).
 fn wanted(name: &str) -> bool {
     std::env::var("E2E_TABLES").map_or(true, |v| v.split(',').any(|t| t.trim() == name))
@@ -486,8 +489,11 @@ fn main() {
         .map(|p| format!("    server 127.0.0.1:{p};\n"))
         .collect();
     let location = "location / { proxy_pass http://pool; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }";
+    // Consistent hashing on the request target, on a port of its own.
+    let nginx_hash_port = free_port();
+    let hash_location = location.replace("http://pool", "http://hashed");
     let nginx_proxy = nginx(dir, "proxy", &format!(
-        "  upstream pool {{\n{servers}    keepalive 128;\n  }}\n  server {{ listen 127.0.0.1:{nginx_port}; {location} }}\n  server {{ listen 127.0.0.1:{nginx_tls_port} ssl; ssl_certificate {}; ssl_certificate_key {}; {location} }}",
+        "  upstream pool {{\n{servers}    keepalive 128;\n  }}\n  upstream hashed {{\n    hash $request_uri consistent;\n{servers}    keepalive 128;\n  }}\n  server {{ listen 127.0.0.1:{nginx_port}; {location} }}\n  server {{ listen 127.0.0.1:{nginx_hash_port}; {hash_location} }}\n  server {{ listen 127.0.0.1:{nginx_tls_port} ssl; ssl_certificate {}; ssl_certificate_key {}; {location} }}",
         cert.display(),
         key.display()
     ));
@@ -504,6 +510,7 @@ fn main() {
     let haproxy_port = free_port();
     let haproxy_h2_port = free_port();
     let haproxy_tls_port = free_port();
+    let haproxy_hash_port = free_port();
     let haproxy_sock = dir.join("haproxy.sock");
     let hcfg = dir.join("haproxy.cfg");
     let hservers: String = backend_ports
@@ -514,7 +521,7 @@ fn main() {
     std::fs::write(
         &hcfg,
         format!(
-            "global\n  nbthread 1\n  maxconn {}\n  stats socket {} mode 600 level admin\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n  option forwardfor\nfrontend fe\n  bind 127.0.0.1:{haproxy_port}\n  default_backend be\nfrontend fe2\n  bind 127.0.0.1:{haproxy_h2_port} proto h2\n  default_backend be\nfrontend fe3\n  bind 127.0.0.1:{haproxy_tls_port} ssl crt {}\n  default_backend be\nbackend be\n  balance roundrobin\n{hservers}",
+            "global\n  nbthread 1\n  maxconn {}\n  stats socket {} mode 600 level admin\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n  option forwardfor\nfrontend fe\n  bind 127.0.0.1:{haproxy_port}\n  default_backend be\nfrontend fe2\n  bind 127.0.0.1:{haproxy_h2_port} proto h2\n  default_backend be\nfrontend fe3\n  bind 127.0.0.1:{haproxy_tls_port} ssl crt {}\n  default_backend be\nfrontend fe4\n  bind 127.0.0.1:{haproxy_hash_port}\n  default_backend beh\nbackend be\n  balance roundrobin\n{hservers}backend beh\n  balance uri\n  hash-type consistent\n{hservers}",
             idle + 50,
             haproxy_sock.display(),
             combined.display()
@@ -562,6 +569,31 @@ fn main() {
             .unwrap(),
     );
     wait_port("shoal", shoal_port);
+    // A second Shoal for consistent hashing (the algorithm is one per cluster).
+    let shoal_hash = wanted("hash").then(|| {
+        let port = free_port();
+        let cfg = dir.join("shoal-hash.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[node]\nid = \"bench-hash\"\ndata_dir = \"{}\"\n[proxy]\nlisten = [\"127.0.0.1:{port}\"]\nworkers = 1\n[balance]\nalgorithm = \"consistent_hash\"\nhash_key = \"path\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n[cluster]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"warn\"\n{sbackends}",
+                dir.join("shoal-hash-data").display(),
+                free_port(),
+                free_port()
+            ),
+        )
+        .unwrap();
+        let p = Proc(
+            Command::new(&shoal)
+                .args(["run", "--config", cfg.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_port("shoal (hashing)", port);
+        (p, port)
+    });
     std::thread::sleep(Duration::from_millis(500));
 
     let targets: Vec<(&str, u16, Vec<u32>)> = vec![
@@ -602,6 +634,20 @@ fn main() {
             "/",
             None,
             &targets,
+            (secs, conns, rounds),
+        );
+    }
+    if let Some((p, port)) = &shoal_hash {
+        let hash_targets: Vec<(&str, u16, Vec<u32>)> = vec![
+            ("nginx", nginx_hash_port, targets[0].2.clone()),
+            ("haproxy", haproxy_hash_port, targets[1].2.clone()),
+            ("shoal", *port, vec![p.0.id()]),
+        ];
+        table(
+            "small answers, consistent hashing on the path",
+            "/",
+            None,
+            &hash_targets,
             (secs, conns, rounds),
         );
     }
