@@ -1,8 +1,10 @@
 //! The data plane: client listeners, forwarding, the routing table and the upstreams.
 //!
-//! Inside, imports run one way: `server` (listeners, connections) -> `forward` (one request:
-//! plan, attempt, on-outcome) -> `table` (the published snapshot) -> `upstream` (connection
-//! pools, local health) -> `body`; `response` and `error` turn results into client answers.
+//! Inside, imports run one way: `server` (listeners, connections; `server::h1`, Shoal's own
+//! HTTP/1.1 loop) -> `forward` (one request: plan, attempt, on-outcome) -> `table` (the published
+//! snapshot) -> `upstream` (connection pools, local health; `upstream::h1`, the HTTP/1.1 client)
+//! -> `body` -> `client` (the client connection's byte stream and request body) -> `wire`
+//! (HTTP/1.1 framing both ends share); `response` and `error` turn results into client answers.
 //! Nothing here knows the cluster or the admin API: `app` hands the table its pools.
 
 pub mod access;
