@@ -13,7 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
-use super::wire::{self, Decoded, Decoder};
+use super::wire::{self, Decoder};
 
 /// A client's byte stream (plain TCP or TLS), counted by `WatchedIo`.
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -73,29 +73,12 @@ impl H1Body {
             }
             self.expect = None;
         }
-        loop {
-            match self.decoder.decode(&mut w.rb.buf)? {
-                Decoded::Frame(f) => {
-                    w.body_done = self.decoder.is_end();
-                    return Poll::Ready(Some(Ok(f)));
-                }
-                Decoded::End => {
-                    w.body_done = true;
-                    return Poll::Ready(None);
-                }
-                Decoded::More => {}
-            }
-            match std::task::ready!(w.rb.poll_fill(&mut w.io, cx)) {
-                Ok(0) => {
-                    return Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "client closed the connection mid-body",
-                    ))))
-                }
-                Ok(_) => {}
-                Err(e) => return Poll::Ready(Some(Err(e))),
-            }
+        let polled = w.rb.poll_body(&mut w.io, &mut self.decoder, cx, "client");
+        if let Poll::Ready(None | Some(Ok(_))) = &polled {
+            // The bytes after the body's end are the next request's.
+            w.body_done = self.decoder.is_end();
         }
+        polled
     }
 }
 

@@ -121,6 +121,37 @@ impl ReadBuf {
         Poll::Ready(Ok(rb.filled().len()))
     }
 
+    /// The next frame of a body framed by `decoder`, reading from `io` as needed. A body read
+    /// to the close ends cleanly there; any other ends early with an error saying `who` closed.
+    pub fn poll_body<I: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        io: &mut I,
+        decoder: &mut Decoder,
+        cx: &mut Context<'_>,
+        who: &'static str,
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        loop {
+            match decoder.decode(&mut self.buf) {
+                Ok(Decoded::Frame(f)) => return Poll::Ready(Some(Ok(f))),
+                Ok(Decoded::End) => return Poll::Ready(None),
+                Ok(Decoded::More) => {}
+                Err(e) => return Poll::Ready(Some(Err(e))),
+            }
+            match std::task::ready!(self.poll_fill(io, cx)) {
+                Ok(0) if *decoder == Decoder::ToEnd => {
+                    *decoder = Decoder::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    let e = format!("{who} closed the connection mid-body");
+                    return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::UnexpectedEof, e))));
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(e))),
+            }
+        }
+    }
+
     /// Let go of the buffer when nothing is in it (an idle connection keeps no memory for reads).
     pub fn release(&mut self) {
         if self.buf.is_empty() {

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::net::BackendIo;
 use crate::proxy::body::RequestBody;
 use crate::proxy::wire::{
-    self, field, invalid, Chunk, Decoded, Decoder, Framing, GATHER, MAX_HEAD, MAX_HEADERS,
+    self, field, invalid, Chunk, Decoder, Framing, GATHER, MAX_HEAD, MAX_HEADERS,
 };
 
 /// One HTTP/1.1 connection to a backend, idle or carrying one exchange.
@@ -440,30 +440,8 @@ impl ResponseBody {
                 Poll::Ready(Err(_)) => conn.unfinished = true,
             }
         }
-        loop {
-            match self.framing.decode(&mut conn.rb.buf) {
-                Ok(Decoded::Frame(f)) => return Poll::Ready(Some(Ok(f))),
-                Ok(Decoded::End) => return Poll::Ready(None),
-                Ok(Decoded::More) => {}
-                Err(e) => return Poll::Ready(Some(Err(e))),
-            }
-            // Nothing usable buffered: read more.
-            match std::task::ready!(conn.poll_fill(cx)) {
-                Ok(0) if self.framing == Decoder::ToEnd => {
-                    self.framing = Decoder::Done;
-                    self.keep_alive = false;
-                    return Poll::Ready(None);
-                }
-                Ok(0) => {
-                    return Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "backend closed the connection mid-body",
-                    ))))
-                }
-                Ok(_) => {}
-                Err(e) => return Poll::Ready(Some(Err(e))),
-            }
-        }
+        conn.rb
+            .poll_body(&mut conn.io, &mut self.framing, cx, "backend")
     }
 }
 
