@@ -108,11 +108,7 @@ impl Body for H1Body {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.decoder {
-            Decoder::Length(n) => SizeHint::with_exact(n),
-            Decoder::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
+        self.decoder.size_hint()
     }
 }
 

@@ -204,6 +204,15 @@ impl Decoder {
         matches!(self, Decoder::Done | Decoder::Length(0))
     }
 
+    /// What is known of the body's remaining length.
+    pub fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Decoder::Length(n) => http_body::SizeHint::with_exact(*n),
+            Decoder::Done => http_body::SizeHint::with_exact(0),
+            _ => http_body::SizeHint::default(),
+        }
+    }
+
     /// The next frame out of `buf`, if it holds one.
     pub fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Decoded> {
         loop {
