@@ -2307,3 +2307,103 @@ async fn the_http1_server_answers_what_clients_send() {
     }
     assert_eq!(a.hits(), before);
 }
+
+/// A backend's answer goes to the client without its hop-by-hop fields (RFC 9110 §7.6.1):
+/// Connection and the fields it names, Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade (not
+/// a 101), Transfer-Encoding (the client's own framing is used); every other field goes on with
+/// its value and repeats. The same for an HTTP/1.1 client (the fields are written as they came)
+/// and an HTTP/2 one (they are made into a map).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backends_hop_by_hop_fields_never_reach_the_client() {
+    let (addr, _) = scripted_backend(vec![
+        ("/hop", b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Internal\r\nX-Internal: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\nTrailer: x-sum\r\nTE: trailers\r\nX-Kept: one\r\nSet-Cookie: a=1\r\nx-kept: two\r\nSet-Cookie: b=2\r\nContent-Length: 2\r\n\r\nok".to_vec(), false),
+        ("/coded", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\nX-Kept: three\r\n\r\n3\r\nabc\r\n0\r\n\r\n".to_vec(), true),
+    ])
+    .await;
+    let s = Shoal::start(
+        "retries = 0",
+        &format!("[[backends]]\nid = \"raw\"\naddr = \"{addr}\"\n"),
+    )
+    .await;
+    let gone = [
+        "connection",
+        "x-internal",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "trailer",
+        "te",
+        "transfer-encoding",
+    ];
+
+    // HTTP/1.1, read off the socket as it comes.
+    let mut c = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    let mut buf = Vec::new();
+    c.write_all(b"GET /hop HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut c, &mut buf).await;
+    assert_eq!(body, b"ok", "{head}");
+    let lines: Vec<(String, String)> = head
+        .split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    for name in gone {
+        assert!(
+            lines.iter().all(|(n, _)| n != name),
+            "{name} reached the client:\n{head}"
+        );
+    }
+    let values = |name: &str| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    assert_eq!(values("x-kept"), ["one", "two"], "{head}");
+    assert_eq!(values("set-cookie"), ["a=1", "b=2"], "{head}");
+    assert_eq!(values("content-length"), ["2"], "{head}");
+    // The connection is kept (the backend's Connection said nothing to the client).
+    c.write_all(b"GET /coded HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut c, &mut buf).await;
+    assert_eq!(body, b"abc", "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(!lower.contains("content-length: 100"), "{head}");
+    assert!(lower.contains("x-kept: three"), "{head}");
+
+    // HTTP/2: the same fields, none of the hop-by-hop ones (which HTTP/2 forbids).
+    let mut h2 = h2c_client(s.proxy).await;
+    let resp = h2
+        .send_request(
+            http::Request::builder()
+                .uri(format!("http://{}/hop", s.proxy))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for name in gone {
+        assert!(
+            !resp.headers().contains_key(name),
+            "{name} reached the HTTP/2 client: {:?}",
+            resp.headers()
+        );
+    }
+    let all = |name: &str| -> Vec<&str> {
+        resp.headers()
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    };
+    assert_eq!(all("x-kept"), ["one", "two"]);
+    assert_eq!(all("set-cookie"), ["a=1", "b=2"]);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+}

@@ -242,6 +242,8 @@ struct Plan {
     te_trailers: bool,
     /// The client's side of an upgrade, and the Upgrade value forwarded.
     upgrade: Option<(ClientUpgrade, HeaderValue)>,
+    /// The client speaks HTTP/1 (an answer's fields from an HTTP/1 backend go to it as they came).
+    client_h1: bool,
 }
 
 impl Plan {
@@ -258,6 +260,7 @@ impl Plan {
             Algorithm::ConsistentHash(_) => hash_key(&settings.hash_key, &req, &conn.client),
             Algorithm::RoundRobin => None,
         };
+        let client_h1 = req.version() != Version::HTTP_2;
         let client_upgrade = req
             .headers()
             .contains_key(header::UPGRADE)
@@ -295,6 +298,7 @@ impl Plan {
             host_added: false,
             te_trailers,
             upgrade: client_upgrade.zip(upgrade),
+            client_h1,
         })
     }
 
@@ -351,10 +355,11 @@ impl Plan {
         conn: &ConnInfo,
     ) -> Response<ResponseBody> {
         let body = match reply {
-            Reply::H1(body) => {
+            Reply::H1(mut body) => {
                 if let (StatusCode::SWITCHING_PROTOCOLS, Some((client, _))) =
                     (parts.status, self.upgrade)
                 {
+                    parts.headers = body.take_fields(true);
                     if let Some((backend, early)) = body.upgraded() {
                         let tunnels = conn.tunnels.clone().unwrap_or_default();
                         let close = tunnels.close.clone();
@@ -364,7 +369,11 @@ impl Plan {
                     }
                     return Response::from_parts(parts, ResponseBody::empty());
                 }
-                strip_hop_by_hop(&mut parts.headers);
+                if !self.client_h1 {
+                    // An HTTP/1 client gets the fields written as they came, less the
+                    // hop-by-hop ones; an HTTP/2 one needs them as a map.
+                    parts.headers = body.take_fields(false);
+                }
                 ResponseBody::h1(body, lease)
             }
             Reply::H2(body, sender) => {
@@ -378,6 +387,8 @@ impl Plan {
 }
 
 /// A backend's answer body, before it becomes the client's.
+// Only ever moved into the client's body, never kept: boxing would cost an allocation per answer.
+#[allow(clippy::large_enum_variant)]
 enum Reply {
     /// Read from its HTTP/1.1 connection, which it carries.
     H1(h1::ResponseBody),

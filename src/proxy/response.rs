@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 
 use super::access::AccessRecord;
 use super::upstream::{h1, Lease};
+use super::wire::WireFields;
 
 pub use super::body::BodyError;
 
@@ -59,6 +60,16 @@ impl ResponseBody {
         ResponseBody::H1 {
             inner,
             lease: Some(lease),
+        }
+    }
+
+    /// The answer's fields as an HTTP/1 backend sent them, when they are not in the answer's
+    /// map (an HTTP/1 client gets them written as they came).
+    pub fn wire_fields(&self) -> Option<&WireFields> {
+        match self {
+            ResponseBody::H1 { inner, .. } => inner.fields(),
+            ResponseBody::Logged { inner, .. } => inner.wire_fields(),
+            _ => None,
         }
     }
 

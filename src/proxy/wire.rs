@@ -342,36 +342,221 @@ impl Framing {
     pub fn see(&mut self, name: &HeaderName, value: &HeaderValue) -> io::Result<()> {
         use http::header;
         if name == header::CONTENT_LENGTH {
-            for v in value.as_bytes().split(|b| *b == b',') {
-                let v = v.trim_ascii();
-                if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-                    return Err(invalid("bad Content-Length"));
-                }
-                let n = v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-                if self.length.is_some_and(|l| l != n) {
-                    return Err(invalid("conflicting Content-Length"));
-                }
-                self.length = Some(n);
-            }
+            self.length(value.as_bytes())
         } else if name == header::TRANSFER_ENCODING {
-            self.transfer_coded = true;
-            // Chunked only when it is the last coding (of the last field).
-            self.chunked = value
-                .as_bytes()
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            self.coding(value.as_bytes());
+            Ok(())
         } else if name == header::CONNECTION {
-            for token in value.as_bytes().split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    self.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    self.keep_alive = true;
+            self.connection(value.as_bytes());
+            Ok(())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A Content-Length value (a list must agree with itself and earlier fields).
+    fn length(&mut self, value: &[u8]) -> io::Result<()> {
+        for v in value.split(|b| *b == b',') {
+            let v = v.trim_ascii();
+            if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+                return Err(invalid("bad Content-Length"));
+            }
+            let n = v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            if self.length.is_some_and(|l| l != n) {
+                return Err(invalid("conflicting Content-Length"));
+            }
+            self.length = Some(n);
+        }
+        Ok(())
+    }
+
+    /// A Transfer-Encoding value: chunked only when it is the last coding (of the last field).
+    fn coding(&mut self, value: &[u8]) {
+        self.transfer_coded = true;
+        self.chunked = value
+            .rsplit(|b| *b == b',')
+            .next()
+            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    }
+
+    /// A Connection value's tokens; true when one names a field to drop (not close,
+    /// keep-alive or upgrade).
+    fn connection(&mut self, value: &[u8]) -> bool {
+        let mut names = false;
+        for token in value.split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"upgrade") {
+                names = true;
+            }
+        }
+        names
+    }
+}
+
+/// What a field's name says to a proxy passing the head on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Length,
+    Coding,
+    Connection,
+    /// Another hop-by-hop field (RFC 9110 §7.6.1, plus the legacy Keep-Alive and
+    /// Proxy-Connection): never passed on.
+    Hop,
+    Date,
+    Other,
+}
+
+fn role(name: &[u8]) -> Role {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        2 if is(b"te") => Role::Hop,
+        4 if is(b"date") => Role::Date,
+        7 if is(b"trailer") || is(b"upgrade") => Role::Hop,
+        10 if is(b"connection") => Role::Connection,
+        10 if is(b"keep-alive") => Role::Hop,
+        14 if is(b"content-length") => Role::Length,
+        16 if is(b"proxy-connection") => Role::Hop,
+        17 if is(b"transfer-encoding") => Role::Coding,
+        _ => Role::Other,
+    }
+}
+
+/// Where one field is in its head.
+#[derive(Clone, Copy)]
+pub struct Span {
+    name: (u32, u32),
+    value: (u32, u32),
+    /// Passed on (not hop-by-hop, not a Content-Length that Transfer-Encoding overrides).
+    keep: bool,
+}
+
+/// A backend's answer fields as it sent them: the head's bytes and where each field is, with
+/// what a proxy does not pass on marked. An HTTP/1 client gets the kept lines copied as they
+/// are; only an HTTP/2 client (or a 101, whose fields go on whole) needs them as a `HeaderMap`,
+/// whose building (a name lookup, a hash and a shared slice per field) was most of the cost of
+/// passing a small answer on.
+pub struct WireFields {
+    head: Bytes,
+    spans: Vec<Span>,
+    /// The Content-Length passed on (none when Transfer-Encoding frames the body).
+    pub length: Option<u64>,
+    /// A Date field is among them.
+    pub dated: bool,
+}
+
+impl WireFields {
+    /// Note the fields httparse read out of `buf` (whose first bytes are the head), taking in
+    /// their framing; `WireFields::new` makes them once the head is split off.
+    pub fn note(
+        buf: &[u8],
+        fields: &[httparse::Header<'_>],
+        framing: &mut Framing,
+    ) -> io::Result<(Vec<Span>, bool)> {
+        let base = buf.as_ptr() as usize;
+        let mut spans = Vec::with_capacity(fields.len());
+        let mut named = false;
+        let mut dated = false;
+        for f in fields {
+            let name = f.name.as_bytes();
+            let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+            let (n, v) = (at(name), at(f.value));
+            let keep = match role(name) {
+                Role::Length => {
+                    framing.length(f.value)?;
+                    true
+                }
+                Role::Coding => {
+                    framing.coding(f.value);
+                    false
+                }
+                Role::Connection => {
+                    named |= framing.connection(f.value);
+                    false
+                }
+                Role::Hop => false,
+                Role::Date => {
+                    dated = true;
+                    true
+                }
+                Role::Other => true,
+            };
+            spans.push(Span {
+                name: (n, n + name.len() as u32),
+                value: (v, v + f.value.len() as u32),
+                keep,
+            });
+        }
+        if named {
+            // Fields the Connection field names are hop-by-hop too.
+            for i in 0..spans.len() {
+                let c = spans[i];
+                if role(&buf[c.name.0 as usize..c.name.1 as usize]) != Role::Connection {
+                    continue;
+                }
+                for token in buf[c.value.0 as usize..c.value.1 as usize].split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    for s in spans.iter_mut() {
+                        if buf[s.name.0 as usize..s.name.1 as usize].eq_ignore_ascii_case(token) {
+                            s.keep = false;
+                        }
+                    }
                 }
             }
         }
-        Ok(())
+        if framing.transfer_coded {
+            // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which is not passed on.
+            for s in spans.iter_mut() {
+                if role(&buf[s.name.0 as usize..s.name.1 as usize]) == Role::Length {
+                    s.keep = false;
+                }
+            }
+        }
+        Ok((spans, dated))
+    }
+
+    /// The fields of `head` (split off the buffer `note` read), as noted.
+    pub fn new(head: Bytes, (spans, dated): (Vec<Span>, bool), framing: &Framing) -> Self {
+        Self {
+            head,
+            spans,
+            length: framing.length.filter(|_| !framing.transfer_coded),
+            dated,
+        }
+    }
+
+    fn bytes(&self, (a, b): (u32, u32)) -> &[u8] {
+        &self.head[a as usize..b as usize]
+    }
+
+    /// The kept fields as `name: value` lines.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for s in self.spans.iter().filter(|s| s.keep) {
+            out.extend_from_slice(self.bytes(s.name));
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(self.bytes(s.value));
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// The fields as a map (values sharing the head's bytes): the kept ones, or with `all`
+    /// every one (a 101's Connection and Upgrade go to the client as they came).
+    pub fn into_map(self, all: bool) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.spans.len());
+        for s in self.spans.iter().filter(|s| all || s.keep) {
+            let name = HeaderName::from_bytes(self.bytes(s.name));
+            let value = HeaderValue::from_maybe_shared(
+                self.head.slice(s.value.0 as usize..s.value.1 as usize),
+            );
+            // httparse checked both; nothing it let through is refused here.
+            if let (Ok(name), Ok(value)) = (name, value) {
+                map.append(name, value);
+            }
+        }
+        map
     }
 }
 

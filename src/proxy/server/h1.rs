@@ -266,6 +266,11 @@ impl Conn {
             }
             wire::field(out, name, value);
         }
+        if let Some(fields) = body.wire_fields() {
+            fields.write(out);
+            length = length.or(fields.length);
+            dated |= fields.dated;
+        }
         if !dated {
             out.extend_from_slice(b"date: ");
             date(|d| out.extend_from_slice(d));

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
-use http::header::{self, HeaderName};
+use http::header;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::net::BackendIo;
 use crate::proxy::body::RequestBody;
 use crate::proxy::wire::{
-    self, field, invalid, Chunk, Decoder, Framing, GATHER, MAX_HEAD, MAX_HEADERS,
+    self, field, invalid, Chunk, Decoder, Framing, WireFields, GATHER, MAX_HEAD, MAX_HEADERS,
 };
 
 /// One HTTP/1.1 connection to a backend, idle or carrying one exchange.
@@ -31,8 +31,6 @@ pub struct Conn {
     rb: wire::ReadBuf,
     /// What goes out next (a request head, and small body chunks gathered behind it).
     out: Vec<u8>,
-    /// Where each field of the head being parsed is (kept to spare an allocation per answer).
-    spans: Vec<(HeaderName, usize, usize)>,
     /// The rest of a request body the backend answered before taking: it keeps going out
     /// while the answer streams (full duplex), and the connection is reused only if it all went.
     upload: Option<(RequestBody, Upload)>,
@@ -55,7 +53,6 @@ impl Conn {
             io,
             rb: wire::ReadBuf::default(),
             out: Vec::new(),
-            spans: Vec::new(),
             upload: None,
             unfinished: false,
         }
@@ -274,7 +271,7 @@ impl Conn {
     /// rest from this connection.
     async fn read_head(mut self, head_only: bool) -> io::Result<Response<ResponseBody>> {
         loop {
-            if let Some((resp, framing, keep_alive)) = self.parse_head(head_only)? {
+            if let Some((resp, framing, keep_alive, fields)) = self.parse_head(head_only)? {
                 if resp.status().is_informational()
                     && resp.status() != StatusCode::SWITCHING_PROTOCOLS
                 {
@@ -287,6 +284,7 @@ impl Conn {
                     framing,
                     keep_alive,
                     upgraded,
+                    fields: Some(fields),
                 };
                 return Ok(resp.map(|()| body));
             }
@@ -304,7 +302,7 @@ impl Conn {
     }
 
     /// A complete response head out of `buf`, if there is one.
-    fn parse_head(&mut self, head_only: bool) -> io::Result<Option<(Response<()>, Decoder, bool)>> {
+    fn parse_head(&mut self, head_only: bool) -> io::Result<Option<Head>> {
         if self.rb.buf.is_empty() {
             return Ok(None);
         }
@@ -325,11 +323,10 @@ impl Conn {
         } else {
             Version::HTTP_11
         };
-        // Field values are slices of the head's bytes, shared, not copied.
-        let mut spans = std::mem::take(&mut self.spans);
+        // The fields stay as they came (a map is made only for an HTTP/2 client).
         let mut seen = Framing::default();
-        wire::note_fields(&self.rb.buf, parsed.headers, &mut spans)?;
-        let (_, mut headers) = wire::take_fields(&mut self.rb.buf, len, &mut spans, &mut seen, 0)?;
+        let noted = WireFields::note(&self.rb.buf, parsed.headers, &mut seen)?;
+        let fields = WireFields::new(self.rb.buf.split_to(len).freeze(), noted, &seen);
         let Framing {
             length,
             transfer_coded,
@@ -337,7 +334,6 @@ impl Conn {
             ..
         } = seen;
         let close = seen.close || (version == Version::HTTP_10 && !seen.keep_alive);
-        self.spans = spans;
         let bodiless = head_only
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -345,11 +341,8 @@ impl Conn {
         let (framing, keep_alive) = if bodiless {
             (Decoder::Length(0), !close)
         } else if transfer_coded {
-            // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which must not be
-            // passed on; a connection that carried both is not reused.
-            if length.is_some() {
-                headers.remove(header::CONTENT_LENGTH);
-            }
+            // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length (not passed on); a
+            // connection that carried both is not reused.
             if chunked {
                 (Decoder::Chunked(Chunk::Size), !close && length.is_none())
             } else {
@@ -363,10 +356,13 @@ impl Conn {
         let mut resp = Response::new(());
         *resp.status_mut() = status;
         *resp.version_mut() = version;
-        *resp.headers_mut() = headers;
-        Ok(Some((resp, framing, keep_alive)))
+        Ok(Some((resp, framing, keep_alive, fields)))
     }
 }
+
+/// A parsed answer head: the answer, its body's framing, whether the connection may carry
+/// another exchange, its fields.
+type Head = (Response<()>, Decoder, bool, WireFields);
 
 /// How a request body is framed on the wire.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -407,6 +403,8 @@ pub struct ResponseBody {
     keep_alive: bool,
     /// A 101: the connection now belongs to the upgraded protocol.
     upgraded: bool,
+    /// The answer's fields, until they are written or made into a map.
+    fields: Option<WireFields>,
 }
 
 impl ResponseBody {
@@ -419,6 +417,20 @@ impl ResponseBody {
         self.conn
             .take()
             .filter(|c| c.rb.buf.is_empty() && c.upload.is_none() && !c.unfinished)
+    }
+
+    /// The answer's fields as the backend sent them.
+    pub fn fields(&self) -> Option<&WireFields> {
+        self.fields.as_ref()
+    }
+
+    /// The answer's fields as a map (for an HTTP/2 client; `all` for a 101, whose
+    /// Connection and Upgrade go on): none are left to write as they came.
+    pub fn take_fields(&mut self, all: bool) -> http::HeaderMap {
+        self.fields
+            .take()
+            .map(|f| f.into_map(all))
+            .unwrap_or_default()
     }
 
     /// After a 101: the connection and what the backend already sent past the head.
