@@ -93,34 +93,85 @@ async fn consistent_hash_keys_stick() {
     }
 }
 
+/// The forwarded request's fields: hop-by-hop ones (and those Connection names) gone,
+/// X-Forwarded-For appended to, X-Forwarded-Proto and -Host set (a client's own replaced), Host
+/// kept, one Host required. The same whether the fields pass as they came (no access log) or
+/// through a map (the access log reads them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers() {
     let a = Backend::start("b1", Behavior::Echo).await;
-    let s = Shoal::start("", &backends_toml(&[&a])).await;
-    let req = http::Request::builder()
-        .uri("/x?y=1")
-        .header("host", "shop.example:8080")
-        .header("x-forwarded-for", "203.0.113.9")
-        .header("connection", "keep-alive, x-secret")
-        .header("x-secret", "drop me")
-        .header("keep-alive", "timeout=5")
-        .header("te", "trailers")
-        .header("proxy-connection", "keep-alive")
-        .header("x-kept", "yes")
-        .body(empty())
-        .unwrap();
-    let v = echo_of(s.proxy, req).await;
-    let h = &v["headers"];
-    assert_eq!(h["host"], "shop.example:8080");
-    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
-    assert_eq!(h["x-forwarded-proto"], "http");
-    assert_eq!(h["x-forwarded-host"], "shop.example:8080");
-    assert_eq!(h["x-kept"], "yes");
-    for gone in ["x-secret", "keep-alive", "te", "proxy-connection"] {
-        assert!(h.get(gone).is_none(), "{gone} was forwarded: {h}");
+    let wire = Shoal::start("", &backends_toml(&[&a])).await;
+    let logged = Shoal::start(
+        "",
+        &format!("[log]\naccess_log = true\n{}", backends_toml(&[&a])),
+    )
+    .await;
+    for s in [&wire, &logged] {
+        let req = http::Request::builder()
+            .uri("/x?y=1")
+            .header("host", "shop.example:8080")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "spoofed.example")
+            .header("connection", "keep-alive, x-secret, host")
+            .header("x-secret", "drop me")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("proxy-connection", "keep-alive")
+            .header("x-kept", "yes")
+            .body(empty())
+            .unwrap();
+        let v = echo_of(s.proxy, req).await;
+        let h = &v["headers"];
+        assert_eq!(h["host"], "shop.example:8080");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.example:8080");
+        assert_eq!(h["x-kept"], "yes");
+        for gone in [
+            "x-secret",
+            "keep-alive",
+            "te",
+            "proxy-connection",
+            "connection",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone} was forwarded: {h}");
+        }
+        assert_eq!(v["path"], "/x");
+        assert_eq!(v["query"], "y=1");
+
+        // Two X-Forwarded-For fields are joined before the client is appended.
+        let (got, v) = raw_echo(
+            s.proxy,
+            b"GET /xff HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            v["headers"]["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.1",
+            "{got}"
+        );
+
+        // An absolute-form target without Host: its authority becomes the Host.
+        let (got, v) = raw_echo(
+            s.proxy,
+            b"GET http://abs.example:81/p HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(v["headers"]["host"], "abs.example:81", "{got}");
+        assert_eq!(v["headers"]["x-forwarded-host"], "abs.example:81", "{got}");
+        assert_eq!(v["path"], "/p");
+
+        // HTTP/1.1 needs exactly one Host: none, or two, is refused before any backend.
+        let before = a.hits();
+        for head in [
+            &b"GET /nohost HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+            b"GET /twohosts HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+        ] {
+            let got = raw(s.proxy, head, Duration::from_secs(3)).await;
+            assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+        }
+        assert_eq!(a.hits(), before, "a refused request reached the backend");
     }
-    assert_eq!(v["path"], "/x");
-    assert_eq!(v["query"], "y=1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,22 +230,23 @@ async fn websocket_style_upgrade_passes_through() {
     }
 }
 
+/// A raw request (closing its connection) to an echo backend: the answer, and what the backend saw.
+async fn raw_echo(proxy: std::net::SocketAddr, head: &[u8]) -> (String, serde_json::Value) {
+    let got = raw(proxy, head, Duration::from_secs(3)).await;
+    let body = got.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {got}"));
+    (got, v)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_without_host_is_forwarded_with_one() {
     let a = Backend::start("b1", Behavior::Echo).await;
     let s = Shoal::start("", &backends_toml(&[&a])).await;
-    let got = raw(
-        s.proxy,
-        b"GET /old HTTP/1.0\r\n\r\n",
-        Duration::from_secs(3),
-    )
-    .await;
+    let (got, v) = raw_echo(s.proxy, b"GET /old HTTP/1.0\r\n\r\n").await;
     assert!(
         got.starts_with("HTTP/1.0 200") || got.starts_with("HTTP/1.1 200"),
         "{got}"
     );
-    let body = got.split("\r\n\r\n").nth(1).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(v["headers"]["host"], a.addr.to_string());
     assert!(v["headers"].get("x-forwarded-host").is_none());
 }

@@ -21,6 +21,7 @@ use super::response::ResponseBody;
 use super::table::{Candidates, RoutingTable, Settings, Snapshot};
 use super::upstream::h1::{self, SendError};
 use super::upstream::{Conn, ErrorKind, Lease, Sender, Upstream};
+use super::wire::{Outgoing, Role, WireFields};
 use crate::config::HashKey;
 use crate::core::balance::{hash, Algorithm};
 use crate::core::health::Source;
@@ -155,6 +156,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Seen {
     seen
 }
 
+/// Whether a request's fields can stay in wire form to the end: nothing on its way reads them
+/// (no access log, no hash on a field, no upgrade) and no backend of the pool speaks HTTP/2.
+fn wire_will_do(snap: &Snapshot, fields: &WireFields) -> bool {
+    let settings = &snap.settings;
+    let hashes_a_field = matches!(settings.balance.algorithm, Algorithm::ConsistentHash(_))
+        && matches!(settings.hash_key, HashKey::Header(_) | HashKey::Cookie(_));
+    !settings.access_log && !snap.any_h2 && !hashes_a_field && !fields.has(Role::Upgrade)
+}
+
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -244,11 +254,15 @@ struct Plan {
     upgrade: Option<(ClientUpgrade, HeaderValue)>,
     /// The client speaks HTTP/1 (an answer's fields from an HTTP/1 backend go to it as they came).
     client_h1: bool,
+    /// The request's fields in wire form, written after its map's (empty then) by the HTTP/1
+    /// client; kept here across attempts.
+    wire: Option<Outgoing>,
 }
 
 impl Plan {
     fn new(
         mut req: Request<ClientBody>,
+        fields: Option<WireFields>,
         conn: &ConnInfo,
         snap: &Snapshot,
         seen: Option<Arc<AtomicU64>>,
@@ -265,7 +279,7 @@ impl Plan {
             .headers()
             .contains_key(header::UPGRADE)
             .then(|| ClientUpgrade::of(&mut req));
-        let (mut first, upgrade, te_trailers) = rewrite(req, conn, seen)?;
+        let (mut first, upgrade, te_trailers, wire) = rewrite(req, fields, conn, seen)?;
         // A sent request is sent again only if idempotent, or (any method) after an HTTP/2
         // backend refused its stream unprocessed; its body is taped (up to 64 KiB) as it
         // streams.
@@ -299,6 +313,7 @@ impl Plan {
             te_trailers,
             upgrade: client_upgrade.zip(upgrade),
             client_h1,
+            wire,
         })
     }
 
@@ -314,7 +329,12 @@ impl Plan {
         if self.te_trailers && !upstream.target().is_h2() {
             request.headers_mut().remove(header::TE);
         }
-        if !request.headers().contains_key(header::HOST) {
+        if let Some(w) = &mut self.wire {
+            // An HTTP/1.0 client may send no Host; HTTP/1.1 to the backend needs one.
+            if w.needs_host {
+                w.host = upstream.host_header();
+            }
+        } else if !request.headers().contains_key(header::HOST) {
             // An HTTP/1.0 client may send no Host; HTTP/1.1 to the backend needs one.
             if let Some(h) = upstream.host_header() {
                 request.headers_mut().insert(header::HOST, h);
@@ -426,14 +446,26 @@ impl Proxy {
     }
 
     /// Serve one client request. Never fails: every error becomes a response, here.
+    /// `fields`: an HTTP/1 client's fields in wire form (the request's map is empty then).
     pub async fn handle(
         self: Arc<Self>,
         req: Request<ClientBody>,
+        fields: Option<WireFields>,
         conn: ConnInfo,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
         let snap = self.table.snapshot();
         let mut req = req;
+        // The fields stay in wire form when nothing here needs them as a map.
+        let fields = fields.and_then(|f| {
+            if wire_will_do(&snap, &f) {
+                Some(f)
+            } else {
+                // Room for what the forwarder adds: X-Forwarded-For, -Proto, -Host.
+                *req.headers_mut() = f.into_map(true, 4);
+                None
+            }
+        });
         let record = snap
             .settings
             .access_log
@@ -441,7 +473,7 @@ impl Proxy {
         let seen = record.as_ref().map(|r| r.request_bytes.clone());
         let mut attempts = 0;
         let (resp, backend) = match self
-            .forward(req, &conn, &snap, start, &mut attempts, seen)
+            .forward(req, fields, &conn, &snap, start, &mut attempts, seen)
             .await
         {
             Ok((resp, upstream)) => (resp, Some(upstream)),
@@ -461,9 +493,11 @@ impl Proxy {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         req: Request<ClientBody>,
+        fields: Option<WireFields>,
         conn: &ConnInfo,
         snap: &Snapshot,
         start: Instant,
@@ -471,7 +505,7 @@ impl Proxy {
         seen: Option<Arc<AtomicU64>>,
     ) -> Result<(Response<ResponseBody>, Arc<Upstream>), ProxyError> {
         let settings = &snap.settings;
-        let mut plan = Plan::new(req, conn, snap, seen)?;
+        let mut plan = Plan::new(req, fields, conn, snap, seen)?;
         let candidates = Candidates {
             snapshot: snap,
             registry: self.table.registry(),
@@ -492,7 +526,11 @@ impl Proxy {
             };
             *attempts += 1;
             let guard = upstream.start(bounded);
-            match self.attempt(upstream, request, settings, conn.worker).await {
+            let wire = plan.wire.as_ref();
+            match self
+                .attempt(upstream, request, wire, settings, conn.worker)
+                .await
+            {
                 Attempt::Response(parts, reply) => {
                     let status = parts.status.as_u16();
                     let failed = matches!(status, 502..=504).then_some(ErrorKind::Status);
@@ -546,6 +584,7 @@ impl Proxy {
         &self,
         upstream: &Upstream,
         mut request: Request<RequestBody>,
+        wire: Option<&Outgoing>,
         settings: &Settings,
         worker: usize,
     ) -> Attempt {
@@ -559,7 +598,7 @@ impl Proxy {
             let mut sender = match conn {
                 Conn::H2(sender) => sender,
                 Conn::H1(c) => {
-                    let sent = c.send(&mut request);
+                    let sent = c.send(&mut request, wire);
                     match tokio::time::timeout(settings.request_timeout, sent).await {
                         Ok(Ok(resp)) => {
                             let (parts, body) = resp.into_parts();
@@ -632,14 +671,66 @@ fn refused(e: &hyper::Error) -> bool {
 }
 
 /// Turn the client's request into the backend's: origin-form target, HTTP/1.1, hop-by-hop
-/// fields removed, X-Forwarded-* set, Host kept. Returns the request, the Upgrade value to
-/// forward (if the client asked for one) and whether the client said `TE: trailers`.
+/// fields removed, X-Forwarded-* set, Host kept. The fields are rewritten in the request's map,
+/// or, when `fields` holds them in wire form, beside it (`Outgoing`). Returns the request, the
+/// Upgrade value to forward (if the client asked for one), whether the client said
+/// `TE: trailers`, and the wire-form fields.
 fn rewrite(
     req: Request<ClientBody>,
+    fields: Option<WireFields>,
     conn: &ConnInfo,
     seen: Option<Arc<AtomicU64>>,
-) -> Result<(Request<RequestBody>, Option<HeaderValue>, bool), ProxyError> {
+) -> Result<Rewritten, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    let (upgrade, trailers, wire) = match fields {
+        Some(f) => (None, false, Some(rewrite_wire(f, &parts, conn)?)),
+        None => {
+            let (upgrade, trailers) = rewrite_map(&mut parts, conn)?;
+            (upgrade, trailers, None)
+        }
+    };
+    // Origin form: the path and query only (a cheap clone of the received bytes).
+    let mut target = http::uri::Parts::default();
+    target.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let uri = Uri::from_parts(target).map_err(|_| ProxyError::BadRequest("bad request target"))?;
+    let body = if body.is_end_stream() {
+        RequestBody::Empty
+    } else {
+        RequestBody::Stream {
+            inner: body,
+            tape: None,
+            bytes: None,
+            seen,
+        }
+    };
+    let mut out = Request::new(body);
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = uri;
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = parts.headers;
+    Ok((out, upgrade, trailers, wire))
+}
+
+/// What `rewrite` makes of a client's request.
+type Rewritten = (
+    Request<RequestBody>,
+    Option<HeaderValue>,
+    bool,
+    Option<Outgoing>,
+);
+
+/// The rewrite of a request's fields in its map. Returns the Upgrade value to forward and
+/// whether the client said `TE: trailers`.
+fn rewrite_map(
+    parts: &mut http::request::Parts,
+    conn: &ConnInfo,
+) -> Result<(Option<HeaderValue>, bool), ProxyError> {
     let fields = strip_hop_by_hop(&mut parts.headers);
     if fields.hosts > 1 {
         return Err(ProxyError::BadRequest("more than one Host"));
@@ -719,33 +810,75 @@ fn rewrite(
         parts.headers.insert(&X_FORWARDED_HOST, host.clone());
         parts.headers.insert(header::HOST, host);
     }
+    Ok((upgrade, trailers))
+}
 
-    // Origin form: the path and query only (a cheap clone of the received bytes).
-    let mut target = http::uri::Parts::default();
-    target.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    let uri = Uri::from_parts(target).map_err(|_| ProxyError::BadRequest("bad request target"))?;
-    let body = if body.is_end_stream() {
-        RequestBody::Empty
-    } else {
-        RequestBody::Stream {
-            inner: body,
-            tape: None,
-            bytes: None,
-            seen,
+/// The same rewrite of an HTTP/1 client's fields kept in wire form, for an HTTP/1 backend
+/// (no upgrade: those go through the map): the client's lines pass as they came, less the
+/// hop-by-hop ones and the X-Forwarded-* ones the proxy sets, and the proxy's lines follow.
+fn rewrite_wire(
+    mut fields: WireFields,
+    parts: &http::request::Parts,
+    conn: &ConnInfo,
+) -> Result<Outgoing, ProxyError> {
+    // Reading the fields first (the lines are borrowed), then marking those not passed on.
+    let (added, has_host) = {
+        let mut hosts = fields.values(Role::Host);
+        let host = hosts.next();
+        if hosts.next().is_some() {
+            return Err(ProxyError::BadRequest("more than one Host"));
         }
+        // The received Host: the Host field, or the authority of an absolute-form target (which
+        // then goes to the backend as its Host).
+        let authority = match host {
+            Some(_) => None,
+            None => parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let host = host.or(authority.as_ref().map(HeaderValue::as_bytes));
+        if host.is_none() && parts.version == Version::HTTP_11 {
+            return Err(ProxyError::BadRequest("missing Host"));
+        }
+        let mut added = Vec::with_capacity(128);
+        // X-Forwarded-For: the client after whatever is there (fields that are not text ignored).
+        added.extend_from_slice(b"x-forwarded-for: ");
+        for v in fields.values(Role::ForwardedFor) {
+            if v.iter().all(|b| *b == b'\t' || (b' '..=b'~').contains(b)) {
+                added.extend_from_slice(v);
+                added.extend_from_slice(b", ");
+            }
+        }
+        added.extend_from_slice(conn.client_ip.as_bytes());
+        added.extend_from_slice(if conn.https {
+            b"\r\nx-forwarded-proto: https\r\n"
+        } else {
+            b"\r\nx-forwarded-proto: http\r\n"
+        });
+        if let Some(h) = host {
+            added.extend_from_slice(b"x-forwarded-host: ");
+            added.extend_from_slice(h);
+            added.extend_from_slice(b"\r\n");
+        }
+        if let Some(a) = &authority {
+            added.extend_from_slice(b"host: ");
+            added.extend_from_slice(a.as_bytes());
+            added.extend_from_slice(b"\r\n");
+        }
+        (added, host.is_some())
     };
-    let mut out = Request::new(body);
-    *out.method_mut() = parts.method;
-    *out.uri_mut() = uri;
-    *out.version_mut() = Version::HTTP_11;
-    *out.headers_mut() = parts.headers;
-    Ok((out, upgrade, trailers))
+    fields.drop_all(Role::ForwardedFor);
+    fields.drop_all(Role::ForwardedProto);
+    if has_host {
+        fields.drop_all(Role::ForwardedHost);
+    }
+    Ok(Outgoing {
+        needs_host: !has_host,
+        fields,
+        added,
+        host: None,
+    })
 }
 
 /// Splice an upgraded client connection to the upgraded backend connection (`early`: what the

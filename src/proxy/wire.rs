@@ -398,30 +398,53 @@ impl Framing {
 }
 
 /// What a field's name says to a proxy passing the head on.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
     Length,
     Coding,
     Connection,
-    /// Another hop-by-hop field (RFC 9110 §7.6.1, plus the legacy Keep-Alive and
-    /// Proxy-Connection): never passed on.
+    Upgrade,
+    Te,
+    /// Another hop-by-hop field (RFC 9110 §7.6.1: Trailer, plus the legacy Keep-Alive and
+    /// Proxy-Connection).
     Hop,
     Date,
+    Host,
+    Expect,
+    ForwardedFor,
+    ForwardedProto,
+    ForwardedHost,
     Other,
 }
 
-fn role(name: &[u8]) -> Role {
-    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
-    match name.len() {
-        2 if is(b"te") => Role::Hop,
-        4 if is(b"date") => Role::Date,
-        7 if is(b"trailer") || is(b"upgrade") => Role::Hop,
-        10 if is(b"connection") => Role::Connection,
-        10 if is(b"keep-alive") => Role::Hop,
-        14 if is(b"content-length") => Role::Length,
-        16 if is(b"proxy-connection") => Role::Hop,
-        17 if is(b"transfer-encoding") => Role::Coding,
-        _ => Role::Other,
+impl Role {
+    pub fn of(name: &[u8]) -> Role {
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        match name.len() {
+            2 if is(b"te") => Role::Te,
+            4 if is(b"date") => Role::Date,
+            4 if is(b"host") => Role::Host,
+            6 if is(b"expect") => Role::Expect,
+            7 if is(b"trailer") => Role::Hop,
+            7 if is(b"upgrade") => Role::Upgrade,
+            10 if is(b"connection") => Role::Connection,
+            10 if is(b"keep-alive") => Role::Hop,
+            14 if is(b"content-length") => Role::Length,
+            15 if is(b"x-forwarded-for") => Role::ForwardedFor,
+            16 if is(b"proxy-connection") => Role::Hop,
+            16 if is(b"x-forwarded-host") => Role::ForwardedHost,
+            17 if is(b"transfer-encoding") => Role::Coding,
+            17 if is(b"x-forwarded-proto") => Role::ForwardedProto,
+            _ => Role::Other,
+        }
+    }
+
+    /// Never passed on by a proxy (the framing is its own; the rest is hop-by-hop).
+    fn hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Role::Coding | Role::Connection | Role::Upgrade | Role::Te | Role::Hop
+        )
     }
 }
 
@@ -430,23 +453,27 @@ fn role(name: &[u8]) -> Role {
 pub struct Span {
     name: (u32, u32),
     value: (u32, u32),
-    /// Passed on (not hop-by-hop, not a Content-Length that Transfer-Encoding overrides).
+    role: Role,
+    /// Passed on: not hop-by-hop, not a Content-Length that Transfer-Encoding overrides, not
+    /// one the proxy writes itself.
     keep: bool,
 }
 
-/// A backend's answer fields as it sent them: the head's bytes and where each field is, with
-/// what a proxy does not pass on marked. An HTTP/1 client gets the kept lines copied as they
-/// are; only an HTTP/2 client (or a 101, whose fields go on whole) needs them as a `HeaderMap`,
-/// whose building (a name lookup, a hash and a shared slice per field) was most of the cost of
-/// passing a small answer on.
+/// A head's fields as the peer sent them: the head's bytes and where each field is, with what
+/// a proxy does not pass on marked. Passed from one HTTP/1 peer to another, the kept lines are
+/// copied as they came; only an HTTP/2 peer (or a 101, an upgrade, an access log, a hash on a
+/// field) needs them as a `HeaderMap`, whose building (a name lookup, a hash and a shared slice
+/// per field) was most of the cost of passing a small exchange on.
+#[derive(Clone)]
 pub struct WireFields {
     head: Bytes,
     spans: Vec<Span>,
     /// The Content-Length passed on (none when Transfer-Encoding frames the body).
     pub length: Option<u64>,
-    /// A Date field is among them.
-    pub dated: bool,
 }
+
+/// The fields `WireFields::note` found, before the head is split off its buffer.
+pub struct Noted(Vec<Span>);
 
 impl WireFields {
     /// Note the fields httparse read out of `buf` (whose first bytes are the head), taking in
@@ -455,52 +482,39 @@ impl WireFields {
         buf: &[u8],
         fields: &[httparse::Header<'_>],
         framing: &mut Framing,
-    ) -> io::Result<(Vec<Span>, bool)> {
+    ) -> io::Result<Noted> {
         let base = buf.as_ptr() as usize;
         let mut spans = Vec::with_capacity(fields.len());
         let mut named = false;
-        let mut dated = false;
         for f in fields {
             let name = f.name.as_bytes();
             let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
             let (n, v) = (at(name), at(f.value));
-            let keep = match role(name) {
-                Role::Length => {
-                    framing.length(f.value)?;
-                    true
-                }
-                Role::Coding => {
-                    framing.coding(f.value);
-                    false
-                }
-                Role::Connection => {
-                    named |= framing.connection(f.value);
-                    false
-                }
-                Role::Hop => false,
-                Role::Date => {
-                    dated = true;
-                    true
-                }
-                Role::Other => true,
-            };
+            let role = Role::of(name);
+            match role {
+                Role::Length => framing.length(f.value)?,
+                Role::Coding => framing.coding(f.value),
+                Role::Connection => named |= framing.connection(f.value),
+                _ => {}
+            }
             spans.push(Span {
                 name: (n, n + name.len() as u32),
                 value: (v, v + f.value.len() as u32),
-                keep,
+                role,
+                keep: !role.hop_by_hop(),
             });
         }
+        let text = |(a, b): (u32, u32)| &buf[a as usize..b as usize];
         if named {
-            // Fields the Connection field names are hop-by-hop too.
-            for i in 0..spans.len() {
-                let c = spans[i];
-                if role(&buf[c.name.0 as usize..c.name.1 as usize]) != Role::Connection {
-                    continue;
-                }
-                for token in buf[c.value.0 as usize..c.value.1 as usize].split(|b| *b == b',') {
+            // Fields the Connection field names are hop-by-hop too; never the ones a request is
+            // routed and forwarded by.
+            for c in spans.clone().iter().filter(|s| s.role == Role::Connection) {
+                for token in text(c.value).split(|b| *b == b',') {
                     let token = token.trim_ascii();
                     for s in spans.iter_mut() {
-                        if buf[s.name.0 as usize..s.name.1 as usize].eq_ignore_ascii_case(token) {
+                        if !matches!(s.role, Role::Host | Role::ForwardedFor)
+                            && text(s.name).eq_ignore_ascii_case(token)
+                        {
                             s.keep = false;
                         }
                     }
@@ -509,27 +523,50 @@ impl WireFields {
         }
         if framing.transfer_coded {
             // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which is not passed on.
-            for s in spans.iter_mut() {
-                if role(&buf[s.name.0 as usize..s.name.1 as usize]) == Role::Length {
-                    s.keep = false;
-                }
+            for s in spans.iter_mut().filter(|s| s.role == Role::Length) {
+                s.keep = false;
             }
         }
-        Ok((spans, dated))
+        Ok(Noted(spans))
     }
 
     /// The fields of `head` (split off the buffer `note` read), as noted.
-    pub fn new(head: Bytes, (spans, dated): (Vec<Span>, bool), framing: &Framing) -> Self {
+    pub fn new(head: Bytes, Noted(spans): Noted, framing: &Framing) -> Self {
         Self {
             head,
             spans,
             length: framing.length.filter(|_| !framing.transfer_coded),
-            dated,
         }
     }
 
     fn bytes(&self, (a, b): (u32, u32)) -> &[u8] {
         &self.head[a as usize..b as usize]
+    }
+
+    /// Whether a field of this role is there.
+    pub fn has(&self, role: Role) -> bool {
+        self.spans.iter().any(|s| s.role == role)
+    }
+
+    /// The values of the fields of this role, in order.
+    pub fn values(&self, role: Role) -> impl Iterator<Item = &[u8]> {
+        self.spans
+            .iter()
+            .filter(move |s| s.role == role)
+            .map(|s| self.bytes(s.value))
+    }
+
+    /// The value of the first field of this role, sharing the head's bytes.
+    pub fn value(&self, role: Role) -> Option<HeaderValue> {
+        let s = self.spans.iter().find(|s| s.role == role)?;
+        HeaderValue::from_maybe_shared(self.head.slice(s.value.0 as usize..s.value.1 as usize)).ok()
+    }
+
+    /// Pass none of the fields of this role on (the proxy writes its own).
+    pub fn drop_all(&mut self, role: Role) {
+        for s in self.spans.iter_mut().filter(|s| s.role == role) {
+            s.keep = false;
+        }
     }
 
     /// The kept fields as `name: value` lines.
@@ -542,21 +579,43 @@ impl WireFields {
         }
     }
 
-    /// The fields as a map (values sharing the head's bytes): the kept ones, or with `all`
-    /// every one (a 101's Connection and Upgrade go to the client as they came).
-    pub fn into_map(self, all: bool) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.spans.len());
+    /// The fields as a map (values sharing the head's bytes), with `room` for more: the kept
+    /// ones, or with `all` every one, as received (a 101's Connection and Upgrade go on; a
+    /// request's map is rewritten by the forwarder).
+    pub fn into_map(self, all: bool, room: usize) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.spans.len() + room);
         for s in self.spans.iter().filter(|s| all || s.keep) {
             let name = HeaderName::from_bytes(self.bytes(s.name));
             let value = HeaderValue::from_maybe_shared(
                 self.head.slice(s.value.0 as usize..s.value.1 as usize),
             );
-            // httparse checked both; nothing it let through is refused here.
+            // httparse checked both as strictly; nothing it let through is refused here.
             if let (Ok(name), Ok(value)) = (name, value) {
                 map.append(name, value);
             }
         }
         map
+    }
+}
+
+/// A request's fields on their way to an HTTP/1 backend in wire form: the client's kept
+/// fields, the lines the proxy adds, and the Host to send when the client's fields have none.
+pub struct Outgoing {
+    pub fields: WireFields,
+    pub added: Vec<u8>,
+    /// Neither a Host field nor an absolute-form target (an HTTP/1.0 client): each attempt
+    /// sends its backend's `host`.
+    pub needs_host: bool,
+    pub host: Option<HeaderValue>,
+}
+
+impl Outgoing {
+    pub fn write(&self, out: &mut Vec<u8>) {
+        self.fields.write(out);
+        out.extend_from_slice(&self.added);
+        if let Some(h) = &self.host {
+            field(out, &http::header::HOST, h);
+        }
     }
 }
 

@@ -202,8 +202,14 @@ async fn echo(req: Request<Incoming>, name: &str) -> Response<Body> {
         .map(|b| b.to_bytes().len())
         .unwrap_or(0);
     let mut headers = serde_json::Map::new();
+    // Repeated fields combined as RFC 9110 §5.3 says a recipient may (so a duplicate shows).
     for (k, v) in &parts.headers {
-        headers.insert(k.to_string(), v.to_str().unwrap_or("").into());
+        let v = v.to_str().unwrap_or("");
+        let joined = match headers.get(k.as_str()).and_then(|p| p.as_str()) {
+            Some(prior) => format!("{prior}, {v}"),
+            None => v.to_string(),
+        };
+        headers.insert(k.to_string(), joined.into());
     }
     let v = serde_json::json!({
         "name": name,

@@ -33,7 +33,7 @@ use crate::proxy::conn::ConnState;
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::{ConnInfo, Proxy};
 use crate::proxy::response::ResponseBody;
-use crate::proxy::wire::{self, Chunk, Decoder, Framing, GATHER, MAX_HEADERS};
+use crate::proxy::wire::{self, Chunk, Decoder, Framing, Role, WireFields, GATHER, MAX_HEADERS};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking HTTP/2 with prior knowledge.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -68,7 +68,6 @@ enum Refused {
 pub struct Conn {
     wire: SharedWire,
     out: Vec<u8>,
-    spans: Vec<(header::HeaderName, usize, usize)>,
     max_head: usize,
 }
 
@@ -82,7 +81,6 @@ impl Conn {
                 body_done: true,
             })),
             out: Vec::new(),
-            spans: Vec::new(),
             max_head,
         }
     }
@@ -99,8 +97,8 @@ impl Conn {
     ) -> Ended {
         let mut first = h2c;
         loop {
-            let (req, asked) = match self.next_request(first, drain).await {
-                Ok(Next::Request(r, a)) => (r, a),
+            let (req, fields, asked) = match self.next_request(first, drain).await {
+                Ok(Next::Request(r, f, a)) => (r, f, a),
                 Ok(Next::H2) => {
                     return match Arc::try_unwrap(self.wire) {
                         Ok(w) => {
@@ -138,7 +136,7 @@ impl Conn {
             state.active_requests.fetch_add(1, Ordering::Relaxed);
             // Boxed: the forwarding future is large, and an idle connection should not keep its
             // room.
-            let resp = Box::pin(proxy.clone().handle(req, info.clone())).await;
+            let resp = Box::pin(proxy.clone().handle(req, Some(fields), info.clone())).await;
             let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             let had_body = asked.body;
             let outcome = self.answer(resp, asked, drain).await;
@@ -199,7 +197,7 @@ impl Conn {
                     }
                 }
                 if !h2c && !buf.is_empty() {
-                    if let Some(next) = parse(&self.wire, &mut w, &mut self.spans, self.max_head)? {
+                    if let Some(next) = parse(&self.wire, &mut w, self.max_head)? {
                         return Ok(next);
                     }
                 }
@@ -269,7 +267,7 @@ impl Conn {
         if let Some(fields) = body.wire_fields() {
             fields.write(out);
             length = length.or(fields.length);
-            dated |= fields.dated;
+            dated |= fields.has(Role::Date);
         }
         if !dated {
             out.extend_from_slice(b"date: ");
@@ -458,12 +456,7 @@ impl Conn {
 }
 
 /// A complete head out of the buffer, if there is one.
-fn parse(
-    shared: &SharedWire,
-    w: &mut Wire,
-    spans: &mut Vec<(header::HeaderName, usize, usize)>,
-    max_head: usize,
-) -> Result<Option<Next>, Refused> {
+fn parse(shared: &SharedWire, w: &mut Wire, max_head: usize) -> Result<Option<Next>, Refused> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut fields);
     let len = match parsed.parse(&w.rb.buf) {
@@ -487,12 +480,12 @@ fn parse(
     let path = parsed.path.unwrap_or("/");
     let path_at = path.as_ptr() as usize - w.rb.buf.as_ptr() as usize;
     let path_span = path_at..path_at + path.len();
-    wire::note_fields(&w.rb.buf, parsed.headers, spans)
-        .map_err(|_| Refused::Bad("bad header field"))?;
     let mut framing = Framing::default();
-    // Room for what the forwarder adds: X-Forwarded-For, -Proto, -Host.
-    let (head, headers) = wire::take_fields(&mut w.rb.buf, len, spans, &mut framing, 4)
+    let noted = WireFields::note(&w.rb.buf, parsed.headers, &mut framing)
         .map_err(|_| Refused::Bad("bad header field"))?;
+    // The fields stay as they came: the forwarder makes a map of them only if it needs one.
+    let head = w.rb.buf.split_to(len).freeze();
+    let fields = WireFields::new(head.clone(), noted, &framing);
     let uri = Uri::from_maybe_shared(head.slice(path_span))
         .map_err(|_| Refused::Bad("bad request target"))?;
     if framing.transfer_coded {
@@ -516,9 +509,10 @@ fn parse(
     w.body_done = !has_body;
     let expect = (has_body
         && version == Version::HTTP_11
-        && headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue")))
+        && fields
+            .values(Role::Expect)
+            .next()
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue")))
     .then_some(0);
     let body = H1Body {
         wire: has_body.then(|| shared.clone()),
@@ -529,8 +523,7 @@ fn parse(
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = version;
-    *req.headers_mut() = headers;
-    let upgrade = if version == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE) {
+    let upgrade = if version == Version::HTTP_11 && fields.has(Role::Upgrade) {
         let (tx, rx) = oneshot::channel();
         req.extensions_mut()
             .insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
@@ -545,13 +538,13 @@ fn parse(
         body: has_body,
         upgrade,
     };
-    Ok(Some(Next::Request(req, asked)))
+    Ok(Some(Next::Request(req, fields, asked)))
 }
 
 // Only ever returned, never kept: boxing the request would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 enum Next {
-    Request(Request<ClientBody>, Asked),
+    Request(Request<ClientBody>, WireFields, Asked),
     H2,
     Closed,
 }

@@ -21,7 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::net::BackendIo;
 use crate::proxy::body::RequestBody;
 use crate::proxy::wire::{
-    self, field, invalid, Chunk, Decoder, Framing, WireFields, GATHER, MAX_HEAD, MAX_HEADERS,
+    self, field, invalid, Chunk, Decoder, Framing, Outgoing, WireFields, GATHER, MAX_HEAD,
+    MAX_HEADERS,
 };
 
 /// One HTTP/1.1 connection to a backend, idle or carrying one exchange.
@@ -88,8 +89,9 @@ impl Conn {
     pub async fn send(
         mut self,
         req: &mut Request<RequestBody>,
+        wire: Option<&Outgoing>,
     ) -> Result<Response<ResponseBody>, SendError> {
-        let framing = self.write_head(req);
+        let framing = self.write_head(req, wire);
         let head_only = req.method() == Method::HEAD;
         let body = req.body_mut();
         let mut up = Upload {
@@ -116,8 +118,9 @@ impl Conn {
         self.read_head(head_only).await.map_err(SendError::Failed)
     }
 
-    /// The request head into `out`, with the framing the body needs.
-    fn write_head(&mut self, req: &Request<RequestBody>) -> Out {
+    /// The request head into `out`, with the framing the body needs: the fields of its map,
+    /// then those kept in wire form (`wire`).
+    fn write_head(&mut self, req: &Request<RequestBody>, wire: Option<&Outgoing>) -> Out {
         let out = &mut self.out;
         out.clear();
         out.extend_from_slice(req.method().as_str().as_bytes());
@@ -131,6 +134,10 @@ impl Conn {
                 has_length = true;
             }
             field(out, name, value);
+        }
+        if let Some(w) = wire {
+            w.write(out);
+            has_length |= w.fields.length.is_some();
         }
         let body = req.body();
         let framing = if matches!(body, RequestBody::Empty) {
@@ -429,7 +436,7 @@ impl ResponseBody {
     pub fn take_fields(&mut self, all: bool) -> http::HeaderMap {
         self.fields
             .take()
-            .map(|f| f.into_map(all))
+            .map(|f| f.into_map(all, 0))
             .unwrap_or_default()
     }
 
