@@ -66,8 +66,10 @@ impl ConnPool {
         target: &Target,
         connect_timeout: Duration,
     ) -> io::Result<Conn> {
+        // The slow paths (a handshake, a dial) are boxed: inline, their futures would make
+        // every request's forwarding future several KiB larger, and it is moved as it starts.
         if target.is_h2() {
-            return self.shared(worker, target, connect_timeout).await;
+            return Box::pin(self.shared(worker, target, connect_timeout)).await;
         }
         loop {
             let Some(mut idle) = self.slot(worker).idle.pop() else {
@@ -79,7 +81,7 @@ impl ConnPool {
                 return Ok(Conn::H1(idle.conn));
             }
         }
-        let io = timed(connect_timeout, target.dial()).await?;
+        let io = Box::pin(timed(connect_timeout, target.dial())).await?;
         Ok(Conn::H1(h1::Conn::new(io)))
     }
 
