@@ -569,12 +569,25 @@ impl WireFields {
         }
     }
 
-    /// The kept fields as `name: value` lines.
+    /// The kept fields as the lines they came in: consecutive kept lines ending in CRLF are
+    /// copied as one run (a bare LF ending is written as CRLF).
     pub fn write(&self, out: &mut Vec<u8>) {
+        let mut run: Option<(u32, u32)> = None;
         for s in self.spans.iter().filter(|s| s.keep) {
-            out.extend_from_slice(self.bytes(s.name));
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(self.bytes(s.value));
+            run = match run {
+                Some((a, b)) if self.head.get(b as usize..s.name.0 as usize) == Some(b"\r\n") => {
+                    Some((a, s.value.1))
+                }
+                Some(r) => {
+                    out.extend_from_slice(self.bytes(r));
+                    out.extend_from_slice(b"\r\n");
+                    Some((s.name.0, s.value.1))
+                }
+                None => Some((s.name.0, s.value.1)),
+            };
+        }
+        if let Some(r) = run {
+            out.extend_from_slice(self.bytes(r));
             out.extend_from_slice(b"\r\n");
         }
     }
@@ -718,5 +731,56 @@ mod tests {
             let mut f = Framing::default();
             assert!(f.see(&cl, &HeaderValue::from_static(bad)).is_err(), "{bad}");
         }
+    }
+
+    fn wire_fields(head: &[u8]) -> io::Result<(WireFields, Framing)> {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let len = match parsed.parse(head).map_err(invalid)? {
+            httparse::Status::Complete(n) => n,
+            httparse::Status::Partial => return Err(invalid("partial")),
+        };
+        let mut framing = Framing::default();
+        let noted = WireFields::note(head, parsed.headers, &mut framing)?;
+        let head = Bytes::copy_from_slice(&head[..len]);
+        Ok((WireFields::new(head, noted, &framing), framing))
+    }
+
+    #[test]
+    fn wire_fields_pass_on_what_a_proxy_may() {
+        let (f, framing) = wire_fields(
+            b"HTTP/1.1 200 OK\r\nServer: s\r\nConnection: keep-alive, X-Named\r\nX-Named: 1\r\n\
+              Keep-Alive: timeout=5\r\nX-A: a\r\nx-b:b\nContent-Length: 3\r\nDate: d\r\n\r\n",
+        )
+        .unwrap();
+        assert!(framing.keep_alive);
+        assert_eq!(f.length, Some(3));
+        assert!(f.has(Role::Date));
+        let mut out = Vec::new();
+        f.write(&mut out);
+        // Kept lines as they came (runs copied whole); the bare LF after x-b becomes CRLF.
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Server: s\r\nX-A: a\r\nx-b:b\r\nContent-Length: 3\r\nDate: d\r\n"
+        );
+        let map = f.clone().into_map(false, 0);
+        assert_eq!(map.len(), 5);
+        assert!(!map.contains_key("x-named") && !map.contains_key("connection"));
+        assert_eq!(f.into_map(true, 0).len(), 8);
+
+        // Transfer-Encoding overrides Content-Length, which is not passed on.
+        let (f, framing) = wire_fields(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\nX: y\r\n\r\n",
+        )
+        .unwrap();
+        assert!(framing.chunked && f.length.is_none());
+        let mut out = Vec::new();
+        f.write(&mut out);
+        assert_eq!(out, b"X: y\r\n");
+        // Disagreeing lengths are refused.
+        assert!(
+            wire_fields(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+                .is_err()
+        );
     }
 }
