@@ -21,12 +21,13 @@ pub type Sender = crate::net::Sender<RequestBody>;
 /// A connection checked out for one request: an HTTP/1.1 one of its own (driven by the
 /// request's task), or a handle on the worker's shared HTTP/2 connection.
 pub enum Conn {
-    H1(h1::Conn),
+    /// Boxed: it moves from the idle list through the request and back as one pointer.
+    H1(Box<h1::Conn>),
     H2(Sender),
 }
 
 struct Idle {
-    conn: h1::Conn,
+    conn: Box<h1::Conn>,
     since: Instant,
 }
 
@@ -82,7 +83,7 @@ impl ConnPool {
             }
         }
         let io = Box::pin(timed(connect_timeout, target.dial())).await?;
-        Ok(Conn::H1(h1::Conn::new(io)))
+        Ok(Conn::H1(Box::new(h1::Conn::new(io))))
     }
 
     /// The worker's HTTP/2 connection to the backend, made when there is none open.
@@ -110,7 +111,7 @@ impl ConnPool {
     }
 
     /// Park an HTTP/1.1 connection whose exchange completed.
-    pub fn checkin(&self, worker: usize, mut conn: h1::Conn) {
+    pub fn checkin(&self, worker: usize, mut conn: Box<h1::Conn>) {
         conn.shrink();
         let mut slot = self.slot(worker);
         if slot.idle.len() < MAX_IDLE {

@@ -87,7 +87,7 @@ impl Conn {
     /// an answer may come before it is all sent (a 413, or an echo), and the rest then goes on
     /// as the answer's body is read. `req` is left in place (its body taken once sending began).
     pub async fn send(
-        mut self,
+        mut self: Box<Self>,
         req: &mut Request<RequestBody>,
         wire: Option<&Outgoing>,
     ) -> Result<Response<ResponseBody>, SendError> {
@@ -276,7 +276,7 @@ impl Conn {
 
     /// The response head (1xx answers other than 101 are skipped), with a body reading the
     /// rest from this connection.
-    async fn read_head(mut self, head_only: bool) -> io::Result<Response<ResponseBody>> {
+    async fn read_head(mut self: Box<Self>, head_only: bool) -> io::Result<Response<ResponseBody>> {
         loop {
             if let Some((resp, framing, keep_alive, fields)) = self.parse_head(head_only)? {
                 if resp.status().is_informational()
@@ -404,7 +404,7 @@ impl Upload {
 
 /// A response body read from its connection as the client polls it.
 pub struct ResponseBody {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     framing: Decoder,
     /// The connection may carry another exchange once this body has ended.
     keep_alive: bool,
@@ -417,7 +417,7 @@ pub struct ResponseBody {
 impl ResponseBody {
     /// The connection, if the body ended cleanly, the request went out whole and it may carry
     /// another exchange.
-    pub fn reusable(&mut self) -> Option<Conn> {
+    pub fn reusable(&mut self) -> Option<Box<Conn>> {
         if !self.keep_alive || !self.framing.is_end() {
             return None;
         }

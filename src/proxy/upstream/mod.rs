@@ -219,7 +219,7 @@ pub struct Lease {
 impl Lease {
     /// The exchange completed: an HTTP/1.1 connection that may carry another goes back to its
     /// worker's idle list.
-    pub fn release(self, conn: Option<h1::Conn>) {
+    pub fn release(self, conn: Option<Box<h1::Conn>>) {
         if let Some(conn) = conn {
             self.guard.upstream.conns.checkin(self.worker, conn);
         }
