@@ -1,6 +1,7 @@
 //! HTTP/1.1 on the wire, shared by both of Shoal's ends (the client side in `server::h1`, the
 //! backend side in `upstream::h1`): an adaptive read buffer, the message-body decoder
-//! (Content-Length, chunked with trailers, read-to-close) and the writing of field lines.
+//! (Content-Length, chunked with trailers, read-to-close), a head's fields kept as the lines they
+//! came in (`WireFields`) and the writing of field lines.
 
 use std::io;
 use std::pin::Pin;
@@ -337,23 +338,6 @@ pub struct Framing {
 }
 
 impl Framing {
-    /// Take in one field of the head; an error for a Content-Length that is not a number or
-    /// disagrees with an earlier one.
-    pub fn see(&mut self, name: &HeaderName, value: &HeaderValue) -> io::Result<()> {
-        use http::header;
-        if name == header::CONTENT_LENGTH {
-            self.length(value.as_bytes())
-        } else if name == header::TRANSFER_ENCODING {
-            self.coding(value.as_bytes());
-            Ok(())
-        } else if name == header::CONNECTION {
-            self.connection(value.as_bytes());
-            Ok(())
-        } else {
-            Ok(())
-        }
-    }
-
     /// A Content-Length value (a list must agree with itself and earlier fields).
     fn length(&mut self, value: &[u8]) -> io::Result<()> {
         for v in value.split(|b| *b == b',') {
@@ -632,43 +616,6 @@ impl Outgoing {
     }
 }
 
-/// Where each parsed field is in `buf` (the bytes httparse read), with its name, into `spans`.
-pub fn note_fields(
-    buf: &[u8],
-    fields: &[httparse::Header<'_>],
-    spans: &mut Vec<(HeaderName, usize, usize)>,
-) -> io::Result<()> {
-    let base = buf.as_ptr() as usize;
-    spans.clear();
-    for f in fields {
-        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(invalid)?;
-        let start = f.value.as_ptr() as usize - base;
-        spans.push((name, start, start + f.value.len()));
-    }
-    Ok(())
-}
-
-/// Split the head (the first `len` bytes) off `buf` and make its fields (noted in `spans`) with
-/// values sharing the head's bytes, not copies, in a map with `room` for more. Returns the frozen head too, for other parts
-/// to slice.
-pub fn take_fields(
-    buf: &mut BytesMut,
-    len: usize,
-    spans: &mut Vec<(HeaderName, usize, usize)>,
-    framing: &mut Framing,
-    room: usize,
-) -> io::Result<(Bytes, HeaderMap)> {
-    let head = buf.split_to(len).freeze();
-    // `room` for fields the caller adds (growing the map rehashes it).
-    let mut headers = HeaderMap::with_capacity(spans.len() + room);
-    for (name, start, end) in spans.drain(..) {
-        let value = HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(invalid)?;
-        framing.see(&name, &value)?;
-        headers.append(name, value);
-    }
-    Ok((head, headers))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -722,14 +669,13 @@ mod tests {
 
     #[test]
     fn content_length_lists_must_agree() {
-        let cl = http::header::CONTENT_LENGTH;
         let mut f = Framing::default();
-        f.see(&cl, &HeaderValue::from_static("5, 5")).unwrap();
+        f.length(b"5, 5").unwrap();
         assert_eq!(f.length, Some(5));
-        assert!(f.see(&cl, &HeaderValue::from_static("6")).is_err());
+        assert!(f.length(b"6").is_err());
         for bad in ["", "+5", "5a", "-1", "99999999999999999999"] {
             let mut f = Framing::default();
-            assert!(f.see(&cl, &HeaderValue::from_static(bad)).is_err(), "{bad}");
+            assert!(f.length(bad.as_bytes()).is_err(), "{bad}");
         }
     }
 
