@@ -1444,6 +1444,19 @@ async fn h2c_client(proxy: std::net::SocketAddr) -> hyper::client::conn::http2::
     tx
 }
 
+/// One GET over a fresh h2c connection to `proxy`.
+async fn h2c_get(proxy: std::net::SocketAddr, path: &str) -> http::Response<hyper::body::Incoming> {
+    let mut h2 = h2c_client(proxy).await;
+    h2.send_request(
+        http::Request::builder()
+            .uri(format!("http://{proxy}{path}"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_backends_multiplex_stream_both_ways_and_pass_trailers() {
     let (addr, seen) = h2_backend(None).await;
@@ -1987,16 +2000,7 @@ async fn the_upstream_client_reads_every_framing_a_backend_may_send() {
     );
     assert_eq!(r.headers()["content-type"], "text/plain");
     // Trailers reach a client that takes them (an HTTP/2 one here).
-    let mut h2 = h2c_client(s.proxy).await;
-    let resp = h2
-        .send_request(
-            http::Request::builder()
-                .uri(format!("http://{}/chunked", s.proxy))
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = h2c_get(s.proxy, "/chunked").await;
     let collected = resp.into_body().collect().await.unwrap();
     assert_eq!(collected.trailers().unwrap()["x-checksum"], "abc");
     assert_eq!(&collected.to_bytes()[..], b"hello world");
@@ -2089,6 +2093,7 @@ async fn the_upstream_client_reads_every_framing_a_backend_may_send() {
             .await
             .unwrap();
     });
+    let mut h2 = h2c_client(s.proxy).await;
     let resp = h2
         .send_request(
             http::Request::builder()
@@ -2429,16 +2434,7 @@ async fn a_backends_hop_by_hop_fields_never_reach_the_client() {
     assert!(lower.contains("x-kept: three"), "{head}");
 
     // HTTP/2: the same fields, none of the hop-by-hop ones (which HTTP/2 forbids).
-    let mut h2 = h2c_client(s.proxy).await;
-    let resp = h2
-        .send_request(
-            http::Request::builder()
-                .uri(format!("http://{}/hop", s.proxy))
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = h2c_get(s.proxy, "/hop").await;
     assert_eq!(resp.status(), 200);
     for name in gone {
         assert!(
