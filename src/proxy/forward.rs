@@ -203,37 +203,46 @@ fn hash_key(key: &HashKey, req: &Request<ClientBody>, client: &SocketAddr) -> Op
     }
 }
 
-/// Method, target, headers and (taped) body of an idempotent upstream request, kept to send it
-/// again after its backend failed.
+/// What lets a request that was sent go again after its backend failed.
 struct Template {
-    method: Method,
-    uri: Uri,
-    /// None when the sent request itself comes back to be sent again (a bodiless request to a
-    /// pool of HTTP/1.1 backends, whose client leaves the request in place): no copy is made.
-    headers: Option<HeaderMap>,
-    /// None for a bodiless request.
-    tape: Option<SharedTape>,
+    /// Method, target, fields and taped body to rebuild it from; None when the sent request
+    /// itself comes back to be sent again (a bodiless request to a pool of HTTP/1.1 backends,
+    /// whose client leaves the request in place): no copy is made then.
+    copy: Option<Box<Saved>>,
     /// Safe to send again after a backend received it (else only after a refusal that says
     /// it was not processed).
     idempotent: bool,
 }
 
+/// A copy of a request to send again (boxed: most requests need none).
+struct Saved {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    /// None for a bodiless request.
+    tape: Option<SharedTape>,
+}
+
 impl Template {
     /// The request again, unless its body cannot be replayed (too long, not sent whole).
     fn build(&self) -> Option<Request<RequestBody>> {
-        let body = match &self.tape {
+        let copy = self.copy.as_ref()?;
+        let body = match &copy.tape {
             None => RequestBody::Empty,
             Some(t) => Tape::replay(t)?,
         };
         let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = self.headers.clone()?;
+        *req.method_mut() = copy.method.clone();
+        *req.uri_mut() = copy.uri.clone();
+        *req.headers_mut() = copy.headers.clone();
         Some(req)
     }
 
     fn can_replay(&self) -> bool {
-        self.tape.as_ref().is_none_or(|t| Tape::replay(t).is_some())
+        self.copy
+            .as_ref()
+            .and_then(|c| c.tape.as_ref())
+            .is_none_or(|t| Tape::replay(t).is_some())
     }
 }
 
@@ -297,13 +306,15 @@ impl Plan {
                 first.body_mut().tape(t.clone());
                 t
             });
-            Template {
-                method: first.method().clone(),
-                uri: first.uri().clone(),
-                headers: (!bodiless || snap.any_h2).then(|| first.headers().clone()),
-                tape,
-                idempotent,
-            }
+            let copy = (!bodiless || snap.any_h2).then(|| {
+                Box::new(Saved {
+                    method: first.method().clone(),
+                    uri: first.uri().clone(),
+                    headers: first.headers().clone(),
+                    tape,
+                })
+            });
+            Template { copy, idempotent }
         });
         Ok(Plan {
             key,
@@ -346,7 +357,7 @@ impl Plan {
 
     /// Take back a bodiless request an HTTP/1.1 attempt sent, when the template keeps no copy.
     fn take_back(&mut self, sent: Option<Request<RequestBody>>) {
-        let kept = self.template.as_ref().is_some_and(|t| t.headers.is_some());
+        let kept = self.template.as_ref().is_some_and(|t| t.copy.is_some());
         if let (false, Some(mut r)) = (kept, sent) {
             if matches!(r.body(), RequestBody::Empty) {
                 if std::mem::take(&mut self.host_added) {
