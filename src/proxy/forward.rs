@@ -720,12 +720,11 @@ fn rewrite(
             seen,
         }
     };
-    let mut out = Request::new(body);
-    *out.method_mut() = parts.method;
-    *out.uri_mut() = uri;
-    *out.version_mut() = Version::HTTP_11;
-    *out.headers_mut() = parts.headers;
-    Ok((out, upgrade, trailers, wire))
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    // What the client's server put there (an upgrade handle, say) is not the backend's.
+    parts.extensions.clear();
+    Ok((Request::from_parts(parts, body), upgrade, trailers, wire))
 }
 
 /// What `rewrite` makes of a client's request.
