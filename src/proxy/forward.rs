@@ -459,10 +459,10 @@ impl Proxy {
     /// Serve one client request. Never fails: every error becomes a response, here.
     /// `fields`: an HTTP/1 client's fields in wire form (the request's map is empty then).
     pub async fn handle(
-        self: Arc<Self>,
+        &self,
         req: Request<ClientBody>,
         fields: Option<WireFields>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
         let snap = self.table.snapshot();
@@ -484,7 +484,7 @@ impl Proxy {
         let seen = record.as_ref().map(|r| r.request_bytes.clone());
         let mut attempts = 0;
         let (resp, backend) = match self
-            .forward(req, fields, &conn, &snap, start, &mut attempts, seen)
+            .forward(req, fields, conn, &snap, start, &mut attempts, seen)
             .await
         {
             Ok((resp, upstream)) => (resp, Some(upstream)),

@@ -138,7 +138,7 @@ impl Conn {
             // room. Made in its box (not on the stack and then copied in: it is 6.5 KiB).
             let handling = Box::write(
                 Box::new_uninit(),
-                proxy.clone().handle(req, Some(fields), info.clone()),
+                proxy.handle(req, Some(fields), info),
             );
             let resp = Box::into_pin(handling).await;
             let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;

@@ -321,7 +321,7 @@ impl Server {
             async move {
                 state.requests.fetch_add(1, Ordering::Relaxed);
                 state.active_requests.fetch_add(1, Ordering::Relaxed);
-                let resp = Box::pin(proxy.handle(req.map(ClientBody::H2), None, info)).await;
+                let resp = Box::pin(proxy.handle(req.map(ClientBody::H2), None, &info)).await;
                 state.active_requests.fetch_sub(1, Ordering::Relaxed);
                 Ok::<_, Infallible>(resp)
             }
