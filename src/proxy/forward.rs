@@ -538,8 +538,10 @@ impl Proxy {
             *attempts += 1;
             let guard = upstream.start(bounded);
             let wire = plan.wire.as_ref();
+            // The first attempt starts with the request (one clock reading for both).
+            let began = if attempt == 0 { start } else { Instant::now() };
             match self
-                .attempt(upstream, request, wire, settings, conn.worker)
+                .attempt(upstream, request, wire, settings, conn.worker, began)
                 .await
             {
                 Attempt::Response(parts, reply) => {
@@ -598,19 +600,28 @@ impl Proxy {
         wire: Option<&Outgoing>,
         settings: &Settings,
         worker: usize,
+        mut began: Instant,
     ) -> Attempt {
         // A pooled connection may have closed since it was parked; the request comes back
         // untouched then, and we take another connection (a few times at most).
         for _ in 0..3 {
-            let conn = match upstream.checkout(worker, settings.connect_timeout).await {
-                Ok(c) => c,
-                Err(e) => return Attempt::NotSent(request, e),
+            let conn = match upstream.pooled(worker, began) {
+                Some(c) => c,
+                None => match upstream.connect(worker, settings.connect_timeout).await {
+                    // The answer's time starts once connected.
+                    Ok(c) => {
+                        began = Instant::now();
+                        c
+                    }
+                    Err(e) => return Attempt::NotSent(request, e),
+                },
             };
+            let deadline = tokio::time::Instant::from_std(began + settings.request_timeout);
             let mut sender = match conn {
                 Conn::H2(sender) => sender,
                 Conn::H1(c) => {
                     let sent = c.send(&mut request, wire);
-                    match tokio::time::timeout(settings.request_timeout, sent).await {
+                    match tokio::time::timeout_at(deadline, sent).await {
                         Ok(Ok(resp)) => {
                             let (parts, body) = resp.into_parts();
                             return Attempt::Response(parts, Reply::H1(body));
@@ -628,7 +639,7 @@ impl Proxy {
                 }
             };
             let sent = sender.try_send_request(request);
-            match tokio::time::timeout(settings.request_timeout, sent).await {
+            match tokio::time::timeout_at(deadline, sent).await {
                 Ok(Ok(resp)) => {
                     let (parts, body) = resp.into_parts();
                     return Attempt::Response(parts, Reply::H2(body, sender));

@@ -136,10 +136,7 @@ impl Conn {
             state.active_requests.fetch_add(1, Ordering::Relaxed);
             // Boxed: the forwarding future is large, and an idle connection should not keep its
             // room. Made in its box (not on the stack and then copied in: it is 6.5 KiB).
-            let handling = Box::write(
-                Box::new_uninit(),
-                proxy.handle(req, Some(fields), info),
-            );
+            let handling = Box::write(Box::new_uninit(), proxy.handle(req, Some(fields), info));
             let resp = Box::into_pin(handling).await;
             let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             let had_body = asked.body;

@@ -60,8 +60,26 @@ impl ConnPool {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A ready connection for `worker`: a pooled one if any is still open, else a new one.
-    pub async fn checkout(
+    /// An open connection for `worker` that needs no dial (`now`: the caller's clock reading):
+    /// a parked HTTP/1.1 one, or the worker's HTTP/2 one.
+    pub fn pooled(&self, worker: usize, target: &Target, now: Instant) -> Option<Conn> {
+        if target.is_h2() {
+            return self.open_shared(worker);
+        }
+        let mut slot = self.slot(worker);
+        while let Some(mut idle) = slot.idle.pop() {
+            // Anything that arrived on a parked connection (the backend closing it, mostly)
+            // makes it unusable; checking costs no system call while nothing did.
+            if now.saturating_duration_since(idle.since) <= IDLE_TIMEOUT && idle.conn.is_open() {
+                return Some(Conn::H1(idle.conn));
+            }
+        }
+        None
+    }
+
+    /// A new connection for `worker` (HTTP/2: the worker's shared one, unless one opened
+    /// meanwhile).
+    pub async fn connect(
         &self,
         worker: usize,
         target: &Target,
@@ -72,18 +90,15 @@ impl ConnPool {
         if target.is_h2() {
             return Box::pin(self.shared(worker, target, connect_timeout)).await;
         }
-        loop {
-            let Some(mut idle) = self.slot(worker).idle.pop() else {
-                break;
-            };
-            // Anything that arrived on a parked connection (the backend closing it, mostly)
-            // makes it unusable; checking costs no system call while nothing did.
-            if idle.since.elapsed() <= IDLE_TIMEOUT && idle.conn.is_open() {
-                return Ok(Conn::H1(idle.conn));
-            }
-        }
         let io = Box::pin(timed(connect_timeout, target.dial())).await?;
         Ok(Conn::H1(Box::new(h1::Conn::new(io))))
+    }
+
+    /// The worker's HTTP/2 connection, if it has one open.
+    fn open_shared(&self, worker: usize) -> Option<Conn> {
+        let mut slot = self.slot(worker);
+        slot.shared = slot.shared.take().filter(|s| !s.is_closed());
+        slot.shared.as_ref().and_then(|s| s.share()).map(Conn::H2)
     }
 
     /// The worker's HTTP/2 connection to the backend, made when there is none open.
@@ -93,16 +108,11 @@ impl ConnPool {
         target: &Target,
         connect_timeout: Duration,
     ) -> io::Result<Conn> {
-        let open = || {
-            let mut slot = self.slot(worker);
-            slot.shared = slot.shared.take().filter(|s| !s.is_closed());
-            slot.shared.as_ref().and_then(|s| s.share()).map(Conn::H2)
-        };
-        if let Some(s) = open() {
+        if let Some(s) = self.open_shared(worker) {
             return Ok(s);
         }
         let _dialing = self.dialing[worker % self.dialing.len()].lock().await;
-        if let Some(s) = open() {
+        if let Some(s) = self.open_shared(worker) {
             return Ok(s);
         }
         let sender = timed(connect_timeout, target.connect()).await?;

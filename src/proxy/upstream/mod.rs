@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram};
 use tokio_rustls::TlsConnector;
@@ -177,10 +177,16 @@ impl Upstream {
         self.metrics.errors[kind as usize].increment(1);
     }
 
-    /// A ready connection for data-plane worker `worker`.
-    pub async fn checkout(&self, worker: usize, connect_timeout: Duration) -> io::Result<Conn> {
+    /// An open connection for `worker` that needs no dial, if there is one (`now`: the caller's
+    /// clock reading, to age parked connections by).
+    pub fn pooled(&self, worker: usize, now: Instant) -> Option<Conn> {
+        self.conns.pooled(worker, &self.target, now)
+    }
+
+    /// A new connection for `worker`.
+    pub async fn connect(&self, worker: usize, connect_timeout: Duration) -> io::Result<Conn> {
         self.conns
-            .checkout(worker, &self.target, connect_timeout)
+            .connect(worker, &self.target, connect_timeout)
             .await
     }
 }
