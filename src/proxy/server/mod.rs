@@ -149,6 +149,7 @@ impl Server {
                     // Worker numbers start at 1 (0 is off the data plane).
                     let worker = i + 1;
                     rt.block_on(async move {
+                        tokio::spawn(timer_floor());
                         for (s, tls) in sockets {
                             match TcpListener::from_std(s) {
                                 Ok(l) => {
@@ -351,5 +352,15 @@ impl Server {
         };
         self.done.cancel();
         left
+    }
+}
+
+/// Keeps a worker's timer wheel from ever being empty. tokio wakes its own driver through the
+/// eventfd (a write(2)) whenever a new timer is due before the driver's next planned wake-up,
+/// and with no timer there is none: at low load, where requests do not overlap, every request's
+/// deadline would cost that system call. A sleeper a second ahead is always sooner.
+async fn timer_floor() {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
