@@ -5,11 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc: a request's short-lived allocations (the forwarding future, field lists) cost
-/// about half of what glibc's malloc takes for them (benches/e2e, README).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "shoal",
