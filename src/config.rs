@@ -132,6 +132,8 @@ pub struct ProxyConfig {
     pub shutdown_delay: Duration,
     #[serde(with = "humantime_serde")]
     pub tunnel_idle_timeout: Duration,
+    /// Plain-TCP client and backend connections through one io_uring per worker.
+    pub io_uring: bool,
     #[serde(default)]
     pub tls: Option<ProxyTls>,
 }
@@ -493,6 +495,7 @@ max_header_bytes = 65536
 shutdown_grace = "10s"
 shutdown_delay = "0s"
 tunnel_idle_timeout = "1h"
+io_uring = true
 [balance]
 algorithm = "round_robin"
 hash_key = "client_ip"

@@ -20,3 +20,4 @@ pub mod proxy;
 pub mod sim;
 pub mod telemetry;
 pub mod tls;
+pub mod uring;

@@ -107,6 +107,9 @@ impl Target {
         let tcp = TcpStream::connect(&self.authority).await?;
         tcp.set_nodelay(true)?;
         Ok(match &self.tls {
+            None if crate::uring::enabled() => {
+                BackendIo::Uring(crate::uring::UringStream::from_tokio(tcp)?)
+            }
             None => BackendIo::Plain(tcp),
             Some((connector, name)) => {
                 BackendIo::Tls(Box::new(connector.connect(name.clone(), tcp).await?))
@@ -279,6 +282,7 @@ fn h2_form<B>(mut req: Request<B>, scheme: &Scheme, default: &Authority) -> Requ
 pub enum BackendIo {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Uring(crate::uring::UringStream),
 }
 
 impl AsyncRead for BackendIo {
@@ -289,6 +293,7 @@ impl AsyncRead for BackendIo {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             BackendIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            BackendIo::Uring(s) => Pin::new(s).poll_read(cx, buf),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -302,6 +307,7 @@ impl AsyncWrite for BackendIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             BackendIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            BackendIo::Uring(s) => Pin::new(s).poll_write(cx, buf),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
@@ -312,24 +318,28 @@ impl AsyncWrite for BackendIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             BackendIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            BackendIo::Uring(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
             BackendIo::Plain(s) => s.is_write_vectored(),
+            BackendIo::Uring(s) => s.is_write_vectored(),
             BackendIo::Tls(s) => s.is_write_vectored(),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             BackendIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            BackendIo::Uring(s) => Pin::new(s).poll_flush(cx),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             BackendIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            BackendIo::Uring(s) => Pin::new(s).poll_shutdown(cx),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }

@@ -2455,3 +2455,182 @@ async fn a_backends_hop_by_hop_fields_never_reach_the_client() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"ok");
 }
+
+/// How many io_uring instances process `pid` holds (its workers' rings).
+fn rings_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.to_string_lossy().contains("io_uring"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Whether this kernel gives this process an io_uring at all (containers may forbid it).
+fn kernel_allows_io_uring() -> bool {
+    io_uring::IoUring::new(8).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_uring_workers_forward_stream_and_recover() {
+    if !kernel_allows_io_uring() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "this kernel refuses io_uring, under CI"
+        );
+        eprintln!("skipped: this kernel refuses io_uring");
+        return;
+    }
+    forward_stream_and_recover(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epoll_workers_forward_stream_and_recover() {
+    forward_stream_and_recover(false).await;
+}
+
+/// Forwarding, framing errors, streaming both ways, a tunnel and a backend's death, with the
+/// workers' sockets on io_uring or on epoll (`proxy.io_uring`).
+async fn forward_stream_and_recover(io_uring: bool) {
+    let rings = if io_uring { 2 } else { 0 };
+    let (a, b, c) = three().await;
+    let m = Backend::start("m", Behavior::Mirror).await;
+    let keys = format!("io_uring = {io_uring}\nworkers = 2");
+    let s = Shoal::start(&keys, &backends_toml(&[&a, &b, &c])).await;
+    let pid = s.child.as_ref().unwrap().id();
+    assert_eq!(rings_of(pid), rings, "one ring per worker: {}", s.log());
+
+    // Round robin over new connections, then over one keep-alive connection.
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for _ in 0..30 {
+        let v = echo_of(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap()).await;
+        *seen
+            .entry(v["name"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        seen.values().copied().collect::<Vec<_>>(),
+        vec![10; 3],
+        "{seen:?}"
+    );
+    let mut tx = client(s.proxy).await;
+    for i in 0..300 {
+        tx.ready().await.unwrap();
+        let r = tx
+            .send_request(
+                request("GET", s.proxy, &format!("/k/{i}"))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value =
+            serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(v["path"], format!("/k/{i}"));
+    }
+
+    // A request head that is not HTTP never reaches a backend.
+    let before = a.hits() + b.hits() + c.hits();
+    let got = raw(
+        s.proxy,
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert_eq!(a.hits() + b.hits() + c.hits(), before);
+
+    // A client that leaves in the middle of an answer costs nothing to the others.
+    let mut gone = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    gone.write_all(b"GET /drop HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    drop(gone);
+
+    // Bodies both ways through a mirror: 8 MiB up and back, byte for byte.
+    let keys = format!("io_uring = {io_uring}\nworkers = 1");
+    let s2 = Shoal::start(&keys, &backends_toml(&[&m])).await;
+    let big: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let r = send(
+        s2.proxy,
+        request("POST", s2.proxy, "/up")
+            .body(full(big.clone()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.body()[..] == big[..], "{} bytes back", r.body().len());
+    // A dripping answer streams: the first chunk long before the last.
+    m.set(Behavior::Drip(4, Duration::from_millis(300)));
+    let mut tx2 = client(s2.proxy).await;
+    let start = Instant::now();
+    let resp = tx2
+        .send_request(request("GET", s2.proxy, "/drip").body(empty()).unwrap())
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    let first_at = start.elapsed();
+    assert_eq!(&first[..], b"chunk 0\n");
+    assert!(body
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .ends_with(b"chunk 3\n"));
+    assert!(
+        first_at < Duration::from_millis(600),
+        "buffered: {first_at:?}"
+    );
+
+    // A WebSocket-style tunnel over a ring's sockets.
+    let mut t = open_tunnel(s.proxy).await;
+    assert!(echoes(&mut t).await, "the tunnel echoes");
+
+    // Load from 8 keep-alive clients while a backend dies: no GET fails (its pooled
+    // connections close under the ring's receives; requests go elsewhere).
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop_at = Instant::now() + Duration::from_millis(2500);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (ok, failed, proxy) = (ok.clone(), failed.clone(), s.proxy);
+        tasks.push(tokio::spawn(async move {
+            let mut tx = client(proxy).await;
+            while Instant::now() < stop_at {
+                let req = request("GET", proxy, "/load").body(empty()).unwrap();
+                match tx.send_request(req).await {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.into_body().collect().await;
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => {
+                        eprintln!("failed: {:?}", other.map(|r| r.status()));
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        tx = client(proxy).await;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    b.kill();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "ok: {}",
+        ok.load(Ordering::SeqCst)
+    );
+    assert!(ok.load(Ordering::SeqCst) > 200);
+    assert_eq!(rings_of(pid), rings, "{}", s.log());
+    assert!(!s.log().contains("refused a ring"), "{}", s.log());
+}

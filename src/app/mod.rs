@@ -67,6 +67,7 @@ impl Peer {
                 client_idle_timeout: config.proxy.client_idle_timeout,
                 max_connections: config.proxy.max_connections,
                 tunnel_idle_timeout: config.proxy.tunnel_idle_timeout,
+                io_uring: config.proxy.io_uring,
             },
         );
         let shutdown = CancellationToken::new();

@@ -42,6 +42,8 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// An upgraded tunnel with no byte either way for this long is closed.
     pub tunnel_idle_timeout: Duration,
+    /// Plain-TCP connections through one io_uring per worker (`proxy.io_uring`).
+    pub io_uring: bool,
 }
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -150,6 +152,11 @@ impl Server {
                     let worker = i + 1;
                     rt.block_on(async move {
                         tokio::spawn(timer_floor());
+                        if this.opts.io_uring {
+                            if let Err(e) = crate::uring::install() {
+                                tracing::warn!(error = %e, worker, "proxy.io_uring: the kernel refused a ring; this worker uses epoll");
+                            }
+                        }
                         for (s, tls) in sockets {
                             match TcpListener::from_std(s) {
                                 Ok(l) => {
@@ -189,6 +196,15 @@ impl Server {
                 let gauge = metrics::gauge!(names::CLIENT_CONNECTIONS);
                 gauge.increment(1.0);
                 match tls {
+                    None if crate::uring::enabled() => {
+                        match crate::uring::UringStream::from_tokio(stream) {
+                            Ok(s) => {
+                                this.serve(s, ConnInfo::new(client, false, worker), false)
+                                    .await
+                            }
+                            Err(e) => tracing::debug!(error = %e, "io_uring stream"),
+                        }
+                    }
                     None => {
                         this.serve(stream, ConnInfo::new(client, false, worker), false)
                             .await

@@ -123,6 +123,11 @@ impl ConnPool {
     /// Park an HTTP/1.1 connection whose exchange completed.
     pub fn checkin(&self, worker: usize, mut conn: Box<h1::Conn>) {
         conn.shrink();
+        // Also starts watching it: a socket on an io_uring has its receive queued from here,
+        // so a close while parked is known by checkout (an epoll one asks the socket then).
+        if !conn.is_open() {
+            return;
+        }
         let mut slot = self.slot(worker);
         if slot.idle.len() < MAX_IDLE {
             slot.idle.push(Idle {

@@ -1,0 +1,591 @@
+//! Plain-TCP client and backend sockets driven through io_uring (`proxy.io_uring`), one ring
+//! per data-plane worker.
+//!
+//! Streams queue their receives and sends on their worker's ring; one driver task per worker
+//! submits everything queued since its last turn in one `io_uring_enter`, reaps the completions
+//! and wakes the streams they belong to, then lets those run before its next turn. A worker with
+//! many busy connections thus enters the kernel about once per round instead of once per read
+//! and once per write (under `wrk -c64`: 0.17 system calls per proxied request instead of 4).
+//!
+//! Receives take their buffer from the worker's provided-buffer group only when data arrives,
+//! so a connection waiting for its next request holds none; a send copies its bytes into the
+//! stream's own buffer (the kernel reads them after `poll_write` returns). The ring is set up
+//! with cooperative task running: completions are not pushed at a running worker by an
+//! interrupt, they are collected at its next enter. Where the kernel refuses a ring (a seccomp
+//! profile, `kernel.io_uring_disabled`), the worker keeps epoll.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Completions nobody waits for: cancellations and buffers given back.
+const UNWATCHED: u64 = u64::MAX;
+/// Receives take a buffer from the worker's provided-buffer group as data arrives: `BUF` bytes
+/// each, `CHUNK` more at a time when all are in use.
+const BUF: usize = 8 * 1024;
+const CHUNK: u16 = 256;
+const GROUP: u16 = 0;
+/// Submission queue entries (the completion queue has twice as many).
+const ENTRIES: u32 = 1024;
+/// A send buffer larger than this is let go of once sent (an idle connection keeps none).
+const KEEP_SEND_BUF: usize = 4096;
+
+#[derive(Default)]
+struct Slot {
+    waker: Option<Waker>,
+    /// The completion's result and flags, until its stream takes them.
+    result: Option<(i32, u32)>,
+    /// The stream went away with this operation in flight: its send buffer (if any) waits
+    /// here for the completion, and the slot is freed then.
+    orphan: Option<Vec<u8>>,
+}
+
+struct Driver {
+    /// Tells this worker's ring from the others': a stream is only ever used on its own.
+    id: u64,
+    ring: IoUring,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// Entries pushed since the last enter.
+    queued: usize,
+    /// The driver task, when it waits for work.
+    waker: Option<Waker>,
+    /// The provided buffers, `CHUNK` to a chunk; buffer `b` is in chunk `b / CHUNK`.
+    pool: Vec<Box<[u8]>>,
+}
+
+thread_local! {
+    static DRIVER: RefCell<Option<Driver>> = const { RefCell::new(None) };
+}
+
+/// This thread's ring, if it has one (a worker of a peer with `proxy.io_uring` on).
+fn ring_id() -> Option<u64> {
+    DRIVER.with(|d| d.borrow().as_ref().map(|d| d.id))
+}
+
+/// Whether this thread's sockets go through a ring.
+pub fn enabled() -> bool {
+    ring_id().is_some()
+}
+
+/// Sets up this worker's ring and spawns its driver; call inside the worker's runtime.
+pub fn install() -> io::Result<()> {
+    static IDS: AtomicU64 = AtomicU64::new(1);
+    let ring = IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .setup_single_issuer()
+        .build(ENTRIES)?;
+    let fd = ring.as_raw_fd();
+    let mut driver = Driver {
+        id: IDS.fetch_add(1, Ordering::Relaxed),
+        ring,
+        slots: Vec::new(),
+        free: Vec::new(),
+        queued: 0,
+        waker: None,
+        pool: Vec::new(),
+    };
+    driver.grow()?;
+    driver.ring.submit_and_wait(1)?;
+    driver.queued = 0;
+    for cqe in driver.ring.completion() {
+        if cqe.result() < 0 {
+            return Err(io::Error::from_raw_os_error(-cqe.result()));
+        }
+    }
+    DRIVER.with(|d| *d.borrow_mut() = Some(driver));
+    tokio::spawn(drive(fd));
+    Ok(())
+}
+
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The worker's driver: enter (when anything is queued or waiting), reap, wake; then come back
+/// after the woken tasks ran, or wait for the ring to be readable (completions posted while the
+/// worker slept) or for a stream to queue something.
+async fn drive(fd: RawFd) {
+    // SAFETY: the ring (in this thread's DRIVER) outlives this task, which the worker's
+    // runtime drops before the thread's locals go.
+    let afd = unsafe { AsyncFd::register_with_interest(RingFd(fd), tokio::io::Interest::READABLE) };
+    let Ok(afd) = afd else {
+        tracing::error!("io_uring: cannot watch the ring");
+        return;
+    };
+    let mut woken: Vec<Waker> = Vec::new();
+    poll_fn(|cx| loop {
+        let progressed = DRIVER.with(|d| {
+            let mut d = d.borrow_mut();
+            let Some(d) = d.as_mut() else { return false };
+            let queued = d.queued;
+            // Completions waiting on this thread's task work, or held back by a full
+            // completion queue, need an enter too.
+            let waiting = {
+                let sq = d.ring.submission();
+                sq.taskrun() || sq.cq_overflow()
+            };
+            if queued > 0 || waiting {
+                match d.ring.submit() {
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)
+                        ) => {}
+                    Err(e) => tracing::error!(error = %e, "io_uring_enter"),
+                }
+                // What the kernel did not take yet goes with the next turn.
+                d.queued = d.ring.submission().len();
+            }
+            d.reap(&mut woken);
+            // Buffers given back while reaping are queued: they go on the next turn.
+            let progressed = queued > 0 || !woken.is_empty() || d.queued > 0;
+            if !progressed {
+                d.waker = Some(cx.waker().clone());
+            }
+            progressed
+        });
+        for w in woken.drain(..) {
+            w.wake();
+        }
+        if progressed {
+            // Come back after the tasks just woken have run: what they queue goes in one batch.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match afd.poll_read_ready(cx) {
+            Poll::Ready(Ok(mut g)) => g.clear_ready(),
+            Poll::Ready(Err(e)) => {
+                tracing::error!(error = %e, "io_uring: the ring cannot be watched");
+                return Poll::Ready(());
+            }
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
+}
+
+impl Driver {
+    fn reap(&mut self, woken: &mut Vec<Waker>) {
+        let mut back: Vec<u16> = Vec::new();
+        let Driver {
+            ring, slots, free, ..
+        } = self;
+        for cqe in ring.completion() {
+            let ud = cqe.user_data();
+            if ud == UNWATCHED {
+                let r = cqe.result();
+                if r < 0 && r != -libc::ENOENT && r != -libc::EALREADY {
+                    tracing::debug!(error = %io::Error::from_raw_os_error(-r), "io_uring");
+                }
+                continue;
+            }
+            let i = ud as usize;
+            let Some(s) = slots.get_mut(i) else { continue };
+            if s.orphan.take().is_some() {
+                // Its stream is gone; a buffer the receive took goes back to the group.
+                back.extend(cqueue::buffer_select(cqe.flags()));
+                s.waker = None;
+                free.push(i);
+                continue;
+            }
+            s.result = Some((cqe.result(), cqe.flags()));
+            if let Some(w) = s.waker.take() {
+                woken.push(w);
+            }
+        }
+        for b in back {
+            let _ = self.give_back(b);
+        }
+    }
+
+    /// Another `CHUNK` buffers for the group.
+    fn grow(&mut self) -> io::Result<()> {
+        let first = self.pool.len() * CHUNK as usize;
+        if first + CHUNK as usize > u16::MAX as usize {
+            return Err(io::Error::other("io_uring: no more receive buffers"));
+        }
+        // Zeroed by the allocator (fresh pages): untouched until a receive fills them.
+        let mut chunk = vec![0u8; BUF * CHUNK as usize].into_boxed_slice();
+        let e =
+            opcode::ProvideBuffers::new(chunk.as_mut_ptr(), BUF as i32, CHUNK, GROUP, first as u16)
+                .build()
+                .user_data(UNWATCHED);
+        self.pool.push(chunk);
+        self.push(e)
+    }
+
+    fn buffer(&mut self, b: u16) -> *mut u8 {
+        let (chunk, i) = ((b / CHUNK) as usize, (b % CHUNK) as usize);
+        // SAFETY: in bounds: the chunk holds CHUNK buffers of BUF bytes.
+        unsafe { self.pool[chunk].as_mut_ptr().add(i * BUF) }
+    }
+
+    /// Buffer `b` is read; the group may hand it out again.
+    fn give_back(&mut self, b: u16) -> io::Result<()> {
+        let e = opcode::ProvideBuffers::new(self.buffer(b), BUF as i32, 1, GROUP, b)
+            .build()
+            .user_data(UNWATCHED);
+        self.push(e)
+    }
+
+    fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        // SAFETY: what an entry points at lives until its completion is reaped: a send's bytes
+        // in its stream (or, once the stream is gone, in its slot), the group's buffers in
+        // `pool`, which is never freed while the ring lives.
+        unsafe {
+            if self.ring.submission().push(&entry).is_err() {
+                self.ring.submit()?;
+                self.queued = self.ring.submission().len();
+                self.ring
+                    .submission()
+                    .push(&entry)
+                    .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            }
+        }
+        self.queued += 1;
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    fn slot(&mut self) -> usize {
+        self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Slot::default());
+            self.slots.len() - 1
+        })
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Buffers the kernel may still write into or read from must outlive the ring's
+        // teardown, which finishes after close(2) returns: the thread is ending anyway.
+        for s in self.slots.drain(..) {
+            if let Some(b) = s.orphan {
+                std::mem::forget(b);
+            }
+        }
+        for chunk in self.pool.drain(..) {
+            std::mem::forget(chunk);
+        }
+    }
+}
+
+/// `f` on this thread's driver, which must be ring `ring`.
+fn with<R>(ring: u64, f: impl FnOnce(&mut Driver) -> io::Result<R>) -> io::Result<R> {
+    DRIVER.with(|d| match d.borrow_mut().as_mut() {
+        Some(d) if d.id == ring => f(d),
+        _ => Err(io::Error::other("io_uring stream used off its worker")),
+    })
+}
+
+/// Operation `op`'s result and flags if it completed (its slot freed); else its waker is set.
+fn take(ring: u64, op: usize, cx: &mut Context<'_>) -> io::Result<Option<(i32, u32)>> {
+    with(ring, |d| {
+        let s = &mut d.slots[op];
+        match s.result.take() {
+            Some(r) => {
+                s.waker = None;
+                d.free.push(op);
+                Ok(Some(r))
+            }
+            None => {
+                match &s.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => s.waker = Some(cx.waker().clone()),
+                }
+                Ok(None)
+            }
+        }
+    })
+}
+
+/// A TCP connection whose reads and writes go through its worker's ring.
+pub struct UringStream {
+    fd: OwnedFd,
+    ring: u64,
+    /// A received buffer of the group being read: its number, how far read, how much in it.
+    held: Option<(u16, usize, usize)>,
+    /// The receive in flight.
+    rop: Option<usize>,
+    eof: bool,
+    /// Bytes being sent, from `wpos` on; the send in flight.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    wop: Option<usize>,
+}
+
+impl UringStream {
+    /// Moves a connected socket of this worker onto its ring.
+    pub fn from_tokio(s: tokio::net::TcpStream) -> io::Result<Self> {
+        let ring = ring_id().ok_or_else(|| io::Error::other("no io_uring on this thread"))?;
+        let s = s.into_std()?;
+        // The ring waits for the socket itself; blocking mode keeps the kernel from answering
+        // a receive with EAGAIN.
+        s.set_nonblocking(false)?;
+        // SAFETY: the descriptor is owned by `s`, handed over here.
+        let fd = unsafe { OwnedFd::from_raw_fd(s.into_raw_fd()) };
+        Ok(Self {
+            fd,
+            ring,
+            held: None,
+            rop: None,
+            eof: false,
+            wbuf: Vec::new(),
+            wpos: 0,
+            wop: None,
+        })
+    }
+
+    fn start_send(&mut self) -> io::Result<()> {
+        let fd = self.fd.as_raw_fd();
+        let rest = &self.wbuf[self.wpos..];
+        let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
+        self.wop = Some(with(self.ring, |d| {
+            let i = d.slot();
+            let e = opcode::Send::new(types::Fd(fd), ptr, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(i as u64);
+            match d.push(e) {
+                Ok(()) => Ok(i),
+                Err(e) => {
+                    d.free.push(i);
+                    Err(e)
+                }
+            }
+        })?);
+        Ok(())
+    }
+
+    /// Waits for the send in flight (and the rest of it, if the kernel took part) to finish.
+    fn poll_sent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(op) = self.wop {
+            let Some((r, _)) = take(self.ring, op, cx)? else {
+                return Poll::Pending;
+            };
+            self.wop = None;
+            if r < 0 {
+                self.wbuf.clear();
+                self.wpos = 0;
+                return Poll::Ready(Err(io::Error::from_raw_os_error(-r)));
+            }
+            self.wpos += r as usize;
+            if self.wpos < self.wbuf.len() {
+                self.start_send()?;
+            } else {
+                self.wpos = 0;
+                if self.wbuf.capacity() > KEEP_SEND_BUF {
+                    self.wbuf = Vec::new();
+                } else {
+                    self.wbuf.clear();
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for UringStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if let Some((b, pos, end)) = this.held {
+                let n = (end - pos).min(buf.remaining());
+                let held = &mut this.held;
+                with(this.ring, |d| {
+                    let p = d.buffer(b);
+                    // SAFETY: the kernel wrote `end` bytes into buffer `b`, which is this
+                    // stream's until given back.
+                    buf.put_slice(unsafe { std::slice::from_raw_parts(p.add(pos), n) });
+                    if pos + n == end {
+                        *held = None;
+                        d.give_back(b)?;
+                    } else {
+                        *held = Some((b, pos + n, end));
+                    }
+                    Ok(())
+                })?;
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            match this.rop {
+                Some(op) => {
+                    let Some((r, flags)) = take(this.ring, op, cx)? else {
+                        return Poll::Pending;
+                    };
+                    this.rop = None;
+                    let b = cqueue::buffer_select(flags);
+                    if r == -libc::ENOBUFS {
+                        // Every buffer is in use: the group grows, and the receive goes again.
+                        with(this.ring, Driver::grow)?;
+                        continue;
+                    }
+                    if r <= 0 {
+                        if let Some(b) = b {
+                            with(this.ring, |d| d.give_back(b))?;
+                        }
+                        if r < 0 {
+                            return Poll::Ready(Err(io::Error::from_raw_os_error(-r)));
+                        }
+                        this.eof = true;
+                        continue;
+                    }
+                    let Some(b) = b else {
+                        return Poll::Ready(Err(io::Error::other(
+                            "io_uring: a receive without a buffer",
+                        )));
+                    };
+                    this.held = Some((b, 0, r as usize));
+                }
+                None => {
+                    let fd = this.fd.as_raw_fd();
+                    let op = with(this.ring, |d| {
+                        let i = d.slot();
+                        let e = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), BUF as u32)
+                            .buf_group(GROUP)
+                            .build()
+                            .flags(squeue::Flags::BUFFER_SELECT)
+                            .user_data(i as u64);
+                        match d.push(e) {
+                            Ok(()) => Ok(i),
+                            Err(e) => {
+                                d.free.push(i);
+                                Err(e)
+                            }
+                        }
+                    })?;
+                    this.rop = Some(op);
+                    // It completes on the driver's next turn at the earliest; this sets the waker.
+                    if take(this.ring, op, cx)?.is_none() {
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(Err(io::Error::other("io_uring: completed unsubmitted")));
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for UringStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.poll_sent(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        this.wbuf.extend_from_slice(buf);
+        this.start_send()?;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.poll_sent(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        let mut n = 0;
+        for b in bufs {
+            this.wbuf.extend_from_slice(b);
+            n += b.len();
+        }
+        if n > 0 {
+            this.start_send()?;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_sent(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.poll_sent(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        // SAFETY: shutdown(2) on a descriptor this stream owns.
+        if unsafe { libc::shutdown(this.fd.as_raw_fd(), libc::SHUT_WR) } < 0 {
+            return Poll::Ready(Err(io::Error::last_os_error()));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for UringStream {
+    fn drop(&mut self) {
+        let held = self.held.take();
+        let ops = [
+            (self.rop.take(), Vec::new()),
+            (self.wop.take(), std::mem::take(&mut self.wbuf)),
+        ];
+        if ring_id() != Some(self.ring) {
+            // Not on its ring's thread (only at a worker's end): the kernel may still read the
+            // bytes being sent.
+            for (_, buf) in ops {
+                std::mem::forget(buf);
+            }
+            return;
+        }
+        let _ = with(self.ring, move |d| {
+            if let Some((b, _, _)) = held {
+                d.give_back(b)?;
+            }
+            for (op, buf) in ops {
+                let Some(op) = op else { continue };
+                let s = &mut d.slots[op];
+                s.waker = None;
+                if let Some((_, flags)) = s.result.take() {
+                    d.free.push(op);
+                    if let Some(b) = cqueue::buffer_select(flags) {
+                        d.give_back(b)?;
+                    }
+                    continue;
+                }
+                // The slot (and the bytes) are kept until the completion comes.
+                s.orphan = Some(buf);
+                let cancel = opcode::AsyncCancel::new(op as u64)
+                    .build()
+                    .user_data(UNWATCHED);
+                d.push(cancel)?;
+            }
+            Ok(())
+        });
+    }
+}
