@@ -28,10 +28,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Completions nobody waits for: cancellations and buffers given back.
 const UNWATCHED: u64 = u64::MAX;
-/// Receives take a buffer from the worker's provided-buffer group as data arrives: `BUF` bytes
-/// each, `CHUNK` more at a time when all are in use.
+/// Receives take a buffer from the worker's buffer ring as data arrives: `BUFS` of `BUF` bytes.
+/// When all are in use, a receive has a buffer of its own, let go of once read.
 const BUF: usize = 8 * 1024;
-const CHUNK: u16 = 256;
+const BUFS: u16 = 256;
 const GROUP: u16 = 0;
 /// Submission queue entries (the completion queue has twice as many).
 const ENTRIES: u32 = 1024;
@@ -58,8 +58,11 @@ struct Driver {
     queued: usize,
     /// The driver task, when it waits for work.
     waker: Option<Waker>,
-    /// The provided buffers, `CHUNK` to a chunk; buffer `b` is in chunk `b / CHUNK`.
-    pool: Vec<Box<[u8]>>,
+    /// The ring's buffers, `BUFS` of `BUF` bytes.
+    pool: Box<[u8]>,
+    /// The buffer ring shared with the kernel (page-aligned), and its tail as last published.
+    bufs: *mut types::BufRingEntry,
+    tail: u16,
 }
 
 thread_local! {
@@ -85,6 +88,16 @@ pub fn install() -> io::Result<()> {
         .setup_single_issuer()
         .build(ENTRIES)?;
     let fd = ring.as_raw_fd();
+    let layout = std::alloc::Layout::from_size_align(
+        BUFS as usize * std::mem::size_of::<types::BufRingEntry>(),
+        4096,
+    )
+    .map_err(io::Error::other)?;
+    // SAFETY: a non-zero size; the memory is leaked with the ring (see Drop for Driver).
+    let bufs = unsafe { std::alloc::alloc_zeroed(layout) } as *mut types::BufRingEntry;
+    if bufs.is_null() {
+        return Err(io::Error::other("io_uring: no memory for the buffer ring"));
+    }
     let mut driver = Driver {
         id: IDS.fetch_add(1, Ordering::Relaxed),
         ring,
@@ -92,15 +105,20 @@ pub fn install() -> io::Result<()> {
         free: Vec::new(),
         queued: 0,
         waker: None,
-        pool: Vec::new(),
+        // Zeroed by the allocator (fresh pages): untouched until a receive fills them.
+        pool: vec![0u8; BUF * BUFS as usize].into_boxed_slice(),
+        bufs,
+        tail: 0,
     };
-    driver.grow()?;
-    driver.ring.submit_and_wait(1)?;
-    driver.queued = 0;
-    for cqe in driver.ring.completion() {
-        if cqe.result() < 0 {
-            return Err(io::Error::from_raw_os_error(-cqe.result()));
-        }
+    // SAFETY: `bufs` holds BUFS entries, page-aligned, and lives as long as the ring.
+    unsafe {
+        driver
+            .ring
+            .submitter()
+            .register_buf_ring_with_flags(bufs as u64, BUFS, GROUP, 0)?;
+    }
+    for b in 0..BUFS {
+        driver.give_back(b)?;
     }
     DRIVER.with(|d| *d.borrow_mut() = Some(driver));
     tokio::spawn(drive(fd));
@@ -213,34 +231,28 @@ impl Driver {
         }
     }
 
-    /// Another `CHUNK` buffers for the group.
-    fn grow(&mut self) -> io::Result<()> {
-        let first = self.pool.len() * CHUNK as usize;
-        if first + CHUNK as usize > u16::MAX as usize {
-            return Err(io::Error::other("io_uring: no more receive buffers"));
-        }
-        // Zeroed by the allocator (fresh pages): untouched until a receive fills them.
-        let mut chunk = vec![0u8; BUF * CHUNK as usize].into_boxed_slice();
-        let e =
-            opcode::ProvideBuffers::new(chunk.as_mut_ptr(), BUF as i32, CHUNK, GROUP, first as u16)
-                .build()
-                .user_data(UNWATCHED);
-        self.pool.push(chunk);
-        self.push(e)
-    }
-
     fn buffer(&mut self, b: u16) -> *mut u8 {
-        let (chunk, i) = ((b / CHUNK) as usize, (b % CHUNK) as usize);
-        // SAFETY: in bounds: the chunk holds CHUNK buffers of BUF bytes.
-        unsafe { self.pool[chunk].as_mut_ptr().add(i * BUF) }
+        // SAFETY: in bounds: b % BUFS < BUFS, and the pool holds BUFS buffers of BUF bytes.
+        unsafe { self.pool.as_mut_ptr().add((b % BUFS) as usize * BUF) }
     }
 
-    /// Buffer `b` is read; the group may hand it out again.
+    /// Buffer `b` is read: back on the ring for the kernel to hand out again (no system call).
     fn give_back(&mut self, b: u16) -> io::Result<()> {
-        let e = opcode::ProvideBuffers::new(self.buffer(b), BUF as i32, 1, GROUP, b)
-            .build()
-            .user_data(UNWATCHED);
-        self.push(e)
+        let addr = self.buffer(b) as u64;
+        let i = (self.tail & (BUFS - 1)) as usize;
+        // SAFETY: `bufs` holds BUFS entries; the kernel reads entries only up to the tail
+        // published below, and this one is past it. The tail is the first entry's last field,
+        // which the setters do not touch; the release store publishes the entry with it.
+        unsafe {
+            let e = &mut *self.bufs.add(i);
+            e.set_addr(addr);
+            e.set_len(BUF as u32);
+            e.set_bid(b);
+            self.tail = self.tail.wrapping_add(1);
+            let tail = types::BufRingEntry::tail(self.bufs) as *const std::sync::atomic::AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
@@ -264,11 +276,19 @@ impl Driver {
         Ok(())
     }
 
-    fn slot(&mut self) -> usize {
-        self.free.pop().unwrap_or_else(|| {
+    /// Queues `entry` under a new slot: its number.
+    fn start(&mut self, entry: squeue::Entry) -> io::Result<usize> {
+        let i = self.free.pop().unwrap_or_else(|| {
             self.slots.push(Slot::default());
             self.slots.len() - 1
-        })
+        });
+        match self.push(entry.user_data(i as u64)) {
+            Ok(()) => Ok(i),
+            Err(e) => {
+                self.free.push(i);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -281,9 +301,7 @@ impl Drop for Driver {
                 std::mem::forget(b);
             }
         }
-        for chunk in self.pool.drain(..) {
-            std::mem::forget(chunk);
-        }
+        std::mem::forget(std::mem::take(&mut self.pool));
     }
 }
 
@@ -322,8 +340,16 @@ pub struct UringStream {
     ring: u64,
     /// A received buffer of the group being read: its number, how far read, how much in it.
     held: Option<(u16, usize, usize)>,
-    /// The receive in flight.
+    /// The receive in flight, and whether it reads into `own`.
     rop: Option<usize>,
+    rop_own: bool,
+    /// A buffer of this stream's own, for a receive made while the ring had none left, and
+    /// what of it is still to be read.
+    own: Vec<u8>,
+    own_range: Option<(usize, usize)>,
+    /// The last receive filled its buffer: more is likely waiting, so the next read asks the
+    /// socket at once (a bulk transfer reads as over epoll, in big reads, not a ring turn each).
+    streaming: bool,
     eof: bool,
     /// Bytes being sent, from `wpos` on; the send in flight.
     wbuf: Vec<u8>,
@@ -346,6 +372,10 @@ impl UringStream {
             ring,
             held: None,
             rop: None,
+            rop_own: false,
+            own: Vec::new(),
+            own_range: None,
+            streaming: false,
             eof: false,
             wbuf: Vec::new(),
             wpos: 0,
@@ -358,20 +388,40 @@ impl UringStream {
         let rest = &self.wbuf[self.wpos..];
         let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
         self.wop = Some(with(self.ring, |d| {
-            let i = d.slot();
-            let e = opcode::Send::new(types::Fd(fd), ptr, len)
-                .flags(libc::MSG_NOSIGNAL)
-                .build()
-                .user_data(i as u64);
-            match d.push(e) {
-                Ok(()) => Ok(i),
-                Err(e) => {
-                    d.free.push(i);
-                    Err(e)
-                }
-            }
+            d.start(
+                opcode::Send::new(types::Fd(fd), ptr, len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build(),
+            )
         })?);
         Ok(())
+    }
+
+    /// A big write goes to the socket at once, from the caller's bytes (as over epoll: its
+    /// system call is paid for by its size, and there is no copy): how much the socket took,
+    /// or None if it had no room (the ring's send then waits for it).
+    fn send_now(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<Option<usize>> {
+        // SAFETY: a zeroed msghdr is valid; it points at the caller's slices (IoSlice is
+        // ABI-compatible with iovec) for the duration of the call.
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+            libc::sendmsg(
+                self.fd.as_raw_fd(),
+                &msg,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(None)
+        } else {
+            Err(e)
+        }
     }
 
     /// Waits for the send in flight (and the rest of it, if the kernel took part) to finish.
@@ -428,6 +478,17 @@ impl AsyncRead for UringStream {
                 })?;
                 return Poll::Ready(Ok(()));
             }
+            if let Some((pos, end)) = this.own_range {
+                let n = (end - pos).min(buf.remaining());
+                buf.put_slice(&this.own[pos..pos + n]);
+                if pos + n == end {
+                    this.own_range = None;
+                    this.own = Vec::new();
+                } else {
+                    this.own_range = Some((pos + n, end));
+                }
+                return Poll::Ready(Ok(()));
+            }
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
@@ -437,10 +498,26 @@ impl AsyncRead for UringStream {
                         return Poll::Pending;
                     };
                     this.rop = None;
+                    if std::mem::take(&mut this.rop_own) {
+                        if r < 0 {
+                            return Poll::Ready(Err(io::Error::from_raw_os_error(-r)));
+                        }
+                        if r == 0 {
+                            this.eof = true;
+                        } else {
+                            this.own_range = Some((0, r as usize));
+                        }
+                        continue;
+                    }
                     let b = cqueue::buffer_select(flags);
                     if r == -libc::ENOBUFS {
-                        // Every buffer is in use: the group grows, and the receive goes again.
-                        with(this.ring, Driver::grow)?;
+                        // Every buffer of the ring is in use: this receive gets its own.
+                        this.own = vec![0; BUF];
+                        let (fd, ptr) = (this.fd.as_raw_fd(), this.own.as_mut_ptr());
+                        this.rop = Some(with(this.ring, |d| {
+                            d.start(opcode::Recv::new(types::Fd(fd), ptr, BUF as u32).build())
+                        })?);
+                        this.rop_own = true;
                         continue;
                     }
                     if r <= 0 {
@@ -458,24 +535,41 @@ impl AsyncRead for UringStream {
                             "io_uring: a receive without a buffer",
                         )));
                     };
+                    this.streaming = r as usize == BUF;
                     this.held = Some((b, 0, r as usize));
                 }
                 None => {
                     let fd = this.fd.as_raw_fd();
-                    let op = with(this.ring, |d| {
-                        let i = d.slot();
-                        let e = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), BUF as u32)
-                            .buf_group(GROUP)
-                            .build()
-                            .flags(squeue::Flags::BUFFER_SELECT)
-                            .user_data(i as u64);
-                        match d.push(e) {
-                            Ok(()) => Ok(i),
-                            Err(e) => {
-                                d.free.push(i);
-                                Err(e)
-                            }
+                    if this.streaming && buf.remaining() > 0 {
+                        let room = buf.remaining();
+                        // SAFETY: recv(2) only writes (at most `room` bytes) into the unfilled
+                        // part; it never de-initializes anything.
+                        let n = unsafe {
+                            let unfilled = buf.unfilled_mut();
+                            libc::recv(fd, unfilled.as_mut_ptr().cast(), room, libc::MSG_DONTWAIT)
+                        };
+                        if n >= 0 {
+                            let n = n as usize;
+                            // SAFETY: the kernel initialized the first `n` bytes.
+                            unsafe { buf.assume_init(n) };
+                            buf.advance(n);
+                            this.streaming = n == room;
+                            this.eof = n == 0;
+                            return Poll::Ready(Ok(()));
                         }
+                        let e = io::Error::last_os_error();
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            return Poll::Ready(Err(e));
+                        }
+                        this.streaming = false;
+                    }
+                    let op = with(this.ring, |d| {
+                        d.start(
+                            opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), BUF as u32)
+                                .buf_group(GROUP)
+                                .build()
+                                .flags(squeue::Flags::BUFFER_SELECT),
+                        )
                     })?;
                     this.rop = Some(op);
                     // It completes on the driver's next turn at the earliest; this sets the waker.
@@ -502,6 +596,12 @@ impl AsyncWrite for UringStream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
+        if buf.len() > KEEP_SEND_BUF {
+            let slices = [io::IoSlice::new(buf)];
+            if let Some(n) = this.send_now(&slices)? {
+                return Poll::Ready(Ok(n));
+            }
+        }
         this.wbuf.extend_from_slice(buf);
         this.start_send()?;
         Poll::Ready(Ok(buf.len()))
@@ -515,6 +615,12 @@ impl AsyncWrite for UringStream {
         let this = self.get_mut();
         if this.poll_sent(cx)?.is_pending() {
             return Poll::Pending;
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total > KEEP_SEND_BUF {
+            if let Some(n) = this.send_now(bufs)? {
+                return Poll::Ready(Ok(n));
+            }
         }
         let mut n = 0;
         for b in bufs {
@@ -551,8 +657,9 @@ impl AsyncWrite for UringStream {
 impl Drop for UringStream {
     fn drop(&mut self) {
         let held = self.held.take();
+        let own = std::mem::take(&mut self.own);
         let ops = [
-            (self.rop.take(), Vec::new()),
+            (self.rop.take(), if self.rop_own { own } else { Vec::new() }),
             (self.wop.take(), std::mem::take(&mut self.wbuf)),
         ];
         if ring_id() != Some(self.ring) {
