@@ -421,9 +421,19 @@ impl ResponseBody {
         if !self.keep_alive || !self.framing.is_end() {
             return None;
         }
-        self.conn
-            .take()
-            .filter(|c| c.rb.buf.is_empty() && c.upload.is_none() && !c.unfinished)
+        let mut conn = self.conn.take()?;
+        if let Some((mut body, mut up)) = conn.upload.take() {
+            // The answer came before the request's last bytes were known to be out (on an
+            // io_uring socket the send's completion may be reaped beside the answer's): a send
+            // already done finishes here; one still going keeps the connection from the pool.
+            let mut cx = Context::from_waker(Waker::noop());
+            match conn.poll_upload(&mut cx, &mut body, &mut up) {
+                Poll::Pending => conn.upload = Some((body, up)),
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => conn.unfinished = true,
+            }
+        }
+        Some(conn).filter(|c| c.rb.buf.is_empty() && c.upload.is_none() && !c.unfinished)
     }
 
     /// The answer's fields as the backend sent them.
