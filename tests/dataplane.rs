@@ -459,12 +459,26 @@ async fn malformed_requests_never_reach_a_backend() {
 async fn killing_a_backend_under_load_fails_no_get() {
     let (a, b, c) = three().await;
     let s = Shoal::start("", &backends_toml(&[&a, &b, &c])).await;
+    let (ok, failed) = gets_while_killing(s.proxy, &b).await;
+    assert_eq!(failed, 0, "ok: {ok}");
+    assert!(ok > 200);
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "shoal_backend_up{backend=\"b2\"}"),
+        Some(0.0),
+        "passive detection: {m}"
+    );
+}
+
+/// 8 keep-alive clients sending GETs for 2.5 s through `proxy`, `victim` killed 0.8 s in: how
+/// many answered 200, and how many did not.
+async fn gets_while_killing(proxy: std::net::SocketAddr, victim: &Backend) -> (u64, u64) {
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop_at = Instant::now() + Duration::from_millis(2500);
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let (ok, failed, proxy) = (ok.clone(), failed.clone(), s.proxy);
+        let (ok, failed) = (ok.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
             let mut tx = client(proxy).await;
             while Instant::now() < stop_at {
@@ -484,23 +498,11 @@ async fn killing_a_backend_under_load_fails_no_get() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    b.kill();
+    victim.kill();
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(
-        failed.load(Ordering::SeqCst),
-        0,
-        "ok: {}",
-        ok.load(Ordering::SeqCst)
-    );
-    assert!(ok.load(Ordering::SeqCst) > 200);
-    let m = s.metrics().await;
-    assert_eq!(
-        metric(&m, "shoal_backend_up{backend=\"b2\"}"),
-        Some(0.0),
-        "passive detection: {m}"
-    );
+    (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2595,42 +2597,9 @@ async fn forward_stream_and_recover(io_uring: bool) {
 
     // Load from 8 keep-alive clients while a backend dies: no GET fails (its pooled
     // connections close under the ring's receives; requests go elsewhere).
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let stop_at = Instant::now() + Duration::from_millis(2500);
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let (ok, failed, proxy) = (ok.clone(), failed.clone(), s.proxy);
-        tasks.push(tokio::spawn(async move {
-            let mut tx = client(proxy).await;
-            while Instant::now() < stop_at {
-                let req = request("GET", proxy, "/load").body(empty()).unwrap();
-                match tx.send_request(req).await {
-                    Ok(r) if r.status() == 200 => {
-                        let _ = r.into_body().collect().await;
-                        ok.fetch_add(1, Ordering::SeqCst);
-                    }
-                    other => {
-                        eprintln!("failed: {:?}", other.map(|r| r.status()));
-                        failed.fetch_add(1, Ordering::SeqCst);
-                        tx = client(proxy).await;
-                    }
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    b.kill();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::SeqCst),
-        0,
-        "ok: {}",
-        ok.load(Ordering::SeqCst)
-    );
-    assert!(ok.load(Ordering::SeqCst) > 200);
+    let (ok, failed) = gets_while_killing(s.proxy, &b).await;
+    assert_eq!(failed, 0, "ok: {ok}");
+    assert!(ok > 200);
     assert_eq!(rings_of(pid), rings, "{}", s.log());
     assert!(!s.log().contains("refused a ring"), "{}", s.log());
 }
