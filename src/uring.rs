@@ -334,23 +334,35 @@ fn take(ring: u64, op: usize, cx: &mut Context<'_>) -> io::Result<Option<(i32, u
     })
 }
 
+/// The read side of a [`UringStream`].
+enum Rx {
+    /// Nothing received is waiting and no receive is in flight.
+    Idle,
+    /// A receive in flight that takes a buffer of the ring's group when data arrives.
+    Ring(usize),
+    /// A receive in flight into a buffer of the stream's own (the ring had none left).
+    Own(usize, Vec<u8>),
+    /// Received bytes in the ring's buffer `buf`, read up to `pos` of `end`.
+    Held { buf: u16, pos: usize, end: usize },
+    /// Received bytes in the stream's own buffer, read up to `pos` of `end`.
+    OwnHeld {
+        bytes: Vec<u8>,
+        pos: usize,
+        end: usize,
+    },
+    /// The peer closed its side.
+    Eof,
+}
+
 /// A TCP connection whose reads and writes go through its worker's ring.
 pub struct UringStream {
     fd: OwnedFd,
     ring: u64,
-    /// A received buffer of the group being read: its number, how far read, how much in it.
-    held: Option<(u16, usize, usize)>,
-    /// The receive in flight, and whether it reads into `own`.
-    rop: Option<usize>,
-    rop_own: bool,
-    /// A buffer of this stream's own, for a receive made while the ring had none left, and
-    /// what of it is still to be read.
-    own: Vec<u8>,
-    own_range: Option<(usize, usize)>,
+    /// What the read side is doing.
+    rx: Rx,
     /// The last receive filled its buffer: more is likely waiting, so the next read asks the
     /// socket at once (a bulk transfer reads as over epoll, in big reads, not a ring turn each).
     streaming: bool,
-    eof: bool,
     /// Bytes being sent, from `wpos` on; the send in flight.
     wbuf: Vec<u8>,
     wpos: usize,
@@ -370,13 +382,8 @@ impl UringStream {
         Ok(Self {
             fd,
             ring,
-            held: None,
-            rop: None,
-            rop_own: false,
-            own: Vec::new(),
-            own_range: None,
+            rx: Rx::Idle,
             streaming: false,
-            eof: false,
             wbuf: Vec::new(),
             wpos: 0,
             wop: None,
@@ -459,75 +466,92 @@ impl AsyncRead for UringStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let ring = this.ring;
         loop {
-            if let Some((b, pos, end)) = this.held {
-                let n = (end - pos).min(buf.remaining());
-                let held = &mut this.held;
-                with(this.ring, |d| {
-                    let p = d.buffer(b);
-                    // SAFETY: the kernel wrote `end` bytes into buffer `b`, which is this
-                    // stream's until given back.
-                    buf.put_slice(unsafe { std::slice::from_raw_parts(p.add(pos), n) });
-                    if pos + n == end {
-                        *held = None;
-                        d.give_back(b)?;
-                    } else {
-                        *held = Some((b, pos + n, end));
+            match std::mem::replace(&mut this.rx, Rx::Idle) {
+                Rx::Held { buf: b, pos, end } => {
+                    let n = (end - pos).min(buf.remaining());
+                    let done = pos + n == end;
+                    if !done {
+                        this.rx = Rx::Held {
+                            buf: b,
+                            pos: pos + n,
+                            end,
+                        };
                     }
-                    Ok(())
-                })?;
-                return Poll::Ready(Ok(()));
-            }
-            if let Some((pos, end)) = this.own_range {
-                let n = (end - pos).min(buf.remaining());
-                buf.put_slice(&this.own[pos..pos + n]);
-                if pos + n == end {
-                    this.own_range = None;
-                    this.own = Vec::new();
-                } else {
-                    this.own_range = Some((pos + n, end));
+                    with(ring, |d| {
+                        let p = d.buffer(b);
+                        // SAFETY: the kernel wrote `end` bytes into buffer `b`, which is this
+                        // stream's until given back.
+                        buf.put_slice(unsafe { std::slice::from_raw_parts(p.add(pos), n) });
+                        if done {
+                            d.give_back(b)?;
+                        }
+                        Ok(())
+                    })?;
+                    return Poll::Ready(Ok(()));
                 }
-                return Poll::Ready(Ok(()));
-            }
-            if this.eof {
-                return Poll::Ready(Ok(()));
-            }
-            match this.rop {
-                Some(op) => {
-                    let Some((r, flags)) = take(this.ring, op, cx)? else {
-                        return Poll::Pending;
-                    };
-                    this.rop = None;
-                    if std::mem::take(&mut this.rop_own) {
-                        if r < 0 {
-                            return Poll::Ready(Err(io::Error::from_raw_os_error(-r)));
-                        }
-                        if r == 0 {
-                            this.eof = true;
-                        } else {
-                            this.own_range = Some((0, r as usize));
-                        }
-                        continue;
+                Rx::OwnHeld { bytes, pos, end } => {
+                    let n = (end - pos).min(buf.remaining());
+                    buf.put_slice(&bytes[pos..pos + n]);
+                    if pos + n < end {
+                        this.rx = Rx::OwnHeld {
+                            bytes,
+                            pos: pos + n,
+                            end,
+                        };
                     }
+                    return Poll::Ready(Ok(()));
+                }
+                Rx::Eof => {
+                    this.rx = Rx::Eof;
+                    return Poll::Ready(Ok(()));
+                }
+                Rx::Own(op, bytes) => {
+                    // Until its completion is taken, the kernel may write into `bytes`.
+                    let got = take(ring, op, cx);
+                    let Ok(Some((r, _))) = got else {
+                        this.rx = Rx::Own(op, bytes);
+                        return waiting(got);
+                    };
+                    if r < 0 {
+                        return Poll::Ready(Err(io::Error::from_raw_os_error(-r)));
+                    }
+                    this.rx = match r {
+                        0 => Rx::Eof,
+                        r => Rx::OwnHeld {
+                            bytes,
+                            pos: 0,
+                            end: r as usize,
+                        },
+                    };
+                }
+                Rx::Ring(op) => {
+                    let got = take(ring, op, cx);
+                    let Ok(Some((r, flags))) = got else {
+                        this.rx = Rx::Ring(op);
+                        return waiting(got);
+                    };
                     let b = cqueue::buffer_select(flags);
                     if r == -libc::ENOBUFS {
                         // Every buffer of the ring is in use: this receive gets its own.
-                        this.own = vec![0; BUF];
-                        let (fd, ptr) = (this.fd.as_raw_fd(), this.own.as_mut_ptr());
-                        this.rop = Some(with(this.ring, |d| {
+                        tracing::debug!("io_uring: no ring buffer left; a receive gets its own");
+                        let mut own = vec![0; BUF];
+                        let (fd, ptr) = (this.fd.as_raw_fd(), own.as_mut_ptr());
+                        let op = with(ring, |d| {
                             d.start(opcode::Recv::new(types::Fd(fd), ptr, BUF as u32).build())
-                        })?);
-                        this.rop_own = true;
+                        })?;
+                        this.rx = Rx::Own(op, own);
                         continue;
                     }
                     if r <= 0 {
                         if let Some(b) = b {
-                            with(this.ring, |d| d.give_back(b))?;
+                            with(ring, |d| d.give_back(b))?;
                         }
                         if r < 0 {
                             return Poll::Ready(Err(io::Error::from_raw_os_error(-r)));
                         }
-                        this.eof = true;
+                        this.rx = Rx::Eof;
                         continue;
                     }
                     let Some(b) = b else {
@@ -536,9 +560,13 @@ impl AsyncRead for UringStream {
                         )));
                     };
                     this.streaming = r as usize == BUF;
-                    this.held = Some((b, 0, r as usize));
+                    this.rx = Rx::Held {
+                        buf: b,
+                        pos: 0,
+                        end: r as usize,
+                    };
                 }
-                None => {
+                Rx::Idle => {
                     let fd = this.fd.as_raw_fd();
                     if this.streaming && buf.remaining() > 0 {
                         let room = buf.remaining();
@@ -554,7 +582,9 @@ impl AsyncRead for UringStream {
                             unsafe { buf.assume_init(n) };
                             buf.advance(n);
                             this.streaming = n == room;
-                            this.eof = n == 0;
+                            if n == 0 {
+                                this.rx = Rx::Eof;
+                            }
                             return Poll::Ready(Ok(()));
                         }
                         let e = io::Error::last_os_error();
@@ -563,7 +593,7 @@ impl AsyncRead for UringStream {
                         }
                         this.streaming = false;
                     }
-                    let op = with(this.ring, |d| {
+                    let op = with(ring, |d| {
                         d.start(
                             opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), BUF as u32)
                                 .buf_group(GROUP)
@@ -571,15 +601,24 @@ impl AsyncRead for UringStream {
                                 .flags(squeue::Flags::BUFFER_SELECT),
                         )
                     })?;
-                    this.rop = Some(op);
+                    this.rx = Rx::Ring(op);
                     // It completes on the driver's next turn at the earliest; this sets the waker.
-                    if take(this.ring, op, cx)?.is_none() {
+                    if take(ring, op, cx)?.is_none() {
                         return Poll::Pending;
                     }
                     return Poll::Ready(Err(io::Error::other("io_uring: completed unsubmitted")));
                 }
             }
         }
+    }
+}
+
+/// A read whose operation has not completed (`got`, from `take`): Pending, or the error; the
+/// operation stays the stream's, for Drop to cancel.
+fn waiting(got: io::Result<Option<(i32, u32)>>) -> Poll<io::Result<()>> {
+    match got {
+        Err(e) => Poll::Ready(Err(e)),
+        Ok(_) => Poll::Pending,
     }
 }
 
@@ -656,12 +695,13 @@ impl AsyncWrite for UringStream {
 
 impl Drop for UringStream {
     fn drop(&mut self) {
-        let held = self.held.take();
-        let own = std::mem::take(&mut self.own);
-        let ops = [
-            (self.rop.take(), if self.rop_own { own } else { Vec::new() }),
-            (self.wop.take(), std::mem::take(&mut self.wbuf)),
-        ];
+        let (held, rop) = match std::mem::replace(&mut self.rx, Rx::Eof) {
+            Rx::Held { buf, .. } => (Some(buf), (None, Vec::new())),
+            Rx::Ring(op) => (None, (Some(op), Vec::new())),
+            Rx::Own(op, bytes) => (None, (Some(op), bytes)),
+            Rx::Idle | Rx::OwnHeld { .. } | Rx::Eof => (None, (None, Vec::new())),
+        };
+        let ops = [rop, (self.wop.take(), std::mem::take(&mut self.wbuf))];
         if ring_id() != Some(self.ring) {
             // Not on its ring's thread (only at a worker's end): the kernel may still read the
             // bytes being sent.
@@ -671,7 +711,7 @@ impl Drop for UringStream {
             return;
         }
         let _ = with(self.ring, move |d| {
-            if let Some((b, _, _)) = held {
+            if let Some(b) = held {
                 d.give_back(b)?;
             }
             for (op, buf) in ops {
