@@ -186,7 +186,27 @@ impl Peer {
                 let _ = h.reload(f);
             }
         }
+        self.server
+            .set_idle_timeouts(new.proxy.client_idle_timeout, new.proxy.tunnel_idle_timeout);
         let old = &self.config;
+        let (op, np) = (&old.proxy, &new.proxy);
+        let restart_only = [
+            ("proxy.workers", op.workers != np.workers),
+            ("proxy.io_uring", op.io_uring != np.io_uring),
+            (
+                "proxy.max_connections",
+                op.max_connections != np.max_connections,
+            ),
+            (
+                "proxy.max_header_bytes",
+                op.max_header_bytes != np.max_header_bytes,
+            ),
+        ];
+        for (key, changed) in restart_only {
+            if changed {
+                tracing::warn!(key, "{key} changes only on restart; kept the old value");
+            }
+        }
         if old.proxy.listen != new.proxy.listen
             || old.admin.listen != new.admin.listen
             || old.cluster.listen != new.cluster.listen

@@ -8,7 +8,7 @@
 //! the request path. The control plane (cluster, admin, probes) runs on another runtime.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,10 @@ pub struct ServerOptions {
     pub io_uring: bool,
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Every client listener of one peer, sharing one connection limit and one drain.
@@ -60,6 +64,10 @@ pub struct Server {
     drain: CancellationToken,
     /// Cancelled when the drain is over: worker runtimes stop.
     done: CancellationToken,
+    /// `proxy.client_idle_timeout` and `proxy.tunnel_idle_timeout` in milliseconds: live, a
+    /// reload changes them for every connection at its next idle check.
+    client_idle_ms: AtomicU64,
+    tunnel_idle_ms: AtomicU64,
 }
 
 /// A TLS server config that a reload can swap.
@@ -116,6 +124,8 @@ impl Server {
             .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX));
         Arc::new(Self {
             proxy,
+            client_idle_ms: AtomicU64::new(millis(opts.client_idle_timeout)),
+            tunnel_idle_ms: AtomicU64::new(millis(opts.tunnel_idle_timeout)),
             limit: Arc::new(Semaphore::new(opts.max_connections)),
             opts,
             h2,
@@ -123,6 +133,20 @@ impl Server {
             drain: CancellationToken::new(),
             done: CancellationToken::new(),
         })
+    }
+
+    /// New idle timeouts (a reload): each connection takes them at its next idle check.
+    pub fn set_idle_timeouts(&self, client: Duration, tunnel: Duration) {
+        self.client_idle_ms.store(millis(client), Ordering::Relaxed);
+        self.tunnel_idle_ms.store(millis(tunnel), Ordering::Relaxed);
+    }
+
+    fn client_idle(&self) -> Duration {
+        Duration::from_millis(self.client_idle_ms.load(Ordering::Relaxed))
+    }
+
+    fn tunnel_idle(&self) -> Duration {
+        Duration::from_millis(self.tunnel_idle_ms.load(Ordering::Relaxed))
     }
 
     /// Start `workers` threads, each with its own runtime accepting on its own socket of every
@@ -266,7 +290,6 @@ impl Server {
             self.serve_h2(io, &info, &state).await;
         };
         tokio::pin!(conn);
-        let idle = self.opts.client_idle_timeout;
         let load = |s: &ConnState| {
             (
                 s.reads.load(Ordering::Relaxed),
@@ -275,7 +298,7 @@ impl Server {
             )
         };
         let mut seen = load(&state);
-        let sleep = tokio::time::sleep(idle);
+        let sleep = tokio::time::sleep(self.client_idle());
         tokio::pin!(sleep);
         loop {
             tokio::select! {
@@ -295,7 +318,7 @@ impl Server {
                         }
                     }
                     seen = now;
-                    sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                    sleep.as_mut().reset(tokio::time::Instant::now() + self.client_idle());
                 }
             }
         }
@@ -306,12 +329,11 @@ impl Server {
         if tunnels.tracker.is_empty() {
             return;
         }
-        let idle = self.opts.tunnel_idle_timeout;
         let mut seen = load(&state);
         loop {
             tokio::select! {
                 _ = tunnels.tracker.wait() => return,
-                _ = tokio::time::sleep(idle) => {
+                _ = tokio::time::sleep(self.tunnel_idle()) => {
                     let now = load(&state);
                     if now.0 == seen.0 && now.1 == seen.1 {
                         tracing::debug!("closing an idle tunnel");
