@@ -178,26 +178,28 @@ async fn forwarding_headers() {
 async fn bodies_stream_both_ways() {
     let m = Backend::start("m", Behavior::Mirror).await;
     let s = Shoal::start("", &backends_toml(&[&m])).await;
-    // 8 MiB up and back, chunked.
+    assert_streams_both_ways(s.proxy, &m).await;
+}
+
+/// Through `proxy` to the mirror `m`: 8 MiB up and back (chunked), byte for byte; then `m` drips
+/// an answer (5 chunks 300 ms apart) whose first chunk must arrive long before the last is sent.
+/// Leaves `m` dripping.
+async fn assert_streams_both_ways(proxy: std::net::SocketAddr, m: &Backend) {
+    m.set(Behavior::Mirror);
     let big: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
-    let req = request("POST", s.proxy, "/upload")
+    let req = request("POST", proxy, "/upload")
         .body(full(big.clone()))
         .unwrap();
-    let r = send(s.proxy, req).await.unwrap();
+    let r = send(proxy, req).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.body().len(), big.len());
-    assert!(r.body()[..] == big[..]);
+    assert!(r.body()[..] == big[..], "the mirrored body differs");
 
-    // A response dripping 5 chunks 300 ms apart: the first arrives long before the last is sent.
     m.set(Behavior::Drip(5, Duration::from_millis(300)));
-    let stream = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut tx = client(proxy).await;
     let start = Instant::now();
     let resp = tx
-        .send_request(request("GET", s.proxy, "/drip").body(empty()).unwrap())
+        .send_request(request("GET", proxy, "/drip").body(empty()).unwrap())
         .await
         .unwrap();
     let mut body = resp.into_body();
@@ -819,7 +821,12 @@ async fn sighup_reloads_live_settings_and_keeps_the_old_config_when_invalid() {
 
     // A shorter request timeout, live.
     let text = std::fs::read_to_string(&s.config).unwrap();
-    let shorter = text.replace("retries = 0", "retries = 0\nrequest_timeout = \"200ms\"");
+    // A shorter request timeout and client idle timeout, live; a new worker count is kept for
+    // the restart, and said so.
+    let shorter = text.replace(
+        "retries = 0",
+        "retries = 0\nrequest_timeout = \"200ms\"\nclient_idle_timeout = \"300ms\"\nworkers = 3",
+    );
     std::fs::write(&s.config, &shorter).unwrap();
     s.signal("-HUP");
     eventually(
@@ -833,6 +840,19 @@ async fn sighup_reloads_live_settings_and_keeps_the_old_config_when_invalid() {
         },
     )
     .await;
+    assert!(
+        s.log()
+            .contains("proxy.workers changes only on restart; kept the old value"),
+        "{}",
+        s.log()
+    );
+    let mut idle = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    let mut b = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(3), idle.read(&mut b)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle connection outlived the reloaded 300 ms idle timeout"
+    );
 
     // An invalid file is refused: the running config stays, and the process stays up.
     std::fs::write(&s.config, shorter.replace("retries = 0", "retries = -1")).unwrap();
@@ -1081,13 +1101,10 @@ async fn sighup_reloads_certificates_and_the_ejection_cap_and_counts_reloads() {
     // A broken certificate file: the reload fails, nothing changes, and it is counted.
     std::fs::write(dir.path().join("t.pem"), "not a certificate").unwrap();
     s.signal("-HUP");
-    eventually(
+    s.metric_reaches(
+        "shoal_config_reloads_total{result=\"failed\"}",
+        1.0,
         Duration::from_secs(3),
-        "a failed reload counted",
-        || async {
-            let m = s.metrics().await;
-            (metric(&m, "shoal_config_reloads_total{result=\"failed\"}") == Some(1.0)).then_some(())
-        },
     )
     .await;
     let m = s.metrics().await;
@@ -1242,11 +1259,8 @@ async fn tunnels_count_as_connections_close_when_idle_and_end_with_the_grace() {
         matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
         "the idle tunnel is still open"
     );
-    eventually(Duration::from_secs(3), "one connection left", || async {
-        let m = s.metrics().await;
-        (metric(&m, "shoal_client_connections") == Some(1.0)).then_some(())
-    })
-    .await;
+    s.metric_reaches("shoal_client_connections", 1.0, Duration::from_secs(3))
+        .await;
     // A drain waits for the open tunnel up to the grace, then closes it and exits 0.
     s.signal("-TERM");
     let start = Instant::now();
@@ -2547,49 +2561,32 @@ async fn forward_stream_and_recover(io_uring: bool) {
     assert!(got.starts_with("HTTP/1.1 400"), "{got}");
     assert_eq!(a.hits() + b.hits() + c.hits(), before);
 
-    // A client that leaves in the middle of an answer costs nothing to the others.
-    let mut gone = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
-    gone.write_all(b"GET /drop HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    drop(gone);
-
-    // Bodies both ways through a mirror: 8 MiB up and back, byte for byte.
+    // Bodies both ways through a mirror, on a one-worker proxy of its own.
     let keys = format!("io_uring = {io_uring}\nworkers = 1");
     let s2 = Shoal::start(&keys, &backends_toml(&[&m])).await;
-    let big: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    assert_streams_both_ways(s2.proxy, &m).await;
+    // A client that leaves in the middle of a dripping answer: its connection ends (the failed
+    // send on its socket is seen), and the next client is served.
+    let mut gone = tokio::net::TcpStream::connect(s2.proxy).await.unwrap();
+    gone.write_all(b"GET /drip HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    gone.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    drop(gone);
+    s2.metric_reaches("shoal_client_connections", 0.0, Duration::from_secs(5))
+        .await;
+    m.set(Behavior::Mirror);
     let r = send(
         s2.proxy,
-        request("POST", s2.proxy, "/up")
-            .body(full(big.clone()))
+        request("POST", s2.proxy, "/after")
+            .body(full(&b"next"[..]))
             .unwrap(),
     )
     .await
     .unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(r.body()[..] == big[..], "{} bytes back", r.body().len());
-    // A dripping answer streams: the first chunk long before the last.
-    m.set(Behavior::Drip(4, Duration::from_millis(300)));
-    let mut tx2 = client(s2.proxy).await;
-    let start = Instant::now();
-    let resp = tx2
-        .send_request(request("GET", s2.proxy, "/drip").body(empty()).unwrap())
-        .await
-        .unwrap();
-    let mut body = resp.into_body();
-    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-    let first_at = start.elapsed();
-    assert_eq!(&first[..], b"chunk 0\n");
-    assert!(body
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .ends_with(b"chunk 3\n"));
-    assert!(
-        first_at < Duration::from_millis(600),
-        "buffered: {first_at:?}"
-    );
+    assert_eq!(&r.body()[..], b"next");
 
     // A WebSocket-style tunnel over a ring's sockets.
     let mut t = open_tunnel(s.proxy).await;
@@ -2601,5 +2598,52 @@ async fn forward_stream_and_recover(io_uring: bool) {
     assert_eq!(failed, 0, "ok: {ok}");
     assert!(ok > 200);
     assert_eq!(rings_of(pid), rings, "{}", s.log());
-    assert!(!s.log().contains("refused a ring"), "{}", s.log());
+}
+
+/// More requests land at once than a worker's ring has receive buffers (256): the process is
+/// stopped while 400 connections each send a request, so their receives all complete in the
+/// ring's first turn after it resumes. Those past the ring's buffers read into buffers of their
+/// own; every request is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_requests_at_once_than_the_ring_has_buffers() {
+    // The proxy dials 400 connections to it at once: a backlog to take them.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let a = Backend::start_on(sock.listen(1024).unwrap(), "a", Behavior::Echo);
+    let s = Shoal::start_with_env(
+        "workers = 1",
+        &backends_toml(&[&a]),
+        &[("SHOAL__LOG__LEVEL", "info,shoal::uring=debug")],
+    )
+    .await;
+    let mut conns = Vec::new();
+    for _ in 0..400 {
+        conns.push(tokio::net::TcpStream::connect(s.proxy).await.unwrap());
+    }
+    // Every connection accepted and its receive queued on the ring before the stop.
+    s.metric_reaches("shoal_client_connections", 400.0, Duration::from_secs(5))
+        .await;
+    s.signal("-STOP");
+    for (i, c) in conns.iter_mut().enumerate() {
+        let req = format!("GET /burst/{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        c.write_all(req.as_bytes()).await.unwrap();
+    }
+    s.signal("-CONT");
+    for (i, mut c) in conns.into_iter().enumerate() {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200"), "{i}: {got}\n{}", s.log());
+        assert!(got.contains(&format!("/burst/{i}")), "{i}: {got}");
+    }
+    if kernel_allows_io_uring() {
+        assert!(
+            s.log().contains("no ring buffer left"),
+            "no receive ran out of ring buffers: {}",
+            s.log()
+        );
+    }
 }

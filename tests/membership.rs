@@ -824,9 +824,11 @@ async fn learners_join_under_mutual_tls_with_the_clusters_ca() {
         sum
     };
     assert!(failures >= 1.0, "the stranger's attempts are counted");
-    eventually(Duration::from_secs(5), "a sees one learner", || async {
-        let m = nodes[0].metrics().await;
-        (metric(&m, "shoal_members{role=\"learner\"}") == Some(1.0)).then_some(())
-    })
-    .await;
+    nodes[0]
+        .metric_reaches(
+            "shoal_members{role=\"learner\"}",
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
 }

@@ -418,6 +418,14 @@ impl Shoal {
     pub async fn metrics(&self) -> String {
         get_text(self.admin, "/metrics").await.unwrap().1
     }
+
+    /// Waits (up to `within`) until the series (name and labels as printed) reads `value`.
+    pub async fn metric_reaches(&self, series: &str, value: f64, within: Duration) {
+        eventually(within, &format!("{series} = {value}"), || async {
+            (metric(&self.metrics().await, series) == Some(value)).then_some(())
+        })
+        .await
+    }
 }
 
 impl Drop for Shoal {
