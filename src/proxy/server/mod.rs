@@ -287,7 +287,8 @@ impl Server {
                     Ended::Closed | Ended::Upgraded => return,
                 }
             };
-            self.serve_h2(io, &info, &state).await;
+            // Boxed: an HTTP/2 connection's state is large, and most connections are HTTP/1.
+            Box::pin(self.serve_h2(io, &info, &state)).await;
         };
         tokio::pin!(conn);
         let load = |s: &ConnState| {
