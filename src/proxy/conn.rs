@@ -9,6 +9,13 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// The tunnels of one client connection.
+#[derive(Clone, Debug, Default)]
+pub struct Tunnels {
+    pub tracker: tokio_util::task::TaskTracker,
+    pub close: tokio_util::sync::CancellationToken,
+}
+
 /// Shared between the connection's I/O and its service.
 #[derive(Default, Debug)]
 pub struct ConnState {
@@ -20,6 +27,8 @@ pub struct ConnState {
     pub active_requests: AtomicU64,
     /// Set when a 101 went out: the bytes that follow are the tunnel's, not HTTP/1.
     pub upgraded: AtomicBool,
+    /// The connection's tunnels, made by the first upgrade (most connections have none).
+    pub tunnels: std::sync::OnceLock<Tunnels>,
 }
 
 pin_project_lite::pin_project! {

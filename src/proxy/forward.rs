@@ -16,6 +16,7 @@ use metrics::Counter;
 use super::access::AccessRecord;
 use super::body::{ClientBody, RequestBody, SharedTape, Tape, REPLAY_LIMIT};
 use super::client::ClientUpgrade;
+use super::conn::{ConnState, Tunnels};
 use super::error::ProxyError;
 use super::response::ResponseBody;
 use super::table::{Candidates, RoutingTable, Settings, Snapshot};
@@ -36,16 +37,10 @@ pub struct ConnInfo {
     pub client_ip: HeaderValue,
     /// The data-plane worker serving the connection (its upstream connections are its own).
     pub worker: usize,
-    /// Where an upgraded connection's tunnel runs: the connection's own tracker (so the tunnel
-    /// counts as this client connection until it ends) and what closes it (idle, grace over).
-    pub tunnels: Option<Arc<Tunnels>>,
-}
-
-/// The tunnels of one client connection.
-#[derive(Clone, Debug, Default)]
-pub struct Tunnels {
-    pub tracker: tokio_util::task::TaskTracker,
-    pub close: tokio_util::sync::CancellationToken,
+    /// The client connection's shared state; an upgraded connection's tunnel runs in its
+    /// `tunnels` (so the tunnel counts as this client connection until it ends, and closes
+    /// when idle or when the grace is over).
+    pub state: Option<Arc<ConnState>>,
 }
 
 impl ConnInfo {
@@ -57,7 +52,7 @@ impl ConnInfo {
             https,
             client_ip,
             worker,
-            tunnels: None,
+            state: None,
         }
     }
 }
@@ -392,7 +387,14 @@ impl Plan {
                 {
                     parts.headers = body.take_fields(true);
                     if let Some((backend, early)) = body.upgraded() {
-                        let tunnels = conn.tunnels.clone().unwrap_or_default();
+                        let own;
+                        let tunnels = match &conn.state {
+                            Some(s) => s.tunnels.get_or_init(Tunnels::default),
+                            None => {
+                                own = Tunnels::default();
+                                &own
+                            }
+                        };
                         let close = tunnels.close.clone();
                         tunnels
                             .tracker

@@ -27,8 +27,8 @@ use tokio_util::task::TaskTracker;
 
 use super::body::ClientBody;
 use super::client::{BoxIo, Rewind};
-use super::conn::{ConnState, WatchedIo};
-use super::forward::{ConnInfo, Proxy, Tunnels};
+use super::conn::{ConnState, Tunnels, WatchedIo};
+use super::forward::{ConnInfo, Proxy};
 use h1::Ended;
 
 pub mod h1;
@@ -270,8 +270,7 @@ impl Server {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let state = Arc::new(ConnState::default());
-        let tunnels = Arc::new(Tunnels::default());
-        info.tunnels = Some(tunnels.clone());
+        info.state = Some(state.clone());
         let io: BoxIo = Box::new(WatchedIo::new(io, state.clone()));
         let h2c = !info.https;
         let conn = async {
@@ -326,17 +325,31 @@ impl Server {
         // An upgraded connection lives on as its tunnel: it still counts against
         // max_connections and in shoal_client_connections, and it closes when idle. A drain
         // waits for it up to the grace; then the worker stops and the tunnel with it.
-        tunnels.tracker.close();
-        if tunnels.tracker.is_empty() {
-            return;
+        if let Some(tunnels) = state.tunnels.get() {
+            tunnels.tracker.close();
+            if !tunnels.tracker.is_empty() {
+                // Boxed: no connection but an upgraded one needs this state.
+                Box::pin(self.watch_tunnels(tunnels, &state)).await;
+            }
         }
-        let mut seen = load(&state);
+    }
+
+    /// Until the connection's tunnels end: close them when no byte moved either way for
+    /// `proxy.tunnel_idle_timeout`.
+    async fn watch_tunnels(&self, tunnels: &Tunnels, state: &ConnState) {
+        let load = |s: &ConnState| {
+            (
+                s.reads.load(Ordering::Relaxed),
+                s.writes.load(Ordering::Relaxed),
+            )
+        };
+        let mut seen = load(state);
         loop {
             tokio::select! {
                 _ = tunnels.tracker.wait() => return,
                 _ = tokio::time::sleep(self.tunnel_idle()) => {
-                    let now = load(&state);
-                    if now.0 == seen.0 && now.1 == seen.1 {
+                    let now = load(state);
+                    if now == seen {
                         tracing::debug!("closing an idle tunnel");
                         tunnels.close.cancel();
                         tunnels.tracker.wait().await;
