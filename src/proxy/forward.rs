@@ -40,11 +40,11 @@ pub struct ConnInfo {
     /// The client connection's shared state; an upgraded connection's tunnel runs in its
     /// `tunnels` (so the tunnel counts as this client connection until it ends, and closes
     /// when idle or when the grace is over).
-    pub state: Option<Arc<ConnState>>,
+    pub state: Arc<ConnState>,
 }
 
 impl ConnInfo {
-    pub fn new(client: SocketAddr, https: bool, worker: usize) -> Self {
+    pub fn new(client: SocketAddr, https: bool, worker: usize, state: Arc<ConnState>) -> Self {
         let client_ip = HeaderValue::from_str(&client.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Self {
@@ -52,7 +52,7 @@ impl ConnInfo {
             https,
             client_ip,
             worker,
-            state: None,
+            state,
         }
     }
 }
@@ -387,14 +387,7 @@ impl Plan {
                 {
                     parts.headers = body.take_fields(true);
                     if let Some((backend, early)) = body.upgraded() {
-                        let own;
-                        let tunnels = match &conn.state {
-                            Some(s) => s.tunnels.get_or_init(Tunnels::default),
-                            None => {
-                                own = Tunnels::default();
-                                &own
-                            }
-                        };
+                        let tunnels = conn.state.tunnels.get_or_init(Tunnels::default);
                         let close = tunnels.close.clone();
                         tunnels
                             .tracker

@@ -222,17 +222,11 @@ impl Server {
                 match tls {
                     None if crate::uring::enabled() => {
                         match crate::uring::UringStream::from_tokio(stream) {
-                            Ok(s) => {
-                                this.serve(s, ConnInfo::new(client, false, worker), false)
-                                    .await
-                            }
+                            Ok(s) => this.serve(s, client, false, worker, false).await,
                             Err(e) => tracing::debug!(error = %e, "io_uring stream"),
                         }
                     }
-                    None => {
-                        this.serve(stream, ConnInfo::new(client, false, worker), false)
-                            .await
-                    }
+                    None => this.serve(stream, client, false, worker, false).await,
                     // Boxed: the TLS path's state is several KiB, which a plain connection's
                     // task would otherwise carry (idle connections add up).
                     Some(cfg) => {
@@ -246,7 +240,7 @@ impl Server {
                             {
                                 Ok(Ok(s)) => {
                                     let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                                    this.serve(s, ConnInfo::new(client, true, worker), h2).await
+                                    this.serve(s, client, true, worker, h2).await
                                 }
                                 Ok(Err(e)) => {
                                     tracing::debug!(%client, error = %e, "TLS handshake failed")
@@ -265,12 +259,18 @@ impl Server {
         // Dropping the listener here closes it: new connections are refused from now on.
     }
 
-    async fn serve<I>(&self, io: I, mut info: ConnInfo, alpn_h2: bool)
-    where
+    async fn serve<I>(
+        &self,
+        io: I,
+        client: std::net::SocketAddr,
+        https: bool,
+        worker: usize,
+        alpn_h2: bool,
+    ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let state = Arc::new(ConnState::default());
-        info.state = Some(state.clone());
+        let info = ConnInfo::new(client, https, worker, state.clone());
         let io: BoxIo = Box::new(WatchedIo::new(io, state.clone()));
         let h2c = !info.https;
         let conn = async {
