@@ -853,6 +853,17 @@ async fn sighup_reloads_live_settings_and_keeps_the_old_config_when_invalid() {
         matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
         "an idle connection outlived the reloaded 300 ms idle timeout"
     );
+    // The same file again: the worker count is still not the running one, and is said again.
+    let warned = || {
+        s.log()
+            .matches("proxy.workers changes only on restart")
+            .count()
+    };
+    s.signal("-HUP");
+    eventually(Duration::from_secs(3), "the second warning", || async {
+        (warned() == 2).then_some(())
+    })
+    .await;
 
     // An invalid file is refused: the running config stays, and the process stays up.
     std::fs::write(&s.config, shorter.replace("retries = 0", "retries = -1")).unwrap();

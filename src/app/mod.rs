@@ -166,7 +166,7 @@ impl Peer {
 
     /// Apply what can change live from a new config; say what needs a restart. Certificates are
     /// loaded first: if any fails, nothing changes and the reason is returned.
-    pub fn reload(&mut self, new: Config, log: Option<&LogReload>) -> Result<(), String> {
+    pub fn reload(&mut self, mut new: Config, log: Option<&LogReload>) -> Result<(), String> {
         let proxy_tls = match (&self.tls, &new.proxy.tls) {
             (Some(_), Some(t)) => Some(
                 crate::tls::load_server_config(&t.cert, &t.key)
@@ -188,35 +188,43 @@ impl Peer {
         }
         self.server
             .set_idle_timeouts(new.proxy.client_idle_timeout, new.proxy.tunnel_idle_timeout);
+        // What only a restart changes keeps its running value, also in the kept config (so a
+        // later reload compares against what runs), and the reload says so.
         let old = &self.config;
-        let (op, np) = (&old.proxy, &new.proxy);
-        let restart_only = [
-            ("proxy.workers", op.workers != np.workers),
-            ("proxy.io_uring", op.io_uring != np.io_uring),
-            (
-                "proxy.max_connections",
-                op.max_connections != np.max_connections,
-            ),
-            (
-                "proxy.max_header_bytes",
-                op.max_header_bytes != np.max_header_bytes,
-            ),
-        ];
-        for (key, changed) in restart_only {
-            if changed {
-                tracing::warn!(key, "{key} changes only on restart; kept the old value");
+        keep("proxy.workers", &old.proxy.workers, &mut new.proxy.workers);
+        keep(
+            "proxy.io_uring",
+            &old.proxy.io_uring,
+            &mut new.proxy.io_uring,
+        );
+        keep(
+            "proxy.max_connections",
+            &old.proxy.max_connections,
+            &mut new.proxy.max_connections,
+        );
+        keep(
+            "proxy.max_header_bytes",
+            &old.proxy.max_header_bytes,
+            &mut new.proxy.max_header_bytes,
+        );
+        keep("proxy.listen", &old.proxy.listen, &mut new.proxy.listen);
+        keep("admin.listen", &old.admin.listen, &mut new.admin.listen);
+        keep(
+            "cluster.listen",
+            &old.cluster.listen,
+            &mut new.cluster.listen,
+        );
+        keep("node.id", &old.node.id, &mut new.node.id);
+        match (&old.proxy.tls, &mut new.proxy.tls) {
+            (Some(o), Some(n)) => keep("proxy.tls.listen", &o.listen, &mut n.listen),
+            (None, None) => {}
+            (o, n) => {
+                tracing::warn!(
+                    key = "proxy.tls",
+                    "proxy.tls changes only on restart; kept the old value"
+                );
+                *n = o.clone();
             }
-        }
-        if old.proxy.listen != new.proxy.listen
-            || old.admin.listen != new.admin.listen
-            || old.cluster.listen != new.cluster.listen
-            || old.node.id != new.node.id
-            || old.proxy.tls.as_ref().map(|t| &t.listen)
-                != new.proxy.tls.as_ref().map(|t| &t.listen)
-        {
-            tracing::warn!(
-                "listen addresses and node id change only on restart; kept the old ones"
-            );
         }
         record_certificate_expiry(&new);
         self.config = new;
@@ -245,6 +253,14 @@ impl Peer {
             );
         }
         self.shutdown.cancel();
+    }
+}
+
+/// A reloaded key that only a restart changes: if it differs, warn and keep the running value.
+fn keep<T: PartialEq + Clone>(key: &str, running: &T, new: &mut T) {
+    if running != new {
+        tracing::warn!(key, "{key} changes only on restart; kept the old value");
+        *new = running.clone();
     }
 }
 
