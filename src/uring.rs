@@ -8,8 +8,9 @@
 //! and once per write (under `h2load -c64`: 0.11 system calls per proxied request instead of 4).
 //!
 //! Receives take their buffer from the worker's provided-buffer group only when data arrives,
-//! so a connection waiting for its next request holds none; a send copies its bytes into the
-//! stream's own buffer (the kernel reads them after `poll_write` returns). The ring is set up
+//! so a connection waiting for its next request holds none; a write over 4 KiB goes to the
+//! socket at once, and what the socket does not take, or a smaller write, is copied into the
+//! stream's own buffer for the ring's send (the kernel reads it after `poll_write` returns). The ring is set up
 //! with cooperative task running: completions are not pushed at a running worker by an
 //! interrupt, they are collected at its next enter. Where the kernel refuses a ring (a seccomp
 //! profile, `kernel.io_uring_disabled`), the worker keeps epoll.
@@ -628,22 +629,7 @@ impl AsyncWrite for UringStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.poll_sent(cx)?.is_pending() {
-            return Poll::Pending;
-        }
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        if buf.len() > KEEP_SEND_BUF {
-            let slices = [io::IoSlice::new(buf)];
-            if let Some(n) = this.send_now(&slices)? {
-                return Poll::Ready(Ok(n));
-            }
-        }
-        this.wbuf.extend_from_slice(buf);
-        this.start_send()?;
-        Poll::Ready(Ok(buf.len()))
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -661,15 +647,13 @@ impl AsyncWrite for UringStream {
                 return Poll::Ready(Ok(n));
             }
         }
-        let mut n = 0;
         for b in bufs {
             this.wbuf.extend_from_slice(b);
-            n += b.len();
         }
-        if n > 0 {
+        if total > 0 {
             this.start_send()?;
         }
-        Poll::Ready(Ok(n))
+        Poll::Ready(Ok(total))
     }
 
     fn is_write_vectored(&self) -> bool {
