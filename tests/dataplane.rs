@@ -808,6 +808,63 @@ async fn tls_termination_with_alpn() {
         assert_eq!(v["headers"]["x-forwarded-proto"], "https");
         assert_eq!(v["path"], "/secure");
     }
+
+    // Cipher suites: AES-128-GCM (SHA-256) over the client's AES-256-GCM (SHA-384) first
+    // choice, in TLS 1.3 and 1.2; a client that puts ChaCha20 first gets it.
+    use rustls::CipherSuite as S;
+    let default = rustls::crypto::ring::default_provider();
+    let first = |suite: S| {
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites.sort_by_key(|s| s.suite() != suite);
+        p
+    };
+    for (provider, versions, want) in [
+        (
+            default.clone(),
+            &[&rustls::version::TLS13][..],
+            S::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            default,
+            &[&rustls::version::TLS12][..],
+            S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+        (
+            first(S::TLS13_CHACHA20_POLY1305_SHA256),
+            &[&rustls::version::TLS13][..],
+            S::TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+    ] {
+        let offered: Vec<S> = provider.cipher_suites.iter().map(|s| s.suite()).collect();
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+            .await
+            .unwrap();
+        let mut tls = connector
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        let got = tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
+        assert_eq!(got, Some(want), "client offering {offered:?}");
+        tls.write_all(b"GET /suite HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,7 +34,7 @@ pub struct Peer {
     pub cluster: Cluster,
     pub admin: Arc<Admin>,
     server: Arc<Server>,
-    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    tls: Option<Arc<ArcSwap<crate::tls::Termination>>>,
     shutdown: CancellationToken,
     /// The addresses actually bound (ports may have been 0).
     pub proxy_addrs: Vec<std::net::SocketAddr>,
@@ -81,7 +81,7 @@ impl Peer {
         let tls = match &config.proxy.tls {
             None => None,
             Some(t) => {
-                let cfg = crate::tls::load_server_config(&t.cert, &t.key).context("proxy.tls")?;
+                let cfg = crate::tls::load_termination(&t.cert, &t.key).context("proxy.tls")?;
                 let swap = Arc::new(ArcSwap::new(cfg));
                 for addr in &t.listen {
                     let l = Listener::bind(*addr, workers, Some(swap.clone()))
@@ -169,7 +169,7 @@ impl Peer {
     pub fn reload(&mut self, mut new: Config, log: Option<&LogReload>) -> Result<(), String> {
         let proxy_tls = match (&self.tls, &new.proxy.tls) {
             (Some(_), Some(t)) => Some(
-                crate::tls::load_server_config(&t.cert, &t.key)
+                crate::tls::load_termination(&t.cert, &t.key)
                     .map_err(|e| format!("proxy.tls: {e}"))?,
             ),
             _ => None,

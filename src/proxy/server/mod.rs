@@ -71,7 +71,7 @@ pub struct Server {
 }
 
 /// A TLS server config that a reload can swap.
-pub type TlsSwap = Arc<ArcSwap<rustls::ServerConfig>>;
+pub type TlsSwap = Arc<ArcSwap<crate::tls::Termination>>;
 
 /// One listen address, bound once per worker with SO_REUSEPORT.
 pub struct Listener {
@@ -231,12 +231,8 @@ impl Server {
                     // task would otherwise carry (idle connections add up).
                     Some(cfg) => {
                         Box::pin(async {
-                            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-                            match tokio::time::timeout(
-                                TLS_HANDSHAKE_TIMEOUT,
-                                acceptor.accept(stream),
-                            )
-                            .await
+                            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, cfg.accept(stream))
+                                .await
                             {
                                 Ok(Ok(s)) => {
                                     let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
