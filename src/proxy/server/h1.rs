@@ -128,7 +128,7 @@ impl Conn {
                     };
                     // Boxed, as below: an answer's state is no idle connection's to carry.
                     let _ = Box::pin(self.answer(resp, asked, drain)).await;
-                    self.linger().await;
+                    self.close_lingering().await;
                     return Ended::Closed;
                 }
             };
@@ -157,7 +157,7 @@ impl Conn {
                 }
                 Answered::Upgrade(_) | Answered::Close => {
                     if had_body && !lock(&self.wire).body_done {
-                        self.linger().await;
+                        self.close_lingering().await;
                     } else {
                         self.shutdown().await;
                     }
@@ -168,7 +168,7 @@ impl Conn {
             if had_body && !lock(&self.wire).body_done {
                 // The forwarder did not take the whole body (a backend answered early): the
                 // next request's bytes cannot be found.
-                self.linger().await;
+                self.close_lingering().await;
                 return Ended::Closed;
             }
         }
@@ -448,6 +448,12 @@ impl Conn {
 
     async fn shutdown(&self) {
         let _ = poll_fn(|cx| Pin::new(&mut lock(&self.wire).io).poll_shutdown(cx)).await;
+    }
+
+    /// [`Self::linger`] in a box of its own: its timer and reads are no state for a connection
+    /// to carry while it serves (three call sites would each keep a slot in its future).
+    async fn close_lingering(&self) {
+        Box::pin(self.linger()).await
     }
 
     /// Close after an answer while the client may still be sending (an unread body, a refused

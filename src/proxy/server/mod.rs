@@ -219,14 +219,19 @@ impl Server {
             let fut = async move {
                 let gauge = metrics::gauge!(names::CLIENT_CONNECTIONS);
                 gauge.increment(1.0);
-                match tls {
+                // One await for every plain connection, whatever its socket: the task's
+                // future then holds one connection's state, not one per kind of socket.
+                let plain = match tls {
                     None if crate::uring::enabled() => {
                         match crate::uring::UringStream::from_tokio(stream) {
-                            Ok(s) => this.serve(s, client, false, worker, false).await,
-                            Err(e) => tracing::debug!(error = %e, "io_uring stream"),
+                            Ok(s) => Some(watched(s)),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "io_uring stream");
+                                None
+                            }
                         }
                     }
-                    None => this.serve(stream, client, false, worker, false).await,
+                    None => Some(watched(stream)),
                     // Boxed: the TLS path's state is several KiB, which a plain connection's
                     // task would otherwise carry (idle connections add up).
                     Some(cfg) => {
@@ -236,7 +241,7 @@ impl Server {
                             {
                                 Ok(Ok(s)) => {
                                     let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                                    this.serve(s, client, true, worker, h2).await
+                                    this.serve(watched(s), client, true, worker, h2).await
                                 }
                                 Ok(Err(e)) => {
                                     tracing::debug!(%client, error = %e, "TLS handshake failed")
@@ -244,8 +249,12 @@ impl Server {
                                 Err(_) => tracing::debug!(%client, "TLS handshake timed out"),
                             }
                         })
-                        .await
+                        .await;
+                        None
                     }
+                };
+                if let Some(io) = plain {
+                    this.serve(io, client, false, worker, false).await;
                 }
                 gauge.decrement(1.0);
                 drop(permit);
@@ -255,19 +264,17 @@ impl Server {
         // Dropping the listener here closes it: new connections are refused from now on.
     }
 
-    async fn serve<I>(
+    /// Serve a client connection (`io` and `state` from [`watched`]): one future type for every
+    /// kind of socket.
+    async fn serve(
         &self,
-        io: I,
+        (io, state): (BoxIo, Arc<ConnState>),
         client: std::net::SocketAddr,
         https: bool,
         worker: usize,
         alpn_h2: bool,
-    ) where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let state = Arc::new(ConnState::default());
+    ) {
         let info = ConnInfo::new(client, https, worker, state.clone());
-        let io: BoxIo = Box::new(WatchedIo::new(io, state.clone()));
         let h2c = !info.https;
         let conn = async {
             let io = if alpn_h2 {
@@ -401,6 +408,15 @@ impl Server {
         self.done.cancel();
         left
     }
+}
+
+/// A client socket boxed behind the watch of its connection's state (reads and writes seen).
+fn watched<I>(io: I) -> (BoxIo, Arc<ConnState>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = Arc::new(ConnState::default());
+    (Box::new(WatchedIo::new(io, state.clone())), state)
 }
 
 /// Keeps a worker's timer wheel from ever being empty. tokio wakes its own driver through the
