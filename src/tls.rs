@@ -92,7 +92,7 @@ pub struct Termination {
 
 impl Termination {
     /// The config for a connection whose ClientHello offers `suites`, in the client's order.
-    pub fn config_for(&self, suites: &[rustls::CipherSuite]) -> Arc<rustls::ServerConfig> {
+    fn config_for(&self, suites: &[rustls::CipherSuite]) -> Arc<rustls::ServerConfig> {
         let first = suites.iter().find(|s| {
             self.ours
                 .crypto_provider()
