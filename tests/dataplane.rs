@@ -1898,15 +1898,18 @@ async fn refusing_h2_backend() -> (std::net::SocketAddr, Arc<AtomicU64>) {
     (addr, refused)
 }
 
-/// A stream an HTTP/2 backend refuses (RFC 9113 §8.7: not processed) goes to the next backend
-/// whatever its method, body included; a reset after processing still does not (POST).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_h2_stream_is_sent_elsewhere_for_any_method() {
-    let (refuser, refused) = refusing_h2_backend().await;
+/// Six POSTs through round robin over `id` at `addr`, an HTTP/2 backend that processes no
+/// stream (counting them in `tried`), and a good HTTP/2 backend: each is answered 200 by the good
+/// one, and about half went to `id` first.
+async fn posts_pass_an_h2_backend_that_did_not_process_them(
+    id: &str,
+    addr: std::net::SocketAddr,
+    tried: &AtomicU64,
+) -> Shoal {
     let (good, seen) = h2_backend(None).await;
     let rest = format!(
         "[balance]\nalgorithm = \"round_robin\"\n[health]\ninterval = \"1h\"\n\
-         [[backends]]\nid = \"refuser\"\naddr = \"{refuser}\"\nprotocol = \"h2\"\n\
+         [[backends]]\nid = \"{id}\"\naddr = \"{addr}\"\nprotocol = \"h2\"\n\
          [[backends]]\nid = \"good\"\naddr = \"{good}\"\nprotocol = \"h2\"\n"
     );
     let s = Shoal::start("", &rest).await;
@@ -1921,11 +1924,7 @@ async fn a_refused_h2_stream_is_sent_elsewhere_for_any_method() {
         .unwrap();
         assert_eq!(r.status(), 200, "POST {n}: {:?}", r.body());
     }
-    // Round robin sent about half of them to the refusing backend first.
-    assert!(
-        refused.load(Ordering::SeqCst) >= 2,
-        "the refusing backend was tried"
-    );
+    assert!(tried.load(Ordering::SeqCst) >= 2, "{id} was tried");
     let echoed = seen
         .lock()
         .unwrap()
@@ -1933,6 +1932,15 @@ async fn a_refused_h2_stream_is_sent_elsewhere_for_any_method() {
         .filter(|r| r.path == "/echo")
         .count();
     assert_eq!(echoed, 6);
+    s
+}
+
+/// A stream an HTTP/2 backend refuses (RFC 9113 §8.7: not processed) goes to the next backend
+/// whatever its method, body included; a reset after processing still does not (POST).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_h2_stream_is_sent_elsewhere_for_any_method() {
+    let (refuser, refused) = refusing_h2_backend().await;
+    let s = posts_pass_an_h2_backend_that_did_not_process_them("refuser", refuser, &refused).await;
     // Refusals are counted, but do not take the backend down in this peer's view.
     let m = s.metrics().await;
     assert!(
@@ -1943,6 +1951,103 @@ async fn a_refused_h2_stream_is_sent_elsewhere_for_any_method() {
         .unwrap_or(0.0)
             >= 2.0,
         "{m}"
+    );
+}
+
+/// An h2c backend going away (written frame by frame): it answers every request's HEADERS with
+/// a GOAWAY (NO_ERROR) and closes its side. With `covers` false the GOAWAY's last stream id is 0,
+/// so the stream was not processed (RFC 9113 §6.8); with `covers` true it is the request's own
+/// stream, which may have been processed. Counts the streams it was sent.
+async fn going_away_h2_backend(covers: bool) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let streams = Arc::new(AtomicU64::new(0));
+    let count = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if c.read_exact(&mut preface).await.is_err()
+                    || &preface[..] != b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                {
+                    return;
+                }
+                // Our SETTINGS (none changed).
+                if c.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.is_err() {
+                    return;
+                }
+                loop {
+                    let mut head = [0u8; 9];
+                    if c.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let (kind, flags) = (head[3], head[4]);
+                    let stream =
+                        u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    let mut payload = vec![0u8; len];
+                    if c.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    match kind {
+                        // SETTINGS, not an ACK: acknowledge it (a failed write ends the next read).
+                        4 if flags & 1 == 0 => {
+                            let _ = c.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await;
+                        }
+                        // HEADERS: a request. Go away, then read what comes until the client closes.
+                        1 => {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            let last = if covers { stream } else { 0 };
+                            let mut goaway = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+                            goaway.extend_from_slice(&last.to_be_bytes());
+                            goaway.extend_from_slice(&0u32.to_be_bytes());
+                            if c.write_all(&goaway).await.is_err() {
+                                return;
+                            }
+                            let _ = c.shutdown().await;
+                            let mut sink = [0u8; 4096];
+                            while matches!(c.read(&mut sink).await, Ok(n) if n > 0) {}
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, streams)
+}
+
+/// A stream an HTTP/2 backend's GOAWAY leaves out (above its last stream id: not processed)
+/// goes to the next backend whatever its method, body included; one the GOAWAY covers, and
+/// that then dies with the connection, may have been processed: a POST is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_left_out_by_an_h2_goaway_is_sent_elsewhere_for_any_method() {
+    let (leaving, left_out) = going_away_h2_backend(false).await;
+    posts_pass_an_h2_backend_that_did_not_process_them("leaving", leaving, &left_out).await;
+
+    // A GOAWAY that covers the stream: the backend may have acted on the POST before it closed.
+    let (covering, covered) = going_away_h2_backend(true).await;
+    let rest = format!(
+        "[health]\ninterval = \"1h\"\n\
+         [[backends]]\nid = \"covering\"\naddr = \"{covering}\"\nprotocol = \"h2\"\n"
+    );
+    let s = Shoal::start("", &rest).await;
+    let before = covered.load(Ordering::SeqCst);
+    let r = send(
+        s.proxy,
+        request("POST", s.proxy, "/echo")
+            .body(full("once"))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 502, "{:?}", r.body());
+    assert_eq!(
+        covered.load(Ordering::SeqCst) - before,
+        1,
+        "a POST the GOAWAY covered was sent again"
     );
 }
 

@@ -285,8 +285,8 @@ impl Plan {
             .then(|| ClientUpgrade::of(&mut req));
         let (mut first, upgrade, te_trailers, wire) = rewrite(req, fields, conn, seen)?;
         // A sent request is sent again only if idempotent, or (any method) after an HTTP/2
-        // backend refused its stream unprocessed; its body is taped (up to 64 KiB) as it
-        // streams.
+        // backend refused its stream or went away without processing it; its body is taped
+        // (up to 64 KiB) as it streams.
         let idempotent = is_idempotent(first.method());
         let replayable = (idempotent || snap.any_h2) && upgrade.is_none() && settings.retries > 0;
         let bodiless = first.body().is_end_stream();
@@ -430,7 +430,7 @@ enum Attempt {
     /// Sent (at least partly) and then failed.
     /// The request comes back when the client left it in place (HTTP/1.1; its body is gone).
     Failed(ErrorKind, Option<Request<RequestBody>>),
-    /// An HTTP/2 backend refused the stream without processing it (REFUSED_STREAM).
+    /// An HTTP/2 backend did not process the stream (REFUSED_STREAM, or left out by its GOAWAY).
     Refused,
 }
 
@@ -561,7 +561,7 @@ impl Proxy {
                 Attempt::Refused => {
                     // Not processed: any method may go elsewhere, if it can be rebuilt. Counted
                     // as a reset, but not a health failure: the backend is busy or going away.
-                    tracing::debug!(backend = %upstream.id, "stream refused");
+                    tracing::debug!(backend = %upstream.id, "stream not processed (refused or GOAWAY)");
                     upstream.count_error(ErrorKind::Reset);
                     last_err = ProxyError::Reset;
                     if !plan.can_resend(true) {
@@ -674,13 +674,17 @@ impl Proxy {
     }
 }
 
-/// Whether an HTTP/2 backend refused the stream: RST_STREAM with REFUSED_STREAM, which says
-/// it did no processing of it (RFC 9113 §8.7).
+/// Whether an HTTP/2 backend did no processing of the stream (RFC 9113 §8.7): it reset it with
+/// REFUSED_STREAM, or its GOAWAY left the stream out. The h2 crate gives a stream the backend's
+/// GOAWAY as its error only when the stream's id is above the frame's last stream id, or when
+/// the stream was to open after it (one the GOAWAY covers ends normally, or as a broken pipe if
+/// the connection closes under it), so a remote GOAWAY, whatever its code, means unprocessed.
 fn refused(e: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
         }
         source = s.source();
     }
