@@ -36,8 +36,9 @@ const BUFS: u16 = 256;
 const GROUP: u16 = 0;
 /// Submission queue entries (the completion queue has twice as many).
 const ENTRIES: u32 = 1024;
-/// A send buffer larger than this is let go of once sent (an idle connection keeps none).
-const KEEP_SEND_BUF: usize = 4096;
+/// A write larger than this goes to the socket at once (see `send_now`); a smaller one is
+/// copied for the ring's send.
+const DIRECT_SEND: usize = 4096;
 
 #[derive(Default)]
 struct Slot {
@@ -448,12 +449,10 @@ impl UringStream {
             if self.wpos < self.wbuf.len() {
                 self.start_send()?;
             } else {
+                // Sent: an idle connection keeps no send buffer (the next write takes one of
+                // the allocator's free ones, sized for it).
                 self.wpos = 0;
-                if self.wbuf.capacity() > KEEP_SEND_BUF {
-                    self.wbuf = Vec::new();
-                } else {
-                    self.wbuf.clear();
-                }
+                self.wbuf = Vec::new();
             }
         }
         Poll::Ready(Ok(()))
@@ -642,11 +641,12 @@ impl AsyncWrite for UringStream {
             return Poll::Pending;
         }
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if total > KEEP_SEND_BUF {
+        if total > DIRECT_SEND {
             if let Some(n) = this.send_now(bufs)? {
                 return Poll::Ready(Ok(n));
             }
         }
+        this.wbuf.reserve(total);
         for b in bufs {
             this.wbuf.extend_from_slice(b);
         }
