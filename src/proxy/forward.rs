@@ -364,11 +364,11 @@ impl Plan {
     }
 
     /// Whether a request that reached a backend may go to another one: an idempotent one, or
-    /// any one the backend `refused` unprocessed (RFC 9113 §8.7).
-    fn can_resend(&self, refused: bool) -> bool {
+    /// any one the backend left `unprocessed` (RFC 9113 §8.7).
+    fn can_resend(&self, unprocessed: bool) -> bool {
         self.template
             .as_ref()
-            .is_some_and(|t| (t.idempotent || refused) && t.can_replay())
+            .is_some_and(|t| (t.idempotent || unprocessed) && t.can_replay())
     }
 
     /// The client's response: the backend's streamed back (its connection leased until the body
@@ -431,7 +431,7 @@ enum Attempt {
     /// The request comes back when the client left it in place (HTTP/1.1; its body is gone).
     Failed(ErrorKind, Option<Request<RequestBody>>),
     /// An HTTP/2 backend did not process the stream (REFUSED_STREAM, or left out by its GOAWAY).
-    Refused,
+    Unprocessed,
 }
 
 /// The forwarding service shared by every client connection of one peer.
@@ -558,7 +558,7 @@ impl Proxy {
                     plan.pending = Some(request);
                     last_err = ProxyError::Connect;
                 }
-                Attempt::Refused => {
+                Attempt::Unprocessed => {
                     // Not processed: any method may go elsewhere, if it can be rebuilt. Counted
                     // as a reset, but not a health failure: the backend is busy or going away.
                     tracing::debug!(backend = %upstream.id, "stream not processed (refused or GOAWAY)");
@@ -644,7 +644,7 @@ impl Proxy {
                         request = r;
                         continue;
                     }
-                    None if refused(e.error()) => return Attempt::Refused,
+                    None if unprocessed(e.error()) => return Attempt::Unprocessed,
                     None => {
                         tracing::debug!(backend = %upstream.id, error = %e.error(), "backend failed before answering");
                         return Attempt::Failed(ErrorKind::Reset, None);
@@ -679,7 +679,7 @@ impl Proxy {
 /// GOAWAY as its error only when the stream's id is above the frame's last stream id, or when
 /// the stream was to open after it (one the GOAWAY covers ends normally, or as a broken pipe if
 /// the connection closes under it), so a remote GOAWAY, whatever its code, means unprocessed.
-fn refused(e: &hyper::Error) -> bool {
+fn unprocessed(e: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
