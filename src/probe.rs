@@ -1,5 +1,5 @@
 //! Active health probes: every backend is probed (GET `health.path` on a fresh connection of the
-//! backend's own protocol, HTTP/1.1 or HTTP/2, 2xx
+//! backend's own protocol, HTTP/1.1 through the data plane's own client, or HTTP/2; a 2xx
 //! within `health.timeout` passes) every `health.interval` with ±10% jitter, and each result is
 //! handed to whoever owns the local view. This module knows no routing table and no cluster:
 //! the consumer hands it a `Probed` (its own small seam), and `app` wires the two.
@@ -36,6 +36,14 @@ pub trait Probed: Send + Sync + 'static {
     fn settings(&self) -> ProbeSettings;
     /// One probe's result.
     fn record(&self, id: &BackendId, ok: bool);
+    /// One probe's exchange with an HTTP/1 backend (GET `path` on a fresh connection; true for
+    /// a 2xx answer read whole): the data plane's own client, so that a probe cannot pass where
+    /// traffic's framing fails. HTTP/2 backends are probed here (`check`).
+    fn exchange<'a>(
+        &'a self,
+        target: &'a Target,
+        path: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;
 }
 
 /// Probe every backend `probed` lists until `shutdown`.
@@ -83,7 +91,15 @@ async fn probe_loop(probed: Arc<dyn Probed>, id: BackendId, target: Target) {
     loop {
         let settings = probed.settings();
         let started = Instant::now();
-        let ok = check(&target, &settings.path, settings.timeout).await;
+        let ok = if target.is_h2() {
+            check(&target, &settings.path, settings.timeout).await
+        } else {
+            let exchange = probed.exchange(&target, &settings.path);
+            matches!(
+                tokio::time::timeout(settings.timeout, exchange).await,
+                Ok(true)
+            )
+        };
         if ok { &pass } else { &fail }.increment(1);
         probed.record(&id, ok);
         let interval = settings.interval.as_millis() as f64;
@@ -93,7 +109,8 @@ async fn probe_loop(probed: Arc<dyn Probed>, id: BackendId, target: Target) {
     }
 }
 
-/// One probe on a fresh connection: GET `path`, pass on 2xx within `timeout`.
+/// One probe of an HTTP/2 backend on a fresh connection: GET `path`, pass on 2xx within
+/// `timeout`.
 pub async fn check(target: &Target, path: &str, timeout: Duration) -> bool {
     let attempt = async {
         let mut sender = target.connect::<Empty<Bytes>>().await.ok()?;

@@ -93,6 +93,14 @@ impl Probed for RoutingTable {
         }
     }
 
+    fn exchange<'a>(
+        &'a self,
+        target: &'a Target,
+        path: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+        Box::pin(crate::proxy::upstream::h1::probe(target, path))
+    }
+
     fn record(&self, id: &BackendId, ok: bool) {
         let Some(upstream) = self.upstream(id) else {
             return;

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -110,6 +110,9 @@ pin_project_lite::pin_project! {
             bytes: Option<metrics::Counter>,
             // The client's body bytes, for the access log.
             seen: Option<Arc<AtomicU64>>,
+            // Set when the client's body broke off or was malformed: whatever the attempt
+            // then saw was the client's failure, not the backend's.
+            broke: Arc<AtomicBool>,
         },
         Replay { chunks: VecDeque<Bytes>, bytes: Option<metrics::Counter> },
         Empty,
@@ -149,8 +152,12 @@ impl Body for RequestBody {
                 tape,
                 bytes,
                 seen,
+                broke,
             } => {
                 let polled = inner.as_mut().poll_frame(cx);
+                if let Poll::Ready(Some(Err(_))) = &polled {
+                    broke.store(true, Ordering::Relaxed);
+                }
                 if let Poll::Ready(Some(Ok(f))) = &polled {
                     if let Some(d) = f.data_ref() {
                         if let Some(c) = bytes.as_ref() {

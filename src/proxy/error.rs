@@ -19,15 +19,32 @@ pub enum ProxyError {
     AmbiguousFraming,
     #[error("{0}")]
     BadRequest(&'static str),
+    /// The client's request body broke off or was malformed (bad chunking, the client gone):
+    /// the client's error, never counted against the backend.
+    #[error("bad or incomplete request body")]
+    ClientBody,
+    #[error("transfer coding not implemented (only chunked is)")]
+    UnknownCoding,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// An HTTP/1 backend's answer could not be passed on (ambiguous framing, an unsolicited 101).
+    #[error("backend sent a malformed answer: {0}")]
+    BadResponse(&'static str),
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect | ProxyError::Reset => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect | ProxyError::Reset | ProxyError::BadResponse(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::AmbiguousFraming | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::AmbiguousFraming | ProxyError::BadRequest(_) | ProxyError::ClientBody => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::UnknownCoding => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -49,7 +66,14 @@ impl ProxyError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if status.is_client_error() {
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            h.insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"),
+            );
+        }
+        // A client error, or a request whose body the proxy did not read: the connection ends.
+        if status.is_client_error() || status == StatusCode::NOT_IMPLEMENTED {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
@@ -69,12 +93,19 @@ mod tests {
             (ProxyError::Timeout, 504),
             (ProxyError::AmbiguousFraming, 400),
             (ProxyError::BadRequest("x"), 400),
+            (ProxyError::ClientBody, 400),
+            (ProxyError::UnknownCoding, 501),
+            (ProxyError::MethodNotAllowed, 405),
+            (ProxyError::BadResponse("x"), 502),
         ];
         for (e, code) in cases {
             assert_eq!(e.status().as_u16(), code, "{e:?}");
             let r = e.response();
             assert_eq!(r.status().as_u16(), code);
-            assert_eq!(r.headers().get(header::CONNECTION).is_some(), code == 400);
+            assert_eq!(
+                r.headers().get(header::CONNECTION).is_some(),
+                matches!(code, 400 | 405 | 501)
+            );
         }
     }
 }

@@ -3,7 +3,7 @@
 //! backend's local view and metrics, then answer, or retry on the next candidate when safe).
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -261,6 +261,9 @@ struct Plan {
     /// The request's fields in wire form, written after its map's (empty then) by the HTTP/1
     /// client; kept here across attempts.
     wire: Option<Outgoing>,
+    /// Set when the client's body broke off (see `RequestBody::Stream`); none for a bodiless
+    /// request.
+    body_broke: Option<Arc<AtomicBool>>,
 }
 
 impl Plan {
@@ -284,6 +287,10 @@ impl Plan {
             .contains_key(header::UPGRADE)
             .then(|| ClientUpgrade::of(&mut req));
         let (mut first, upgrade, te_trailers, wire) = rewrite(req, fields, conn, seen)?;
+        let body_broke = match first.body() {
+            RequestBody::Stream { broke, .. } => Some(broke.clone()),
+            _ => None,
+        };
         // A sent request is sent again only if idempotent, or (any method) after an HTTP/2
         // backend refused its stream or went away without processing it; its body is taped
         // (up to 64 KiB) as it streams.
@@ -320,7 +327,16 @@ impl Plan {
             upgrade: client_upgrade.zip(upgrade),
             client_h1,
             wire,
+            body_broke,
         })
+    }
+
+    /// Whether the client's body broke off or was malformed: a failed attempt was then the
+    /// client's doing, not the backend's (no health record, no retry).
+    fn client_failed(&self) -> bool {
+        self.body_broke
+            .as_ref()
+            .is_some_and(|b| b.load(Ordering::Relaxed))
     }
 
     /// The request for an attempt on `upstream`: the original, or a rebuilt one for a retry.
@@ -432,6 +448,18 @@ enum Attempt {
     Failed(ErrorKind, Option<Request<RequestBody>>),
     /// An HTTP/2 backend did not process the stream (REFUSED_STREAM, or left out by its GOAWAY).
     Unprocessed,
+    /// The client's request body broke off or was malformed while it went out.
+    ClientFailed,
+    /// The backend's answer could not be passed on (its framing, an unsolicited 101); as
+    /// `Failed`, a failure of the backend.
+    BadAnswer(&'static str, Option<Request<RequestBody>>),
+}
+
+/// The reason an HTTP/1 backend's answer was refused, if that is why the exchange failed.
+fn bad_answer(e: &std::io::Error) -> Option<&'static str> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<h1::BadAnswer>())
+        .map(|b| b.0)
 }
 
 /// The forwarding service shared by every client connection of one peer.
@@ -558,6 +586,11 @@ impl Proxy {
                     plan.pending = Some(request);
                     last_err = ProxyError::Connect;
                 }
+                Attempt::ClientFailed => return Err(ProxyError::ClientBody),
+                Attempt::Failed(..) | Attempt::Unprocessed if plan.client_failed() => {
+                    tracing::debug!(backend = %upstream.id, "the client's request body broke off");
+                    return Err(ProxyError::ClientBody);
+                }
                 Attempt::Unprocessed => {
                     // Not processed: any method may go elsewhere, if it can be rebuilt. Counted
                     // as a reset, but not a health failure: the backend is busy or going away.
@@ -567,6 +600,14 @@ impl Proxy {
                     if !plan.can_resend(true) {
                         return Err(last_err);
                     }
+                }
+                Attempt::BadAnswer(why, sent) => {
+                    self.on_outcome(upstream, Some(ErrorKind::Reset), settings);
+                    last_err = ProxyError::BadResponse(why);
+                    if !plan.can_resend(false) {
+                        return Err(last_err);
+                    }
+                    plan.take_back(sent);
                 }
                 Attempt::Failed(kind, sent) => {
                     self.on_outcome(upstream, Some(kind), settings);
@@ -625,8 +666,15 @@ impl Proxy {
                             tracing::debug!(backend = %upstream.id, error = %e, "connection closed before the request went out");
                             continue;
                         }
+                        Ok(Err(SendError::Client(e))) => {
+                            tracing::debug!(backend = %upstream.id, error = %e, "the client's request body broke off");
+                            return Attempt::ClientFailed;
+                        }
                         Ok(Err(SendError::Failed(e))) => {
                             tracing::debug!(backend = %upstream.id, error = %e, "backend failed before answering");
+                            if let Some(bad) = bad_answer(&e) {
+                                return Attempt::BadAnswer(bad, Some(request));
+                            }
                             return Attempt::Failed(ErrorKind::Reset, Some(request));
                         }
                         Err(_) => return Attempt::Failed(ErrorKind::Timeout, Some(request)),
@@ -728,6 +776,7 @@ fn rewrite(
             tape: None,
             bytes: None,
             seen,
+            broke: Arc::new(AtomicBool::new(false)),
         }
     };
     parts.uri = uri;
@@ -745,6 +794,67 @@ type Rewritten = (
     Option<Outgoing>,
 );
 
+/// Where the Host a request goes on with comes from (the one policy both rewrites apply).
+enum ReceivedHost<'a> {
+    /// The client's one Host field, which goes on as it came.
+    Field(&'a [u8]),
+    /// The target's authority (absolute form, or HTTP/2's `:authority`): it replaces any Host
+    /// field (RFC 9112 §3.2.2).
+    Target(HeaderValue),
+    /// None (an HTTP/1.0 client): each attempt sends its backend's.
+    None,
+}
+
+/// The received Host of a request whose Host fields are `hosts`: refused when there are
+/// several, when the one there is not a valid host, or when an HTTP/1.1 request has none.
+fn received_host<'a>(
+    mut hosts: impl Iterator<Item = &'a [u8]>,
+    uri: &Uri,
+    version: Version,
+) -> Result<ReceivedHost<'a>, ProxyError> {
+    let field = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host"));
+    }
+    if let Some(f) = field {
+        if !valid_host(f) {
+            return Err(ProxyError::BadRequest("bad Host"));
+        }
+    }
+    if let Some(a) = uri.authority() {
+        if !valid_host(a.as_str().as_bytes()) {
+            return Err(ProxyError::BadRequest("bad request target"));
+        }
+        let v = HeaderValue::from_str(a.as_str())
+            .map_err(|_| ProxyError::BadRequest("bad request target"))?;
+        return Ok(ReceivedHost::Target(v));
+    }
+    match field {
+        Some(f) => Ok(ReceivedHost::Field(f)),
+        None if version == Version::HTTP_11 => Err(ProxyError::BadRequest("missing Host")),
+        None => Ok(ReceivedHost::None),
+    }
+}
+
+/// A Host value: `host[:port]` (a name, an IPv4 address or a bracketed IPv6 one), no userinfo.
+fn valid_host(h: &[u8]) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(b))
+}
+
+/// The X-Forwarded-For value: the prior fields' values that are text, then the client.
+fn forwarded_for<'a>(prior: impl Iterator<Item = &'a [u8]>, client_ip: &[u8], out: &mut Vec<u8>) {
+    for v in prior {
+        if v.iter().all(|b| *b == b'\t' || (b' '..=b'~').contains(b)) {
+            out.extend_from_slice(v);
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(client_ip);
+}
+
 /// The rewrite of a request's fields in its map. Returns the Upgrade value to forward and
 /// whether the client said `TE: trailers`.
 fn rewrite_map(
@@ -752,19 +862,21 @@ fn rewrite_map(
     conn: &ConnInfo,
 ) -> Result<(Option<HeaderValue>, bool), ProxyError> {
     let fields = strip_hop_by_hop(&mut parts.headers);
-    if fields.hosts > 1 {
-        return Err(ProxyError::BadRequest("more than one Host"));
-    }
-    // The received Host: the Host field, or the authority of an HTTP/2 (or absolute-form) target.
-    let host = fields.host.or_else(|| {
+    // The request goes on framed by its body alone.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let host = match received_host(
         parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    if host.is_none() && parts.version == Version::HTTP_11 {
-        return Err(ProxyError::BadRequest("missing Host"));
-    }
+            .headers
+            .get_all(header::HOST)
+            .iter()
+            .map(HeaderValue::as_bytes),
+        &parts.uri,
+        parts.version,
+    )? {
+        ReceivedHost::Field(_) => fields.host,
+        ReceivedHost::Target(v) => Some(v),
+        ReceivedHost::None => None,
+    };
     // `TE: trailers` says the client takes trailers (gRPC sends it); it is hop-by-hop, but this
     // proxy passes trailers through, so an HTTP/2 backend is told the same (`request_for` drops
     // it for HTTP/1 ones).
@@ -799,28 +911,23 @@ fn rewrite_map(
             parts.headers.insert(header::COOKIE, v);
         }
     }
-    // X-Forwarded-For: append the client to whatever is there.
+    // X-Forwarded-For: the client after whatever is there.
     let xff = if !fields.forwarded_for {
         // The usual case: the connection's own value, made once per connection.
-        Ok(conn.client_ip.clone())
+        conn.client_ip.clone()
     } else {
-        let mut prior = parts
-            .headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .peekable();
-        if prior.peek().is_none() {
-            // Only fields that are not text: the connection's own value.
-            Ok(conn.client_ip.clone())
-        } else {
-            let mut s = prior.collect::<Vec<_>>().join(", ");
-            s.push_str(", ");
-            s.push_str(conn.client_ip.to_str().unwrap_or_default());
-            HeaderValue::from_str(&s)
-        }
-    }
-    .map_err(|_| ProxyError::BadRequest("bad X-Forwarded-For"))?;
+        let mut v = Vec::with_capacity(64);
+        forwarded_for(
+            parts
+                .headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .map(HeaderValue::as_bytes),
+            conn.client_ip.as_bytes(),
+            &mut v,
+        );
+        HeaderValue::from_bytes(&v).map_err(|_| ProxyError::BadRequest("bad X-Forwarded-For"))?
+    };
     parts.headers.insert(&X_FORWARDED_FOR, xff);
     parts.headers.insert(
         &X_FORWARDED_PROTO,
@@ -835,63 +942,54 @@ fn rewrite_map(
 
 /// The same rewrite of an HTTP/1 client's fields kept in wire form, for an HTTP/1 backend
 /// (no upgrade: those go through the map): the client's lines pass as they came, less the
-/// hop-by-hop ones and the X-Forwarded-* ones the proxy sets, and the proxy's lines follow.
+/// framing and hop-by-hop ones and the X-Forwarded-* ones the proxy sets, and the proxy's
+/// lines follow.
 fn rewrite_wire(
     mut fields: WireFields,
     parts: &http::request::Parts,
     conn: &ConnInfo,
 ) -> Result<Outgoing, ProxyError> {
     // Reading the fields first (the lines are borrowed), then marking those not passed on.
-    let (added, has_host) = {
-        let mut hosts = fields.values(Role::Host);
-        let host = hosts.next();
-        if hosts.next().is_some() {
-            return Err(ProxyError::BadRequest("more than one Host"));
-        }
-        // The received Host: the Host field, or the authority of an absolute-form target (which
-        // then goes to the backend as its Host).
-        let authority = match host {
-            Some(_) => None,
-            None => parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-        };
-        let host = host.or(authority.as_ref().map(HeaderValue::as_bytes));
-        if host.is_none() && parts.version == Version::HTTP_11 {
-            return Err(ProxyError::BadRequest("missing Host"));
-        }
+    let (added, host) = {
+        let host = received_host(fields.values(Role::Host), &parts.uri, parts.version)?;
         let mut added = Vec::with_capacity(128);
-        // X-Forwarded-For: the client after whatever is there (fields that are not text ignored).
         added.extend_from_slice(b"x-forwarded-for: ");
-        for v in fields.values(Role::ForwardedFor) {
-            if v.iter().all(|b| *b == b'\t' || (b' '..=b'~').contains(b)) {
-                added.extend_from_slice(v);
-                added.extend_from_slice(b", ");
-            }
-        }
-        added.extend_from_slice(conn.client_ip.as_bytes());
+        forwarded_for(
+            fields.values(Role::ForwardedFor),
+            conn.client_ip.as_bytes(),
+            &mut added,
+        );
         added.extend_from_slice(if conn.https {
             b"\r\nx-forwarded-proto: https\r\n"
         } else {
             b"\r\nx-forwarded-proto: http\r\n"
         });
-        if let Some(h) = host {
+        let received = match &host {
+            ReceivedHost::Field(f) => Some(*f),
+            ReceivedHost::Target(v) => Some(v.as_bytes()),
+            ReceivedHost::None => None,
+        };
+        if let Some(h) = received {
             added.extend_from_slice(b"x-forwarded-host: ");
             added.extend_from_slice(h);
             added.extend_from_slice(b"\r\n");
         }
-        if let Some(a) = &authority {
+        if let ReceivedHost::Target(a) = &host {
             added.extend_from_slice(b"host: ");
             added.extend_from_slice(a.as_bytes());
             added.extend_from_slice(b"\r\n");
         }
-        (added, host.is_some())
+        let replaced = matches!(host, ReceivedHost::Target(_));
+        (added, (received.is_some(), replaced))
     };
+    let (has_host, replaced) = host;
     fields.drop_all(Role::ForwardedFor);
     fields.drop_all(Role::ForwardedProto);
     if has_host {
         fields.drop_all(Role::ForwardedHost);
+    }
+    if replaced {
+        fields.drop_all(Role::Host);
     }
     Ok(Outgoing {
         needs_host: !has_host,

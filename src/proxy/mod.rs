@@ -14,6 +14,7 @@ pub mod client;
 pub mod conn;
 pub mod error;
 pub mod forward;
+pub mod framing;
 pub mod response;
 pub mod server;
 pub mod table;

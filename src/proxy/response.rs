@@ -73,6 +73,15 @@ impl ResponseBody {
         }
     }
 
+    /// The length a bodiless answer from an HTTP/1 backend announces (HEAD, 304).
+    pub fn announced(&self) -> Option<u64> {
+        match self {
+            ResponseBody::H1 { inner, .. } => inner.announced(),
+            ResponseBody::Logged { inner, .. } => inner.announced(),
+            _ => None,
+        }
+    }
+
     pub fn upstream(inner: Incoming, lease: Option<Lease>) -> Self {
         let mut body = ResponseBody::Upstream { inner, lease };
         // An empty body (e.g. 204, HEAD) is already done: free the connection now.

@@ -32,8 +32,9 @@ use crate::proxy::client::{lock, BoxIo, H1Body, PendingUpgrade, Rewind, SharedWi
 use crate::proxy::conn::ConnState;
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::{ConnInfo, Proxy};
+use crate::proxy::framing;
 use crate::proxy::response::ResponseBody;
-use crate::proxy::wire::{self, Chunk, Decoder, Framing, Role, WireFields, GATHER, MAX_HEADERS};
+use crate::proxy::wire::{self, Framing, Role, WireFields, GATHER, MAX_HEADERS};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking HTTP/2 with prior knowledge.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -64,6 +65,10 @@ enum Refused {
     TooLarge,
     Bad(&'static str),
     Ambiguous,
+    /// A transfer coding other than chunked (501).
+    Coding,
+    /// CONNECT (405).
+    Method,
 }
 
 /// One client connection speaking HTTP/1.1 (or 1.0).
@@ -120,6 +125,8 @@ impl Conn {
                         }
                         Refused::Bad(why) => ProxyError::BadRequest(why).response(),
                         Refused::Ambiguous => ProxyError::AmbiguousFraming.response(),
+                        Refused::Coding => ProxyError::UnknownCoding.response(),
+                        Refused::Method => ProxyError::MethodNotAllowed.response(),
                     };
                     let asked = Asked {
                         head: false,
@@ -268,7 +275,9 @@ impl Conn {
         out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
         let switching = status == StatusCode::SWITCHING_PROTOCOLS && asked.upgrade.is_some();
-        let mut length: Option<u64> = None;
+        // The answer is framed by the backend's framing decision (its body's length), never by
+        // a received Content-Length or Transfer-Encoding, which are not passed on as they came.
+        let mut map_length = MapLength::None;
         let mut dated = false;
         for (name, value) in &parts.headers {
             if name == header::CONNECTION && !switching {
@@ -279,19 +288,17 @@ impl Conn {
                 continue;
             }
             if name == header::CONTENT_LENGTH {
-                length = std::str::from_utf8(value.as_bytes())
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok());
-            } else if name == header::DATE {
-                dated = true;
-            } else if name == header::TRANSFER_ENCODING {
+                map_length = map_length.and(value.as_bytes());
                 continue;
             }
+            if name == header::TRANSFER_ENCODING {
+                continue;
+            }
+            dated |= name == header::DATE;
             wire::field(out, name, value);
         }
         if let Some(fields) = body.wire_fields() {
             fields.write(out);
-            length = length.or(fields.length);
             dated |= fields.has(Role::Date);
         }
         if !dated {
@@ -303,14 +310,14 @@ impl Conn {
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
         let framing = if bodiless || asked.head {
-            // The fields describe what a GET would get; no body follows.
+            // No body follows. A HEAD's or a 304's length describes what a GET would get.
+            let announced = body.announced().or(map_length.value());
+            if let Some(n) = announced.filter(|_| !bodiless || status == StatusCode::NOT_MODIFIED) {
+                content_length(out, n);
+            }
             Out::None
-        } else if let Some(n) = length {
-            Out::Length(n)
         } else if let Some(n) = body.size_hint().exact() {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
+            content_length(out, n);
             Out::Length(n)
         } else if asked.version == Version::HTTP_11 {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -508,33 +515,32 @@ fn parse(shared: &SharedWire, w: &mut Wire, max_head: usize) -> Result<Option<Ne
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
+    if method == Method::CONNECT {
+        // No key allows tunnels to arbitrary targets (SPEC: 405 unless one does).
+        return Err(Refused::Method);
+    }
     let path = parsed.path.unwrap_or("/");
+    if !target_form_ok(&method, path.as_bytes()) {
+        return Err(Refused::Bad("bad request target"));
+    }
     let path_at = path.as_ptr() as usize - w.rb.buf.as_ptr() as usize;
     let path_span = path_at..path_at + path.len();
     let mut framing = Framing::default();
-    let noted = WireFields::note(&w.rb.buf, parsed.headers, &mut framing)
-        .map_err(|_| Refused::Bad("bad header field"))?;
+    let noted = WireFields::note(&w.rb.buf, parsed.headers, &mut framing);
+    // The body's length, decided once from the fields as received (framing.rs).
+    let decoder =
+        framing
+            .request(version == Version::HTTP_10)
+            .map_err(|refusal| match refusal {
+                framing::Refusal::Bad(why) => Refused::Bad(why),
+                framing::Refusal::Ambiguous => Refused::Ambiguous,
+                framing::Refusal::Coding => Refused::Coding,
+            })?;
     // The fields stay as they came: the forwarder makes a map of them only if it needs one.
     let head = w.rb.buf.split_to(len).freeze();
-    let fields = WireFields::new(head.clone(), noted, &framing);
+    let fields = WireFields::new(head.clone(), noted);
     let uri = Uri::from_maybe_shared(head.slice(path_span))
         .map_err(|_| Refused::Bad("bad request target"))?;
-    if framing.transfer_coded {
-        if framing.length.is_some() {
-            return Err(Refused::Ambiguous);
-        }
-        if version == Version::HTTP_10 {
-            return Err(Refused::Bad("Transfer-Encoding in HTTP/1.0"));
-        }
-        if !framing.chunked {
-            return Err(Refused::Bad("Transfer-Encoding not ending in chunked"));
-        }
-    }
-    let decoder = if framing.transfer_coded {
-        Decoder::Chunked(Chunk::Size)
-    } else {
-        Decoder::Length(framing.length.unwrap_or(0))
-    };
     let keep_alive = !framing.close && (version == Version::HTTP_11 || framing.keep_alive);
     let has_body = !decoder.is_end();
     w.body_done = !has_body;
@@ -554,7 +560,7 @@ fn parse(shared: &SharedWire, w: &mut Wire, max_head: usize) -> Result<Option<Ne
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = version;
-    let upgrade = if version == Version::HTTP_11 && fields.has(Role::Upgrade) {
+    let upgrade = if version == Version::HTTP_11 && framing.upgrade && fields.has(Role::Upgrade) {
         let (tx, rx) = oneshot::channel();
         req.extensions_mut()
             .insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
@@ -570,6 +576,20 @@ fn parse(shared: &SharedWire, w: &mut Wire, max_head: usize) -> Result<Option<Ne
         upgrade,
     };
     Ok(Some(Next::Request(req, fields, asked)))
+}
+
+/// Whether a request target has a form its method may use (RFC 9112 §3.2): origin form
+/// (`/path`) for any method, absolute form (`http://host/path`) for any method, asterisk form
+/// (`*`) for OPTIONS only. Authority form is CONNECT's, which is refused before this.
+fn target_form_ok(method: &Method, target: &[u8]) -> bool {
+    match target.first() {
+        Some(b'/') => true,
+        Some(b'*') => target.len() == 1 && *method == Method::OPTIONS,
+        _ => {
+            let lower = |n: usize| target.get(..n).map(<[u8]>::to_ascii_lowercase);
+            lower(7).as_deref() == Some(b"http://") || lower(8).as_deref() == Some(b"https://")
+        }
+    }
 }
 
 // Only ever returned, never kept: boxing the request would cost an allocation per request.
@@ -597,6 +617,42 @@ enum Out {
     Chunked,
     /// Until the connection closes (HTTP/1.0 clients, unknown length).
     ToEnd,
+}
+
+fn content_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The Content-Length of an answer's map (an HTTP/2 backend's HEAD or 304): exactly one field of
+/// one number, or nothing.
+#[derive(Clone, Copy)]
+enum MapLength {
+    None,
+    One(u64),
+    Bad,
+}
+
+impl MapLength {
+    fn and(self, value: &[u8]) -> Self {
+        let v = value.trim_ascii();
+        match self {
+            MapLength::None
+                if !v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit) =>
+            {
+                MapLength::One(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+            }
+            _ => MapLength::Bad,
+        }
+    }
+
+    fn value(self) -> Option<u64> {
+        match self {
+            MapLength::One(n) => Some(n),
+            _ => None,
+        }
+    }
 }
 
 /// Today's `Date` value, formatted once a second per thread.

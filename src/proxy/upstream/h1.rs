@@ -20,9 +20,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::net::BackendIo;
 use crate::proxy::body::RequestBody;
+use crate::proxy::framing::{Asked, ResponseFraming};
 use crate::proxy::wire::{
-    self, field, invalid, Chunk, Decoder, Framing, Outgoing, WireFields, GATHER, MAX_HEAD,
-    MAX_HEADERS,
+    self, field, invalid, Decoder, Framing, Outgoing, WireFields, GATHER, MAX_HEAD, MAX_HEADERS,
 };
 
 /// One HTTP/1.1 connection to a backend, idle or carrying one exchange.
@@ -46,6 +46,9 @@ pub enum SendError {
     NotSent(io::Error),
     /// The request was (perhaps partly) sent, or the answer broke off.
     Failed(io::Error),
+    /// The client's request body broke off or was malformed: the client's failure, not the
+    /// backend's.
+    Client(io::Error),
 }
 
 impl Conn {
@@ -92,7 +95,11 @@ impl Conn {
         wire: Option<&Outgoing>,
     ) -> Result<Response<ResponseBody>, SendError> {
         let framing = self.write_head(req, wire);
-        let head_only = req.method() == Method::HEAD;
+        let asked = Asked {
+            head: req.method() == Method::HEAD,
+            // The forwarder passes Upgrade on only when the client asked to upgrade.
+            upgrade: req.headers().contains_key(header::UPGRADE),
+        };
         let body = req.body_mut();
         let mut up = Upload {
             framing,
@@ -113,9 +120,14 @@ impl Conn {
         .await?;
         if early {
             // The rest of the body goes on beside the answer (an echo, a bidirectional stream).
+            // A backend that answered before it was handed the whole body may read what is still
+            // to come as another request (a body it ignores): that connection is never reused.
+            if !up.done {
+                self.unfinished = true;
+            }
             self.upload = Some((std::mem::replace(body, RequestBody::Empty), up));
         }
-        self.read_head(head_only).await.map_err(SendError::Failed)
+        self.read_head(asked).await.map_err(SendError::Failed)
     }
 
     /// The request head into `out`, with the framing the body needs: the fields of its map,
@@ -128,30 +140,27 @@ impl Conn {
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
         out.extend_from_slice(target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut has_length = false;
+        // The request is framed by its body (whose length the client's framing decided), never
+        // by a Content-Length or Transfer-Encoding field, which are not passed on as received.
         for (name, value) in req.headers() {
-            if name == header::CONTENT_LENGTH {
-                has_length = true;
+            if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
+                field(out, name, value);
             }
-            field(out, name, value);
         }
         if let Some(w) = wire {
             w.write(out);
-            has_length |= w.fields.length.is_some();
         }
         let body = req.body();
         let framing = if matches!(body, RequestBody::Empty) {
             // A method that carries content gets an explicit empty one.
-            if !has_length && matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+            if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
                 out.extend_from_slice(b"content-length: 0\r\n");
             }
             Out::Empty
         } else if let Some(n) = body.size_hint().exact() {
-            if !has_length {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
             Out::Length
         } else {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -210,7 +219,7 @@ impl Conn {
                     up.done = true;
                     up.flushing = true;
                 }
-                Some(Err(e)) => return Poll::Ready(Err(SendError::Failed(io::Error::other(e)))),
+                Some(Err(e)) => return Poll::Ready(Err(SendError::Client(io::Error::other(e)))),
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) => {
@@ -276,20 +285,20 @@ impl Conn {
 
     /// The response head (1xx answers other than 101 are skipped), with a body reading the
     /// rest from this connection.
-    async fn read_head(mut self: Box<Self>, head_only: bool) -> io::Result<Response<ResponseBody>> {
+    async fn read_head(mut self: Box<Self>, asked: Asked) -> io::Result<Response<ResponseBody>> {
         loop {
-            if let Some((resp, framing, keep_alive, fields)) = self.parse_head(head_only)? {
+            if let Some((resp, decided, fields)) = self.parse_head(asked)? {
                 if resp.status().is_informational()
                     && resp.status() != StatusCode::SWITCHING_PROTOCOLS
                 {
                     continue;
                 }
                 let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                let keep_alive = keep_alive && !upgraded;
                 let body = ResponseBody {
                     conn: Some(self),
-                    framing,
-                    keep_alive,
+                    framing: decided.body,
+                    announced: decided.announced,
+                    keep_alive: decided.reusable && !upgraded,
                     upgraded,
                     fields: Some(fields),
                 };
@@ -309,7 +318,7 @@ impl Conn {
     }
 
     /// A complete response head out of `buf`, if there is one.
-    fn parse_head(&mut self, head_only: bool) -> io::Result<Option<Head>> {
+    fn parse_head(&mut self, asked: Asked) -> io::Result<Option<Head>> {
         if self.rb.buf.is_empty() {
             return Ok(None);
         }
@@ -330,46 +339,72 @@ impl Conn {
         } else {
             Version::HTTP_11
         };
-        // The fields stay as they came (a map is made only for an HTTP/2 client).
+        // The fields stay as they came (a map is made only for an HTTP/2 client); the body's
+        // length is decided once, from them (framing.rs).
         let mut seen = Framing::default();
-        let noted = WireFields::note(&self.rb.buf, parsed.headers, &mut seen)?;
-        let fields = WireFields::new(self.rb.buf.split_to(len).freeze(), noted, &seen);
-        let Framing {
-            length,
-            transfer_coded,
-            chunked,
-            ..
-        } = seen;
-        let close = seen.close || (version == Version::HTTP_10 && !seen.keep_alive);
-        let bodiless = head_only
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED;
-        let (framing, keep_alive) = if bodiless {
-            (Decoder::Length(0), !close)
-        } else if transfer_coded {
-            // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length (not passed on); a
-            // connection that carried both is not reused.
-            if chunked {
-                (Decoder::Chunked(Chunk::Size), !close && length.is_none())
-            } else {
-                (Decoder::ToEnd, false)
-            }
-        } else if let Some(n) = length {
-            (Decoder::Length(n), !close)
-        } else {
-            (Decoder::ToEnd, false)
-        };
+        let noted = WireFields::note(&self.rb.buf, parsed.headers, &mut seen);
+        let decided = seen
+            .response(status.as_u16(), version == Version::HTTP_10, asked)
+            .map_err(BadAnswer)
+            .map_err(invalid)?;
+        let fields = WireFields::new(self.rb.buf.split_to(len).freeze(), noted);
         let mut resp = Response::new(());
         *resp.status_mut() = status;
         *resp.version_mut() = version;
-        Ok(Some((resp, framing, keep_alive, fields)))
+        Ok(Some((resp, decided, fields)))
     }
 }
 
-/// A parsed answer head: the answer, its body's framing, whether the connection may carry
-/// another exchange, its fields.
-type Head = (Response<()>, Decoder, bool, WireFields);
+/// A backend's answer that cannot be passed on (ambiguous framing, an unsolicited 101): the
+/// error inside the I/O error the exchange fails with.
+#[derive(Debug)]
+pub struct BadAnswer(pub &'static str);
+
+impl std::fmt::Display for BadAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for BadAnswer {}
+
+/// One health probe of an HTTP/1 backend over the same client as traffic: GET `path` on a
+/// fresh connection, passing on a 2xx whose body ends where its framing says (an answer that
+/// traffic could not pass on fails the probe too).
+pub async fn probe(target: &crate::net::Target, path: &str) -> bool {
+    let Ok(io) = target.dial().await else {
+        return false;
+    };
+    let (Ok(host), Ok(target_path)) = (
+        http::HeaderValue::from_str(target.authority()),
+        http::Uri::try_from(path),
+    ) else {
+        return false;
+    };
+    let mut req = Request::new(RequestBody::Empty);
+    *req.uri_mut() = target_path;
+    let h = req.headers_mut();
+    h.insert(header::HOST, host);
+    h.insert(
+        header::USER_AGENT,
+        http::HeaderValue::from_static("shoal-health"),
+    );
+    h.insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    let Ok(resp) = Box::new(Conn::new(io)).send(&mut req, None).await else {
+        return false;
+    };
+    let ok = resp.status().is_success();
+    let mut body = resp.into_body();
+    while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        if frame.is_err() {
+            return false;
+        }
+    }
+    ok
+}
+
+/// A parsed answer head: the answer, its framing decision, its fields.
+type Head = (Response<()>, ResponseFraming, WireFields);
 
 /// How a request body is framed on the wire.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -406,6 +441,8 @@ impl Upload {
 pub struct ResponseBody {
     conn: Option<Box<Conn>>,
     framing: Decoder,
+    /// The length a bodiless answer announces (HEAD, 304).
+    announced: Option<u64>,
     /// The connection may carry another exchange once this body has ended.
     keep_alive: bool,
     /// A 101: the connection now belongs to the upgraded protocol.
@@ -434,6 +471,11 @@ impl ResponseBody {
             }
         }
         Some(conn).filter(|c| c.rb.buf.is_empty() && c.upload.is_none() && !c.unfinished)
+    }
+
+    /// The length a bodiless answer announces (a HEAD's or a 304's Content-Length).
+    pub fn announced(&self) -> Option<u64> {
+        self.announced
     }
 
     /// The answer's fields as the backend sent them.
@@ -466,6 +508,13 @@ impl ResponseBody {
                 Poll::Pending => conn.upload = Some((body, up)),
                 // All sent: nothing keeps the connection from carrying another exchange.
                 Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(SendError::Client(e))) => {
+                    // The client's body broke off (the client gone, bad chunking): the exchange
+                    // ends now, whatever the backend would still send, and takes its
+                    // connection with it.
+                    conn.unfinished = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
                 Poll::Ready(Err(_)) => conn.unfinished = true,
             }
         }
