@@ -673,3 +673,447 @@ fn date(f: impl FnOnce(&[u8])) {
         f(&c.1);
     });
 }
+
+#[cfg(test)]
+mod tests {
+    //! Request heads, byte for byte: what the HTTP/1 loop makes of each (hyper's
+    //! `proto/h1/decode.rs` tests are the model), from RFC 9112 and the published smuggling
+    //! classes (CL.TE, TE.CL, TE.TE obfuscations, CL.0, Connection-named framing fields, chunk
+    //! size and extension tricks, trailers, bare CR and LF, obs-fold, request-target forms).
+
+    use super::*;
+    use bytes::Bytes;
+    use http_body::Body as _;
+
+    /// What a request's bytes come to.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        /// Taken: its body, and what the bytes after it start with.
+        Taken(Vec<u8>, &'static str),
+        /// The head was taken, the body refused (the client gets 400, no backend failure).
+        BadBody,
+        /// Refused with this status before any backend.
+        Refused(u16),
+        /// The head is not complete.
+        Partial,
+    }
+
+    fn conn(bytes: &[u8]) -> SharedWire {
+        let (io, _) = tokio::io::duplex(16);
+        let mut rb = wire::ReadBuf::default();
+        rb.buf.extend_from_slice(bytes);
+        Arc::new(Mutex::new(Wire {
+            io: Box::new(io),
+            rb,
+            answered: false,
+            body_done: true,
+        }))
+    }
+
+    fn seen(bytes: &[u8]) -> Seen {
+        let shared = conn(bytes);
+        let parsed = {
+            let mut w = lock(&shared);
+            parse(&shared, &mut w, 8192)
+        };
+        let (req, keep_alive) = match parsed {
+            Ok(Some(Next::Request(req, _, asked))) => (req, asked.keep_alive),
+            Ok(Some(_)) => panic!("not a request"),
+            Ok(None) => return Seen::Partial,
+            Err(Refused::TooLarge) => return Seen::Refused(431),
+            Err(Refused::Bad(_) | Refused::Ambiguous) => return Seen::Refused(400),
+            Err(Refused::Coding) => return Seen::Refused(501),
+            Err(Refused::Method) => return Seen::Refused(405),
+        };
+        let mut body = req.into_body();
+        let mut data = Vec::new();
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        loop {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(None) => break,
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        data.extend_from_slice(&d);
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => return Seen::BadBody,
+                // Every byte is buffered: waiting for more means the body ran past them.
+                Poll::Pending => return Seen::BadBody,
+            }
+        }
+        let rest = Bytes::copy_from_slice(&lock(&shared).rb.buf);
+        let next = match &rest[..] {
+            // The connection ends after this one: what follows is never read.
+            _ if !keep_alive => "close",
+            b"" => "",
+            r if r.starts_with(b"GET /next ") => "next",
+            _ => "junk",
+        };
+        Seen::Taken(data, next)
+    }
+
+    const NEXT: &str = "GET /next HTTP/1.1\r\nHost: h\r\n\r\n";
+
+    fn taken(body: &str, next: &'static str) -> Seen {
+        Seen::Taken(body.as_bytes().to_vec(), next)
+    }
+
+    #[test]
+    fn request_heads_byte_for_byte() {
+        use Seen::*;
+        #[rustfmt::skip]
+        let cases: Vec<(String, Seen)> = vec![
+            // Plain framing.
+            (format!("GET / HTTP/1.1\r\nHost: h\r\n\r\n{NEXT}"), taken("", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n{NEXT}"), taken("", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 05\r\n\r\nhello{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nContent-Length:5\r\n\r\nhello{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\ncontent-length: 5\r\n\r\nhello{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nCONTENT-LENGTH: 5\r\n\r\nhello{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5 \r\n\r\nhello{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: CHUNKED\r\n\r\n5\r\nhello\r\n0\r\n\r\n{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding:\tchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.0\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello{NEXT}"), taken("hello", "close")),
+            (format!("POST / HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello{NEXT}"), taken("hello", "next")),
+            (format!("GET / HTTP/1.1\nHost: h\n\n{NEXT}"), taken("", "next")),
+            // CL.TE and TE.CL: both fields, in either order, however dressed.
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: identity\r\n\r\nabcd".into(), Refused(400)),
+            ("POST / HTTP/1.0\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n".into(), Refused(400)),
+            // TE.TE: obfuscated codings.
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n".into(), Refused(501)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n".into(), Refused(501)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n".into(), Refused(501)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: identity, chunked\r\n\r\n".into(), Refused(501)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: x\r\nTransfer-Encoding: chunked\r\n\r\n".into(), Refused(501)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, chunked\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: \"chunked\"\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked;\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: ,chunked\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: \r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\x0b\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chu\x00nked\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding\r\n: chunked\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\n Transfer-Encoding: chunked\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nX: y\r\n Transfer-Encoding: chunked\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nX: y\r\n\tTransfer-Encoding: chunked\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(), Refused(400)),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer_Encoding: chunked\r\n\r\n{NEXT}"), taken("", "next")),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n".into(), BadBody),
+            // Content-Length tricks.
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\n\r\nhello".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5,6\r\n\r\nhello".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\nhello".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -0\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0x5\r\n\r\nhello".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5 5\r\n\r\nhello".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1_0\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999\r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \r\n\r\n".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length : 5\r\n\r\nhello".into(), Refused(400)),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhel".into(), BadBody),
+            // CL.0: a body that looks like a request is a body.
+            (format!("GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 31\r\n\r\n{NEXT}{NEXT}"), taken(NEXT, "next")),
+            // Framing fields named in Connection still frame the message.
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nConnection: Content-Length\r\nContent-Length: 31\r\n\r\n{NEXT}{NEXT}"), taken(NEXT, "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nConnection: close, Content-Length\r\nContent-Length: 5\r\n\r\nhello{NEXT}"), taken("hello", "close")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.1\r\nConnection: Host\r\nHost: h\r\nContent-Length: 1\r\n\r\nx{NEXT}"), taken("x", "next")),
+            // Chunk sizes.
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0005\r\nhello\r\n0\r\n\r\n{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nA\r\n0123456789\r\n0\r\n\r\n{NEXT}"), taken("0123456789", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n1\r\nb\r\n0\r\n\r\n{NEXT}"), taken("ab", "next")),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff1\r\nhello\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloX\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel".into(), BadBody),
+            // Chunk extensions.
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n0\r\n\r\n{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5 ; a = \"b c\"\r\nhello\r\n0;x\r\n\r\n{NEXT}"), taken("hello", "next")),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;a\rb\r\nhello\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;\r\nhello\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;=b\r\nhello\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;a=\"b\r\nhello\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;a\x00\r\nhello\r\n0\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5x\r\nhello\r\n0\r\n\r\n".into(), BadBody),
+            // Trailers.
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n{NEXT}"), taken("hello", "next")),
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nContent-Length: 40\r\n\r\n{NEXT}"), taken("hello", "next")),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX: 1\r\n folded\r\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX: 1\n\r\n".into(), BadBody),
+            ("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX 1\r\n\r\n".into(), BadBody),
+            // Bare CR, control characters, obs-fold in the head.
+            ("GET / HTTP/1.1\r\nHost: h\r\nX: a\rb\r\n\r\n".into(), Refused(400)),
+            ("GET / HTTP/1.1\r\nHost: h\r\nX: a\x00b\r\n\r\n".into(), Refused(400)),
+            ("GET / HTTP/1.1\r\nHost: h\r\nX: a\x7fb\r\n\r\n".into(), Refused(400)),
+            ("GET / HTTP/1.1\r\nHost: h\r\nBad Header: 1\r\n\r\n".into(), Refused(400)),
+            ("GET / HTTP/1.1\r\nHost: h\r\n: 1\r\n\r\n".into(), Refused(400)),
+            ("GET / HTTP/1.1\r\nHost: h\r\nX: 1\r\n folded\r\n\r\n".into(), Refused(400)),
+            ("GET / HTTP/1.1\rHost: h\r\n\r\n".into(), Refused(400)),
+            // Request lines and targets.
+            ("GET  / HTTP/1.1\r\nHost: h\r\n\r\n".into(), Refused(400)),
+            ("GET / HTTP/1.2\r\nHost: h\r\n\r\n".into(), Refused(400)),
+            ("GET / HTTP/2.0\r\nHost: h\r\n\r\n".into(), Refused(400)),
+            ("GET / HTTP/1.1 \r\nHost: h\r\n\r\n".into(), Refused(400)),
+            ("GET /\x7f HTTP/1.1\r\nHost: h\r\n\r\n".into(), Refused(400)),
+            ("GET /a b HTTP/1.1\r\nHost: h\r\n\r\n".into(), Refused(400)),
+            ("G\x00T / HTTP/1.1\r\nHost: h\r\n\r\n".into(), Refused(400)),
+            ("G@T / HTTP/1.1\r\nHost: h\r\n\r\n".into(), Refused(400)),
+            ("GET example.com:80 HTTP/1.1\r\nHost: h\r\n\r\n".into(), Refused(400)),
+            ("GET * HTTP/1.1\r\nHost: h\r\n\r\n".into(), Refused(400)),
+            ("GET ftp://h/ HTTP/1.1\r\nHost: h\r\n\r\n".into(), Refused(400)),
+            ("GET h/ HTTP/1.1\r\nHost: h\r\n\r\n".into(), Refused(400)),
+            ("CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n".into(), Refused(405)),
+            ("CONNECT / HTTP/1.1\r\nHost: h\r\n\r\n".into(), Refused(405)),
+            (format!("OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n{NEXT}"), taken("", "next")),
+            (format!("GET http://h/a?b HTTP/1.1\r\nHost: h\r\n\r\n{NEXT}"), taken("", "next")),
+            (format!("GET HTTPS://h/ HTTP/1.1\r\nHost: h\r\n\r\n{NEXT}"), taken("", "next")),
+            (format!("PURGE /x HTTP/1.1\r\nHost: h\r\n\r\n{NEXT}"), taken("", "next")),
+            // Sizes.
+            (format!("GET / HTTP/1.1\r\nHost: h\r\nX: {}\r\n\r\n", "a".repeat(9000)), Refused(431)),
+            (format!("GET / HTTP/1.1\r\nHost: h\r\n{}\r\n", "X: 1\r\n".repeat(101)), Refused(431)),
+            ("GET / HTTP/1.1\r\nHost: h\r\n".into(), Partial),
+            // Pipelined: each request ends where its framing says.
+            (format!("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc{NEXT}"), taken("abc", "next")),
+            ("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nabcGET /next".into(), taken("ab", "junk")),
+        ];
+        assert!(cases.len() >= 100, "{}", cases.len());
+        for (bytes, want) in cases {
+            assert_eq!(seen(bytes.as_bytes()), want, "{bytes:?}");
+        }
+    }
+
+    /// What hyper's HTTP/1 server (the reference) makes of the same bytes: each request it
+    /// served, with its body (None when the body broke off).
+    async fn hyper_sees(bytes: Vec<u8>) -> Vec<(String, Option<Vec<u8>>)> {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let record = seen.clone();
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let record = record.clone();
+            async move {
+                let path = req.uri().path().to_string();
+                let body = req.into_body().collect().await.ok();
+                let body = body.map(|b| b.to_bytes().to_vec());
+                record.lock().unwrap().push((path, body));
+                Ok::<_, std::convert::Infallible>(http::Response::new(
+                    http_body_util::Empty::<Bytes>::new(),
+                ))
+            }
+        });
+        let serving = tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(server), svc),
+        );
+        let _ = client.write_all(&bytes).await;
+        // Until hyper served both requests or closed; then half-close (a body it waits for
+        // ends there) and give it a moment to finish.
+        let mut answers = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
+        loop {
+            if seen.lock().unwrap().len() >= 2 {
+                break;
+            }
+            let read = tokio::time::timeout_at(deadline, client.read(&mut answers)).await;
+            if !matches!(read, Ok(Ok(n)) if n > 0) {
+                break;
+            }
+        }
+        let _ = client.shutdown().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(300), async {
+            while client.read(&mut answers).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+        serving.abort();
+        let out = seen.lock().unwrap().clone();
+        out
+    }
+
+    /// One generated request: its head's framing fields and its body, then `NEXT`.
+    fn message(post: bool, http10: bool, fields: &[String], body: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(if post {
+            b"POST /first "
+        } else {
+            b"GET /first "
+        });
+        m.extend_from_slice(if http10 {
+            b"HTTP/1.0\r\n"
+        } else {
+            b"HTTP/1.1\r\n"
+        });
+        m.extend_from_slice(b"Host: h\r\n");
+        for f in fields {
+            m.extend_from_slice(f.as_bytes());
+            m.extend_from_slice(b"\r\n");
+        }
+        m.extend_from_slice(b"\r\n");
+        m.extend_from_slice(body);
+        m.extend_from_slice(NEXT.as_bytes());
+        m
+    }
+
+    fn field_strategy(len: usize) -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let name = |n: &'static str| {
+            prop_oneof![
+                Just(n.to_string()),
+                Just(n.to_ascii_lowercase()),
+                Just(n.to_ascii_uppercase())
+            ]
+        };
+        let cl = (
+            name("Content-Length"),
+            prop_oneof![
+                Just(format!("{len}")),
+                Just(format!(" {len} ")),
+                Just(format!("0{len}")),
+                Just(format!("{len}, {len}")),
+                Just(format!("+{len}")),
+                Just(format!("{}", len + 1)),
+                Just(format!("{}", len.saturating_sub(1))),
+                Just("0".to_string()),
+            ],
+        )
+            .prop_map(|(n, v)| format!("{n}: {v}"));
+        let te = (
+            name("Transfer-Encoding"),
+            prop_oneof![
+                Just("chunked"),
+                Just("Chunked"),
+                Just(" chunked"),
+                Just("chunked\t"),
+                Just("chunked, chunked"),
+                Just("gzip, chunked"),
+                Just("chunked, gzip"),
+                Just("identity"),
+                Just("xchunked"),
+                Just(""),
+            ],
+        )
+            .prop_map(|(n, v)| format!("{n}: {v}"));
+        let connection = prop_oneof![
+            Just("Connection: close"),
+            Just("Connection: Content-Length"),
+            Just("Connection: Transfer-Encoding"),
+            Just("Connection: keep-alive, Content-Length"),
+        ]
+        .prop_map(str::to_string);
+        let other = prop_oneof![
+            Just("X-A: b"),
+            Just("Expect: 100-continue"),
+            Just("Upgrade: x")
+        ]
+        .prop_map(str::to_string);
+        prop_oneof![3 => cl, 3 => te, 1 => connection, 1 => other]
+    }
+
+    /// A chunked encoding of `payload` split at `cuts`, with extensions and a trailer drawn
+    /// from valid and invalid forms.
+    fn chunked(payload: &[u8], cuts: &[usize], ext: u8, trailer: u8) -> Vec<u8> {
+        let exts: [&[u8]; 8] = [
+            b"",
+            b";a=b",
+            b" ;a",
+            b";a=\"x y\"",
+            b";",
+            b";a\rb",
+            b"\t;a",
+            b";a=\"b",
+        ];
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (payload.len() + 1)).collect();
+        points.sort_unstable();
+        points.push(payload.len());
+        for p in points {
+            if p <= at {
+                continue;
+            }
+            out.extend_from_slice(format!("{:x}", p - at).as_bytes());
+            out.extend_from_slice(exts[ext as usize % exts.len()]);
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&payload[at..p]);
+            out.extend_from_slice(b"\r\n");
+            at = p;
+        }
+        out.extend_from_slice(b"0\r\n");
+        let trailers: [&[u8]; 4] = [
+            b"",
+            b"X-Sum: 1\r\n",
+            b"Content-Length: 40\r\n",
+            b"X: 1\r\n folded\r\n",
+        ];
+        out.extend_from_slice(trailers[trailer as usize % trailers.len()]);
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    proptest::proptest! {
+        // A bounded run in CI; `PROPTEST_CASES=20000 cargo test --release --lib -- h1::tests::
+        // framing_matches` for a longer one.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(400)
+        ))]
+
+        /// Differential: whatever Shoal's HTTP/1 loop takes, hyper's server (the reference)
+        /// takes with the same body, and the next request starts at the same byte for both.
+        /// Shoal may refuse what hyper takes (it is stricter), never the other way round.
+        #[test]
+        fn framing_matches_hypers_where_shoal_takes_a_message(
+            post in proptest::bool::ANY,
+            http10 in proptest::bool::weighted(0.15),
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+            cuts in proptest::collection::vec(0usize..64, 0..4),
+            ext in 0u8..16,
+            trailer in 0u8..8,
+            picks in proptest::collection::vec(0usize..1000, 0..4),
+            seed_fields in proptest::collection::vec(field_strategy(7), 4),
+            raw_len in 0usize..20,
+        ) {
+            let fields: Vec<String> = picks.iter().map(|p| seed_fields[p % seed_fields.len()].clone()).collect();
+            let chunked_body = fields.iter().any(|f| f.to_ascii_lowercase().starts_with("transfer-encoding"));
+            let payload: Vec<u8> = if chunked_body { payload } else { payload.into_iter().take(raw_len).collect() };
+            let body = if chunked_body { chunked(&payload, &cuts, ext, trailer) } else { payload.clone() };
+            let bytes = message(post, http10, &fields, &body);
+            let ours = seen(&bytes);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let theirs = rt.block_on(hyper_sees(bytes.clone()));
+            if let Seen::Taken(data, next) = ours {
+                let first = theirs.first();
+                proptest::prop_assert!(
+                    first.is_some_and(|(p, b)| p == "/first" && b.as_deref() == Some(&data[..])),
+                    "Shoal took {:?} with body {:?}; hyper saw {:?}",
+                    String::from_utf8_lossy(&bytes), data, theirs
+                );
+                if next == "next" {
+                    proptest::prop_assert!(
+                        theirs.get(1).is_some_and(|(p, _)| p == "/next"),
+                        "Shoal found the next request after {:?}; hyper saw {:?}",
+                        String::from_utf8_lossy(&bytes), theirs
+                    );
+                }
+            }
+        }
+    }
+}

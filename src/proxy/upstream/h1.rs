@@ -550,3 +550,137 @@ impl Body for ResponseBody {
         self.framing.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Answer heads, byte for byte: how each is framed, whether its connection may be reused,
+    //! or that it is refused (a 502; the connection closes).
+
+    use super::*;
+    use crate::net::BackendIo;
+
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        /// Passed on: status, body, reusable after it.
+        Passed(u16, Vec<u8>, bool),
+        /// Refused: the exchange fails (the client gets 502).
+        Refused,
+        /// The body broke off (the client's answer is cut).
+        Cut,
+        /// The body waits for more than the bytes given (read to the close, or cut short).
+        Waiting,
+    }
+
+    async fn seen(bytes: &[u8], asked: Asked) -> Seen {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let _peer = l.accept().await.unwrap();
+        let mut conn = Box::new(Conn::new(BackendIo::Plain(s)));
+        conn.rb.buf.extend_from_slice(bytes);
+        let head = loop {
+            match conn.parse_head(asked) {
+                Ok(Some(h)) if h.0.status().is_informational() && h.0.status() != 101 => continue,
+                Ok(Some(h)) => break h,
+                Ok(None) | Err(_) => return Seen::Refused,
+            }
+        };
+        let (resp, decided, _) = head;
+        let mut body = ResponseBody {
+            conn: Some(conn),
+            framing: decided.body,
+            announced: decided.announced,
+            keep_alive: decided.reusable,
+            upgraded: false,
+            fields: None,
+        };
+        let mut data = Vec::new();
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        loop {
+            if body.is_end_stream() {
+                break;
+            }
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(None) => break,
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        data.extend_from_slice(&d);
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => return Seen::Cut,
+                Poll::Pending => return Seen::Waiting,
+            }
+        }
+        Seen::Passed(resp.status().as_u16(), data, body.reusable().is_some())
+    }
+
+    #[tokio::test]
+    async fn answer_heads_byte_for_byte() {
+        use Seen::*;
+        let get = Asked::default();
+        let head = Asked {
+            head: true,
+            upgrade: false,
+        };
+        let passed = |s: u16, b: &str, reuse: bool| Passed(s, b.as_bytes().to_vec(), reuse);
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Asked, Seen)> = vec![
+            ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", get, passed(200, "ok", true)),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", get, passed(200, "", true)),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", get, passed(200, "ok", true)),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\nX-Sum: 1\r\n\r\n", get, passed(200, "ok", true)),
+            ("HTTP/1.1 200 OK\nContent-Length: 2\n\nok", get, passed(200, "ok", true)),
+            // Bytes past the end of the answer: the connection is not reused.
+            ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n", get, passed(200, "ok", false)),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nX", get, passed(200, "", false)),
+            // Connection: close, HTTP/1.0, and a length named in Connection.
+            ("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", get, passed(200, "ok", false)),
+            ("HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nok", get, passed(200, "ok", true)),
+            ("HTTP/1.1 200 OK\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", get, passed(200, "ok", true)),
+            ("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", get, passed(200, "ok", false)),
+            ("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok", get, passed(200, "ok", true)),
+            // Neither length: to the close, never reused.
+            ("HTTP/1.1 200 OK\r\n\r\nuntil the close", get, Waiting),
+            // Ambiguous: refused.
+            ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", get, Refused),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n", get, Refused),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok", get, Refused),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", get, Refused),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nok", get, Refused),
+            ("HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok", get, Refused),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 0x2\r\n\r\nok", get, Refused),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", get, Refused),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", get, Refused),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", get, Refused),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\n\r\n", get, Refused),
+            ("HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", get, Refused),
+            ("HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok", get, Refused),
+            ("HTTP/1.1 200 OK\r\nX: 1\r\n folded\r\n\r\n", get, Refused),
+            ("HTTP/1.1 200 OK\r\nX: a\rb\r\n\r\n", get, Refused),
+            ("HTTP/1.1 2000 OK\r\n\r\n", get, Refused),
+            ("HTTP/1.2 200 OK\r\n\r\n", get, Refused),
+            ("HTTX/1.1 200 OK\r\n\r\n", get, Refused),
+            // An unsolicited 101.
+            ("HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n", get, Refused),
+            // Bodiless answers: HEAD, 204, 304, whatever they say.
+            ("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", head, passed(200, "", true)),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", head, passed(200, "", true)),
+            ("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", get, passed(204, "", true)),
+            ("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", get, passed(304, "", true)),
+            ("HTTP/1.1 204 No Content\r\n\r\nhello", get, passed(204, "", false)),
+            // Interim answers are skipped.
+            ("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", get, passed(200, "ok", true)),
+            ("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", get, passed(200, "ok", true)),
+            // Bodies cut or malformed.
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok", get, Waiting),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokX", get, Cut),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;a\rb\r\nok\r\n0\r\n\r\n", get, Cut),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\nok\r\n0\r\n\r\n", get, Cut),
+        ];
+        for (bytes, asked, want) in cases {
+            assert_eq!(seen(bytes.as_bytes(), asked).await, want, "{bytes:?}");
+        }
+    }
+}
