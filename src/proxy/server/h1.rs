@@ -683,7 +683,6 @@ mod tests {
 
     use super::*;
     use bytes::Bytes;
-    use http_body::Body as _;
 
     /// What a request's bytes come to.
     #[derive(Debug, PartialEq)]
