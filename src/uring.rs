@@ -21,6 +21,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -42,12 +43,32 @@ const DIRECT_SEND: usize = 4096;
 
 #[derive(Default)]
 struct Slot {
+    /// Bumped each time the slot is freed: a completion or a cancel that names an earlier use
+    /// (`user_data` carries the generation beside the slot's number) never touches a later one.
+    generation: u32,
     waker: Option<Waker>,
     /// The completion's result and flags, until its stream takes them.
     result: Option<(i32, u32)>,
-    /// The stream went away with this operation in flight: its send buffer (if any) waits
-    /// here for the completion, and the slot is freed then.
-    orphan: Option<Vec<u8>>,
+    /// The stream went away with this operation in flight: what the kernel may still use
+    /// waits here for the completion, and the slot is freed then.
+    orphan: Option<Orphan>,
+}
+
+/// What an operation whose stream went away keeps alive until its completion: the bytes the
+/// kernel may read (a send) or write (a receive into the stream's own buffer), and the socket,
+/// so that its number cannot be given to another connection while the operation names it.
+struct Orphan {
+    _buf: Vec<u8>,
+    _fd: Option<Arc<OwnedFd>>,
+}
+
+/// Generations count in 31 bits: a `user_data` never has its top bit set, so never equals
+/// `UNWATCHED`.
+const GENERATIONS: u32 = 0x7fff_ffff;
+
+/// A slot's number and generation, as one operation's `user_data`.
+fn user_data(slot: usize, generation: u32) -> u64 {
+    (u64::from(generation & GENERATIONS) << 32) | (slot as u64 & u64::from(u32::MAX))
 }
 
 struct Driver {
@@ -60,15 +81,43 @@ struct Driver {
     queued: usize,
     /// The driver task, when it waits for work.
     waker: Option<Waker>,
-    /// The ring's buffers, `BUFS` of `BUF` bytes.
-    pool: Box<[u8]>,
+    /// The ring's buffers, `BUFS` of `BUF` bytes. A raw pointer, never a reference: the kernel
+    /// writes into buffers it picked while others are read here.
+    pool: *mut u8,
     /// The buffer ring shared with the kernel (page-aligned), and its tail as last published.
     bufs: *mut types::BufRingEntry,
     tail: u16,
+    /// Streams of this ring dropped elsewhere.
+    mailbox: Arc<Mailbox>,
 }
 
 thread_local! {
     static DRIVER: RefCell<Option<Driver>> = const { RefCell::new(None) };
+}
+
+/// A stream that went away, with what the kernel may still use.
+struct Gone {
+    fd: OwnedFd,
+    /// A ring buffer the stream held (received bytes not yet read).
+    held: Option<u16>,
+    /// Operations the stream had in flight, each with the bytes the kernel may use.
+    ops: [(Option<usize>, Vec<u8>); 2],
+}
+
+/// Where a stream dropped on another thread than its ring's (an idle backend connection whose
+/// pool went with a pool change on the control thread, say) is handed back to its driver.
+struct Mailbox {
+    ring: u64,
+    gone: Mutex<Vec<Gone>>,
+    /// The driver task, when it waits.
+    waker: Mutex<Option<Waker>>,
+}
+
+/// Every live driver's mailbox.
+static MAILBOXES: Mutex<Vec<Arc<Mailbox>>> = Mutex::new(Vec::new());
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// This thread's ring, if it has one (a worker of a peer with `proxy.io_uring` on).
@@ -100,15 +149,23 @@ pub fn install() -> io::Result<()> {
     if bufs.is_null() {
         return Err(io::Error::other("io_uring: no memory for the buffer ring"));
     }
+    let id = IDS.fetch_add(1, Ordering::Relaxed);
+    let mailbox = Arc::new(Mailbox {
+        ring: id,
+        gone: Mutex::new(Vec::new()),
+        waker: Mutex::new(None),
+    });
     let mut driver = Driver {
-        id: IDS.fetch_add(1, Ordering::Relaxed),
+        id,
+        mailbox: mailbox.clone(),
         ring,
         slots: Vec::new(),
         free: Vec::new(),
         queued: 0,
         waker: None,
-        // Zeroed by the allocator (fresh pages): untouched until a receive fills them.
-        pool: vec![0u8; BUF * BUFS as usize].into_boxed_slice(),
+        // Zeroed by the allocator (fresh pages): untouched until a receive fills them. Leaked
+        // with the ring (see Drop for Driver).
+        pool: Box::into_raw(vec![0u8; BUF * BUFS as usize].into_boxed_slice()).cast::<u8>(),
         bufs,
         tail: 0,
     };
@@ -123,9 +180,38 @@ pub fn install() -> io::Result<()> {
         driver.give_back(b)?;
     }
     DRIVER.with(|d| *d.borrow_mut() = Some(driver));
-    tokio::spawn(drive(fd));
+    lock(&MAILBOXES).push(mailbox);
+    tokio::spawn(async move {
+        drive(fd).await;
+        uninstall(id);
+    });
     Ok(())
 }
+
+/// The driver ended (its ring could not be watched): this worker's new sockets use epoll. The
+/// ring is leaked, not closed, since the kernel may still use what its operations name.
+fn uninstall(id: u64) {
+    tracing::error!("io_uring: the driver stopped; this worker's new connections use epoll");
+    lock(&MAILBOXES).retain(|m| m.ring != id);
+    DRIVER.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.as_ref().is_some_and(|d| d.id == id) {
+            std::mem::forget(d.take());
+        }
+    });
+}
+
+/// The kernel's `struct io_uring_buf`: one entry of a provided-buffer ring.
+#[repr(C)]
+struct RingBuf {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    /// The ring's tail, in the first entry.
+    _resv: u16,
+}
+
+const _: () = assert!(std::mem::size_of::<RingBuf>() == std::mem::size_of::<types::BufRingEntry>());
 
 struct RingFd(RawFd);
 
@@ -151,6 +237,7 @@ async fn drive(fd: RawFd) {
         let progressed = DRIVER.with(|d| {
             let mut d = d.borrow_mut();
             let Some(d) = d.as_mut() else { return false };
+            d.adopt();
             let queued = d.queued;
             // Completions waiting on this thread's task work, or held back by a full
             // completion queue, need an enter too.
@@ -176,6 +263,11 @@ async fn drive(fd: RawFd) {
             let progressed = queued > 0 || !woken.is_empty() || d.queued > 0;
             if !progressed {
                 d.waker = Some(cx.waker().clone());
+                *lock(&d.mailbox.waker) = Some(cx.waker().clone());
+                // A stream handed back meanwhile must not wait for the next wake-up.
+                if !lock(&d.mailbox.gone).is_empty() {
+                    return true;
+                }
             }
             progressed
         });
@@ -214,12 +306,18 @@ impl Driver {
                 }
                 continue;
             }
-            let i = ud as usize;
-            let Some(s) = slots.get_mut(i) else { continue };
+            let (i, generation) = ((ud & u64::from(u32::MAX)) as usize, (ud >> 32) as u32);
+            let Some(s) = slots.get_mut(i).filter(|s| s.generation == generation) else {
+                // Not this slot's current operation (never expected: each use completes once).
+                back.extend(cqueue::buffer_select(cqe.flags()));
+                continue;
+            };
             if s.orphan.take().is_some() {
-                // Its stream is gone; a buffer the receive took goes back to the group.
+                // Its stream is gone; a buffer the receive took goes back to the group, and
+                // the socket closes once no operation names it.
                 back.extend(cqueue::buffer_select(cqe.flags()));
                 s.waker = None;
+                s.generation = s.generation.wrapping_add(1) & GENERATIONS;
                 free.push(i);
                 continue;
             }
@@ -233,23 +331,25 @@ impl Driver {
         }
     }
 
-    fn buffer(&mut self, b: u16) -> *mut u8 {
+    fn buffer(&self, b: u16) -> *mut u8 {
         // SAFETY: in bounds: b % BUFS < BUFS, and the pool holds BUFS buffers of BUF bytes.
-        unsafe { self.pool.as_mut_ptr().add((b % BUFS) as usize * BUF) }
+        unsafe { self.pool.add((b % BUFS) as usize * BUF) }
     }
 
     /// Buffer `b` is read: back on the ring for the kernel to hand out again (no system call).
     fn give_back(&mut self, b: u16) -> io::Result<()> {
         let addr = self.buffer(b) as u64;
         let i = (self.tail & (BUFS - 1)) as usize;
-        // SAFETY: `bufs` holds BUFS entries; the kernel reads entries only up to the tail
-        // published below, and this one is past it. The tail is the first entry's last field,
-        // which the setters do not touch; the release store publishes the entry with it.
+        // SAFETY: `bufs` holds BUFS entries of the kernel's `io_uring_buf` layout; the kernel
+        // reads entries only up to the tail published below, and this one is past it. Written
+        // through raw pointers field by field (no reference to memory the kernel shares): the
+        // tail is the first entry's last field, which is not written here; the release store
+        // publishes the entry with it.
         unsafe {
-            let e = &mut *self.bufs.add(i);
-            e.set_addr(addr);
-            e.set_len(BUF as u32);
-            e.set_bid(b);
+            let e = self.bufs.add(i).cast::<RingBuf>();
+            std::ptr::addr_of_mut!((*e).addr).write(addr);
+            std::ptr::addr_of_mut!((*e).len).write(BUF as u32);
+            std::ptr::addr_of_mut!((*e).bid).write(b);
             self.tail = self.tail.wrapping_add(1);
             let tail = types::BufRingEntry::tail(self.bufs) as *const std::sync::atomic::AtomicU16;
             (*tail).store(self.tail, Ordering::Release);
@@ -284,12 +384,77 @@ impl Driver {
             self.slots.push(Slot::default());
             self.slots.len() - 1
         });
-        match self.push(entry.user_data(i as u64)) {
+        let ud = user_data(i, self.slots[i].generation);
+        match self.push(entry.user_data(ud)) {
             Ok(()) => Ok(i),
             Err(e) => {
-                self.free.push(i);
+                self.release(i);
                 Err(e)
             }
+        }
+    }
+
+    /// Slot `i` is free again (its operation's completion was taken).
+    fn release(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        s.waker = None;
+        s.result = None;
+        s.generation = s.generation.wrapping_add(1) & GENERATIONS;
+        self.free.push(i);
+    }
+
+    /// A stream went away: its held buffer goes back, operations still in flight keep what the
+    /// kernel may use (and the socket) until they complete, and are cancelled; the socket closes
+    /// at once if nothing names it. Never returns early: every operation is seen to.
+    fn abandon(&mut self, gone: Gone) {
+        let Gone { fd, held, ops } = gone;
+        if let Some(b) = held {
+            let _ = self.give_back(b);
+        }
+        let mut fd = Some(fd);
+        let mut shared: Option<Arc<OwnedFd>> = None;
+        for (op, buf) in ops {
+            let Some(op) = op else { continue };
+            let s = &mut self.slots[op];
+            if let Some((_, flags)) = s.result.take() {
+                // Completed, not yet taken: nothing of it is in flight.
+                self.release(op);
+                if let Some(b) = cqueue::buffer_select(flags) {
+                    let _ = self.give_back(b);
+                }
+                continue;
+            }
+            let keep = match (&shared, fd.take()) {
+                (Some(a), _) => a.clone(),
+                (None, Some(f)) => shared.insert(Arc::new(f)).clone(),
+                (None, None) => continue,
+            };
+            let raw = keep.as_raw_fd();
+            let s = &mut self.slots[op];
+            s.waker = None;
+            s.orphan = Some(Orphan {
+                _buf: buf,
+                _fd: Some(keep),
+            });
+            let target = user_data(op, s.generation);
+            let cancel = opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(UNWATCHED);
+            if self.push(cancel).is_err() {
+                // No room to cancel: shutting the socket down ends its operations as surely.
+                // SAFETY: shutdown(2) on a descriptor the orphan keeps open.
+                unsafe { libc::shutdown(raw, libc::SHUT_RDWR) };
+            }
+        }
+        // Nothing in flight named the socket: it closes here.
+        drop(fd);
+    }
+
+    /// Streams of this ring dropped on other threads, handed back through the mailbox.
+    fn adopt(&mut self) {
+        let gone = std::mem::take(&mut *lock(&self.mailbox.gone));
+        for g in gone {
+            self.abandon(g);
         }
     }
 }
@@ -299,11 +464,11 @@ impl Drop for Driver {
         // Buffers the kernel may still write into or read from must outlive the ring's
         // teardown, which finishes after close(2) returns: the thread is ending anyway.
         for s in self.slots.drain(..) {
-            if let Some(b) = s.orphan {
-                std::mem::forget(b);
+            if let Some(o) = s.orphan {
+                std::mem::forget(o);
             }
         }
-        std::mem::forget(std::mem::take(&mut self.pool));
+        // `pool` (a raw pointer) is never freed.
     }
 }
 
@@ -321,8 +486,7 @@ fn take(ring: u64, op: usize, cx: &mut Context<'_>) -> io::Result<Option<(i32, u
         let s = &mut d.slots[op];
         match s.result.take() {
             Some(r) => {
-                s.waker = None;
-                d.free.push(op);
+                d.release(op);
                 Ok(Some(r))
             }
             None => {
@@ -358,7 +522,8 @@ enum Rx {
 
 /// A TCP connection whose reads and writes go through its worker's ring.
 pub struct UringStream {
-    fd: OwnedFd,
+    /// Closed by Drop, or later, by the last operation that names it (see `Driver::abandon`).
+    fd: std::mem::ManuallyDrop<OwnedFd>,
     ring: u64,
     /// What the read side is doing.
     rx: Rx,
@@ -382,7 +547,7 @@ impl UringStream {
         // SAFETY: the descriptor is owned by `s`, handed over here.
         let fd = unsafe { OwnedFd::from_raw_fd(s.into_raw_fd()) };
         Ok(Self {
-            fd,
+            fd: std::mem::ManuallyDrop::new(fd),
             ring,
             rx: Rx::Idle,
             streaming: false,
@@ -440,6 +605,11 @@ impl UringStream {
                 return Poll::Pending;
             };
             self.wop = None;
+            if r == -libc::EINTR {
+                // Interrupted before any byte went: send the rest again.
+                self.start_send()?;
+                continue;
+            }
             if r < 0 {
                 self.wbuf.clear();
                 self.wpos = 0;
@@ -514,6 +684,10 @@ impl AsyncRead for UringStream {
                         this.rx = Rx::Own(op, bytes);
                         return waiting(got);
                     };
+                    if r == -libc::EINTR {
+                        // Interrupted before any byte: receive again (rx is Idle).
+                        continue;
+                    }
                     if r < 0 {
                         return Poll::Ready(Err(io::Error::from_raw_os_error(-r)));
                     }
@@ -533,6 +707,12 @@ impl AsyncRead for UringStream {
                         return waiting(got);
                     };
                     let b = cqueue::buffer_select(flags);
+                    if r == -libc::EINTR {
+                        if let Some(b) = b {
+                            with(ring, |d| d.give_back(b))?;
+                        }
+                        continue;
+                    }
                     if r == -libc::ENOBUFS {
                         // Every buffer of the ring is in use: this receive gets its own.
                         tracing::debug!("io_uring: no ring buffer left; a receive gets its own");
@@ -685,38 +865,196 @@ impl Drop for UringStream {
             Rx::Own(op, bytes) => (None, (Some(op), bytes)),
             Rx::Idle | Rx::OwnHeld { .. } | Rx::Eof => (None, (None, Vec::new())),
         };
-        let ops = [rop, (self.wop.take(), std::mem::take(&mut self.wbuf))];
-        if ring_id() != Some(self.ring) {
-            // Not on its ring's thread (only at a worker's end): the kernel may still read the
-            // bytes being sent.
-            for (_, buf) in ops {
-                std::mem::forget(buf);
-            }
+        let gone = Gone {
+            // SAFETY: taken once, here; the field is never used again.
+            fd: unsafe { std::mem::ManuallyDrop::take(&mut self.fd) },
+            held,
+            ops: [rop, (self.wop.take(), std::mem::take(&mut self.wbuf))],
+        };
+        if ring_id() == Some(self.ring) {
+            DRIVER.with(move |d| {
+                if let Some(d) = d.borrow_mut().as_mut() {
+                    d.abandon(gone);
+                }
+            });
             return;
         }
-        let _ = with(self.ring, move |d| {
-            if let Some(b) = held {
-                d.give_back(b)?;
-            }
-            for (op, buf) in ops {
-                let Some(op) = op else { continue };
-                let s = &mut d.slots[op];
-                s.waker = None;
-                if let Some((_, flags)) = s.result.take() {
-                    d.free.push(op);
-                    if let Some(b) = cqueue::buffer_select(flags) {
-                        d.give_back(b)?;
-                    }
-                    continue;
+        // Another thread: the ring's own driver sees to it.
+        let mailbox = lock(&MAILBOXES)
+            .iter()
+            .find(|m| m.ring == self.ring)
+            .cloned();
+        match mailbox {
+            Some(m) => {
+                lock(&m.gone).push(gone);
+                if let Some(w) = lock(&m.waker).take() {
+                    w.wake();
                 }
-                // The slot (and the bytes) are kept until the completion comes.
-                s.orphan = Some(buf);
-                let cancel = opcode::AsyncCancel::new(op as u64)
-                    .build()
-                    .user_data(UNWATCHED);
-                d.push(cancel)?;
             }
-            Ok(())
+            None => {
+                // The driver is gone (its ring leaked, submitting nothing more): nothing queued
+                // can reach the kernel now, but the bytes of what did may still be used.
+                for (_, buf) in gone.ops {
+                    std::mem::forget(buf);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The driver's slot, cancel and descriptor lifetimes, on a real ring and real sockets,
+    //! step by step on one thread (the driver runs only when the test yields).
+
+    use super::*;
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A runtime with this thread's ring installed; None (and why) where the kernel refuses one.
+    fn ring_runtime() -> Option<tokio::runtime::Runtime> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        match rt.block_on(async { install() }) {
+            Ok(()) => Some(rt),
+            Err(e) => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "this kernel refuses io_uring, under CI: {e}"
+                );
+                eprintln!("skipped: this kernel refuses io_uring: {e}");
+                None
+            }
+        }
+    }
+
+    /// A connected pair: the ring's stream and the blocking peer.
+    async fn pair(l: &std::net::TcpListener) -> (UringStream, std::net::TcpStream) {
+        let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (peer, _) = l.accept().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        (UringStream::from_tokio(s).unwrap(), peer)
+    }
+
+    fn fd_open(fd: RawFd) -> bool {
+        // SAFETY: F_GETFD only asks whether the number names an open descriptor.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+    }
+
+    #[test]
+    fn a_dropped_streams_queued_send_never_reaches_the_next_socket_on_its_number() {
+        let Some(rt) = ring_runtime() else { return };
+        rt.block_on(async {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let (mut a, mut a_peer) = pair(&l).await;
+            let a_fd = a.fd.as_raw_fd();
+            // Queued on the ring, not yet submitted: the driver has not run since.
+            a.write_all(b"from A").await.unwrap();
+            drop(a);
+            assert!(fd_open(a_fd), "closed while a queued send names it");
+            // A new socket at once (no yield): it must not get A's number.
+            let b = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            assert_ne!(b.as_raw_fd(), a_fd);
+            let (mut b_peer, _) = l.accept().unwrap();
+            b_peer
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            // Let the driver submit, reap and close.
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let mut got = [0u8; 16];
+            let n = b_peer.read(&mut got).unwrap_or(0);
+            assert_eq!(&got[..n], b"", "B's peer got A's bytes");
+            // A's peer sees A's bytes or nothing (cancelled), then the close.
+            let mut rest = Vec::new();
+            let _ = a_peer.read_to_end(&mut rest);
+            assert!(rest.is_empty() || rest == b"from A", "{rest:?}");
+            assert!(
+                !fd_open(a_fd) || a_fd == b.as_raw_fd(),
+                "A's socket never closed"
+            );
+            drop(b);
         });
+    }
+
+    #[test]
+    fn a_dropped_streams_parked_receive_never_swallows_the_next_sockets_data() {
+        let Some(rt) = ring_runtime() else { return };
+        rt.block_on(async {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let (mut a, _a_peer) = pair(&l).await;
+            let a_fd = a.fd.as_raw_fd();
+            // A receive in flight (parked: nothing to read).
+            let mut buf = [0u8; 16];
+            let read = tokio::time::timeout(Duration::from_millis(50), a.read(&mut buf)).await;
+            assert!(read.is_err(), "nothing was sent to A");
+            drop(a);
+            assert!(fd_open(a_fd), "closed while a receive names it");
+            // The cancel completes, then the number is free; a new ring stream on it gets its
+            // own data.
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(
+                !fd_open(a_fd),
+                "A's socket never closed after its receive was cancelled"
+            );
+            let (mut b, mut b_peer) = pair(&l).await;
+            b_peer.write_all(b"to B").unwrap();
+            let mut got = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(2), b.read_exact(&mut got))
+                .await
+                .expect("B's data")
+                .unwrap();
+            assert_eq!(&got, b"to B");
+        });
+    }
+
+    #[test]
+    fn a_stream_dropped_on_another_thread_is_closed_by_its_driver() {
+        let Some(rt) = ring_runtime() else { return };
+        rt.block_on(async {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let (mut a, mut a_peer) = pair(&l).await;
+            let a_fd = a.fd.as_raw_fd();
+            let mut buf = [0u8; 16];
+            let read = tokio::time::timeout(Duration::from_millis(50), a.read(&mut buf)).await;
+            assert!(read.is_err());
+            std::thread::spawn(move || drop(a)).join().unwrap();
+            // The driver adopts it: the receive is cancelled, the socket closes, the peer sees
+            // the end of the stream.
+            let mut closed = false;
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if !fd_open(a_fd) {
+                    closed = true;
+                    break;
+                }
+            }
+            assert!(closed, "a stream dropped off its worker was leaked");
+            let mut rest = Vec::new();
+            assert_eq!(a_peer.read_to_end(&mut rest).unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn user_data_carries_the_slot_and_its_generation() {
+        let ud = user_data(7, 3);
+        assert_eq!(ud & u64::from(u32::MAX), 7);
+        assert_eq!(ud >> 32, 3);
+        assert_ne!(user_data(7, 3), user_data(7, 4));
+        assert_ne!(user_data(0, 0), UNWATCHED);
+        assert_ne!(user_data(u32::MAX as usize, u32::MAX), UNWATCHED);
+        assert_eq!(
+            user_data(1, GENERATIONS + 1) >> 32,
+            0,
+            "generations wrap in 31 bits"
+        );
     }
 }

@@ -31,7 +31,34 @@ pub struct Wire {
     /// The answer's head went out: a `100 Continue` would come too late.
     pub answered: bool,
     /// The request body was read to its end: the bytes after it are the next request's.
-    pub body_done: bool,
+    body_done: bool,
+    /// The connection's state, whose `body_pending` mirrors `body_done` for the idle watchdog
+    /// (a client that stalls mid-body is cut off).
+    state: Option<Arc<crate::proxy::conn::ConnState>>,
+}
+
+impl Wire {
+    pub fn new(io: BoxIo, state: Option<Arc<crate::proxy::conn::ConnState>>) -> Self {
+        Self {
+            io,
+            rb: wire::ReadBuf::default(),
+            answered: false,
+            body_done: true,
+            state,
+        }
+    }
+
+    pub fn body_done(&self) -> bool {
+        self.body_done
+    }
+
+    pub fn set_body_done(&mut self, done: bool) {
+        self.body_done = done;
+        if let Some(s) = &self.state {
+            s.body_pending
+                .store(!done, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 pub type SharedWire = Arc<Mutex<Wire>>;
@@ -76,7 +103,7 @@ impl H1Body {
         let polled = w.rb.poll_body(&mut w.io, &mut self.decoder, cx, "client");
         if let Poll::Ready(None | Some(Ok(_))) = &polled {
             // The bytes after the body's end are the next request's.
-            w.body_done = self.decoder.is_end();
+            w.set_body_done(self.decoder.is_end());
         }
         polled
     }

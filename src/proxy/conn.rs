@@ -25,6 +25,9 @@ pub struct ConnState {
     /// Requests started on this connection, and those being served now.
     pub requests: AtomicU64,
     pub active_requests: AtomicU64,
+    /// A request body is being read and has not ended (HTTP/1): a client that sends nothing
+    /// for `proxy.client_idle_timeout` then is cut off, whatever its backend does.
+    pub body_pending: AtomicBool,
     /// Set when a 101 went out: the bytes that follow are the tunnel's, not HTTP/1.
     pub upgraded: AtomicBool,
     /// The connection's tunnels, made by the first upgrade (most connections have none).

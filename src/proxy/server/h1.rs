@@ -79,14 +79,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(io: BoxIo, max_head: usize) -> Self {
+    pub fn new(io: BoxIo, max_head: usize, state: Option<Arc<ConnState>>) -> Self {
         Self {
-            wire: Arc::new(Mutex::new(Wire {
-                io,
-                rb: wire::ReadBuf::default(),
-                answered: false,
-                body_done: true,
-            })),
+            wire: Arc::new(Mutex::new(Wire::new(io, state))),
             out: Vec::new(),
             max_head,
         }
@@ -165,7 +160,7 @@ impl Conn {
                     return Ended::Upgraded;
                 }
                 Answered::Upgrade(_) | Answered::Close => {
-                    if had_body && !lock(&self.wire).body_done {
+                    if had_body && !lock(&self.wire).body_done() {
                         self.close_lingering().await;
                     } else {
                         self.shutdown().await;
@@ -174,7 +169,7 @@ impl Conn {
                 }
                 Answered::Broken => return Ended::Closed,
             }
-            if had_body && !lock(&self.wire).body_done {
+            if had_body && !lock(&self.wire).body_done() {
                 // The forwarder did not take the whole body (a backend answered early): the
                 // next request's bytes cannot be found.
                 self.close_lingering().await;
@@ -543,7 +538,7 @@ fn parse(shared: &SharedWire, w: &mut Wire, max_head: usize) -> Result<Option<Ne
         .map_err(|_| Refused::Bad("bad request target"))?;
     let keep_alive = !framing.close && (version == Version::HTTP_11 || framing.keep_alive);
     let has_body = !decoder.is_end();
-    w.body_done = !has_body;
+    w.set_body_done(!has_body);
     let expect = (has_body
         && version == Version::HTTP_11
         && fields
@@ -701,12 +696,9 @@ mod tests {
         let (io, _) = tokio::io::duplex(16);
         let mut rb = wire::ReadBuf::default();
         rb.buf.extend_from_slice(bytes);
-        Arc::new(Mutex::new(Wire {
-            io: Box::new(io),
-            rb,
-            answered: false,
-            body_done: true,
-        }))
+        let mut w = Wire::new(Box::new(io), None);
+        w.rb = rb;
+        Arc::new(Mutex::new(w))
     }
 
     fn seen(bytes: &[u8]) -> Seen {

@@ -280,7 +280,7 @@ impl Server {
             let io = if alpn_h2 {
                 Rewind::new(Bytes::new(), io)
             } else {
-                let conn = h1::Conn::new(io, self.opts.max_header_bytes);
+                let conn = h1::Conn::new(io, self.opts.max_header_bytes, Some(state.clone()));
                 match conn
                     .serve(&self.proxy, &info, &state, &self.drain, h2c)
                     .await
@@ -309,6 +309,13 @@ impl Server {
                 () = conn.as_mut() => break,
                 _ = &mut sleep => {
                     let now = load(&state);
+                    if now.0 == seen.0 && state.body_pending.load(Ordering::Relaxed) {
+                        // A request body stalled: nothing came from the client for a whole
+                        // period (nginx's client_body_timeout). The exchange ends with the
+                        // connection; its backend connection is closed, not reused.
+                        tracing::debug!("closing a connection whose request body stalled");
+                        return;
+                    }
                     if state.active_requests.load(Ordering::Relaxed) == 0 {
                         let (reads, writes, requests) = (now.0 != seen.0, now.1 != seen.1, now.2 != seen.2);
                         if !reads && !writes {
