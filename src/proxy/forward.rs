@@ -1101,4 +1101,110 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 2);
     }
+
+    /// The fields an HTTP/1 backend gets, by either rewrite, as sorted `name: value` lines.
+    fn both_rewrites(
+        head: &[u8],
+    ) -> (
+        Result<Vec<String>, ProxyError>,
+        Result<Vec<String>, ProxyError>,
+    ) {
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Request::new(&mut slots);
+        let len = match parsed.parse(head) {
+            Ok(httparse::Status::Complete(n)) => n,
+            other => panic!("test head does not parse: {other:?}"),
+        };
+        let target = parsed.path.unwrap().to_string();
+        let mut framing = crate::proxy::wire::Framing::default();
+        let noted = WireFields::note(head, parsed.headers, &mut framing);
+        let fields = WireFields::new(bytes::Bytes::copy_from_slice(&head[..len]), noted);
+        let state = Arc::new(crate::proxy::conn::ConnState::default());
+        let conn = ConnInfo::new("10.1.2.3:5555".parse().unwrap(), false, 0, state);
+        let parts = || {
+            let mut req = Request::new(());
+            *req.uri_mut() = target.parse().unwrap();
+            req.into_parts().0
+        };
+        let lines = |text: &[u8]| -> Vec<String> {
+            let mut v: Vec<String> = String::from_utf8_lossy(text)
+                .split("\r\n")
+                .filter(|l| !l.is_empty())
+                .map(|l| {
+                    let (n, v) = l.split_once(':').unwrap();
+                    format!("{}: {}", n.to_ascii_lowercase(), v.trim())
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        // The wire rewrite, as the HTTP/1 client writes it.
+        let wire = rewrite_wire(fields.clone(), &parts(), &conn).map(|o| {
+            let mut out = Vec::new();
+            o.write(&mut out);
+            lines(&out)
+        });
+        // The map rewrite, as `handle` makes the map and the HTTP/1 client writes it (TE and
+        // the framing fields are the client's to write).
+        let mut p = parts();
+        p.headers = fields.into_map(true, 4);
+        let map = rewrite_map(&mut p, &conn).map(|_| {
+            let mut out = Vec::new();
+            for (n, v) in &p.headers {
+                if n != header::TE && n != header::CONTENT_LENGTH && n != header::TRANSFER_ENCODING
+                {
+                    crate::proxy::wire::field(&mut out, n, v);
+                }
+            }
+            lines(&out)
+        });
+        (wire, map)
+    }
+
+    #[test]
+    fn the_two_rewrites_apply_one_policy_on_examples() {
+        let (wire, map) = both_rewrites(
+            b"GET http://abs.example/x HTTP/1.1\r\nHost: other\r\nConnection: X-Gone, Content-Length\r\nX-Gone: 1\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-For: \xffbad\r\nContent-Length: 0\r\nKeep-Alive: 5\r\nX-Kept: y\r\n\r\n",
+        );
+        assert_eq!(wire, map);
+        assert_eq!(
+            wire.unwrap(),
+            [
+                "host: abs.example",
+                "x-forwarded-for: 1.1.1.1, 10.1.2.3",
+                "x-forwarded-host: abs.example",
+                "x-forwarded-proto: http",
+                "x-kept: y",
+            ]
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// One header policy, two encoders: for any head, the wire rewrite and the map rewrite
+        /// give an HTTP/1 backend the same fields, or refuse it alike.
+        #[test]
+        fn the_two_rewrites_give_the_same_fields(
+            picks in proptest::collection::vec((0usize..16, 0usize..8), 0..10),
+            absolute in proptest::bool::weighted(0.2),
+        ) {
+            const NAMES: [&str; 16] = [
+                "Host", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Connection",
+                "Keep-Alive", "TE", "Trailer", "Proxy-Connection", "Content-Length", "X-A", "x-a",
+                "Cookie", "Accept", "Expect", "X-Named",
+            ];
+            const VALUES: [&str; 8] = [
+                "a", "h.example:8080", "1.2.3.4", "X-A, close", "trailers", "x-named",
+                "keep-alive, X-Forwarded-For", "",
+            ];
+            let mut head = String::from(if absolute { "GET http://t.example/p HTTP/1.1\r\n" } else { "GET /p HTTP/1.1\r\n" });
+            for (n, v) in &picks {
+                head.push_str(&format!("{}: {}\r\n", NAMES[*n], VALUES[*v]));
+            }
+            head.push_str("\r\n");
+            let (wire, map) = both_rewrites(head.as_bytes());
+            proptest::prop_assert_eq!(wire, map, "{}", head);
+        }
+    }
 }
