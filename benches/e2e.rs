@@ -13,7 +13,10 @@
 //! Needs nginx, haproxy and wrk (h2load from nghttp2-client for the HTTP/2 table; Debian
 //! packages). Env: E2E_SECONDS (default 10), E2E_CONNECTIONS (default 64), E2E_ROUNDS (default 5;
 //! medians), E2E_IDLE (default 10,000), E2E_TABLES (default all:
-//! small,hash,big,h2,tls,idle,change).
+//! small,hash,big,h2,tls,idle,change,abuse). `abuse`: eight clients each sending part of a 2 MB
+//! upload to a backend that answers at once and waits for the rest, then resetting, while wrk
+//! runs beside them: every proxy's peak and settled memory and descriptors, and wrk's requests
+//! per proxy CPU-second.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -721,6 +724,9 @@ fn main() {
             over_tls(&[]),
         );
     }
+    if wanted("abuse") {
+        abuse_table(dir, &shoal, secs);
+    }
     if wanted("change") {
         // A pool change under load: 10 weight changes per second while wrk runs. nginx has no
         // runtime API in its open-source build: its way is a new config and a reload (SIGHUP to a
@@ -906,6 +912,179 @@ fn table_of(
             r.per_cpu_s / base.2,
             r.per_cpu_s / best,
             mib
+        );
+    }
+}
+
+/// A backend that answers a request with a body at once (`200`, `Content-Length: 2`) and sends
+/// the `ok` only once the whole body came: what an aborted upload leaves a proxy waiting on.
+fn early_backend() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let mut left: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    buf.drain(..end + 4);
+                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n").is_err() {
+                        return;
+                    }
+                    let had = buf.len().min(left);
+                    buf.drain(..had);
+                    left -= had;
+                    while left > 0 {
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                let used = n.min(left);
+                                left -= used;
+                                buf.extend_from_slice(&chunk[used..n]);
+                            }
+                        }
+                    }
+                    if s.write_all(b"ok").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+fn open_fds(pids: &[u32]) -> usize {
+    pids.iter()
+        .map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).map_or(0, |d| d.count()))
+        .sum()
+}
+
+/// Eight clients, each in a loop: part of a 2 MB upload (256 KiB to 1 MiB of it), a moment,
+/// then a reset, until `until`.
+fn aborted_uploads(port: u16, until: Instant) -> Vec<std::thread::JoinHandle<u64>> {
+    (0..8u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut n = 0;
+                while Instant::now() < until {
+                    n += 1;
+                    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                        continue;
+                    };
+                    let _ = s.write_all(
+                        b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 2000000\r\n\r\n",
+                    );
+                    let part = vec![b'u'; 256 * 1024 * (1 + ((t + n) % 4) as usize)];
+                    let _ = s.write_all(&part);
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
+                    let _ = s.read(&mut [0u8; 256]);
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                }
+                n
+            })
+        })
+        .collect()
+}
+
+/// The "under abuse" table: each proxy in turn before the same backend.
+fn abuse_table(dir: &Path, shoal: &Path, secs: u64) {
+    let backend = early_backend();
+    let nginx_port = free_port();
+    let nginx_proc = nginx(dir, "proxy-abuse", &format!(
+        "  upstream early {{ server 127.0.0.1:{backend}; keepalive 128; }}\n  server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://early; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+    ));
+    let haproxy_port = free_port();
+    let hcfg = dir.join("haproxy-abuse.cfg");
+    std::fs::write(
+        &hcfg,
+        format!("global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\nfrontend fe\n  bind 127.0.0.1:{haproxy_port}\n  default_backend be\nbackend be\n  server b 127.0.0.1:{backend}\n"),
+    )
+    .unwrap();
+    let haproxy = Proc(
+        Command::new("haproxy")
+            .args(["-f", hcfg.to_str().unwrap(), "-db"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let shoal_port = free_port();
+    let scfg = dir.join("shoal-abuse.toml");
+    std::fs::write(
+        &scfg,
+        format!(
+            "[node]\nid = \"abuse\"\ndata_dir = \"{}\"\n[proxy]\nlisten = [\"127.0.0.1:{shoal_port}\"]\nworkers = 1\n[admin]\nlisten = \"127.0.0.1:{}\"\n[cluster]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"warn\"\n[health]\ninterval = \"1h\"\n[[backends]]\nid = \"early\"\naddr = \"127.0.0.1:{backend}\"\n",
+            dir.join("shoal-abuse-data").display(),
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let shoal_proc = Proc(
+        Command::new(shoal)
+            .args(["run", "--config", scfg.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for p in [nginx_port, haproxy_port, shoal_port] {
+        wait_port("abuse proxy", p);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let targets: Vec<(&str, u16, Vec<u32>)> = vec![
+        ("nginx", nginx_port, children(nginx_proc.0.id())),
+        ("haproxy", haproxy_port, vec![haproxy.0.id()]),
+        ("shoal", shoal_port, vec![shoal_proc.0.id()]),
+    ];
+    println!("\nunder abuse: 8 clients abort 2 MB uploads to a backend that answered early, wrk -c16 beside them ({secs} s each)");
+    println!(
+        "{:<8} {:>9} {:>9} {:>10} {:>10} {:>9} {:>10} {:>10} {:>12}",
+        "proxy", "RSS0 MiB", "fds0", "peak MiB", "peak fds", "uploads", "after MiB", "after fds", "wrk req/CPU-s"
+    );
+    for (name, port, pids) in &targets {
+        let (rss0, fds0) = (rss_mib(pids), open_fds(pids));
+        let until = Instant::now() + Duration::from_secs(secs);
+        let abusers = aborted_uploads(*port, until);
+        let sampler = {
+            let pids = pids.clone();
+            std::thread::spawn(move || {
+                let (mut rss, mut fds) = (0.0f64, 0usize);
+                while Instant::now() < until {
+                    rss = rss.max(rss_mib(&pids));
+                    fds = fds.max(open_fds(&pids));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                (rss, fds)
+            })
+        };
+        let url = format!("http://127.0.0.1:{port}/");
+        let r = wrk_with(name, &url, &[], &|| cpu_seconds(pids), secs.saturating_sub(1).max(1), 16);
+        let uploads: u64 = abusers.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+        let (peak_rss, peak_fds) = sampler.join().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        println!(
+            "{name:<8} {rss0:>9.1} {fds0:>9} {peak_rss:>10.1} {peak_fds:>10} {uploads:>9} {:>10.1} {:>10} {:>12.0}",
+            rss_mib(pids),
+            open_fds(pids),
+            r.per_cpu_s
         );
     }
 }
