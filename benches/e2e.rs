@@ -943,7 +943,9 @@ fn early_backend() -> u16 {
                         .and_then(|v| v.trim().parse().ok())
                         .unwrap_or(0);
                     buf.drain(..end + 4);
-                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n").is_err() {
+                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+                        .is_err()
+                    {
                         return;
                     }
                     let had = buf.len().min(left);
@@ -1057,7 +1059,15 @@ fn abuse_table(dir: &Path, shoal: &Path, secs: u64) {
     println!("\nunder abuse: 8 clients abort 2 MB uploads to a backend that answered early, wrk -c16 beside them ({secs} s each)");
     println!(
         "{:<8} {:>9} {:>9} {:>10} {:>10} {:>9} {:>10} {:>10} {:>12}",
-        "proxy", "RSS0 MiB", "fds0", "peak MiB", "peak fds", "uploads", "after MiB", "after fds", "wrk req/CPU-s"
+        "proxy",
+        "RSS0 MiB",
+        "fds0",
+        "peak MiB",
+        "peak fds",
+        "uploads",
+        "after MiB",
+        "after fds",
+        "wrk req/CPU-s"
     );
     for (name, port, pids) in &targets {
         let (rss0, fds0) = (rss_mib(pids), open_fds(pids));
@@ -1076,7 +1086,14 @@ fn abuse_table(dir: &Path, shoal: &Path, secs: u64) {
             })
         };
         let url = format!("http://127.0.0.1:{port}/");
-        let r = wrk_with(name, &url, &[], &|| cpu_seconds(pids), secs.saturating_sub(1).max(1), 16);
+        let r = wrk_with(
+            name,
+            &url,
+            &[],
+            &|| cpu_seconds(pids),
+            secs.saturating_sub(1).max(1),
+            16,
+        );
         let uploads: u64 = abusers.into_iter().map(|h| h.join().unwrap_or(0)).sum();
         let (peak_rss, peak_fds) = sampler.join().unwrap();
         std::thread::sleep(Duration::from_secs(1));

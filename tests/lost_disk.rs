@@ -149,7 +149,8 @@ async fn a_wiped_voter_catches_up_while_the_others_serve() {
 /// Two of three voters wiped: they refuse to vote (a majority without state cannot be told
 /// from a new cluster), say so naming --force-new-cluster, and nothing commits. The survivor,
 /// restarted with --force-new-cluster, is the only voter of a new epoch with every change it
-/// had, commits alone, and the wiped peers learn its pool and route from it.
+/// had, commits alone under a new cluster id, and the wiped peers, wiped again, learn its pool
+/// and route from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_wiped_voters_are_refused_and_force_new_cluster_recovers() {
     let web = Backend::start("web-1", Behavior::Echo).await;
@@ -180,13 +181,22 @@ async fn two_wiped_voters_are_refused_and_force_new_cluster_recovers() {
     let st = status(&nodes[0]).await;
     assert_eq!(st["members"], json!(["a"]), "{st}");
     assert_eq!(st["consensus"], "voting");
-    assert_eq!(st["cluster_id"], cluster_id, "the cluster keeps its id");
+    // A new cluster id (SPEC: the old majority's peers are refused rather than merged).
+    assert_ne!(
+        st["cluster_id"], cluster_id,
+        "the forced cluster kept the old id"
+    );
     let p = pool(&nodes[0]).await;
     assert!(has(&p, "x"), "nothing committed is lost: {p}");
     let (code, p) = add(&nodes[0], "y", "127.0.0.1:10").await;
     assert_eq!(code, 201, "{p}");
-    // The wiped peers learn the new epoch's pool and route from it (voters again only once
-    // added back).
+    // b and c learned the old cluster's id: they are another cluster now. Wiped again (they
+    // hold nothing the new cluster needs) they learn the new epoch's pool and route from it
+    // (voters again only once added back).
+    for n in nodes[1..].iter_mut() {
+        wipe(n);
+        restart(n, &[]);
+    }
     for n in &nodes[1..] {
         eventually(Duration::from_secs(10), "the new pool learned", || async {
             let p = pool(n).await;

@@ -230,7 +230,7 @@ pub async fn start(
         let (forced, pool) = durable
             .clone()
             .unwrap_or_default()
-            .force_new_cluster(me, &learned)
+            .force_new_cluster(me, &learned, format!("{:032x}", rand::random::<u128>()))
             .map_err(|e| anyhow::anyhow!("--force-new-cluster: {e}"))?;
         store
             .save(&forced)
@@ -239,6 +239,7 @@ pub async fn start(
         tracing::warn!(
             version = pool.version,
             epoch = pool.epoch,
+            cluster_id = %pool.cluster_id,
             backends = pool.backends.len(),
             "forced a new cluster: this peer is the only voter, from its own last state"
         );

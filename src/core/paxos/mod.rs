@@ -140,11 +140,14 @@ impl Durable {
     /// `--force-new-cluster`: the last resort when a majority of voters lost their disks. From
     /// this node's own last state (the newer of what its acceptor holds and what it learned), a
     /// new membership epoch with this node as the only voter, one version up, accepted under a
-    /// ballot above every one this node has seen, so any peer that learns it takes it as newer.
+    /// ballot above every one this node has seen, under a new cluster id (`cluster_id`, minted
+    /// by the caller): the old majority's peers, should they heal, are refused as another
+    /// cluster rather than merged by version.
     pub fn force_new_cluster(
         &self,
         me: &NodeId,
         learned: &Pool,
+        cluster_id: String,
     ) -> Result<(Durable, Pool), NothingToRecover> {
         let held = &self.acceptor.value;
         let last = if held.version >= learned.version {
@@ -160,6 +163,7 @@ impl Durable {
         pool.epoch += 1;
         pool.version += 1;
         pool.through = Some(me.clone());
+        pool.cluster_id = cluster_id;
         let counter = self
             .counter_reserved
             .max(self.acceptor.promised.counter)

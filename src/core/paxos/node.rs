@@ -285,7 +285,7 @@ impl Node {
         }
         let catching_up = matches!(self.mode, Mode::CatchingUp { .. });
         let voters = self.voters();
-        if !self.set_quorum(change == PoolChange::Read) {
+        if !self.set_quorum() {
             return false;
         }
         let rules = Rules {
@@ -307,16 +307,19 @@ impl Node {
     }
 
     /// Point the proposer at the learned epoch and its voters. While catching up, this node's
-    /// own acceptor takes no part: a read (the catch-up round) counts a majority of the other
-    /// voters; a change counts a majority of all the voters among the others, as if this one
-    /// were down. False when the voters that may answer cannot make that quorum.
-    fn set_quorum(&mut self, read: bool) -> bool {
+    /// own acceptor takes no part: a read (the catch-up round) and a change alike count a
+    /// majority of all the voters among the others, as if this one were down. A majority of the
+    /// others alone is not enough with an even number of voters: 2 of the other 3 of 4 need not
+    /// meet the 3 that accepted the last commit (two of which may have been this node and one
+    /// wiped since), so the caught-up value could be older than a commit. False when the voters
+    /// that may answer cannot make that quorum.
+    fn set_quorum(&mut self) -> bool {
         let voters = self.voters();
         let (acceptors, quorum): (Vec<NodeId>, Option<usize>) =
             if matches!(self.mode, Mode::CatchingUp { .. }) {
                 let others: Vec<NodeId> =
                     voters.iter().filter(|v| **v != self.id).cloned().collect();
-                (others, (!read).then_some(voters.len() / 2 + 1))
+                (others, Some(voters.len() / 2 + 1))
             } else {
                 (voters, None)
             };
@@ -331,8 +334,7 @@ impl Node {
 
     /// After a seal moved this node to a new epoch mid-change: the change's new quorum.
     fn configure_proposer(&mut self) -> bool {
-        let read = self.proposer.change() == Some(&PoolChange::Read);
-        self.set_quorum(read)
+        self.set_quorum()
     }
 
     /// Abandon the change in progress (the node is shutting down).

@@ -498,6 +498,62 @@ fn a_voter_without_state_catches_up_before_it_votes() {
     ));
 }
 
+/// A catch-up read counts a majority of all the voters among the others, not a majority of the
+/// others: with 4 voters, 3 of the other 3. Two promises (a majority of the other three) could
+/// both come from voters that missed the last commit: n0 commits v via {n0, n2, n3}; n3 is
+/// wiped and catches up via {n0, n2}; n2 is wiped; n2 catching up via {n1, n3} would then read
+/// only u (n1 missed v, n3 holds nothing) and write u back at v's version.
+#[test]
+fn a_catch_up_with_four_voters_waits_for_three_of_the_other_three() {
+    let mut fresh = Node::new(
+        n("c"),
+        ids(&["a", "b", "c", "d"]),
+        CFG,
+        None,
+        Pool::default(),
+        3,
+    );
+    assert!(fresh.propose(PoolChange::Read, Rules::default(), 0));
+    let out = flush(&mut fresh);
+    let Some((_, Msg::Prepare { ballot })) = out.messages.first().cloned() else {
+        panic!("{out:?}")
+    };
+    let formed = Pool::default()
+        .apply(
+            &PoolChange::seed(vec![Backend::new("w", "10.0.0.1:80", 1)]),
+            &Rules::default(),
+        )
+        .unwrap();
+    let promise = |fresh: &mut Node, from: &str| {
+        fresh.step(
+            &n(from),
+            Msg::Promise {
+                ballot: ballot.clone(),
+                accepted: b(2, "a"),
+                value: formed.clone(),
+            },
+            1,
+        );
+        flush(fresh)
+    };
+    for from in ["a", "b"] {
+        let out = promise(&mut fresh, from);
+        assert!(
+            !out.messages
+                .iter()
+                .any(|(_, m)| matches!(m, Msg::Accept { .. })),
+            "a write-back after {from}'s promise: two of the other three are not a majority of four"
+        );
+    }
+    let out = promise(&mut fresh, "d");
+    assert!(
+        out.messages
+            .iter()
+            .any(|(_, m)| matches!(m, Msg::Accept { .. })),
+        "{out:?}"
+    );
+}
+
 /// A brand-new cluster: every other voter says it knows no formed pool, so the node votes.
 /// One voter with state among them keeps it catching up.
 #[test]
@@ -556,7 +612,7 @@ fn a_brand_new_cluster_forms_and_a_formed_one_is_not_mistaken_for_new() {
 }
 
 /// `--force-new-cluster` keeps everything the survivor had, one version and one epoch up, with
-/// the survivor the only voter, under a ballot above any it has seen.
+/// the survivor the only voter, under a ballot above any it has seen and a new cluster id.
 #[test]
 fn force_new_cluster_recovers_from_the_survivors_own_state() {
     let pool = Pool::default()
@@ -575,8 +631,13 @@ fn force_new_cluster_recovers_from_the_survivors_own_state() {
         voting: true,
         incarnation: 5,
     };
-    let (forced, new) = d.force_new_cluster(&n("a"), &Pool::default()).unwrap();
+    let (forced, new) = d
+        .force_new_cluster(&n("a"), &Pool::default(), "forced".into())
+        .unwrap();
     assert_eq!(new.backends, pool.backends);
+    // A new cluster id: the old majority's peers are another cluster now.
+    assert_eq!(new.cluster_id, "forced");
+    assert_ne!(new.cluster_id, pool.cluster_id);
     assert_eq!((new.version, new.epoch), (pool.version + 1, pool.epoch + 1));
     assert_eq!(new.voters.iter().cloned().collect::<Vec<_>>(), ids(&["a"]));
     assert!(forced.acceptor.accepted > b(3_000, "z"));
@@ -597,6 +658,6 @@ fn force_new_cluster_recovers_from_the_survivors_own_state() {
         matches!(out.outcomes.as_slice(), [Outcome::AlreadyCommitted(p) | Outcome::Committed(p)] if p.backends == new.backends)
     );
     assert!(Durable::default()
-        .force_new_cluster(&n("a"), &Pool::default())
+        .force_new_cluster(&n("a"), &Pool::default(), "forced".into())
         .is_err());
 }
