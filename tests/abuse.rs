@@ -287,16 +287,19 @@ async fn under_abuse(io_uring: bool) {
     assert!(ok > 100, "too few verified answers to mean anything: {ok}");
     assert_eq!((wrong, failed, stuck), (0, 0, 0), "{}", s.log());
     // Back to the baseline once the abuse stops: every exchange of a client that left ended.
+    // What may stay: idle pooled backend connections the verifying clients' exchanges left (one
+    // per client and backend at most), and a few in passing.
+    let allowed = fds0 + 6 * 2 + 4;
     let mut settled = (0, 0);
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         settled = (open_fds(pid), rss_kib(pid));
-        if settled.0 <= fds0 + 4 {
+        if settled.0 <= allowed {
             break;
         }
     }
     assert!(
-        settled.0 <= fds0 + 4,
+        settled.0 <= allowed,
         "descriptors {fds0} before the abuse, {} after it stopped (peak {peak_fds})",
         settled.0
     );

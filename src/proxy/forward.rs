@@ -1116,7 +1116,7 @@ mod tests {
             other => panic!("test head does not parse: {other:?}"),
         };
         let target = parsed.path.unwrap().to_string();
-        let mut framing = crate::proxy::wire::Framing::default();
+        let mut framing = crate::proxy::framing::Framing::default();
         let noted = WireFields::note(head, parsed.headers, &mut framing);
         let fields = WireFields::new(bytes::Bytes::copy_from_slice(&head[..len]), noted);
         let state = Arc::new(crate::proxy::conn::ConnState::default());

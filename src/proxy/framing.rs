@@ -16,7 +16,16 @@
 //!   closes); a response with neither is read to the close; a response to HEAD, a 204 and a 304
 //!   have no body whatever they say; a 101 is only taken when the request asked to upgrade.
 
-use super::wire::{Chunk, Decoder};
+/// How long a message's body is, as decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    /// This many bytes (0: no body).
+    Length(u64),
+    /// Chunked (RFC 9112 §7.1).
+    Chunked,
+    /// Until the connection closes (a response with neither field).
+    ToClose,
+}
 
 /// What a head's framing fields said, gathered field by field.
 #[derive(Debug, Default, Clone)]
@@ -57,7 +66,7 @@ pub enum Refusal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResponseFraming {
     /// How the body is read from the backend.
-    pub body: Decoder,
+    pub body: BodyLength,
     /// The length a bodiless answer announces (HEAD, 304): the client's `Content-Length`.
     pub announced: Option<u64>,
     /// The connection may carry another exchange once the body ends where it should.
@@ -162,7 +171,7 @@ impl Framing {
     }
 
     /// A request's body length (RFC 9112 §6.3), or why it is refused.
-    pub fn request(&self, http10: bool) -> Result<Decoder, Refusal> {
+    pub fn request(&self, http10: bool) -> Result<BodyLength, Refusal> {
         if self.transfer_coded() {
             if self.length_fields > 0 {
                 return Err(Refusal::Ambiguous);
@@ -171,7 +180,7 @@ impl Framing {
                 return Err(Refusal::Bad("Transfer-Encoding in HTTP/1.0"));
             }
             if self.only_chunked() {
-                return Ok(Decoder::Chunked(Chunk::Size));
+                return Ok(BodyLength::Chunked);
             }
             if self.unknown_coding() {
                 return Err(Refusal::Coding);
@@ -179,7 +188,7 @@ impl Framing {
             return Err(Refusal::Bad("Transfer-Encoding is not exactly chunked"));
         }
         match self.one_length() {
-            Ok(n) => Ok(Decoder::Length(n.unwrap_or(0))),
+            Ok(n) => Ok(BodyLength::Length(n.unwrap_or(0))),
             Err(why) => Err(Refusal::Bad(why)),
         }
     }
@@ -207,17 +216,17 @@ impl Framing {
         let bodiless = asked.head || (100..200).contains(&status) || status == 204 || status == 304;
         if bodiless {
             return Ok(ResponseFraming {
-                body: Decoder::Length(0),
+                body: BodyLength::Length(0),
                 // A 204 has no content, nor a length to announce (RFC 9110 §8.6).
                 announced: length.filter(|_| status != 204),
                 reusable: persistent && status != 101,
             });
         }
         let (body, reusable) = match (coded, length) {
-            (true, _) => (Decoder::Chunked(Chunk::Size), persistent),
-            (false, Some(n)) => (Decoder::Length(n), persistent),
+            (true, _) => (BodyLength::Chunked, persistent),
+            (false, Some(n)) => (BodyLength::Length(n), persistent),
             // Neither: the body runs to the close (RFC 9112 §6.3 rule 8).
-            (false, None) => (Decoder::ToEnd, false),
+            (false, None) => (BodyLength::ToClose, false),
         };
         Ok(ResponseFraming {
             body,
@@ -281,7 +290,7 @@ mod tests {
     use super::*;
 
     type Fields<'a> = &'a [(&'a str, &'a str)];
-    type RequestCase<'a> = (Fields<'a>, bool, Result<Decoder, Refusal>);
+    type RequestCase<'a> = (Fields<'a>, bool, Result<BodyLength, Refusal>);
     type ResponseCase<'a> = (
         Fields<'a>,
         u16,
@@ -301,8 +310,8 @@ mod tests {
     #[test]
     fn request_framing_table() {
         use Refusal::*;
-        let len = |n| Ok(Decoder::Length(n));
-        let chunked = Ok(Decoder::Chunked(Chunk::Size));
+        let len = |n| Ok(BodyLength::Length(n));
+        let chunked = Ok(BodyLength::Chunked);
         #[rustfmt::skip]
         let cases: &[RequestCase] = &[
             (&[], false, len(0)),
@@ -375,32 +384,32 @@ mod tests {
                 reusable,
             })
         };
-        let chunked = Decoder::Chunked(Chunk::Size);
+        let chunked = BodyLength::Chunked;
         #[rustfmt::skip]
         let cases: &[ResponseCase] = &[
-            (&[("Content-Length", "5")], 200, false, get, ok(Decoder::Length(5), None, true)),
+            (&[("Content-Length", "5")], 200, false, get, ok(BodyLength::Length(5), None, true)),
             (&[("Transfer-Encoding", "chunked")], 200, false, get, ok(chunked, None, true)),
-            (&[], 200, false, get, ok(Decoder::ToEnd, None, false)),
-            (&[("Connection", "close"), ("Content-Length", "5")], 200, false, get, ok(Decoder::Length(5), None, false)),
-            (&[("Connection", "Content-Length"), ("Content-Length", "5")], 200, false, get, ok(Decoder::Length(5), None, true)),
-            (&[("Content-Length", "5")], 200, true, get, ok(Decoder::Length(5), None, false)),
-            (&[("Connection", "keep-alive"), ("Content-Length", "5")], 200, true, get, ok(Decoder::Length(5), None, true)),
+            (&[], 200, false, get, ok(BodyLength::ToClose, None, false)),
+            (&[("Connection", "close"), ("Content-Length", "5")], 200, false, get, ok(BodyLength::Length(5), None, false)),
+            (&[("Connection", "Content-Length"), ("Content-Length", "5")], 200, false, get, ok(BodyLength::Length(5), None, true)),
+            (&[("Content-Length", "5")], 200, true, get, ok(BodyLength::Length(5), None, false)),
+            (&[("Connection", "keep-alive"), ("Content-Length", "5")], 200, true, get, ok(BodyLength::Length(5), None, true)),
             (&[("Content-Length", "5"), ("Transfer-Encoding", "chunked")], 200, false, get, Err("both Content-Length and Transfer-Encoding")),
             (&[("Content-Length", "5, 5")], 200, false, get, Err("bad Content-Length")),
             (&[("Content-Length", "5"), ("Content-Length", "5")], 200, false, get, Err("more than one Content-Length")),
             (&[("Transfer-Encoding", "gzip, chunked")], 200, false, get, Err("Transfer-Encoding is not exactly chunked")),
             (&[("Transfer-Encoding", "gzip")], 200, false, get, Err("Transfer-Encoding is not exactly chunked")),
             (&[("Transfer-Encoding", "chunked")], 200, true, get, Err("Transfer-Encoding is not exactly chunked")),
-            (&[("Content-Length", "1000")], 200, false, head, ok(Decoder::Length(0), Some(1000), true)),
-            (&[("Transfer-Encoding", "chunked")], 200, false, head, ok(Decoder::Length(0), None, true)),
-            (&[("Content-Length", "10")], 304, false, get, ok(Decoder::Length(0), Some(10), true)),
-            (&[("Content-Length", "10")], 204, false, get, ok(Decoder::Length(0), None, true)),
-            (&[], 204, false, get, ok(Decoder::Length(0), None, true)),
+            (&[("Content-Length", "1000")], 200, false, head, ok(BodyLength::Length(0), Some(1000), true)),
+            (&[("Transfer-Encoding", "chunked")], 200, false, head, ok(BodyLength::Length(0), None, true)),
+            (&[("Content-Length", "10")], 304, false, get, ok(BodyLength::Length(0), Some(10), true)),
+            (&[("Content-Length", "10")], 204, false, get, ok(BodyLength::Length(0), None, true)),
+            (&[], 204, false, get, ok(BodyLength::Length(0), None, true)),
             (&[("Content-Length", "x")], 304, false, get, Err("bad Content-Length")),
             (&[], 101, false, get, Err("101 to a request that asked for no upgrade")),
-            (&[], 101, false, upgrade, ok(Decoder::Length(0), None, false)),
-            (&[("Content-Length", "2")], 200, false, upgrade, ok(Decoder::Length(2), None, true)),
-            (&[], 103, false, get, ok(Decoder::Length(0), None, true)),
+            (&[], 101, false, upgrade, ok(BodyLength::Length(0), None, false)),
+            (&[("Content-Length", "2")], 200, false, upgrade, ok(BodyLength::Length(2), None, true)),
+            (&[], 103, false, get, ok(BodyLength::Length(0), None, true)),
         ];
         for (fields, status, http10, asked, want) in cases {
             assert_eq!(

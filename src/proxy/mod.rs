@@ -4,8 +4,8 @@
 //! HTTP/1.1 loop) -> `forward` (one request: plan, attempt, on-outcome) -> `table` (the published
 //! snapshot) -> `upstream` (connection pools, local health; `upstream::h1`, the HTTP/1.1 client)
 //! -> `body` -> `client` (the client connection's byte stream and request body) -> `wire`
-//! (HTTP/1.1 framing and field lines both ends share); `response` and `error` turn results into
-//! client answers.
+//! (HTTP/1.1 body decoding and field lines both ends share) -> `framing` (the one place a
+//! message's length is decided); `response` and `error` turn results into client answers.
 //! Nothing here knows the cluster or the admin API: `app` hands the table its pools.
 
 pub mod access;

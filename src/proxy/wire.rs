@@ -12,7 +12,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body::Frame;
 use tokio::io::AsyncRead;
 
-pub use super::framing::Framing;
+use super::framing::{BodyLength, Framing};
 
 /// The longest head (or chunk-size line, or trailer section) taken from a peer.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -200,6 +200,16 @@ pub enum Decoded {
     End,
     /// Nothing usable is buffered: read more.
     More,
+}
+
+impl From<BodyLength> for Decoder {
+    fn from(length: BodyLength) -> Self {
+        match length {
+            BodyLength::Length(n) => Decoder::Length(n),
+            BodyLength::Chunked => Decoder::Chunked(Chunk::Size),
+            BodyLength::ToClose => Decoder::ToEnd,
+        }
+    }
 }
 
 impl Decoder {
@@ -813,7 +823,7 @@ mod tests {
         )
         .unwrap();
         let decided = framing.response(200, false, Default::default()).unwrap();
-        assert_eq!(decided.body, Decoder::Length(5));
+        assert_eq!(decided.body, BodyLength::Length(5));
         let mut out = Vec::new();
         f.write(&mut out);
         assert_eq!(out, b"Host: h\r\nX-Forwarded-For: 1.2.3.4\r\n");

@@ -32,9 +32,9 @@ use crate::proxy::client::{lock, BoxIo, H1Body, PendingUpgrade, Rewind, SharedWi
 use crate::proxy::conn::ConnState;
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::{ConnInfo, Proxy};
-use crate::proxy::framing;
+use crate::proxy::framing::{self, Framing};
 use crate::proxy::response::ResponseBody;
-use crate::proxy::wire::{self, Framing, Role, WireFields, GATHER, MAX_HEADERS};
+use crate::proxy::wire::{self, Role, WireFields, GATHER, MAX_HEADERS};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking HTTP/2 with prior knowledge.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -523,14 +523,14 @@ fn parse(shared: &SharedWire, w: &mut Wire, max_head: usize) -> Result<Option<Ne
     let mut framing = Framing::default();
     let noted = WireFields::note(&w.rb.buf, parsed.headers, &mut framing);
     // The body's length, decided once from the fields as received (framing.rs).
-    let decoder =
-        framing
-            .request(version == Version::HTTP_10)
-            .map_err(|refusal| match refusal {
-                framing::Refusal::Bad(why) => Refused::Bad(why),
-                framing::Refusal::Ambiguous => Refused::Ambiguous,
-                framing::Refusal::Coding => Refused::Coding,
-            })?;
+    let decoder: wire::Decoder = framing
+        .request(version == Version::HTTP_10)
+        .map_err(|refusal| match refusal {
+            framing::Refusal::Bad(why) => Refused::Bad(why),
+            framing::Refusal::Ambiguous => Refused::Ambiguous,
+            framing::Refusal::Coding => Refused::Coding,
+        })?
+        .into();
     // The fields stay as they came: the forwarder makes a map of them only if it needs one.
     let head = w.rb.buf.split_to(len).freeze();
     let fields = WireFields::new(head.clone(), noted);

@@ -20,9 +20,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::net::BackendIo;
 use crate::proxy::body::RequestBody;
-use crate::proxy::framing::{Asked, ResponseFraming};
+use crate::proxy::framing::{Asked, Framing, ResponseFraming};
 use crate::proxy::wire::{
-    self, field, invalid, Decoder, Framing, Outgoing, WireFields, GATHER, MAX_HEAD, MAX_HEADERS,
+    self, field, invalid, Decoder, Outgoing, WireFields, GATHER, MAX_HEAD, MAX_HEADERS,
 };
 
 /// One HTTP/1.1 connection to a backend, idle or carrying one exchange.
@@ -296,7 +296,7 @@ impl Conn {
                 let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                 let body = ResponseBody {
                     conn: Some(self),
-                    framing: decided.body,
+                    framing: decided.body.into(),
                     announced: decided.announced,
                     keep_alive: decided.reusable && !upgraded,
                     upgraded,
@@ -589,7 +589,7 @@ mod tests {
         let (resp, decided, _) = head;
         let mut body = ResponseBody {
             conn: Some(conn),
-            framing: decided.body,
+            framing: decided.body.into(),
             announced: decided.announced,
             keep_alive: decided.reusable,
             upgraded: false,
