@@ -832,3 +832,98 @@ async fn learners_join_under_mutual_tls_with_the_clusters_ca() {
         )
         .await;
 }
+
+/// Kill a peer and remove its data dir (a lost disk).
+fn wipe(s: &mut Shoal) {
+    s.kill9();
+    std::fs::remove_dir_all(s.dir.path().join("data")).unwrap();
+}
+
+/// SPEC "No stray cluster": z started alone (no peers: a one-node cluster) and was grown to
+/// three voters with `shoal peers add`. It loses its disk and restarts with its unchanged
+/// config: it must not go on serving a one-node cluster of its own. With nothing but its seed
+/// committed, it abandons that cluster and catches up into the one that lists it as a voter,
+/// with the change it committed through a while b was down. A stray that committed more than its
+/// seed is not thrown away: it stops serving (`/readyz` 503) and says why, naming the cluster
+/// that claims it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_founder_rejoins_its_cluster_instead_of_forming_a_stray() {
+    let (_bs, seeds) = backends(1).await;
+    let (z, a, b) = (Ports::new("z"), Ports::new("a"), Ports::new("b"));
+    let mut zn = peer(&z, &[], "voter", &seeds);
+    zn.wait_ready().await;
+    let mut an = peer(&a, &[&z], "voter", "");
+    let mut bn = peer(&b, &[&z], "voter", "");
+    an.wait_ready().await;
+    bn.wait_ready().await;
+    for p in [&a, &b] {
+        let (ok, out, err) = cli(z.admin, &["peers", "add", &p.id, &p.cluster.to_string()]);
+        assert!(ok, "peers add {}: {out}{err}", p.id);
+    }
+    all_see_voters(&[&zn, &an, &bn], &["a", "b", "z"], Duration::from_secs(15)).await;
+    let cluster_id = admin_json(&an, "/status").await["cluster_id"].clone();
+
+    // X commits through z and a while b is down.
+    bn.kill9();
+    let (code, p) = add_backend(&zn, "x", "127.0.0.1:9").await;
+    assert_eq!(code, 201, "{p}");
+
+    // z loses its disk and restarts with its unchanged config (no peers).
+    wipe(&mut zn);
+    zn.spawn();
+    // b comes back: a wiped voter votes again only after a majority of all voters answer.
+    bn.spawn();
+    eventually(
+        Duration::from_secs(20),
+        "z back in its cluster, with x, voting",
+        || async {
+            let st = admin_json(&zn, "/status").await;
+            let pool = admin_json(&zn, "/pool").await;
+            let has_x = ids(&pool["backends"]).contains(&"x".to_string());
+            (st["cluster_id"] == cluster_id && has_x && st["consensus"] == "voting").then_some(())
+        },
+    )
+    .await;
+    assert!(
+        zn.log().contains("abandoning"),
+        "no word of the abandoned one-node cluster:\n{}",
+        zn.log()
+    );
+    let (code, _) = get_text(zn.admin, "/readyz").await.unwrap();
+    assert_eq!(code, 200);
+    // Changes commit through it again.
+    let (code, p) = add_backend(&zn, "x2", "127.0.0.1:10").await;
+    assert_eq!(code, 201, "{p}");
+
+    // A stray that committed more than its seed: a and b down, z wiped, z commits y alone; a
+    // comes back and claims it. z stops serving and names the cluster that claims it.
+    an.kill9();
+    bn.kill9();
+    wipe(&mut zn);
+    zn.spawn();
+    zn.wait_ready().await;
+    let (code, p) = add_backend(&zn, "y", "127.0.0.1:11").await;
+    assert_eq!(code, 201, "{p}");
+    an.spawn();
+    let waiting = eventually(Duration::from_secs(20), "z refusing to serve", || async {
+        let st = admin_json(&zn, "/status").await;
+        let ready = get_text(zn.admin, "/readyz")
+            .await
+            .map(|r| r.0)
+            .unwrap_or(0);
+        (ready == 503)
+            .then(|| st["waiting"].as_str().map(str::to_string))
+            .flatten()
+    })
+    .await;
+    let claimed_by = cluster_id.as_str().unwrap();
+    assert!(waiting.contains(claimed_by), "{waiting}");
+    let r = send(
+        zn.proxy,
+        request("GET", zn.proxy, "/").body(empty()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 503, "a claimed stray routed a request");
+    drop(bn);
+}

@@ -17,6 +17,10 @@ impl cluster::Publish for RoutingTable {
     fn publish(&self, pool: Pool) {
         RoutingTable::publish(self, pool);
     }
+
+    fn withdraw(&self) {
+        RoutingTable::withdraw(self);
+    }
 }
 
 /// The admin API's changes go through the cluster.

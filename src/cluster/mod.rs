@@ -93,6 +93,8 @@ pub struct ConsensusStatus {
 /// each version at most once, before the change that produced it is answered.
 pub trait Publish: Send + Sync + 'static {
     fn publish(&self, pool: Pool);
+    /// Stop routing from any pool (this node found that its pool is not the cluster's).
+    fn withdraw(&self);
 }
 
 type Reply = oneshot::Sender<Result<Pool, Error>>;
@@ -267,7 +269,7 @@ pub async fn start(
     }
     let (in_tx, in_rx) = mpsc::channel(8192);
     let identity = Identity::default();
-    identity.set(&learned.cluster_id, learned.epoch);
+    identity.set(&learned.cluster_id, learned.epoch, &learned.voters);
     let role = config.cluster.role;
     let transport = Transport::start(
         config.node.id.clone(),
@@ -364,6 +366,7 @@ pub async fn start(
         view: cluster.clone(),
         conflicts_seen: 0,
         waiting: None,
+        claimed: None,
     };
     let task = tokio::spawn(driver.run(in_rx, cmd_rx, config.cluster.heartbeat_interval, shutdown));
     *cluster.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
@@ -415,6 +418,9 @@ struct Driver {
     conflicts_seen: u64,
     /// The last reason logged for not catching up.
     waiting: Option<String>,
+    /// Another cluster lists this node as a voter while it holds a cluster of its own with more
+    /// than its seed: why it serves nothing (SPEC "No stray cluster").
+    claimed: Option<String>,
 }
 
 impl Driver {
@@ -627,6 +633,7 @@ impl Driver {
                     self.transport.send(&m.from, Body::Paxos { msg });
                 }
             }
+            Body::Claimed { cluster } => self.claimed_by(m.from, cluster),
             Body::Heartbeat => {
                 let now = self.now_ms();
                 if let Some(p) = self.peers.get_mut(&m.from) {
@@ -713,9 +720,82 @@ impl Driver {
         };
         metrics::gauge!(names::EJECTION_CAP).set(pool.ejection_cap(&rules) as f64);
         pool_events(&self.events, &self.published, &pool);
-        self.identity.set(&pool.cluster_id, pool.epoch);
+        self.identity
+            .set(&pool.cluster_id, pool.epoch, &pool.voters);
         self.published = pool.clone();
-        self.publish.publish(pool);
+        if self.claimed.is_none() {
+            self.publish.publish(pool);
+        }
+        self.update_status();
+    }
+
+    /// `from`, a peer of cluster `cluster`, lists this node as one of its voters (SPEC "No
+    /// stray cluster"). A one-node cluster this node formed alone that committed nothing but
+    /// its seed (a wiped founder restarted with its old config) is abandoned: the node starts
+    /// over with no state and catches up into the cluster that claims it. Anything more it
+    /// will not throw away: it stops routing and says why until an operator decides.
+    fn claimed_by(&mut self, from: NodeId, cluster: String) {
+        let learned = self.node.learned().clone();
+        if cluster.is_empty()
+            || cluster == learned.cluster_id
+            || self.claimed.is_some()
+            || !learned.exists()
+        {
+            // Its own cluster, nothing to abandon (a claim that came after the first), or
+            // refused already.
+            return;
+        }
+        let alone = learned.voters.iter().all(|v| *v == self.me);
+        if alone && learned.version <= 1 {
+            tracing::warn!(
+                abandoned = %learned.cluster_id,
+                claimed_by = %cluster,
+                peer = %from,
+                "this peer formed a one-node cluster of its own with nothing but its seed, while cluster {cluster} lists it as a voter: abandoning it to catch up into {cluster}"
+            );
+            if let Err(e) = tokio::task::block_in_place(|| self.store.clear()) {
+                tracing::error!(error = %e, "cannot forget the abandoned cluster's state");
+                self.refuse_claimed(&from, &cluster, &learned);
+                return;
+            }
+            let mut voters = vec![self.me.clone(), from.clone()];
+            voters.sort();
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1);
+            self.node = Node::new(
+                self.me.clone(),
+                voters,
+                PROPOSER,
+                None,
+                Pool::default(),
+                seed,
+            );
+            self.identity.set("", 0, &std::collections::BTreeSet::new());
+            self.published = Pool::default();
+            self.publish.withdraw();
+            self.current = None;
+            for q in self.queue.drain(..) {
+                if let Some(tx) = q.reply {
+                    let _ = tx.send(Err(Error::CatchingUp));
+                }
+            }
+            self.transport.ensure(&from, None);
+            self.update_status();
+            return;
+        }
+        self.refuse_claimed(&from, &cluster, &learned);
+    }
+
+    fn refuse_claimed(&mut self, from: &NodeId, cluster: &str, learned: &Pool) {
+        let why = format!(
+            "cluster {cluster} (through peer {from}) lists this peer as a voter, but this peer holds cluster {} at version {}: it serves nothing until an operator decides (wipe this peer's data_dir to join {cluster}, or remove it from {cluster}'s voters)",
+            learned.cluster_id, learned.version
+        );
+        tracing::error!(reason = %why, "claimed by another cluster");
+        self.claimed = Some(why);
+        self.publish.withdraw();
         self.update_status();
     }
 
@@ -746,7 +826,7 @@ impl Driver {
             },
             consensus: self.node.consensus().as_str(),
             members,
-            waiting: self.node.refusal(),
+            waiting: self.claimed.clone().or_else(|| self.node.refusal()),
         };
         *self.view.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
     }
@@ -838,7 +918,7 @@ impl Driver {
         self.view
             .quorum
             .store(alive >= self.node.majority(), Ordering::Relaxed);
-        let waiting = self.node.refusal();
+        let waiting = self.claimed.clone().or_else(|| self.node.refusal());
         if waiting.is_some() && waiting != self.waiting {
             tracing::warn!(reason = waiting.as_deref().unwrap_or(""), "not voting yet");
         }

@@ -120,6 +120,18 @@ impl FileStore {
     pub fn save_learned(&self, pool: &Pool) -> io::Result<()> {
         self.write_file(LEARNED, pool, Step::SyncDir, false)
     }
+
+    /// Forget everything: the node starts over with no state (a one-node cluster it formed
+    /// alone, abandoned for the cluster that lists it as a voter).
+    pub fn clear(&self) -> io::Result<()> {
+        for name in [STATE, LEARNED] {
+            match fs::remove_file(self.dir.join(name)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        File::open(&self.dir)?.sync_all()
+    }
 }
 
 impl Storage for FileStore {

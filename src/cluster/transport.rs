@@ -42,6 +42,16 @@ pub enum Body {
         cluster: String,
         #[serde(default)]
         epoch: u64,
+        /// The receiver is one of the sender's agreed voters: a peer of another cluster that
+        /// says so claims this node (see `Body::Claimed`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        claims: bool,
+    },
+    /// Never on the wire: the transport tells the driver that a peer of another cluster (named)
+    /// lists this node as one of its voters.
+    #[serde(skip)]
+    Claimed {
+        cluster: String,
     },
     Heartbeat,
     Paxos {
@@ -69,21 +79,24 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// This node's cluster id and membership epoch, as its Hello says them (the driver updates
 /// them as it learns).
 #[derive(Clone, Default)]
-pub struct Identity(Arc<std::sync::Mutex<(String, u64)>>);
+pub struct Identity(Arc<std::sync::Mutex<(String, u64, std::collections::BTreeSet<NodeId>)>>);
 
 impl Identity {
-    pub fn set(&self, cluster: &str, epoch: u64) {
+    /// This node's cluster, epoch and agreed voters (as the driver learned them).
+    pub fn set(&self, cluster: &str, epoch: u64, voters: &std::collections::BTreeSet<NodeId>) {
         let mut id = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if id.0 != cluster || id.1 != epoch {
-            *id = (cluster.to_string(), epoch);
+        if id.0 != cluster || id.1 != epoch || id.2 != *voters {
+            *id = (cluster.to_string(), epoch, voters.clone());
         }
     }
 
-    fn hello(&self) -> Body {
+    /// The Hello this node says to `peer`.
+    fn hello(&self, peer: &NodeId) -> Body {
         let id = self.0.lock().unwrap_or_else(|e| e.into_inner());
         Body::Hello {
             cluster: id.0.clone(),
             epoch: id.1,
+            claims: id.2.contains(peer),
         }
     }
 
@@ -400,7 +413,7 @@ async fn link(
             // Answer the dialer's Hello with ours, so it can check our cluster too.
             let hello = Frame {
                 from: me.clone(),
-                body: l.shared.identity.hello(),
+                body: l.shared.identity.hello(&l.peer),
             };
             if !matches!(
                 tokio::time::timeout(IO_TIMEOUT, write_frame(&mut wr, &hello)).await,
@@ -448,11 +461,17 @@ async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, l: &Link) {
                 return;
             }
         };
-        if let Body::Hello { cluster, .. } = &frame.body {
+        if let Body::Hello {
+            cluster, claims, ..
+        } = &frame.body
+        {
             if l.shared.identity.foreign(cluster) {
                 let why = format!("another cluster ({cluster})");
                 metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => frame.from.to_string()).increment(1);
                 tracing::warn!(peer = %peer, reason = %why, "peer refused");
+                if *claims && frame.from == *peer {
+                    claimed(inbox, peer, cluster).await;
+                }
                 return;
             }
         }
@@ -505,7 +524,7 @@ async fn connect(
         &mut io,
         &Frame {
             from: me.clone(),
-            body: identity.hello(),
+            body: identity.hello(peer),
         },
     )
     .await?;
@@ -581,7 +600,10 @@ async fn authenticate(stream: TcpStream, addr: SocketAddr, t: &Transport) {
         }
     };
     let from = hello.from;
-    let Body::Hello { cluster, .. } = &hello.body else {
+    let Body::Hello {
+        cluster, claims, ..
+    } = &hello.body
+    else {
         auth_failure(Some(&from), t, addr, "no hello");
         return;
     };
@@ -589,6 +611,7 @@ async fn authenticate(stream: TcpStream, addr: SocketAddr, t: &Transport) {
         auth_failure(Some(&from), t, addr, "not a valid peer id");
         return;
     }
+    let authenticated = tls.is_none() || cert.as_ref().is_some_and(|c| cert_names(c, &from));
     if identity.foreign(cluster) {
         auth_failure(
             Some(&from),
@@ -596,6 +619,9 @@ async fn authenticate(stream: TcpStream, addr: SocketAddr, t: &Transport) {
             addr,
             &format!("another cluster ({cluster})"),
         );
+        if *claims && authenticated {
+            claimed(&t.shared.inbox, &from, cluster).await;
+        }
         return;
     }
     if tls.is_some() {
@@ -621,6 +647,18 @@ async fn authenticate(stream: TcpStream, addr: SocketAddr, t: &Transport) {
         .send(Inbound {
             from,
             body: hello.body,
+        })
+        .await;
+}
+
+/// Tell the driver that `from`, of another cluster, lists this node as a voter.
+async fn claimed(inbox: &mpsc::Sender<Inbound>, from: &NodeId, cluster: &str) {
+    let _ = inbox
+        .send(Inbound {
+            from: from.clone(),
+            body: Body::Claimed {
+                cluster: cluster.to_string(),
+            },
         })
         .await;
 }

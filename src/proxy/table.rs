@@ -152,6 +152,17 @@ impl RoutingTable {
         true
     }
 
+    /// Route from no pool at all (every request gets 503, `/readyz` fails): the node found
+    /// that the pool it held is not its cluster's. The next pool published is taken whatever
+    /// its version.
+    pub fn withdraw(&self) {
+        let cur = self.current.load_full();
+        tracing::warn!("routing withdrawn: this peer's pool is not its cluster's");
+        let pool = Pool::default();
+        let selector = Selector::build(&pool, cur.settings.balance);
+        self.install(Arc::new(pool), Arc::new(selector), cur.settings.clone());
+    }
+
     /// New live settings (reload). Rebuilds tables only if the balancing spec changed.
     pub fn set_settings(&self, settings: Settings) {
         let cur = self.current.load_full();
