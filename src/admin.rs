@@ -329,8 +329,12 @@ impl Admin {
                 let pool = self.routing.pool();
                 let current: std::collections::HashSet<&str> =
                     pool.backends.keys().map(|id| id.as_str()).collect();
-                let mut text =
+                let text =
                     crate::telemetry::without_removed_backends(&self.metrics.render(), &current);
+                let peers = self.control.peers();
+                let known: std::collections::HashSet<&str> =
+                    peers.iter().map(|p| p.id.as_str()).collect();
+                let mut text = crate::telemetry::without_departed_peers(&text, &known);
                 text.push_str(&crate::telemetry::process_metrics());
                 let mut r = Response::new(whole(text));
                 r.headers_mut().insert(

@@ -331,9 +331,37 @@ pub fn without_removed_backends(text: &str, current: &std::collections::HashSet<
     out
 }
 
+/// Drop the per-peer gauges (`shoal_peer_up`, `shoal_peer_phi`) of peers this node no longer
+/// knows (a learner that left and was forgotten): its series would otherwise stay for good.
+pub fn without_departed_peers(text: &str, current: &std::collections::HashSet<&str>) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let departed = (line.starts_with("shoal_peer_up{") || line.starts_with("shoal_peer_phi{"))
+            && line
+                .split_once("peer=\"")
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .is_some_and(|(p, _)| !current.contains(p));
+        if !departed {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn departed_peers_leave_the_exposition() {
+        let text = "shoal_peer_up{peer=\"a\"} 1\nshoal_peer_up{peer=\"l9\"} 0\nshoal_peer_phi{peer=\"l9\"} 9\nshoal_peer_auth_failures_total{peer=\"l9\"} 1\n";
+        let out = without_departed_peers(text, &std::collections::HashSet::from(["a"]));
+        assert_eq!(
+            out,
+            "shoal_peer_up{peer=\"a\"} 1\nshoal_peer_auth_failures_total{peer=\"l9\"} 1\n"
+        );
+    }
 
     #[test]
     fn removed_backends_leave_the_exposition() {

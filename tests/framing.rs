@@ -126,6 +126,7 @@ fn answer_for(path: &str) -> Vec<u8> {
         "/resp/gzip-chunked" => {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec()
         }
+        "/resp/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n".to_vec(),
         "/resp/unsolicited-101" => {
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n".to_vec()
         }
@@ -565,4 +566,56 @@ async fn broken_client_bodies_never_count_against_a_backend() {
             }
         }
     }
+}
+
+/// HTTP/2 clients, the same rules: a HEAD's length is the proxy's to announce (from the answer's
+/// framing decision), an answer's framing named in Connection still frames it, CONNECT is 405.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_get_the_same_framing() {
+    use http_body_util::BodyExt;
+    let (addr, log) = recording_backend().await;
+    let s = Shoal::start(
+        "retries = 0",
+        &format!("[[backends]]\nid = \"raw\"\naddr = \"{addr}\"\n"),
+    )
+    .await;
+    let tcp = TcpStream::connect(s.proxy).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(
+        hyper_util::rt::TokioExecutor::new(),
+    )
+    .handshake(hyper_util::rt::TokioIo::new(tcp))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = |method: &str, uri: String| {
+        http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(empty())
+            .unwrap()
+    };
+    let r = h2
+        .send_request(req("HEAD", format!("http://{}/resp/head", s.proxy)))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "1000", "{:?}", r.headers());
+    let r = h2
+        .send_request(req(
+            "GET",
+            format!("http://{}/resp/connection-named-length", s.proxy),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hello");
+    let r = h2
+        .send_request(req("CONNECT", "elsewhere.example:443".to_string()))
+        .await;
+    match r {
+        Ok(r) => assert_eq!(r.status(), 405),
+        Err(e) => panic!("CONNECT: {e}"),
+    }
+    assert!(!requests(&log).iter().any(|r| r.0 == "CONNECT"));
 }

@@ -856,9 +856,15 @@ async fn a_wiped_founder_rejoins_its_cluster_instead_of_forming_a_stray() {
     let mut bn = peer(&b, &[&z], "voter", "");
     an.wait_ready().await;
     bn.wait_ready().await;
-    for p in [&a, &b] {
+    // One at a time: each new voter votes before the next is added (a change needs a majority
+    // of the voters that can vote).
+    for (p, node) in [(&a, &an), (&b, &bn)] {
         let (ok, out, err) = cli(z.admin, &["peers", "add", &p.id, &p.cluster.to_string()]);
         assert!(ok, "peers add {}: {out}{err}", p.id);
+        eventually(Duration::from_secs(15), "the new voter votes", || async {
+            (admin_json(node, "/status").await["consensus"] == "voting").then_some(())
+        })
+        .await;
     }
     all_see_voters(&[&zn, &an, &bn], &["a", "b", "z"], Duration::from_secs(15)).await;
     let cluster_id = admin_json(&an, "/status").await["cluster_id"].clone();

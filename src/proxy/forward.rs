@@ -413,8 +413,13 @@ impl Plan {
                 }
                 if !self.client_h1 {
                     // An HTTP/1 client gets the fields written as they came, less the
-                    // hop-by-hop ones; an HTTP/2 one needs them as a map.
+                    // hop-by-hop ones; an HTTP/2 one needs them as a map. The framing fields
+                    // are the proxy's to write: a bodiless answer's length (HEAD, 304) from
+                    // the framing decision, any other from the body.
                     parts.headers = body.take_fields(false);
+                    if let Some(n) = body.announced() {
+                        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                    }
                 }
                 ResponseBody::h1(body, lease)
             }
@@ -751,6 +756,10 @@ fn rewrite(
     seen: Option<Arc<AtomicU64>>,
 ) -> Result<Rewritten, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    if parts.method == Method::CONNECT {
+        // No key allows tunnels to arbitrary targets, over HTTP/1 or HTTP/2 (SPEC: 405).
+        return Err(ProxyError::MethodNotAllowed);
+    }
     let (upgrade, trailers, wire) = match fields {
         Some(f) => (None, false, Some(rewrite_wire(f, &parts, conn)?)),
         None => {
