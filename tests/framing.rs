@@ -580,12 +580,11 @@ async fn http2_clients_get_the_same_framing() {
     )
     .await;
     let tcp = TcpStream::connect(s.proxy).await.unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .handshake(hyper_util::rt::TokioIo::new(tcp))
-    .await
-    .unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let req = |method: &str, uri: String| {
         http::Request::builder()

@@ -418,7 +418,9 @@ impl Plan {
                     // the framing decision, any other from the body.
                     parts.headers = body.take_fields(false);
                     if let Some(n) = body.announced() {
-                        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                        parts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
                     }
                 }
                 ResponseBody::h1(body, lease)

@@ -37,6 +37,17 @@ impl Acceptor {
         }
     }
 
+    /// Hold `value` as accepted under `ballot`, a round this node's proposer had accepted by
+    /// others and committed while its own acceptor took no part (a catch-up): as if its Accept
+    /// had reached this acceptor too. Nothing changes if the acceptor holds a later ballot.
+    pub fn adopt(&mut self, ballot: &Ballot, value: &Pool) {
+        if *ballot > self.state.accepted && *ballot >= self.state.promised {
+            self.state.accepted = ballot.clone();
+            self.state.value = value.clone();
+            self.state.promised = ballot.clone();
+        }
+    }
+
     /// The highest ballot this acceptor has seen (what a conflict reports).
     fn seen(&self) -> Ballot {
         self.state.promised.clone().max(self.state.accepted.clone())

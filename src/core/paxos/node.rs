@@ -285,7 +285,7 @@ impl Node {
         }
         let catching_up = matches!(self.mode, Mode::CatchingUp { .. });
         let voters = self.voters();
-        if !self.set_quorum() {
+        if !self.set_quorum(change == PoolChange::Read) {
             return false;
         }
         let rules = Rules {
@@ -307,19 +307,26 @@ impl Node {
     }
 
     /// Point the proposer at the learned epoch and its voters. While catching up, this node's
-    /// own acceptor takes no part: a read (the catch-up round) and a change alike count a
-    /// majority of all the voters among the others, as if this one were down. A majority of the
-    /// others alone is not enough with an even number of voters: 2 of the other 3 of 4 need not
-    /// meet the 3 that accepted the last commit (two of which may have been this node and one
-    /// wiped since), so the caught-up value could be older than a commit. False when the voters
-    /// that may answer cannot make that quorum.
-    fn set_quorum(&mut self) -> bool {
+    /// own acceptor takes no part: a read (the catch-up round) counts a majority of the other
+    /// voters; a change counts a majority of all the voters among the others, as if this one
+    /// were down. False when the voters that may answer cannot make that quorum.
+    ///
+    /// Why a majority of the others is enough for the read: the last commit is held by a
+    /// majority of all the voters (q of n), of which at most this node was lost, so by q - 1
+    /// of the n - 1 others; a read of (n - 1) / 2 + 1 of them meets that set, since
+    /// (n - 1) / 2 + 1 + q - 1 > n - 1 for every n. That holds after the catch-up only because
+    /// the caught-up node then holds the value it wrote back (`done`): the write-back reached
+    /// (n - 1) / 2 + 1 others and this node, a majority of all. A caught-up voter that held
+    /// nothing would leave the value with fewer than q voters, and a second wipe could lose it
+    /// (4 voters: n3 caught up through {n0, n2} holding nothing; n2 wiped; n2 caught up through
+    /// {n1, n3}, which hold only the value before the commit).
+    fn set_quorum(&mut self, read: bool) -> bool {
         let voters = self.voters();
         let (acceptors, quorum): (Vec<NodeId>, Option<usize>) =
             if matches!(self.mode, Mode::CatchingUp { .. }) {
                 let others: Vec<NodeId> =
                     voters.iter().filter(|v| **v != self.id).cloned().collect();
-                (others, Some(voters.len() / 2 + 1))
+                (others, (!read).then_some(voters.len() / 2 + 1))
             } else {
                 (voters, None)
             };
@@ -334,7 +341,8 @@ impl Node {
 
     /// After a seal moved this node to a new epoch mid-change: the change's new quorum.
     fn configure_proposer(&mut self) -> bool {
-        self.set_quorum()
+        let read = self.proposer.change() == Some(&PoolChange::Read);
+        self.set_quorum(read)
     }
 
     /// Abandon the change in progress (the node is shutting down).
@@ -680,13 +688,18 @@ impl Node {
         let catch_up = std::mem::take(&mut self.catching_up_op);
         if let Some(pool) = committed {
             if catch_up {
-                // Caught up: promise the round's ballot and vote from now on.
+                // Caught up: hold the value the round wrote back, under the ballot a majority
+                // of the others accepted it under (so it is held by a majority of all the
+                // voters: see `set_quorum`), promise above it and vote from now on.
                 let ballot = Ballot {
                     epoch: self.proposer.epoch(),
                     counter: self.proposer.counter(),
                     node: self.id.clone(),
                     incarnation: self.durable.incarnation,
                 };
+                if let Some(at) = self.proposer.committed_at().cloned() {
+                    self.acceptor.adopt(&at, &pool);
+                }
                 self.start_voting(Some(ballot));
             }
             self.learned_commit(pool);

@@ -117,6 +117,9 @@ struct Op {
 pub struct Proposer {
     id: NodeId,
     incarnation: u64,
+    /// The ballot under which a majority accepted the value of the last change that finished
+    /// with one (None when it gave up): a catch-up's node holds that value under it.
+    committed_at: Option<Ballot>,
     /// The membership epoch this proposer's ballots belong to.
     epoch: u64,
     /// The latest value known chosen with this epoch's membership: where a round starts when no
@@ -144,6 +147,7 @@ impl Proposer {
         seed: u64,
     ) -> Self {
         Self {
+            committed_at: None,
             id,
             incarnation: 0,
             epoch: 0,
@@ -337,8 +341,19 @@ impl Proposer {
     }
 
     fn finish(&mut self, outcome: Outcome, out: &mut Vec<Action>) {
+        if !matches!(
+            outcome,
+            Outcome::Committed(_) | Outcome::AlreadyCommitted(_) | Outcome::Rejected(..)
+        ) {
+            self.committed_at = None;
+        }
         self.op = None;
         out.push(Action::Done(outcome));
+    }
+
+    /// The ballot the last finished change's value was accepted under by a majority.
+    pub fn committed_at(&self) -> Option<&Ballot> {
+        self.committed_at.as_ref()
     }
 
     /// Timers: retry a stalled phase, or start the next attempt after a backoff.
@@ -453,6 +468,7 @@ impl Proposer {
                     Meaning::Already => Outcome::AlreadyCommitted(value.clone()),
                     Meaning::Rejected(e) => Outcome::Rejected(e.clone(), value.clone()),
                 };
+                self.committed_at = Some(mine.clone());
                 self.finish(outcome, out);
             }
             (Msg::Conflict { ballot, seen }, phase) => {

@@ -498,15 +498,16 @@ fn a_voter_without_state_catches_up_before_it_votes() {
     ));
 }
 
-/// A catch-up read counts a majority of all the voters among the others, not a majority of the
-/// others: with 4 voters, 3 of the other 3. Two promises (a majority of the other three) could
-/// both come from voters that missed the last commit: n0 commits v via {n0, n2, n3}; n3 is
-/// wiped and catches up via {n0, n2}; n2 is wiped; n2 catching up via {n1, n3} would then read
-/// only u (n1 missed v, n3 holds nothing) and write u back at v's version.
+/// A caught-up voter holds the value its catch-up wrote back, under the round's ballot: the
+/// write-back then reached a majority of all the voters (here 2 of the other 3 and itself, of 4).
+/// Were it to hold nothing, a second wipe could lose a commit: n0 commits v via {n0, n2, n3}
+/// (n1 missed it); n3 wiped catches up via {n0, n2}; n2 wiped; n2 catching up via {n1, n3}
+/// would read only the value before v and write it back at v's version. With n3 holding v, n2
+/// reads v from it.
 #[test]
-fn a_catch_up_with_four_voters_waits_for_three_of_the_other_three() {
+fn a_caught_up_voter_holds_what_it_caught_up_with() {
     let mut fresh = Node::new(
-        n("c"),
+        n("d"),
         ids(&["a", "b", "c", "d"]),
         CFG,
         None,
@@ -524,7 +525,8 @@ fn a_catch_up_with_four_voters_waits_for_three_of_the_other_three() {
             &Rules::default(),
         )
         .unwrap();
-    let promise = |fresh: &mut Node, from: &str| {
+    // n1 (here b) missed the commit: it still holds nothing; a and c hold the value.
+    for from in ["a", "c"] {
         fresh.step(
             &n(from),
             Msg::Promise {
@@ -534,22 +536,46 @@ fn a_catch_up_with_four_voters_waits_for_three_of_the_other_three() {
             },
             1,
         );
-        flush(fresh)
-    };
-    for from in ["a", "b"] {
-        let out = promise(&mut fresh, from);
-        assert!(
-            !out.messages
-                .iter()
-                .any(|(_, m)| matches!(m, Msg::Accept { .. })),
-            "a write-back after {from}'s promise: two of the other three are not a majority of four"
-        );
     }
-    let out = promise(&mut fresh, "d");
+    let out = flush(&mut fresh);
     assert!(
         out.messages
             .iter()
-            .any(|(_, m)| matches!(m, Msg::Accept { .. })),
+            .any(|(_, m)| matches!(m, Msg::Accept { value, .. } if *value == formed)),
+        "{out:?}"
+    );
+    for from in ["a", "c"] {
+        fresh.step(
+            &n(from),
+            Msg::Accepted {
+                ballot: ballot.clone(),
+            },
+            2,
+        );
+    }
+    let ready = fresh.ready();
+    let write = ready
+        .write
+        .expect("the caught-up state is written before it votes");
+    assert!(write.state.voting);
+    assert_eq!(
+        write.state.acceptor.value, formed,
+        "the caught-up voter holds nothing"
+    );
+    assert_eq!(write.state.acceptor.accepted, ballot);
+    let out = fresh.written(write, true);
+    assert_eq!(out.outcomes, vec![Outcome::Committed(formed.clone())]);
+    // A later catch-up that reads it gets the value, not the one before.
+    fresh.step(
+        &n("b"),
+        Msg::Prepare {
+            ballot: b(ballot.counter + 5, "b"),
+        },
+        3,
+    );
+    let out = flush(&mut fresh);
+    assert!(
+        matches!(out.messages.as_slice(), [(_, Msg::Promise { value, .. })] if *value == formed),
         "{out:?}"
     );
 }
