@@ -879,17 +879,22 @@ async fn a_wiped_founder_rejoins_its_cluster_instead_of_forming_a_stray() {
     zn.spawn();
     // b comes back: a wiped voter votes again only after a majority of all voters answer.
     bn.spawn();
-    eventually(
-        Duration::from_secs(20),
-        "z back in its cluster, with x, voting",
-        || async {
-            let st = admin_json(&zn, "/status").await;
-            let pool = admin_json(&zn, "/pool").await;
-            let has_x = ids(&pool["backends"]).contains(&"x".to_string());
-            (st["cluster_id"] == cluster_id && has_x && st["consensus"] == "voting").then_some(())
-        },
-    )
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = admin_json(&zn, "/status").await;
+        let pool = admin_json(&zn, "/pool").await;
+        let has_x = ids(&pool["backends"]).contains(&"x".to_string());
+        if st["cluster_id"] == cluster_id && has_x && st["consensus"] == "voting" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "z not back in its cluster, with x, voting: {st}\n{pool}\nb: {}\n{}",
+            admin_json(&bn, "/status").await,
+            zn.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         zn.log().contains("abandoning"),
         "no word of the abandoned one-node cluster:\n{}",

@@ -6,7 +6,7 @@
 pub mod storage;
 pub mod transport;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -367,6 +367,10 @@ pub async fn start(
         conflicts_seen: 0,
         waiting: None,
         claimed: None,
+        rejoining: false,
+        rejoin_from: None,
+        seeding: None,
+        peer_clusters: HashMap::new(),
     };
     let task = tokio::spawn(driver.run(in_rx, cmd_rx, config.cluster.heartbeat_interval, shutdown));
     *cluster.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
@@ -421,6 +425,16 @@ struct Driver {
     /// Another cluster lists this node as a voter while it holds a cluster of its own with more
     /// than its seed: why it serves nothing (SPEC "No stray cluster").
     claimed: Option<String>,
+    /// This node abandoned a one-node cluster of its own for the cluster that claims it and
+    /// has not learned that cluster's pool yet: it proposes nothing (no catch-up round among
+    /// the voters it would guess), it waits to be told.
+    rejoining: bool,
+    /// The peer whose cluster claimed this node, while rejoining.
+    rejoin_from: Option<NodeId>,
+    /// The cluster id of the seed this node proposed to form a cluster, until a pool is learned.
+    seeding: Option<String>,
+    /// Each peer's cluster id and whether it lists this node as a voter, from its Hello.
+    peer_clusters: HashMap<NodeId, (String, bool)>,
 }
 
 impl Driver {
@@ -508,9 +522,23 @@ impl Driver {
             .send(&voters[self.fetch_turn], Body::Paxos { msg });
     }
 
+    /// Ask the peer whose cluster claimed this node for its latest pool.
+    fn fetch_from_claimer(&mut self) {
+        if let Some(from) = &self.rejoin_from {
+            let msg = crate::core::paxos::Msg::Fetch;
+            self.transport.send(from, Body::Paxos { msg });
+        }
+    }
+
     /// Form the cluster while no pool is known and this voter votes, else an identity read
     /// (which, while catching up, is the catch-up round).
     fn enqueue_catch_up(&mut self) {
+        if self.rejoining {
+            // Nothing to read from until the claiming cluster's pool (its voters) is learned:
+            // ask the peer that claimed this node for it.
+            self.fetch_from_claimer();
+            return;
+        }
         if self.node.consensus() == Consensus::NotMember
             && self.node.learned().exists()
             && !self.node.is_catching_up()
@@ -521,7 +549,12 @@ impl Driver {
         let change = if self.node.learned().exists() || self.node.consensus() != Consensus::Voting {
             PoolChange::Read
         } else {
-            self.node.seed(self.seeds.clone())
+            let seed = self.node.seed(self.seeds.clone());
+            if let PoolChange::Seed { cluster_id, .. } = &seed {
+                // Until it commits, messages of another cluster are not this one's to step.
+                self.seeding = Some(cluster_id.clone());
+            }
+            seed
         };
         let start_by = Instant::now() + START_WITHIN;
         self.queue.push_back(Queued {
@@ -539,6 +572,8 @@ impl Driver {
             };
             let refuse = if Instant::now() > q.start_by {
                 Some(Error::Expired)
+            } else if self.rejoining {
+                Some(Error::CatchingUp)
             } else if self.node.consensus() == Consensus::CatchingUp
                 && matches!(q.change, PoolChange::Seed { .. })
             {
@@ -610,7 +645,12 @@ impl Driver {
 
     fn inbound(&mut self, m: Inbound) {
         match m.body {
-            Body::Hello { epoch, .. } => {
+            Body::Hello {
+                epoch,
+                cluster,
+                claims,
+            } => {
+                self.peer_clusters.insert(m.from.clone(), (cluster, claims));
                 // Every peer that says Hello follows the pool: learners that dialed in get the
                 // pushes, and a row in the peer table.
                 self.node.add_listener(m.from.clone());
@@ -641,6 +681,9 @@ impl Driver {
                 }
             }
             Body::Paxos { msg } => {
+                if self.foreign(&m.from, &msg) {
+                    return;
+                }
                 let now = self.now_ms();
                 self.node.step(&m.from, msg, now);
                 self.pump();
@@ -706,6 +749,10 @@ impl Driver {
 
     /// A pool newer than any before: keep it as the routing hint and route from it.
     fn learned(&mut self, pool: Pool) {
+        // A node rejoining its cluster now knows that cluster's voters: its catch-up counts
+        // among them.
+        self.rejoining = false;
+        self.seeding = None;
         if pool.epoch != self.published.epoch || !self.published.exists() {
             self.connect_members(&pool);
         }
@@ -727,6 +774,35 @@ impl Driver {
             self.publish.publish(pool);
         }
         self.update_status();
+    }
+
+    /// Whether `msg` from `from` belongs to another cluster than this node's (or the one it is
+    /// forming): dropped, never stepped. A link made before this node knew its cluster (its
+    /// Hello was checked against none) stays up, so every message is checked here too; one of a
+    /// cluster that lists this node as a voter is a claim.
+    fn foreign(&mut self, from: &NodeId, msg: &crate::core::paxos::Msg) -> bool {
+        if matches!(msg, crate::core::paxos::Msg::Fetch) {
+            // Asking for this node's pool changes nothing here.
+            return false;
+        }
+        let (mut theirs, mut claims) = self.peer_clusters.get(from).cloned().unwrap_or_default();
+        if let crate::core::paxos::Msg::Learn { pool } = msg {
+            if !pool.cluster_id.is_empty() {
+                theirs = pool.cluster_id.clone();
+                claims = pool.voters.contains(&self.me);
+            }
+        }
+        let ours = match &self.seeding {
+            Some(id) if !self.node.learned().exists() => id.clone(),
+            _ => self.node.learned().cluster_id.clone(),
+        };
+        if ours.is_empty() || theirs.is_empty() || theirs == ours {
+            return false;
+        }
+        if claims {
+            self.claimed_by(from.clone(), theirs);
+        }
+        true
     }
 
     /// `from`, a peer of cluster `cluster`, lists this node as one of its voters (SPEC "No
@@ -758,8 +834,11 @@ impl Driver {
                 self.refuse_claimed(&from, &cluster, &learned);
                 return;
             }
+            // Catching up (not a one-voter cluster of its own again) until it learns the
+            // claiming cluster's pool, and proposing nothing before (`rejoining`).
             let mut voters = vec![self.me.clone(), from.clone()];
             voters.sort();
+            self.rejoining = true;
             let seed = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
@@ -781,7 +860,16 @@ impl Driver {
                     let _ = tx.send(Err(Error::CatchingUp));
                 }
             }
+            self.seeding = None;
+            self.rejoin_from = Some(from.clone());
+            // Every link starts over, so that each side's Hello says what it is now (the
+            // claiming cluster's peers then push their pool to this node).
+            for p in self.transport.known() {
+                self.transport.forget(&p);
+            }
+            self.peer_clusters.clear();
             self.transport.ensure(&from, None);
+            self.fetch_from_claimer();
             self.update_status();
             return;
         }
