@@ -572,10 +572,9 @@ impl Driver {
             };
             let refuse = if Instant::now() > q.start_by {
                 Some(Error::Expired)
-            } else if self.rejoining {
-                Some(Error::CatchingUp)
-            } else if self.node.consensus() == Consensus::CatchingUp
-                && matches!(q.change, PoolChange::Seed { .. })
+            } else if self.rejoining
+                || (self.node.consensus() == Consensus::CatchingUp
+                    && matches!(q.change, PoolChange::Seed { .. }))
             {
                 Some(Error::CatchingUp)
             } else {
