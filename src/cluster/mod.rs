@@ -551,8 +551,13 @@ impl Driver {
         } else {
             let seed = self.node.seed(self.seeds.clone());
             if let PoolChange::Seed { cluster_id, .. } = &seed {
-                // Until it commits, messages of another cluster are not this one's to step.
-                self.seeding = Some(cluster_id.clone());
+                // A node forming a one-node cluster alone (no peers configured): until it
+                // commits, messages of another cluster are not its to step (a cluster that
+                // lists it claims it instead). Voters forming together propose seeds of their
+                // own ids and learn the one that wins.
+                if self.configured.is_empty() {
+                    self.seeding = Some(cluster_id.clone());
+                }
             }
             seed
         };
