@@ -106,6 +106,20 @@ impl Drop for Proc {
     }
 }
 
+/// `shoal run` on `config` (a whole config's text, written beside the others as `name.toml`).
+fn shoal_run(shoal: &Path, dir: &Path, name: &str, config: &str) -> Proc {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, config).unwrap();
+    Proc(
+        Command::new(shoal)
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 fn nginx(dir: &Path, name: &str, body: &str) -> Proc {
     nginx_with(dir, name, body, false)
 }
@@ -575,24 +589,16 @@ fn main() {
     // A second Shoal for consistent hashing (the algorithm is one per cluster).
     let shoal_hash = wanted("hash").then(|| {
         let port = free_port();
-        let cfg = dir.join("shoal-hash.toml");
-        std::fs::write(
-            &cfg,
-            format!(
+        let p = shoal_run(
+            &shoal,
+            dir,
+            "shoal-hash",
+            &format!(
                 "[node]\nid = \"bench-hash\"\ndata_dir = \"{}\"\n[proxy]\nlisten = [\"127.0.0.1:{port}\"]\nworkers = 1\n[balance]\nalgorithm = \"consistent_hash\"\nhash_key = \"path\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n[cluster]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"warn\"\n{sbackends}",
                 dir.join("shoal-hash-data").display(),
                 free_port(),
                 free_port()
             ),
-        )
-        .unwrap();
-        let p = Proc(
-            Command::new(&shoal)
-                .args(["run", "--config", cfg.to_str().unwrap()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
         );
         wait_port("shoal (hashing)", port);
         (p, port)
@@ -1028,24 +1034,16 @@ fn abuse_table(dir: &Path, shoal: &Path, secs: u64) {
             .unwrap(),
     );
     let shoal_port = free_port();
-    let scfg = dir.join("shoal-abuse.toml");
-    std::fs::write(
-        &scfg,
-        format!(
+    let shoal_proc = shoal_run(
+        shoal,
+        dir,
+        "shoal-abuse",
+        &format!(
             "[node]\nid = \"abuse\"\ndata_dir = \"{}\"\n[proxy]\nlisten = [\"127.0.0.1:{shoal_port}\"]\nworkers = 1\n[admin]\nlisten = \"127.0.0.1:{}\"\n[cluster]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"warn\"\n[health]\ninterval = \"1h\"\n[[backends]]\nid = \"early\"\naddr = \"127.0.0.1:{backend}\"\n",
             dir.join("shoal-abuse-data").display(),
             free_port(),
             free_port()
         ),
-    )
-    .unwrap();
-    let shoal_proc = Proc(
-        Command::new(shoal)
-            .args(["run", "--config", scfg.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
     );
     for p in [nginx_port, haproxy_port, shoal_port] {
         wait_port("abuse proxy", p);

@@ -313,6 +313,16 @@ const CFG: ProposerConfig = ProposerConfig {
     backoff_cap: 50,
 };
 
+/// A pool formed by its seed (one backend).
+fn formed_pool() -> Pool {
+    Pool::default()
+        .apply(
+            &PoolChange::seed(vec![Backend::new("w", "10.0.0.1:80", 1)]),
+            &Rules::default(),
+        )
+        .unwrap()
+}
+
 fn ids(names: &[&str]) -> Vec<NodeId> {
     names.iter().map(|s| n(s)).collect()
 }
@@ -441,12 +451,7 @@ fn a_voter_without_state_catches_up_before_it_votes() {
     );
     let round = prepares[0].1.clone();
     // a and c hold a formed pool; they promise, then accept the write-back.
-    let formed = Pool::default()
-        .apply(
-            &PoolChange::seed(vec![Backend::new("w", "10.0.0.1:80", 1)]),
-            &Rules::default(),
-        )
-        .unwrap();
+    let formed = formed_pool();
     for from in ["a", "c"] {
         fresh.step(
             &n(from),
@@ -519,12 +524,7 @@ fn a_caught_up_voter_holds_what_it_caught_up_with() {
     let Some((_, Msg::Prepare { ballot })) = out.messages.first().cloned() else {
         panic!("{out:?}")
     };
-    let formed = Pool::default()
-        .apply(
-            &PoolChange::seed(vec![Backend::new("w", "10.0.0.1:80", 1)]),
-            &Rules::default(),
-        )
-        .unwrap();
+    let formed = formed_pool();
     // n1 (here b) missed the commit: it still holds nothing; a and c hold the value.
     for from in ["a", "c"] {
         fresh.step(
