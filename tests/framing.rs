@@ -27,6 +27,9 @@ enum Seen {
     },
     /// Bytes that are not a well-framed request (a smuggled fragment would land here).
     Garbage(String),
+    /// A request whose head came whole and whose body did not before the proxy closed the
+    /// connection (a client's body that broke off after its head went).
+    Cut(String),
 }
 
 type Log = Arc<Mutex<Vec<Seen>>>;
@@ -185,10 +188,18 @@ async fn recording_backend() -> (SocketAddr, Log) {
                     match s.read(&mut chunk).await {
                         Ok(0) | Err(_) => {
                             if !buf.is_empty() {
-                                log.lock().unwrap().push(Seen::Garbage(format!(
-                                    "left at close: {:?}",
-                                    String::from_utf8_lossy(&buf)
-                                )));
+                                let mut fields = [httparse::EMPTY_HEADER; 64];
+                                let mut req = httparse::Request::new(&mut fields);
+                                let seen = match req.parse(&buf) {
+                                    Ok(httparse::Status::Complete(_)) => {
+                                        Seen::Cut(req.path.unwrap_or("").to_string())
+                                    }
+                                    _ => Seen::Garbage(format!(
+                                        "left at close: {:?}",
+                                        String::from_utf8_lossy(&buf)
+                                    )),
+                                };
+                                log.lock().unwrap().push(seen);
                             }
                             return;
                         }
@@ -294,6 +305,7 @@ fn requests(log: &Log) -> Vec<(String, String, String, Vec<u8>)> {
                 body,
             } => (method.clone(), path.clone(), head.clone(), body.clone()),
             Seen::Garbage(g) => panic!("the backend got bytes that are not a request: {g}"),
+            Seen::Cut(path) => (String::new(), path.clone(), String::new(), Vec::new()),
         })
         .collect()
 }
@@ -361,7 +373,8 @@ async fn every_case_reaches_the_backend_exactly_as_framed() {
                 assert_eq!(&got[0].3[..], *b, "{path}");
             }
             None if path == "/c10" || path == "/c11" => {
-                assert!(got.iter().all(|r| r.3.is_empty()), "{path}: {got:?}");
+                // Its head may have gone before the body broke off; never a whole request.
+                assert!(got.iter().all(|r| r.0.is_empty()), "{path}: {got:?}");
             }
             None => assert!(got.is_empty(), "{path} reached the backend: {got:?}"),
         }
@@ -383,10 +396,11 @@ async fn every_case_reaches_the_backend_exactly_as_framed() {
             )
         })
         .sum();
-    let complete = seen
-        .iter()
-        .filter(|r| r.1 != "/c10" && r.1 != "/c11")
-        .count();
+    // A request cut off (no method recorded) is one only /c10 or /c11 may have left.
+    for r in seen.iter().filter(|r| r.0.is_empty()) {
+        assert!(r.1 == "/c10" || r.1 == "/c11", "a cut request: {r:?}");
+    }
+    let complete = seen.iter().filter(|r| !r.0.is_empty()).count();
     assert_eq!(counted as usize, complete, "{seen:?}\n{m}");
     // The forwarded framing is the proxy's own: one Content-Length of the body's length.
     let c1 = seen.iter().find(|r| r.1 == "/c1").unwrap();
