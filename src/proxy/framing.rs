@@ -153,6 +153,12 @@ impl Framing {
             && self.codings_well_formed
     }
 
+    /// The length the fields announce: exactly one valid Content-Length, else none (an HTTP/2
+    /// backend's HEAD or 304 answer, whose length the client is told).
+    pub fn announced_length(&self) -> Option<u64> {
+        self.one_length().ok().flatten()
+    }
+
     /// The one valid Content-Length, if there is exactly that.
     fn one_length(&self) -> Result<Option<u64>, &'static str> {
         match self.length_fields {
@@ -417,6 +423,21 @@ mod tests {
                 *want,
                 "{fields:?} {status} http10={http10} {asked:?}"
             );
+        }
+    }
+
+    #[test]
+    fn an_announced_length_is_exactly_one_valid_content_length() {
+        #[rustfmt::skip]
+        let cases: &[(Fields, Option<u64>)] = &[
+            (&[("content-length", "1000")], Some(1000)),
+            (&[], None),
+            (&[("content-length", "5, 5")], None),
+            (&[("content-length", "5"), ("content-length", "5")], None),
+            (&[("content-length", "+5")], None),
+        ];
+        for (fields, want) in cases {
+            assert_eq!(framing(fields).announced_length(), *want, "{fields:?}");
         }
     }
 

@@ -272,7 +272,9 @@ impl Conn {
         let switching = status == StatusCode::SWITCHING_PROTOCOLS && asked.upgrade.is_some();
         // The answer is framed by the backend's framing decision (its body's length), never by
         // a received Content-Length or Transfer-Encoding, which are not passed on as they came.
-        let mut map_length = MapLength::None;
+        // An HTTP/2 backend's answer comes as a map: its length field is read by the framing
+        // rules (for a HEAD or 304), never written as it came.
+        let mut map_framing = Framing::default();
         let mut dated = false;
         for (name, value) in &parts.headers {
             if name == header::CONNECTION && !switching {
@@ -283,7 +285,7 @@ impl Conn {
                 continue;
             }
             if name == header::CONTENT_LENGTH {
-                map_length = map_length.and(value.as_bytes());
+                map_framing.field(b"content-length", value.as_bytes());
                 continue;
             }
             if name == header::TRANSFER_ENCODING {
@@ -306,7 +308,7 @@ impl Conn {
             || status == StatusCode::NOT_MODIFIED;
         let framing = if bodiless || asked.head {
             // No body follows. A HEAD's or a 304's length describes what a GET would get.
-            let announced = body.announced().or(map_length.value());
+            let announced = body.announced().or(map_framing.announced_length());
             if let Some(n) = announced.filter(|_| !bodiless || status == StatusCode::NOT_MODIFIED) {
                 content_length(out, n);
             }
@@ -618,36 +620,6 @@ fn content_length(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(b"content-length: ");
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     out.extend_from_slice(b"\r\n");
-}
-
-/// The Content-Length of an answer's map (an HTTP/2 backend's HEAD or 304): exactly one field of
-/// one number, or nothing.
-#[derive(Clone, Copy)]
-enum MapLength {
-    None,
-    One(u64),
-    Bad,
-}
-
-impl MapLength {
-    fn and(self, value: &[u8]) -> Self {
-        let v = value.trim_ascii();
-        match self {
-            MapLength::None
-                if !v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit) =>
-            {
-                MapLength::One(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
-            }
-            _ => MapLength::Bad,
-        }
-    }
-
-    fn value(self) -> Option<u64> {
-        match self {
-            MapLength::One(n) => Some(n),
-            _ => None,
-        }
-    }
 }
 
 /// Today's `Date` value, formatted once a second per thread.
