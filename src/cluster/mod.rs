@@ -109,6 +109,8 @@ struct Queued {
     reply: Option<Reply>,
     /// Dropped unless started by then.
     start_by: Instant,
+    /// Queued again behind a catch-up round.
+    after_catch_up: bool,
 }
 
 /// The cluster as the admin API and the health checker see it.
@@ -473,7 +475,12 @@ impl Driver {
                 Some(m) = inbox.recv() => self.inbound(m),
                 Some(Command::Change(change, reply)) = commands.recv() => {
                     let start_by = Instant::now() + START_WITHIN;
-                    self.queue.push_back(Queued { change, reply, start_by });
+                    self.queue.push_back(Queued {
+                        change,
+                        reply,
+                        start_by,
+                        after_catch_up: false,
+                    });
                 }
                 _ = beat.tick() => self.heartbeat(),
                 _ = read.tick() => {
@@ -566,6 +573,7 @@ impl Driver {
             change,
             reply: None,
             start_by,
+            after_catch_up: false,
         });
     }
 
@@ -592,6 +600,29 @@ impl Driver {
                 continue;
             }
             let is_read = q.change == PoolChange::Read;
+            if !is_read && self.node.is_catching_up() {
+                if !q.after_catch_up {
+                    // A node catching up takes no change until its catch-up round (a read)
+                    // committed: run that first, then this change (once; if this node is still
+                    // catching up then, the change is refused).
+                    let start_by = q.start_by;
+                    self.queue.push_front(Queued {
+                        after_catch_up: true,
+                        ..q
+                    });
+                    self.queue.push_front(Queued {
+                        change: PoolChange::Read,
+                        reply: None,
+                        start_by,
+                        after_catch_up: false,
+                    });
+                    continue;
+                }
+                if let Some(tx) = q.reply {
+                    let _ = tx.send(Err(Error::CatchingUp));
+                }
+                continue;
+            }
             let now = self.now_ms();
             let rules = Rules {
                 max_ejected_percent: self.max_ejected_percent.load(Ordering::Relaxed),

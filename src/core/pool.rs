@@ -338,6 +338,13 @@ pub enum PoolChange {
         #[serde(default, skip_serializing_if = "Protocol::is_http1")]
         protocol: Protocol,
     },
+    /// A voter that started without its state caught up: the identity, one membership epoch
+    /// up (the same voters), so that no ballot of its earlier life counts again. A promise it
+    /// made before it lost its disk may still be on the wire or held by a proposer; every
+    /// acceptor that holds this value refuses that ballot's epoch. No change for a non-voter.
+    Fence {
+        peer: NodeId,
+    },
 }
 
 impl PoolChange {
@@ -501,6 +508,13 @@ impl Pool {
         let mut next = self.clone();
         match change {
             PoolChange::Read => return Ok(next),
+            PoolChange::Fence { peer } => {
+                if self.exists() && (self.voters.is_empty() || self.voters.contains(peer)) {
+                    next.epoch += 1;
+                    next.version += 1;
+                }
+                return Ok(next);
+            }
             PoolChange::Seed {
                 backends,
                 cluster_id,

@@ -447,6 +447,11 @@ impl Sim {
                             let client = self.cfg.clients + 1;
                             self.issue(client, node, seed);
                         }
+                        // A catch-up round commits a fence: it joins the history too.
+                        read if self.nodes[node].core.is_catching_up() => {
+                            let client = self.cfg.clients + 2;
+                            self.issue(client, node, read);
+                        }
                         read => self.start_change(node, read, None),
                     }
                 }
@@ -812,9 +817,17 @@ impl Sim {
 
     fn issue(&mut self, client: usize, node: usize, change: PoolChange) {
         let i = self.history.len();
+        // A read at a node catching up is its catch-up round: it commits a fence.
+        let recorded = if change == PoolChange::Read && self.nodes[node].core.is_catching_up() {
+            PoolChange::Fence {
+                peer: self.nodes[node].id.clone(),
+            }
+        } else {
+            change.clone()
+        };
         self.history.push(Operation {
             client,
-            change: change.clone(),
+            change: recorded,
             invoke: self.now,
             response: u64::MAX,
             seen: Seen::Unknown,

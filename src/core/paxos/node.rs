@@ -276,16 +276,29 @@ impl Node {
         }
     }
 
-    /// Start a change. Returns false (and does nothing) if one is in progress, or if, while this
-    /// node catches up, the other voters are too few to decide it. Whatever commits through the
-    /// others while catching up completes the catch-up.
+    /// Start a change. Returns false (and does nothing) if one is in progress, or while this
+    /// node catches up, for anything but a read (the caller runs the catch-up first), or if the
+    /// other voters are too few to decide it.
+    ///
+    /// While catching up, a read is the catch-up round, and it commits `PoolChange::Fence`:
+    /// one epoch up, so that a promise this node made in an earlier life (before it lost its
+    /// disk) can never be counted with its new votes. Without it, a proposer holding such a
+    /// promise could complete a majority with it after this node voted for something else
+    /// (`a_promise_from_before_a_lost_disk_cannot_overwrite_a_later_commit` plays it).
     pub fn propose(&mut self, change: PoolChange, rules: Rules, now: u64) -> bool {
         if self.proposer.is_busy() {
             return false;
         }
         let catching_up = matches!(self.mode, Mode::CatchingUp { .. });
+        let change = match change {
+            PoolChange::Read if catching_up => PoolChange::Fence {
+                peer: self.id.clone(),
+            },
+            _ if catching_up => return false,
+            change => change,
+        };
         let voters = self.voters();
-        if !self.set_quorum(change == PoolChange::Read) {
+        if !self.set_quorum(catching_up) {
             return false;
         }
         let rules = Rules {
@@ -307,9 +320,8 @@ impl Node {
     }
 
     /// Point the proposer at the learned epoch and its voters. While catching up, this node's
-    /// own acceptor takes no part: a read (the catch-up round) counts a majority of the other
-    /// voters; a change counts a majority of all the voters among the others, as if this one
-    /// were down. False when the voters that may answer cannot make that quorum.
+    /// own acceptor takes no part: the catch-up round counts a majority of the other voters.
+    /// False when the voters that may answer cannot make that quorum.
     ///
     /// Why a majority of the others is enough for the read: the last commit is held by a
     /// majority of all the voters (q of n), of which at most this node was lost, so by q - 1
@@ -320,29 +332,32 @@ impl Node {
     /// nothing would leave the value with fewer than q voters, and a second wipe could lose it
     /// (4 voters: n3 caught up through {n0, n2} holding nothing; n2 wiped; n2 caught up through
     /// {n1, n3}, which hold only the value before the commit).
-    fn set_quorum(&mut self, read: bool) -> bool {
+    ///
+    /// Why the catch-up must also fence (`propose`): the write-back opens a new epoch, and the
+    /// (n - 1) / 2 + 1 others that accepted it refuse every ballot of the epoch before. A
+    /// proposer still counting a promise from this node's earlier life needs a majority of
+    /// n in that old epoch; without one of the fencing acceptors it has at most
+    /// n - 1 - ((n - 1) / 2 + 1) others plus the old promise, n - (n - 1) / 2 - 1 < n / 2 + 1,
+    /// and one of them reports the fence, a seal, which moves it to the new epoch.
+    fn set_quorum(&mut self, catching_up: bool) -> bool {
         let voters = self.voters();
-        let (acceptors, quorum): (Vec<NodeId>, Option<usize>) =
-            if matches!(self.mode, Mode::CatchingUp { .. }) {
-                let others: Vec<NodeId> =
-                    voters.iter().filter(|v| **v != self.id).cloned().collect();
-                (others, (!read).then_some(voters.len() / 2 + 1))
-            } else {
-                (voters, None)
-            };
-        if acceptors.is_empty() || quorum.is_some_and(|q| q > acceptors.len()) {
+        let acceptors: Vec<NodeId> = if catching_up {
+            voters.into_iter().filter(|v| *v != self.id).collect()
+        } else {
+            voters
+        };
+        if acceptors.is_empty() {
             return false;
         }
         self.proposer
             .set_epoch(self.learned.epoch, self.learned.clone());
-        self.proposer.set_acceptors(acceptors, quorum);
+        self.proposer.set_acceptors(acceptors);
         true
     }
 
     /// After a seal moved this node to a new epoch mid-change: the change's new quorum.
     fn configure_proposer(&mut self) -> bool {
-        let read = self.proposer.change() == Some(&PoolChange::Read);
-        self.set_quorum(read)
+        self.set_quorum(matches!(self.mode, Mode::CatchingUp { .. }))
     }
 
     /// Abandon the change in progress (the node is shutting down).

@@ -126,8 +126,6 @@ pub struct Proposer {
     /// acceptor of the majority accepted anything in this epoch yet.
     base: Pool,
     acceptors: Vec<NodeId>,
-    /// How many acceptors must answer, when not a majority of them.
-    quorum: Option<usize>,
     cfg: ProposerConfig,
     counter: u64,
     reserved: u64,
@@ -153,7 +151,6 @@ impl Proposer {
             epoch: 0,
             base: Pool::default(),
             acceptors,
-            quorum: None,
             cfg,
             counter: counter_reserved,
             reserved: counter_reserved,
@@ -199,12 +196,11 @@ impl Proposer {
         self.op.as_ref().map(|o| &o.change)
     }
 
-    /// The acceptors of the next change, and how many must answer (default: a majority of
-    /// them). Called between rounds only (or with `set_epoch` to a new epoch, which abandons
-    /// the round in flight): a round counts its answers against the quorum it started with.
-    pub fn set_acceptors(&mut self, acceptors: Vec<NodeId>, quorum: Option<usize>) {
+    /// The acceptors of the next change (a majority of them must answer). Called between
+    /// rounds only (or with `set_epoch` to a new epoch, which abandons the round in flight): a
+    /// round counts its answers against the quorum it started with.
+    pub fn set_acceptors(&mut self, acceptors: Vec<NodeId>) {
         self.acceptors = acceptors;
-        self.quorum = quorum;
     }
 
     /// The ballot of the round in progress, if any.
@@ -227,7 +223,7 @@ impl Proposer {
     }
 
     pub fn majority(&self) -> usize {
-        self.quorum.unwrap_or(self.acceptors.len() / 2 + 1)
+        self.acceptors.len() / 2 + 1
     }
 
     /// A ballot seen elsewhere on this node (its acceptor got a Prepare or Accept): start the
