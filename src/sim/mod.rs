@@ -34,6 +34,9 @@ pub struct SimConfig {
     pub drop: f64,
     pub duplicate: f64,
     pub max_delay_ms: u64,
+    /// The chance that a message outlives a round: held for one to four phase timeouts, so it
+    /// arrives after its proposer gave up, retried, or the sender lost its disk.
+    pub late: f64,
     pub partitions: bool,
     pub crashes: bool,
     /// Some crashes lose the disk: the node comes back with an empty `data_dir` (never more
@@ -64,6 +67,7 @@ impl SimConfig {
             drop: 0.05,
             duplicate: 0.03,
             max_delay_ms: 30,
+            late: 0.01,
             partitions: true,
             crashes: true,
             disk_loss: true,
@@ -244,6 +248,11 @@ struct Sim {
     rules: Rules,
     /// Blocked links (from, to).
     blocked: BTreeSet<(usize, usize)>,
+    /// Whether the partition holds what it blocks (delivered at the heal, as a link that stalls
+    /// and then flushes) rather than dropping it.
+    holding: bool,
+    /// What a holding partition keeps.
+    held: Vec<(usize, usize, Msg)>,
     faulting: bool,
     history: Vec<Operation>,
     /// Per history entry: the highest version committed-and-answered before it was invoked.
@@ -321,6 +330,8 @@ impl Sim {
             nodes,
             rules,
             blocked: BTreeSet::new(),
+            holding: false,
+            held: Vec::new(),
             faulting: true,
             history: Vec::new(),
             floor: Vec::new(),
@@ -408,6 +419,7 @@ impl Sim {
             Event::Partition => self.partition(),
             Event::Heal => {
                 self.blocked.clear();
+                self.release_held();
                 self.log(|| "heal".into());
                 if self.faulting && self.cfg.partitions {
                     let at = self.rng.gen_range(200..1500);
@@ -467,6 +479,7 @@ impl Sim {
             Event::EndFaults => {
                 self.faulting = false;
                 self.blocked.clear();
+                self.release_held();
                 self.cfg.drop = 0.0;
                 self.cfg.duplicate = 0.0;
                 self.cfg.write_failures = 0.0;
@@ -522,10 +535,20 @@ impl Sim {
             self.schedule(d, Event::Deliver { from, to, msg });
             return;
         }
-        if self.blocked.contains(&(from, to)) || self.rng.gen_bool(self.cfg.drop) {
+        if self.blocked.contains(&(from, to)) {
+            if self.holding {
+                self.held.push((from, to, msg));
+            }
             return;
         }
-        let d = self.rng.gen_range(1..=self.cfg.max_delay_ms);
+        if self.rng.gen_bool(self.cfg.drop) {
+            return;
+        }
+        let d = if self.rng.gen_bool(self.cfg.late) {
+            self.rng.gen_range(PHASE_TIMEOUT..=PHASE_TIMEOUT * 4)
+        } else {
+            self.rng.gen_range(1..=self.cfg.max_delay_ms)
+        };
         if self.rng.gen_bool(self.cfg.duplicate) {
             let d2 = self.rng.gen_range(1..=self.cfg.max_delay_ms * 3);
             self.schedule(
@@ -993,10 +1016,19 @@ impl Sim {
                 }
             }
         }
-        let blocked = self.blocked.len();
-        self.log(|| format!("partition kind {kind}: {blocked} links blocked"));
+        self.holding = self.rng.gen_bool(0.5);
+        let (blocked, how) = (self.blocked.len(), if self.holding { "held" } else { "blocked" });
+        self.log(|| format!("partition kind {kind}: {blocked} links {how}"));
         let at = self.rng.gen_range(300..2000);
         self.schedule(at, Event::Heal);
+    }
+
+    /// A holding partition healed: what it kept arrives now, in a burst.
+    fn release_held(&mut self) {
+        for (from, to, msg) in std::mem::take(&mut self.held) {
+            let d = self.rng.gen_range(1..=self.cfg.max_delay_ms);
+            self.schedule(d, Event::Deliver { from, to, msg });
+        }
     }
 
     fn finish_checks(&mut self) {
