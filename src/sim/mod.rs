@@ -1017,7 +1017,10 @@ impl Sim {
             }
         }
         self.holding = self.rng.gen_bool(0.5);
-        let (blocked, how) = (self.blocked.len(), if self.holding { "held" } else { "blocked" });
+        let (blocked, how) = (
+            self.blocked.len(),
+            if self.holding { "held" } else { "blocked" },
+        );
         self.log(|| format!("partition kind {kind}: {blocked} links {how}"));
         let at = self.rng.gen_range(300..2000);
         self.schedule(at, Event::Heal);

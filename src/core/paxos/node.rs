@@ -576,14 +576,23 @@ impl Node {
             Msg::Prepare { ballot } | Msg::Accept { ballot, .. } => ballot.clone(),
             _ => return None,
         };
-        // A ballot of an epoch this node has not learned yet comes from a proposer that knows
-        // this node votes there (the acceptor's rules keep it safe either way); up to the
-        // learned epoch, only a voter of the learned membership answers.
-        let member = ballot.epoch > self.learned.epoch || self.voters().contains(&self.id);
-        if matches!(self.mode, Mode::CatchingUp { .. }) || !member {
-            return Some(Msg::NotVoting {
+        if matches!(self.mode, Mode::CatchingUp { .. }) || !self.voters().contains(&self.id) {
+            if ballot.epoch <= self.learned.epoch {
+                return Some(Msg::NotVoting {
+                    ballot,
+                    formed: self.learned.exists(),
+                });
+            }
+        }
+        if ballot.epoch > self.learned.epoch {
+            // A ballot of an epoch this node has not learned: refused until it has (`step`
+            // asked the proposer for it). An acceptor that promised a later epoch refuses
+            // every ballot of the earlier ones, so it must be able to say what sealed them:
+            // were the seal known only to the proposer, and that proposer lost its disk, no
+            // one could move past the old epoch again.
+            return Some(Msg::Conflict {
+                seen: ballot.clone(),
                 ballot,
-                formed: self.learned.exists(),
             });
         }
         let (changed, reply) = self.acceptor.handle(msg)?;

@@ -743,7 +743,14 @@ impl Net {
             };
             nodes.insert(
                 n(name),
-                Node::new(n(name), ids(names), CFG, Some(durable), pool.clone(), i as u64),
+                Node::new(
+                    n(name),
+                    ids(names),
+                    CFG,
+                    Some(durable),
+                    pool.clone(),
+                    i as u64,
+                ),
             );
         }
         Net {
@@ -785,7 +792,11 @@ impl Net {
 
     fn propose(&mut self, id: &str, change: PoolChange) {
         let now = self.now;
-        assert!(self.nodes.get_mut(&n(id)).unwrap().propose(change, Rules::default(), now));
+        assert!(self
+            .nodes
+            .get_mut(&n(id))
+            .unwrap()
+            .propose(change, Rules::default(), now));
         self.pump(&n(id));
     }
 
@@ -803,7 +814,11 @@ impl Net {
             while let Some(i) = self.wire.iter().position(|(f, t, m)| pass(f, t, m)) {
                 let (from, to, msg) = self.wire.remove(i);
                 let now = self.now;
-                self.nodes.get_mut(&to).unwrap().step(&from, msg, now);
+                // A node taken away (shut down for good) gets nothing.
+                let Some(node) = self.nodes.get_mut(&to) else {
+                    continue;
+                };
+                node.step(&from, msg, now);
                 self.pump(&to);
             }
             if self.now >= end {
@@ -818,11 +833,20 @@ impl Net {
         }
     }
 
+    /// Lose every message on the wire that `lost` picks.
+    fn lose(&mut self, lost: impl Fn(&NodeId, &NodeId, &Msg) -> bool) {
+        self.wire.retain(|(f, t, m)| !lost(f, t, m));
+    }
+
     fn committed(&self, id: &str) -> Option<&Pool> {
-        self.outcomes.get(&n(id))?.iter().rev().find_map(|o| match o {
-            Outcome::Committed(p) | Outcome::AlreadyCommitted(p) => Some(p),
-            _ => None,
-        })
+        self.outcomes
+            .get(&n(id))?
+            .iter()
+            .rev()
+            .find_map(|o| match o {
+                Outcome::Committed(p) | Outcome::AlreadyCommitted(p) => Some(p),
+                _ => None,
+            })
     }
 }
 
@@ -847,8 +871,7 @@ fn a_promise_from_before_a_lost_disk_cannot_overwrite_a_later_commit() {
         .unwrap();
     // e's ballot is far above the others' (they have not heard from it for a while).
     let mut net = Net::formed(&names, &u, &[("e", 99)]);
-    let is_prepare_from_e =
-        |f: &NodeId, m: &Msg| *f == n("e") && matches!(m, Msg::Prepare { .. });
+    let is_prepare_from_e = |f: &NodeId, m: &Msg| *f == n("e") && matches!(m, Msg::Prepare { .. });
     // e prepares; only d's copy arrives, and d's promise reaches e.
     net.propose(
         "e",
@@ -886,10 +909,74 @@ fn a_promise_from_before_a_lost_disk_cannot_overwrite_a_later_commit() {
     );
     net.run(|_, _, _| true, &names, 2_000);
     // Whatever e committed holds v (agreement per version is checked on every report).
-    let x = net.committed("e").expect("e's change commits once the network heals");
+    let x = net
+        .committed("e")
+        .expect("e's change commits once the network heals");
     assert!(x.backends.contains_key(&BackendId::new("x")));
     assert!(
         x.backends.contains_key(&BackendId::new("v")),
         "e's change lost v: {x:?}"
     );
+}
+
+/// A seal known only to a node that then loses its disk must not stall the cluster (issue 29,
+/// item 4). Four voters; d commits the removal of y (a seal: epoch 2, voters a, d, x) through
+/// d, x and y, and its learn pushes are lost; d's next round, in epoch 2, reaches x; d loses
+/// its disk and y is shut down. a knows only epoch 1, and x holds the seal as an accepted
+/// value. Had x promised d's epoch-2 ballot without knowing the seal, it would refuse every
+/// epoch-1 ballot and could not tell anyone where epoch 2 came from: nothing could commit
+/// again without `--force-new-cluster`.
+#[test]
+fn a_seal_known_only_to_a_wiped_node_does_not_stall_the_cluster() {
+    let names = ["a", "d", "x", "y"];
+    let u = Pool::default()
+        .apply(
+            &PoolChange::Seed {
+                backends: vec![Backend::new("w", "10.0.0.1:80", 1)],
+                cluster_id: "c1".into(),
+                voters: ids(&names).into_iter().collect(),
+            },
+            &Rules::default(),
+        )
+        .unwrap();
+    let mut net = Net::formed(&names, &u, &[]);
+    let in_dxy = |p: &NodeId| ["d", "x", "y"].iter().any(|q| *p == n(q));
+    net.propose("d", PoolChange::RemovePeer { id: n("y") });
+    net.run(
+        |f, t, m| in_dxy(f) && in_dxy(t) && !matches!(m, Msg::Learn { .. }),
+        &["d"],
+        0,
+    );
+    let sealed = net.committed("d").expect("d commits the seal").clone();
+    assert_eq!(sealed.epoch, u.epoch + 1);
+    net.lose(|_, _, m| matches!(m, Msg::Learn { .. }));
+    // d's next round, in the new epoch, reaches x alone; nothing x sends d back arrives.
+    net.propose(
+        "d",
+        PoolChange::AddBackend {
+            backend: Backend::new("z", "10.0.0.3:80", 1),
+        },
+    );
+    net.run(
+        |f, t, m| *f == n("d") && *t == n("x") && matches!(m, Msg::Prepare { .. }),
+        &[],
+        0,
+    );
+    // d loses its disk (its config now lists a, d and x); y is shut down.
+    net.lose(|f, t, _| *f == n("d") || *t == n("d"));
+    net.wipe("d", &["a", "d", "x"]);
+    net.nodes.remove(&n("y"));
+    net.propose("d", PoolChange::Read);
+    net.propose(
+        "a",
+        PoolChange::AddBackend {
+            backend: Backend::new("v", "10.0.0.7:80", 1),
+        },
+    );
+    net.run(|_, _, _| true, &["a", "d", "x"], 3_000);
+    let v = net
+        .committed("a")
+        .expect("a's change commits: the cluster is not stalled");
+    assert!(v.backends.contains_key(&BackendId::new("v")));
+    assert_eq!(net.nodes[&n("d")].consensus(), Consensus::Voting);
 }
