@@ -235,6 +235,8 @@ struct Node {
     learned_disk: Pool,
     /// The client operation this node's proposer runs (index into history).
     serving: Option<usize>,
+    /// When the last delayed write lands (a planted slow disk writes in order).
+    persist_at: u64,
 }
 
 struct Sim {
@@ -312,6 +314,7 @@ impl Sim {
                     disk,
                     learned_disk: Pool::default(),
                     serving: None,
+                    persist_at: 0,
                 }
             })
             .collect();
@@ -600,9 +603,12 @@ impl Sim {
                 let id = self.nodes[node].id.clone();
                 self.log(|| format!("{id}: write failed"));
             } else if self.cfg.faults.reply_before_persist {
-                // The disk says done at once and writes later (or never, if the node crashes).
+                // The disk says done at once and writes later (or never, if the node crashes),
+                // in order, as one disk does: the bug is the early answer, not a reordering.
                 let inc = self.nodes[node].incarnation;
-                let lag = self.rng.gen_range(1..200);
+                let at = (self.now + self.rng.gen_range(1..200)).max(self.nodes[node].persist_at);
+                self.nodes[node].persist_at = at;
+                let lag = at - self.now;
                 let state = Box::new(write.state.clone());
                 self.schedule(
                     lag,

@@ -507,7 +507,11 @@ impl Node {
         self.acceptor = Acceptor::new(self.on_disk.acceptor.clone());
         self.proposer
             .reservation_lost(self.on_disk.counter_reserved);
-        if !self.on_disk.voting {
+        if !self.on_disk.voting && self.config_voters.len() <= 1 {
+            // A lone voter votes from its start (`new`): it writes that again.
+            self.durable.voting = true;
+            self.dirty = true;
+        } else if !self.on_disk.voting {
             self.mode = Mode::CatchingUp {
                 ballot: None,
                 unformed: BTreeSet::new(),

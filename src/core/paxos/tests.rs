@@ -980,3 +980,17 @@ fn a_seal_known_only_to_a_wiped_node_does_not_stall_the_cluster() {
     assert!(v.backends.contains_key(&BackendId::new("v")));
     assert_eq!(net.nodes[&n("d")].consensus(), Consensus::Voting);
 }
+
+/// A lone voter votes from its start; a failed first write does not leave it catching up from
+/// no one (found by the simulation with one voter: seed 241).
+#[test]
+fn a_lone_voter_whose_first_write_fails_still_votes() {
+    let mut a = Node::new(n("a"), ids(&["a"]), CFG, None, Pool::default(), 1);
+    let w = a.ready().write.expect("the vote is written");
+    a.written(w, false);
+    assert_eq!(a.consensus(), Consensus::Voting);
+    let w = a.ready().write.expect("written again");
+    assert!(w.state.voting);
+    a.written(w, true);
+    assert!(a.propose(PoolChange::Read, Rules::default(), 0));
+}
