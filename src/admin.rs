@@ -159,6 +159,7 @@ impl ApiError {
                 | ChangeError::AddrInUse(..)
                 | ChangeError::AlreadySeeded(_)
                 | ChangeError::Full
+                | ChangeError::TooLarge(_)
                 | ChangeError::PeerExists(_)
                 | ChangeError::LastVoter(_) => StatusCode::CONFLICT,
             },

@@ -203,6 +203,10 @@ pub struct Pool {
     /// a change after an unanswered accept finds it here instead of applying it twice.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub applied: BTreeMap<NodeId, u64>,
+    /// Per proposer in `applied`, the version its last change made: which entries are oldest
+    /// when `applied` is trimmed to `MAX_APPLIED` (learners come and go, each with an id).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub applied_at: BTreeMap<NodeId, u64>,
     /// The cluster's id, made when it formed (empty in a pool from before ids existed).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cluster_id: String,
@@ -373,6 +377,8 @@ pub enum ChangeError {
     Invalid(InvalidBackend),
     #[error("the pool holds at most {MAX_BACKENDS} backends")]
     Full,
+    #[error("the pool would take {0} bytes, over the {MAX_POOL_BYTES} a peer frame may carry; nothing changed")]
+    TooLarge(usize),
     #[error("peer {0} is already a member")]
     PeerExists(NodeId),
     #[error("peer {0} is not a member")]
@@ -388,6 +394,17 @@ pub const MAX_WEIGHT: u32 = 1000;
 /// The pool holds at most this many backends, so that the register (with its votes) always fits
 /// in one peer frame with room to spare: a full pool can never wedge the cluster.
 pub const MAX_BACKENDS: usize = 10_000;
+/// The pool's encoded size is capped well below the 16 MiB peer frame (a Promise or an Accept
+/// carries one pool): a change that would pass it is refused, so that replication never stalls
+/// on a frame every receiver drops. Counts alone cannot bound it (votes and sightings add up).
+pub const MAX_POOL_BYTES: usize = 12 * 1024 * 1024;
+/// Pools with fewer entries than this are far below `MAX_POOL_BYTES` (every field is bounded:
+/// ids 64 bytes, addresses 270, peer ids 32): no need to measure them.
+const MEASURE_FROM: usize = 2_000;
+/// `applied` keeps at most this many proposers (the members always): the oldest others go.
+/// A proposer retries one change for at most its deadline (seconds); this many other proposers
+/// committing meanwhile is far beyond any cluster.
+pub const MAX_APPLIED: usize = 1_024;
 
 /// Why a backend's address, id or weight is not acceptable. The one place these rules live:
 /// the config file, the admin API and `apply` all check with these functions.
@@ -428,7 +445,8 @@ pub fn normalize_addr(s: &str) -> Result<String, InvalidBackend> {
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     let bad = || InvalidBackend::Addr(s.to_string());
     let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-    let host_ok = !host.is_empty()
+    // A DNS name is at most 253 bytes (255 with an IPv6 literal's brackets).
+    let host_ok = (1..=255).contains(&host.len())
         && !host.contains('/')
         && (host.parse::<std::net::IpAddr>().is_ok()
             || (host.starts_with('[') && host.ends_with(']'))
@@ -679,6 +697,12 @@ impl Pool {
         };
         next.settle_discovery(rules);
         next.settle(rules);
+        if next.backends.len() + next.sightings.len() >= MEASURE_FROM {
+            let size = next.canonical_bytes().len();
+            if size > MAX_POOL_BYTES && size > self.canonical_bytes().len() {
+                return Err(ChangeError::TooLarge(size));
+            }
+        }
         if next.backends != self.backends
             || next.sightings != self.sightings
             || next.voters != self.voters
@@ -817,9 +841,30 @@ impl Pool {
         let mut next = self.apply(change, rules)?;
         if next.version != self.version {
             next.applied.insert(origin.clone(), seq);
+            next.applied_at.insert(origin.clone(), next.version);
             next.through = Some(origin.clone());
+            next.trim_applied();
         }
         Ok(Applied::Next(next))
+    }
+
+    /// Keep `applied` to `MAX_APPLIED` proposers: members always, then the most recent others.
+    fn trim_applied(&mut self) {
+        if self.applied.len() <= MAX_APPLIED {
+            return;
+        }
+        let mut others: Vec<(u64, NodeId)> = self
+            .applied
+            .keys()
+            .filter(|id| !self.voters.contains(*id) && !self.learners.contains(*id))
+            .map(|id| (self.applied_at.get(id).copied().unwrap_or(0), id.clone()))
+            .collect();
+        others.sort();
+        let excess = self.applied.len() - MAX_APPLIED;
+        for (_, id) in others.into_iter().take(excess) {
+            self.applied.remove(&id);
+            self.applied_at.remove(&id);
+        }
     }
 
     fn get_mut(&mut self, id: &BackendId) -> Result<&mut Backend, ChangeError> {
@@ -1495,5 +1540,85 @@ mod tests {
         assert_eq!(full.apply(&more, &Rules::default()), Err(ChangeError::Full));
         // A full register stays well inside one peer frame (16 MiB), votes and all.
         assert!(full.canonical_bytes().len() < 4 * 1024 * 1024);
+    }
+
+    /// `applied` stays bounded as learners come and go: members always kept, then the most
+    /// recent others, and a retry of a kept proposer is still found.
+    #[test]
+    fn applied_keeps_at_most_max_applied_proposers() {
+        let mut p = Pool::default()
+            .apply(&PoolChange::seed(vec![]), &rules(3))
+            .unwrap();
+        p.voters = [peer("a")].into_iter().collect();
+        p = match p
+            .apply_once(&PoolChange::Read, &rules(1), &peer("a"), 1)
+            .unwrap()
+        {
+            Applied::Next(q) => q,
+            Applied::Already => unreachable!(),
+        };
+        let add = |i: usize| PoolChange::AddBackend {
+            backend: Backend::new(
+                format!("b{i}"),
+                format!("10.0.{}.{}:80", i / 250, i % 250),
+                1,
+            ),
+        };
+        p = match p.apply_once(&add(0), &rules(1), &peer("a"), 2).unwrap() {
+            Applied::Next(q) => q,
+            Applied::Already => unreachable!(),
+        };
+        for i in 1..MAX_APPLIED + 100 {
+            let id = NodeId::new(format!("learner-{i}"));
+            p = match p.apply_once(&add(i), &rules(1), &id, 1).unwrap() {
+                Applied::Next(q) => q,
+                Applied::Already => unreachable!(),
+            };
+        }
+        assert_eq!(p.applied.len(), MAX_APPLIED);
+        assert_eq!(p.applied_at.len(), MAX_APPLIED);
+        assert!(p.applied.contains_key(&peer("a")), "a voter is kept");
+        assert!(!p.applied.contains_key(&NodeId::new("learner-1")));
+        let last = NodeId::new(format!("learner-{}", MAX_APPLIED + 99));
+        let retry = add(MAX_APPLIED + 99);
+        assert_eq!(
+            p.apply_once(&retry, &rules(1), &last, 1).unwrap(),
+            Applied::Already
+        );
+    }
+
+    /// A change that would make the pool too large for a peer frame is refused; the pool is
+    /// unchanged. Addresses are bounded (a DNS name is at most 253 bytes).
+    #[test]
+    fn a_pool_never_outgrows_a_peer_frame() {
+        assert!(normalize_addr(&format!("{}:80", "h".repeat(255))).is_ok());
+        assert!(normalize_addr(&format!("{}:80", "h".repeat(256))).is_err());
+        let mut p = Pool::default()
+            .apply(&PoolChange::seed(vec![]), &rules(3))
+            .unwrap();
+        let host = "h".repeat(250);
+        for i in 0..(MAX_POOL_BYTES / 300) {
+            let addr = format!("{host}{i}:80");
+            p.sightings.insert(
+                discovered_id("dns", &addr),
+                Sighting {
+                    source: "dns".into(),
+                    addr,
+                    weight: 1,
+                    seen_by: BTreeSet::new(),
+                    protocol: Protocol::default(),
+                },
+            );
+        }
+        let add = PoolChange::AddBackend {
+            backend: Backend::new("x", "10.0.0.1:80", 1),
+        };
+        match p.apply(&add, &rules(3)) {
+            Err(ChangeError::TooLarge(size)) => assert!(size > MAX_POOL_BYTES),
+            other => panic!("{other:?}"),
+        }
+        // Back under the cap, it applies.
+        p.sightings.clear();
+        assert!(p.apply(&add, &rules(3)).is_ok());
     }
 }
