@@ -3,6 +3,13 @@
 //!
 //! A crash between any two steps leaves either the old file or the new one; torn temp files are
 //! ignored (and removed) on load.
+//!
+//! The accepted value (the whole pool) lives in `accepted.json`, written only when an accept
+//! changes it; `paxos.json` holds the rest (promise, accepted ballot, counter reservation), so a
+//! promise rewrites a few hundred bytes, not the pool. `accepted.json` is written first: a crash
+//! between the two leaves an accepted value newer than `paxos.json` says, which load takes (with
+//! the promise raised to its ballot), as if the acceptor had accepted and crashed before its
+//! reply. A `paxos.json` that holds the value itself (written before the split) loads as it is.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -11,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::core::paxos::Durable;
+use crate::core::paxos::{Ballot, Durable};
 use crate::core::pool::Pool;
 
 /// Where a node keeps its Paxos state.
@@ -35,12 +42,24 @@ impl Storage for MemStore {
     }
 }
 
-/// `data_dir/paxos.json`, replaced atomically.
+/// `data_dir/paxos.json` and `data_dir/accepted.json`, each replaced atomically.
 pub struct FileStore {
     dir: PathBuf,
+    /// The accepted ballot `accepted.json` holds, once this store wrote or read it.
+    value_at: Option<Ballot>,
+    /// How many times the accepted value was written (tests count it).
+    pub value_writes: u64,
 }
 
 const STATE: &str = "paxos.json";
+const ACCEPTED: &str = "accepted.json";
+
+/// What `accepted.json` holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Accepted {
+    ballot: Ballot,
+    value: Pool,
+}
 const LEARNED: &str = "learned.json";
 
 /// The steps of a save, in order (a test stops after each to play a crash).
@@ -58,6 +77,8 @@ impl FileStore {
         fs::create_dir_all(dir)?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            value_at: None,
+            value_writes: 0,
         })
     }
 
@@ -123,8 +144,9 @@ impl FileStore {
 
     /// Forget everything: the node starts over with no state (a one-node cluster it formed
     /// alone, abandoned for the cluster that lists it as a voter).
-    pub fn clear(&self) -> io::Result<()> {
-        for name in [STATE, LEARNED] {
+    pub fn clear(&mut self) -> io::Result<()> {
+        self.value_at = None;
+        for name in [STATE, ACCEPTED, LEARNED] {
             match fs::remove_file(self.dir.join(name)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
@@ -136,17 +158,41 @@ impl FileStore {
 
 impl Storage for FileStore {
     fn load(&mut self) -> io::Result<Option<Durable>> {
-        self.read_file(STATE)
+        let Some(mut d) = self.read_file::<Durable>(STATE)? else {
+            return Ok(None);
+        };
+        if let Some(a) = self.read_file::<Accepted>(ACCEPTED)? {
+            if a.ballot >= d.acceptor.accepted {
+                if a.ballot > d.acceptor.promised {
+                    d.acceptor.promised = a.ballot.clone();
+                }
+                d.acceptor.accepted = a.ballot.clone();
+                d.acceptor.value = a.value;
+                self.value_at = Some(a.ballot);
+            }
+        }
+        Ok(Some(d))
     }
     fn save(&mut self, d: &Durable) -> io::Result<()> {
-        self.write_file(STATE, d, Step::SyncDir, false)
+        if self.value_at.as_ref() != Some(&d.acceptor.accepted) {
+            let a = Accepted {
+                ballot: d.acceptor.accepted.clone(),
+                value: d.acceptor.value.clone(),
+            };
+            self.write_file(ACCEPTED, &a, Step::SyncDir, false)?;
+            self.value_at = Some(a.ballot);
+            self.value_writes += 1;
+        }
+        let mut rest = d.clone();
+        rest.acceptor.value = Pool::default();
+        self.write_file(STATE, &rest, Step::SyncDir, false)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::paxos::{AcceptorState, Ballot};
+    use crate::core::paxos::AcceptorState;
     use crate::core::pool::NodeId;
 
     fn state(n: u64) -> Durable {
@@ -207,6 +253,66 @@ mod tests {
             after.save(&state(4)).unwrap();
             assert_eq!(after.load().unwrap(), Some(state(4)));
         }
+    }
+
+    /// A promise rewrites only `paxos.json`; the pool is written when an accept changes it.
+    /// Either file may be the newer one after a crash between them.
+    #[test]
+    fn a_promise_does_not_rewrite_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileStore::open(dir.path()).unwrap();
+        let mut d = state(3);
+        s.save(&d).unwrap();
+        d.acceptor.promised = Ballot::new(9, NodeId::new("b"));
+        s.save(&d).unwrap();
+        assert_eq!(s.value_writes, 1);
+        assert!(
+            std::fs::metadata(dir.path().join("paxos.json"))
+                .unwrap()
+                .len()
+                < 400
+        );
+        assert_eq!(
+            FileStore::open(dir.path()).unwrap().load().unwrap(),
+            Some(d.clone())
+        );
+        // An accept: the value is written, first.
+        let mut e = state(10);
+        e.acceptor.promised = Ballot::new(10, NodeId::new("a"));
+        s.save(&e).unwrap();
+        assert_eq!(s.value_writes, 2);
+        // A crash after accepted.json but before paxos.json: the accept is there, the promise
+        // raised to it.
+        let mut f = e.clone();
+        f.acceptor.accepted = Ballot::new(11, NodeId::new("c"));
+        f.acceptor.value.version = 11;
+        s.write_file(
+            ACCEPTED,
+            &Accepted {
+                ballot: f.acceptor.accepted.clone(),
+                value: f.acceptor.value.clone(),
+            },
+            Step::SyncDir,
+            false,
+        )
+        .unwrap();
+        let got = FileStore::open(dir.path())
+            .unwrap()
+            .load()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.acceptor.accepted, f.acceptor.accepted);
+        assert_eq!(got.acceptor.value, f.acceptor.value);
+        assert_eq!(got.acceptor.promised, f.acceptor.accepted);
+        // A paxos.json from before the split (the value inside) loads as it is.
+        let old = tempfile::tempdir().unwrap();
+        let s2 = FileStore::open(old.path()).unwrap();
+        s2.write_file(STATE, &state(4), Step::SyncDir, false)
+            .unwrap();
+        assert_eq!(
+            FileStore::open(old.path()).unwrap().load().unwrap(),
+            Some(state(4))
+        );
     }
 
     #[test]
