@@ -160,19 +160,22 @@ fn membership_changes_keep_agreement_over_many_seeds() {
     }
 }
 
+/// Which checks may catch a planted bug: a kind and a phrase of its reason.
+type CaughtBy = &'static [(Check, &'static str)];
+
 /// The checkers have teeth: each planted bug is caught within a few hundred seeds, by the check
 /// that its harm falls under (not by a side effect of the double that plays it, nor by a
 /// liveness timeout, which a bug could trip without the checkers seeing it).
 #[test]
 fn planted_bugs_are_caught() {
     // (name, config, what must catch it: a check and a phrase of its reason).
-    let lost_commit: &[(Check, &str)] = &[
+    let lost_commit: CaughtBy = &[
         (Check::Safety, "two different pools committed"),
         (Check::Safety, "learned a pool as version"),
         (Check::Safety, "after version"),
         (Check::Linearizability, "not linearizable"),
     ];
-    let mut cases: Vec<(&str, SimConfig, &[(Check, &str)])> = Vec::new();
+    let mut cases: Vec<(&str, SimConfig, CaughtBy)> = Vec::new();
     let mut c = SimConfig::new(3);
     c.faults.reply_before_persist = true;
     cases.push(("acceptor replies before it persists", c, lost_commit));

@@ -580,13 +580,12 @@ impl Node {
             Msg::Prepare { ballot } | Msg::Accept { ballot, .. } => ballot.clone(),
             _ => return None,
         };
-        if matches!(self.mode, Mode::CatchingUp { .. }) || !self.voters().contains(&self.id) {
-            if ballot.epoch <= self.learned.epoch {
-                return Some(Msg::NotVoting {
-                    ballot,
-                    formed: self.learned.exists(),
-                });
-            }
+        let voting = matches!(self.mode, Mode::Voting) && self.voters().contains(&self.id);
+        if !voting && ballot.epoch <= self.learned.epoch {
+            return Some(Msg::NotVoting {
+                ballot,
+                formed: self.learned.exists(),
+            });
         }
         if ballot.epoch > self.learned.epoch {
             // A ballot of an epoch this node has not learned: refused until it has (`step`
