@@ -705,6 +705,20 @@ fn force_new_cluster_recovers_from_the_survivors_own_state() {
         .is_err());
 }
 
+/// The pool a cluster of `names` formed with (one backend, epoch 1).
+fn seeded_by(names: &[&str]) -> Pool {
+    Pool::default()
+        .apply(
+            &PoolChange::Seed {
+                backends: vec![Backend::new("w", "10.0.0.1:80", 1)],
+                cluster_id: "c1".into(),
+                voters: ids(names).into_iter().collect(),
+            },
+            &Rules::default(),
+        )
+        .unwrap()
+}
+
 /// A hand-driven network of nodes for schedules the random simulation reaches rarely: every
 /// message waits on the wire until a step delivers it, time moves only for the nodes a step
 /// names, and every pool any node reports committed or learned is checked for agreement.
@@ -859,16 +873,7 @@ impl Net {
 #[test]
 fn a_promise_from_before_a_lost_disk_cannot_overwrite_a_later_commit() {
     let names = ["a", "b", "c", "d", "e"];
-    let u = Pool::default()
-        .apply(
-            &PoolChange::Seed {
-                backends: vec![Backend::new("w", "10.0.0.1:80", 1)],
-                cluster_id: "c1".into(),
-                voters: ids(&names).into_iter().collect(),
-            },
-            &Rules::default(),
-        )
-        .unwrap();
+    let u = seeded_by(&names);
     // e's ballot is far above the others' (they have not heard from it for a while).
     let mut net = Net::formed(&names, &u, &[("e", 99)]);
     let is_prepare_from_e = |f: &NodeId, m: &Msg| *f == n("e") && matches!(m, Msg::Prepare { .. });
@@ -929,16 +934,7 @@ fn a_promise_from_before_a_lost_disk_cannot_overwrite_a_later_commit() {
 #[test]
 fn a_seal_known_only_to_a_wiped_node_does_not_stall_the_cluster() {
     let names = ["a", "d", "x", "y"];
-    let u = Pool::default()
-        .apply(
-            &PoolChange::Seed {
-                backends: vec![Backend::new("w", "10.0.0.1:80", 1)],
-                cluster_id: "c1".into(),
-                voters: ids(&names).into_iter().collect(),
-            },
-            &Rules::default(),
-        )
-        .unwrap();
+    let u = seeded_by(&names);
     let mut net = Net::formed(&names, &u, &[]);
     let in_dxy = |p: &NodeId| ["d", "x", "y"].iter().any(|q| *p == n(q));
     net.propose("d", PoolChange::RemovePeer { id: n("y") });
