@@ -38,6 +38,10 @@ pub struct SimConfig {
     /// arrives after its proposer gave up, retried, or the sender lost its disk.
     pub late: f64,
     pub partitions: bool,
+    /// Nodes stall now and then (a GC pause, a stopped VM): nothing they receive is handled and
+    /// no timer of theirs fires until they resume, messages first, so a round of theirs can
+    /// outlive everything that happened meanwhile.
+    pub pauses: bool,
     pub crashes: bool,
     /// Some crashes lose the disk: the node comes back with an empty `data_dir` (never more
     /// than a minority of voters without usable state at once).
@@ -69,6 +73,7 @@ impl SimConfig {
             max_delay_ms: 30,
             late: 0.01,
             partitions: true,
+            pauses: true,
             crashes: true,
             disk_loss: true,
             write_failures: 0.01,
@@ -210,6 +215,7 @@ enum Event {
         node: usize,
     },
     Partition,
+    Pause,
     Heal,
     Persist {
         node: usize,
@@ -237,6 +243,8 @@ struct Node {
     serving: Option<usize>,
     /// When the last delayed write lands (a planted slow disk writes in order).
     persist_at: u64,
+    /// Stalled until then: what arrives waits.
+    paused_until: u64,
 }
 
 struct Sim {
@@ -315,6 +323,7 @@ impl Sim {
                     learned_disk: Pool::default(),
                     serving: None,
                     persist_at: 0,
+                    paused_until: 0,
                 }
             })
             .collect();
@@ -362,6 +371,10 @@ impl Sim {
             let at = sim.rng.gen_range(100..800);
             sim.schedule(at, Event::Partition);
         }
+        if sim.cfg.pauses {
+            let at = sim.rng.gen_range(100..1500);
+            sim.schedule(at, Event::Pause);
+        }
         let end = sim.cfg.fault_ms;
         sim.schedule(end, Event::EndFaults);
         sim
@@ -407,7 +420,21 @@ impl Sim {
     }
 
     fn step(&mut self, e: Event) {
+        // A stalled node handles nothing until it resumes: what arrives first, then its timers.
+        let stalled = match &e {
+            Event::Deliver { to: n, .. } | Event::PeriodicRead { node: n } => Some((*n, 0)),
+            Event::Wake { node: n, .. } => Some((*n, 1)),
+            _ => None,
+        };
+        if let Some((n, after)) = stalled {
+            let until = self.nodes[n].paused_until;
+            if until > self.now {
+                self.schedule(until - self.now + after, e);
+                return;
+            }
+        }
         match e {
+            Event::Pause => self.pause(),
             Event::Deliver { from, to, msg } => self.deliver(from, to, msg),
             Event::Wake { node, incarnation } => {
                 if self.nodes[node].up && self.nodes[node].incarnation == incarnation {
@@ -1030,6 +1057,20 @@ impl Sim {
         self.log(|| format!("partition kind {kind}: {blocked} links {how}"));
         let at = self.rng.gen_range(300..2000);
         self.schedule(at, Event::Heal);
+    }
+
+    /// Stall one node for a while (one to four phase timeouts).
+    fn pause(&mut self) {
+        if !self.faulting {
+            return;
+        }
+        let n = self.rng.gen_range(0..self.nodes.len());
+        let d = self.rng.gen_range(PHASE_TIMEOUT / 2..=PHASE_TIMEOUT * 4);
+        self.nodes[n].paused_until = self.now + d;
+        let id = self.nodes[n].id.clone();
+        self.log(|| format!("{id} stalls for {d} ms"));
+        let at = self.rng.gen_range(300..2500);
+        self.schedule(at, Event::Pause);
     }
 
     /// A holding partition healed: what it kept arrives now, in a burst.
