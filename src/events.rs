@@ -4,6 +4,7 @@
 //! Each event is a flat JSON object: `at` (RFC 3339), `seq` (per peer, rising), `kind`, `peer`
 //! (where it was seen), `message` (one readable line), and the kind's own fields.
 
+use crate::sync::MutexExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,7 +52,7 @@ impl Events {
                 .to_string()
                 .into(),
         );
-        let mut ring = self.inner.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ring = self.inner.ring.locked();
         // Under the lock: sequence numbers follow ring order.
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
         obj.insert("seq".into(), seq.into());
@@ -73,13 +74,13 @@ impl Events {
 
     /// The events kept, oldest first.
     pub fn recent(&self) -> Vec<Arc<Value>> {
-        let ring = self.inner.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = self.inner.ring.locked();
         ring.iter().cloned().collect()
     }
 
     /// The events kept and a receiver of every later one, with nothing lost or repeated between.
     pub fn follow(&self) -> (Vec<Arc<Value>>, broadcast::Receiver<Arc<Value>>) {
-        let ring = self.inner.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = self.inner.ring.locked();
         let rx = self.inner.live.subscribe();
         (ring.iter().cloned().collect(), rx)
     }

@@ -18,6 +18,7 @@ pub mod notify;
 pub mod probe;
 pub mod proxy;
 pub mod sim;
+pub mod sync;
 pub mod telemetry;
 pub mod tls;
 pub mod uring;

@@ -15,6 +15,7 @@
 //! interrupt, they are collected at its next enter. Where the kernel refuses a ring (a seccomp
 //! profile, `kernel.io_uring_disabled`), the worker keeps epoll.
 
+use crate::sync::MutexExt;
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
@@ -117,7 +118,7 @@ struct Mailbox {
 static MAILBOXES: Mutex<Vec<Arc<Mailbox>>> = Mutex::new(Vec::new());
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.locked()
 }
 
 /// This thread's ring, if it has one (a worker of a peer with `proxy.io_uring` on).

@@ -2,6 +2,7 @@
 //! latest answer for `/status`, and propose this peer's vote (`core::discovery::Tracker`) when
 //! the agreed pool does not show it.
 
+use crate::sync::MutexExt;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -91,10 +92,7 @@ pub fn spawn(
                         json!({ "at": at, "error": e })
                     }
                 };
-                answers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(src.name.clone(), shown);
+                answers.locked().insert(src.name.clone(), shown);
                 if let Some(change) = tracker.reconcile(&table.pool(), &me, now) {
                     tracing::debug!(source = %src.name, ?change, "discovery vote");
                     cluster.submit(change);

@@ -2,10 +2,13 @@
 //! and its drain. The only module that sees every shell: they meet here through the seams in
 //! `seams` and the health voter in `health`.
 
+#![forbid(unsafe_code)]
+
 mod discovery;
 mod health;
 mod seams;
 
+use crate::sync::MutexExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -132,8 +135,7 @@ impl Peer {
             events: events.clone(),
             collect: collector(table.clone(), cluster.clone()),
             discovery: Box::new(move || {
-                serde_json::to_value(&*answers.lock().unwrap_or_else(|e| e.into_inner()))
-                    .unwrap_or_default()
+                serde_json::to_value(&*answers.locked()).unwrap_or_default()
             }),
             started: std::time::Instant::now(),
             listening: Default::default(),

@@ -3,9 +3,12 @@
 //! detector, and hands every newly learned pool to a `Publish` (in a peer, `app` connects it to
 //! the data plane's routing table). It knows neither the data plane nor the admin API.
 
+#![forbid(unsafe_code)]
+
 pub mod storage;
 pub mod transport;
 
+use crate::sync::MutexExt;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -148,13 +151,13 @@ impl Cluster {
     }
 
     pub fn dead_peers(&self) -> Vec<NodeId> {
-        self.dead.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.dead.locked().clone()
     }
 
     /// Wait (up to `limit`) for the driver to finish after the shutdown token was cancelled,
     /// so no write to the Paxos state is cut off by the runtime stopping.
     pub async fn stopped(&self, limit: Duration) {
-        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let task = self.task.locked().take();
         if let Some(t) = task {
             let _ = tokio::time::timeout(limit, t).await;
         }
@@ -179,7 +182,7 @@ impl Cluster {
 
     /// The other peers as this peer's detector sees them.
     pub fn peers(&self) -> Vec<PeerView> {
-        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.peers.locked().clone()
     }
 
     /// Apply what a config reload may change: the ejection cap and the peer certificates (the
@@ -202,10 +205,7 @@ impl Cluster {
     }
 
     pub fn status(&self) -> ConsensusStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.status.locked().clone()
     }
 }
 
@@ -375,7 +375,7 @@ pub async fn start(
         peer_clusters: HashMap::new(),
     };
     let task = tokio::spawn(driver.run(in_rx, cmd_rx, config.cluster.heartbeat_interval, shutdown));
-    *cluster.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+    *cluster.task.locked() = Some(task);
     Ok(cluster)
 }
 
@@ -951,7 +951,7 @@ impl Driver {
             members,
             waiting: self.claimed.clone().or_else(|| self.node.refusal()),
         };
-        *self.view.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+        *self.view.status.locked() = status;
     }
 
     fn done(&mut self, outcome: Outcome) {
@@ -1036,8 +1036,8 @@ impl Driver {
                 last_seen_ms: p.detector.last_seen().map(|t| now.saturating_sub(t)),
             });
         }
-        *self.view.peers.lock().unwrap_or_else(|e| e.into_inner()) = views;
-        *self.view.dead.lock().unwrap_or_else(|e| e.into_inner()) = dead;
+        *self.view.peers.locked() = views;
+        *self.view.dead.locked() = dead;
         self.view
             .quorum
             .store(alive >= self.node.majority(), Ordering::Relaxed);

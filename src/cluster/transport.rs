@@ -10,6 +10,7 @@
 //! for `idle` is torn down and dialed again, so a link whose packets vanish is noticed. Sending
 //! never blocks the caller: a full queue drops the message (Paxos and heartbeats tolerate loss).
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -84,7 +85,7 @@ pub struct Identity(Arc<std::sync::Mutex<(String, u64, std::collections::BTreeSe
 impl Identity {
     /// This node's cluster, epoch and agreed voters (as the driver learned them).
     pub fn set(&self, cluster: &str, epoch: u64, voters: &std::collections::BTreeSet<NodeId>) {
-        let mut id = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut id = self.0.locked();
         if id.0 != cluster || id.1 != epoch || id.2 != *voters {
             *id = (cluster.to_string(), epoch, voters.clone());
         }
@@ -92,7 +93,7 @@ impl Identity {
 
     /// The Hello this node says to `peer`.
     fn hello(&self, peer: &NodeId) -> Body {
-        let id = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let id = self.0.locked();
         Body::Hello {
             cluster: id.0.clone(),
             epoch: id.1,
@@ -102,7 +103,7 @@ impl Identity {
 
     /// Whether a peer that says `cluster` belongs to another cluster than this node.
     fn foreign(&self, cluster: &str) -> bool {
-        let id = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let id = self.0.locked();
         !cluster.is_empty() && !id.0.is_empty() && cluster != id.0
     }
 }
@@ -227,7 +228,7 @@ impl Transport {
         if *id == self.shared.me {
             return;
         }
-        let mut links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        let mut links = self.shared.links.locked();
         if links.contains_key(id) {
             return;
         }
@@ -254,28 +255,28 @@ impl Transport {
 
     /// Drop the link to `id` (its task ends): a learner that left.
     pub fn forget(&self, id: &NodeId) {
-        let mut links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        let mut links = self.shared.links.locked();
         links.remove(id);
     }
 
     /// The peers this transport has links to.
     pub fn known(&self) -> Vec<NodeId> {
-        let links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        let links = self.shared.links.locked();
         links.keys().cloned().collect()
     }
 
     fn knows(&self, id: &NodeId) -> bool {
-        let links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        let links = self.shared.links.locked();
         links.contains_key(id)
     }
 
     fn handoff(&self, id: &NodeId) -> Option<mpsc::Sender<Box<dyn PeerIo>>> {
-        let links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        let links = self.shared.links.locked();
         links.get(id).map(|l| l.handoff.clone())
     }
 
     pub fn send(&self, to: &NodeId, body: Body) {
-        let links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        let links = self.shared.links.locked();
         if let Some(l) = links.get(to) {
             // Full queue or closed link: drop; the protocol retries what matters.
             let _ = l.tx.try_send(body);

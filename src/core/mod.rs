@@ -4,6 +4,8 @@
 //! arguments, decisions go out as values. That is what lets the simulation drive it over many
 //! seeds and what keeps the request path short.
 
+#![forbid(unsafe_code)]
+
 pub mod balance;
 pub mod detector;
 pub mod discovery;

@@ -1,6 +1,7 @@
 //! What goes to a backend. Nothing is buffered: a request body streams frame by frame. The one
 //! copy kept is a tape of a small idempotent request's body, to send it again after a reset.
 
+use crate::sync::MutexExt;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -78,7 +79,7 @@ impl Tape {
 
     /// The whole body, if it was sent whole and kept whole.
     pub fn replay(tape: &SharedTape) -> Option<RequestBody> {
-        let t = tape.lock().unwrap_or_else(|e| e.into_inner());
+        let t = tape.locked();
         (t.complete && !t.spoiled).then(|| RequestBody::Replay {
             chunks: t.chunks.iter().cloned().collect(),
             bytes: None,
@@ -169,7 +170,7 @@ impl Body for RequestBody {
                     }
                 }
                 if let Some(tape) = tape {
-                    let mut t = tape.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut t = tape.locked();
                     match &polled {
                         Poll::Ready(Some(Ok(frame))) => {
                             t.record(frame);

@@ -2,6 +2,7 @@
 //! (`server::h1`) and the request body being read (`H1Body`, polled by the forwarder, perhaps
 //! from another task) use it; and the handoff of an upgraded connection to its tunnel.
 
+use crate::sync::MutexExt;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -64,7 +65,7 @@ impl Wire {
 pub type SharedWire = Arc<Mutex<Wire>>;
 
 pub fn lock(w: &SharedWire) -> MutexGuard<'_, Wire> {
-    w.lock().unwrap_or_else(|e| e.into_inner())
+    w.locked()
 }
 
 /// A request body read from the client connection as the forwarder polls it.
@@ -166,7 +167,7 @@ impl ClientUpgrade {
                 Err(e) => Err(io::Error::other(e)),
             },
             ClientUpgrade::Own(p) => {
-                let rx = p.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let rx = p.0.locked().take();
                 match rx {
                     Some(rx) => rx
                         .await

@@ -8,6 +8,8 @@
 //! message's length is decided); `response` and `error` turn results into client answers.
 //! Nothing here knows the cluster or the admin API: `app` hands the table its pools.
 
+#![forbid(unsafe_code)]
+
 pub mod access;
 pub mod body;
 pub mod client;

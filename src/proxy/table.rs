@@ -3,6 +3,7 @@
 //! builds the next one off the request path and swaps it in. The upstreams it points to come
 //! from the registry, which outlives versions.
 
+use crate::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -190,12 +191,7 @@ impl RoutingTable {
     /// Call after a local health flip of `id`.
     pub fn health_changed(&self, id: &BackendId) {
         self.evaluate_panic();
-        if let Some(tx) = self
-            .flips
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
+        if let Some(tx) = self.flips.locked().as_ref() {
             let _ = tx.send(id.clone());
         }
     }
@@ -203,7 +199,7 @@ impl RoutingTable {
     /// Receive the id of every backend whose local view flips from now on.
     pub fn subscribe_flips(&self) -> mpsc::UnboundedReceiver<BackendId> {
         let (tx, rx) = mpsc::unbounded_channel();
-        *self.flips.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        *self.flips.locked() = Some(tx);
         rx
     }
 

@@ -7,6 +7,8 @@
 //! liveness after the network heals. The same seed gives the same run; a failure names its seed
 //! and `trace` replays it with a readable event log.
 
+#![forbid(unsafe_code)]
+
 pub mod discovery;
 pub mod health;
 pub mod linearizability;

@@ -2,6 +2,7 @@
 //! is only ever used by the thread whose runtime drives it. An HTTP/2 backend has one shared
 //! connection per worker instead: every request of the worker is a stream on it.
 
+use crate::sync::MutexExt;
 use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -55,9 +56,7 @@ impl ConnPool {
     }
 
     fn slot(&self, worker: usize) -> std::sync::MutexGuard<'_, Slot> {
-        self.slots[worker % self.slots.len()]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.slots[worker % self.slots.len()].locked()
     }
 
     /// An open connection for `worker` that needs no dial (`now`: the caller's clock reading):

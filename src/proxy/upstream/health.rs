@@ -2,6 +2,7 @@
 //! pure `LocalHealth` behind a lock, with lock-free fast paths for the common case (up, no
 //! failure streak) and trial gating for a backend that traffic took down.
 
+use crate::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -41,10 +42,7 @@ impl LocalView {
 
     /// Which source took it down (None while up).
     pub fn down_by(&self) -> Option<Source> {
-        self.health
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .down_by()
+        self.health.locked().down_by()
     }
 
     /// Usable for a new request: up, or taken down by traffic and due a trial request (at most
@@ -70,7 +68,7 @@ impl LocalView {
         if ok && source == Source::Traffic && !self.dirty.load(Ordering::Relaxed) {
             return None;
         }
-        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = self.health.locked();
         let flip = h.record(source, ok, t);
         self.dirty
             .store(!ok || h.state() == Local::Down, Ordering::Relaxed);

@@ -7,6 +7,7 @@ mod conns;
 pub mod h1;
 mod health;
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -286,16 +287,12 @@ impl Registry {
     }
 
     pub fn get(&self, id: &BackendId) -> Option<Arc<Upstream>> {
-        self.known
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+        self.known.locked().get(id).cloned()
     }
 
     /// Every backend of `pool` with its upstream (for probes).
     pub fn of_pool(&self, pool: &Pool) -> Vec<Arc<Upstream>> {
-        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let known = self.known.locked();
         pool.backends
             .keys()
             .filter_map(|id| known.get(id).cloned())
@@ -306,7 +303,7 @@ impl Registry {
     /// and their idle connections close with them) and list the upstreams of the selector's
     /// members, indexed like `selector.members()`.
     pub fn members(&self, pool: &Pool, selector: &Selector) -> Arc<[Arc<Upstream>]> {
-        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let mut known = self.known.locked();
         known.retain(|id, u| {
             pool.backends
                 .get(id)
