@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use shoal::client::{call, Request};
+use shoal::cli::client::{call, Request};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

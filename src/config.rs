@@ -816,7 +816,7 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
             c.readable("proxy.tls.cert", &t.cert);
             c.readable("proxy.tls.key", &t.key);
             if c.errors.is_empty() {
-                if let Err(e) = crate::tls::load_termination(&t.cert, &t.key) {
+                if let Err(e) = crate::net::tls::load_termination(&t.cert, &t.key) {
                     c.err("proxy.tls", e);
                 }
             }

@@ -249,13 +249,13 @@ fn main() -> ExitCode {
                 }
             };
             config.node.force_new_cluster = force_new_cluster;
-            let log = shoal::telemetry::init_logging(&config.log);
+            let log = shoal::ops::telemetry::init_logging(&config.log);
             serve(shoal::app::run(config, path, log))
         }
         Command::Demo { peers, backends } => {
-            serve(shoal::demo::run(peers as usize, backends as usize))
+            serve(shoal::cli::demo::run(peers as usize, backends as usize))
         }
-        Command::DemoBackend { listen, name } => serve(shoal::demo::run_backend(listen, name)),
+        Command::DemoBackend { listen, name } => serve(shoal::cli::demo::run_backend(listen, name)),
         Command::Cert { op } => {
             let done = match op {
                 CertOp::Ca {
@@ -269,7 +269,7 @@ fn main() -> ExitCode {
                         println!("kept {} (exists)", have[0].display());
                         return ExitCode::SUCCESS;
                     }
-                    shoal::cert::make_ca(&out, days, force)
+                    shoal::cli::cert::make_ca(&out, days, force)
                 }
                 CertOp::Issue {
                     id,
@@ -286,8 +286,8 @@ fn main() -> ExitCode {
                         println!("kept {} (exists)", have[0].display());
                         return ExitCode::SUCCESS;
                     }
-                    let names = shoal::cert::Names { dns, ips: ip };
-                    shoal::cert::issue(&id, &ca, &out, &names, days, force)
+                    let names = shoal::cli::cert::Names { dns, ips: ip };
+                    shoal::cli::cert::issue(&id, &ca, &out, &names, days, force)
                 }
             };
             match done {
@@ -297,7 +297,10 @@ fn main() -> ExitCode {
                     }
                     ExitCode::SUCCESS
                 }
-                Err(e @ (shoal::cert::CertError::Exists(_) | shoal::cert::CertError::Bad(..))) => {
+                Err(
+                    e @ (shoal::cli::cert::CertError::Exists(_)
+                    | shoal::cli::cert::CertError::Bad(..)),
+                ) => {
                     eprintln!("error: {e}");
                     ExitCode::from(2)
                 }
@@ -309,7 +312,7 @@ fn main() -> ExitCode {
         }
         Command::Pool { op, admin } => {
             let req = match op {
-                PoolOp::List => shoal::client::Request::get("/pool"),
+                PoolOp::List => shoal::cli::client::Request::get("/pool"),
                 PoolOp::Add {
                     addr,
                     weight,
@@ -323,38 +326,39 @@ fn main() -> ExitCode {
                     if let Some(p) = protocol {
                         body["protocol"] = p.into();
                     }
-                    shoal::client::Request::with_body("POST", "/pool/backends", body)
+                    shoal::cli::client::Request::with_body("POST", "/pool/backends", body)
                 }
-                PoolOp::Remove { id } => {
-                    shoal::client::Request::new("DELETE", &format!("/pool/backends/{}", seg(&id)))
-                }
-                PoolOp::Drain { id } => shoal::client::Request::new(
+                PoolOp::Remove { id } => shoal::cli::client::Request::new(
+                    "DELETE",
+                    &format!("/pool/backends/{}", seg(&id)),
+                ),
+                PoolOp::Drain { id } => shoal::cli::client::Request::new(
                     "POST",
                     &format!("/pool/backends/{}/drain", seg(&id)),
                 ),
-                PoolOp::Undrain { id } => shoal::client::Request::new(
+                PoolOp::Undrain { id } => shoal::cli::client::Request::new(
                     "POST",
                     &format!("/pool/backends/{}/undrain", seg(&id)),
                 ),
-                PoolOp::Weight { id, weight } => shoal::client::Request::with_body(
+                PoolOp::Weight { id, weight } => shoal::cli::client::Request::with_body(
                     "PUT",
                     &format!("/pool/backends/{}", seg(&id)),
                     serde_json::json!({ "weight": weight }),
                 ),
             };
-            client_command(admin, req, shoal::client::print_pool)
+            client_command(admin, req, shoal::cli::client::print_pool)
         }
         Command::Status { admin } => client_command(
             admin,
-            shoal::client::Request::get("/status"),
-            shoal::client::print_status,
+            shoal::cli::client::Request::get("/status"),
+            shoal::cli::client::print_status,
         ),
         Command::Health { admin } => {
             let quiet = AdminArgs {
                 json: false,
                 ..admin
             };
-            client_command(quiet, shoal::client::Request::get("/readyz"), |_| {
+            client_command(quiet, shoal::cli::client::Request::get("/readyz"), |_| {
                 "ready\n".into()
             })
         }
@@ -366,12 +370,12 @@ fn main() -> ExitCode {
         Command::Peers { op, admin } => match op.unwrap_or(PeersOp::List) {
             PeersOp::List => client_command(
                 admin,
-                shoal::client::Request::get("/peers"),
-                shoal::client::print_peers,
+                shoal::cli::client::Request::get("/peers"),
+                shoal::cli::client::print_peers,
             ),
             PeersOp::Add { id, addr, learner } => client_command(
                 admin,
-                shoal::client::Request::with_body(
+                shoal::cli::client::Request::with_body(
                     "POST",
                     "/peers",
                     serde_json::json!({
@@ -380,12 +384,12 @@ fn main() -> ExitCode {
                         "role": if learner { "learner" } else { "voter" },
                     }),
                 ),
-                shoal::client::print_membership,
+                shoal::cli::client::print_membership,
             ),
             PeersOp::Remove { id } => client_command(
                 admin,
-                shoal::client::Request::new("DELETE", &format!("/peers/{}", seg(&id))),
-                shoal::client::print_membership,
+                shoal::cli::client::Request::new("DELETE", &format!("/peers/{}", seg(&id))),
+                shoal::cli::client::print_membership,
             ),
         },
     }
@@ -398,7 +402,7 @@ fn seg(id: &str) -> String {
 
 fn client_command(
     admin: AdminArgs,
-    req: shoal::client::Request,
+    req: shoal::cli::client::Request,
     print: fn(&serde_json::Value) -> String,
 ) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -411,7 +415,7 @@ fn client_command(
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(shoal::client::call(
+    match rt.block_on(shoal::cli::client::call(
         &admin.admin,
         admin.token.as_deref(),
         req,

@@ -2792,7 +2792,7 @@ async fn more_requests_at_once_than_the_ring_has_buffers() {
     let s = Shoal::start_with_env(
         "workers = 1",
         &backends_toml(&[&a]),
-        &[("SHOAL__LOG__LEVEL", "info,shoal::uring=debug")],
+        &[("SHOAL__LOG__LEVEL", "info,shoal::net::uring=debug")],
     )
     .await;
     let mut conns = Vec::new();

@@ -14,9 +14,9 @@ use crate::cluster::Cluster;
 use crate::config::{DiscoveryConfig, DiscoveryKind};
 use crate::core::discovery::Tracker;
 use crate::core::pool::NodeId;
-use crate::discovery::{Lookup, Resolver};
+use crate::dns::{Lookup, Resolver};
+use crate::ops::telemetry as names;
 use crate::proxy::table::RoutingTable;
-use crate::telemetry as names;
 
 /// Each source's latest answer at this peer, for `/status`.
 pub type Answers = Arc<Mutex<BTreeMap<String, Value>>>;

@@ -11,7 +11,7 @@ use crate::core::health::Source;
 use crate::core::health::Voter;
 use crate::core::pool::BackendId;
 use crate::core::pool::{NodeId, PoolChange};
-use crate::events::Events;
+use crate::ops::events::Events;
 use crate::proxy::table::RoutingTable;
 
 /// How often the voter reconciles without a flip.

@@ -6,6 +6,7 @@
 
 mod discovery;
 mod health;
+pub mod probe;
 mod seams;
 
 use crate::sync::MutexExt;
@@ -19,14 +20,14 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::Admin;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::events::Events;
+use crate::ops::admin::Admin;
+use crate::ops::events::Events;
+use crate::ops::telemetry::{self, LogReload};
 use crate::proxy::server::{Listener, Server, ServerOptions};
 use crate::proxy::table::{RoutingTable, Settings};
 use crate::proxy::Proxy;
-use crate::telemetry::{self, LogReload};
 
 /// A running peer.
 pub struct Peer {
@@ -37,7 +38,7 @@ pub struct Peer {
     pub cluster: Cluster,
     pub admin: Arc<Admin>,
     server: Arc<Server>,
-    tls: Option<Arc<ArcSwap<crate::tls::Termination>>>,
+    tls: Option<Arc<ArcSwap<crate::net::tls::Termination>>>,
     shutdown: CancellationToken,
     /// The addresses actually bound (ports may have been 0).
     pub proxy_addrs: Vec<std::net::SocketAddr>,
@@ -84,7 +85,8 @@ impl Peer {
         let tls = match &config.proxy.tls {
             None => None,
             Some(t) => {
-                let cfg = crate::tls::load_termination(&t.cert, &t.key).context("proxy.tls")?;
+                let cfg =
+                    crate::net::tls::load_termination(&t.cert, &t.key).context("proxy.tls")?;
                 let swap = Arc::new(ArcSwap::new(cfg));
                 for addr in &t.listen {
                     let l = Listener::bind(*addr, workers, Some(swap.clone()))
@@ -108,7 +110,7 @@ impl Peer {
             shutdown.clone(),
         )
         .await?;
-        crate::probe::spawn(table.clone(), shutdown.clone());
+        crate::app::probe::spawn(table.clone(), shutdown.clone());
         let answers = discovery::Answers::default();
         discovery::spawn(
             &config.discovery,
@@ -171,7 +173,7 @@ impl Peer {
     pub fn reload(&mut self, mut new: Config, log: Option<&LogReload>) -> Result<(), String> {
         let proxy_tls = match (&self.tls, &new.proxy.tls) {
             (Some(_), Some(t)) => Some(
-                crate::tls::load_termination(&t.cert, &t.key)
+                crate::net::tls::load_termination(&t.cert, &t.key)
                     .map_err(|e| format!("proxy.tls: {e}"))?,
             ),
             _ => None,
@@ -304,7 +306,7 @@ fn record_certificate_expiry(config: &Config) {
         ("cluster", config.cluster.tls.as_ref().map(|t| &t.cert)),
     ];
     for (name, path) in certs {
-        if let Some(at) = path.and_then(|p| crate::cert::expiry_of(p)) {
+        if let Some(at) = path.and_then(|p| crate::cli::cert::expiry_of(p)) {
             metrics::gauge!(telemetry::CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, "cert" => name)
                 .set(at as f64);
         }
@@ -322,13 +324,13 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogReload>) -> anyho
         metrics::counter!(telemetry::CONFIG_RELOADS_TOTAL, "result" => result).increment(0);
     }
     record_certificate_expiry(&peer.config);
-    crate::notify::notify("READY=1");
+    crate::ops::notify::notify("READY=1");
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                crate::notify::reloading();
+                crate::ops::notify::reloading();
                 let done = crate::config::load(&path)
                     .map_err(|e| e.to_string())
                     .and_then(|new| peer.reload(new, log.as_ref()));
@@ -352,11 +354,11 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogReload>) -> anyho
                     }
                 };
                 metrics::counter!(telemetry::CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
-                crate::notify::notify("READY=1");
+                crate::ops::notify::notify("READY=1");
             }
         }
     }
-    crate::notify::notify("STOPPING=1");
+    crate::ops::notify::notify("STOPPING=1");
     tracing::info!("shutting down: draining in-flight requests");
     peer.drain().await;
     // Let the last responses flush.

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use crate::admin::{BoxFuture, ConsensusView, ControlError, PoolControl, RoutingView};
+use crate::app::probe::{ProbeSettings, Probed};
 use crate::cluster::{self, Cluster};
 use crate::core::detector::PeerView;
 use crate::core::health::Source;
 use crate::core::pool::{BackendId, Pool, PoolChange};
 use crate::net::Target;
-use crate::probe::{ProbeSettings, Probed};
+use crate::ops::admin::{BoxFuture, ConsensusView, ControlError, PoolControl, RoutingView};
 use crate::proxy::table::RoutingTable;
 
 /// The cluster's learned pools become the data plane's routing table.

@@ -22,8 +22,8 @@ use crate::config::{Config, Role};
 use crate::core::detector::{Detector, DetectorConfig, PeerState, PeerView};
 use crate::core::paxos::{Consensus, Effects, Node, Outcome, ProposerConfig};
 use crate::core::pool::{BackendState, ChangeError, NodeId, Pool, PoolChange, PoolDiff, Rules};
-use crate::events::Events;
-use crate::telemetry as names;
+use crate::ops::events::Events;
+use crate::ops::telemetry as names;
 use serde_json::json;
 use storage::{FileStore, Storage};
 use transport::{Body, Identity, Inbound, PeerTls, Transport};
@@ -187,7 +187,7 @@ impl Cluster {
 
     /// Apply what a config reload may change: the ejection cap and the peer certificates (the
     /// old ones stay when the new files do not load).
-    pub fn reload(&self, config: &Config) -> Result<(), crate::tls::TlsError> {
+    pub fn reload(&self, config: &Config) -> Result<(), crate::net::tls::TlsError> {
         if let (Some(tls), Some(files)) = (&self.tls, &config.cluster.tls) {
             tls.reload(files)?;
         }

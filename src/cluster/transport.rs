@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ClusterTls, PeerConfig};
 use crate::core::paxos::Msg;
 use crate::core::pool::NodeId;
-use crate::telemetry as names;
+use crate::ops::telemetry as names;
 
 /// What peers say to each other.
 // Most frames are Paxos messages, which carry a pool; boxing it would only add an allocation.
@@ -120,14 +120,14 @@ struct TlsPair {
 }
 
 impl PeerTls {
-    pub fn load(t: &ClusterTls) -> Result<Self, crate::tls::TlsError> {
+    pub fn load(t: &ClusterTls) -> Result<Self, crate::net::tls::TlsError> {
         Ok(Self {
             current: Arc::new(arc_swap::ArcSwap::from_pointee(Self::pair(t)?)),
         })
     }
 
-    fn pair(t: &ClusterTls) -> Result<TlsPair, crate::tls::TlsError> {
-        let (server, client) = crate::tls::load_mutual(&t.ca, &t.cert, &t.key)?;
+    fn pair(t: &ClusterTls) -> Result<TlsPair, crate::net::tls::TlsError> {
+        let (server, client) = crate::net::tls::load_mutual(&t.ca, &t.cert, &t.key)?;
         Ok(TlsPair {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             connector: TlsConnector::from(Arc::new(client)),
@@ -135,7 +135,7 @@ impl PeerTls {
     }
 
     /// Load the files again (SIGHUP); on error the old material stays.
-    pub fn reload(&self, t: &ClusterTls) -> Result<(), crate::tls::TlsError> {
+    pub fn reload(&self, t: &ClusterTls) -> Result<(), crate::net::tls::TlsError> {
         self.current.store(Arc::new(Self::pair(t)?));
         Ok(())
     }

@@ -26,7 +26,7 @@ use super::wire::{Outgoing, Role, WireFields};
 use crate::config::HashKey;
 use crate::core::balance::{hash, Algorithm};
 use crate::core::health::Source;
-use crate::telemetry as names;
+use crate::ops::telemetry as names;
 
 /// What the server knows about the client connection.
 #[derive(Clone, Debug)]

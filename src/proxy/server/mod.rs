@@ -32,7 +32,7 @@ use super::forward::{ConnInfo, Proxy};
 use h1::Ended;
 
 pub mod h1;
-use crate::telemetry as names;
+use crate::ops::telemetry as names;
 
 /// How client connections are served.
 #[derive(Clone, Debug)]
@@ -71,7 +71,7 @@ pub struct Server {
 }
 
 /// A TLS server config that a reload can swap.
-pub type TlsSwap = Arc<ArcSwap<crate::tls::Termination>>;
+pub type TlsSwap = Arc<ArcSwap<crate::net::tls::Termination>>;
 
 /// One listen address, bound once per worker with SO_REUSEPORT.
 pub struct Listener {
@@ -177,7 +177,7 @@ impl Server {
                     rt.block_on(async move {
                         tokio::spawn(timer_floor());
                         if this.opts.io_uring {
-                            if let Err(e) = crate::uring::install() {
+                            if let Err(e) = crate::net::uring::install() {
                                 tracing::warn!(error = %e, worker, "proxy.io_uring: the kernel refused a ring; this worker uses epoll");
                             }
                         }
@@ -222,8 +222,8 @@ impl Server {
                 // One await for every plain connection, whatever its socket: the task's
                 // future then holds one connection's state, not one per kind of socket.
                 let plain = match tls {
-                    None if crate::uring::enabled() => {
-                        match crate::uring::UringStream::from_tokio(stream) {
+                    None if crate::net::uring::enabled() => {
+                        match crate::net::uring::UringStream::from_tokio(stream) {
                             Ok(s) => Some(watched(s)),
                             Err(e) => {
                                 tracing::debug!(error = %e, "io_uring stream");

@@ -25,7 +25,7 @@ use crate::core::balance::Selector;
 use crate::core::health::{Local, Source, Thresholds};
 use crate::core::pool::{BackendId, Pool, Protocol};
 use crate::net::Target;
-use crate::telemetry as names;
+use crate::ops::telemetry as names;
 
 /// Why an attempt failed, as `shoal_upstream_errors_total{kind}` counts it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -248,7 +248,7 @@ pub struct Registry {
 impl Registry {
     pub fn new(workers: usize) -> Self {
         // The system's roots are read once; the h2 connector differs only in its ALPN offer.
-        let (tls, tls_h2) = match crate::tls::upstream_client_config() {
+        let (tls, tls_h2) = match crate::net::tls::upstream_client_config() {
             Ok(http1) => {
                 let mut h2 = http1.clone();
                 h2.alpn_protocols = vec![b"h2".to_vec()];

@@ -69,7 +69,7 @@ impl Events {
         ring.push_back(event.clone());
         let _ = self.inner.live.send(event);
         drop(ring);
-        tracing::info!(target: "shoal::events", kind, peer = %self.inner.peer, "{message}");
+        tracing::info!(target: "shoal::ops::events", kind, peer = %self.inner.peer, "{message}");
     }
 
     /// The events kept, oldest first.

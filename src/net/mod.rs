@@ -1,5 +1,9 @@
 //! Sockets every shell shares: accepting with backoff, and dialing a backend (TCP, optional TLS,
 //! an HTTP/1.1 or HTTP/2 handshake). A leaf: it knows nothing of pools, routing or peers.
+//! `tls` loads certificates into rustls configs; `uring` drives plain TCP through io_uring.
+
+pub mod tls;
+pub mod uring;
 
 use std::error::Error as StdError;
 use std::io;
@@ -107,8 +111,8 @@ impl Target {
         let tcp = TcpStream::connect(&self.authority).await?;
         tcp.set_nodelay(true)?;
         Ok(match &self.tls {
-            None if crate::uring::enabled() => {
-                BackendIo::Uring(crate::uring::UringStream::from_tokio(tcp)?)
+            None if crate::net::uring::enabled() => {
+                BackendIo::Uring(crate::net::uring::UringStream::from_tokio(tcp)?)
             }
             None => BackendIo::Plain(tcp),
             Some((connector, name)) => {
@@ -282,7 +286,7 @@ fn h2_form<B>(mut req: Request<B>, scheme: &Scheme, default: &Authority) -> Requ
 pub enum BackendIo {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
-    Uring(crate::uring::UringStream),
+    Uring(crate::net::uring::UringStream),
 }
 
 impl AsyncRead for BackendIo {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::pool::BackendId;
 use crate::net::Target;
-use crate::telemetry as names;
+use crate::ops::telemetry as names;
 
 /// How often the supervisor looks for added or removed backends.
 const RECONCILE: Duration = Duration::from_millis(500);

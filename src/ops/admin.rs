@@ -88,7 +88,7 @@ pub struct Admin {
     pub control: Arc<dyn PoolControl>,
     pub metrics: PrometheusHandle,
     /// This peer's recent events (`/events`).
-    pub events: crate::events::Events,
+    pub events: crate::ops::events::Events,
     /// Sets the gauges that are read rather than pushed (quorum, members, in-flight), before
     /// each scrape.
     pub collect: Box<dyn Fn() + Send + Sync>,
@@ -330,13 +330,15 @@ impl Admin {
                 let pool = self.routing.pool();
                 let current: std::collections::HashSet<&str> =
                     pool.backends.keys().map(|id| id.as_str()).collect();
-                let text =
-                    crate::telemetry::without_removed_backends(&self.metrics.render(), &current);
+                let text = crate::ops::telemetry::without_removed_backends(
+                    &self.metrics.render(),
+                    &current,
+                );
                 let peers = self.control.peers();
                 let known: std::collections::HashSet<&str> =
                     peers.iter().map(|p| p.id.as_str()).collect();
-                let mut text = crate::telemetry::without_departed_peers(&text, &known);
-                text.push_str(&crate::telemetry::process_metrics());
+                let mut text = crate::ops::telemetry::without_departed_peers(&text, &known);
+                text.push_str(&crate::ops::telemetry::process_metrics());
                 let mut r = Response::new(whole(text));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -461,7 +463,7 @@ impl Admin {
         tokio::spawn(async move {
             for e in backlog {
                 if tx
-                    .send_data(crate::events::sse_frame(&e).into())
+                    .send_data(crate::ops::events::sse_frame(&e).into())
                     .await
                     .is_err()
                 {
@@ -473,7 +475,7 @@ impl Admin {
             loop {
                 let frame = tokio::select! {
                     e = live.recv() => match e {
-                        Ok(e) => crate::events::sse_frame(&e),
+                        Ok(e) => crate::ops::events::sse_frame(&e),
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                             format!(": {n} events skipped (too slow)\n\n")
                         }
