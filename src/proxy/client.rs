@@ -26,7 +26,7 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// The connection's bytes, shared by the loop (heads, answers) and the body of the request being
 /// served (which the forwarder may poll from another task, for an HTTP/2 backend).
-pub struct Wire {
+pub struct ClientBytes {
     pub io: BoxIo,
     pub rb: wire::ReadBuf,
     /// The answer's head went out: a `100 Continue` would come too late.
@@ -38,7 +38,7 @@ pub struct Wire {
     state: Option<Arc<crate::proxy::conn::ConnState>>,
 }
 
-impl Wire {
+impl ClientBytes {
     pub fn new(io: BoxIo, state: Option<Arc<crate::proxy::conn::ConnState>>) -> Self {
         Self {
             io,
@@ -62,15 +62,15 @@ impl Wire {
     }
 }
 
-pub type SharedWire = Arc<Mutex<Wire>>;
+pub type SharedClientBytes = Arc<Mutex<ClientBytes>>;
 
-pub fn lock(w: &SharedWire) -> MutexGuard<'_, Wire> {
+pub fn lock(w: &SharedClientBytes) -> MutexGuard<'_, ClientBytes> {
     w.locked()
 }
 
 /// A request body read from the client connection as the forwarder polls it.
 pub struct H1Body {
-    pub wire: Option<SharedWire>,
+    pub wire: Option<SharedClientBytes>,
     pub decoder: Decoder,
     /// `Expect: 100-continue`: how much of the interim answer went out (None: none owed).
     pub expect: Option<usize>,

@@ -21,8 +21,8 @@ use super::error::ProxyError;
 use super::response::ResponseBody;
 use super::table::{Candidates, RoutingTable, Settings, Snapshot};
 use super::upstream::h1::{self, SendError};
-use super::upstream::{Conn, ErrorKind, Lease, Sender, Upstream};
-use super::wire::{Outgoing, Role, WireFields};
+use super::upstream::{BackendConn, ErrorKind, Lease, Sender, Upstream};
+use super::wire::{FieldRole, Outgoing, WireFields};
 use crate::config::HashKey;
 use crate::core::balance::{hash, Algorithm};
 use crate::core::health::Source;
@@ -157,7 +157,7 @@ fn wire_will_do(snap: &Snapshot, fields: &WireFields) -> bool {
     let settings = &snap.settings;
     let hashes_a_field = matches!(settings.balance.algorithm, Algorithm::ConsistentHash(_))
         && matches!(settings.hash_key, HashKey::Header(_) | HashKey::Cookie(_));
-    !settings.access_log && !snap.any_h2 && !hashes_a_field && !fields.has(Role::Upgrade)
+    !settings.access_log && !snap.any_h2 && !hashes_a_field && !fields.has(FieldRole::Upgrade)
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -286,7 +286,12 @@ impl Plan {
             .headers()
             .contains_key(header::UPGRADE)
             .then(|| ClientUpgrade::of(&mut req));
-        let (mut first, upgrade, te_trailers, wire) = rewrite(req, fields, conn, seen)?;
+        let Rewritten {
+            request: mut first,
+            upgrade,
+            te_trailers,
+            wire,
+        } = rewrite(req, fields, conn, seen)?;
         let body_broke = match first.body() {
             RequestBody::Stream { broke, .. } => Some(broke.clone()),
             _ => None,
@@ -440,7 +445,7 @@ impl Plan {
 #[allow(clippy::large_enum_variant)]
 enum Reply {
     /// Read from its HTTP/1.1 connection, which it carries.
-    H1(h1::ResponseBody),
+    H1(h1::BackendBody),
     /// A stream of the worker's shared HTTP/2 connection.
     H2(Incoming, Sender),
 }
@@ -661,8 +666,8 @@ impl Proxy {
             };
             let deadline = tokio::time::Instant::from_std(began + settings.request_timeout);
             let mut sender = match conn {
-                Conn::H2(sender) => sender,
-                Conn::H1(c) => {
+                BackendConn::H2(sender) => sender,
+                BackendConn::H1(c) => {
                     let sent = c.send(&mut request, wire);
                     match tokio::time::timeout_at(deadline, sent).await {
                         Ok(Ok(resp)) => {
@@ -748,9 +753,7 @@ fn unprocessed(e: &hyper::Error) -> bool {
 
 /// Turn the client's request into the backend's: origin-form target, HTTP/1.1, hop-by-hop
 /// fields removed, X-Forwarded-* set, Host kept. The fields are rewritten in the request's map,
-/// or, when `fields` holds them in wire form, beside it (`Outgoing`). Returns the request, the
-/// Upgrade value to forward (if the client asked for one), whether the client said
-/// `TE: trailers`, and the wire-form fields.
+/// or, when `fields` holds them in wire form, beside it (`Outgoing`).
 fn rewrite(
     req: Request<ClientBody>,
     fields: Option<WireFields>,
@@ -794,16 +797,25 @@ fn rewrite(
     parts.version = Version::HTTP_11;
     // What the client's server put there (an upgrade handle, say) is not the backend's.
     parts.extensions.clear();
-    Ok((Request::from_parts(parts, body), upgrade, trailers, wire))
+    Ok(Rewritten {
+        request: Request::from_parts(parts, body),
+        upgrade,
+        te_trailers: trailers,
+        wire,
+    })
 }
 
 /// What `rewrite` makes of a client's request.
-type Rewritten = (
-    Request<RequestBody>,
-    Option<HeaderValue>,
-    bool,
-    Option<Outgoing>,
-);
+struct Rewritten {
+    /// The backend's request (origin-form target, HTTP/1.1, fields rewritten unless `wire`).
+    request: Request<RequestBody>,
+    /// The Upgrade value to forward, if the client asked for one.
+    upgrade: Option<HeaderValue>,
+    /// The client said `TE: trailers`.
+    te_trailers: bool,
+    /// The rewritten fields in wire form, when the client's came that way.
+    wire: Option<Outgoing>,
+}
 
 /// Where the Host a request goes on with comes from (the one policy both rewrites apply).
 enum ReceivedHost<'a> {
@@ -962,11 +974,11 @@ fn rewrite_wire(
 ) -> Result<Outgoing, ProxyError> {
     // Reading the fields first (the lines are borrowed), then marking those not passed on.
     let (added, host) = {
-        let host = received_host(fields.values(Role::Host), &parts.uri, parts.version)?;
+        let host = received_host(fields.values(FieldRole::Host), &parts.uri, parts.version)?;
         let mut added = Vec::with_capacity(128);
         added.extend_from_slice(b"x-forwarded-for: ");
         forwarded_for(
-            fields.values(Role::ForwardedFor),
+            fields.values(FieldRole::ForwardedFor),
             conn.client_ip.as_bytes(),
             &mut added,
         );
@@ -994,13 +1006,13 @@ fn rewrite_wire(
         (added, (received.is_some(), replaced))
     };
     let (has_host, replaced) = host;
-    fields.drop_all(Role::ForwardedFor);
-    fields.drop_all(Role::ForwardedProto);
+    fields.drop_all(FieldRole::ForwardedFor);
+    fields.drop_all(FieldRole::ForwardedProto);
     if has_host {
-        fields.drop_all(Role::ForwardedHost);
+        fields.drop_all(FieldRole::ForwardedHost);
     }
     if replaced {
-        fields.drop_all(Role::Host);
+        fields.drop_all(FieldRole::Host);
     }
     Ok(Outgoing {
         needs_host: !has_host,

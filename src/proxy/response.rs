@@ -21,7 +21,7 @@ pin_project_lite::pin_project! {
         Full { data: Option<Bytes> },
         Upstream { #[pin] inner: Incoming, lease: Option<Lease> },
         // A body read by the request's task from its HTTP/1.1 connection.
-        H1 { inner: h1::ResponseBody, lease: Option<Lease> },
+        H1 { inner: h1::BackendBody, lease: Option<Lease> },
         // Any of the above, with its access log line written when it ends.
         Logged { inner: Pin<Box<ResponseBody>>, record: Option<Box<AccessRecord>> },
     }
@@ -51,7 +51,7 @@ impl ResponseBody {
     }
 
     /// A body read from an HTTP/1.1 connection, which goes back to the pool when it ends.
-    pub fn h1(mut inner: h1::ResponseBody, lease: Lease) -> Self {
+    pub fn h1(mut inner: h1::BackendBody, lease: Lease) -> Self {
         if inner.is_end_stream() {
             // An empty body (e.g. 204, HEAD) is already done: free the connection now.
             lease.release(inner.reusable());

@@ -418,7 +418,7 @@ fn trailer_section(buf: &[u8]) -> io::Result<Option<(usize, Option<HeaderMap>)>>
 
 /// What a field's name says to a proxy passing the head on.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Role {
+pub enum FieldRole {
     Length,
     Coding,
     Connection,
@@ -436,25 +436,25 @@ pub enum Role {
     Other,
 }
 
-impl Role {
-    pub fn of(name: &[u8]) -> Role {
+impl FieldRole {
+    pub fn of(name: &[u8]) -> FieldRole {
         let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
         match name.len() {
-            2 if is(b"te") => Role::Te,
-            4 if is(b"date") => Role::Date,
-            4 if is(b"host") => Role::Host,
-            6 if is(b"expect") => Role::Expect,
-            7 if is(b"trailer") => Role::Hop,
-            7 if is(b"upgrade") => Role::Upgrade,
-            10 if is(b"connection") => Role::Connection,
-            10 if is(b"keep-alive") => Role::Hop,
-            14 if is(b"content-length") => Role::Length,
-            15 if is(b"x-forwarded-for") => Role::ForwardedFor,
-            16 if is(b"proxy-connection") => Role::Hop,
-            16 if is(b"x-forwarded-host") => Role::ForwardedHost,
-            17 if is(b"transfer-encoding") => Role::Coding,
-            17 if is(b"x-forwarded-proto") => Role::ForwardedProto,
-            _ => Role::Other,
+            2 if is(b"te") => FieldRole::Te,
+            4 if is(b"date") => FieldRole::Date,
+            4 if is(b"host") => FieldRole::Host,
+            6 if is(b"expect") => FieldRole::Expect,
+            7 if is(b"trailer") => FieldRole::Hop,
+            7 if is(b"upgrade") => FieldRole::Upgrade,
+            10 if is(b"connection") => FieldRole::Connection,
+            10 if is(b"keep-alive") => FieldRole::Hop,
+            14 if is(b"content-length") => FieldRole::Length,
+            15 if is(b"x-forwarded-for") => FieldRole::ForwardedFor,
+            16 if is(b"proxy-connection") => FieldRole::Hop,
+            16 if is(b"x-forwarded-host") => FieldRole::ForwardedHost,
+            17 if is(b"transfer-encoding") => FieldRole::Coding,
+            17 if is(b"x-forwarded-proto") => FieldRole::ForwardedProto,
+            _ => FieldRole::Other,
         }
     }
 
@@ -463,13 +463,18 @@ impl Role {
     fn hop_by_hop(self) -> bool {
         matches!(
             self,
-            Role::Length | Role::Coding | Role::Connection | Role::Upgrade | Role::Te | Role::Hop
+            FieldRole::Length
+                | FieldRole::Coding
+                | FieldRole::Connection
+                | FieldRole::Upgrade
+                | FieldRole::Te
+                | FieldRole::Hop
         )
     }
 
     /// Never dropped by being named in `Connection`: what a request is routed and forwarded by.
     fn nameable(self) -> bool {
-        !matches!(self, Role::Host | Role::ForwardedFor)
+        !matches!(self, FieldRole::Host | FieldRole::ForwardedFor)
     }
 }
 
@@ -478,7 +483,7 @@ impl Role {
 pub struct Span {
     name: (u32, u32),
     value: (u32, u32),
-    role: Role,
+    role: FieldRole,
     /// Passed on: not a framing field, not hop-by-hop, not one the proxy writes itself.
     keep: bool,
 }
@@ -509,10 +514,10 @@ impl WireFields {
             let name = f.name.as_bytes();
             let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
             let (n, v) = (at(name), at(f.value));
-            let role = Role::of(name);
+            let role = FieldRole::of(name);
             match role {
-                Role::Length | Role::Coding => framing.field(name, f.value),
-                Role::Connection => named |= framing.connection(f.value),
+                FieldRole::Length | FieldRole::Coding => framing.field(name, f.value),
+                FieldRole::Connection => named |= framing.connection(f.value),
                 _ => {}
             }
             spans.push(Span {
@@ -526,7 +531,11 @@ impl WireFields {
         if named {
             // Fields the Connection field names are hop-by-hop too; never the ones a request is
             // routed and forwarded by.
-            for c in spans.clone().iter().filter(|s| s.role == Role::Connection) {
+            for c in spans
+                .clone()
+                .iter()
+                .filter(|s| s.role == FieldRole::Connection)
+            {
                 for token in text(c.value).split(|b| *b == b',') {
                     let token = token.trim_ascii();
                     for s in spans.iter_mut() {
@@ -550,12 +559,12 @@ impl WireFields {
     }
 
     /// Whether a field of this role is there.
-    pub fn has(&self, role: Role) -> bool {
+    pub fn has(&self, role: FieldRole) -> bool {
         self.spans.iter().any(|s| s.role == role)
     }
 
     /// The values of the fields of this role, in order.
-    pub fn values(&self, role: Role) -> impl Iterator<Item = &[u8]> {
+    pub fn values(&self, role: FieldRole) -> impl Iterator<Item = &[u8]> {
         self.spans
             .iter()
             .filter(move |s| s.role == role)
@@ -563,13 +572,13 @@ impl WireFields {
     }
 
     /// The value of the first field of this role, sharing the head's bytes.
-    pub fn value(&self, role: Role) -> Option<HeaderValue> {
+    pub fn value(&self, role: FieldRole) -> Option<HeaderValue> {
         let s = self.spans.iter().find(|s| s.role == role)?;
         HeaderValue::from_maybe_shared(self.head.slice(s.value.0 as usize..s.value.1 as usize)).ok()
     }
 
     /// Pass none of the fields of this role on (the proxy writes its own).
-    pub fn drop_all(&mut self, role: Role) {
+    pub fn drop_all(&mut self, role: FieldRole) {
         for s in self.spans.iter_mut().filter(|s| s.role == role) {
             s.keep = false;
         }
@@ -801,7 +810,7 @@ mod tests {
         )
         .unwrap();
         assert!(framing.keep_alive);
-        assert!(f.has(Role::Date));
+        assert!(f.has(FieldRole::Date));
         let mut out = Vec::new();
         f.write(&mut out);
         // Kept lines as they came (runs copied whole); the bare LF after x-b becomes CRLF. The

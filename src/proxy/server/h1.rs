@@ -28,13 +28,15 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::body::ClientBody;
-use crate::proxy::client::{lock, BoxIo, H1Body, PendingUpgrade, Rewind, SharedWire, Wire};
+use crate::proxy::client::{
+    lock, BoxIo, ClientBytes, H1Body, PendingUpgrade, Rewind, SharedClientBytes,
+};
 use crate::proxy::conn::ConnState;
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::{ConnInfo, Proxy};
 use crate::proxy::framing::{self, Framing};
 use crate::proxy::response::ResponseBody;
-use crate::proxy::wire::{self, Role, WireFields, GATHER, MAX_HEADERS};
+use crate::proxy::wire::{self, FieldRole, WireFields, GATHER, MAX_HEADERS};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking HTTP/2 with prior knowledge.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -72,16 +74,16 @@ enum Refused {
 }
 
 /// One client connection speaking HTTP/1.1 (or 1.0).
-pub struct Conn {
-    wire: SharedWire,
+pub struct ClientConn {
+    wire: SharedClientBytes,
     out: Vec<u8>,
     max_head: usize,
 }
 
-impl Conn {
+impl ClientConn {
     pub fn new(io: BoxIo, max_head: usize, state: Option<Arc<ConnState>>) -> Self {
         Self {
-            wire: Arc::new(Mutex::new(Wire::new(io, state))),
+            wire: Arc::new(Mutex::new(ClientBytes::new(io, state))),
             out: Vec::new(),
             max_head,
         }
@@ -296,7 +298,7 @@ impl Conn {
         }
         if let Some(fields) = body.wire_fields() {
             fields.write(out);
-            dated |= fields.has(Role::Date);
+            dated |= fields.has(FieldRole::Date);
         }
         if !dated {
             out.extend_from_slice(b"date: ");
@@ -491,7 +493,11 @@ impl Conn {
 }
 
 /// A complete head out of the buffer, if there is one.
-fn parse(shared: &SharedWire, w: &mut Wire, max_head: usize) -> Result<Option<Next>, Refused> {
+fn parse(
+    shared: &SharedClientBytes,
+    w: &mut ClientBytes,
+    max_head: usize,
+) -> Result<Option<Next>, Refused> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut fields);
     let len = match parsed.parse(&w.rb.buf) {
@@ -544,7 +550,7 @@ fn parse(shared: &SharedWire, w: &mut Wire, max_head: usize) -> Result<Option<Ne
     let expect = (has_body
         && version == Version::HTTP_11
         && fields
-            .values(Role::Expect)
+            .values(FieldRole::Expect)
             .next()
             .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue")))
     .then_some(0);
@@ -557,14 +563,15 @@ fn parse(shared: &SharedWire, w: &mut Wire, max_head: usize) -> Result<Option<Ne
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = version;
-    let upgrade = if version == Version::HTTP_11 && framing.upgrade && fields.has(Role::Upgrade) {
-        let (tx, rx) = oneshot::channel();
-        req.extensions_mut()
-            .insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
-        Some(tx)
-    } else {
-        None
-    };
+    let upgrade =
+        if version == Version::HTTP_11 && framing.upgrade && fields.has(FieldRole::Upgrade) {
+            let (tx, rx) = oneshot::channel();
+            req.extensions_mut()
+                .insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
+            Some(tx)
+        } else {
+            None
+        };
     let asked = Asked {
         head: req.method() == Method::HEAD,
         version,
@@ -664,11 +671,11 @@ mod tests {
         Partial,
     }
 
-    fn conn(bytes: &[u8]) -> SharedWire {
+    fn conn(bytes: &[u8]) -> SharedClientBytes {
         let (io, _) = tokio::io::duplex(16);
         let mut rb = wire::ReadBuf::default();
         rb.buf.extend_from_slice(bytes);
-        let mut w = Wire::new(Box::new(io), None);
+        let mut w = ClientBytes::new(Box::new(io), None);
         w.rb = rb;
         Arc::new(Mutex::new(w))
     }

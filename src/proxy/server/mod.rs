@@ -280,7 +280,7 @@ impl Server {
             let io = if alpn_h2 {
                 Rewind::new(Bytes::new(), io)
             } else {
-                let conn = h1::Conn::new(io, self.opts.max_header_bytes, Some(state.clone()));
+                let conn = h1::ClientConn::new(io, self.opts.max_header_bytes, Some(state.clone()));
                 match conn
                     .serve(&self.proxy, &info, &state, &self.drain, h2c)
                     .await

@@ -21,14 +21,14 @@ pub type Sender = crate::net::Sender<RequestBody>;
 
 /// A connection checked out for one request: an HTTP/1.1 one of its own (driven by the
 /// request's task), or a handle on the worker's shared HTTP/2 connection.
-pub enum Conn {
+pub enum BackendConn {
     /// Boxed: it moves from the idle list through the request and back as one pointer.
-    H1(Box<h1::Conn>),
+    H1(Box<h1::H1Conn>),
     H2(Sender),
 }
 
 struct Idle {
-    conn: Box<h1::Conn>,
+    conn: Box<h1::H1Conn>,
     since: Instant,
 }
 
@@ -61,7 +61,7 @@ impl ConnPool {
 
     /// An open connection for `worker` that needs no dial (`now`: the caller's clock reading):
     /// a parked HTTP/1.1 one, or the worker's HTTP/2 one.
-    pub fn pooled(&self, worker: usize, target: &Target, now: Instant) -> Option<Conn> {
+    pub fn pooled(&self, worker: usize, target: &Target, now: Instant) -> Option<BackendConn> {
         if target.is_h2() {
             return self.open_shared(worker);
         }
@@ -70,7 +70,7 @@ impl ConnPool {
             // Anything that arrived on a parked connection (the backend closing it, mostly)
             // makes it unusable; checking costs no system call while nothing did.
             if now.saturating_duration_since(idle.since) <= IDLE_TIMEOUT && idle.conn.is_open() {
-                return Some(Conn::H1(idle.conn));
+                return Some(BackendConn::H1(idle.conn));
             }
         }
         None
@@ -83,21 +83,24 @@ impl ConnPool {
         worker: usize,
         target: &Target,
         connect_timeout: Duration,
-    ) -> io::Result<Conn> {
+    ) -> io::Result<BackendConn> {
         // The slow paths (a handshake, a dial) are boxed: inline, their futures would make
         // every request's forwarding future several KiB larger, and it is moved as it starts.
         if target.is_h2() {
             return Box::pin(self.shared(worker, target, connect_timeout)).await;
         }
         let io = Box::pin(timed(connect_timeout, target.dial())).await?;
-        Ok(Conn::H1(Box::new(h1::Conn::new(io))))
+        Ok(BackendConn::H1(Box::new(h1::H1Conn::new(io))))
     }
 
     /// The worker's HTTP/2 connection, if it has one open.
-    fn open_shared(&self, worker: usize) -> Option<Conn> {
+    fn open_shared(&self, worker: usize) -> Option<BackendConn> {
         let mut slot = self.slot(worker);
         slot.shared = slot.shared.take().filter(|s| !s.is_closed());
-        slot.shared.as_ref().and_then(|s| s.share()).map(Conn::H2)
+        slot.shared
+            .as_ref()
+            .and_then(|s| s.share())
+            .map(BackendConn::H2)
     }
 
     /// The worker's HTTP/2 connection to the backend, made when there is none open.
@@ -106,7 +109,7 @@ impl ConnPool {
         worker: usize,
         target: &Target,
         connect_timeout: Duration,
-    ) -> io::Result<Conn> {
+    ) -> io::Result<BackendConn> {
         if let Some(s) = self.open_shared(worker) {
             return Ok(s);
         }
@@ -116,11 +119,11 @@ impl ConnPool {
         }
         let sender = timed(connect_timeout, target.connect()).await?;
         self.slot(worker).shared = sender.share();
-        Ok(Conn::H2(sender))
+        Ok(BackendConn::H2(sender))
     }
 
     /// Park an HTTP/1.1 connection whose exchange completed.
-    pub fn checkin(&self, worker: usize, mut conn: Box<h1::Conn>) {
+    pub fn checkin(&self, worker: usize, mut conn: Box<h1::H1Conn>) {
         conn.shrink();
         // Also starts watching it: a socket on an io_uring has its receive queued from here,
         // so a close while parked is known by checkout (an epoll one asks the socket then).

@@ -26,7 +26,7 @@ use crate::proxy::wire::{
 };
 
 /// One HTTP/1.1 connection to a backend, idle or carrying one exchange.
-pub struct Conn {
+pub struct H1Conn {
     io: BackendIo,
     /// Read from the backend and not yet used.
     rb: wire::ReadBuf,
@@ -51,7 +51,7 @@ pub enum SendError {
     Client(io::Error),
 }
 
-impl Conn {
+impl H1Conn {
     pub fn new(io: BackendIo) -> Self {
         Self {
             io,
@@ -93,7 +93,7 @@ impl Conn {
         mut self: Box<Self>,
         req: &mut Request<RequestBody>,
         wire: Option<&Outgoing>,
-    ) -> Result<Response<ResponseBody>, SendError> {
+    ) -> Result<Response<BackendBody>, SendError> {
         let framing = self.write_head(req, wire);
         let asked = Asked {
             head: req.method() == Method::HEAD,
@@ -285,7 +285,7 @@ impl Conn {
 
     /// The response head (1xx answers other than 101 are skipped), with a body reading the
     /// rest from this connection.
-    async fn read_head(mut self: Box<Self>, asked: Asked) -> io::Result<Response<ResponseBody>> {
+    async fn read_head(mut self: Box<Self>, asked: Asked) -> io::Result<Response<BackendBody>> {
         loop {
             if let Some((resp, decided, fields)) = self.parse_head(asked)? {
                 if resp.status().is_informational()
@@ -294,7 +294,7 @@ impl Conn {
                     continue;
                 }
                 let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                let body = ResponseBody {
+                let body = BackendBody {
                     conn: Some(self),
                     framing: decided.body.into(),
                     announced: decided.announced,
@@ -390,7 +390,7 @@ pub async fn probe(target: &crate::net::Target, path: &str) -> bool {
         http::HeaderValue::from_static("shoal-health"),
     );
     h.insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-    let Ok(resp) = Box::new(Conn::new(io)).send(&mut req, None).await else {
+    let Ok(resp) = Box::new(H1Conn::new(io)).send(&mut req, None).await else {
         return false;
     };
     let ok = resp.status().is_success();
@@ -438,8 +438,8 @@ impl Upload {
 }
 
 /// A response body read from its connection as the client polls it.
-pub struct ResponseBody {
-    conn: Option<Box<Conn>>,
+pub struct BackendBody {
+    conn: Option<Box<H1Conn>>,
     framing: Decoder,
     /// The length a bodiless answer announces (HEAD, 304).
     announced: Option<u64>,
@@ -451,10 +451,10 @@ pub struct ResponseBody {
     fields: Option<WireFields>,
 }
 
-impl ResponseBody {
+impl BackendBody {
     /// The connection, if the body ended cleanly, the request went out whole and it may carry
     /// another exchange.
-    pub fn reusable(&mut self) -> Option<Box<Conn>> {
+    pub fn reusable(&mut self) -> Option<Box<H1Conn>> {
         if !self.keep_alive || !self.framing.is_end() {
             return None;
         }
@@ -523,7 +523,7 @@ impl ResponseBody {
     }
 }
 
-impl Body for ResponseBody {
+impl Body for BackendBody {
     type Data = Bytes;
     type Error = io::Error;
 
@@ -577,7 +577,7 @@ mod tests {
             .await
             .unwrap();
         let _peer = l.accept().await.unwrap();
-        let mut conn = Box::new(Conn::new(BackendIo::Plain(s)));
+        let mut conn = Box::new(H1Conn::new(BackendIo::Plain(s)));
         conn.rb.buf.extend_from_slice(bytes);
         let head = loop {
             match conn.parse_head(asked) {
@@ -587,7 +587,7 @@ mod tests {
             }
         };
         let (resp, decided, _) = head;
-        let mut body = ResponseBody {
+        let mut body = BackendBody {
             conn: Some(conn),
             framing: decided.body.into(),
             announced: decided.announced,

@@ -18,7 +18,7 @@ use metrics::{Counter, Gauge, Histogram};
 use tokio_rustls::TlsConnector;
 
 use conns::ConnPool;
-pub use conns::{Conn, Sender};
+pub use conns::{BackendConn, Sender};
 use health::LocalView;
 
 use crate::core::balance::Selector;
@@ -180,12 +180,16 @@ impl Upstream {
 
     /// An open connection for `worker` that needs no dial, if there is one (`now`: the caller's
     /// clock reading, to age parked connections by).
-    pub fn pooled(&self, worker: usize, now: Instant) -> Option<Conn> {
+    pub fn pooled(&self, worker: usize, now: Instant) -> Option<BackendConn> {
         self.conns.pooled(worker, &self.target, now)
     }
 
     /// A new connection for `worker`.
-    pub async fn connect(&self, worker: usize, connect_timeout: Duration) -> io::Result<Conn> {
+    pub async fn connect(
+        &self,
+        worker: usize,
+        connect_timeout: Duration,
+    ) -> io::Result<BackendConn> {
         self.conns
             .connect(worker, &self.target, connect_timeout)
             .await
@@ -226,7 +230,7 @@ pub struct Lease {
 impl Lease {
     /// The exchange completed: an HTTP/1.1 connection that may carry another goes back to its
     /// worker's idle list.
-    pub fn release(self, conn: Option<Box<h1::Conn>>) {
+    pub fn release(self, conn: Option<Box<h1::H1Conn>>) {
         if let Some(conn) = conn {
             self.guard.upstream.conns.checkin(self.worker, conn);
         }
