@@ -16,5 +16,6 @@ pub mod dns;
 pub mod net;
 pub mod ops;
 pub mod proxy;
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod sync;
