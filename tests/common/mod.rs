@@ -1,6 +1,8 @@
 //! Test harness: real backends on loopback, real `shoal` processes, a small HTTP client.
 #![allow(dead_code)]
 
+pub mod dataplane;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
