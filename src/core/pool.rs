@@ -207,11 +207,11 @@ pub struct Pool {
     /// when `applied` is trimmed to `MAX_APPLIED` (learners come and go, each with an id).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub applied_at: BTreeMap<NodeId, u64>,
-    /// The cluster's id, made when it formed (empty in a pool from before ids existed).
+    /// The cluster's id, made when it formed (empty in a pool written without one).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cluster_id: String,
-    /// The agreed voters: quorums are counted among them (empty in a pool from before
-    /// membership was agreed: then each peer's configured list).
+    /// The agreed voters: quorums are counted among them (empty in a pool written
+    /// without an agreed membership: then each peer's configured list).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub voters: BTreeSet<NodeId>,
     /// The membership epoch: rises with every change of the voters.
@@ -228,7 +228,7 @@ pub struct Pool {
     /// join; a recorded one is listed and pushed to by address.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub learners: BTreeSet<NodeId>,
-    /// The peer whose change made this version (none in a pool from before it was recorded):
+    /// The peer whose change made this version (none in a pool written without it):
     /// a peer that learns several versions at once still names who made the last one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub through: Option<NodeId>,
@@ -959,7 +959,7 @@ impl PoolDiff {
             .collect();
         d.through = match (&new.through, &moved[..]) {
             (Some(p), _) => Some(p.clone()),
-            // A pool from before `through` was recorded: the one proposer whose tag moved.
+            // A pool written without `through`: the one proposer whose tag moved.
             (None, [one]) => Some((*one).clone()),
             (None, _) => None,
         };

@@ -104,8 +104,8 @@ pub struct Faults {
     /// The disk acknowledges an acceptor's write before it is durable: replies leave first, the
     /// state lands later (or never, if the node crashes meanwhile).
     pub reply_before_persist: bool,
-    /// A disk that was lost comes back as a blank state that claims to vote (the old bug: an
-    /// empty `data_dir` taken for a new acceptor), so a wiped voter votes at once.
+    /// A disk that was lost comes back as a blank state that claims to vote (an empty
+    /// `data_dir` taken for a new acceptor), so a wiped voter votes at once.
     pub blank_disk_votes: bool,
     /// The network strips the accepted ballot from promises to proposers, so a proposer cannot
     /// tell which value is the highest-accepted one and continues from an arbitrary one.

@@ -5,7 +5,7 @@
 //! buffers. Here one loop reads a head out of one buffer with `httparse` (field values shared from
 //! it, not copied), hands the request to the forwarder, and writes the answer's head and its body
 //! frames straight from the answer: a small answer costs one read and one write. The request
-//! body reads from the same buffer as the forwarder polls it, so uploads stream as before.
+//! body reads from the same buffer as the forwarder polls it, so uploads stream.
 //!
 //! Shoal's rules for a request head (RFC 9112): Content-Length with Transfer-Encoding is refused
 //! (400, the connection closes: the framing smuggling relies on), as is a Transfer-Encoding whose
@@ -142,9 +142,8 @@ impl ClientConn {
             state.requests.fetch_add(1, Ordering::Relaxed);
             state.active_requests.fetch_add(1, Ordering::Relaxed);
             let had_body = asked.body;
-            // Boxed: forwarding and answering take kilobytes of state (the forwarding future
-            // alone is 6.5 KiB), which a connection waiting for its next request should not
-            // keep. One box per request, made in place (not on the stack and then copied in).
+            // Boxed: forwarding and answering take kilobytes of state, which a connection
+            // waiting for its next request should not keep. One box per request, made in place (not on the stack and then copied in).
             let exchange = Box::write(
                 Box::new_uninit(),
                 self.exchange(proxy, req, fields, asked, info, drain),
