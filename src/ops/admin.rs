@@ -13,13 +13,14 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
 
 use crate::core::detector::PeerView;
 use crate::core::pool::{Backend, BackendId, ChangeError, NodeId, Pool, PoolChange, Protocol};
@@ -114,6 +115,15 @@ fn whole(b: impl Into<Bytes>) -> AdminBody {
 const STATUS_PAGE: &str = include_str!("status_page.html");
 
 const MAX_BODY: usize = 64 * 1024;
+/// Admin requests in progress at once; more are answered 503 at once (a scraper gone wild, or a
+/// script in a loop, cannot queue work behind the operator's).
+pub const ADMIN_CONCURRENCY: usize = 64;
+/// The longest an admin request may take to its answer's head (a change waits for its commit,
+/// whose own deadline is shorter; an event stream's body is not bounded by it).
+pub const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// An admin request, its body limited to `MAX_BODY`.
+type AdminRequest = Request<Limited<Incoming>>;
 
 fn json_response(status: StatusCode, v: &impl Serialize) -> Resp {
     let body = serde_json::to_vec_pretty(v).unwrap_or_default();
@@ -139,6 +149,10 @@ pub enum ApiError {
     MethodNotAllowed { method: Method, path: String },
     #[error("not ready: listeners not bound, no pool known yet, or shutting down")]
     NotReady,
+    #[error("the admin API is busy ({ADMIN_CONCURRENCY} requests in progress); retry")]
+    Busy,
+    #[error("the request took longer than {} s", ADMIN_TIMEOUT.as_secs())]
+    TimedOut,
     #[error(transparent)]
     Control(#[from] ControlError),
 }
@@ -150,7 +164,8 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NoEndpoint(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TimedOut => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Control(ControlError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Control(ControlError::Rejected(e)) => match e {
                 ChangeError::NotFound(_) | ChangeError::PeerNotFound(_) => StatusCode::NOT_FOUND,
@@ -269,21 +284,15 @@ impl Admin {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
+        let stack = self.service();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
                     _ = shutdown.cancelled() => break,
                     a = crate::net::accept(&listener, "admin") => a,
                 };
-                let this = self.clone();
+                let svc = TowerToHyperService::new(stack.clone());
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let this = this.clone();
-                        async move {
-                            let resp = this.handle(req).await.unwrap_or_else(|e| e.response());
-                            Ok::<_, Infallible>(resp)
-                        }
-                    });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
@@ -292,13 +301,45 @@ impl Admin {
         })
     }
 
+    /// The admin API as a tower stack, outermost first: every failure becomes its answer (the
+    /// stack's own error never happens: it is the type hyper wants);
+    /// over `ADMIN_CONCURRENCY` requests in progress, 503 at once; an answer's head within
+    /// `ADMIN_TIMEOUT`; the bearer token (except on the open endpoints); the body limit; then
+    /// the routes. One clone per connection: the limit is shared by all of them.
+    pub fn service(
+        self: Arc<Self>,
+    ) -> impl tower::Service<
+        Request<Incoming>,
+        Response = Resp,
+        Error = tower::BoxError,
+        Future = impl Send + 'static,
+    > + Clone
+           + Send
+           + 'static {
+        let token = self.token.clone();
+        let routes = tower::service_fn(move |req: AdminRequest| {
+            let this = self.clone();
+            async move { this.handle(req).await.map_err(tower::BoxError::from) }
+        });
+        ServiceBuilder::new()
+            .map_result(|r: Result<Resp, tower::BoxError>| {
+                Ok::<_, tower::BoxError>(r.unwrap_or_else(|e| answer(e).response()))
+            })
+            .load_shed()
+            .concurrency_limit(ADMIN_CONCURRENCY)
+            .timeout(ADMIN_TIMEOUT)
+            .filter(move |req: Request<Incoming>| authorized(token.as_deref(), req))
+            .map_request(|req: Request<Incoming>| req.map(|b| Limited::new(b, MAX_BODY)))
+            .service(routes)
+    }
+
     pub fn ready(&self) -> bool {
         self.listening.load(Ordering::Relaxed)
             && !self.shutting_down.load(Ordering::Relaxed)
             && self.routing.pool().exists()
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    async fn handle(&self, req: AdminRequest) -> Result<Resp, ApiError> {
         let path = req.uri().path().to_string();
         let method = req.method().clone();
         match (&method, path.as_str()) {
@@ -347,16 +388,6 @@ impl Admin {
                 return Ok(r);
             }
             _ => {}
-        }
-        if let Some(token) = &self.token {
-            let expected = format!("Bearer {token}");
-            let ok = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .is_some_and(|v| constant_time_eq(v.as_bytes(), expected.as_bytes()));
-            if !ok {
-                return Err(ApiError::Unauthorized);
-            }
         }
         // Discovered backends' ids hold a slash (`NAME/IP:PORT`): in a path it is %2F.
         let decoded: Vec<String> = path
@@ -559,8 +590,44 @@ impl Admin {
     }
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
+/// The endpoints anyone may read: probes, the status page and the scrape.
+fn open(req: &Request<Incoming>) -> bool {
+    req.method() == Method::GET
+        && matches!(req.uri().path(), "/livez" | "/readyz" | "/" | "/metrics")
+}
+
+/// The auth layer's rule: with `admin.token` set, every endpoint but the open ones wants
+/// `Authorization: Bearer TOKEN` (compared in constant time).
+fn authorized(token: Option<&str>, req: Request<Incoming>) -> Result<Request<Incoming>, ApiError> {
+    let Some(token) = token else { return Ok(req) };
+    if open(&req) {
+        return Ok(req);
+    }
+    let expected = format!("Bearer {token}");
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .is_some_and(|v| constant_time_eq(v.as_bytes(), expected.as_bytes()));
+    if ok {
+        Ok(req)
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// What a failure of any layer answers.
+fn answer(e: tower::BoxError) -> ApiError {
+    match e.downcast::<ApiError>() {
+        Ok(api) => *api,
+        Err(e) if e.is::<tower::load_shed::error::Overloaded>() => ApiError::Busy,
+        Err(e) if e.is::<tower::timeout::error::Elapsed>() => ApiError::TimedOut,
+        Err(e) => ApiError::BadRequest(e.to_string()),
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: AdminRequest) -> Result<T, ApiError> {
+    let body = req
+        .into_body()
         .collect()
         .await
         .map_err(|_| ApiError::BadRequest("body unreadable or over 64 KiB".into()))?
@@ -613,6 +680,8 @@ mod tests {
                 405,
             ),
             (ApiError::NotReady, 503),
+            (ApiError::Busy, 503),
+            (ApiError::TimedOut, 504),
             (ApiError::Control(unavailable()), 503),
             (ChangeError::NotFound(BackendId::new("w")).into(), 404),
             (ChangeError::Invalid(InvalidBackend::Weight(0)).into(), 400),
@@ -623,6 +692,7 @@ mod tests {
             ),
             (ChangeError::AlreadySeeded(3).into(), 409),
             (ChangeError::Full.into(), 409),
+            (ChangeError::TooLarge(1 << 24).into(), 409),
         ];
         for (e, code) in cases {
             let r = e.response();
@@ -633,5 +703,126 @@ mod tests {
                 code == 401
             );
         }
+    }
+
+    /// A cluster whose changes take `.0` to commit; `.1` counts those begun.
+    struct Slow(std::time::Duration, Arc<std::sync::atomic::AtomicUsize>);
+
+    impl PoolControl for Slow {
+        fn change(&self, _: PoolChange) -> BoxFuture<'_, Result<Pool, ControlError>> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(self.0).await;
+                Ok(Pool::default())
+            })
+        }
+        fn peers(&self) -> Vec<PeerView> {
+            Vec::new()
+        }
+        fn quorum(&self) -> bool {
+            true
+        }
+        fn consensus(&self) -> ConsensusView {
+            ConsensusView::default()
+        }
+    }
+
+    struct Empty;
+
+    impl RoutingView for Empty {
+        fn pool(&self) -> Arc<Pool> {
+            Arc::new(Pool::default())
+        }
+        fn local_up(&self, _: &BackendId) -> bool {
+            true
+        }
+        fn traffic(&self, _: &BackendId) -> (u64, u64) {
+            (0, 0)
+        }
+    }
+
+    async fn send(addr: std::net::SocketAddr, head: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        std::str::from_utf8(&buf[9..12]).unwrap().parse().unwrap()
+    }
+
+    /// The tower stack over a real socket: the token guards all but the open endpoints, a body
+    /// over the limit is refused, and past `ADMIN_CONCURRENCY` requests in progress the next
+    /// one is answered 503 at once while the others go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_admin_stack_authenticates_limits_and_sheds() {
+        let begun = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let admin = Arc::new(Admin {
+            node: NodeId::new("a"),
+            token: Some("s3cret".into()),
+            routing: Arc::new(Empty),
+            control: Arc::new(Slow(std::time::Duration::from_secs(3), begun.clone())),
+            metrics: metrics_exporter_prometheus::PrometheusBuilder::new()
+                .build_recorder()
+                .handle(),
+            events: crate::ops::events::Events::new("a"),
+            collect: Box::new(|| {}),
+            discovery: Box::new(|| json!([])),
+            started: std::time::Instant::now(),
+            listening: AtomicBool::new(true),
+            shutting_down: AtomicBool::new(false),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        admin.spawn(listener, stop.clone());
+        assert_eq!(
+            send(addr, "GET /livez HTTP/1.1\r\nHost: a\r\n\r\n").await,
+            200
+        );
+        assert_eq!(
+            send(addr, "GET /pool HTTP/1.1\r\nHost: a\r\n\r\n").await,
+            401
+        );
+        let auth = "Authorization: Bearer s3cret\r\n";
+        assert_eq!(
+            send(
+                addr,
+                &format!("GET /pool HTTP/1.1\r\nHost: a\r\n{auth}\r\n")
+            )
+            .await,
+            200
+        );
+        let big = "x".repeat(MAX_BODY + 1);
+        let over = format!(
+            "PUT /pool/backends/w HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: {}\r\n\r\n{big}",
+            big.len()
+        );
+        assert_eq!(send(addr, &over).await, 400);
+        let remove = format!("DELETE /pool/backends/w HTTP/1.1\r\nHost: a\r\n{auth}\r\n");
+        let slow: Vec<_> = (0..ADMIN_CONCURRENCY)
+            .map(|_| {
+                let r = remove.clone();
+                tokio::spawn(async move { send(addr, &r).await })
+            })
+            .collect();
+        // Every slow change is in progress (each holds a place until it commits).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while begun.load(Ordering::SeqCst) < ADMIN_CONCURRENCY {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the slow changes never began"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(send(addr, &remove).await, 503);
+        assert_eq!(
+            begun.load(Ordering::SeqCst),
+            ADMIN_CONCURRENCY,
+            "shed before it ran"
+        );
+        for s in slow {
+            assert_eq!(s.await.unwrap(), 200);
+        }
+        stop.cancel();
     }
 }
