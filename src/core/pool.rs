@@ -617,33 +617,8 @@ impl Pool {
                     "the cluster has no agreed membership yet".into(),
                 ));
             }
-            PoolChange::AddPeer { id, addr, learner } => {
-                check_peer(id, addr).map_err(ChangeError::InvalidPeer)?;
-                if self.voters.contains(id) || (*learner && self.learners.contains(id)) {
-                    return Err(ChangeError::PeerExists(id.clone()));
-                }
-                next.addrs.insert(id.clone(), addr.clone());
-                if *learner {
-                    next.learners.insert(id.clone());
-                } else {
-                    next.learners.remove(id);
-                    next.voters.insert(id.clone());
-                    next.epoch += 1;
-                }
-            }
-            PoolChange::RemovePeer { id } => {
-                if self.voters.contains(id) {
-                    if self.voters.len() == 1 {
-                        return Err(ChangeError::LastVoter(id.clone()));
-                    }
-                    next.voters.remove(id);
-                    next.epoch += 1;
-                    next.forget_votes(id);
-                } else if !next.learners.remove(id) {
-                    return Err(ChangeError::PeerNotFound(id.clone()));
-                }
-                next.addrs.remove(id);
-            }
+            PoolChange::AddPeer { id, addr, learner } => next.add_peer(id, addr, *learner)?,
+            PoolChange::RemovePeer { id } => next.remove_peer(id)?,
             PoolChange::ExpireVotes { peer } => next.forget_votes(peer),
             PoolChange::Settle => {}
             PoolChange::Sightings {
@@ -652,39 +627,7 @@ impl Pool {
                 weight,
                 addrs,
                 protocol,
-            } => {
-                weight_ok(*weight)?;
-                if addrs.len() > MAX_BACKENDS {
-                    return Err(ChangeError::Full);
-                }
-                let mut want = BTreeSet::new();
-                for a in addrs {
-                    let addr = normalize_addr(a).map_err(ChangeError::Invalid)?;
-                    want.insert(addr);
-                }
-                for s in next.sightings.values_mut().filter(|s| &s.source == source) {
-                    if want.remove(&s.addr) {
-                        s.seen_by.insert(peer.clone());
-                        s.weight = *weight;
-                        s.protocol = *protocol;
-                    } else {
-                        s.seen_by.remove(peer);
-                    }
-                }
-                for addr in want {
-                    next.sightings.insert(
-                        discovered_id(source, &addr),
-                        Sighting {
-                            source: source.clone(),
-                            addr,
-                            weight: *weight,
-                            seen_by: BTreeSet::from([peer.clone()]),
-                            protocol: *protocol,
-                        },
-                    );
-                }
-                next.sightings.retain(|_, s| !s.seen_by.is_empty());
-            }
+            } => next.record_sightings(source, peer, *weight, addrs, *protocol)?,
         }
         // Votes count among the agreed voters (the rules' size where none are agreed).
         let rules = &Rules {
@@ -714,6 +657,83 @@ impl Pool {
             next.version = self.version + 1;
         }
         Ok(next)
+    }
+
+    /// `AddPeer`: a voter (a new membership epoch) or a recorded learner; a recorded learner
+    /// added as a voter is promoted.
+    fn add_peer(&mut self, id: &NodeId, addr: &str, learner: bool) -> Result<(), ChangeError> {
+        check_peer(id, addr).map_err(ChangeError::InvalidPeer)?;
+        if self.voters.contains(id) || (learner && self.learners.contains(id)) {
+            return Err(ChangeError::PeerExists(id.clone()));
+        }
+        self.addrs.insert(id.clone(), addr.to_string());
+        if learner {
+            self.learners.insert(id.clone());
+        } else {
+            self.learners.remove(id);
+            self.voters.insert(id.clone());
+            self.epoch += 1;
+        }
+        Ok(())
+    }
+
+    /// `RemovePeer`: removing a voter starts a new membership epoch and drops its votes.
+    fn remove_peer(&mut self, id: &NodeId) -> Result<(), ChangeError> {
+        if self.voters.contains(id) {
+            if self.voters.len() == 1 {
+                return Err(ChangeError::LastVoter(id.clone()));
+            }
+            self.voters.remove(id);
+            self.epoch += 1;
+            self.forget_votes(id);
+        } else if !self.learners.remove(id) {
+            return Err(ChangeError::PeerNotFound(id.clone()));
+        }
+        self.addrs.remove(id);
+        Ok(())
+    }
+
+    /// `Sightings`: one peer's discovery vote for one source replaces its earlier one.
+    fn record_sightings(
+        &mut self,
+        source: &str,
+        peer: &NodeId,
+        weight: u32,
+        addrs: &[String],
+        protocol: Protocol,
+    ) -> Result<(), ChangeError> {
+        weight_ok(weight)?;
+        if addrs.len() > MAX_BACKENDS {
+            return Err(ChangeError::Full);
+        }
+        let mut want = BTreeSet::new();
+        for a in addrs {
+            let addr = normalize_addr(a).map_err(ChangeError::Invalid)?;
+            want.insert(addr);
+        }
+        for s in self.sightings.values_mut().filter(|s| s.source == source) {
+            if want.remove(&s.addr) {
+                s.seen_by.insert(peer.clone());
+                s.weight = weight;
+                s.protocol = protocol;
+            } else {
+                s.seen_by.remove(peer);
+            }
+        }
+        for addr in want {
+            self.sightings.insert(
+                discovered_id(source, &addr),
+                Sighting {
+                    source: source.to_string(),
+                    addr,
+                    weight: weight,
+                    seen_by: BTreeSet::from([peer.clone()]),
+                    protocol: protocol,
+                },
+            );
+        }
+        self.sightings.retain(|_, s| !s.seen_by.is_empty());
+        Ok(())
     }
 
     /// Whether `peer`'s health and discovery votes count: any peer's before voters are agreed,

@@ -942,9 +942,20 @@ mod tests {
         (UringStream::from_tokio(s).unwrap(), peer)
     }
 
-    fn fd_open(fd: RawFd) -> bool {
-        // SAFETY: F_GETFD only asks whether the number names an open descriptor.
-        unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+    /// Which file `fd` names now (device and inode), if it is open. Tests in the same process
+    /// open sockets of their own, so a number alone may be reused by another test: compare
+    /// what it names.
+    fn file_of(fd: RawFd) -> Option<(u64, u64)> {
+        // SAFETY: fstat writes one stat through a valid pointer; a closed number fails.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            (libc::fstat(fd, &mut st) == 0).then_some((st.st_dev, st.st_ino))
+        }
+    }
+
+    /// Whether `fd` still names the file it named as `was`.
+    fn still_open(fd: RawFd, was: Option<(u64, u64)>) -> bool {
+        was.is_some() && file_of(fd) == was
     }
 
     #[test]
@@ -954,10 +965,14 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let (mut a, mut a_peer) = pair(&l).await;
             let a_fd = a.fd.as_raw_fd();
+            let a_file = file_of(a_fd);
             // Queued on the ring, not yet submitted: the driver has not run since.
             a.write_all(b"from A").await.unwrap();
             drop(a);
-            assert!(fd_open(a_fd), "closed while a queued send names it");
+            assert!(
+                still_open(a_fd, a_file),
+                "closed while a queued send names it"
+            );
             // A new socket at once (no yield): it must not get A's number.
             let b = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
             assert_ne!(b.as_raw_fd(), a_fd);
@@ -976,10 +991,7 @@ mod tests {
             let mut rest = Vec::new();
             let _ = a_peer.read_to_end(&mut rest);
             assert!(rest.is_empty() || rest == b"from A", "{rest:?}");
-            assert!(
-                !fd_open(a_fd) || a_fd == b.as_raw_fd(),
-                "A's socket never closed"
-            );
+            assert!(!still_open(a_fd, a_file), "A's socket never closed");
             drop(b);
         });
     }
@@ -991,19 +1003,20 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let (mut a, _a_peer) = pair(&l).await;
             let a_fd = a.fd.as_raw_fd();
+            let a_file = file_of(a_fd);
             // A receive in flight (parked: nothing to read).
             let mut buf = [0u8; 16];
             let read = tokio::time::timeout(Duration::from_millis(50), a.read(&mut buf)).await;
             assert!(read.is_err(), "nothing was sent to A");
             drop(a);
-            assert!(fd_open(a_fd), "closed while a receive names it");
+            assert!(still_open(a_fd, a_file), "closed while a receive names it");
             // The cancel completes, then the number is free; a new ring stream on it gets its
             // own data.
             for _ in 0..20 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             assert!(
-                !fd_open(a_fd),
+                !still_open(a_fd, a_file),
                 "A's socket never closed after its receive was cancelled"
             );
             let (mut b, mut b_peer) = pair(&l).await;
@@ -1024,6 +1037,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let (mut a, mut a_peer) = pair(&l).await;
             let a_fd = a.fd.as_raw_fd();
+            let a_file = file_of(a_fd);
             let mut buf = [0u8; 16];
             let read = tokio::time::timeout(Duration::from_millis(50), a.read(&mut buf)).await;
             assert!(read.is_err());
@@ -1033,7 +1047,7 @@ mod tests {
             let mut closed = false;
             for _ in 0..100 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                if !fd_open(a_fd) {
+                if !still_open(a_fd, a_file) {
                     closed = true;
                     break;
                 }
