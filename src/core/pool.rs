@@ -726,9 +726,9 @@ impl Pool {
                 Sighting {
                     source: source.to_string(),
                     addr,
-                    weight: weight,
+                    weight,
                     seen_by: BTreeSet::from([peer.clone()]),
-                    protocol: protocol,
+                    protocol,
                 },
             );
         }
