@@ -628,7 +628,13 @@ impl Driver {
                 max_ejected_percent: self.max_ejected_percent.load(Ordering::Relaxed),
                 ..self.rules
             };
-            if self.node.propose(q.change, rules, now) {
+            // A read nobody waits for is this peer's periodic one: it yields to other rounds.
+            let started = if is_read && q.reply.is_none() {
+                self.node.propose_background(rules, now)
+            } else {
+                self.node.propose(q.change, rules, now)
+            };
+            if started {
                 self.current = Some(Current {
                     reply: q.reply,
                     started: Instant::now(),

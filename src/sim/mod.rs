@@ -899,7 +899,13 @@ impl Sim {
         self.log(|| format!("{id} proposes {change:?}"));
         let now = self.now;
         let rules = self.rules;
-        if self.nodes[node].core.propose(change, rules, now) {
+        // A read no client waits for is the node's periodic one, as the driver runs it.
+        let started = if op.is_none() && change == PoolChange::Read {
+            self.nodes[node].core.propose_background(rules, now)
+        } else {
+            self.nodes[node].core.propose(change, rules, now)
+        };
+        if started {
             self.nodes[node].serving = op;
             self.pump(node);
         } else if op.is_some() {

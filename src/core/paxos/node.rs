@@ -319,6 +319,29 @@ impl Node {
         true
     }
 
+    /// A background read (a peer's periodic one): as `propose`, but it gives up at its first
+    /// conflict, since the round that beat it pushes what it commits to every peer. A node
+    /// catching up runs its catch-up round in full instead.
+    pub fn propose_background(&mut self, rules: Rules, now: u64) -> bool {
+        if self.is_catching_up() {
+            return self.propose(PoolChange::Read, rules, now);
+        }
+        if self.proposer.is_busy() || !self.set_quorum(false) {
+            return false;
+        }
+        let rules = Rules {
+            cluster_size: self.voters().len(),
+            ..rules
+        };
+        let mut actions = Vec::new();
+        self.proposer
+            .propose(PoolChange::Read, rules, now, &mut actions);
+        self.proposer.yield_on_conflict();
+        self.catching_up_op = false;
+        self.act(actions, now);
+        true
+    }
+
     /// Point the proposer at the learned epoch and its voters. While catching up, this node's
     /// own acceptor takes no part: the catch-up round counts a majority of the other voters.
     /// False when the voters that may answer cannot make that quorum.
@@ -427,8 +450,10 @@ impl Node {
             }
             other => {
                 if let Msg::Conflict { ref seen, .. } = other {
-                    if seen.epoch > self.learned.epoch {
-                        // Beaten by a ballot of a later membership: learn it.
+                    if seen.epoch > self.learned.epoch || self.proposer.yields() {
+                        // Beaten by a ballot of a later membership, or a background read
+                        // yields: ask for what the peer learned instead (the round that beat
+                        // this one may commit nothing new, and push nothing).
                         self.send(from.clone(), Msg::Fetch);
                     }
                 }

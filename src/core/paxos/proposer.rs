@@ -108,6 +108,10 @@ struct Op {
     attempt: u32,
     /// An accept carrying a real change was sent: a failure now leaves the outcome unknown.
     sent_change: bool,
+    /// A background read: it gives up (not applied) at its first conflict instead of retrying,
+    /// since another proposer's round will push what it commits anyway. Periodic reads by
+    /// every peer would otherwise keep preempting a change that waits in backoff.
+    yields: bool,
     phase: Phase,
     wake_at: u64,
 }
@@ -265,11 +269,24 @@ impl Proposer {
             started: now,
             attempt: 0,
             sent_change: false,
+            yields: false,
             phase: Phase::Backoff,
             wake_at: now,
         });
         self.start_round(now, out);
         true
+    }
+
+    /// Make the change in progress a background read that yields at its first conflict.
+    pub fn yield_on_conflict(&mut self) {
+        if let Some(op) = self.op.as_mut() {
+            op.yields = op.change == PoolChange::Read;
+        }
+    }
+
+    /// Whether the change in progress is a background read that yields at a conflict.
+    pub fn yields(&self) -> bool {
+        self.op.as_ref().is_some_and(|op| op.yields)
     }
 
     /// Abandon the change in progress (e.g. the node is shutting down).
@@ -478,6 +495,10 @@ impl Proposer {
                 // Fast-forward past the ballot that beat us, so the next attempt can win.
                 self.counter = self.counter.max(seen.counter);
                 self.conflicts += 1;
+                if op.yields && !op.sent_change {
+                    self.finish(Outcome::NotApplied, out);
+                    return;
+                }
                 self.retry_later(now, out);
             }
             _ => {}

@@ -990,3 +990,36 @@ fn a_lone_voter_whose_first_write_fails_still_votes() {
     a.written(w, true);
     assert!(a.propose(PoolChange::Read, Rules::default(), 0));
 }
+
+/// A peer's periodic read yields: at its first conflict it ends (not applied) instead of
+/// retrying, so reads by every peer cannot keep preempting a change that waits in backoff. A
+/// client's read retries as before.
+#[test]
+fn a_background_read_yields_at_its_first_conflict() {
+    let mut a = voter("a");
+    assert!(a.propose_background(Rules::default(), 0));
+    let out = flush(&mut a);
+    let Some((_, Msg::Prepare { ballot })) = out.messages.first().cloned() else {
+        panic!("{out:?}")
+    };
+    let seen = b(ballot.counter + 10, "b");
+    a.step(
+        &n("b"),
+        Msg::Conflict {
+            ballot: ballot.clone(),
+            seen: seen.clone(),
+        },
+        1,
+    );
+    assert_eq!(flush(&mut a).outcomes, vec![Outcome::NotApplied]);
+    assert!(!a.is_busy());
+    // A client's read backs off and tries again.
+    assert!(a.propose(PoolChange::Read, Rules::default(), 2));
+    let out = flush(&mut a);
+    let Some((_, Msg::Prepare { ballot })) = out.messages.first().cloned() else {
+        panic!("{out:?}")
+    };
+    a.step(&n("b"), Msg::Conflict { ballot, seen }, 3);
+    assert!(flush(&mut a).outcomes.is_empty());
+    assert!(a.is_busy());
+}
