@@ -339,19 +339,18 @@ impl Admin {
             && self.routing.pool().exists()
     }
 
-    async fn handle(&self, req: AdminRequest) -> Result<Resp, ApiError> {
-        let path = req.uri().path().to_string();
-        let method = req.method().clone();
-        match (&method, path.as_str()) {
-            (&Method::GET, "/livez") => {
-                return Ok(json_response(StatusCode::OK, &json!({"status": "alive"})))
-            }
-            (&Method::GET, "/readyz") => {
-                return match self.ready() {
-                    true => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
-                    false => Err(ApiError::NotReady),
-                };
-            }
+    /// The endpoints anyone may read (the auth layer lets them through): probes, the status
+    /// page, the scrape.
+    fn open_endpoint(&self, method: &Method, path: &str) -> Option<Result<Resp, ApiError>> {
+        match (method, path) {
+            (&Method::GET, "/livez") => Some(Ok(json_response(
+                StatusCode::OK,
+                &json!({"status": "alive"}),
+            ))),
+            (&Method::GET, "/readyz") => Some(match self.ready() {
+                true => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
+                false => Err(ApiError::NotReady),
+            }),
             (&Method::GET, "/") => {
                 let mut r = Response::new(whole(STATUS_PAGE));
                 r.headers_mut().insert(
@@ -364,7 +363,7 @@ impl Admin {
                         "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'",
                     ),
                 );
-                return Ok(r);
+                Some(Ok(r))
             }
             (&Method::GET, "/metrics") => {
                 (self.collect)();
@@ -385,9 +384,17 @@ impl Admin {
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4"),
                 );
-                return Ok(r);
+                Some(Ok(r))
             }
-            _ => {}
+            _ => None,
+        }
+    }
+
+    async fn handle(&self, req: AdminRequest) -> Result<Resp, ApiError> {
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        if let Some(answer) = self.open_endpoint(&method, &path) {
+            return answer;
         }
         // Discovered backends' ids hold a slash (`NAME/IP:PORT`): in a path it is %2F.
         let decoded: Vec<String> = path
