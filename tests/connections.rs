@@ -94,13 +94,24 @@ async fn sigterm_drains_in_flight_requests() {
     let inflight = tokio::spawn(async move {
         send(proxy, request("GET", proxy, "/").body(empty()).unwrap()).await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the request to reach the backend",
+        || async { (slow.hits() >= 1).then_some(()) },
+    )
+    .await;
     s.signal("-TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        tokio::net::TcpStream::connect(proxy).await.is_err(),
-        "listener still open after SIGTERM"
-    );
+    eventually(
+        Duration::from_secs(5),
+        "the listener to close after SIGTERM",
+        || async {
+            tokio::net::TcpStream::connect(proxy)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
     let r = inflight.await.unwrap().unwrap();
     assert_eq!(r.status(), 200, "the in-flight request finished");
     assert_eq!(s.wait_exit(Duration::from_secs(5)), Some(0));
