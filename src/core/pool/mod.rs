@@ -945,17 +945,18 @@ mod tests {
     /// recent others, and a retry of a kept proposer is still found.
     #[test]
     fn applied_keeps_at_most_max_applied_proposers() {
+        let next = |a: Applied| match a {
+            Applied::Next(q) => q,
+            Applied::Already => panic!("applied as already"),
+        };
         let mut p = Pool::default()
             .apply(&PoolChange::seed(vec![]), &rules(3))
             .unwrap();
         p.voters = [peer("a")].into_iter().collect();
-        p = match p
-            .apply_once(&PoolChange::Read, &rules(1), &peer("a"), 1)
-            .unwrap()
-        {
-            Applied::Next(q) => q,
-            Applied::Already => unreachable!(),
-        };
+        p = next(
+            p.apply_once(&PoolChange::Read, &rules(1), &peer("a"), 1)
+                .unwrap(),
+        );
         let add = |i: usize| PoolChange::AddBackend {
             backend: Backend::new(
                 format!("b{i}"),
@@ -963,16 +964,10 @@ mod tests {
                 1,
             ),
         };
-        p = match p.apply_once(&add(0), &rules(1), &peer("a"), 2).unwrap() {
-            Applied::Next(q) => q,
-            Applied::Already => unreachable!(),
-        };
+        p = next(p.apply_once(&add(0), &rules(1), &peer("a"), 2).unwrap());
         for i in 1..MAX_APPLIED + 100 {
             let id = NodeId::new(format!("learner-{i}"));
-            p = match p.apply_once(&add(i), &rules(1), &id, 1).unwrap() {
-                Applied::Next(q) => q,
-                Applied::Already => unreachable!(),
-            };
+            p = next(p.apply_once(&add(i), &rules(1), &id, 1).unwrap());
         }
         assert_eq!(p.applied.len(), MAX_APPLIED);
         assert_eq!(p.applied_at.len(), MAX_APPLIED);
