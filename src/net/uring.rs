@@ -15,7 +15,6 @@
 //! interrupt, they are collected at its next enter. Where the kernel refuses a ring (a seccomp
 //! profile, `kernel.io_uring_disabled`), the worker keeps epoll.
 
-use crate::sync::MutexExt;
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
@@ -28,6 +27,8 @@ use std::task::{Context, Poll, Waker};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::sync::MutexExt;
 
 /// Completions nobody waits for: cancellations and buffers given back.
 const UNWATCHED: u64 = u64::MAX;
@@ -117,10 +118,6 @@ struct Mailbox {
 /// Every live driver's mailbox.
 static MAILBOXES: Mutex<Vec<Arc<Mailbox>>> = Mutex::new(Vec::new());
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.locked()
-}
-
 /// This thread's ring, if it has one (a worker of a peer with `proxy.io_uring` on).
 fn ring_id() -> Option<u64> {
     DRIVER.with(|d| d.borrow().as_ref().map(|d| d.id))
@@ -181,7 +178,7 @@ pub fn install() -> io::Result<()> {
         driver.give_back(b)?;
     }
     DRIVER.with(|d| *d.borrow_mut() = Some(driver));
-    lock(&MAILBOXES).push(mailbox);
+    MAILBOXES.locked().push(mailbox);
     tokio::spawn(async move {
         drive(fd).await;
         uninstall(id);
@@ -193,7 +190,7 @@ pub fn install() -> io::Result<()> {
 /// ring is leaked, not closed, since the kernel may still use what its operations name.
 fn uninstall(id: u64) {
     tracing::error!("io_uring: the driver stopped; this worker's new connections use epoll");
-    lock(&MAILBOXES).retain(|m| m.ring != id);
+    MAILBOXES.locked().retain(|m| m.ring != id);
     DRIVER.with(|d| {
         let mut d = d.borrow_mut();
         if d.as_ref().is_some_and(|d| d.id == id) {
@@ -264,9 +261,9 @@ async fn drive(fd: RawFd) {
             let progressed = queued > 0 || !woken.is_empty() || d.queued > 0;
             if !progressed {
                 d.waker = Some(cx.waker().clone());
-                *lock(&d.mailbox.waker) = Some(cx.waker().clone());
+                *d.mailbox.waker.locked() = Some(cx.waker().clone());
                 // A stream handed back meanwhile must not wait for the next wake-up.
-                if !lock(&d.mailbox.gone).is_empty() {
+                if !d.mailbox.gone.locked().is_empty() {
                     return true;
                 }
             }
@@ -453,7 +450,7 @@ impl Driver {
 
     /// Streams of this ring dropped on other threads, handed back through the mailbox.
     fn adopt(&mut self) {
-        let gone = std::mem::take(&mut *lock(&self.mailbox.gone));
+        let gone = std::mem::take(&mut *self.mailbox.gone.locked());
         for g in gone {
             self.abandon(g);
         }
@@ -881,14 +878,15 @@ impl Drop for UringStream {
             return;
         }
         // Another thread: the ring's own driver sees to it.
-        let mailbox = lock(&MAILBOXES)
+        let mailbox = MAILBOXES
+            .locked()
             .iter()
             .find(|m| m.ring == self.ring)
             .cloned();
         match mailbox {
             Some(m) => {
-                lock(&m.gone).push(gone);
-                if let Some(w) = lock(&m.waker).take() {
+                m.gone.locked().push(gone);
+                if let Some(w) = m.waker.locked().take() {
                     w.wake();
                 }
             }

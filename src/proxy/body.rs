@@ -1,7 +1,6 @@
 //! What goes to a backend. Nothing is buffered: a request body streams frame by frame. The one
 //! copy kept is a tape of a small idempotent request's body, to send it again after a reset.
 
-use crate::sync::MutexExt;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::client::H1Body;
+use crate::sync::MutexExt;
 
 /// Why a body broke off (the client's or a backend's connection failed mid-body).
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;

@@ -2,10 +2,9 @@
 //! (`server::h1`) and the request body being read (`H1Body`, polled by the forwarder, perhaps
 //! from another task) use it; and the handoff of an upgraded connection to its tunnel.
 
-use crate::sync::MutexExt;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -15,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
 use super::wire::{self, Decoder};
+use crate::sync::MutexExt;
 
 /// A client's byte stream (plain TCP or TLS), counted by `WatchedIo`.
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -64,10 +64,6 @@ impl ClientBytes {
 
 pub type SharedClientBytes = Arc<Mutex<ClientBytes>>;
 
-pub fn lock(w: &SharedClientBytes) -> MutexGuard<'_, ClientBytes> {
-    w.locked()
-}
-
 /// A request body read from the client connection as the forwarder polls it.
 pub struct H1Body {
     pub wire: Option<SharedClientBytes>,
@@ -81,7 +77,7 @@ impl H1Body {
         let Some(shared) = self.wire.as_ref() else {
             return Poll::Ready(None);
         };
-        let mut guard = lock(shared);
+        let mut guard = shared.locked();
         let w = &mut *guard;
         if let Some(sent) = self.expect.as_mut() {
             // The client waits for a go-ahead before it sends the body (unless it already

@@ -3,7 +3,6 @@
 //! builds the next one off the request path and swaps it in. The upstreams it points to come
 //! from the registry, which outlives versions.
 
-use crate::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,6 +15,7 @@ use crate::config::{Config, HashKey};
 use crate::core::balance::{BalanceSpec, Selector, Usable};
 use crate::core::health::Thresholds;
 use crate::core::pool::{BackendId, Pool};
+use crate::sync::MutexExt;
 
 /// Settings read per request; replaced as a whole on reload.
 #[derive(Clone, Debug)]

@@ -28,15 +28,14 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::body::ClientBody;
-use crate::proxy::client::{
-    lock, BoxIo, ClientBytes, H1Body, PendingUpgrade, Rewind, SharedClientBytes,
-};
+use crate::proxy::client::{BoxIo, ClientBytes, H1Body, PendingUpgrade, Rewind, SharedClientBytes};
 use crate::proxy::conn::ConnState;
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::{ConnInfo, Proxy};
 use crate::proxy::framing::{self, Framing};
 use crate::proxy::response::ResponseBody;
 use crate::proxy::wire::{self, FieldRole, WireFields, GATHER, MAX_HEADERS};
+use crate::sync::MutexExt;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking HTTP/2 with prior knowledge.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -161,7 +160,7 @@ impl ClientConn {
                     return Ended::Upgraded;
                 }
                 Answered::Upgrade(_) | Answered::Close => {
-                    if had_body && !lock(&self.wire).body_done() {
+                    if had_body && !self.wire.locked().body_done() {
                         self.close_lingering().await;
                     } else {
                         self.shutdown().await;
@@ -170,7 +169,7 @@ impl ClientConn {
                 }
                 Answered::Broken => return Ended::Closed,
             }
-            if had_body && !lock(&self.wire).body_done() {
+            if had_body && !self.wire.locked().body_done() {
                 // The forwarder did not take the whole body (a backend answered early): the
                 // next request's bytes cannot be found.
                 self.close_lingering().await;
@@ -202,7 +201,7 @@ impl ClientConn {
         drain: &CancellationToken,
     ) -> Result<Next, Refused> {
         {
-            let mut w = lock(&self.wire);
+            let mut w = self.wire.locked();
             w.answered = false;
             w.rb.release();
         }
@@ -212,7 +211,7 @@ impl ClientConn {
         self.out = Vec::new();
         loop {
             {
-                let mut w = lock(&self.wire);
+                let mut w = self.wire.locked();
                 let buf = &w.rb.buf;
                 if h2c && !buf.is_empty() {
                     let n = buf.len().min(PREFACE.len());
@@ -228,9 +227,9 @@ impl ClientConn {
                     }
                 }
             }
-            let idle = lock(&self.wire).rb.buf.is_empty();
+            let idle = self.wire.locked().rb.buf.is_empty();
             let read = poll_fn(|cx| {
-                let mut w = lock(&self.wire);
+                let mut w = self.wire.locked();
                 let w = &mut *w;
                 w.rb.poll_fill_fresh(&mut w.io, cx)
             });
@@ -332,7 +331,7 @@ impl ClientConn {
             }
         }
         out.extend_from_slice(b"\r\n");
-        lock(&self.wire).answered = true;
+        self.wire.locked().answered = true;
         let done = if framing == Out::None {
             drop(body);
             self.flush().await
@@ -441,13 +440,13 @@ impl ClientConn {
         self.out = out;
         self.out.clear();
         res?;
-        poll_fn(|cx| Pin::new(&mut lock(&self.wire).io).poll_flush(cx)).await?;
+        poll_fn(|cx| Pin::new(&mut self.wire.locked().io).poll_flush(cx)).await?;
         Ok(true)
     }
 
     async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
-            let n = poll_fn(|cx| Pin::new(&mut lock(&self.wire).io).poll_write(cx, data)).await?;
+            let n = poll_fn(|cx| Pin::new(&mut self.wire.locked().io).poll_write(cx, data)).await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -457,7 +456,7 @@ impl ClientConn {
     }
 
     async fn shutdown(&self) {
-        let _ = poll_fn(|cx| Pin::new(&mut lock(&self.wire).io).poll_shutdown(cx)).await;
+        let _ = poll_fn(|cx| Pin::new(&mut self.wire.locked().io).poll_shutdown(cx)).await;
     }
 
     /// [`Self::linger`] in a box of its own: its timer and reads are no state for a connection
@@ -475,7 +474,7 @@ impl ClientConn {
         let drop_all = async {
             loop {
                 let n = poll_fn(|cx| {
-                    let mut w = lock(&self.wire);
+                    let mut w = self.wire.locked();
                     let w = &mut *w;
                     w.rb.buf.clear();
                     w.rb.poll_fill(&mut w.io, cx)
@@ -682,7 +681,7 @@ mod tests {
     fn seen(bytes: &[u8]) -> Seen {
         let shared = conn(bytes);
         let parsed = {
-            let mut w = lock(&shared);
+            let mut w = shared.locked();
             parse(&shared, &mut w, 8192)
         };
         let (req, keep_alive) = match parsed {
@@ -711,7 +710,7 @@ mod tests {
                 Poll::Pending => return Seen::BadBody,
             }
         }
-        let rest = Bytes::copy_from_slice(&lock(&shared).rb.buf);
+        let rest = Bytes::copy_from_slice(&shared.locked().rb.buf);
         let next = match &rest[..] {
             // The connection ends after this one: what follows is never read.
             _ if !keep_alive => "close",

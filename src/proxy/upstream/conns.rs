@@ -2,7 +2,6 @@
 //! is only ever used by the thread whose runtime drives it. An HTTP/2 backend has one shared
 //! connection per worker instead: every request of the worker is a stream on it.
 
-use crate::sync::MutexExt;
 use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -10,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::h1;
 use crate::net::Target;
 use crate::proxy::body::RequestBody;
+use crate::sync::MutexExt;
 
 /// Idle connections kept per backend and worker.
 const MAX_IDLE: usize = 256;

@@ -2,12 +2,12 @@
 //! pure `LocalHealth` behind a lock, with lock-free fast paths for the common case (up, no
 //! failure streak) and trial gating for a backend that traffic took down.
 
-use crate::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::core::health::{Local, LocalHealth, Source, Thresholds};
+use crate::sync::MutexExt;
 
 pub struct LocalView {
     health: Mutex<LocalHealth>,

@@ -7,7 +7,6 @@ mod conns;
 pub mod h1;
 mod health;
 
-use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +25,7 @@ use crate::core::health::{Local, Source, Thresholds};
 use crate::core::pool::{BackendId, Pool, Protocol};
 use crate::net::Target;
 use crate::ops::telemetry as names;
+use crate::sync::MutexExt;
 
 /// Why an attempt failed, as `shoal_upstream_errors_total{kind}` counts it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
