@@ -2,7 +2,6 @@
 //! latest answer for `/status`, and propose this peer's vote (`core::discovery::Tracker`) when
 //! the agreed pool does not show it.
 
-use crate::sync::MutexExt;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -17,6 +16,7 @@ use crate::core::pool::NodeId;
 use crate::dns::{Lookup, Resolver};
 use crate::ops::telemetry as names;
 use crate::proxy::table::RoutingTable;
+use crate::sync::MutexExt;
 
 /// Each source's latest answer at this peer, for `/status`.
 pub type Answers = Arc<Mutex<BTreeMap<String, Value>>>;

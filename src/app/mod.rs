@@ -9,7 +9,6 @@ mod health;
 pub mod probe;
 mod seams;
 
-use crate::sync::MutexExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,6 +27,7 @@ use crate::ops::telemetry::{self, LogReload};
 use crate::proxy::server::{Listener, Server, ServerOptions};
 use crate::proxy::table::{RoutingTable, Settings};
 use crate::proxy::Proxy;
+use crate::sync::MutexExt;
 
 /// A running peer.
 pub struct Peer {

@@ -8,7 +8,6 @@
 pub mod storage;
 pub mod transport;
 
-use crate::sync::MutexExt;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +23,7 @@ use crate::core::paxos::{Consensus, Effects, Node, Outcome, ProposerConfig};
 use crate::core::pool::{BackendState, ChangeError, NodeId, Pool, PoolChange, PoolDiff, Rules};
 use crate::ops::events::Events;
 use crate::ops::telemetry as names;
+use crate::sync::MutexExt;
 use serde_json::json;
 use storage::{FileStore, Storage};
 use transport::{Body, Identity, Inbound, PeerTls, Transport};

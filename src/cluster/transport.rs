@@ -10,7 +10,6 @@
 //! for `idle` is torn down and dialed again, so a link whose packets vanish is noticed. Sending
 //! never blocks the caller: a full queue drops the message (Paxos and heartbeats tolerate loss).
 
-use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +28,7 @@ use crate::config::{ClusterTls, PeerConfig};
 use crate::core::paxos::Msg;
 use crate::core::pool::NodeId;
 use crate::ops::telemetry as names;
+use crate::sync::MutexExt;
 
 /// What peers say to each other.
 // Most frames are Paxos messages, which carry a pool; boxing it would only add an allocation.

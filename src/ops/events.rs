@@ -4,7 +4,6 @@
 //! Each event is a flat JSON object: `at` (RFC 3339), `seq` (per peer, rising), `kind`, `peer`
 //! (where it was seen), `message` (one readable line), and the kind's own fields.
 
-use crate::sync::MutexExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,6 +11,8 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
+
+use crate::sync::MutexExt;
 
 /// How many events a peer keeps.
 pub const CAPACITY: usize = 1000;

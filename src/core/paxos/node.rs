@@ -286,6 +286,19 @@ impl Node {
     /// promise could complete a majority with it after this node voted for something else
     /// (`a_promise_from_before_a_lost_disk_cannot_overwrite_a_later_commit` plays it).
     pub fn propose(&mut self, change: PoolChange, rules: Rules, now: u64) -> bool {
+        self.start(change, rules, now, false)
+    }
+
+    /// A background read (a peer's periodic one): as `propose`, but it gives up at its first
+    /// conflict, since the round that beat it pushes what it commits to every peer. A node
+    /// catching up runs its catch-up round in full instead.
+    pub fn propose_background(&mut self, rules: Rules, now: u64) -> bool {
+        self.start(PoolChange::Read, rules, now, true)
+    }
+
+    /// Start a change; `background`: a read that yields at its first conflict (never a
+    /// catch-up round).
+    fn start(&mut self, change: PoolChange, rules: Rules, now: u64, background: bool) -> bool {
         if self.proposer.is_busy() {
             return false;
         }
@@ -307,6 +320,10 @@ impl Node {
         };
         let mut actions = Vec::new();
         self.proposer.propose(change, rules, now, &mut actions);
+        if background && !catching_up {
+            // Before `act`: this node's own acceptor may refuse the round at once.
+            self.proposer.yield_on_conflict();
+        }
         self.catching_up_op = catching_up;
         if let Mode::CatchingUp {
             ballot, unformed, ..
@@ -315,29 +332,6 @@ impl Node {
             *ballot = self.proposer.current_ballot().cloned();
             unformed.clear();
         }
-        self.act(actions, now);
-        true
-    }
-
-    /// A background read (a peer's periodic one): as `propose`, but it gives up at its first
-    /// conflict, since the round that beat it pushes what it commits to every peer. A node
-    /// catching up runs its catch-up round in full instead.
-    pub fn propose_background(&mut self, rules: Rules, now: u64) -> bool {
-        if self.is_catching_up() {
-            return self.propose(PoolChange::Read, rules, now);
-        }
-        if self.proposer.is_busy() || !self.set_quorum(false) {
-            return false;
-        }
-        let rules = Rules {
-            cluster_size: self.voters().len(),
-            ..rules
-        };
-        let mut actions = Vec::new();
-        self.proposer
-            .propose(PoolChange::Read, rules, now, &mut actions);
-        self.proposer.yield_on_conflict();
-        self.catching_up_op = false;
         self.act(actions, now);
         true
     }
