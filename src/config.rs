@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::core::balance::{Algorithm, BalanceSpec, HashMethod};
 use crate::core::health::Thresholds;
-use crate::core::pool::{self, Backend, NodeId, Rules};
+use crate::core::pool::{self, Backend, NodeId, Overrides, Rules, ServiceDef, ServiceSeed};
 
 /// A validated config.
 #[derive(Clone, Debug)]
@@ -35,6 +35,57 @@ pub struct Config {
     pub backends: Vec<Backend>,
     /// Backends found by DNS and agreed by the peers.
     pub discovery: Vec<DiscoveryConfig>,
+    /// `[[services]]`: the services besides `default` (the top-level one).
+    pub services: Vec<ServiceConfig>,
+    /// The top-level `[balance]` and `[health]` tables as read, defaults filled in: what a
+    /// service's own keys are laid over.
+    pub base: BaseTables,
+}
+
+/// The top-level `[balance]` and `[health]` tables, as values.
+#[derive(Clone, Debug, Default)]
+pub struct BaseTables {
+    pub balance: Value,
+    pub health: Value,
+}
+
+/// One `[[services]]` entry.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Hosts, prefix, strip, and the balance and health keys it sets (agreed state).
+    pub def: ServiceDef,
+    /// Seeds its pool when the agreed state has none.
+    pub backends: Vec<Backend>,
+    /// This peer's discovery sources for it.
+    pub discovery: Vec<DiscoveryConfig>,
+    /// Its effective settings: the top-level ones with its own keys laid over.
+    pub balance: BalanceConfig,
+    pub health: HealthConfig,
+}
+
+/// The raw `[[services]]` entry; its tables and lists are read on their own.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceEntry {
+    #[serde(deserialize_with = "text")]
+    name: String,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default, deserialize_with = "text")]
+    path_prefix: Option<String>,
+    #[serde(default)]
+    strip_prefix: bool,
+    #[serde(default)]
+    balance: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    health: Option<serde_json::Map<String, Value>>,
+    #[serde(default, deserialize_with = "elsewhere")]
+    #[allow(dead_code)]
+    backends: (),
+    #[serde(default, deserialize_with = "elsewhere")]
+    #[allow(dead_code)]
+    discovery: (),
 }
 
 /// What a `[[discovery]]` source resolves.
@@ -219,6 +270,22 @@ pub struct BalanceConfig {
 }
 
 impl BalanceConfig {
+    /// The keys as the config file and the admin API write them.
+    pub fn shown(&self) -> Value {
+        serde_json::json!({
+            "algorithm": match self.algorithm {
+                AlgorithmName::RoundRobin => "round_robin",
+                AlgorithmName::ConsistentHash => "consistent_hash",
+            },
+            "hash_key": self.hash_key.to_string(),
+            "hash_method": match self.hash_method {
+                HashMethod::Maglev => "maglev",
+                HashMethod::Ring => "ring",
+            },
+            "bounded_load": self.bounded_load,
+        })
+    }
+
     pub fn spec(&self) -> BalanceSpec {
         BalanceSpec {
             algorithm: match self.algorithm {
@@ -260,6 +327,21 @@ pub struct HealthConfig {
 }
 
 impl HealthConfig {
+    /// The keys as the config file and the admin API write them.
+    pub fn shown(&self) -> Value {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        serde_json::json!({
+            "path": self.path,
+            "interval": d(self.interval),
+            "timeout": d(self.timeout),
+            "rise": self.rise,
+            "fall": self.fall,
+            "passive_failures": self.passive_failures,
+            "max_ejected_percent": self.max_ejected_percent,
+            "panic_below_percent": self.panic_below_percent,
+        })
+    }
+
     pub fn thresholds(&self) -> Thresholds {
         Thresholds {
             rise: self.rise,
@@ -430,6 +512,30 @@ fn addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
 }
 
 impl Config {
+    /// The services' definitions and seed backends, as the register holds them.
+    pub fn service_seeds(&self) -> Vec<ServiceSeed> {
+        self.services
+            .iter()
+            .map(|s| ServiceSeed {
+                name: s.name.clone(),
+                def: s.def.clone(),
+                backends: s.backends.clone(),
+            })
+            .collect()
+    }
+
+    /// The effective settings of a service defined `def`: this config's top-level `[balance]`
+    /// and `[health]` with the service's own keys laid over, checked by the same rules. An
+    /// error names each bad key (`balance.algorithm: ...`).
+    pub fn effective(&self, def: &ServiceDef) -> Result<(BalanceConfig, HealthConfig), String> {
+        let mut c = Checker::default();
+        let read = service_tables(&mut c, "", &self.base, &def.balance, &def.health);
+        match read {
+            Some(t) if c.errors.is_empty() => Ok(t),
+            _ => Err(c.errors.join("; ")),
+        }
+    }
+
     /// The rules pool changes are applied under.
     pub fn rules(&self) -> Rules {
         Rules {
@@ -725,6 +831,7 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
         log: Value,
         backends: Value,
         discovery: Value,
+        services: Value,
     }
     let mut c = Checker::default();
     let mut tree = config::Config::builder()
@@ -774,8 +881,13 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
     let entries = c.entries::<BackendEntry>("backends", section("backends"));
     let discovery = c.entries::<DiscoveryConfig>("discovery", section("discovery"));
     if let Some(list) = &discovery {
-        discovery_rules(&mut c, list);
+        discovery_rules(&mut c, "discovery", list);
     }
+    let base = BaseTables {
+        balance: section("balance").cloned().unwrap_or_default(),
+        health: section("health").cloned().unwrap_or_default(),
+    };
+    let services = services(&mut c, section("services"), &base);
     let node = node.map(|mut n| {
         if n.data_dir.as_os_str().is_empty() {
             n.data_dir = PathBuf::from(format!("data/{}", n.id));
@@ -785,7 +897,7 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
     if let (Some(cl), Some(peers)) = (cluster.as_mut(), peers) {
         cl.peers = peers;
     }
-    let backends = entries.and_then(|e| backends(&mut c, e));
+    let backends = entries.and_then(|e| backends(&mut c, "backends", e));
     // The rules, over typed values.
     if let Some(n) = &node {
         let id = n.id.as_str();
@@ -823,26 +935,10 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
         }
     }
     if let Some(b) = &balance {
-        let x = b.bounded_load;
-        c.rule(
-            x == 0.0 || (1.0..=100.0).contains(&x),
-            "balance.bounded_load",
-            || format!("must be 0 (off) or 1.0..=100.0, got {x}"),
-        );
+        balance_rules(&mut c, "balance", b);
     }
     if let Some(h) = &health {
-        let path = &h.path;
-        let ok = path.starts_with('/') && path.parse::<http::uri::PathAndQuery>().is_ok();
-        c.rule(ok, "health.path", || {
-            format!("bad path {path:?} (expected an absolute path like /healthz)")
-        });
-        c.positive("health.interval", h.interval);
-        c.positive("health.timeout", h.timeout);
-        c.range("health.rise", h.rise, 1, 100);
-        c.range("health.fall", h.fall, 1, 100);
-        c.range("health.passive_failures", h.passive_failures, 0, 10_000);
-        c.range("health.max_ejected_percent", h.max_ejected_percent, 0, 100);
-        c.range("health.panic_below_percent", h.panic_below_percent, 0, 100);
+        health_rules(&mut c, "health", h);
     }
     if let (Some(cl), Some(n)) = (&mut cluster, &node) {
         cluster_rules(&mut c, cl, &n.id);
@@ -883,7 +979,7 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
         }
     }
     match (
-        node, proxy, balance, health, cluster, admin, log, backends, discovery,
+        node, proxy, balance, health, cluster, admin, log, backends, discovery, services,
     ) {
         (
             Some(node),
@@ -895,6 +991,7 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
             Some(log),
             Some(backends),
             Some(discovery),
+            Some(services),
         ) if c.errors.is_empty() => Ok(Config {
             node,
             proxy,
@@ -905,15 +1002,191 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
             log,
             backends,
             discovery,
+            services,
+            base,
         }),
         _ => Err(ConfigErrors(c.errors)),
     }
 }
 
-fn discovery_rules(c: &mut Checker, list: &[DiscoveryConfig]) {
+fn balance_rules(c: &mut Checker, key: &str, b: &BalanceConfig) {
+    let x = b.bounded_load;
+    c.rule(
+        x == 0.0 || (1.0..=100.0).contains(&x),
+        &format!("{key}.bounded_load"),
+        || format!("must be 0 (off) or 1.0..=100.0, got {x}"),
+    );
+}
+
+fn health_rules(c: &mut Checker, key: &str, h: &HealthConfig) {
+    let k = |f: &str| format!("{key}.{f}");
+    let path = &h.path;
+    let ok = path.starts_with('/') && path.parse::<http::uri::PathAndQuery>().is_ok();
+    c.rule(ok, &k("path"), || {
+        format!("bad path {path:?} (expected an absolute path like /healthz)")
+    });
+    c.positive(&k("interval"), h.interval);
+    c.positive(&k("timeout"), h.timeout);
+    c.range(&k("rise"), h.rise, 1, 100);
+    c.range(&k("fall"), h.fall, 1, 100);
+    c.range(&k("passive_failures"), h.passive_failures, 0, 10_000);
+    c.range(&k("max_ejected_percent"), h.max_ejected_percent, 0, 100);
+    c.range(&k("panic_below_percent"), h.panic_below_percent, 0, 100);
+}
+
+/// A service's effective `[balance]` and `[health]`: `base` with its own keys laid over, read
+/// and checked as the top-level ones are (keys named under `prefix`, e.g. `services[1].`).
+fn service_tables(
+    c: &mut Checker,
+    prefix: &str,
+    base: &BaseTables,
+    balance: &Overrides,
+    health: &Overrides,
+) -> Option<(BalanceConfig, HealthConfig)> {
+    let over = |base: &Value, own: &Overrides| {
+        let mut v = base.clone();
+        if !v.is_object() {
+            v = Value::Object(Default::default());
+        }
+        merge(&mut v, &Value::Object(own.0.clone().into_iter().collect()));
+        v
+    };
+    let (bk, hk) = (format!("{prefix}balance"), format!("{prefix}health"));
+    let b: Option<BalanceConfig> = c.read(&bk, Some(&over(&base.balance, balance)));
+    let h: Option<HealthConfig> = c.read(&hk, Some(&over(&base.health, health)));
+    if let Some(b) = &b {
+        balance_rules(c, &bk, b);
+    }
+    if let Some(h) = &h {
+        health_rules(c, &hk, h);
+    }
+    Some((b?, h?))
+}
+
+/// `[[services]]`: each entry's definition, tables, backends and discovery, every problem
+/// named by its key; then the rules across services (names, routes).
+fn services(c: &mut Checker, v: Option<&Value>, base: &BaseTables) -> Option<Vec<ServiceConfig>> {
+    let list = match v {
+        None => return Some(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(v) => {
+            c.err(
+                "services",
+                format!("expected a list of tables, got {}", type_name(v)),
+            );
+            return None;
+        }
+    };
+    if list.len() > pool::MAX_SERVICES {
+        c.err(
+            "services",
+            format!(
+                "at most {} services, got {}",
+                pool::MAX_SERVICES,
+                list.len()
+            ),
+        );
+        return None;
+    }
+    let before = c.errors.len();
+    let mut out = Vec::new();
+    let mut names = BTreeSet::new();
+    let mut routes: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    for (i, raw) in list.iter().enumerate() {
+        let key = format!("services[{i}]");
+        let Some(e) = c.read::<ServiceEntry>(&key, Some(raw)) else {
+            continue;
+        };
+        let name = e.name.clone();
+        if !pool::valid_service_name(&name) {
+            c.err(
+                &format!("{key}.name"),
+                format!("bad name {name:?} (expected [a-z0-9-]{{1,32}})"),
+            );
+        } else if name == pool::DEFAULT_SERVICE {
+            c.err(
+                &format!("{key}.name"),
+                "\"default\" is the top-level service ([[backends]], [balance], [health])",
+            );
+        } else if !names.insert(name.clone()) {
+            c.err(
+                &format!("{key}.name"),
+                format!("duplicate service name {name:?}"),
+            );
+        }
+        let mut hosts = Vec::new();
+        for (j, h) in e.hosts.iter().enumerate() {
+            match pool::check_host_pattern(h) {
+                Ok(h) if hosts.contains(&h) => c.err(
+                    &format!("{key}.hosts[{j}]"),
+                    format!("{h:?} is listed twice"),
+                ),
+                Ok(h) => hosts.push(h),
+                Err(err) => c.err(&format!("{key}.hosts[{j}]"), err),
+            }
+        }
+        if let Some(p) = &e.path_prefix {
+            if let Err(err) = pool::check_path_prefix(p) {
+                c.err(&format!("{key}.path_prefix"), err);
+            }
+        }
+        c.rule(
+            !e.strip_prefix || e.path_prefix.is_some(),
+            &format!("{key}.strip_prefix"),
+            || "needs a path_prefix".into(),
+        );
+        let def = ServiceDef {
+            hosts,
+            path_prefix: e.path_prefix.clone(),
+            strip_prefix: e.strip_prefix,
+            balance: Overrides(e.balance.unwrap_or_default().into_iter().collect()),
+            health: Overrides(e.health.unwrap_or_default().into_iter().collect()),
+        };
+        for (j, (host, prefix)) in def.routes().into_iter().enumerate() {
+            let pair = (host.to_string(), prefix.to_string());
+            if let Some(k) = routes.get(&pair) {
+                let at = if host.is_empty() {
+                    format!("{key}.path_prefix")
+                } else {
+                    format!("{key}.hosts[{j}]")
+                };
+                let shown = if host.is_empty() { "any host" } else { host };
+                c.err(
+                    &at,
+                    format!("{shown} with path prefix {prefix:?} is already services[{k}]'s"),
+                );
+            } else {
+                routes.insert(pair, i);
+            }
+        }
+        let tables = service_tables(c, &format!("{key}."), base, &def.balance, &def.health);
+        let entries = c.entries::<BackendEntry>(&format!("{key}.backends"), raw.get("backends"));
+        let backends = entries.and_then(|b| backends(c, &format!("{key}.backends"), b));
+        let discovery =
+            c.entries::<DiscoveryConfig>(&format!("{key}.discovery"), raw.get("discovery"));
+        if let Some(d) = &discovery {
+            discovery_rules(c, &format!("{key}.discovery"), d);
+        }
+        if let (Some((balance, health)), Some(backends), Some(discovery)) =
+            (tables, backends, discovery)
+        {
+            out.push(ServiceConfig {
+                name,
+                def,
+                backends,
+                discovery,
+                balance,
+                health,
+            });
+        }
+    }
+    (c.errors.len() == before).then_some(out)
+}
+
+fn discovery_rules(c: &mut Checker, at: &str, list: &[DiscoveryConfig]) {
     let mut names = BTreeSet::new();
     for (i, d) in list.iter().enumerate() {
-        let key = |f: &str| format!("discovery[{i}].{f}");
+        let key = |f: &str| format!("{at}[{i}].{f}");
         let name_ok = !d.name.is_empty()
             && d.name.len() <= 253
             && d.name
@@ -1007,10 +1280,10 @@ fn cluster_rules(c: &mut Checker, cl: &ClusterConfig, me: &NodeId) {
 }
 
 /// The seed backends, each checked by the core's rules (every problem of every entry).
-fn backends(c: &mut Checker, entries: Vec<BackendEntry>) -> Option<Vec<Backend>> {
+fn backends(c: &mut Checker, at: &str, entries: Vec<BackendEntry>) -> Option<Vec<Backend>> {
     if entries.len() > pool::MAX_BACKENDS {
         c.err(
-            "backends",
+            at,
             format!(
                 "at most {} backends, got {}",
                 pool::MAX_BACKENDS,
@@ -1022,7 +1295,7 @@ fn backends(c: &mut Checker, entries: Vec<BackendEntry>) -> Option<Vec<Backend>>
     let (mut out, mut ids, mut addrs) = (Vec::new(), BTreeSet::new(), BTreeSet::new());
     let before = c.errors.len();
     for (i, e) in entries.into_iter().enumerate() {
-        let key = |field: &str| format!("backends[{i}].{field}");
+        let key = |field: &str| format!("{at}[{i}].{field}");
         let weight = pool::check_weight(u32::try_from(e.weight).unwrap_or(u32::MAX));
         let addr = pool::normalize_addr(&e.addr);
         for err in [weight.as_ref().err(), addr.as_ref().err()]

@@ -75,10 +75,20 @@ enum Command {
         #[command(subcommand)]
         op: CertOp,
     },
-    /// Show or change the agreed backend pool.
+    /// Show or change the agreed backend pool of a service (`default` unless --service).
     Pool {
         #[command(subcommand)]
         op: PoolOp,
+        /// The service whose pool to show or change.
+        #[arg(long, global = true, default_value = "default")]
+        service: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the services; `apply` commits a config file's definitions, `remove` drops one.
+    Services {
+        #[command(subcommand)]
+        op: Option<ServicesOp>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -172,6 +182,23 @@ enum PeersOp {
     Remove {
         /// The member's node id.
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServicesOp {
+    /// List the agreed services with their backends.
+    List,
+    /// Commit the [[services]] definitions of a config file (not their backends) as one change.
+    Apply {
+        /// The config file whose services to commit.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Remove a service and its pool.
+    Remove {
+        /// The service's name.
+        name: String,
     },
 }
 
@@ -310,9 +337,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Pool { op, admin } => {
+        Command::Pool { op, service, admin } => {
+            let base = if service == "default" {
+                "/pool".to_string()
+            } else {
+                format!("/services/{}/pool", seg(&service))
+            };
             let req = match op {
-                PoolOp::List => shoal::cli::client::Request::get("/pool"),
+                PoolOp::List => shoal::cli::client::Request::get(&base),
                 PoolOp::Add {
                     addr,
                     weight,
@@ -326,28 +358,73 @@ fn main() -> ExitCode {
                     if let Some(p) = protocol {
                         body["protocol"] = p.into();
                     }
-                    shoal::cli::client::Request::with_body("POST", "/pool/backends", body)
+                    shoal::cli::client::Request::with_body(
+                        "POST",
+                        &format!("{base}/backends"),
+                        body,
+                    )
                 }
                 PoolOp::Remove { id } => shoal::cli::client::Request::new(
                     "DELETE",
-                    &format!("/pool/backends/{}", seg(&id)),
+                    &format!("{base}/backends/{}", seg(&id)),
                 ),
                 PoolOp::Drain { id } => shoal::cli::client::Request::new(
                     "POST",
-                    &format!("/pool/backends/{}/drain", seg(&id)),
+                    &format!("{base}/backends/{}/drain", seg(&id)),
                 ),
                 PoolOp::Undrain { id } => shoal::cli::client::Request::new(
                     "POST",
-                    &format!("/pool/backends/{}/undrain", seg(&id)),
+                    &format!("{base}/backends/{}/undrain", seg(&id)),
                 ),
                 PoolOp::Weight { id, weight } => shoal::cli::client::Request::with_body(
                     "PUT",
-                    &format!("/pool/backends/{}", seg(&id)),
+                    &format!("{base}/backends/{}", seg(&id)),
                     serde_json::json!({ "weight": weight }),
                 ),
             };
             client_command(admin, req, shoal::cli::client::print_pool)
         }
+        Command::Services { op, admin } => match op.unwrap_or(ServicesOp::List) {
+            ServicesOp::List => client_command(
+                admin,
+                shoal::cli::client::Request::get("/services"),
+                shoal::cli::client::print_services,
+            ),
+            ServicesOp::Apply { config } => {
+                let config = match shoal::config::load(&config) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let services: Vec<serde_json::Value> = config
+                    .services
+                    .iter()
+                    .map(|s| serde_json::json!({ "name": s.name, "def": s.def }))
+                    .collect();
+                client_command(
+                    admin,
+                    shoal::cli::client::Request::with_body(
+                        "PUT",
+                        "/services",
+                        serde_json::json!({ "services": services }),
+                    ),
+                    shoal::cli::client::print_services,
+                )
+            }
+            ServicesOp::Remove { name } => client_command(
+                admin,
+                shoal::cli::client::Request::new("DELETE", &format!("/services/{}", seg(&name))),
+                |v| {
+                    format!(
+                        "removed service {} (pool version {})\n",
+                        v["removed"].as_str().unwrap_or("?"),
+                        v["version"]
+                    )
+                },
+            ),
+        },
         Command::Status { admin } => client_command(
             admin,
             shoal::cli::client::Request::get("/status"),

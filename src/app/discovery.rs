@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::Cluster;
 use crate::config::{DiscoveryConfig, DiscoveryKind};
 use crate::core::discovery::Tracker;
-use crate::core::pool::NodeId;
+use crate::core::pool::{NodeId, PoolChange};
 use crate::dns::{Lookup, Resolver};
 use crate::ops::telemetry as names;
 use crate::proxy::table::RoutingTable;
@@ -95,7 +95,7 @@ pub fn spawn(
                 answers.locked().insert(src.name.clone(), shown);
                 if let Some(change) = tracker.reconcile(&table.pool(), &me, now) {
                     tracing::debug!(source = %src.name, ?change, "discovery vote");
-                    cluster.submit(change);
+                    cluster.submit(PoolChange::in_service(table.service(), change));
                 }
             }
         });

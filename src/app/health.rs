@@ -48,7 +48,7 @@ pub fn spawn_voter(
                     }
                     other => tracing::debug!(change = ?other, "health vote"),
                 }
-                cluster.submit(change);
+                cluster.submit(PoolChange::in_service(table.service(), change));
             }
         }
     });
@@ -64,9 +64,15 @@ fn backend_local(table: &RoutingTable, events: &Events, id: &BackendId) {
         (false, Some(Source::Traffic)) => ("down", "live requests failed in a row"),
         (false, _) => ("down", "health probes failed in a row"),
     };
+    let service = table.service();
+    let named = if service == crate::core::pool::DEFAULT_SERVICE {
+        String::new()
+    } else {
+        format!("{service}: ")
+    };
     events.emit(
         "backend_local",
-        format!("{id} {state} in this peer's view: {why}"),
-        serde_json::json!({ "backend": id.as_str(), "state": state, "why": why }),
+        format!("{named}{id} {state} in this peer's view: {why}"),
+        serde_json::json!({ "backend": id.as_str(), "service": service, "state": state, "why": why }),
     );
 }

@@ -8,6 +8,7 @@ mod discovery;
 mod health;
 pub mod probe;
 mod seams;
+pub mod services;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -28,13 +29,17 @@ use crate::proxy::server::{Listener, Server, ServerOptions};
 use crate::proxy::table::{RoutingTable, Settings};
 use crate::proxy::Proxy;
 use crate::sync::MutexExt;
+use services::Services;
 
 /// A running peer.
 pub struct Peer {
     pub config: Config,
     /// What happened here recently (`/events`).
     pub events: Events,
+    /// The `default` service's routing table.
     pub table: Arc<RoutingTable>,
+    /// Every service's routing table and the route lookup.
+    pub services: Arc<Services>,
     pub cluster: Cluster,
     pub admin: Arc<Admin>,
     server: Arc<Server>,
@@ -62,8 +67,14 @@ impl Peer {
                 .unwrap_or(1),
             n => n,
         };
-        let table = RoutingTable::new(Settings::from_config(&config), workers);
-        let proxy = Proxy::new(table.clone());
+        let table = RoutingTable::new(
+            crate::core::pool::DEFAULT_SERVICE,
+            Settings::from_config(&config),
+            workers,
+        );
+        let shutdown = CancellationToken::new();
+        let services = Services::new(&config, table.clone(), workers, shutdown.clone());
+        let proxy = Proxy::new(services.routes());
         let server = Server::new(
             proxy,
             ServerOptions {
@@ -74,7 +85,6 @@ impl Peer {
                 io_uring: config.proxy.io_uring,
             },
         );
-        let shutdown = CancellationToken::new();
 
         let mut listeners = Vec::new();
         for addr in &config.proxy.listen {
@@ -105,37 +115,64 @@ impl Peer {
         let cluster = crate::cluster::start(
             &config,
             cluster_listener,
-            table.clone(),
+            services.clone(),
             events.clone(),
             shutdown.clone(),
         )
         .await?;
-        crate::app::probe::spawn(table.clone(), shutdown.clone());
         let answers = discovery::Answers::default();
-        discovery::spawn(
-            &config.discovery,
+        // Each service's probes, health voter and discovery: `default`'s now, the others' as
+        // they appear in the agreed pool.
+        let spawner: services::Spawner = {
+            let (cluster, events, me, answers, services) = (
+                cluster.clone(),
+                events.clone(),
+                config.node.id.clone(),
+                answers.clone(),
+                Arc::downgrade(&services),
+            );
+            Box::new(move |name, table, stop| {
+                crate::app::probe::spawn(table.clone(), stop.clone());
+                let sources = match services.upgrade() {
+                    Some(s) if name == crate::core::pool::DEFAULT_SERVICE => {
+                        s.config().discovery.clone()
+                    }
+                    Some(s) => s
+                        .config()
+                        .services
+                        .iter()
+                        .find(|c| c.name == name)
+                        .map(|c| c.discovery.clone())
+                        .unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                discovery::spawn(
+                    &sources,
+                    table.clone(),
+                    cluster.clone(),
+                    me.clone(),
+                    answers.clone(),
+                    stop.clone(),
+                );
+                health::spawn_voter(table, cluster.clone(), events.clone(), me.clone(), stop);
+            })
+        };
+        spawner(
+            crate::core::pool::DEFAULT_SERVICE,
             table.clone(),
-            cluster.clone(),
-            config.node.id.clone(),
-            answers.clone(),
             shutdown.clone(),
         );
-        health::spawn_voter(
-            table.clone(),
-            cluster.clone(),
-            events.clone(),
-            config.node.id.clone(),
-            shutdown.clone(),
-        );
+        services.set_spawner(spawner);
+        spawn_service_seeding(services.clone(), cluster.clone(), shutdown.clone());
 
         let admin = Arc::new(Admin {
             node: config.node.id.clone(),
             token: config.admin.token.clone(),
-            routing: table.clone(),
+            routing: services.clone(),
             control: Arc::new(cluster.clone()),
             metrics,
             events: events.clone(),
-            collect: collector(table.clone(), cluster.clone()),
+            collect: collector(services.clone(), cluster.clone()),
             discovery: Box::new(move || {
                 serde_json::to_value(&*answers.locked()).unwrap_or_default()
             }),
@@ -158,6 +195,7 @@ impl Peer {
             events,
             config,
             table,
+            services,
             cluster,
             admin,
             server,
@@ -184,7 +222,7 @@ impl Peer {
         if let (Some(swap), Some(cfg)) = (&self.tls, proxy_tls) {
             swap.store(cfg);
         }
-        self.table.set_settings(Settings::from_config(&new));
+        self.services.reload(&new);
         if let Some(h) = log {
             if let Ok(f) = tracing_subscriber::EnvFilter::try_new(&new.log.level) {
                 let _ = h.reload(f);
@@ -269,7 +307,7 @@ fn keep<T: PartialEq + Clone>(key: &str, running: &T, new: &mut T) {
 }
 
 /// The gauges read at scrape time: build info, quorum, members, requests in flight per backend.
-fn collector(table: Arc<RoutingTable>, cluster: Cluster) -> Box<dyn Fn() + Send + Sync> {
+fn collector(services: Arc<Services>, cluster: Cluster) -> Box<dyn Fn() + Send + Sync> {
     Box::new(move || {
         metrics::gauge!(
             telemetry::BUILD_INFO,
@@ -292,11 +330,53 @@ fn collector(table: Arc<RoutingTable>, cluster: Cluster) -> Box<dyn Fn() + Send 
             learners.insert(String::from("(this peer)"));
         }
         metrics::gauge!(telemetry::MEMBERS, "role" => "learner").set(learners.len() as f64);
-        for u in table.registry().of_pool(&table.pool()) {
-            metrics::gauge!(telemetry::BACKEND_INFLIGHT, "backend" => u.id.to_string())
-                .set(u.inflight() as f64);
+        for table in services.tables() {
+            for u in table.registry().of_pool(&table.pool()) {
+                metrics::gauge!(telemetry::BACKEND_INFLIGHT, "service" => table.service().to_string(), "backend" => u.id.to_string())
+                    .set(u.inflight() as f64);
+            }
         }
     })
+}
+
+/// Once a pool is known: warn where this file's services differ from the agreed ones, and if the
+/// agreed state has no services but the file has (a cluster formed before it had any), commit
+/// the file's.
+fn spawn_service_seeding(services: Arc<Services>, cluster: Cluster, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let pool = services.default_table().pool();
+            if !pool.exists() {
+                continue;
+            }
+            let config = services.config();
+            if !pool.services.is_empty() || config.services.is_empty() {
+                services.warn_if_config_differs();
+                return;
+            }
+            let change = crate::core::pool::PoolChange::ApplyServices {
+                services: config.service_seeds(),
+            };
+            match cluster.change(change).await {
+                Ok(_) => {
+                    tracing::info!(
+                        services = config.services.len(),
+                        "the agreed state had no services: seeded this config's"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "seeding the services: will retry");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
 }
 
 /// `shoal_certificate_expiry_timestamp_seconds` for the proxy's and the cluster's certificates.

@@ -34,6 +34,8 @@ pub trait Probed: Send + Sync + 'static {
     /// The backends to probe now: id, address (a changed address restarts its probe), target.
     fn targets(&self) -> Vec<(BackendId, String, Target)>;
     fn settings(&self) -> ProbeSettings;
+    /// The service the backends belong to (a metric label).
+    fn service(&self) -> &str;
     /// One probe's result.
     fn record(&self, id: &BackendId, ok: bool);
     /// One probe's exchange with an HTTP/1 backend (GET `path` on a fresh connection; true for
@@ -82,8 +84,8 @@ async fn supervise(probed: Arc<dyn Probed>, shutdown: CancellationToken) {
 }
 
 async fn probe_loop(probed: Arc<dyn Probed>, id: BackendId, target: Target) {
-    let pass = metrics::counter!(names::HEALTH_CHECKS_TOTAL, "backend" => id.to_string(), "result" => "pass");
-    let fail = metrics::counter!(names::HEALTH_CHECKS_TOTAL, "backend" => id.to_string(), "result" => "fail");
+    let count = |result: &'static str| metrics::counter!(names::HEALTH_CHECKS_TOTAL, "service" => probed.service().to_string(), "backend" => id.to_string(), "result" => result);
+    let (pass, fail) = (count("pass"), count("fail"));
     // Spread probes of different backends (and peers) over the interval.
     let first = probed.settings().interval;
     let offset = rand::thread_rng().gen_range(0..=first.as_millis() as u64);

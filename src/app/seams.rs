@@ -4,22 +4,23 @@
 use std::sync::Arc;
 
 use crate::app::probe::{ProbeSettings, Probed};
+use crate::app::services::Services;
 use crate::cluster::{self, Cluster};
 use crate::core::detector::PeerView;
 use crate::core::health::Source;
-use crate::core::pool::{BackendId, Pool, PoolChange};
+use crate::core::pool::{BackendId, Pool, PoolChange, ServiceDef};
 use crate::net::Target;
 use crate::ops::admin::{BoxFuture, ConsensusView, ControlError, PoolControl, RoutingView};
 use crate::proxy::table::RoutingTable;
 
-/// The cluster's learned pools become the data plane's routing table.
-impl cluster::Publish for RoutingTable {
+/// The cluster's learned pools become every service's routing table.
+impl cluster::Publish for Services {
     fn publish(&self, pool: Pool) {
-        RoutingTable::publish(self, pool);
+        Services::publish(self, pool);
     }
 
     fn withdraw(&self) {
-        RoutingTable::withdraw(self);
+        Services::withdraw(self);
     }
 }
 
@@ -61,20 +62,31 @@ impl PoolControl for Cluster {
     }
 }
 
-/// The admin API reads the pool and the local view from the routing table.
-impl RoutingView for RoutingTable {
+/// The admin API reads the pool and the local view from the services' routing tables.
+impl RoutingView for Services {
     fn pool(&self) -> Arc<Pool> {
-        RoutingTable::pool(self)
+        self.default_table().pool()
     }
 
-    fn local_up(&self, id: &BackendId) -> bool {
-        self.upstream(id).is_none_or(|u| u.is_up())
+    fn local_up(&self, service: &str, id: &BackendId) -> bool {
+        self.table(service)
+            .and_then(|t| t.upstream(id))
+            .is_none_or(|u| u.is_up())
     }
 
-    fn traffic(&self, id: &BackendId) -> (u64, u64) {
-        self.upstream(id)
+    fn traffic(&self, service: &str, id: &BackendId) -> (u64, u64) {
+        self.table(service)
+            .and_then(|t| t.upstream(id))
             .map(|u| (u.served(), u.inflight()))
             .unwrap_or_default()
+    }
+
+    fn effective(&self, def: &ServiceDef) -> Result<serde_json::Value, String> {
+        let (balance, health) = self.config().effective(def)?;
+        Ok(serde_json::json!({
+            "balance": balance.shown(),
+            "health": health.shown(),
+        }))
     }
 }
 
@@ -95,6 +107,10 @@ impl Probed for RoutingTable {
             timeout: s.probe_timeout,
             interval: s.trial_every,
         }
+    }
+
+    fn service(&self) -> &str {
+        RoutingTable::service(self)
     }
 
     fn exchange<'a>(

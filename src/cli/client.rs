@@ -101,6 +101,56 @@ pub fn print_pool(v: &Value) -> String {
     out
 }
 
+/// The services (`GET /services`) as a table, with each one's backends.
+pub fn print_services(v: &Value) -> String {
+    let mut out = format!("pool version {}\n", v["version"]);
+    out.push_str(&format!(
+        "{:<20} {:<36} {:<16} {:<16} {}\n",
+        "SERVICE", "HOSTS", "PREFIX", "BALANCE", "BACKENDS"
+    ));
+    for s in v["services"].as_array().into_iter().flatten() {
+        let hosts: Vec<&str> = s["hosts"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        let backends: Vec<String> = s["backends"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|b| {
+                        format!(
+                            "{} ({})",
+                            b["id"].as_str().unwrap_or("?"),
+                            b["state"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut prefix = s["path_prefix"].as_str().unwrap_or("/").to_string();
+        if s["strip_prefix"].as_bool() == Some(true) {
+            prefix.push_str(" (strip)");
+        }
+        out.push_str(&format!(
+            "{:<20} {:<36} {:<16} {:<16} {}\n",
+            s["name"].as_str().unwrap_or("?"),
+            if hosts.is_empty() {
+                "*".to_string()
+            } else {
+                hosts.join(",")
+            },
+            prefix,
+            s["balance"]["algorithm"].as_str().unwrap_or("?"),
+            if backends.is_empty() {
+                "-".to_string()
+            } else {
+                backends.join(", ")
+            },
+        ));
+    }
+    out
+}
+
 /// The peer table.
 pub fn print_peers(v: &Value) -> String {
     let mut out = format!(

@@ -343,6 +343,7 @@ pub async fn start(
         events,
         max_ejected_percent: cluster.max_ejected_percent.clone(),
         seeds: config.backends.clone(),
+        service_seeds: config.service_seeds(),
         publish,
         transport,
         identity,
@@ -410,6 +411,8 @@ struct Driver {
     events: Events,
     max_ejected_percent: Arc<AtomicU8>,
     seeds: Vec<crate::core::pool::Backend>,
+    /// The config's services, seeded with the cluster.
+    service_seeds: Vec<crate::core::pool::ServiceSeed>,
     publish: Arc<dyn Publish>,
     transport: Transport,
     /// What this node's Hello says.
@@ -556,7 +559,9 @@ impl Driver {
         let change = if self.node.learned().exists() || self.node.consensus() != Consensus::Voting {
             PoolChange::Read
         } else {
-            let seed = self.node.seed(self.seeds.clone());
+            let seed = self
+                .node
+                .seed(self.seeds.clone(), self.service_seeds.clone());
             if let PoolChange::Seed { cluster_id, .. } = &seed {
                 // A node forming a one-node cluster alone (no peers configured): until it
                 // commits, messages of another cluster are not its to step (a cluster that
@@ -1099,28 +1104,33 @@ fn pool_events(events: &Events, old: &Pool, new: &Pool) {
         ),
         json!({ "version": new.version, "change": change, "through": through }),
     );
-    for (id, voters) in &d.ejected {
+    for (service, id, voters) in &d.ejected {
         let voters: Vec<&str> = voters.iter().map(|v| v.as_str()).collect();
         events.emit(
             "ejected",
             format!(
-                "{id} ejected by the cluster at version {} (down for {})",
+                "{}{id} ejected by the cluster at version {} (down for {})",
+                named(service),
                 new.version,
                 voters.join(", ")
             ),
-            json!({ "backend": id.as_str(), "version": new.version, "voters": voters }),
+            json!({ "backend": id.as_str(), "service": service, "version": new.version, "voters": voters }),
         );
     }
-    for id in &d.restored {
-        let voters: Vec<&str> = new.backends[id]
-            .down_votes
-            .iter()
-            .map(|v| v.as_str())
-            .collect();
+    for (service, id) in &d.restored {
+        let voters: Vec<String> = new
+            .service_view(service)
+            .and_then(|p| p.backends.get(id).cloned())
+            .map(|b| b.down_votes.iter().map(|v| v.to_string()).collect())
+            .unwrap_or_default();
         events.emit(
             "restored",
-            format!("{id} restored by the cluster at version {}", new.version),
-            json!({ "backend": id.as_str(), "version": new.version, "voters": voters }),
+            format!(
+                "{}{id} restored by the cluster at version {}",
+                named(service),
+                new.version
+            ),
+            json!({ "backend": id.as_str(), "service": service, "version": new.version, "voters": voters }),
         );
     }
     if let Some(v) = &d.voters {
@@ -1133,28 +1143,62 @@ fn pool_events(events: &Events, old: &Pool, new: &Pool) {
     }
 }
 
+/// "NAME: " for a service other than `default` (event texts).
+fn named(service: &str) -> String {
+    if service == crate::core::pool::DEFAULT_SERVICE {
+        String::new()
+    } else {
+        format!("{service}: ")
+    }
+}
+
 fn record_pool_metrics(old: &Pool, new: &Pool) {
     metrics::gauge!(names::POOL_VERSION).set(new.version as f64);
     metrics::gauge!(names::POOL_FINGERPRINT).set(new.fingerprint() as f64);
-    for b in new.backends.values() {
+    let names: std::collections::BTreeSet<&str> =
+        old.service_names().chain(new.service_names()).collect();
+    for service in names {
+        let backends = |p: &Pool| match service {
+            crate::core::pool::DEFAULT_SERVICE => p.backends.clone(),
+            s => p
+                .services
+                .get(s)
+                .map(|s| s.backends.clone())
+                .unwrap_or_default(),
+        };
+        let (before, after) = (backends(old), backends(new));
+        record_service_metrics(service, &before, &after, new.version);
+    }
+}
+
+/// One service's backend states and ejections.
+fn record_service_metrics(
+    service: &str,
+    old: &std::collections::BTreeMap<crate::core::pool::BackendId, crate::core::pool::Backend>,
+    new: &std::collections::BTreeMap<crate::core::pool::BackendId, crate::core::pool::Backend>,
+    version: u64,
+) {
+    let svc = service.to_string();
+    for b in new.values() {
         let id = b.id.to_string();
-        let was = old.backends.get(&b.id).map(|o| o.state);
+        let was = old.get(&b.id).map(|o| o.state);
+        let ejections = metrics::counter!(names::EJECTIONS_TOTAL, "service" => svc.clone(), "backend" => id.clone());
         if was.is_none() {
-            metrics::counter!(names::EJECTIONS_TOTAL, "backend" => id.clone()).increment(0);
+            ejections.increment(0);
         }
         for s in BackendState::ALL {
-            metrics::gauge!(names::BACKEND_STATE, "backend" => id.clone(), "state" => s.as_str())
+            metrics::gauge!(names::BACKEND_STATE, "service" => svc.clone(), "backend" => id.clone(), "state" => s.as_str())
                 .set(if b.state == s { 1.0 } else { 0.0 });
         }
         if b.state == BackendState::Ejected && was != Some(BackendState::Ejected) {
-            metrics::counter!(names::EJECTIONS_TOTAL, "backend" => id.clone()).increment(1);
-            tracing::warn!(backend = %b.id, version = new.version, "backend ejected by the cluster");
+            ejections.increment(1);
+            tracing::warn!(service, backend = %b.id, version, "backend ejected by the cluster");
         }
     }
-    for b in old.backends.values() {
-        if !new.backends.contains_key(&b.id) {
+    for b in old.values() {
+        if !new.contains_key(&b.id) {
             for s in BackendState::ALL {
-                metrics::gauge!(names::BACKEND_STATE, "backend" => b.id.to_string(), "state" => s.as_str())
+                metrics::gauge!(names::BACKEND_STATE, "service" => svc.clone(), "backend" => b.id.to_string(), "state" => s.as_str())
                     .set(0.0);
             }
         }

@@ -23,7 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 
 use crate::core::detector::PeerView;
-use crate::core::pool::{Backend, BackendId, ChangeError, NodeId, Pool, PoolChange, Protocol};
+use crate::core::pool::{
+    Backend, BackendId, ChangeError, NodeId, Overrides, Pool, PoolChange, Protocol, ServiceDef,
+    DEFAULT_SERVICE,
+};
 
 /// Why a pool change did not commit, as the admin API needs to know it.
 #[derive(Debug, thiserror::Error)]
@@ -75,10 +78,13 @@ pub struct ConsensusView {
 pub trait RoutingView: Send + Sync + 'static {
     /// The pool this peer routes from.
     fn pool(&self) -> Arc<Pool>;
-    /// This peer's own view of a backend: up (or not probed yet) or down.
-    fn local_up(&self, id: &BackendId) -> bool;
+    /// This peer's own view of a backend of a service: up (or not probed yet) or down.
+    fn local_up(&self, service: &str, id: &BackendId) -> bool;
     /// Responses this peer got from a backend so far, and its requests in flight now.
-    fn traffic(&self, id: &BackendId) -> (u64, u64);
+    fn traffic(&self, service: &str, id: &BackendId) -> (u64, u64);
+    /// A service definition's effective `balance` and `health` on this peer (its keys over
+    /// this peer's top-level ones), or why they are not valid (naming each key).
+    fn effective(&self, def: &ServiceDef) -> Result<serde_json::Value, String>;
 }
 
 /// Shared state of the admin server.
@@ -168,15 +174,21 @@ impl ApiError {
             ApiError::TimedOut => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Control(ControlError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Control(ControlError::Rejected(e)) => match e {
-                ChangeError::NotFound(_) | ChangeError::PeerNotFound(_) => StatusCode::NOT_FOUND,
-                ChangeError::Invalid(_) | ChangeError::InvalidPeer(_) => StatusCode::BAD_REQUEST,
+                ChangeError::NotFound(_)
+                | ChangeError::PeerNotFound(_)
+                | ChangeError::ServiceNotFound(_) => StatusCode::NOT_FOUND,
+                ChangeError::Invalid(_)
+                | ChangeError::InvalidPeer(_)
+                | ChangeError::InvalidService(_) => StatusCode::BAD_REQUEST,
                 ChangeError::Exists(_)
                 | ChangeError::AddrInUse(..)
                 | ChangeError::AlreadySeeded(_)
                 | ChangeError::Full
                 | ChangeError::TooLarge(_)
                 | ChangeError::PeerExists(_)
-                | ChangeError::LastVoter(_) => StatusCode::CONFLICT,
+                | ChangeError::LastVoter(_)
+                | ChangeError::DefaultService(_)
+                | ChangeError::RouteTaken { .. } => StatusCode::CONFLICT,
             },
         }
     }
@@ -265,6 +277,35 @@ struct AddBody {
 
 fn one() -> u32 {
     1
+}
+
+/// `PUT /services`: definitions to commit as one change (`shoal services apply`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyBody {
+    services: Vec<NamedDef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamedDef {
+    name: String,
+    def: ServiceDef,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceBody {
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    path_prefix: Option<String>,
+    #[serde(default)]
+    strip_prefix: bool,
+    #[serde(default)]
+    balance: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    health: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -368,8 +409,14 @@ impl Admin {
             (&Method::GET, "/metrics") => {
                 (self.collect)();
                 let pool = self.routing.pool();
-                let current: std::collections::HashSet<&str> =
-                    pool.backends.keys().map(|id| id.as_str()).collect();
+                let mut current: std::collections::HashSet<(&str, &str)> = pool
+                    .backends
+                    .keys()
+                    .map(|id| (DEFAULT_SERVICE, id.as_str()))
+                    .collect();
+                for (name, svc) in &pool.services {
+                    current.extend(svc.backends.keys().map(|id| (name.as_str(), id.as_str())));
+                }
                 let text = crate::ops::telemetry::without_removed_backends(
                     &self.metrics.render(),
                     &current,
@@ -404,10 +451,45 @@ impl Admin {
             .collect();
         let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
         match (&method, segments.as_slice()) {
-            (&Method::GET, ["pool"]) => Ok(json_response(
-                StatusCode::OK,
-                &pool_json(&self.routing.pool()),
-            )),
+            (m, ["pool", rest @ ..]) => {
+                let (m, rest) = (m.clone(), rest.to_vec());
+                self.pool_op(DEFAULT_SERVICE, &m, &rest, req, &path).await
+            }
+            (&Method::GET, ["services"]) => Ok(json_response(StatusCode::OK, &self.services())),
+            (&Method::PUT, ["services"]) => {
+                let body: ApplyBody = read_json(req).await?;
+                self.apply_services(body).await
+            }
+            (&Method::PUT, ["services", name]) => {
+                let name = name.to_string();
+                let body: ServiceBody = read_json(req).await?;
+                self.put_service(&name, body).await
+            }
+            (&Method::DELETE, ["services", name]) => {
+                let change = PoolChange::RemoveService {
+                    name: name.to_string(),
+                };
+                let pool = self.control.change(change).await?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({ "version": pool.version, "removed": name }),
+                ))
+            }
+            (m, ["services", name, "pool"]) => {
+                let (m, name) = (m.clone(), name.to_string());
+                self.pool_op(&name, &m, &[], req, &path).await
+            }
+            (m, ["services", name, rest @ ("backends" | "pool"), more @ ..]) => {
+                let (m, name) = (m.clone(), name.to_string());
+                let mut rest: Vec<&str> = vec![rest];
+                rest.extend_from_slice(more);
+                let rest: Vec<&str> = if rest[0] == "pool" {
+                    rest[1..].to_vec()
+                } else {
+                    rest
+                };
+                self.pool_op(&name, &m, &rest, req, &path).await
+            }
             (&Method::GET, ["peers"]) => Ok(json_response(StatusCode::OK, &self.control.peers())),
             (&Method::GET, ["status"]) => Ok(json_response(StatusCode::OK, &self.status())),
             (&Method::GET, ["events"]) => {
@@ -422,37 +504,6 @@ impl Admin {
                     let all: Vec<&serde_json::Value> = recent.iter().map(|e| &**e).collect();
                     json_response(StatusCode::OK, &all)
                 })
-            }
-            (&Method::POST, ["pool", "backends"]) => {
-                let body: AddBody = read_json(req).await?;
-                let protocol = match body.protocol.as_deref() {
-                    None => Protocol::Http1,
-                    Some(p) => p.parse().map_err(invalid)?,
-                };
-                let backend = Backend::checked(body.id.as_deref(), &body.addr, body.weight)
-                    .map_err(invalid)?
-                    .with_protocol(protocol);
-                self.commit(PoolChange::AddBackend { backend }, StatusCode::CREATED)
-                    .await
-            }
-            (&Method::DELETE, ["pool", "backends", id]) => {
-                let id = BackendId::new(*id);
-                self.commit(PoolChange::RemoveBackend { id }, StatusCode::OK)
-                    .await
-            }
-            (&Method::POST, ["pool", "backends", id, op @ ("drain" | "undrain")]) => {
-                let change = PoolChange::SetState {
-                    id: BackendId::new(*id),
-                    draining: *op == "drain",
-                };
-                self.commit(change, StatusCode::OK).await
-            }
-            (&Method::PUT, ["pool", "backends", id]) => {
-                let id = BackendId::new(*id);
-                let body: WeightBody = read_json(req).await?;
-                let weight = crate::core::pool::check_weight(body.weight).map_err(invalid)?;
-                self.commit(PoolChange::SetWeight { id, weight }, StatusCode::OK)
-                    .await
             }
             (&Method::POST, ["peers"]) => {
                 let body: PeerBody = read_json(req).await?;
@@ -482,12 +533,7 @@ impl Admin {
             }
             (
                 _,
-                ["pool"]
-                | ["peers"]
-                | ["peers", _]
-                | ["status"]
-                | ["events"]
-                | ["pool", "backends", ..],
+                ["peers"] | ["peers", _] | ["status"] | ["events"] | ["services"] | ["services", _],
             ) => Err(ApiError::MethodNotAllowed { method, path }),
             _ => Err(ApiError::NoEndpoint(path)),
         }
@@ -536,11 +582,176 @@ impl Admin {
         r
     }
 
-    /// Commit a change and answer with the pool it produced. The cluster published that pool to
-    /// this peer's routing before answering, so its own GET /pool shows the change from now on.
-    async fn commit(&self, change: PoolChange, ok: StatusCode) -> Result<Resp, ApiError> {
+    /// `/pool/...` of the service `default`, or `/services/{name}/pool` and
+    /// `/services/{name}/backends/...`: `rest` is what follows `pool`.
+    async fn pool_op(
+        &self,
+        service: &str,
+        method: &Method,
+        rest: &[&str],
+        req: AdminRequest,
+        path: &str,
+    ) -> Result<Resp, ApiError> {
+        let change = match (method, rest) {
+            (&Method::GET, []) => {
+                let pool = self.routing.pool();
+                let view = pool
+                    .service_view(service)
+                    .ok_or_else(|| ChangeError::ServiceNotFound(service.to_string()))?;
+                return Ok(json_response(StatusCode::OK, &pool_json(&view)));
+            }
+            (&Method::POST, ["backends"]) => {
+                let body: AddBody = read_json(req).await?;
+                let protocol = match body.protocol.as_deref() {
+                    None => Protocol::Http1,
+                    Some(p) => p.parse().map_err(invalid)?,
+                };
+                let backend = Backend::checked(body.id.as_deref(), &body.addr, body.weight)
+                    .map_err(invalid)?
+                    .with_protocol(protocol);
+                let change = PoolChange::AddBackend { backend };
+                return self.commit(service, change, StatusCode::CREATED).await;
+            }
+            (&Method::DELETE, ["backends", id]) => PoolChange::RemoveBackend {
+                id: BackendId::new(*id),
+            },
+            (&Method::POST, ["backends", id, op @ ("drain" | "undrain")]) => PoolChange::SetState {
+                id: BackendId::new(*id),
+                draining: *op == "drain",
+            },
+            (&Method::PUT, ["backends", id]) => {
+                let id = BackendId::new(*id);
+                let body: WeightBody = read_json(req).await?;
+                let weight = crate::core::pool::check_weight(body.weight).map_err(invalid)?;
+                PoolChange::SetWeight { id, weight }
+            }
+            (_, [] | ["backends", ..]) => {
+                return Err(ApiError::MethodNotAllowed {
+                    method: method.clone(),
+                    path: path.to_string(),
+                })
+            }
+            _ => return Err(ApiError::NoEndpoint(path.to_string())),
+        };
+        self.commit(service, change, StatusCode::OK).await
+    }
+
+    /// `GET /services`: every service, `default` first... sorted by name, with its effective
+    /// settings on this peer and its backends.
+    fn services(&self) -> serde_json::Value {
+        let pool = self.routing.pool();
+        let mut rows: Vec<(String, serde_json::Value)> = Vec::new();
+        let default = ServiceDef::default();
+        for name in pool.service_names() {
+            let def = pool.services.get(name).map_or(&default, |s| &s.def);
+            let view = pool.service_view(name).unwrap_or_default();
+            rows.push((name.to_string(), self.service_json(name, def, &view)));
+        }
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        json!({
+            "version": pool.version,
+            "services": rows.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        })
+    }
+
+    fn service_json(&self, name: &str, def: &ServiceDef, view: &Pool) -> serde_json::Value {
+        let settings = self
+            .routing
+            .effective(def)
+            .unwrap_or_else(|e| json!({ "error": e }));
+        json!({
+            "name": name,
+            "hosts": def.hosts,
+            "path_prefix": def.path_prefix,
+            "strip_prefix": def.strip_prefix,
+            "balance": settings.get("balance"),
+            "health": settings.get("health"),
+            "overrides": { "balance": def.balance, "health": def.health },
+            "backends": pool_json(view)["backends"],
+        })
+    }
+
+    /// `PUT /services`: every definition checked (400 naming the service and key), then all
+    /// committed as one change; answered with the services.
+    async fn apply_services(&self, body: ApplyBody) -> Result<Resp, ApiError> {
+        let mut seeds = Vec::new();
+        for (i, s) in body.services.into_iter().enumerate() {
+            let at = |e: String| ApiError::BadRequest(format!("services[{i}] ({}): {e}", s.name));
+            if !crate::core::pool::valid_service_name(&s.name) || s.name == DEFAULT_SERVICE {
+                return Err(at(
+                    "bad service name (expected [a-z0-9-]{1,32}, not default)".into(),
+                ));
+            }
+            let def = s.def.clone().checked().map_err(at)?;
+            self.routing.effective(&def).map_err(at)?;
+            seeds.push(crate::core::pool::ServiceSeed {
+                name: s.name,
+                def,
+                backends: Vec::new(),
+            });
+        }
+        self.control
+            .change(PoolChange::ApplyServices { services: seeds })
+            .await?;
+        Ok(json_response(StatusCode::OK, &self.services()))
+    }
+
+    /// `PUT /services/{name}`: checked here (400 naming the key), committed, answered with the
+    /// service (201 when new).
+    async fn put_service(&self, name: &str, body: ServiceBody) -> Result<Resp, ApiError> {
+        if !crate::core::pool::valid_service_name(name) {
+            return Err(ApiError::BadRequest(format!(
+                "service name {name:?}: expected 1-32 characters of a-z, 0-9 and -"
+            )));
+        }
+        let def = ServiceDef {
+            hosts: body.hosts,
+            path_prefix: body.path_prefix,
+            strip_prefix: body.strip_prefix,
+            balance: Overrides(body.balance.into_iter().collect()),
+            health: Overrides(body.health.into_iter().collect()),
+        }
+        .checked()
+        .map_err(ApiError::BadRequest)?;
+        self.routing.effective(&def).map_err(ApiError::BadRequest)?;
+        let existed = self.routing.pool().services.contains_key(name);
+        let change = PoolChange::PutService {
+            name: name.to_string(),
+            def,
+        };
         let pool = self.control.change(change).await?;
-        Ok(json_response(ok, &pool_json(&pool)))
+        let svc = pool
+            .services
+            .get(name)
+            .ok_or_else(|| ChangeError::ServiceNotFound(name.to_string()))?;
+        let view = pool.service_view(name).unwrap_or_default();
+        let status = if existed {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        let mut out = self.service_json(name, &svc.def, &view);
+        out["version"] = json!(pool.version);
+        Ok(json_response(status, &out))
+    }
+
+    /// Commit a change to a service's backends and answer with that service's pool. The
+    /// cluster published it to this peer's routing before answering, so its own GET /pool shows
+    /// the change from now on.
+    async fn commit(
+        &self,
+        service: &str,
+        change: PoolChange,
+        ok: StatusCode,
+    ) -> Result<Resp, ApiError> {
+        let pool = self
+            .control
+            .change(PoolChange::in_service(service, change))
+            .await?;
+        let view = pool
+            .service_view(service)
+            .ok_or_else(|| ChangeError::ServiceNotFound(service.to_string()))?;
+        Ok(json_response(ok, &pool_json(&view)))
     }
 
     /// Commit a change of the membership and answer with the membership it produced.
@@ -554,14 +765,13 @@ impl Admin {
         Ok(json_response(ok, &membership_json(&pool, &known)))
     }
 
-    fn status(&self) -> serde_json::Value {
-        let pool = self.routing.pool();
-        let backends: Vec<_> = pool
-            .backends
+    /// One service's backends as `/status` shows them: agreed state, this peer's view, traffic.
+    fn status_rows(&self, service: &str, pool: &Pool) -> Vec<serde_json::Value> {
+        pool.backends
             .values()
             .map(|b| {
-                let up = self.routing.local_up(&b.id);
-                let (requests, inflight) = self.routing.traffic(&b.id);
+                let up = self.routing.local_up(service, &b.id);
+                let (requests, inflight) = self.routing.traffic(service, &b.id);
                 json!({
                     "id": b.id.as_str(),
                     "addr": b.addr,
@@ -571,6 +781,28 @@ impl Admin {
                     "state": b.state.as_str(),
                     "local": if up { "up" } else { "down" },
                     "down_votes": b.down_votes.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+                })
+            })
+            .collect()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let pool = self.routing.pool();
+        let backends = self.status_rows(DEFAULT_SERVICE, &pool);
+        let services: Vec<_> = pool
+            .service_names()
+            .map(|name| {
+                let view = pool.service_view(name).unwrap_or_default();
+                let def = pool
+                    .services
+                    .get(name)
+                    .map(|s| s.def.clone())
+                    .unwrap_or_default();
+                json!({
+                    "name": name,
+                    "hosts": def.hosts,
+                    "path_prefix": def.path_prefix,
+                    "backends": self.status_rows(name, &view),
                 })
             })
             .collect();
@@ -592,6 +824,7 @@ impl Admin {
             "quorum": self.control.quorum(),
             "shutting_down": self.shutting_down.load(Ordering::Relaxed),
             "backends": backends,
+            "services": services,
             "discovery": (self.discovery)(),
         })
     }
@@ -740,10 +973,13 @@ mod tests {
         fn pool(&self) -> Arc<Pool> {
             Arc::new(Pool::default())
         }
-        fn local_up(&self, _: &BackendId) -> bool {
+        fn local_up(&self, _: &str, _: &BackendId) -> bool {
             true
         }
-        fn traffic(&self, _: &BackendId) -> (u64, u64) {
+        fn effective(&self, _: &ServiceDef) -> Result<serde_json::Value, String> {
+            Ok(json!({}))
+        }
+        fn traffic(&self, _: &str, _: &BackendId) -> (u64, u64) {
             (0, 0)
         }
     }

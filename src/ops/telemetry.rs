@@ -32,6 +32,7 @@ pub const MEMBERS: &str = "shoal_members";
 pub const REQUEST_BYTES_TOTAL: &str = "shoal_request_bytes_total";
 pub const RESPONSE_BYTES_TOTAL: &str = "shoal_response_bytes_total";
 pub const BACKEND_INFLIGHT: &str = "shoal_backend_inflight";
+pub const ROUTE_MISSES_TOTAL: &str = "shoal_route_misses_total";
 pub const EJECTION_CAP: &str = "shoal_ejection_cap";
 pub const DISCOVERY_RESOLUTIONS_TOTAL: &str = "shoal_discovery_resolutions_total";
 pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str = "shoal_certificate_expiry_timestamp_seconds";
@@ -47,10 +48,10 @@ pub const NO_BACKEND: &str = "none";
 pub struct StatusCounters([metrics::Counter; 5]);
 
 impl StatusCounters {
-    pub fn new(backend: &str) -> Self {
-        Self(["1xx", "2xx", "3xx", "4xx", "5xx"].map(
-            |c| metrics::counter!(REQUESTS_TOTAL, "backend" => backend.to_string(), "code" => c),
-        ))
+    pub fn new(service: &str, backend: &str) -> Self {
+        Self(["1xx", "2xx", "3xx", "4xx", "5xx"].map(|c| {
+            metrics::counter!(REQUESTS_TOTAL, "service" => service.to_string(), "backend" => backend.to_string(), "code" => c)
+        }))
     }
 
     pub fn count(&self, status: u16) {
@@ -139,6 +140,10 @@ pub fn describe() {
         "Requests in flight to a backend from this peer."
     );
     describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads (SIGHUP), by result.");
+    describe_counter!(
+        ROUTE_MISSES_TOTAL,
+        "Requests answered 404: no service takes their host and path, and default has no backends."
+    );
     describe_gauge!(
         CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS,
         Unit::Seconds,
@@ -313,16 +318,33 @@ pub fn process_metrics() -> String {
     out
 }
 
+/// The value of label `name` in an exposition line.
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let mut rest = line.split_once('{')?.1;
+    loop {
+        let (k, after) = rest.split_once("=\"")?;
+        let (v, after) = after.split_once('"')?;
+        if k.trim_start_matches(',') == name {
+            return Some(v);
+        }
+        rest = after;
+    }
+}
+
 /// Drop the series of backends that left the pool: every line of a `shoal_` family whose
-/// `backend` label names a backend not in `current` (nor "none", requests answered locally).
-pub fn without_removed_backends(text: &str, current: &std::collections::HashSet<&str>) -> String {
+/// (`service`, `backend`) labels name a backend not in `current` (nor "none", requests
+/// answered locally).
+pub fn without_removed_backends(
+    text: &str,
+    current: &std::collections::HashSet<(&str, &str)>,
+) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
         let removed = line.starts_with("shoal_")
-            && line
-                .split_once("backend=\"")
-                .and_then(|(_, rest)| rest.split_once('"'))
-                .is_some_and(|(b, _)| b != NO_BACKEND && !current.contains(b));
+            && label(line, "backend").is_some_and(|b| {
+                let service = label(line, "service").unwrap_or("default");
+                b != NO_BACKEND && !current.contains(&(service, b))
+            });
         if !removed {
             out.push_str(line);
             out.push('\n');
@@ -365,10 +387,11 @@ mod tests {
 
     #[test]
     fn removed_backends_leave_the_exposition() {
-        let text = "# TYPE shoal_backend_up gauge\nshoal_backend_up{backend=\"a\"} 1\nshoal_backend_up{backend=\"gone\"} 0\nshoal_requests_total{backend=\"none\",code=\"5xx\"} 3\nshoal_pool_version 4\n";
-        let current = std::collections::HashSet::from(["a"]);
+        let text = "# TYPE shoal_backend_up gauge\nshoal_backend_up{service=\"default\",backend=\"a\"} 1\nshoal_backend_up{service=\"api\",backend=\"a\"} 1\nshoal_backend_up{service=\"default\",backend=\"gone\"} 0\nshoal_requests_total{service=\"default\",backend=\"none\",code=\"5xx\"} 3\nshoal_pool_version 4\n";
+        let current = std::collections::HashSet::from([("default", "a")]);
         let out = without_removed_backends(text, &current);
-        assert!(out.contains("backend=\"a\""));
+        assert!(out.contains("service=\"default\",backend=\"a\""));
+        assert!(!out.contains("service=\"api\""), "{out}");
         assert!(!out.contains("gone"));
         assert!(out.contains("backend=\"none\""));
         assert!(out.contains("shoal_pool_version 4"));

@@ -30,6 +30,9 @@ pub enum ProxyError {
     /// An HTTP/1 backend's answer could not be passed on (ambiguous framing, an unsolicited 101).
     #[error("backend sent a malformed answer: {0}")]
     BadResponse(&'static str),
+    /// No service takes the request's host and path, and `default` has no backends.
+    #[error("no service for host {host:?} and path {path:?}")]
+    NoRoute { host: String, path: String },
 }
 
 impl ProxyError {
@@ -45,6 +48,7 @@ impl ProxyError {
             }
             ProxyError::UnknownCoding => StatusCode::NOT_IMPLEMENTED,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
         }
     }
 
@@ -97,6 +101,13 @@ mod tests {
             (ProxyError::UnknownCoding, 501),
             (ProxyError::MethodNotAllowed, 405),
             (ProxyError::BadResponse("x"), 502),
+            (
+                ProxyError::NoRoute {
+                    host: "h".into(),
+                    path: "/p".into(),
+                },
+                404,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(e.status().as_u16(), code, "{e:?}");
@@ -104,7 +115,7 @@ mod tests {
             assert_eq!(r.status().as_u16(), code);
             assert_eq!(
                 r.headers().get(header::CONNECTION).is_some(),
-                matches!(code, 400 | 405 | 501)
+                matches!(code, 400 | 404 | 405 | 501)
             );
         }
     }

@@ -19,6 +19,7 @@ use super::client::ClientUpgrade;
 use super::conn::{ConnState, Tunnels};
 use super::error::ProxyError;
 use super::response::ResponseBody;
+use super::routes::{self, Route, Routes};
 use super::table::{Candidates, RoutingTable, Settings, Snapshot};
 use super::upstream::h1::{self, SendError};
 use super::upstream::{BackendConn, ErrorKind, Lease, Sender, Upstream};
@@ -476,19 +477,64 @@ fn bad_answer(e: &std::io::Error) -> Option<&'static str> {
 
 /// The forwarding service shared by every client connection of one peer.
 pub struct Proxy {
-    table: Arc<RoutingTable>,
+    routes: Arc<Routes>,
     retries: Counter,
-    /// `shoal_requests_total{backend="none"}` by status class: answered without a backend.
-    local_responses: names::StatusCounters,
+    /// `shoal_requests_total{service="none", backend="none"}`: routed nowhere (404).
+    unrouted: names::StatusCounters,
 }
 
 impl Proxy {
-    pub fn new(table: Arc<RoutingTable>) -> Arc<Self> {
+    pub fn new(routes: Arc<Routes>) -> Arc<Self> {
         Arc::new(Self {
-            table,
+            routes,
             retries: metrics::counter!(names::RETRIES_TOTAL),
-            local_responses: names::StatusCounters::new(names::NO_BACKEND),
+            unrouted: names::StatusCounters::new(names::NO_BACKEND, names::NO_BACKEND),
         })
+    }
+
+    /// The service table for a request, its path stripped of the service's prefix where the
+    /// service says so; None: no service takes it (404).
+    fn route(
+        &self,
+        req: &mut Request<ClientBody>,
+        fields: Option<&WireFields>,
+    ) -> Result<Arc<RoutingTable>, ProxyError> {
+        let host = match req.uri().authority() {
+            Some(a) => Some(a.as_str().as_bytes()),
+            None => match fields {
+                Some(f) => f.values(FieldRole::Host).next(),
+                None => req.headers().get(header::HOST).map(HeaderValue::as_bytes),
+            },
+        };
+        match self.routes.route(host, req.uri().path()) {
+            Route::To { table, strip: None } => Ok(table),
+            Route::To {
+                table,
+                strip: Some(prefix),
+            } => {
+                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                let stripped = routes::strip(target, &prefix);
+                let mut parts = req.uri().clone().into_parts();
+                parts.path_and_query = Some(
+                    stripped
+                        .parse()
+                        .map_err(|_| ProxyError::BadRequest("bad request target"))?,
+                );
+                *req.uri_mut() = Uri::from_parts(parts)
+                    .map_err(|_| ProxyError::BadRequest("bad request target"))?;
+                Ok(table)
+            }
+            Route::Miss => {
+                let shown = |b: &[u8]| {
+                    let s = String::from_utf8_lossy(b);
+                    s.chars().take(200).collect::<String>()
+                };
+                Err(ProxyError::NoRoute {
+                    host: host.map(shown).unwrap_or_default(),
+                    path: shown(req.uri().path().as_bytes()),
+                })
+            }
+        }
     }
 
     /// Serve one client request. Never fails: every error becomes a response, here.
@@ -500,8 +546,16 @@ impl Proxy {
         conn: &ConnInfo,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
-        let snap = self.table.snapshot();
         let mut req = req;
+        let table = match self.route(&mut req, fields.as_ref()) {
+            Ok(t) => t,
+            Err(e) => {
+                self.unrouted.count(e.status().as_u16());
+                tracing::debug!(error = %e, "answered locally");
+                return e.response();
+            }
+        };
+        let snap = table.snapshot();
         // The fields stay in wire form when nothing here needs them as a map.
         let fields = fields.and_then(|f| {
             if wire_will_do(&snap, &f) {
@@ -519,12 +573,12 @@ impl Proxy {
         let seen = record.as_ref().map(|r| r.request_bytes.clone());
         let mut attempts = 0;
         let (resp, backend) = match self
-            .forward(req, fields, conn, &snap, start, &mut attempts, seen)
+            .forward(&table, req, fields, conn, &snap, start, &mut attempts, seen)
             .await
         {
             Ok((resp, upstream)) => (resp, Some(upstream)),
             Err(e) => {
-                self.local_responses.count(e.status().as_u16());
+                table.local_responses.count(e.status().as_u16());
                 tracing::debug!(error = %e, "answered locally");
                 (e.response(), None)
             }
@@ -542,6 +596,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
+        table: &RoutingTable,
         req: Request<ClientBody>,
         fields: Option<WireFields>,
         conn: &ConnInfo,
@@ -554,12 +609,10 @@ impl Proxy {
         let mut plan = Plan::new(req, fields, conn, snap, seen)?;
         let candidates = Candidates {
             snapshot: snap,
-            registry: self.table.registry(),
+            registry: table.registry(),
         };
         let bounded = settings.balance.bounded_load > 0.0;
-        let mut route = snap
-            .selector
-            .route(plan.key, self.table.in_panic(), &candidates);
+        let mut route = snap.selector.route(plan.key, table.in_panic(), &candidates);
         let mut last_err = ProxyError::NoBackend;
         for attempt in 0..=settings.retries {
             let Some(member) = route.next() else { break };
@@ -582,7 +635,7 @@ impl Proxy {
                 Attempt::Response(parts, reply) => {
                     let status = parts.status.as_u16();
                     let failed = matches!(status, 502..=504).then_some(ErrorKind::Status);
-                    self.on_outcome(upstream, failed, settings);
+                    self.on_outcome(table, upstream, failed, settings);
                     upstream.count_response(status, start.elapsed());
                     let lease = Lease {
                         guard,
@@ -593,7 +646,7 @@ impl Proxy {
                 }
                 Attempt::NotSent(request, err) => {
                     // Nothing reached the backend: any method may go elsewhere.
-                    self.on_outcome(upstream, Some(ErrorKind::Connect), settings);
+                    self.on_outcome(table, upstream, Some(ErrorKind::Connect), settings);
                     tracing::debug!(backend = %upstream.id, error = %err, "connect failed");
                     plan.pending = Some(request);
                     last_err = ProxyError::Connect;
@@ -614,7 +667,7 @@ impl Proxy {
                     }
                 }
                 Attempt::BadAnswer(why, sent) => {
-                    self.on_outcome(upstream, Some(ErrorKind::Reset), settings);
+                    self.on_outcome(table, upstream, Some(ErrorKind::Reset), settings);
                     last_err = ProxyError::BadResponse(why);
                     if !plan.can_resend(false) {
                         return Err(last_err);
@@ -622,7 +675,7 @@ impl Proxy {
                     plan.take_back(sent);
                 }
                 Attempt::Failed(kind, sent) => {
-                    self.on_outcome(upstream, Some(kind), settings);
+                    self.on_outcome(table, upstream, Some(kind), settings);
                     last_err = if kind == ErrorKind::Timeout {
                         ProxyError::Timeout
                     } else {
@@ -721,7 +774,13 @@ impl Proxy {
 
     /// An attempt's outcome (`failure` None for a good answer) into the backend's metrics and
     /// this peer's local view; a flip changes routing at once and tells the health voter.
-    fn on_outcome(&self, upstream: &Upstream, failure: Option<ErrorKind>, settings: &Settings) {
+    fn on_outcome(
+        &self,
+        table: &RoutingTable,
+        upstream: &Upstream,
+        failure: Option<ErrorKind>,
+        settings: &Settings,
+    ) {
         if let Some(kind) = failure {
             upstream.count_error(kind);
         }
@@ -729,7 +788,7 @@ impl Proxy {
             .record(Source::Traffic, failure.is_none(), &settings.thresholds)
             .is_some()
         {
-            self.table.health_changed(&upstream.id);
+            table.health_changed(&upstream.id);
         }
     }
 }

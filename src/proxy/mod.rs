@@ -18,6 +18,7 @@ pub mod error;
 pub mod forward;
 pub mod framing;
 pub mod response;
+pub mod routes;
 pub mod server;
 pub mod table;
 pub mod upstream;

@@ -11,10 +11,11 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use super::upstream::{Registry, Upstream};
-use crate::config::{Config, HashKey};
+use crate::config::{BalanceConfig, Config, HashKey, HealthConfig};
 use crate::core::balance::{BalanceSpec, Selector, Usable};
 use crate::core::health::Thresholds;
 use crate::core::pool::{BackendId, Pool};
+use crate::ops::telemetry as names;
 use crate::sync::MutexExt;
 
 /// Settings read per request; replaced as a whole on reload.
@@ -36,18 +37,25 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The top-level service's (`default`) settings.
     pub fn from_config(c: &Config) -> Self {
+        Self::of_service(c, &c.balance, &c.health)
+    }
+
+    /// A service's settings: the proxy's and the log's from `c`, and its own balancing and
+    /// health.
+    pub fn of_service(c: &Config, balance: &BalanceConfig, health: &HealthConfig) -> Self {
         Self {
             connect_timeout: c.proxy.connect_timeout,
             request_timeout: c.proxy.request_timeout,
             retries: c.proxy.retries,
-            hash_key: c.balance.hash_key.clone(),
-            balance: c.balance.spec(),
-            thresholds: c.health.thresholds(),
-            panic_below_percent: c.health.panic_below_percent,
-            trial_every: c.health.interval,
-            probe_path: c.health.path.clone(),
-            probe_timeout: c.health.timeout,
+            hash_key: balance.hash_key.clone(),
+            balance: balance.spec(),
+            thresholds: health.thresholds(),
+            panic_below_percent: health.panic_below_percent,
+            trial_every: health.interval,
+            probe_path: health.path.clone(),
+            probe_timeout: health.timeout,
             access_log: c.log.access_log,
         }
     }
@@ -92,10 +100,14 @@ pub struct RoutingTable {
     panic: AtomicBool,
     /// Told about every local health flip (the health voter listens).
     flips: Mutex<Option<mpsc::UnboundedSender<BackendId>>>,
+    /// The service this table routes (`default` for the top-level pool).
+    service: Arc<str>,
+    /// `shoal_requests_total{service, backend="none"}`: answered without a backend.
+    pub local_responses: names::StatusCounters,
 }
 
 impl RoutingTable {
-    pub fn new(settings: Settings, workers: usize) -> Arc<Self> {
+    pub fn new(service: &str, settings: Settings, workers: usize) -> Arc<Self> {
         let empty = Pool::default();
         let snapshot = Snapshot {
             selector: Arc::new(Selector::build(&empty, settings.balance)),
@@ -106,10 +118,22 @@ impl RoutingTable {
         };
         Arc::new(Self {
             current: ArcSwap::from_pointee(snapshot),
-            registry: Registry::new(workers),
+            registry: Registry::new(service, workers),
             panic: AtomicBool::new(false),
             flips: Mutex::new(None),
+            service: Arc::from(service),
+            local_responses: names::StatusCounters::new(service, names::NO_BACKEND),
         })
+    }
+
+    /// The service this table routes.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The live settings.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.current.load().settings.clone()
     }
 
     /// The snapshot to route one request with.
@@ -144,6 +168,7 @@ impl RoutingTable {
             return false;
         }
         tracing::info!(
+            service = %self.service,
             version = pool.version,
             backends = pool.backends.len(),
             "pool applied"

@@ -134,6 +134,7 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
             backends,
             cluster_id: "sim".into(),
             voters: ids[..cfg.peers].iter().cloned().collect(),
+            services: Vec::new(),
         }
     } else {
         PoolChange::seed(backends)

@@ -540,6 +540,7 @@ impl Sim {
                 backends: Vec::new(),
                 cluster_id: "sim".into(),
                 voters: node_ids(self.cfg.nodes).into_iter().collect(),
+                services: Vec::new(),
             }
         } else {
             PoolChange::Read

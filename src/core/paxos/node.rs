@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Acceptor, Action, Ballot, Durable, Msg, Outcome, Proposer, ProposerConfig};
-use crate::core::pool::{Backend, NodeId, Pool, PoolChange, Rules};
+use crate::core::pool::{Backend, NodeId, Pool, PoolChange, Rules, ServiceSeed};
 
 /// Whether this node's acceptor takes part in quorums.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,12 +267,13 @@ impl Node {
 
     /// The change that seeds a new cluster: the configured backends, a fresh cluster id, and
     /// the configured voters as the first membership. It applies only while no pool exists.
-    pub fn seed(&mut self, backends: Vec<Backend>) -> PoolChange {
+    pub fn seed(&mut self, backends: Vec<Backend>, services: Vec<ServiceSeed>) -> PoolChange {
         let id: u128 = self.rng.gen();
         PoolChange::Seed {
             backends,
             cluster_id: format!("{id:032x}"),
             voters: self.config_voters.iter().cloned().collect(),
+            services,
         }
     }
 

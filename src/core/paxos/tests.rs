@@ -713,6 +713,7 @@ fn seeded_by(names: &[&str]) -> Pool {
                 backends: vec![Backend::new("w", "10.0.0.1:80", 1)],
                 cluster_id: "c1".into(),
                 voters: ids(names).into_iter().collect(),
+                services: Vec::new(),
             },
             &Rules::default(),
         )

@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Backend, BackendId, InvalidBackend, NodeId, Pool, Protocol, MAX_BACKENDS, MAX_POOL_BYTES,
+    Backend, BackendId, InvalidBackend, NodeId, Pool, Protocol, ServiceDef, ServiceSeed,
+    MAX_BACKENDS, MAX_POOL_BYTES,
 };
 
 /// What `apply_once` did. (A return value, matched at once: the pool is not boxed.)
@@ -57,6 +58,9 @@ pub enum PoolChange {
         cluster_id: String,
         #[serde(default)]
         voters: BTreeSet<NodeId>,
+        /// The services besides `default`, with their seed backends.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        services: Vec<ServiceSeed>,
     },
     AddBackend {
         backend: Backend,
@@ -119,6 +123,25 @@ pub enum PoolChange {
     Fence {
         peer: NodeId,
     },
+    /// A change to the backends of one service (`default` is the top-level one).
+    Service {
+        service: String,
+        change: Box<PoolChange>,
+    },
+    /// Create or replace a service's definition; its backends stay.
+    PutService {
+        name: String,
+        def: ServiceDef,
+    },
+    /// Remove a service and its pool.
+    RemoveService {
+        name: String,
+    },
+    /// A config file's services as one change: each definition replaces the agreed one, and a
+    /// service new to the register is seeded with the file's backends.
+    ApplyServices {
+        services: Vec<ServiceSeed>,
+    },
 }
 
 impl PoolChange {
@@ -128,6 +151,42 @@ impl PoolChange {
             backends,
             cluster_id: String::new(),
             voters: BTreeSet::new(),
+            services: Vec::new(),
+        }
+    }
+
+    /// `change` to service `service`'s backends (`default` needs no wrapping).
+    pub fn in_service(service: &str, change: PoolChange) -> Self {
+        if service == super::DEFAULT_SERVICE {
+            return change;
+        }
+        PoolChange::Service {
+            service: service.to_string(),
+            change: Box::new(change),
+        }
+    }
+
+    /// The change's name, as its JSON `op` says it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PoolChange::Read => "read",
+            PoolChange::Seed { .. } => "seed",
+            PoolChange::AddBackend { .. } => "add_backend",
+            PoolChange::RemoveBackend { .. } => "remove_backend",
+            PoolChange::SetWeight { .. } => "set_weight",
+            PoolChange::SetState { .. } => "set_state",
+            PoolChange::VoteDown { .. } => "vote_down",
+            PoolChange::VoteUp { .. } => "vote_up",
+            PoolChange::ExpireVotes { .. } => "expire_votes",
+            PoolChange::AddPeer { .. } => "add_peer",
+            PoolChange::RemovePeer { .. } => "remove_peer",
+            PoolChange::Settle => "settle",
+            PoolChange::Sightings { .. } => "sightings",
+            PoolChange::Fence { .. } => "fence",
+            PoolChange::Service { .. } => "service",
+            PoolChange::PutService { .. } => "put_service",
+            PoolChange::RemoveService { .. } => "remove_service",
+            PoolChange::ApplyServices { .. } => "apply_services",
         }
     }
 }
@@ -157,4 +216,16 @@ pub enum ChangeError {
     LastVoter(NodeId),
     #[error("{0}")]
     InvalidPeer(String),
+    #[error("service {0} not found")]
+    ServiceNotFound(String),
+    #[error("{0}")]
+    InvalidService(String),
+    #[error("service default: {0}")]
+    DefaultService(String),
+    #[error("host {host} with path prefix {prefix} already routes to service {service}")]
+    RouteTaken {
+        host: String,
+        prefix: String,
+        service: String,
+    },
 }

@@ -1,16 +1,18 @@
 //! What changed from one agreed pool to the next, for the event log.
 
-use super::{BackendId, BackendState, NodeId, Pool};
+use std::collections::BTreeMap;
+
+use super::{Backend, BackendId, BackendState, NodeId, Pool};
 
 /// What changed from one agreed pool to the next, for the event log.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PoolDiff {
     /// One readable line per change ("added web-4", "web-2 draining", ...).
     pub changes: Vec<String>,
-    /// Backends the cluster ejected, with the peers that voted them down.
-    pub ejected: Vec<(BackendId, Vec<NodeId>)>,
-    /// Backends the cluster restored.
-    pub restored: Vec<BackendId>,
+    /// Backends the cluster ejected (service, id), with the peers that voted them down.
+    pub ejected: Vec<(String, BackendId, Vec<NodeId>)>,
+    /// Backends the cluster restored (service, id).
+    pub restored: Vec<(String, BackendId)>,
     /// The peer whose proposal made the new pool, when one did.
     pub through: Option<NodeId>,
     /// The voters, when they changed.
@@ -20,36 +22,20 @@ pub struct PoolDiff {
 impl PoolDiff {
     pub fn between(old: &Pool, new: &Pool) -> PoolDiff {
         let mut d = PoolDiff::default();
-        for (id, b) in &new.backends {
-            let Some(o) = old.backends.get(id) else {
-                d.changes
-                    .push(format!("added {id} ({}, weight {})", b.addr, b.weight));
-                continue;
-            };
-            if o.weight != b.weight {
-                d.changes
-                    .push(format!("{id} weight {} -> {}", o.weight, b.weight));
+        d.backends(super::DEFAULT_SERVICE, &old.backends, &new.backends);
+        for (name, s) in &new.services {
+            match old.services.get(name) {
+                None => d.changes.push(format!("service {name} added")),
+                Some(o) if o.def != s.def => d.changes.push(format!("service {name} redefined")),
+                Some(_) => {}
             }
-            for p in b.down_votes.difference(&o.down_votes) {
-                d.changes.push(format!("{p} votes {id} down"));
-            }
-            for p in o.down_votes.difference(&b.down_votes) {
-                d.changes.push(format!("{p} votes {id} up"));
-            }
-            if o.state != b.state {
-                d.changes.push(format!("{id} {}", b.state.as_str()));
-                match (o.state, b.state) {
-                    (_, BackendState::Ejected) => d
-                        .ejected
-                        .push((id.clone(), b.down_votes.iter().cloned().collect())),
-                    (BackendState::Ejected, _) => d.restored.push(id.clone()),
-                    _ => {}
-                }
-            }
+            let none = Default::default();
+            let before = old.services.get(name).map_or(&none, |o| &o.backends);
+            d.backends(name, before, &s.backends);
         }
-        for id in old.backends.keys() {
-            if !new.backends.contains_key(id) {
-                d.changes.push(format!("removed {id}"));
+        for name in old.services.keys() {
+            if !new.services.contains_key(name) {
+                d.changes.push(format!("service {name} removed"));
             }
         }
         if old.learners != new.learners {
@@ -76,5 +62,55 @@ impl PoolDiff {
             (None, _) => None,
         };
         d
+    }
+
+    /// The changes of one service's backends (named unless it is `default`).
+    fn backends(
+        &mut self,
+        service: &str,
+        old: &BTreeMap<BackendId, Backend>,
+        new: &BTreeMap<BackendId, Backend>,
+    ) {
+        let at = if service == super::DEFAULT_SERVICE {
+            String::new()
+        } else {
+            format!("{service}: ")
+        };
+        for (id, b) in new {
+            let Some(o) = old.get(id) else {
+                self.changes
+                    .push(format!("{at}added {id} ({}, weight {})", b.addr, b.weight));
+                continue;
+            };
+            if o.weight != b.weight {
+                self.changes
+                    .push(format!("{at}{id} weight {} -> {}", o.weight, b.weight));
+            }
+            for p in b.down_votes.difference(&o.down_votes) {
+                self.changes.push(format!("{at}{p} votes {id} down"));
+            }
+            for p in o.down_votes.difference(&b.down_votes) {
+                self.changes.push(format!("{at}{p} votes {id} up"));
+            }
+            if o.state != b.state {
+                self.changes.push(format!("{at}{id} {}", b.state.as_str()));
+                match (o.state, b.state) {
+                    (_, BackendState::Ejected) => self.ejected.push((
+                        service.to_string(),
+                        id.clone(),
+                        b.down_votes.iter().cloned().collect(),
+                    )),
+                    (BackendState::Ejected, _) => {
+                        self.restored.push((service.to_string(), id.clone()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for id in old.keys() {
+            if !new.contains_key(id) {
+                self.changes.push(format!("{at}removed {id}"));
+            }
+        }
     }
 }

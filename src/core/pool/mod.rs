@@ -15,12 +15,14 @@ mod change;
 mod diff;
 mod ids;
 mod membership;
+mod service;
 mod sightings;
 
 pub use backend::*;
 pub use change::*;
 pub use diff::*;
 pub use ids::*;
+pub use service::*;
 pub use sightings::*;
 
 /// The register value. Version 0 with no backends means "no pool agreed yet".
@@ -61,6 +63,9 @@ pub struct Pool {
     /// a peer that learns several versions at once still names who made the last one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub through: Option<NodeId>,
+    /// The services besides `default` (whose backends are `backends` above), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, Service>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -117,6 +122,7 @@ impl Pool {
                 backends,
                 cluster_id,
                 voters,
+                services,
             } => {
                 if self.exists() {
                     return Err(ChangeError::AlreadySeeded(self.version));
@@ -135,6 +141,7 @@ impl Pool {
                     b.down_votes.clear();
                     next.backends.insert(b.id.clone(), b);
                 }
+                next.apply_services(services)?;
                 // Seeding always creates the pool, even an empty one.
                 next.version = self.version + 1;
                 return Ok(next);
@@ -208,6 +215,12 @@ impl Pool {
                 addrs,
                 protocol,
             } => next.record_sightings(source, peer, *weight, addrs, *protocol)?,
+            PoolChange::Service { service, change } => {
+                next.apply_in_service(service, change, rules)?
+            }
+            PoolChange::PutService { name, def } => next.put_service(name, def)?,
+            PoolChange::RemoveService { name } => next.remove_service(name)?,
+            PoolChange::ApplyServices { services } => next.apply_services(services)?,
         }
         // Votes count among the agreed voters (the rules' size where none are agreed).
         let rules = &Rules {
@@ -220,7 +233,23 @@ impl Pool {
         };
         next.settle_discovery(rules);
         next.settle(rules);
-        if next.backends.len() + next.sightings.len() >= MEASURE_FROM {
+        // The other services' ejections follow a change of the voters, a dead peer's votes
+        // going, and a re-settle (their own changes settle inside `apply_in_service`).
+        let forget = match change {
+            PoolChange::ExpireVotes { peer } | PoolChange::RemovePeer { id: peer } => Some(peer),
+            _ => None,
+        };
+        if forget.is_some() || next.voters != self.voters || matches!(change, PoolChange::Settle) {
+            next.settle_services(rules, forget);
+        }
+        let entries = next.backends.len()
+            + next.sightings.len()
+            + next
+                .services
+                .values()
+                .map(|s| 1 + s.backends.len() + s.sightings.len())
+                .sum::<usize>();
+        if entries >= MEASURE_FROM {
             let size = next.canonical_bytes().len();
             if size > MAX_POOL_BYTES && size > self.canonical_bytes().len() {
                 return Err(ChangeError::TooLarge(size));
@@ -232,6 +261,7 @@ impl Pool {
             || next.learners != self.learners
             || next.addrs != self.addrs
             || next.epoch != self.epoch
+            || next.services != self.services
             || !self.exists()
         {
             next.version = self.version + 1;
@@ -421,6 +451,7 @@ mod tests {
                     backends,
                     cluster_id: "x".into(),
                     voters: voters.iter().map(|v| peer(v)).collect(),
+                    services: Vec::new(),
                 },
                 &rules(voters.len()),
             )
@@ -613,10 +644,13 @@ mod tests {
             d.changes,
             vec!["a votes b1 down", "b votes b1 down", "b1 ejected"]
         );
-        assert_eq!(d.ejected, vec![(id("b1"), vec![peer("a"), peer("b")])]);
+        assert_eq!(
+            d.ejected,
+            vec![("default".into(), id("b1"), vec![peer("a"), peer("b")])]
+        );
         assert_eq!(d.through, Some(peer("b")));
         let back = PoolDiff::between(&q, &p);
-        assert_eq!(back.restored, vec![id("b1")]);
+        assert_eq!(back.restored, vec![("default".into(), id("b1"))]);
         let gone = q
             .apply(&PoolChange::RemoveBackend { id: id("b2") }, &r)
             .unwrap();

@@ -46,15 +46,23 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn new(id: &str) -> Self {
-        let err = |k: &'static str| metrics::counter!(names::UPSTREAM_ERRORS_TOTAL, "backend" => id.to_string(), "kind" => k);
+    fn new(service: &str, id: &str) -> Self {
+        let labels = [
+            ("service", service.to_string()),
+            ("backend", id.to_string()),
+        ];
+        let err = |k: &'static str| {
+            let mut l = labels.to_vec();
+            l.push(("kind", k.to_string()));
+            metrics::counter!(names::UPSTREAM_ERRORS_TOTAL, &l)
+        };
         Self {
-            by_class: names::StatusCounters::new(id),
-            duration: metrics::histogram!(names::REQUEST_DURATION_SECONDS, "backend" => id.to_string()),
+            by_class: names::StatusCounters::new(service, id),
+            duration: metrics::histogram!(names::REQUEST_DURATION_SECONDS, &labels),
             errors: [err("connect"), err("timeout"), err("reset"), err("status")],
-            up: metrics::gauge!(names::BACKEND_UP, "backend" => id.to_string()),
-            request_bytes: metrics::counter!(names::REQUEST_BYTES_TOTAL, "backend" => id.to_string()),
-            response_bytes: metrics::counter!(names::RESPONSE_BYTES_TOTAL, "backend" => id.to_string()),
+            up: metrics::gauge!(names::BACKEND_UP, &labels),
+            request_bytes: metrics::counter!(names::REQUEST_BYTES_TOTAL, &labels),
+            response_bytes: metrics::counter!(names::RESPONSE_BYTES_TOTAL, &labels),
         }
     }
 }
@@ -76,13 +84,14 @@ pub struct Upstream {
 
 impl Upstream {
     fn new(
+        service: &str,
         id: BackendId,
         addr: String,
         target: Target,
         workers: usize,
         total: Arc<AtomicU64>,
     ) -> Self {
-        let metrics = Metrics::new(id.as_str());
+        let metrics = Metrics::new(service, id.as_str());
         metrics.up.set(1.0);
         Self {
             id,
@@ -247,10 +256,12 @@ pub struct Registry {
     /// Data-plane worker threads (each gets its own idle connections).
     workers: usize,
     total_inflight: Arc<AtomicU64>,
+    /// The service whose backends these are (a metric label).
+    service: Arc<str>,
 }
 
 impl Registry {
-    pub fn new(workers: usize) -> Self {
+    pub fn new(service: &str, workers: usize) -> Self {
         // The system's roots are read once; the h2 connector differs only in its ALPN offer.
         let (tls, tls_h2) = match crate::net::tls::upstream_client_config() {
             Ok(http1) => {
@@ -272,11 +283,13 @@ impl Registry {
             tls_h2,
             workers,
             total_inflight: Arc::new(AtomicU64::new(0)),
+            service: Arc::from(service),
         }
     }
 
     fn upstream(&self, id: BackendId, addr: String, target: Target) -> Arc<Upstream> {
         Arc::new(Upstream::new(
+            &self.service,
             id,
             addr,
             target,

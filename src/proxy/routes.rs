@@ -1,0 +1,300 @@
+//! Which service a request goes to: a table built once per set of service definitions (a hash
+//! on the host, then the longest matching path prefix), never a scan per request. Requests of
+//! one connection may go to different services: each request is routed on its own.
+//!
+//! The rule (SPEC 2.1), the same on every peer: among the services whose hosts match the
+//! request's Host, an exact name before a wildcard (the longest suffix first) before a service
+//! for any host, the one with the longest matching path prefix takes the request; when none
+//! matches, `default` takes it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use metrics::Counter;
+
+use super::table::RoutingTable;
+use crate::ops::telemetry as names;
+
+/// One service as the lookup sees it.
+#[derive(Clone)]
+pub struct Entry {
+    /// The path prefix ("/" when the service sets none).
+    pub prefix: Box<str>,
+    /// Remove the prefix before forwarding.
+    pub strip: bool,
+    pub table: Arc<RoutingTable>,
+}
+
+/// A service definition as the route table is built from it.
+pub struct RouteDef {
+    pub hosts: Vec<String>,
+    pub prefix: Option<String>,
+    pub strip: bool,
+    pub table: Arc<RoutingTable>,
+}
+
+/// The lookup for one set of service definitions. Each list is sorted by prefix length, longest
+/// first.
+#[derive(Default)]
+pub struct RouteSet {
+    exact: HashMap<Box<str>, Vec<Entry>>,
+    /// By suffix, the dot included (`*.example.org` is `.example.org`).
+    wildcard: HashMap<Box<str>, Vec<Entry>>,
+    any: Vec<Entry>,
+}
+
+impl RouteSet {
+    pub fn build(defs: impl IntoIterator<Item = RouteDef>) -> RouteSet {
+        let mut set = RouteSet::default();
+        for d in defs {
+            let entry = Entry {
+                prefix: d.prefix.unwrap_or_else(|| "/".into()).into(),
+                strip: d.strip,
+                table: d.table,
+            };
+            if d.hosts.is_empty() {
+                set.any.push(entry.clone());
+            }
+            for h in d.hosts {
+                let list = match h.strip_prefix('*') {
+                    Some(suffix) => set.wildcard.entry(suffix.into()).or_default(),
+                    None => set.exact.entry(h.into()).or_default(),
+                };
+                list.push(entry.clone());
+            }
+        }
+        let longest_first = |l: &mut Vec<Entry>| {
+            l.sort_by(|a, b| {
+                b.prefix
+                    .len()
+                    .cmp(&a.prefix.len())
+                    .then(a.prefix.cmp(&b.prefix))
+            })
+        };
+        set.exact.values_mut().for_each(longest_first);
+        set.wildcard.values_mut().for_each(longest_first);
+        longest_first(&mut set.any);
+        set
+    }
+
+    /// The service for `host` (lowercase, no port) and `path`; None: the default one.
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&Entry> {
+        let matching = |l: &'_ [Entry]| -> Option<usize> {
+            l.iter().position(|e| path.starts_with(&*e.prefix))
+        };
+        if let Some(l) = self.exact.get(host) {
+            if let Some(i) = matching(l) {
+                return Some(&l[i]);
+            }
+        }
+        if !self.wildcard.is_empty() {
+            // The longest suffix first: from the first dot on.
+            for (i, _) in host.match_indices('.') {
+                if let Some(l) = self.wildcard.get(&host[i..]) {
+                    if let Some(j) = matching(l) {
+                        return Some(&l[j]);
+                    }
+                }
+            }
+        }
+        matching(&self.any).map(|i| &self.any[i])
+    }
+}
+
+/// Where a request goes.
+pub enum Route {
+    /// A service's table; `strip` is the prefix to remove from the path, if any.
+    To {
+        table: Arc<RoutingTable>,
+        strip: Option<Box<str>>,
+    },
+    /// No service matched and `default` has no backends: 404.
+    Miss,
+}
+
+/// The default service's table and the current route set (none while `default` is the only
+/// service: then nothing is looked up).
+pub struct Routes {
+    default: Arc<RoutingTable>,
+    set: ArcSwapOption<RouteSet>,
+    misses: Counter,
+}
+
+impl Routes {
+    pub fn new(default: Arc<RoutingTable>) -> Arc<Routes> {
+        Arc::new(Routes {
+            default,
+            set: ArcSwapOption::empty(),
+            misses: metrics::counter!(names::ROUTE_MISSES_TOTAL),
+        })
+    }
+
+    pub fn default_table(&self) -> &Arc<RoutingTable> {
+        &self.default
+    }
+
+    /// Route by `set` from now on (None: every request to `default`).
+    pub fn install(&self, set: Option<RouteSet>) {
+        self.set.store(set.map(Arc::new));
+    }
+
+    /// Route a request whose Host is `host` (as received: maybe with a port, any case) and
+    /// whose path is `path`.
+    pub fn route(&self, host: Option<&[u8]>, path: &str) -> Route {
+        let set = self.set.load();
+        let Some(set) = set.as_ref() else {
+            return Route::To {
+                table: self.default.clone(),
+                strip: None,
+            };
+        };
+        let mut buf = [0u8; 256];
+        let host = host.and_then(|h| normalize_host(h, &mut buf)).unwrap_or("");
+        match set.lookup(host, path) {
+            Some(e) => Route::To {
+                table: e.table.clone(),
+                strip: (e.strip && &*e.prefix != "/").then(|| e.prefix.clone()),
+            },
+            None if self.default.pool().backends.is_empty() => {
+                self.misses.increment(1);
+                Route::Miss
+            }
+            None => Route::To {
+                table: self.default.clone(),
+                strip: None,
+            },
+        }
+    }
+}
+
+/// A Host value without its port or a trailing dot, in lowercase (in `buf`); None if it does
+/// not fit or is not text.
+pub fn normalize_host<'a>(h: &[u8], buf: &'a mut [u8; 256]) -> Option<&'a str> {
+    let name = if h.first() == Some(&b'[') {
+        // An IPv6 literal: up to the bracket.
+        let end = h.iter().position(|&b| b == b']')?;
+        &h[..=end]
+    } else {
+        match h.iter().rposition(|&b| b == b':') {
+            Some(i) if h[i + 1..].iter().all(u8::is_ascii_digit) => &h[..i],
+            _ => h,
+        }
+    };
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    if name.len() > buf.len() {
+        return None;
+    }
+    let out = &mut buf[..name.len()];
+    for (o, b) in out.iter_mut().zip(name) {
+        *o = b.to_ascii_lowercase();
+    }
+    std::str::from_utf8(out).ok()
+}
+
+/// `path` with `prefix` removed, always starting with "/" ("/v1/x" less "/v1/" is "/x").
+pub fn strip(path_and_query: &str, prefix: &str) -> String {
+    let rest = path_and_query
+        .strip_prefix(prefix)
+        .unwrap_or(path_and_query);
+    if rest.starts_with('/') {
+        rest.to_string()
+    } else {
+        format!("/{rest}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::table::Settings;
+
+    fn table(name: &str) -> Arc<RoutingTable> {
+        let config = crate::config::from_value(&serde_json::json!({"node": {"id": "a"}})).unwrap();
+        RoutingTable::new(name, Settings::from_config(&config), 1)
+    }
+
+    fn def(name: &str, hosts: &[&str], prefix: Option<&str>) -> RouteDef {
+        RouteDef {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            prefix: prefix.map(str::to_string),
+            strip: false,
+            table: table(name),
+        }
+    }
+
+    fn to(set: &RouteSet, host: &str, path: &str) -> String {
+        set.lookup(host, path)
+            .map_or("default".to_string(), |e| e.table.service().to_string())
+    }
+
+    #[test]
+    fn exact_before_wildcard_before_any_and_the_longest_prefix_wins() {
+        let set = RouteSet::build([
+            def("api", &["api.example.com", "*.example.org"], None),
+            def("api-v2", &["api.example.com"], Some("/v2/")),
+            def("deep", &["*.b.example.org"], None),
+            def("static", &[], Some("/static/")),
+            def("admin", &["admin.example.com"], Some("/admin")),
+        ]);
+        let cases = [
+            ("api.example.com", "/", "api"),
+            ("api.example.com", "/v2/x", "api-v2"),
+            ("api.example.com", "/v2", "api"),
+            ("x.example.org", "/", "api"),
+            ("a.b.example.org", "/", "deep"),
+            ("b.example.org", "/", "api"),
+            // The wildcard wants a label before the suffix.
+            ("example.org", "/", "default"),
+            ("other.com", "/static/app.js", "static"),
+            ("other.com", "/", "default"),
+            // An exact host whose prefixes do not match falls through to the next kind.
+            ("admin.example.com", "/static/x", "static"),
+            ("admin.example.com", "/", "default"),
+            ("", "/static/", "static"),
+        ];
+        for (host, path, want) in cases {
+            assert_eq!(to(&set, host, path), want, "{host} {path}");
+        }
+    }
+
+    #[test]
+    fn hosts_are_matched_without_port_case_or_trailing_dot() {
+        let mut buf = [0u8; 256];
+        for (raw, want) in [
+            (&b"API.Example.com:8080"[..], Some("api.example.com")),
+            (b"api.example.com.", Some("api.example.com")),
+            (b"[::1]:80", Some("[::1]")),
+            (b"10.0.0.1", Some("10.0.0.1")),
+            (b"host:port", Some("host:port")),
+            (&[b'a'; 300][..], None),
+        ] {
+            assert_eq!(normalize_host(raw, &mut buf), want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn stripping_leaves_a_path() {
+        assert_eq!(strip("/v1/x?q=1", "/v1/"), "/x?q=1");
+        assert_eq!(strip("/v1/x", "/v1"), "/x");
+        assert_eq!(strip("/v1", "/v1"), "/");
+        assert_eq!(strip("/v1?q", "/v1"), "/?q");
+        assert_eq!(strip("/v1abc", "/v1"), "/abc");
+    }
+
+    #[test]
+    fn a_miss_is_a_404_only_when_default_has_no_backends() {
+        let routes = Routes::new(table("default"));
+        // No services: everything goes to default, even with no backends.
+        assert!(matches!(routes.route(Some(b"x"), "/"), Route::To { .. }));
+        routes.install(Some(RouteSet::build([def("api", &["api.x"], None)])));
+        assert!(matches!(routes.route(Some(b"other"), "/"), Route::Miss));
+        match routes.route(Some(b"API.x:80"), "/a") {
+            Route::To { table, strip } => {
+                assert_eq!(table.service(), "api");
+                assert!(strip.is_none());
+            }
+            Route::Miss => panic!("api.x should route to api"),
+        }
+    }
+}
