@@ -119,7 +119,8 @@ impl Services {
     /// Route from `pool` (a learned version): every service's table to it, services added and
     /// removed, the route table rebuilt if a definition changed.
     pub fn publish(&self, pool: Pool) {
-        if !self.default_table().publish(pool.clone()) {
+        let current = self.default_table().pool();
+        if current.exists() && pool.version <= current.version {
             return;
         }
         let mut running = self.running.locked();
@@ -163,6 +164,9 @@ impl Services {
         if redefined {
             self.install_routes(&running);
         }
+        drop(running);
+        // `default` last: once it shows a pool (readiness), every service routes from it.
+        self.default_table().publish(pool);
     }
 
     fn install_routes(&self, running: &BTreeMap<String, Running>) {

@@ -417,8 +417,10 @@ impl Admin {
                 for (name, svc) in &pool.services {
                     current.extend(svc.backends.keys().map(|id| (name.as_str(), id.as_str())));
                 }
+                let services: std::collections::HashSet<&str> = pool.service_names().collect();
                 let text = crate::ops::telemetry::without_removed_backends(
                     &self.metrics.render(),
+                    &services,
                     &current,
                 );
                 let peers = self.control.peers();

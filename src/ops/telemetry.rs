@@ -331,20 +331,24 @@ fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     }
 }
 
-/// Drop the series of backends that left the pool: every line of a `shoal_` family whose
-/// (`service`, `backend`) labels name a backend not in `current` (nor "none", requests
-/// answered locally).
+/// Drop the series of services and backends that left the pool: every line of a `shoal_`
+/// family whose `service` label names a service not in `services`, or whose (`service`,
+/// `backend`) labels name a backend not in `backends` ("none" is kept: requests answered
+/// without a backend, or routed nowhere).
 pub fn without_removed_backends(
     text: &str,
-    current: &std::collections::HashSet<(&str, &str)>,
+    services: &std::collections::HashSet<&str>,
+    backends: &std::collections::HashSet<(&str, &str)>,
 ) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
+        let service = label(line, "service");
         let removed = line.starts_with("shoal_")
-            && label(line, "backend").is_some_and(|b| {
-                let service = label(line, "service").unwrap_or("default");
-                b != NO_BACKEND && !current.contains(&(service, b))
-            });
+            && (service.is_some_and(|s| s != NO_BACKEND && !services.contains(s))
+                || label(line, "backend").is_some_and(|b| {
+                    let service = service.unwrap_or("default");
+                    b != NO_BACKEND && !backends.contains(&(service, b))
+                }));
         if !removed {
             out.push_str(line);
             out.push('\n');
@@ -388,8 +392,12 @@ mod tests {
     #[test]
     fn removed_backends_leave_the_exposition() {
         let text = "# TYPE shoal_backend_up gauge\nshoal_backend_up{service=\"default\",backend=\"a\"} 1\nshoal_backend_up{service=\"api\",backend=\"a\"} 1\nshoal_backend_up{service=\"default\",backend=\"gone\"} 0\nshoal_requests_total{service=\"default\",backend=\"none\",code=\"5xx\"} 3\nshoal_pool_version 4\n";
+        let services = std::collections::HashSet::from(["default"]);
         let current = std::collections::HashSet::from([("default", "a")]);
-        let out = without_removed_backends(text, &current);
+        let text = format!(
+            "{text}shoal_requests_total{{service=\"api\",backend=\"none\",code=\"5xx\"}} 1\n"
+        );
+        let out = without_removed_backends(&text, &services, &current);
         assert!(out.contains("service=\"default\",backend=\"a\""));
         assert!(!out.contains("service=\"api\""), "{out}");
         assert!(!out.contains("gone"));

@@ -3,9 +3,10 @@
 //! one connection may go to different services: each request is routed on its own.
 //!
 //! The rule (SPEC 2.1), the same on every peer: among the services whose hosts match the
-//! request's Host, an exact name before a wildcard (the longest suffix first) before a service
-//! for any host, the one with the longest matching path prefix takes the request; when none
-//! matches, `default` takes it.
+//! request's Host, the one with the longest matching path prefix takes the request; between
+//! equal prefixes (the only ties: a host and prefix pair is unique), an exact name before a
+//! wildcard (the longest suffix first) before a service for any host. When none matches,
+//! `default` takes it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -80,25 +81,29 @@ impl RouteSet {
 
     /// The service for `host` (lowercase, no port) and `path`; None: the default one.
     pub fn lookup(&self, host: &str, path: &str) -> Option<&Entry> {
-        let matching = |l: &'_ [Entry]| -> Option<usize> {
-            l.iter().position(|e| path.starts_with(&*e.prefix))
-        };
-        if let Some(l) = self.exact.get(host) {
-            if let Some(i) = matching(l) {
-                return Some(&l[i]);
+        // The first match of each list is its longest; a later kind wins only with a longer
+        // prefix.
+        fn consider<'a>(best: &mut Option<&'a Entry>, l: &'a [Entry], path: &str) {
+            if let Some(e) = l.iter().find(|e| path.starts_with(&*e.prefix)) {
+                if best.is_none_or(|b| e.prefix.len() > b.prefix.len()) {
+                    *best = Some(e);
+                }
             }
+        }
+        let mut best = None;
+        if let Some(l) = self.exact.get(host) {
+            consider(&mut best, l, path);
         }
         if !self.wildcard.is_empty() {
             // The longest suffix first: from the first dot on.
             for (i, _) in host.match_indices('.') {
                 if let Some(l) = self.wildcard.get(&host[i..]) {
-                    if let Some(j) = matching(l) {
-                        return Some(&l[j]);
-                    }
+                    consider(&mut best, l, path);
                 }
             }
         }
-        matching(&self.any).map(|i| &self.any[i])
+        consider(&mut best, &self.any, path);
+        best
     }
 }
 
@@ -229,7 +234,7 @@ mod tests {
     }
 
     #[test]
-    fn exact_before_wildcard_before_any_and_the_longest_prefix_wins() {
+    fn the_longest_prefix_wins_and_exact_before_wildcard_before_any_on_a_tie() {
         let set = RouteSet::build([
             def("api", &["api.example.com", "*.example.org"], None),
             def("api-v2", &["api.example.com"], Some("/v2/")),
@@ -248,10 +253,29 @@ mod tests {
             ("example.org", "/", "default"),
             ("other.com", "/static/app.js", "static"),
             ("other.com", "/", "default"),
-            // An exact host whose prefixes do not match falls through to the next kind.
+            // Among the services the host matches, the longest prefix.
+            ("api.example.com", "/static/x", "static"),
             ("admin.example.com", "/static/x", "static"),
+            ("admin.example.com", "/admin/x", "admin"),
             ("admin.example.com", "/", "default"),
             ("", "/static/", "static"),
+        ];
+        for (host, path, want) in cases {
+            assert_eq!(to(&set, host, path), want, "{host} {path}");
+        }
+        // Equal prefixes: exact, then the longest wildcard, then any host.
+        let set = RouteSet::build([
+            def("any", &[], Some("/x/")),
+            def("wild", &["*.example.org"], Some("/x/")),
+            def("deeper", &["*.a.example.org"], Some("/x/")),
+            def("exact", &["b.a.example.org"], Some("/x/")),
+        ]);
+        let cases = [
+            ("b.a.example.org", "/x/1", "exact"),
+            ("c.a.example.org", "/x/1", "deeper"),
+            ("c.example.org", "/x/1", "wild"),
+            ("c.example.com", "/x/1", "any"),
+            ("c.example.com", "/y", "default"),
         ];
         for (host, path, want) in cases {
             assert_eq!(to(&set, host, path), want, "{host} {path}");

@@ -246,6 +246,28 @@ impl Lease {
     }
 }
 
+/// The upstream TLS connectors (ALPN http/1.1, and h2), made once per process: the system's
+/// roots are read once, however many services have a registry.
+fn upstream_tls() -> (Option<TlsConnector>, Option<TlsConnector>) {
+    static TLS: std::sync::OnceLock<(Option<TlsConnector>, Option<TlsConnector>)> =
+        std::sync::OnceLock::new();
+    TLS.get_or_init(|| match crate::net::tls::upstream_client_config() {
+        Ok(http1) => {
+            let mut h2 = http1.clone();
+            h2.alpn_protocols = vec![b"h2".to_vec()];
+            (
+                Some(TlsConnector::from(Arc::new(http1))),
+                Some(TlsConnector::from(Arc::new(h2))),
+            )
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream TLS unavailable");
+            (None, None)
+        }
+    })
+    .clone()
+}
+
 /// One `Upstream` per backend id, kept across pool versions.
 pub struct Registry {
     known: Mutex<HashMap<BackendId, Arc<Upstream>>>,
@@ -262,21 +284,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(service: &str, workers: usize) -> Self {
-        // The system's roots are read once; the h2 connector differs only in its ALPN offer.
-        let (tls, tls_h2) = match crate::net::tls::upstream_client_config() {
-            Ok(http1) => {
-                let mut h2 = http1.clone();
-                h2.alpn_protocols = vec![b"h2".to_vec()];
-                (
-                    Some(TlsConnector::from(Arc::new(http1))),
-                    Some(TlsConnector::from(Arc::new(h2))),
-                )
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "upstream TLS unavailable");
-                (None, None)
-            }
-        };
+        let (tls, tls_h2) = upstream_tls();
         Self {
             known: Mutex::new(HashMap::new()),
             tls,

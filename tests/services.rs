@@ -1,0 +1,511 @@
+//! Services: several web services behind the same peers, routed by Host and path, each with its
+//! own agreed pool. Real processes on loopback.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use http_body_util::BodyExt;
+
+/// `[[services]]` with one backend each: `(name, the keys of the table, backends)`.
+fn service_toml(name: &str, keys: &str, backends: &[&Backend]) -> String {
+    let mut out = format!("[[services]]\nname = \"{name}\"\n{keys}\n");
+    for b in backends {
+        out.push_str(&format!(
+            "[[services.backends]]\nid = \"{}\"\naddr = \"{}\"\n",
+            b.name, b.addr
+        ));
+    }
+    out
+}
+
+/// One request with `host` on a keep-alive connection; the echo's `name` and `path`.
+async fn via(
+    c: &mut hyper::client::conn::http1::SendRequest<Body>,
+    host: &str,
+    path: &str,
+) -> (u16, String, String) {
+    let req = http::Request::get(path)
+        .header(http::header::HOST, host)
+        .body(empty())
+        .unwrap();
+    c.ready().await.unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    (
+        status,
+        v["name"].as_str().unwrap_or("").to_string(),
+        v["path"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_one_connection_reach_the_service_their_host_and_path_name() {
+    let d = Backend::start("d", Behavior::Echo).await;
+    let a = Backend::start("a", Behavior::Echo).await;
+    let s = Backend::start("s", Behavior::Echo).await;
+    let v2 = Backend::start("v2", Behavior::Echo).await;
+    let w = Backend::start("w", Behavior::Echo).await;
+    let rest = [
+        backends_toml(&[&d]),
+        service_toml("api", "hosts = [\"api.localhost\"]", &[&a]),
+        service_toml(
+            "api-v2",
+            "hosts = [\"api.localhost\"]\npath_prefix = \"/v2/\"\nstrip_prefix = true",
+            &[&v2],
+        ),
+        service_toml("static", "path_prefix = \"/static/\"", &[&s]),
+        service_toml("wild", "hosts = [\"*.example.org\"]", &[&w]),
+    ]
+    .concat();
+    let shoal = Shoal::start("", &rest).await;
+    let mut c = client(shoal.proxy).await;
+    let cases = [
+        ("api.localhost", "/x", "a", "/x"),
+        ("API.localhost:8080", "/x", "a", "/x"),
+        ("api.localhost", "/v2/users?id=1", "v2", "/users"),
+        ("api.localhost", "/v2", "a", "/v2"),
+        ("anything.test", "/static/app.js", "s", "/static/app.js"),
+        ("api.localhost", "/static/app.js", "s", "/static/app.js"),
+        ("www.example.org", "/", "w", "/"),
+        ("example.org", "/", "d", "/"),
+        ("localhost", "/", "d", "/"),
+    ];
+    for (host, path, want, seen) in cases {
+        let (status, name, got) = via(&mut c, host, path).await;
+        assert_eq!(
+            (status, name.as_str(), got.as_str()),
+            (200, want, seen),
+            "{host} {path}"
+        );
+    }
+    let text = shoal.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "shoal_requests_total{service=\"api-v2\",backend=\"v2\",code=\"2xx\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "shoal_requests_total{service=\"default\",backend=\"d\",code=\"2xx\"}"
+        ),
+        Some(2.0)
+    );
+    assert!(text.contains("shoal_backend_up{service=\"wild\",backend=\"w\"} 1"));
+
+    // The services as the API shows them: sorted, default included, effective settings.
+    let (code, list) = get_json(shoal.admin, "/services").await;
+    assert_eq!(code, 200);
+    let names: Vec<&str> = list["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["api", "api-v2", "default", "static", "wild"]);
+    let v2s = &list["services"][1];
+    assert_eq!(v2s["path_prefix"], "/v2/");
+    assert_eq!(v2s["strip_prefix"], true);
+    assert_eq!(v2s["balance"]["algorithm"], "round_robin");
+    assert_eq!(v2s["backends"][0]["id"], "v2");
+    let (code, pool) = get_json(shoal.admin, "/services/wild/pool").await;
+    assert_eq!(code, 200);
+    assert_eq!(pool["backends"][0]["addr"], w.addr.to_string());
+    let (code, _) = get_json(shoal.admin, "/services/nope/pool").await;
+    assert_eq!(code, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_matching_and_an_empty_default_is_a_404_that_reaches_no_backend() {
+    let a = Backend::start("a", Behavior::Echo).await;
+    let rest = service_toml("api", "hosts = [\"api.localhost\"]", &[&a]);
+    let shoal = Shoal::start("", &rest).await;
+    let answer = raw(
+        shoal.proxy,
+        b"GET /some/where HTTP/1.1\r\nHost: other.localhost\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("other.localhost"), "{answer}");
+    assert!(answer.contains("/some/where"), "{answer}");
+    assert_eq!(a.hits(), 0);
+    shoal
+        .metric_reaches("shoal_route_misses_total", 1.0, Duration::from_secs(2))
+        .await;
+    let (code, _, _) = via(&mut client(shoal.proxy).await, "api.localhost", "/").await;
+    assert_eq!(code, 200);
+    assert_eq!(a.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_defines_services_and_refuses_bad_ones() {
+    let d = Backend::start("d", Behavior::Echo).await;
+    let n = Backend::start("n", Behavior::Echo).await;
+    let shoal = Shoal::start("", &backends_toml(&[&d])).await;
+    let put = |body: serde_json::Value| admin_call(shoal.admin, "PUT", "/services/api", Some(body));
+    for (body, key) in [
+        (serde_json::json!({"hosts": ["bad host"]}), "hosts[0]"),
+        (serde_json::json!({"path_prefix": "v1"}), "path_prefix"),
+        (
+            serde_json::json!({"balance": {"algorithm": "fastest"}}),
+            "balance.algorithm",
+        ),
+        (serde_json::json!({"health": {"rise": 0}}), "health.rise"),
+        (
+            serde_json::json!({"health": {"colour": "blue"}}),
+            "health.colour",
+        ),
+        (serde_json::json!({"strip_prefix": true}), "strip_prefix"),
+    ] {
+        let (code, e) = put(body.clone()).await;
+        assert_eq!(code, 400, "{body}: {e}");
+        assert!(e["error"].as_str().unwrap().contains(key), "{body}: {e}");
+    }
+    let (_, pool) = get_json(shoal.admin, "/pool").await;
+    let before = pool["version"].as_u64().unwrap();
+
+    let body = serde_json::json!({
+        "hosts": ["api.localhost"],
+        "balance": {"algorithm": "consistent_hash", "hash_key": "header:x-user"},
+        "health": {"path": "/healthz"},
+    });
+    let (code, svc) = put(body.clone()).await;
+    assert_eq!(code, 201, "{svc}");
+    assert_eq!(svc["balance"]["algorithm"], "consistent_hash");
+    assert_eq!(svc["balance"]["hash_key"], "header:x-user");
+    assert_eq!(svc["version"].as_u64(), Some(before + 1));
+    let (code, _) = put(body).await;
+    assert_eq!(code, 200, "replacing");
+    // Another service may not take the same host and prefix.
+    let (code, e) = admin_call(
+        shoal.admin,
+        "PUT",
+        "/services/other",
+        Some(serde_json::json!({"hosts": ["api.localhost"]})),
+    )
+    .await;
+    assert_eq!(code, 409, "{e}");
+    let (code, e) = admin_call(
+        shoal.admin,
+        "PUT",
+        "/services/Bad_Name",
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(code, 400, "{e}");
+
+    // Its backends, through the service's paths; routing follows at once.
+    let (code, pool) = admin_call(
+        shoal.admin,
+        "POST",
+        "/services/api/backends",
+        Some(serde_json::json!({"addr": n.addr.to_string(), "id": "n"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{pool}");
+    assert_eq!(pool["backends"][0]["id"], "n");
+    let mut c = client(shoal.proxy).await;
+    assert_eq!(via(&mut c, "api.localhost", "/").await.1, "n");
+    assert_eq!(via(&mut c, "localhost", "/").await.1, "d");
+    let (code, pool) =
+        admin_call(shoal.admin, "POST", "/services/api/backends/n/drain", None).await;
+    assert_eq!(
+        (code, pool["backends"][0]["state"].as_str()),
+        (200, Some("draining"))
+    );
+    let (code, _) = admin_call(shoal.admin, "DELETE", "/services/api/backends/zz", None).await;
+    assert_eq!(code, 404);
+    // The default pool is untouched by all of it.
+    let (_, pool) = get_json(shoal.admin, "/pool").await;
+    assert_eq!(pool["backends"].as_array().unwrap().len(), 1);
+
+    let (code, _) = admin_call(shoal.admin, "DELETE", "/services/default", None).await;
+    assert_eq!(code, 409);
+    let (code, _) = admin_call(shoal.admin, "DELETE", "/services/nope", None).await;
+    assert_eq!(code, 404);
+    let (code, _) = admin_call(shoal.admin, "DELETE", "/services/api", None).await;
+    assert_eq!(code, 200);
+    let mut c = client(shoal.proxy).await;
+    assert_eq!(via(&mut c, "api.localhost", "/").await.1, "d");
+    // Its series went with it.
+    eventually(Duration::from_secs(2), "api's series gone", || async {
+        (!shoal.metrics().await.contains("service=\"api\"")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_applies_and_removes_services() {
+    let d = Backend::start("d", Behavior::Echo).await;
+    let n = Backend::start("n", Behavior::Echo).await;
+    let shoal = Shoal::start("", &backends_toml(&[&d])).await;
+    let admin = format!("http://{}", shoal.admin);
+    let run = |args: &[&str]| {
+        let out = Command::new(shoal_bin())
+            .args(args)
+            .args(["--admin", &admin])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A file with a service: `apply` commits its definition, not its backends.
+    let file = shoal.dir.path().join("services.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[node]\nid = \"x\"\n\n{}",
+            service_toml(
+                "web",
+                "hosts = [\"web.localhost\"]\npath_prefix = \"/app/\"",
+                &[&n]
+            )
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(&["services", "apply", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("web") && out.contains("web.localhost"),
+        "{out}"
+    );
+    let (_, pool) = get_json(shoal.admin, "/services/web/pool").await;
+    assert_eq!(pool["backends"].as_array().unwrap().len(), 0, "{pool}");
+
+    let n_addr = n.addr.to_string();
+    let (code, out, err) = run(&["pool", "add", &n_addr, "--id", "n", "--service", "web"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&n_addr), "{out}");
+    let (code, out, _) = run(&["pool", "list", "--service", "web"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("n ") && out.contains("active"), "{out}");
+    let (code, out, _) = run(&["pool", "list"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains(&n_addr), "default's pool: {out}");
+    let mut c = client(shoal.proxy).await;
+    assert_eq!(via(&mut c, "web.localhost", "/app/x").await.1, "n");
+
+    let (code, out, _) = run(&["services"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("default") && out.contains("web"), "{out}");
+    let (code, out, err) = run(&["services", "remove", "web"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, _) = run(&["services", "remove", "default"]);
+    assert_ne!(code, 0);
+    let (_, list) = get_json(shoal.admin, "/services").await;
+    assert_eq!(list["services"].as_array().unwrap().len(), 1);
+
+    // `shoal check` names each bad key of a service.
+    std::fs::write(
+        &file,
+        "[node]\nid = \"x\"\n\n[[services]]\nname = \"ok\"\nhosts = [\"a.test\"]\n\n[[services]]\nname = \"ok\"\nhosts = [\"a.test\", \"bad host\"]\npath_prefix = \"nope\"\n[services.balance]\nalgorithm = \"fastest\"\n[[services.backends]]\naddr = \"x\"\n",
+    )
+    .unwrap();
+    let out = Command::new(shoal_bin())
+        .args(["check", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for key in [
+        "services[1].name",
+        "services[1].hosts[1]",
+        "services[1].path_prefix",
+        "services[1].balance.algorithm",
+        "services[1].backends[0].addr",
+    ] {
+        assert!(err.contains(key), "{key} missing from: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_peers_agree_on_changes_to_different_services_made_through_each() {
+    let d = Backend::start("d", Behavior::Echo).await;
+    let a = Backend::start("a", Behavior::Echo).await;
+    let w = Backend::start("w", Behavior::Echo).await;
+    let extra: Vec<Backend> = vec![
+        Backend::start("a2", Behavior::Echo).await,
+        Backend::start("w2", Behavior::Echo).await,
+        Backend::start("n1", Behavior::Echo).await,
+    ];
+    let config = [
+        backends_toml(&[&d]),
+        service_toml("api", "hosts = [\"api.localhost\"]", &[&a]),
+        service_toml("web", "hosts = [\"web.localhost\"]", &[&w]),
+    ]
+    .concat();
+    let nodes = start_cluster(3, |_| String::new(), |_| config.clone()).await;
+    let body = |b: &Backend| serde_json::json!({"addr": b.addr.to_string(), "id": b.name});
+    let (r1, r2, r3) = tokio::join!(
+        commit_eventually(
+            &nodes[0],
+            &nodes,
+            ("POST", "/services/api/backends", body(&extra[0])),
+            Duration::from_secs(20),
+        ),
+        commit_eventually(
+            &nodes[1],
+            &nodes,
+            ("POST", "/services/web/backends", body(&extra[1])),
+            Duration::from_secs(20),
+        ),
+        commit_eventually(
+            &nodes[2],
+            &nodes,
+            (
+                "PUT",
+                "/services/new",
+                serde_json::json!({"hosts": ["new.localhost"]}),
+            ),
+            Duration::from_secs(20),
+        ),
+    );
+    assert_eq!((r1.0, r2.0, r3.0), (201, 201, 201), "{r1:?} {r2:?} {r3:?}");
+    let (code, _) = commit_eventually(
+        &nodes[2],
+        &nodes,
+        ("POST", "/services/new/backends", body(&extra[2])),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(code, 201);
+    // Every peer holds the same services at the same version, and routes by them.
+    let want = eventually(Duration::from_secs(10), "peers agreeing", || async {
+        let mut seen = Vec::new();
+        for n in &nodes {
+            let (_, mut v) = get_json(n.admin, "/services").await;
+            for s in v["services"].as_array_mut().unwrap() {
+                // Effective settings are each peer's own; the agreed parts must be equal.
+                s.as_object_mut().unwrap().remove("balance");
+                s.as_object_mut().unwrap().remove("health");
+            }
+            seen.push(v);
+        }
+        (seen.iter().all(|v| *v == seen[0]) && seen[0]["version"].as_u64() >= Some(5))
+            .then(|| seen[0].clone())
+    })
+    .await;
+    let ids = |name: &str| -> Vec<String> {
+        want["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids("api"), ["a", "a2"]);
+    assert_eq!(ids("web"), ["w", "w2"]);
+    assert_eq!(ids("new"), ["n1"]);
+    assert_eq!(ids("default"), ["d"]);
+    for n in &nodes {
+        let mut c = client(n.proxy).await;
+        assert_eq!(via(&mut c, "new.localhost", "/").await.1, "n1");
+        assert_eq!(via(&mut c, "nothing.localhost", "/").await.1, "d");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_backend_is_ejected_from_its_service_and_no_other() {
+    let d1 = Backend::start("d1", Behavior::Echo).await;
+    let d2 = Backend::start("d2", Behavior::Echo).await;
+    let a1 = Backend::start("a1", Behavior::Echo).await;
+    let a2 = Backend::start("a2", Behavior::Echo).await;
+    // The same address in two services is checked for each, by each one's settings: `shared`
+    // is probed at /healthz for default and at /ready (which it answers 200) for api.
+    let shared = Backend::start("shared", Behavior::Echo).await;
+    let config = format!(
+        "[health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\nfall = 2\nrise = 2\nmax_ejected_percent = 50\n\n{}\n[[backends]]\nid = \"shared\"\naddr = \"{}\"\n\n{}[[services.backends]]\nid = \"shared\"\naddr = \"{}\"\n",
+        backends_toml(&[&d1, &d2]),
+        shared.addr,
+        service_toml(
+            "api",
+            "hosts = [\"api.localhost\"]\n[services.health]\npath = \"/ready\"\nmax_ejected_percent = 34",
+            &[&a1, &a2],
+        ),
+        shared.addr,
+    );
+    let nodes = start_cluster(3, |_| String::new(), |_| config.clone()).await;
+    a1.health_ok
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    shared
+        .health_ok
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // a1 answers /healthz with 503 but api probes /ready: it stays. shared fails default's
+    // /healthz: ejected from default (1 of 3 is within 50%), not from api.
+    let state = |pool: &serde_json::Value, id: &str| {
+        pool["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == id)
+            .map(|b| b["state"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    for n in &nodes {
+        eventually(
+            Duration::from_secs(15),
+            "shared ejected from default",
+            || async {
+                let (_, pool) = get_json(n.admin, "/pool").await;
+                (state(&pool, "shared") == "ejected").then_some(())
+            },
+        )
+        .await;
+    }
+    // Now make a1 fail api's own probe path: it goes too, from api only (1 of 3 within 34%).
+    a1.set(Behavior::Status(503));
+    for n in &nodes {
+        eventually(Duration::from_secs(15), "a1 ejected from api", || async {
+            let (_, pool) = get_json(n.admin, "/services/api/pool").await;
+            (state(&pool, "a1") == "ejected").then_some(())
+        })
+        .await;
+    }
+    for n in &nodes {
+        let (_, api) = get_json(n.admin, "/services/api/pool").await;
+        assert_eq!(state(&api, "shared"), "active", "{api}");
+        assert_eq!(state(&api, "a2"), "active", "{api}");
+        let (_, def) = get_json(n.admin, "/pool").await;
+        assert_eq!(state(&def, "d1"), "active", "{def}");
+        assert_eq!(state(&def, "d2"), "active", "{def}");
+        n.metric_reaches(
+            "shoal_backend_state{service=\"api\",backend=\"a1\",state=\"ejected\"}",
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+        // Requests for api go to its usable backends only.
+        let mut c = client(n.proxy).await;
+        for _ in 0..6 {
+            let (code, name, _) = via(&mut c, "api.localhost", "/").await;
+            assert_eq!(code, 200);
+            assert_ne!(name, "a1");
+        }
+    }
+    let (_, events) = get_json(nodes[0].admin, "/events").await;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "ejected" && e["service"] == "api" && e["backend"] == "a1"),
+        "{events}"
+    );
+}
