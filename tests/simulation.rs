@@ -198,7 +198,16 @@ fn planted_bugs_are_caught() {
     ));
 
     for (name, cfg, by) in cases {
-        let caught = (0..2_000u64).find_map(|seed| run(seed, &cfg).err());
+        // A planted bug may also stall a run (a liveness failure): that is no catch, so the
+        // search goes on to the first seed a safety or linearizability check fails.
+        let mut stalls = 0;
+        let caught = (0..2_000u64).find_map(|seed| match run(seed, &cfg) {
+            Err(f) if f.check == Check::Liveness => {
+                stalls += 1;
+                None
+            }
+            other => other.err(),
+        });
         match caught {
             Some(f)
                 if by
@@ -206,7 +215,7 @@ fn planted_bugs_are_caught() {
                     .any(|(c, why)| f.check == *c && f.reason.contains(why)) =>
             {
                 println!(
-                    "{name}: caught at seed {} by {:?}: {}",
+                    "{name}: caught at seed {} by {:?} ({stalls} stalled runs before): {}",
                     f.seed,
                     f.check,
                     f.reason.lines().next().unwrap_or("")

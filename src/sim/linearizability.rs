@@ -75,11 +75,13 @@ pub fn check(history: &[Operation], rules: &Rules, budget: u64) -> Result<(), Ch
     }
 }
 
-/// The register's value as clients see it: the version, the backends and the membership.
-/// (`applied`, the proposers' retry tags, is bookkeeping the model does not keep.)
+/// The register's value as clients see it: the version, every service's definition and
+/// backends, and the membership. (`applied`, the proposers' retry tags, is bookkeeping the model
+/// does not keep.)
 fn same(a: &Pool, b: &Pool) -> bool {
     a.version == b.version
         && a.backends == b.backends
+        && a.services == b.services
         && a.voters == b.voters
         && a.epoch == b.epoch
         && a.cluster_id == b.cluster_id

@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::core::paxos::{Ballot, Durable, Effects, Msg, Node as Core, Outcome, ProposerConfig};
-use crate::core::pool::{Backend, BackendId, NodeId, Pool, PoolChange, Rules};
+use crate::core::pool::{Backend, BackendId, NodeId, Pool, PoolChange, Rules, ServiceDef};
 use linearizability::{Operation, Seen};
 
 /// What to simulate.
@@ -814,7 +814,7 @@ impl Sim {
     }
 
     fn random_change(&mut self) -> PoolChange {
-        let b = self.rng.gen_range(0..4);
+        let b: u32 = self.rng.gen_range(0..4);
         let id = BackendId::new(format!("b{b}"));
         let peer = NodeId::new(format!("n{}", self.rng.gen_range(0..self.nodes.len())));
         if self.cfg.membership && self.rng.gen_bool(0.25) {
@@ -828,6 +828,43 @@ impl Sim {
                 PoolChange::RemovePeer { id: peer }
             };
         }
+        // A third of the changes go to services s1 and s2 (one register holds every service's
+        // pool): definitions come and go, and their backends change by the same rules.
+        let service = match self.rng.gen_range(0..6) {
+            0 => Some("s1"),
+            1 => Some("s2"),
+            _ => None,
+        };
+        if let Some(name) = service {
+            match self.rng.gen_range(0..8) {
+                0 => {
+                    let hosts = if self.rng.gen_bool(0.5) {
+                        vec![format!("{name}.test")]
+                    } else {
+                        Vec::new()
+                    };
+                    let path_prefix = self.rng.gen_bool(0.5).then(|| format!("/{name}/"));
+                    return PoolChange::PutService {
+                        name: name.into(),
+                        def: ServiceDef {
+                            hosts,
+                            path_prefix,
+                            ..ServiceDef::default()
+                        },
+                    };
+                }
+                1 => return PoolChange::RemoveService { name: name.into() },
+                _ => {}
+            }
+        }
+        let change = self.backend_change(id, b, peer);
+        match service {
+            Some(name) => PoolChange::in_service(name, change),
+            None => change,
+        }
+    }
+
+    fn backend_change(&mut self, id: BackendId, b: u32, peer: NodeId) -> PoolChange {
         match self.rng.gen_range(0..9) {
             0 | 1 => PoolChange::AddBackend {
                 backend: Backend::new(format!("b{b}"), format!("10.0.0.{b}:80"), 1),

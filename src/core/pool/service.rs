@@ -340,3 +340,226 @@ impl Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::pool::{BackendState, NodeId};
+
+    fn rules() -> Rules {
+        Rules {
+            cluster_size: 3,
+            max_ejected_percent: 50,
+        }
+    }
+
+    fn def(hosts: &[&str], prefix: Option<&str>) -> ServiceDef {
+        ServiceDef {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            path_prefix: prefix.map(str::to_string),
+            ..ServiceDef::default()
+        }
+    }
+
+    fn put(name: &str, d: ServiceDef) -> PoolChange {
+        PoolChange::PutService {
+            name: name.into(),
+            def: d,
+        }
+    }
+
+    fn add(service: &str, id: &str, port: u16) -> PoolChange {
+        PoolChange::in_service(
+            service,
+            PoolChange::AddBackend {
+                backend: Backend::new(id, format!("127.0.0.1:{port}"), 1),
+            },
+        )
+    }
+
+    fn apply(p: &Pool, c: &PoolChange) -> Pool {
+        p.apply(c, &rules())
+            .unwrap_or_else(|e| panic!("{c:?}: {e}"))
+    }
+
+    fn seeded() -> Pool {
+        let p = apply(
+            &Pool::default(),
+            &PoolChange::seed(vec![Backend::new("d", "127.0.0.1:9000", 1)]),
+        );
+        apply(&p, &put("api", def(&["API.example.com"], None)))
+    }
+
+    #[test]
+    fn a_change_to_one_service_leaves_the_others_and_bumps_the_version_once() {
+        let p = seeded();
+        assert_eq!(p.services["api"].def.hosts, ["api.example.com"]);
+        let q = apply(&p, &add("api", "a", 9001));
+        assert_eq!(q.version, p.version + 1);
+        assert_eq!(q.backends, p.backends, "default untouched");
+        assert!(q.services["api"]
+            .backends
+            .contains_key(&BackendId::new("a")));
+        // The same address may serve two services; an id is unique within one.
+        let r = apply(&q, &add("default", "a", 9001));
+        assert!(r.backends.contains_key(&BackendId::new("a")));
+        assert_eq!(
+            r.apply(&add("api", "a", 9002), &rules()),
+            Err(ChangeError::Exists(BackendId::new("a")))
+        );
+        // Changes to different services commute.
+        let x = add("api", "x", 9100);
+        let y = add("default", "y", 9101);
+        let (xy, yx) = (apply(&apply(&r, &x), &y), apply(&apply(&r, &y), &x));
+        assert_eq!(xy, yx);
+        assert_eq!(
+            r.apply(&add("nope", "z", 1), &rules()),
+            Err(ChangeError::ServiceNotFound("nope".into()))
+        );
+    }
+
+    #[test]
+    fn definitions_are_checked_and_routes_are_unique() {
+        let p = seeded();
+        for (d, why) in [
+            (def(&["bad host"], None), "hosts[0]"),
+            (def(&["*."], None), "hosts[0]"),
+            (def(&[], Some("v1")), "path_prefix"),
+            (def(&["a.test", "A.test"], None), "hosts[1]"),
+        ] {
+            match p.apply(&put("x", d), &rules()) {
+                Err(ChangeError::InvalidService(e)) => assert!(e.contains(why), "{e}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+        let strip = ServiceDef {
+            strip_prefix: true,
+            ..def(&[], None)
+        };
+        assert!(matches!(
+            p.apply(&put("x", strip), &rules()),
+            Err(ChangeError::InvalidService(_))
+        ));
+        assert!(matches!(
+            p.apply(&put("other", def(&["api.example.com"], None)), &rules()),
+            Err(ChangeError::RouteTaken { .. })
+        ));
+        // Same host, another prefix: fine; replacing one's own definition: fine.
+        let q = apply(&p, &put("v2", def(&["api.example.com"], Some("/v2/"))));
+        let r = apply(
+            &q,
+            &put("api", def(&["api.example.com", "*.example.org"], None)),
+        );
+        assert_eq!(r.services.len(), 2);
+        assert!(matches!(
+            r.apply(&put("default", def(&[], None)), &rules()),
+            Err(ChangeError::DefaultService(_))
+        ));
+        assert!(matches!(
+            r.apply(
+                &PoolChange::RemoveService {
+                    name: "default".into()
+                },
+                &rules()
+            ),
+            Err(ChangeError::DefaultService(_))
+        ));
+        let s = apply(&r, &PoolChange::RemoveService { name: "v2".into() });
+        assert!(!s.services.contains_key("v2"));
+        // A definition put again unchanged is no new version.
+        let t = apply(&s, &put("api", s.services["api"].def.clone()));
+        assert_eq!(t.version, s.version);
+    }
+
+    #[test]
+    fn ejection_counts_each_service_by_its_own_cap_and_a_removed_voter_leaves_every_service() {
+        let mut p = Pool::default()
+            .apply(
+                &PoolChange::Seed {
+                    backends: vec![],
+                    cluster_id: "c".into(),
+                    voters: ["a", "b", "c"].into_iter().map(NodeId::new).collect(),
+                    services: vec![ServiceSeed {
+                        name: "api".into(),
+                        def: ServiceDef {
+                            health: Overrides(
+                                [("max_ejected_percent".to_string(), serde_json::json!(0))]
+                                    .into_iter()
+                                    .collect(),
+                            ),
+                            ..def(&["api.test"], None)
+                        },
+                        backends: (0..3)
+                            .map(|i| Backend::new(format!("a{i}"), format!("10.0.0.{i}:80"), 1))
+                            .collect(),
+                    }],
+                },
+                &rules(),
+            )
+            .unwrap();
+        assert_eq!(p.services["api"].backends.len(), 3);
+        for peer in ["a", "b"] {
+            p = apply(
+                &p,
+                &PoolChange::in_service(
+                    "api",
+                    PoolChange::VoteDown {
+                        id: BackendId::new("a0"),
+                        peer: NodeId::new(peer),
+                    },
+                ),
+            );
+        }
+        // api allows no ejection at all (its own cap), whatever the proposer's rules say.
+        assert_eq!(
+            p.services["api"].backends[&BackendId::new("a0")].state,
+            BackendState::Active
+        );
+        let mut lenient = p.clone();
+        lenient.services.get_mut("api").unwrap().def.health = Overrides::default();
+        let q = apply(&lenient, &PoolChange::Settle);
+        assert_eq!(
+            q.services["api"].backends[&BackendId::new("a0")].state,
+            BackendState::Ejected
+        );
+        // Removing a voter drops its votes in every service.
+        let r = apply(
+            &q,
+            &PoolChange::RemovePeer {
+                id: NodeId::new("a"),
+            },
+        );
+        let a0 = &r.services["api"].backends[&BackendId::new("a0")];
+        assert!(!a0.down_votes.contains(&NodeId::new("a")));
+    }
+
+    #[test]
+    fn applying_a_file_seeds_only_services_new_to_the_register() {
+        let p = seeded();
+        let p = apply(&p, &add("api", "a", 9001));
+        let seeds = vec![
+            ServiceSeed {
+                name: "api".into(),
+                def: def(&["api.example.com"], Some("/api/")),
+                backends: vec![Backend::new("other", "127.0.0.1:9500", 1)],
+            },
+            ServiceSeed {
+                name: "web".into(),
+                def: def(&["web.example.com"], None),
+                backends: vec![Backend::new("w", "127.0.0.1:9600", 1)],
+            },
+        ];
+        let q = apply(&p, &PoolChange::ApplyServices { services: seeds });
+        assert_eq!(q.version, p.version + 1);
+        assert_eq!(q.services["api"].def.path_prefix.as_deref(), Some("/api/"));
+        let api: Vec<&str> = q.services["api"]
+            .backends
+            .keys()
+            .map(|b| b.as_str())
+            .collect();
+        assert_eq!(api, ["a"], "an agreed service keeps its pool");
+        assert!(q.services["web"]
+            .backends
+            .contains_key(&BackendId::new("w")));
+    }
+}
