@@ -559,7 +559,7 @@ impl Config {
         };
         let listen: Vec<String> = self.proxy.listen.iter().map(|a| a.to_string()).collect();
         format!(
-            "node {} ({}): proxy on {}{}, admin on {}, cluster on {} with {} other peer(s), {} seed backend(s){}, {}",
+            "node {} ({}): proxy on {}{}, admin on {}, cluster on {} with {} other peer(s), {} seed backend(s){}{}, {}",
             self.node.id,
             self.cluster.role.as_str(),
             listen.join(", "),
@@ -571,6 +571,10 @@ impl Config {
             match self.discovery.len() {
                 0 => String::new(),
                 n => format!(", {n} discovery source(s)"),
+            },
+            match self.services.len() {
+                0 => String::new(),
+                n => format!(", {n} more service(s)"),
             },
             alg
         )

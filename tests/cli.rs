@@ -162,6 +162,20 @@ fn shoal_demo_serves_and_shows_the_cluster_react_to_a_killed_backend() {
             .unwrap_or_default()
     };
     assert!(get(&format!("{proxy}/")).starts_with("hello from backend-"));
+    // The second service, by Host, as the README's first curls show it.
+    let api = Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "5",
+            "-H",
+            "Host: api.localhost",
+            &format!("{proxy}/"),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    assert!(api.starts_with("hello from api-1"), "{api}");
 
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "kill backend-2").unwrap();

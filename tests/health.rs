@@ -76,7 +76,13 @@ async fn a_killed_backend_is_ejected_by_the_cluster_and_comes_back() {
     let b1 = Backend::start("b1", Behavior::Echo).await;
     let b2 = Backend::start("b2", Behavior::Echo).await;
     let b3 = Backend::start("b3", Behavior::Echo).await;
-    let seeds = backends_toml(&[&b1, &b2, &b3]);
+    let a1 = Backend::start("a1", Behavior::Echo).await;
+    // A second service: the page shows a table for it too.
+    let seeds = format!(
+        "{}[[services]]\nname = \"api\"\nhosts = [\"api.localhost\"]\n[[services.backends]]\nid = \"a1\"\naddr = \"{}\"\n",
+        backends_toml(&[&b1, &b2, &b3]),
+        a1.addr
+    );
     let nodes = start_cluster(3, |_| String::new(), |_| format!("{FAST_HEALTH}{seeds}")).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (ok, failed, tasks) = load(nodes[0].proxy, stop.clone());
@@ -575,7 +581,13 @@ async fn the_status_page_shows_peers_pool_votes_and_events_in_a_browser() {
     let b1 = Backend::start("b1", Behavior::Echo).await;
     let b2 = Backend::start("b2", Behavior::Echo).await;
     let b3 = Backend::start("b3", Behavior::Echo).await;
-    let seeds = backends_toml(&[&b1, &b2, &b3]);
+    let a1 = Backend::start("a1", Behavior::Echo).await;
+    // A second service: the page shows a table for it too.
+    let seeds = format!(
+        "{}[[services]]\nname = \"api\"\nhosts = [\"api.localhost\"]\n[[services.backends]]\nid = \"a1\"\naddr = \"{}\"\n",
+        backends_toml(&[&b1, &b2, &b3]),
+        a1.addr
+    );
     let nodes = start_cluster(3, |_| String::new(), |_| format!("{FAST_HEALTH}{seeds}")).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (_ok, _failed, tasks) = load(nodes[0].proxy, stop.clone());
@@ -608,6 +620,11 @@ async fn the_status_page_shows_peers_pool_votes_and_events_in_a_browser() {
             "{dom}"
         );
     }
+    assert!(dom.contains("Service api: api.localhost /"), "{dom}");
+    assert!(
+        dom.contains("data-service=\"api\" data-backend=\"a1\" data-state=\"active\""),
+        "{dom}"
+    );
     assert!(dom.contains("routing from pool version"), "{dom}");
     assert!(dom.contains("class=\"pill voting\">voting</span>"), "{dom}");
 
@@ -876,6 +893,7 @@ async fn every_dashboard_query_returns_data_from_a_live_prometheus() {
         // What Grafana substitutes: every peer, a rate window of a few scrapes, the time range.
         let q = expr
             .replace("$instance", ".*")
+            .replace("$service", ".*")
             .replace("$__rate_interval", "10s")
             .replace("$__range", "5m");
         let (code, v) =

@@ -215,21 +215,37 @@ pub fn print_status(v: &Value) -> String {
         out.push_str(&format!("waiting: {w}\n"));
     }
     out.push_str(&format!(
-        "{:<24} {:<10} {:<6} {}\n",
-        "BACKEND", "STATE", "LOCAL", "DOWN VOTES"
+        "{:<12} {:<24} {:<10} {:<6} {}\n",
+        "SERVICE", "BACKEND", "STATE", "LOCAL", "DOWN VOTES"
     ));
-    for b in v["backends"].as_array().into_iter().flatten() {
-        let votes: Vec<&str> = b["down_votes"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-            .unwrap_or_default();
-        out.push_str(&format!(
-            "{:<24} {:<10} {:<6} {}\n",
-            b["id"].as_str().unwrap_or("?"),
-            b["state"].as_str().unwrap_or("?"),
-            b["local"].as_str().unwrap_or("?"),
-            votes.join(",")
-        ));
+    // Every service's backends (`services`), or default's alone from an older peer.
+    let services: Vec<(String, &Value)> = match v["services"].as_array() {
+        Some(list) => list
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap_or("?").to_string(),
+                    &s["backends"],
+                )
+            })
+            .collect(),
+        None => vec![("default".to_string(), &v["backends"])],
+    };
+    for (service, backends) in services {
+        for b in backends.as_array().into_iter().flatten() {
+            let votes: Vec<&str> = b["down_votes"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{:<12} {:<24} {:<10} {:<6} {}\n",
+                service,
+                b["id"].as_str().unwrap_or("?"),
+                b["state"].as_str().unwrap_or("?"),
+                b["local"].as_str().unwrap_or("?"),
+                votes.join(",")
+            ));
+        }
     }
     out
 }

@@ -160,6 +160,16 @@ pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
             running: Some(stop),
         });
     }
+    // A second service, `api` (Host api.localhost), with a backend of its own.
+    let api_listener = bind_near(9101).await?;
+    let api_addr = api_listener.local_addr()?;
+    let api_stop = CancellationToken::new();
+    spawn_backend(api_listener, "api-1".into(), api_stop.clone());
+    demo_backends.push(DemoBackend {
+        name: "api-1".into(),
+        addr: api_addr,
+        running: Some(api_stop),
+    });
     let ids: Vec<String> = (0..peers)
         .map(|i| ((b'a' + i as u8) as char).to_string())
         .collect();
@@ -184,12 +194,19 @@ pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
             "cluster": { "listen": format!("127.0.0.1:{}", cluster_ports[i]), "peers": others },
             "health": { "interval": "500ms" },
             "backends": backend_addrs.iter().enumerate().map(|(k, a)| json!({ "id": format!("backend-{}", k + 1), "addr": a.to_string() })).collect::<Vec<_>>(),
+            "services": [{
+                "name": "api",
+                "hosts": ["api.localhost"],
+                "backends": [{ "id": "api-1", "addr": api_addr.to_string() }],
+            }],
         });
         let config =
             crate::config::from_value(&raw).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
         running.push(Peer::start(config).await?);
     }
-    println!("shoal demo: {peers} peer(s), {backends} backend(s) on loopback; Ctrl-C to stop");
+    println!(
+        "shoal demo: {peers} peer(s), {backends} backend(s) for service default and 1 for service api (Host api.localhost), on loopback; Ctrl-C to stop"
+    );
     for p in &running {
         println!(
             "peer {}  proxy http://{}  admin http://{}  metrics http://{}/metrics",
@@ -197,9 +214,9 @@ pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
         );
     }
     let backends_line: Vec<String> = backend_addrs.iter().map(|a| a.to_string()).collect();
-    println!("backends {}", backends_line.join(" "));
+    println!("backends {}  api-1 {api_addr}", backends_line.join(" "));
     println!(
-        "try: curl http://{}/  |  shoal pool list --admin http://{}",
+        "try: curl http://{0}/  |  curl -H 'Host: api.localhost' http://{0}/  |  shoal services --admin http://{1}",
         running[0].proxy_addrs[0], running[0].admin_addr
     );
     println!(
