@@ -13,7 +13,8 @@
 //! Needs nginx, haproxy and wrk (h2load from nghttp2-client for the HTTP/2 table; Debian
 //! packages). Env: E2E_SECONDS (default 10), E2E_CONNECTIONS (default 64), E2E_ROUNDS (default 5;
 //! medians), E2E_IDLE (default 10,000), E2E_TABLES (default all:
-//! small,hash,big,h2,tls,idle,change,abuse). `abuse`: eight clients each sending part of a 2 MB
+//! small,hash,big,h2,tls,idle,change,abuse,services). `services`: Shoal alone, one service
+//! against 1,000. `abuse`: eight clients each sending part of a 2 MB
 //! upload to a backend that answers at once and waits for the rest, then resetting, while wrk
 //! runs beside them: every proxy's peak and settled memory and descriptors, and wrk's requests
 //! per proxy CPU-second.
@@ -733,6 +734,9 @@ fn main() {
     if wanted("abuse") {
         abuse_table(dir, &shoal, secs);
     }
+    if wanted("services") {
+        services_table(dir, &shoal, &backend_ports, (secs, conns, rounds));
+    }
     if wanted("change") {
         // A pool change under load: 10 weight changes per second while wrk runs. nginx has no
         // runtime API in its open-source build: its way is a new config and a reload (SIGHUP to a
@@ -920,6 +924,126 @@ fn table_of(
             mib
         );
     }
+}
+
+/// Small answers through a Shoal with one service against one with 1,000 (each with the three
+/// backends; exact hosts, wildcards and path prefixes), in interleaved rounds: what routing by a
+/// table costs as services grow. The request names one of the 1,000 by Host; the one-service
+/// Shoal sends the same request to `default`.
+fn services_table(
+    dir: &Path,
+    shoal: &Path,
+    backend_ports: &[u16],
+    (secs, conns, rounds): (u64, u64, u64),
+) {
+    let backends = |indent: &str| -> String {
+        backend_ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                format!("[[{indent}backends]]\nid = \"b{i}\"\naddr = \"127.0.0.1:{p}\"\n")
+            })
+            .collect()
+    };
+    // Probes every 30 s in both: 3,000 backends probed each second would be a load of its own.
+    let head = |name: &str, port: u16| {
+        format!(
+            "[node]\nid = \"{name}\"\ndata_dir = \"{}\"\n[proxy]\nlisten = [\"127.0.0.1:{port}\"]\nworkers = 1\n[health]\ninterval = \"30s\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n[cluster]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"warn\"\n{}",
+            dir.join(format!("{name}-data")).display(),
+            free_port(),
+            free_port(),
+            backends(""),
+        )
+    };
+    let one_port = free_port();
+    let one = shoal_run(shoal, dir, "svc-one", &head("svc-one", one_port));
+    let many_port = free_port();
+    let mut many_cfg = head("svc-many", many_port);
+    for i in 0..1_000 {
+        let route = match i % 4 {
+            0 => format!("hosts = [\"svc-{i}.bench\"]"),
+            1 => format!("hosts = [\"svc-{i}.bench\", \"*.svc-{i}.bench\"]"),
+            2 => format!("hosts = [\"svc-{i}.bench\"]\npath_prefix = \"/v{i}/\""),
+            _ => format!("hosts = []\npath_prefix = \"/p{i}/\""),
+        };
+        many_cfg.push_str(&format!(
+            "[[services]]\nname = \"svc-{i}\"\n{route}\n{}",
+            backends("services.")
+        ));
+    }
+    let many = shoal_run(shoal, dir, "svc-many", &many_cfg);
+    wait_port("shoal (1 service)", one_port);
+    wait_port("shoal (1,000 services)", many_port);
+    // Ready: the one with 1,000 services routes the bench's Host.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_call_host(many_port, "svc-500.bench") != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the 1,000-service Shoal never routed svc-500.bench"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let runs: [(&str, u16, u32); 2] = [
+        ("1 service", one_port, one.0.id()),
+        ("1,000 services", many_port, many.0.id()),
+    ];
+    let mut results: Vec<Vec<Result>> = vec![Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        for (i, (name, port, pid)) in runs.iter().enumerate() {
+            let url = format!("http://127.0.0.1:{port}/");
+            let pids = [*pid];
+            results[i].push(wrk_with(
+                name,
+                &url,
+                &["-H", "Host: svc-500.bench"],
+                &|| cpu_seconds(&pids),
+                secs,
+                conns,
+            ));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!("\nservices: small answers, keep-alive, Host svc-500.bench (-c{conns}; Shoal only, one worker)");
+    println!(
+        "{:<16} {:>10} {:>9} {:>9} {:>12} {:>10} {:>9}",
+        "shoal with", "req/s", "p50 ms", "p99 ms", "req/CPU-s", "cpu/one", "peak MiB"
+    );
+    let mut one_cpu = 0.0;
+    for (i, (name, _, pid)) in runs.iter().enumerate() {
+        let rs = &results[i];
+        let per_cpu = median(rs.iter().map(|r| r.per_cpu_s).collect());
+        if i == 0 {
+            one_cpu = per_cpu;
+        }
+        println!(
+            "{name:<16} {:>10.0} {:>9.3} {:>9.3} {:>12.0} {:>10.3} {:>9.1}",
+            median(rs.iter().map(|r| r.rps).collect()),
+            median(rs.iter().map(|r| r.p50_ms).collect()),
+            median(rs.iter().map(|r| r.p99_ms).collect()),
+            per_cpu,
+            per_cpu / one_cpu,
+            peak_rss_mib(&[*pid]),
+        );
+    }
+}
+
+/// GET / with `host` as Host; the status (0 when it fails).
+fn http_call_host(port: u16, host: &str) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
 /// A backend that answers a request with a body at once (`200`, `Content-Length: 2`) and sends

@@ -252,7 +252,7 @@ async fn pooled_connections_are_reused_and_one_closed_while_idle_costs_no_post()
     assert_eq!(
         metric(
             &m,
-            "shoal_upstream_errors_total{backend=\"closer\",kind=\"reset\"}"
+            "shoal_upstream_errors_total{backend=\"closer\",kind=\"reset\",service=\"default\"}"
         )
         .unwrap_or(0.0),
         0.0,

@@ -252,7 +252,7 @@ async fn connect_failure_is_retried_for_any_method() {
     assert!(
         metric(
             &m,
-            "shoal_upstream_errors_total{backend=\"dead\",kind=\"connect\"}"
+            "shoal_upstream_errors_total{backend=\"dead\",kind=\"connect\",service=\"default\"}"
         )
         .unwrap()
             >= 3.0,
@@ -345,7 +345,7 @@ async fn slow_backend_gives_504() {
     assert_eq!(
         metric(
             &m,
-            "shoal_upstream_errors_total{backend=\"slow\",kind=\"timeout\"}"
+            "shoal_upstream_errors_total{backend=\"slow\",kind=\"timeout\",service=\"default\"}"
         ),
         Some(1.0),
         "{m}"
@@ -418,7 +418,7 @@ async fn killing_a_backend_under_load_fails_no_get() {
     assert!(ok > 200);
     let m = s.metrics().await;
     assert_eq!(
-        metric(&m, "shoal_backend_up{backend=\"b2\"}"),
+        metric(&m, "shoal_backend_up{backend=\"b2\",service=\"default\"}"),
         Some(0.0),
         "passive detection: {m}"
     );

@@ -392,7 +392,9 @@ async fn every_case_reaches_the_backend_exactly_as_framed() {
         .filter_map(|c| {
             metric(
                 &m,
-                &format!("shoal_requests_total{{backend=\"raw\",code=\"{c}\"}}"),
+                &format!(
+                    "shoal_requests_total{{backend=\"raw\",code=\"{c}\",service=\"default\"}}"
+                ),
             )
         })
         .sum();
@@ -575,7 +577,7 @@ async fn broken_client_bodies_never_count_against_a_backend() {
         for id in ["b1", "b2"] {
             for kind in ["connect", "timeout", "reset", "status"] {
                 let series =
-                    format!("shoal_upstream_errors_total{{backend=\"{id}\",kind=\"{kind}\"}}");
+                    format!("shoal_upstream_errors_total{{backend=\"{id}\",kind=\"{kind}\",service=\"default\"}}");
                 assert_eq!(metric(&m, &series).unwrap_or(0.0), 0.0, "{series}");
             }
         }

@@ -335,7 +335,7 @@ async fn h2_backends_over_tls_by_alpn_and_retried_like_any_other() {
     assert!(
         metric(
             &m,
-            "shoal_upstream_errors_total{backend=\"down\",kind=\"connect\"}"
+            "shoal_upstream_errors_total{backend=\"down\",kind=\"connect\",service=\"default\"}"
         )
         .unwrap_or(0.0)
             >= 1.0,
@@ -433,7 +433,7 @@ async fn a_refused_h2_stream_is_sent_elsewhere_for_any_method() {
     assert!(
         metric(
             &m,
-            "shoal_upstream_errors_total{backend=\"refuser\",kind=\"reset\"}"
+            "shoal_upstream_errors_total{backend=\"refuser\",kind=\"reset\",service=\"default\"}"
         )
         .unwrap_or(0.0)
             >= 2.0,

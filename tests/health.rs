@@ -127,19 +127,28 @@ async fn a_killed_backend_is_ejected_by_the_cluster_and_comes_back() {
     assert!(b["down_votes"].as_array().unwrap().len() >= 2, "{st}");
     let m = nodes[2].metrics().await;
     assert_eq!(
-        metric(&m, "shoal_ejections_total{backend=\"b2\"}"),
+        metric(
+            &m,
+            "shoal_ejections_total{backend=\"b2\",service=\"default\"}"
+        ),
         Some(1.0),
         "{m}"
     );
     assert_eq!(
-        metric(&m, "shoal_backend_state{backend=\"b2\",state=\"ejected\"}"),
+        metric(
+            &m,
+            "shoal_backend_state{backend=\"b2\",state=\"ejected\",service=\"default\"}"
+        ),
         Some(1.0)
     );
-    assert_eq!(metric(&m, "shoal_backend_up{backend=\"b2\"}"), Some(0.0));
+    assert_eq!(
+        metric(&m, "shoal_backend_up{backend=\"b2\",service=\"default\"}"),
+        Some(0.0)
+    );
     assert!(
         metric(
             &m,
-            "shoal_health_checks_total{backend=\"b2\",result=\"fail\"}"
+            "shoal_health_checks_total{backend=\"b2\",result=\"fail\",service=\"default\"}"
         )
         .unwrap()
             >= 2.0
@@ -706,10 +715,14 @@ async fn metrics_cover_build_quorum_members_bytes_inflight_and_the_process_and_f
         "{m}"
     );
     for b in ["b1", "b2"] {
-        let sent = metric(&m, &format!("shoal_request_bytes_total{{backend=\"{b}\"}}")).unwrap();
+        let sent = metric(
+            &m,
+            &format!("shoal_request_bytes_total{{backend=\"{b}\",service=\"default\"}}"),
+        )
+        .unwrap();
         let got = metric(
             &m,
-            &format!("shoal_response_bytes_total{{backend=\"{b}\"}}"),
+            &format!("shoal_response_bytes_total{{backend=\"{b}\",service=\"default\"}}"),
         )
         .unwrap();
         assert_eq!(
@@ -721,7 +734,10 @@ async fn metrics_cover_build_quorum_members_bytes_inflight_and_the_process_and_f
             "{b}: the echo answers with at least the body: {got}"
         );
         assert_eq!(
-            metric(&m, &format!("shoal_backend_inflight{{backend=\"{b}\"}}")),
+            metric(
+                &m,
+                &format!("shoal_backend_inflight{{backend=\"{b}\",service=\"default\"}}")
+            ),
             Some(0.0)
         );
     }
@@ -735,12 +751,15 @@ async fn metrics_cover_build_quorum_members_bytes_inflight_and_the_process_and_f
         assert!(metric(&m, family).is_some_and(|v| v > 0.0), "{family}: {m}");
     }
     // A removed backend's series leave.
-    assert!(m.contains("shoal_backend_up{backend=\"b2\"}"));
+    assert!(m.contains("shoal_backend_up{backend=\"b2\",service=\"default\"}"));
     let (code, _) = admin_call(s.admin, "DELETE", "/pool/backends/b2", None).await;
     assert_eq!(code, 200);
     let m = s.metrics().await;
     assert!(!m.contains("backend=\"b2\""), "{m}");
-    assert!(m.contains("shoal_backend_up{backend=\"b1\"}"), "{m}");
+    assert!(
+        m.contains("shoal_backend_up{backend=\"b1\",service=\"default\"}"),
+        "{m}"
+    );
 }
 
 fn repo_file(p: &str) -> std::path::PathBuf {

@@ -88,11 +88,17 @@ async fn admin_reads_metrics_and_token() {
         );
     }
     assert_eq!(
-        metric(&m, "shoal_requests_total{backend=\"b1\",code=\"2xx\"}"),
+        metric(
+            &m,
+            "shoal_requests_total{backend=\"b1\",code=\"2xx\",service=\"default\"}"
+        ),
         Some(1.0)
     );
     assert_eq!(
-        metric(&m, "shoal_backend_state{backend=\"b1\",state=\"active\"}"),
+        metric(
+            &m,
+            "shoal_backend_state{backend=\"b1\",state=\"active\",service=\"default\"}"
+        ),
         Some(1.0)
     );
     assert_eq!(metric(&m, "shoal_pool_version"), Some(1.0));

@@ -87,7 +87,7 @@ async fn requests_of_one_connection_reach_the_service_their_host_and_path_name()
     assert_eq!(
         metric(
             &text,
-            "shoal_requests_total{service=\"api-v2\",backend=\"v2\",code=\"2xx\"}"
+            "shoal_requests_total{backend=\"v2\",code=\"2xx\",service=\"api-v2\"}"
         ),
         Some(1.0),
         "{text}"
@@ -95,11 +95,11 @@ async fn requests_of_one_connection_reach_the_service_their_host_and_path_name()
     assert_eq!(
         metric(
             &text,
-            "shoal_requests_total{service=\"default\",backend=\"d\",code=\"2xx\"}"
+            "shoal_requests_total{backend=\"d\",code=\"2xx\",service=\"default\"}"
         ),
         Some(2.0)
     );
-    assert!(text.contains("shoal_backend_up{service=\"wild\",backend=\"w\"} 1"));
+    assert!(text.contains("shoal_backend_up{backend=\"w\",service=\"wild\"} 1"));
 
     // The services as the API shows them: sorted, default included, effective settings.
     let (code, list) = get_json(shoal.admin, "/services").await;
@@ -486,7 +486,7 @@ async fn a_failing_backend_is_ejected_from_its_service_and_no_other() {
         assert_eq!(state(&def, "d1"), "active", "{def}");
         assert_eq!(state(&def, "d2"), "active", "{def}");
         n.metric_reaches(
-            "shoal_backend_state{service=\"api\",backend=\"a1\",state=\"ejected\"}",
+            "shoal_backend_state{backend=\"a1\",state=\"ejected\",service=\"api\"}",
             1.0,
             Duration::from_secs(5),
         )
@@ -507,5 +507,34 @@ async fn a_failing_backend_is_ejected_from_its_service_and_no_other() {
             .iter()
             .any(|e| e["kind"] == "ejected" && e["service"] == "api" && e["backend"] == "a1"),
         "{events}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_file_differs_from_the_agreed_services_says_so_and_routes_by_the_agreed() {
+    let a = Backend::start("a", Behavior::Echo).await;
+    let rest = service_toml("api", "hosts = [\"api.localhost\"]", &[&a]);
+    let shoal = Shoal::start("", &rest).await;
+    let (code, e) = admin_call(
+        shoal.admin,
+        "PUT",
+        "/services/api",
+        Some(serde_json::json!({"hosts": ["api2.localhost"], "path_prefix": "/x/"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{e}");
+    shoal.signal("-HUP");
+    eventually(Duration::from_secs(5), "the warning on reload", || async {
+        let log = shoal.log();
+        (log.contains("services.api.hosts") && log.contains("services.api.path_prefix"))
+            .then_some(())
+    })
+    .await;
+    let mut c = client(shoal.proxy).await;
+    assert_eq!(via(&mut c, "api2.localhost", "/x/1").await.1, "a");
+    let (code, _, _) = via(&mut c, "api.localhost", "/x/1").await;
+    assert_eq!(
+        code, 404,
+        "the file's host no longer routes: default is empty"
     );
 }

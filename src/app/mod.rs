@@ -332,7 +332,7 @@ fn collector(services: Arc<Services>, cluster: Cluster) -> Box<dyn Fn() + Send +
         metrics::gauge!(telemetry::MEMBERS, "role" => "learner").set(learners.len() as f64);
         for table in services.tables() {
             for u in table.registry().of_pool(&table.pool()) {
-                metrics::gauge!(telemetry::BACKEND_INFLIGHT, "service" => table.service().to_string(), "backend" => u.id.to_string())
+                metrics::gauge!(telemetry::BACKEND_INFLIGHT, "backend" => u.id.to_string(), "service" => table.service().to_string())
                     .set(u.inflight() as f64);
             }
         }

@@ -84,7 +84,7 @@ async fn supervise(probed: Arc<dyn Probed>, shutdown: CancellationToken) {
 }
 
 async fn probe_loop(probed: Arc<dyn Probed>, id: BackendId, target: Target) {
-    let count = |result: &'static str| metrics::counter!(names::HEALTH_CHECKS_TOTAL, "service" => probed.service().to_string(), "backend" => id.to_string(), "result" => result);
+    let count = |result: &'static str| metrics::counter!(names::HEALTH_CHECKS_TOTAL, "backend" => id.to_string(), "result" => result, "service" => probed.service().to_string());
     let (pass, fail) = (count("pass"), count("fail"));
     // Spread probes of different backends (and peers) over the interval.
     let first = probed.settings().interval;

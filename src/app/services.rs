@@ -140,8 +140,14 @@ impl Services {
                 r.table.set_settings(self.settings(name, &s.def));
                 r.def = s.def.clone();
             }
-            if let Some(view) = pool.service_view(name) {
-                r.table.publish(view);
+            // A version that left this service's backends as they were needs no new table
+            // (a thousand services rebuild nothing for a vote in one of them).
+            let routed = r.table.pool();
+            if !routed.exists() || routed.backends != s.backends || routed.sightings != s.sightings
+            {
+                if let Some(view) = pool.service_view(name) {
+                    r.table.publish(view);
+                }
             }
         }
         running.retain(|name, r| {

@@ -811,7 +811,16 @@ impl Driver {
             max_ejected_percent: self.max_ejected_percent.load(Ordering::Relaxed),
             cluster_size: pool.voters.len().max(1),
         };
-        metrics::gauge!(names::EJECTION_CAP).set(pool.ejection_cap(&rules) as f64);
+        for service in pool.service_names() {
+            let (Some(view), rules) = (
+                pool.service_view(service),
+                pool.service_rules(service, &rules),
+            ) else {
+                continue;
+            };
+            metrics::gauge!(names::EJECTION_CAP, "service" => service.to_string())
+                .set(view.ejection_cap(&rules) as f64);
+        }
         pool_events(&self.events, &self.published, &pool);
         self.identity
             .set(&pool.cluster_id, pool.epoch, &pool.voters);
@@ -1182,12 +1191,12 @@ fn record_service_metrics(
     for b in new.values() {
         let id = b.id.to_string();
         let was = old.get(&b.id).map(|o| o.state);
-        let ejections = metrics::counter!(names::EJECTIONS_TOTAL, "service" => svc.clone(), "backend" => id.clone());
+        let ejections = metrics::counter!(names::EJECTIONS_TOTAL, "backend" => id.clone(), "service" => svc.clone());
         if was.is_none() {
             ejections.increment(0);
         }
         for s in BackendState::ALL {
-            metrics::gauge!(names::BACKEND_STATE, "service" => svc.clone(), "backend" => id.clone(), "state" => s.as_str())
+            metrics::gauge!(names::BACKEND_STATE, "backend" => id.clone(), "state" => s.as_str(), "service" => svc.clone())
                 .set(if b.state == s { 1.0 } else { 0.0 });
         }
         if b.state == BackendState::Ejected && was != Some(BackendState::Ejected) {
@@ -1198,7 +1207,7 @@ fn record_service_metrics(
     for b in old.values() {
         if !new.contains_key(&b.id) {
             for s in BackendState::ALL {
-                metrics::gauge!(names::BACKEND_STATE, "service" => svc.clone(), "backend" => b.id.to_string(), "state" => s.as_str())
+                metrics::gauge!(names::BACKEND_STATE, "backend" => b.id.to_string(), "state" => s.as_str(), "service" => svc.clone())
                     .set(0.0);
             }
         }

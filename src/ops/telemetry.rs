@@ -50,7 +50,7 @@ pub struct StatusCounters([metrics::Counter; 5]);
 impl StatusCounters {
     pub fn new(service: &str, backend: &str) -> Self {
         Self(["1xx", "2xx", "3xx", "4xx", "5xx"].map(|c| {
-            metrics::counter!(REQUESTS_TOTAL, "service" => service.to_string(), "backend" => backend.to_string(), "code" => c)
+            metrics::counter!(REQUESTS_TOTAL, "backend" => backend.to_string(), "code" => c, "service" => service.to_string())
         }))
     }
 
@@ -391,14 +391,14 @@ mod tests {
 
     #[test]
     fn removed_backends_leave_the_exposition() {
-        let text = "# TYPE shoal_backend_up gauge\nshoal_backend_up{service=\"default\",backend=\"a\"} 1\nshoal_backend_up{service=\"api\",backend=\"a\"} 1\nshoal_backend_up{service=\"default\",backend=\"gone\"} 0\nshoal_requests_total{service=\"default\",backend=\"none\",code=\"5xx\"} 3\nshoal_pool_version 4\n";
+        let text = "# TYPE shoal_backend_up gauge\nshoal_backend_up{backend=\"a\",service=\"default\"} 1\nshoal_backend_up{backend=\"a\",service=\"api\"} 1\nshoal_backend_up{backend=\"gone\",service=\"default\"} 0\nshoal_requests_total{backend=\"none\",code=\"5xx\",service=\"default\"} 3\nshoal_pool_version 4\n";
         let services = std::collections::HashSet::from(["default"]);
         let current = std::collections::HashSet::from([("default", "a")]);
         let text = format!(
-            "{text}shoal_requests_total{{service=\"api\",backend=\"none\",code=\"5xx\"}} 1\n"
+            "{text}shoal_requests_total{{backend=\"none\",code=\"5xx\",service=\"api\"}} 1\n"
         );
         let out = without_removed_backends(&text, &services, &current);
-        assert!(out.contains("service=\"default\",backend=\"a\""));
+        assert!(out.contains("backend=\"a\",service=\"default\""));
         assert!(!out.contains("service=\"api\""), "{out}");
         assert!(!out.contains("gone"));
         assert!(out.contains("backend=\"none\""));

@@ -95,8 +95,12 @@ pub async fn gets_while_killing(proxy: std::net::SocketAddr, victim: &Backend) -
 
 /// Wait for three passed probes of `backend`, and none failed.
 pub async fn probes_pass(s: &Shoal, backend: &str) {
-    let pass = format!("shoal_health_checks_total{{backend=\"{backend}\",result=\"pass\"}}");
-    let fail = format!("shoal_health_checks_total{{backend=\"{backend}\",result=\"fail\"}}");
+    let pass = format!(
+        "shoal_health_checks_total{{backend=\"{backend}\",result=\"pass\",service=\"default\"}}"
+    );
+    let fail = format!(
+        "shoal_health_checks_total{{backend=\"{backend}\",result=\"fail\",service=\"default\"}}"
+    );
     let m = eventually(Duration::from_secs(3), "a few probes", || async {
         let m = s.metrics().await;
         (metric(&m, &pass).unwrap_or(0.0) >= 3.0).then_some(m)

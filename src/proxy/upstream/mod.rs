@@ -47,15 +47,12 @@ struct Metrics {
 
 impl Metrics {
     fn new(service: &str, id: &str) -> Self {
+        // `service` last: the families from before services keep their labels' order.
         let labels = [
-            ("service", service.to_string()),
             ("backend", id.to_string()),
+            ("service", service.to_string()),
         ];
-        let err = |k: &'static str| {
-            let mut l = labels.to_vec();
-            l.push(("kind", k.to_string()));
-            metrics::counter!(names::UPSTREAM_ERRORS_TOTAL, &l)
-        };
+        let err = |k: &'static str| metrics::counter!(names::UPSTREAM_ERRORS_TOTAL, "backend" => id.to_string(), "kind" => k, "service" => service.to_string());
         Self {
             by_class: names::StatusCounters::new(service, id),
             duration: metrics::histogram!(names::REQUEST_DURATION_SECONDS, &labels),
