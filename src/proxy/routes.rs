@@ -35,14 +35,46 @@ pub struct RouteDef {
     pub table: Arc<RoutingTable>,
 }
 
-/// The lookup for one set of service definitions. Each list is sorted by prefix length, longest
-/// first.
+/// The services of one host kind (one exact host, one wildcard suffix, or any host) by path
+/// prefix: a map per prefix length, longest first, so a lookup is one hash per distinct length,
+/// however many services share the host.
+#[derive(Default)]
+struct Prefixes {
+    by_len: Vec<(usize, HashMap<Box<str>, Entry>)>,
+}
+
+impl Prefixes {
+    fn insert(&mut self, e: Entry) {
+        let len = e.prefix.len();
+        let at = match self.by_len.iter().position(|(l, _)| *l <= len) {
+            Some(i) if self.by_len[i].0 == len => i,
+            Some(i) => {
+                self.by_len.insert(i, (len, HashMap::new()));
+                i
+            }
+            None => {
+                self.by_len.push((len, HashMap::new()));
+                self.by_len.len() - 1
+            }
+        };
+        self.by_len[at].1.insert(e.prefix.clone(), e);
+    }
+
+    /// The entry with the longest prefix `path` starts with.
+    fn longest(&self, path: &str) -> Option<&Entry> {
+        self.by_len
+            .iter()
+            .find_map(|(len, map)| path.get(..*len).and_then(|head| map.get(head)))
+    }
+}
+
+/// The lookup for one set of service definitions.
 #[derive(Default)]
 pub struct RouteSet {
-    exact: HashMap<Box<str>, Vec<Entry>>,
+    exact: HashMap<Box<str>, Prefixes>,
     /// By suffix, the dot included (`*.example.org` is `.example.org`).
-    wildcard: HashMap<Box<str>, Vec<Entry>>,
-    any: Vec<Entry>,
+    wildcard: HashMap<Box<str>, Prefixes>,
+    any: Prefixes,
 }
 
 impl RouteSet {
@@ -55,36 +87,24 @@ impl RouteSet {
                 table: d.table,
             };
             if d.hosts.is_empty() {
-                set.any.push(entry.clone());
+                set.any.insert(entry.clone());
             }
             for h in d.hosts {
                 let list = match h.strip_prefix('*') {
                     Some(suffix) => set.wildcard.entry(suffix.into()).or_default(),
                     None => set.exact.entry(h.into()).or_default(),
                 };
-                list.push(entry.clone());
+                list.insert(entry.clone());
             }
         }
-        let longest_first = |l: &mut Vec<Entry>| {
-            l.sort_by(|a, b| {
-                b.prefix
-                    .len()
-                    .cmp(&a.prefix.len())
-                    .then(a.prefix.cmp(&b.prefix))
-            })
-        };
-        set.exact.values_mut().for_each(longest_first);
-        set.wildcard.values_mut().for_each(longest_first);
-        longest_first(&mut set.any);
         set
     }
 
     /// The service for `host` (lowercase, no port) and `path`; None: the default one.
     pub fn lookup(&self, host: &str, path: &str) -> Option<&Entry> {
-        // The first match of each list is its longest; a later kind wins only with a longer
-        // prefix.
-        fn consider<'a>(best: &mut Option<&'a Entry>, l: &'a [Entry], path: &str) {
-            if let Some(e) = l.iter().find(|e| path.starts_with(&*e.prefix)) {
+        // Each kind's best is its longest prefix; a later kind wins only with a longer one.
+        fn consider<'a>(best: &mut Option<&'a Entry>, hit: Option<&'a Entry>) {
+            if let Some(e) = hit {
                 if best.is_none_or(|b| e.prefix.len() > b.prefix.len()) {
                     *best = Some(e);
                 }
@@ -92,17 +112,17 @@ impl RouteSet {
         }
         let mut best = None;
         if let Some(l) = self.exact.get(host) {
-            consider(&mut best, l, path);
+            consider(&mut best, l.longest(path));
         }
         if !self.wildcard.is_empty() {
             // The longest suffix first: from the first dot on.
             for (i, _) in host.match_indices('.') {
                 if let Some(l) = self.wildcard.get(&host[i..]) {
-                    consider(&mut best, l, path);
+                    consider(&mut best, l.longest(path));
                 }
             }
         }
-        consider(&mut best, &self.any, path);
+        consider(&mut best, self.any.longest(path));
         best
     }
 }
@@ -319,6 +339,78 @@ mod tests {
                 assert!(strip.is_none());
             }
             Route::Miss => panic!("api.x should route to api"),
+        }
+    }
+
+    /// The rule as the SPEC states it, by a scan of every service: the table must agree.
+    fn reference<'a>(
+        defs: &'a [(String, Vec<String>, String)],
+        host: &str,
+        path: &str,
+    ) -> Option<&'a str> {
+        // Rank of a host match: exact 3, wildcard 2 (longer suffix first), any 1.
+        let rank = |hosts: &[String]| -> Option<(u8, usize)> {
+            if hosts.is_empty() {
+                return Some((1, 0));
+            }
+            hosts
+                .iter()
+                .filter_map(|h| match h.strip_prefix('*') {
+                    Some(suffix) => (host.len() > suffix.len() && host.ends_with(suffix))
+                        .then_some((2, suffix.len())),
+                    None => (h == host).then_some((3, 0)),
+                })
+                .max()
+        };
+        defs.iter()
+            .filter(|(_, _, prefix)| path.starts_with(prefix.as_str()))
+            .filter_map(|(name, hosts, prefix)| Some(((prefix.len(), rank(hosts)?), name)))
+            .max_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, name)| name.as_str())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_table_agrees_with_a_scan_of_every_service(
+            raw in proptest::collection::vec(
+                (proptest::collection::vec(0usize..6, 0..3), 0usize..5),
+                1..30,
+            ),
+            requests in proptest::collection::vec((0usize..5, 0usize..6), 1..40),
+        ) {
+            const HOSTS: [&str; 6] = ["a.x.org", "*.x.org", "b.x.org", "*.org", "c.y.com", "*.y.com"];
+            const PREFIXES: [&str; 5] = ["/", "/a", "/a/", "/ab/", "/b/c"];
+            const ASKED: [&str; 5] = ["a.x.org", "z.x.org", "y.com", "c.y.com", "q.org"];
+            const PATHS: [&str; 6] = ["/", "/a", "/a/1", "/ab/2", "/b/c/d", "/zz"];
+            // Unique (host, prefix) pairs, as the register keeps them.
+            let mut taken = std::collections::BTreeSet::new();
+            let mut defs = Vec::new();
+            for (i, (hosts, p)) in raw.iter().enumerate() {
+                let mut hs: Vec<String> = hosts.iter().map(|h| HOSTS[*h].to_string()).collect();
+                hs.sort();
+                hs.dedup();
+                let prefix = PREFIXES[*p].to_string();
+                let keys: Vec<String> = if hs.is_empty() { vec![String::new()] } else { hs.clone() };
+                if keys.iter().any(|k| taken.contains(&(k.clone(), prefix.clone()))) {
+                    continue;
+                }
+                for k in keys {
+                    taken.insert((k, prefix.clone()));
+                }
+                defs.push((format!("s{i}"), hs, prefix));
+            }
+            let set = RouteSet::build(defs.iter().map(|(name, hosts, prefix)| RouteDef {
+                hosts: hosts.clone(),
+                prefix: Some(prefix.clone()),
+                strip: false,
+                table: table(name),
+            }));
+            for (h, p) in requests {
+                let (host, path) = (ASKED[h], PATHS[p]);
+                let got = set.lookup(host, path).map(|e| e.table.service().to_string());
+                let want = reference(&defs, host, path).map(str::to_string);
+                proptest::prop_assert_eq!(got, want, "{} {}", host, path);
+            }
         }
     }
 }
