@@ -538,3 +538,44 @@ async fn a_peer_whose_file_differs_from_the_agreed_services_says_so_and_routes_b
         "the file's host no longer routes: default is empty"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_one_http2_connection_reach_the_service_their_authority_names() {
+    let d = Backend::start("d", Behavior::Echo).await;
+    let a = Backend::start("a", Behavior::Echo).await;
+    let rest = [
+        backends_toml(&[&d]),
+        service_toml(
+            "api",
+            "hosts = [\"api.localhost\"]\npath_prefix = \"/api/\"\nstrip_prefix = true",
+            &[&a],
+        ),
+    ]
+    .concat();
+    let shoal = Shoal::start("", &rest).await;
+    let mut h2 = common::dataplane::h2c_client(shoal.proxy).await;
+    let port = shoal.proxy.port();
+    for (authority, path, want, seen) in [
+        ("api.localhost", "/api/users", "a", "/users"),
+        ("other.localhost", "/api/users", "d", "/api/users"),
+        ("api.localhost", "/", "d", "/"),
+        ("API.LOCALHOST", "/api/", "a", "/"),
+    ] {
+        let resp = h2
+            .send_request(
+                http::Request::get(format!("http://{authority}:{port}{path}"))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (v["name"].as_str(), v["path"].as_str()),
+            (Some(want), Some(seen)),
+            "{authority}{path}"
+        );
+    }
+}
