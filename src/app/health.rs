@@ -32,16 +32,29 @@ pub fn spawn_voter(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RECONCILE);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // What the last reconcile saw: with the same pool, no flip since, no vote waiting and
+        // no dead peer, it would make nothing again (a thousand services' voters mostly idle).
+        let mut seen: Option<Arc<crate::core::pool::Pool>> = None;
         loop {
+            let mut flipped = false;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
-                Some(id) = flips.recv() => backend_local(&table, &events, &id),
+                Some(id) = flips.recv() => {
+                    flipped = true;
+                    backend_local(&table, &events, &id);
+                }
             }
             let pool = table.pool();
+            let dead = cluster.dead_peers();
+            let same = seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &pool));
+            if same && !flipped && voter.idle() && dead.is_empty() {
+                continue;
+            }
+            seen = Some(pool.clone());
             let local_up = |id: &_| table.upstream(id).is_none_or(|u| u.is_up());
             let now = epoch.elapsed().as_millis() as u64;
-            for change in voter.reconcile(&pool, local_up, &cluster.dead_peers(), now) {
+            for change in voter.reconcile(&pool, local_up, &dead, now) {
                 match &change {
                     PoolChange::ExpireVotes { peer } => {
                         tracing::info!(%peer, "expiring the health votes of a dead peer")

@@ -18,8 +18,8 @@ use crate::core::pool::BackendId;
 use crate::net::Target;
 use crate::ops::telemetry as names;
 
-/// How often the supervisor looks for added or removed backends.
-const RECONCILE: Duration = Duration::from_millis(500);
+/// How often the supervisor looks for added or removed backends when nothing told it to.
+const RECONCILE: Duration = Duration::from_secs(5);
 
 /// How to probe, read before every probe (a reload changes it).
 #[derive(Clone, Debug)]
@@ -36,6 +36,8 @@ pub trait Probed: Send + Sync + 'static {
     fn settings(&self) -> ProbeSettings;
     /// The service the backends belong to (a metric label).
     fn service(&self) -> &str;
+    /// Changes whenever the backends or the settings may have changed.
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
     /// One probe's result.
     fn record(&self, id: &BackendId, ok: bool);
     /// One probe's exchange with an HTTP/1 backend (GET `path` on a fresh connection; true for
@@ -58,10 +60,14 @@ async fn supervise(probed: Arc<dyn Probed>, shutdown: CancellationToken) {
     let mut tasks: HashMap<BackendId, (String, JoinHandle<()>)> = HashMap::new();
     let mut tick = tokio::time::interval(RECONCILE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut changes = probed.changes();
+    let mut told = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
+            // (Once the sender is gone, only the tick.)
+            r = changes.changed(), if told => told = r.is_ok(),
         }
         let current = probed.targets();
         tasks.retain(|id, (addr, handle)| {

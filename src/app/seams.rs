@@ -113,6 +113,10 @@ impl Probed for RoutingTable {
         RoutingTable::service(self)
     }
 
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.installs()
+    }
+
     fn exchange<'a>(
         &'a self,
         target: &'a Target,

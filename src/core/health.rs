@@ -159,12 +159,14 @@ impl Voter {
         }
         for b in pool.backends.values() {
             let up = local_up(&b.id);
-            let key = VoteKey::Backend(b.id.clone());
             if up != b.down_votes.contains(&self.me) {
-                // The pool shows this peer's view already.
-                self.pending.remove(&key);
+                // The pool shows this peer's view already (the common case: nothing to make).
+                if !self.pending.is_empty() {
+                    self.pending.remove(&VoteKey::Backend(b.id.clone()));
+                }
                 continue;
             }
+            let key = VoteKey::Backend(b.id.clone());
             if self.recently(&key, up, now_ms) {
                 continue;
             }
@@ -188,6 +190,11 @@ impl Voter {
             out.push(PoolChange::ExpireVotes { peer: peer.clone() });
         }
         out
+    }
+
+    /// No vote is waiting to show in the pool.
+    pub fn idle(&self) -> bool {
+        self.pending.is_empty()
     }
 
     fn recently(&self, key: &VoteKey, up: bool, now_ms: u64) -> bool {

@@ -104,6 +104,8 @@ pub struct RoutingTable {
     service: Arc<str>,
     /// `shoal_requests_total{service, backend="none"}`: answered without a backend.
     pub local_responses: names::StatusCounters,
+    /// Counts installed snapshots: who acts on a new pool or settings (the probes) waits on it.
+    installed: tokio::sync::watch::Sender<u64>,
 }
 
 impl RoutingTable {
@@ -123,7 +125,13 @@ impl RoutingTable {
             flips: Mutex::new(None),
             service: Arc::from(service),
             local_responses: names::StatusCounters::new(service, names::NO_BACKEND),
+            installed: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// A receiver that sees every snapshot installed from now on (a new pool or settings).
+    pub fn installs(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.installed.subscribe()
     }
 
     /// The service this table routes.
@@ -210,6 +218,7 @@ impl RoutingTable {
             settings,
             any_h2,
         }));
+        self.installed.send_modify(|n| *n += 1);
         self.evaluate_panic();
     }
 

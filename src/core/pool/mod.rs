@@ -63,9 +63,10 @@ pub struct Pool {
     /// a peer that learns several versions at once still names who made the last one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub through: Option<NodeId>,
-    /// The services besides `default` (whose backends are `backends` above), by name.
+    /// The services besides `default` (whose backends are `backends` above), by name. Shared:
+    /// a pool is cloned at every step of a round, and a change touches one service at most.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub services: BTreeMap<String, Service>,
+    pub services: BTreeMap<String, std::sync::Arc<Service>>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -238,6 +239,7 @@ impl Pool {
             .ok_or_else(|| ChangeError::ServiceNotFound(name.to_string()))?;
         let next = sub.apply(change, &rules)?;
         if let Some(s) = self.services.get_mut(name) {
+            let s = Arc::make_mut(s);
             s.backends = next.backends;
             s.sightings = next.sightings;
         }
@@ -278,7 +280,10 @@ impl Pool {
                 }
             }
         }
-        self.services.entry(name.to_string()).or_default().def = def;
+        let s = self.services.entry(name.to_string()).or_default();
+        if s.def != def {
+            Arc::make_mut(s).def = def;
+        }
         Ok(())
     }
 
@@ -304,7 +309,7 @@ impl Pool {
                 if s.backends.len() > MAX_BACKENDS {
                     return Err(ChangeError::Full);
                 }
-                let svc = self.services.get_mut(&s.name).expect("just put");
+                let svc = Arc::make_mut(self.services.get_mut(&s.name).expect("just put"));
                 for b in &s.backends {
                     b.check().map_err(ChangeError::Invalid)?;
                     if svc.backends.contains_key(&b.id) {
@@ -334,8 +339,11 @@ impl Pool {
             sub.settle_discovery(&rules);
             sub.settle(&rules);
             if let Some(s) = self.services.get_mut(&name) {
-                s.backends = sub.backends;
-                s.sightings = sub.sightings;
+                if s.backends != sub.backends || s.sightings != sub.sightings {
+                    let s = Arc::make_mut(s);
+                    s.backends = sub.backends;
+                    s.sightings = sub.sightings;
+                }
             }
         }
     }
@@ -516,7 +524,9 @@ mod tests {
             BackendState::Active
         );
         let mut lenient = p.clone();
-        lenient.services.get_mut("api").unwrap().def.health = Overrides::default();
+        Arc::make_mut(lenient.services.get_mut("api").unwrap())
+            .def
+            .health = Overrides::default();
         let q = apply(&lenient, &PoolChange::Settle);
         assert_eq!(
             q.services["api"].backends[&BackendId::new("a0")].state,
