@@ -276,7 +276,12 @@ async fn a_peer_of_another_cluster_is_refused_and_counted() {
     std::fs::write(&two[2].config, moved).unwrap();
     let before = pool(&one[0]).await;
     restart(&mut two[2], &[]);
-    two[2].wait_ready().await;
+    // Up, not ready: once cluster one claims it, it serves nothing (SPEC 5, no stray cluster),
+    // and that may come before a poll of /readyz sees it ready.
+    eventually(Duration::from_secs(20), "c answering /livez", || async {
+        matches!(get_text(two[2].admin, "/livez").await, Ok((200, _))).then_some(())
+    })
+    .await;
     eventually(Duration::from_secs(10), "refusals counted", || async {
         let m = two[2].metrics().await;
         let refused = ["a", "b"].iter().any(|p| {

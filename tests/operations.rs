@@ -590,6 +590,7 @@ async fn the_access_log_is_flat_json_with_the_whole_exchange() {
     assert_eq!(post["status"], 200);
     assert_eq!(post["request_bytes"], 5000);
     assert_eq!(post["response_bytes"], 5000);
+    assert_eq!(post["service"], "default");
     assert_eq!(post["backend"], "a");
     assert_eq!(post["attempts"], 1);
     assert_eq!(post["request_id"], "req-42");

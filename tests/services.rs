@@ -579,3 +579,64 @@ async fn streams_of_one_http2_connection_reach_the_service_their_authority_names
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_formed_without_services_takes_the_files_at_the_next_start_and_keeps_them() {
+    let d = Backend::start("d", Behavior::Echo).await;
+    let a = Backend::start("a", Behavior::Echo).await;
+    let mut shoal = Shoal::start("", &backends_toml(&[&d])).await;
+    let (_, list) = get_json(shoal.admin, "/services").await;
+    assert_eq!(list["services"].as_array().unwrap().len(), 1);
+    // The same peer, its file now with a service: the agreed state has none, so the file's go in.
+    shoal.kill9();
+    let text = std::fs::read_to_string(&shoal.config).unwrap();
+    std::fs::write(
+        &shoal.config,
+        format!(
+            "{text}\n{}",
+            service_toml("api", "hosts = [\"api.localhost\"]", &[&a])
+        ),
+    )
+    .unwrap();
+    shoal.spawn();
+    shoal.wait_ready().await;
+    eventually(
+        Duration::from_secs(10),
+        "api seeded from the file",
+        || async {
+            let (_, pool) = get_json(shoal.admin, "/services/api/pool").await;
+            (pool["backends"][0]["id"] == "a").then_some(())
+        },
+    )
+    .await;
+    let mut c = client(shoal.proxy).await;
+    assert_eq!(via(&mut c, "api.localhost", "/").await.1, "a");
+    // Once agreed, services come from the register: a restart keeps a change made through the
+    // API, whatever the file says.
+    let (code, _) = admin_call(
+        shoal.admin,
+        "PUT",
+        "/services/api",
+        Some(serde_json::json!({"hosts": ["api2.localhost"]})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    shoal.kill9();
+    shoal.spawn();
+    shoal.wait_ready().await;
+    let (_, list) = get_json(shoal.admin, "/services").await;
+    let api = list["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "api")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        api["hosts"],
+        serde_json::json!(["api2.localhost"]),
+        "{list}"
+    );
+    let mut c = client(shoal.proxy).await;
+    assert_eq!(via(&mut c, "api2.localhost", "/").await.1, "a");
+}

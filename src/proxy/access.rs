@@ -25,6 +25,7 @@ pub struct AccessRecord {
     pub request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
     status: u16,
+    service: String,
     backend: String,
     attempts: u32,
     logged: bool,
@@ -82,16 +83,18 @@ impl AccessRecord {
             request_bytes: Arc::default(),
             response_bytes: 0,
             status: 0,
+            service: "-".into(),
             backend: "-".into(),
             attempts: 0,
             logged: false,
         }
     }
 
-    /// The response head: its status, the backend that answered ("-" for a local answer) and
-    /// how many backends were tried.
-    pub fn respond(&mut self, status: u16, backend: Option<&str>, attempts: u32) {
+    /// The response head: its status, the service it was routed to ("none": no service took
+    /// it), the backend that answered ("-" for a local answer) and how many backends were tried.
+    pub fn respond(&mut self, status: u16, service: &str, backend: Option<&str>, attempts: u32) {
         self.status = status;
+        self.service = service.to_string();
         self.backend = backend.unwrap_or("-").to_string();
         self.attempts = attempts;
     }
@@ -117,6 +120,7 @@ impl AccessRecord {
             request_bytes = self.request_bytes.load(Ordering::Relaxed),
             response_bytes = self.response_bytes,
             duration_ms = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+            service = %self.service,
             backend = %self.backend,
             attempts = self.attempts,
             request_id = %self.request_id,

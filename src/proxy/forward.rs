@@ -468,6 +468,22 @@ enum Attempt {
     BadAnswer(&'static str, Option<Request<RequestBody>>),
 }
 
+/// Remove a service's path prefix from the request's target before it is forwarded
+/// ("/v1/x?q" less "/v1/" is "/x?q").
+fn strip_prefix(req: &mut Request<ClientBody>, prefix: &str) -> Result<(), ProxyError> {
+    let bad = |_| ProxyError::BadRequest("bad request target");
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let stripped = routes::strip(target, prefix);
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        stripped
+            .parse()
+            .map_err(|_| ProxyError::BadRequest("bad request target"))?,
+    );
+    *req.uri_mut() = Uri::from_parts(parts).map_err(bad)?;
+    Ok(())
+}
+
 /// The reason an HTTP/1 backend's answer was refused, if that is why the exchange failed.
 fn bad_answer(e: &std::io::Error) -> Option<&'static str> {
     e.get_ref()
@@ -492,13 +508,13 @@ impl Proxy {
         })
     }
 
-    /// The service table for a request, its path stripped of the service's prefix where the
-    /// service says so; None: no service takes it (404).
+    /// The service table for a request and the prefix to strip from its path, if its service
+    /// says so; `NoRoute` when no service takes it (404).
     fn route(
         &self,
-        req: &mut Request<ClientBody>,
+        req: &Request<ClientBody>,
         fields: Option<&WireFields>,
-    ) -> Result<Arc<RoutingTable>, ProxyError> {
+    ) -> Result<(Arc<RoutingTable>, Option<Box<str>>), ProxyError> {
         let host = match req.uri().authority() {
             Some(a) => Some(a.as_str().as_bytes()),
             None => match fields {
@@ -507,28 +523,9 @@ impl Proxy {
             },
         };
         match self.routes.route(host, req.uri().path()) {
-            Route::To { table, strip: None } => Ok(table),
-            Route::To {
-                table,
-                strip: Some(prefix),
-            } => {
-                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                let stripped = routes::strip(target, &prefix);
-                let mut parts = req.uri().clone().into_parts();
-                parts.path_and_query = Some(
-                    stripped
-                        .parse()
-                        .map_err(|_| ProxyError::BadRequest("bad request target"))?,
-                );
-                *req.uri_mut() = Uri::from_parts(parts)
-                    .map_err(|_| ProxyError::BadRequest("bad request target"))?;
-                Ok(table)
-            }
+            Route::To { table, strip } => Ok((table, strip)),
             Route::Miss => {
-                let shown = |b: &[u8]| {
-                    let s = String::from_utf8_lossy(b);
-                    s.chars().take(200).collect::<String>()
-                };
+                let shown = |b: &[u8]| String::from_utf8_lossy(b).chars().take(200).collect();
                 Err(ProxyError::NoRoute {
                     host: host.map(shown).unwrap_or_default(),
                     path: shown(req.uri().path().as_bytes()),
@@ -547,13 +544,11 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let start = Instant::now();
         let mut req = req;
-        let table = match self.route(&mut req, fields.as_ref()) {
-            Ok(t) => t,
-            Err(e) => {
-                self.unrouted.count(e.status().as_u16());
-                tracing::debug!(error = %e, "answered locally");
-                return e.response();
-            }
+        let routed = self.route(&req, fields.as_ref());
+        // A request routed nowhere is answered (and logged) under `default`'s settings.
+        let table = match &routed {
+            Ok((t, _)) => t.clone(),
+            Err(_) => self.routes.default_table().clone(),
         };
         let snap = table.snapshot();
         // The fields stay in wire form when nothing here needs them as a map.
@@ -572,13 +567,25 @@ impl Proxy {
             .then(|| AccessRecord::begin(&mut req, conn.client, start));
         let seen = record.as_ref().map(|r| r.request_bytes.clone());
         let mut attempts = 0;
-        let (resp, backend) = match self
-            .forward(&table, req, fields, conn, &snap, start, &mut attempts, seen)
-            .await
-        {
+        let missed = routed.is_err();
+        let outcome = match routed {
+            Ok((_, strip)) => match strip.map(|p| strip_prefix(&mut req, &p)) {
+                Some(Err(e)) => Err(e),
+                _ => {
+                    self.forward(&table, req, fields, conn, &snap, start, &mut attempts, seen)
+                        .await
+                }
+            },
+            Err(e) => Err(e),
+        };
+        let (resp, backend) = match outcome {
             Ok((resp, upstream)) => (resp, Some(upstream)),
             Err(e) => {
-                table.local_responses.count(e.status().as_u16());
+                match e {
+                    ProxyError::NoRoute { .. } => &self.unrouted,
+                    _ => &table.local_responses,
+                }
+                .count(e.status().as_u16());
                 tracing::debug!(error = %e, "answered locally");
                 (e.response(), None)
             }
@@ -586,8 +593,13 @@ impl Proxy {
         match record {
             None => resp,
             Some(mut r) => {
+                let service = if missed {
+                    names::NO_BACKEND
+                } else {
+                    table.service()
+                };
                 let backend = backend.as_ref().map(|u| u.id.as_str());
-                r.respond(resp.status().as_u16(), backend, attempts);
+                r.respond(resp.status().as_u16(), service, backend, attempts);
                 resp.map(|body| ResponseBody::logged(body, r))
             }
         }
