@@ -640,3 +640,62 @@ async fn a_cluster_formed_without_services_takes_the_files_at_the_next_start_and
     let mut c = client(shoal.proxy).await;
     assert_eq!(via(&mut c, "api2.localhost", "/").await.1, "a");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_services_own_hashing_sends_each_key_to_one_backend_on_every_peer() {
+    let d = Backend::start("d", Behavior::Echo).await;
+    let bs = [
+        Backend::start("h1", Behavior::Echo).await,
+        Backend::start("h2", Behavior::Echo).await,
+        Backend::start("h3", Behavior::Echo).await,
+    ];
+    let config = [
+        backends_toml(&[&d]),
+        service_toml(
+            "api",
+            "hosts = [\"api.localhost\"]\n[services.balance]\nalgorithm = \"consistent_hash\"\nhash_key = \"header:x-user\"",
+            &[&bs[0], &bs[1], &bs[2]],
+        ),
+    ]
+    .concat();
+    let nodes = start_cluster(3, |_| String::new(), |_| config.clone()).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for user in 0..30 {
+        let mut chosen = Vec::new();
+        for n in &nodes {
+            let req = http::Request::get("/")
+                .header(http::header::HOST, "api.localhost")
+                .header("x-user", format!("user-{user}"))
+                .body(empty())
+                .unwrap();
+            let r = send(n.proxy, req).await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+            chosen.push(v["name"].as_str().unwrap().to_string());
+        }
+        assert!(
+            chosen.iter().all(|c| *c == chosen[0]),
+            "user-{user}: {chosen:?}"
+        );
+        seen.insert(chosen[0].clone());
+    }
+    // Hashing spread the keys over the service's backends (round robin on default is untouched).
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert!(seen.iter().all(|s| s.starts_with('h')), "{seen:?}");
+    let (_, list) = get_json(nodes[0].admin, "/services").await;
+    let api = list["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "api")
+        .unwrap()
+        .clone();
+    assert_eq!(api["balance"]["algorithm"], "consistent_hash");
+    let default = list["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "default")
+        .unwrap()
+        .clone();
+    assert_eq!(default["balance"]["algorithm"], "round_robin");
+}
