@@ -79,9 +79,9 @@ async fn a_killed_backend_is_ejected_by_the_cluster_and_comes_back() {
     let a1 = Backend::start("a1", Behavior::Echo).await;
     // A second service: the page shows a table for it too.
     let seeds = format!(
-        "{}[[services]]\nname = \"api\"\nhosts = [\"api.localhost\"]\n[[services.backends]]\nid = \"a1\"\naddr = \"{}\"\n",
+        "{}{}",
         backends_toml(&[&b1, &b2, &b3]),
-        a1.addr
+        service_toml("api", "hosts = [\"api.localhost\"]", &[&a1])
     );
     let nodes = start_cluster(3, |_| String::new(), |_| format!("{FAST_HEALTH}{seeds}")).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -593,9 +593,9 @@ async fn the_status_page_shows_peers_pool_votes_and_events_in_a_browser() {
     let a1 = Backend::start("a1", Behavior::Echo).await;
     // A second service: the page shows a table for it too.
     let seeds = format!(
-        "{}[[services]]\nname = \"api\"\nhosts = [\"api.localhost\"]\n[[services.backends]]\nid = \"a1\"\naddr = \"{}\"\n",
+        "{}{}",
         backends_toml(&[&b1, &b2, &b3]),
-        a1.addr
+        service_toml("api", "hosts = [\"api.localhost\"]", &[&a1])
     );
     let nodes = start_cluster(3, |_| String::new(), |_| format!("{FAST_HEALTH}{seeds}")).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -9,16 +9,15 @@ use std::time::Duration;
 use common::*;
 use http_body_util::BodyExt;
 
-/// `[[services]]` with one backend each: `(name, the keys of the table, backends)`.
-fn service_toml(name: &str, keys: &str, backends: &[&Backend]) -> String {
-    let mut out = format!("[[services]]\nname = \"{name}\"\n{keys}\n");
-    for b in backends {
-        out.push_str(&format!(
-            "[[services.backends]]\nid = \"{}\"\naddr = \"{}\"\n",
-            b.name, b.addr
-        ));
-    }
-    out
+/// The entry of service `name` in a `GET /services` answer.
+fn service_in(list: &serde_json::Value, name: &str) -> serde_json::Value {
+    list["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no service {name} in {list}"))
+        .clone()
 }
 
 /// One request with `host` on a keep-alive connection; the echo's `name` and `path`.
@@ -625,13 +624,7 @@ async fn a_cluster_formed_without_services_takes_the_files_at_the_next_start_and
     shoal.spawn();
     shoal.wait_ready().await;
     let (_, list) = get_json(shoal.admin, "/services").await;
-    let api = list["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "api")
-        .unwrap()
-        .clone();
+    let api = service_in(&list, "api");
     assert_eq!(
         api["hosts"],
         serde_json::json!(["api2.localhost"]),
@@ -682,20 +675,8 @@ async fn a_services_own_hashing_sends_each_key_to_one_backend_on_every_peer() {
     assert!(seen.len() >= 2, "{seen:?}");
     assert!(seen.iter().all(|s| s.starts_with('h')), "{seen:?}");
     let (_, list) = get_json(nodes[0].admin, "/services").await;
-    let api = list["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "api")
-        .unwrap()
-        .clone();
+    let api = service_in(&list, "api");
     assert_eq!(api["balance"]["algorithm"], "consistent_hash");
-    let default = list["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "default")
-        .unwrap()
-        .clone();
+    let default = service_in(&list, "default");
     assert_eq!(default["balance"]["algorithm"], "round_robin");
 }

@@ -661,6 +661,19 @@ pub fn backends_toml(bs: &[&Backend]) -> String {
         .collect()
 }
 
+/// `[[services]]` with one backend each: `(name, the keys of the table, backends)`.
+#[allow(dead_code)]
+pub fn service_toml(name: &str, keys: &str, backends: &[&Backend]) -> String {
+    let mut out = format!("[[services]]\nname = \"{name}\"\n{keys}\n");
+    for b in backends {
+        out.push_str(&format!(
+            "[[services.backends]]\nid = \"{}\"\naddr = \"{}\"\n",
+            b.name, b.addr
+        ));
+    }
+    out
+}
+
 /// `shoal cert ARGS...`, which must succeed: the one way the tests make certificates.
 #[allow(dead_code)]
 pub fn shoal_cert(args: &[&str]) {
