@@ -383,6 +383,9 @@ impl Admin {
     /// The endpoints anyone may read (the auth layer lets them through): probes, the status
     /// page, the scrape.
     fn open_endpoint(&self, method: &Method, path: &str) -> Option<Result<Resp, ApiError>> {
+        if method != Method::GET || !OPEN.contains(&path) {
+            return None;
+        }
         match (method, path) {
             (&Method::GET, "/livez") => Some(Ok(json_response(
                 StatusCode::OK,
@@ -834,9 +837,11 @@ impl Admin {
 
 /// The endpoints anyone may read: probes, the status page and the scrape.
 fn open(req: &Request<Incoming>) -> bool {
-    req.method() == Method::GET
-        && matches!(req.uri().path(), "/livez" | "/readyz" | "/" | "/metrics")
+    req.method() == Method::GET && OPEN.contains(&req.uri().path())
 }
+
+/// The endpoints anyone may `GET` (`Admin::open_endpoint` answers them).
+const OPEN: [&str; 4] = ["/livez", "/readyz", "/", "/metrics"];
 
 /// The auth layer's rule: with `admin.token` set, every endpoint but the open ones wants
 /// `Authorization: Bearer TOKEN` (compared in constant time).
