@@ -1167,6 +1167,11 @@ fn record_pool_metrics(old: &Pool, new: &Pool) {
     let names: std::collections::BTreeSet<&str> =
         old.service_names().chain(new.service_names()).collect();
     for service in names {
+        let (was, now) = (old.services.get(service), new.services.get(service));
+        if was.is_some() && was == now {
+            // Unchanged (an `Arc` compare: a pointer, most often): nothing to record.
+            continue;
+        }
         let backends = |p: &Pool| match service {
             crate::core::pool::DEFAULT_SERVICE => p.backends.clone(),
             s => p
