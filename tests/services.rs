@@ -184,6 +184,13 @@ async fn the_admin_api_defines_services_and_refuses_bad_ones() {
     assert_eq!(svc["version"].as_u64(), Some(before + 1));
     let (code, _) = put(body).await;
     assert_eq!(code, 200, "replacing");
+    let (code, one) = get_json(shoal.admin, "/services/api").await;
+    assert_eq!(
+        (code, one["hosts"][0].as_str()),
+        (200, Some("api.localhost"))
+    );
+    let (code, _) = get_json(shoal.admin, "/services/nope").await;
+    assert_eq!(code, 404);
     // Another service may not take the same host and prefix.
     let (code, e) = admin_call(
         shoal.admin,

@@ -465,6 +465,19 @@ impl Admin {
                 let body: ApplyBody = read_json(req).await?;
                 self.apply_services(body).await
             }
+            (&Method::GET, ["services", name]) => {
+                let pool = self.routing.pool();
+                let default = ServiceDef::default();
+                let def = match pool.services.get(*name) {
+                    Some(s) => &s.def,
+                    None if *name == DEFAULT_SERVICE => &default,
+                    None => return Err(ChangeError::ServiceNotFound(name.to_string()).into()),
+                };
+                let view = pool.service_view(name).unwrap_or_default();
+                let mut out = self.service_json(name, def, &view);
+                out["version"] = json!(pool.version);
+                Ok(json_response(StatusCode::OK, &out))
+            }
             (&Method::PUT, ["services", name]) => {
                 let name = name.to_string();
                 let body: ServiceBody = read_json(req).await?;
