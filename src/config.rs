@@ -910,33 +910,7 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
         });
     }
     if let Some(p) = &proxy {
-        c.range("proxy.workers", p.workers, 0, 1024);
-        c.range("proxy.max_connections", p.max_connections, 1, 1_000_000);
-        c.range("proxy.retries", p.retries, 0, 16);
-        c.range(
-            "proxy.max_header_bytes",
-            p.max_header_bytes,
-            8_192,
-            1_048_576,
-        );
-        for (k, d) in [
-            ("connect_timeout", p.connect_timeout),
-            ("request_timeout", p.request_timeout),
-            ("client_idle_timeout", p.client_idle_timeout),
-            ("shutdown_grace", p.shutdown_grace),
-            ("tunnel_idle_timeout", p.tunnel_idle_timeout),
-        ] {
-            c.positive(&format!("proxy.{k}"), d);
-        }
-        if let Some(t) = &p.tls {
-            c.readable("proxy.tls.cert", &t.cert);
-            c.readable("proxy.tls.key", &t.key);
-            if c.errors.is_empty() {
-                if let Err(e) = crate::net::tls::load_termination(&t.cert, &t.key) {
-                    c.err("proxy.tls", e);
-                }
-            }
-        }
+        proxy_rules(&mut c, p);
     }
     if let Some(b) = &balance {
         balance_rules(&mut c, "balance", b);
@@ -949,33 +923,7 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
         cl.peers.retain(|p| p.id != n.id);
     }
     if let Some(a) = &mut admin {
-        if let Some(f) = &a.token_file {
-            if a.token.is_some() {
-                c.err(
-                    "admin.token_file",
-                    "set admin.token or admin.token_file, not both",
-                );
-            } else {
-                match std::fs::read_to_string(f) {
-                    Ok(t) => a.token = Some(t.trim_end().to_string()),
-                    Err(e) => c.err(
-                        "admin.token_file",
-                        format!("cannot read {}: {e}", f.display()),
-                    ),
-                }
-            }
-        }
-        c.rule(
-            a.token.as_ref().is_none_or(|t| !t.is_empty()),
-            "admin.token",
-            || "must not be empty".into(),
-        );
-        let l = a.listen;
-        c.rule(
-            a.token.is_some() || l.ip().is_loopback(),
-            "admin.listen",
-            || format!("{l} is not a loopback address: admin.token is required"),
-        );
+        admin_rules(&mut c, a);
     }
     if let Some(l) = &log {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&l.level) {
@@ -1011,6 +959,69 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
         }),
         _ => Err(ConfigErrors(c.errors)),
     }
+}
+
+/// The `[proxy]` ranges and timeouts, and its TLS certificate and key when set.
+fn proxy_rules(c: &mut Checker, p: &ProxyConfig) {
+    c.range("proxy.workers", p.workers, 0, 1024);
+    c.range("proxy.max_connections", p.max_connections, 1, 1_000_000);
+    c.range("proxy.retries", p.retries, 0, 16);
+    c.range(
+        "proxy.max_header_bytes",
+        p.max_header_bytes,
+        8_192,
+        1_048_576,
+    );
+    for (k, d) in [
+        ("connect_timeout", p.connect_timeout),
+        ("request_timeout", p.request_timeout),
+        ("client_idle_timeout", p.client_idle_timeout),
+        ("shutdown_grace", p.shutdown_grace),
+        ("tunnel_idle_timeout", p.tunnel_idle_timeout),
+    ] {
+        c.positive(&format!("proxy.{k}"), d);
+    }
+    if let Some(t) = &p.tls {
+        c.readable("proxy.tls.cert", &t.cert);
+        c.readable("proxy.tls.key", &t.key);
+        if c.errors.is_empty() {
+            if let Err(e) = crate::net::tls::load_termination(&t.cert, &t.key) {
+                c.err("proxy.tls", e);
+            }
+        }
+    }
+}
+
+/// The admin token (from `token_file` when set there) and the rule that a non-loopback admin
+/// listener needs one.
+fn admin_rules(c: &mut Checker, a: &mut AdminConfig) {
+    if let Some(f) = &a.token_file {
+        if a.token.is_some() {
+            c.err(
+                "admin.token_file",
+                "set admin.token or admin.token_file, not both",
+            );
+        } else {
+            match std::fs::read_to_string(f) {
+                Ok(t) => a.token = Some(t.trim_end().to_string()),
+                Err(e) => c.err(
+                    "admin.token_file",
+                    format!("cannot read {}: {e}", f.display()),
+                ),
+            }
+        }
+    }
+    c.rule(
+        a.token.as_ref().is_none_or(|t| !t.is_empty()),
+        "admin.token",
+        || "must not be empty".into(),
+    );
+    let l = a.listen;
+    c.rule(
+        a.token.is_some() || l.ip().is_loopback(),
+        "admin.listen",
+        || format!("{l} is not a loopback address: admin.token is required"),
+    );
 }
 
 fn balance_rules(c: &mut Checker, key: &str, b: &BalanceConfig) {
