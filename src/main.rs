@@ -247,33 +247,14 @@ enum PoolOp {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match shoal::config::load(&config) {
-            Ok(c) => {
-                println!("{}: ok", config.display());
-                println!("{}", c.summary());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{}: invalid config", config.display());
-                for p in &e.0 {
-                    eprintln!("  {p}");
-                }
-                ExitCode::from(2)
-            }
-        },
+        Command::Check { config } => check(&config),
         Command::Run {
             config: path,
             force_new_cluster,
         } => {
-            let mut config = match shoal::config::load(&path) {
+            let mut config = match load_config(&path) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{}: invalid config", path.display());
-                    for p in &e.0 {
-                        eprintln!("  {p}");
-                    }
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             config.node.force_new_cluster = force_new_cluster;
             let log = shoal::ops::telemetry::init_logging(&config.log);
@@ -283,148 +264,13 @@ fn main() -> ExitCode {
             serve(shoal::cli::demo::run(peers as usize, backends as usize))
         }
         Command::DemoBackend { listen, name } => serve(shoal::cli::demo::run_backend(listen, name)),
-        Command::Cert { op } => {
-            let done = match op {
-                CertOp::Ca {
-                    out,
-                    days,
-                    force,
-                    if_missing,
-                } => {
-                    let have = ["ca.pem", "ca-key.pem"].map(|f| out.join(f));
-                    if if_missing && have.iter().all(|p| p.exists()) {
-                        println!("kept {} (exists)", have[0].display());
-                        return ExitCode::SUCCESS;
-                    }
-                    shoal::cli::cert::make_ca(&out, days, force)
-                }
-                CertOp::Issue {
-                    id,
-                    ca,
-                    out,
-                    dns,
-                    ip,
-                    days,
-                    force,
-                    if_missing,
-                } => {
-                    let have = [format!("{id}.pem"), format!("{id}-key.pem")].map(|f| out.join(f));
-                    if if_missing && have.iter().all(|p| p.exists()) {
-                        println!("kept {} (exists)", have[0].display());
-                        return ExitCode::SUCCESS;
-                    }
-                    let names = shoal::cli::cert::Names { dns, ips: ip };
-                    shoal::cli::cert::issue(&id, &ca, &out, &names, days, force)
-                }
-            };
-            match done {
-                Ok(paths) => {
-                    for p in paths {
-                        println!("wrote {}", p.display());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(
-                    e @ (shoal::cli::cert::CertError::Exists(_)
-                    | shoal::cli::cert::CertError::Bad(..)),
-                ) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        Command::Pool { op, service, admin } => {
-            let base = if service == "default" {
-                "/pool".to_string()
-            } else {
-                format!("/services/{}/pool", seg(&service))
-            };
-            let req = match op {
-                PoolOp::List => shoal::cli::client::Request::get(&base),
-                PoolOp::Add {
-                    addr,
-                    weight,
-                    id,
-                    protocol,
-                } => {
-                    let mut body = serde_json::json!({ "addr": addr, "weight": weight });
-                    if let Some(id) = id {
-                        body["id"] = id.into();
-                    }
-                    if let Some(p) = protocol {
-                        body["protocol"] = p.into();
-                    }
-                    shoal::cli::client::Request::with_body(
-                        "POST",
-                        &format!("{base}/backends"),
-                        body,
-                    )
-                }
-                PoolOp::Remove { id } => shoal::cli::client::Request::new(
-                    "DELETE",
-                    &format!("{base}/backends/{}", seg(&id)),
-                ),
-                PoolOp::Drain { id } => shoal::cli::client::Request::new(
-                    "POST",
-                    &format!("{base}/backends/{}/drain", seg(&id)),
-                ),
-                PoolOp::Undrain { id } => shoal::cli::client::Request::new(
-                    "POST",
-                    &format!("{base}/backends/{}/undrain", seg(&id)),
-                ),
-                PoolOp::Weight { id, weight } => shoal::cli::client::Request::with_body(
-                    "PUT",
-                    &format!("{base}/backends/{}", seg(&id)),
-                    serde_json::json!({ "weight": weight }),
-                ),
-            };
-            client_command(admin, req, shoal::cli::client::print_pool)
-        }
-        Command::Services { op, admin } => match op.unwrap_or(ServicesOp::List) {
-            ServicesOp::List => client_command(
-                admin,
-                shoal::cli::client::Request::get("/services"),
-                shoal::cli::client::print_services,
-            ),
-            ServicesOp::Apply { config } => {
-                let config = match shoal::config::load(&config) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return ExitCode::from(2);
-                    }
-                };
-                let services: Vec<serde_json::Value> = config
-                    .services
-                    .iter()
-                    .map(|s| serde_json::json!({ "name": s.name, "def": s.def }))
-                    .collect();
-                client_command(
-                    admin,
-                    shoal::cli::client::Request::with_body(
-                        "PUT",
-                        "/services",
-                        serde_json::json!({ "services": services }),
-                    ),
-                    shoal::cli::client::print_services,
-                )
-            }
-            ServicesOp::Remove { name } => client_command(
-                admin,
-                shoal::cli::client::Request::new("DELETE", &format!("/services/{}", seg(&name))),
-                |v| {
-                    format!(
-                        "removed service {} (pool version {})\n",
-                        v["removed"].as_str().unwrap_or("?"),
-                        v["version"]
-                    )
-                },
-            ),
-        },
+        Command::Cert { op } => cert(op),
+        Command::Pool { op, service, admin } => client_command(
+            admin,
+            pool_request(op, &service),
+            shoal::cli::client::print_pool,
+        ),
+        Command::Services { op, admin } => services(op.unwrap_or(ServicesOp::List), admin),
         Command::Status { admin } => client_command(
             admin,
             shoal::cli::client::Request::get("/status"),
@@ -444,31 +290,198 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
-        Command::Peers { op, admin } => match op.unwrap_or(PeersOp::List) {
-            PeersOp::List => client_command(
-                admin,
-                shoal::cli::client::Request::get("/peers"),
-                shoal::cli::client::print_peers,
-            ),
-            PeersOp::Add { id, addr, learner } => client_command(
+        Command::Peers { op, admin } => peers(op.unwrap_or(PeersOp::List), admin),
+    }
+}
+
+/// The config at `path`, or its problems printed (each naming its key) and exit code 2.
+fn load_config(path: &std::path::Path) -> Result<shoal::config::Config, ExitCode> {
+    shoal::config::load(path).map_err(|e| {
+        eprintln!("{}: invalid config", path.display());
+        for p in &e.0 {
+            eprintln!("  {p}");
+        }
+        ExitCode::from(2)
+    })
+}
+
+/// `shoal check`: ok and a summary, or every problem (exit 2).
+fn check(path: &std::path::Path) -> ExitCode {
+    match load_config(path) {
+        Ok(c) => {
+            println!("{}: ok", path.display());
+            println!("{}", c.summary());
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// `shoal cert ca|issue`.
+fn cert(op: CertOp) -> ExitCode {
+    let done = match op {
+        CertOp::Ca {
+            out,
+            days,
+            force,
+            if_missing,
+        } => {
+            let have = ["ca.pem", "ca-key.pem"].map(|f| out.join(f));
+            if if_missing && have.iter().all(|p| p.exists()) {
+                println!("kept {} (exists)", have[0].display());
+                return ExitCode::SUCCESS;
+            }
+            shoal::cli::cert::make_ca(&out, days, force)
+        }
+        CertOp::Issue {
+            id,
+            ca,
+            out,
+            dns,
+            ip,
+            days,
+            force,
+            if_missing,
+        } => {
+            let have = [format!("{id}.pem"), format!("{id}-key.pem")].map(|f| out.join(f));
+            if if_missing && have.iter().all(|p| p.exists()) {
+                println!("kept {} (exists)", have[0].display());
+                return ExitCode::SUCCESS;
+            }
+            let names = shoal::cli::cert::Names { dns, ips: ip };
+            shoal::cli::cert::issue(&id, &ca, &out, &names, days, force)
+        }
+    };
+    match done {
+        Ok(paths) => {
+            for p in paths {
+                println!("wrote {}", p.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(
+            e @ (shoal::cli::cert::CertError::Exists(_) | shoal::cli::cert::CertError::Bad(..)),
+        ) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The admin request of a `shoal pool` command, for service `service`.
+fn pool_request(op: PoolOp, service: &str) -> shoal::cli::client::Request {
+    let base = if service == "default" {
+        "/pool".to_string()
+    } else {
+        format!("/services/{}/pool", seg(service))
+    };
+    match op {
+        PoolOp::List => shoal::cli::client::Request::get(&base),
+        PoolOp::Add {
+            addr,
+            weight,
+            id,
+            protocol,
+        } => {
+            let mut body = serde_json::json!({ "addr": addr, "weight": weight });
+            if let Some(id) = id {
+                body["id"] = id.into();
+            }
+            if let Some(p) = protocol {
+                body["protocol"] = p.into();
+            }
+            shoal::cli::client::Request::with_body("POST", &format!("{base}/backends"), body)
+        }
+        PoolOp::Remove { id } => {
+            shoal::cli::client::Request::new("DELETE", &format!("{base}/backends/{}", seg(&id)))
+        }
+        PoolOp::Drain { id } => {
+            shoal::cli::client::Request::new("POST", &format!("{base}/backends/{}/drain", seg(&id)))
+        }
+        PoolOp::Undrain { id } => shoal::cli::client::Request::new(
+            "POST",
+            &format!("{base}/backends/{}/undrain", seg(&id)),
+        ),
+        PoolOp::Weight { id, weight } => shoal::cli::client::Request::with_body(
+            "PUT",
+            &format!("{base}/backends/{}", seg(&id)),
+            serde_json::json!({ "weight": weight }),
+        ),
+    }
+}
+
+/// `shoal services [list|apply|remove]`.
+fn services(op: ServicesOp, admin: AdminArgs) -> ExitCode {
+    match op {
+        ServicesOp::List => client_command(
+            admin,
+            shoal::cli::client::Request::get("/services"),
+            shoal::cli::client::print_services,
+        ),
+        ServicesOp::Apply { config } => {
+            let config = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let services: Vec<serde_json::Value> = config
+                .services
+                .iter()
+                .map(|s| serde_json::json!({ "name": s.name, "def": s.def }))
+                .collect();
+            client_command(
                 admin,
                 shoal::cli::client::Request::with_body(
-                    "POST",
-                    "/peers",
-                    serde_json::json!({
-                        "id": id,
-                        "addr": addr,
-                        "role": if learner { "learner" } else { "voter" },
-                    }),
+                    "PUT",
+                    "/services",
+                    serde_json::json!({ "services": services }),
                 ),
-                shoal::cli::client::print_membership,
+                shoal::cli::client::print_services,
+            )
+        }
+        ServicesOp::Remove { name } => client_command(
+            admin,
+            shoal::cli::client::Request::new("DELETE", &format!("/services/{}", seg(&name))),
+            |v| {
+                format!(
+                    "removed service {} (pool version {})\n",
+                    v["removed"].as_str().unwrap_or("?"),
+                    v["version"]
+                )
+            },
+        ),
+    }
+}
+
+/// `shoal peers [list|add|remove]`.
+fn peers(op: PeersOp, admin: AdminArgs) -> ExitCode {
+    match op {
+        PeersOp::List => client_command(
+            admin,
+            shoal::cli::client::Request::get("/peers"),
+            shoal::cli::client::print_peers,
+        ),
+        PeersOp::Add { id, addr, learner } => client_command(
+            admin,
+            shoal::cli::client::Request::with_body(
+                "POST",
+                "/peers",
+                serde_json::json!({
+                    "id": id,
+                    "addr": addr,
+                    "role": if learner { "learner" } else { "voter" },
+                }),
             ),
-            PeersOp::Remove { id } => client_command(
-                admin,
-                shoal::cli::client::Request::new("DELETE", &format!("/peers/{}", seg(&id))),
-                shoal::cli::client::print_membership,
-            ),
-        },
+            shoal::cli::client::print_membership,
+        ),
+        PeersOp::Remove { id } => client_command(
+            admin,
+            shoal::cli::client::Request::new("DELETE", &format!("/peers/{}", seg(&id))),
+            shoal::cli::client::print_membership,
+        ),
     }
 }
 
