@@ -146,94 +146,10 @@ pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "error".into()),
         )
         .try_init();
-    let mut backend_addrs: Vec<SocketAddr> = Vec::new();
-    let mut demo_backends = Vec::new();
-    for i in 0..backends {
-        let l = bind_near(9001 + i as u16).await?;
-        let addr = l.local_addr()?;
-        let (name, stop) = (format!("backend-{}", i + 1), CancellationToken::new());
-        spawn_backend(l, name.clone(), stop.clone());
-        backend_addrs.push(addr);
-        demo_backends.push(DemoBackend {
-            name,
-            addr,
-            running: Some(stop),
-        });
-    }
-    // A second service, `api` (Host api.localhost), with a backend of its own.
-    let api_listener = bind_near(9101).await?;
-    let api_addr = api_listener.local_addr()?;
-    let api_stop = CancellationToken::new();
-    spawn_backend(api_listener, "api-1".into(), api_stop.clone());
-    demo_backends.push(DemoBackend {
-        name: "api-1".into(),
-        addr: api_addr,
-        running: Some(api_stop),
-    });
-    let ids: Vec<String> = (0..peers)
-        .map(|i| ((b'a' + i as u8) as char).to_string())
-        .collect();
-    // Reserve cluster ports first, so every peer can list the others.
-    let mut cluster_ports = Vec::new();
-    for i in 0..peers {
-        let l = bind_near(7001 + i as u16).await?;
-        cluster_ports.push(l.local_addr()?.port());
-    }
-    let mut running = Vec::new();
-    for i in 0..peers {
-        let proxy = bind_near(8080 + i as u16).await?.local_addr()?;
-        let admin = bind_near(9901 + i as u16).await?.local_addr()?;
-        let others: Vec<_> = (0..peers)
-            .filter(|&j| j != i)
-            .map(|j| json!({ "id": ids[j], "addr": format!("127.0.0.1:{}", cluster_ports[j]) }))
-            .collect();
-        let raw = json!({
-            "node": { "id": ids[i], "data_dir": std::env::temp_dir().join(format!("shoal-demo-{}-{}", std::process::id(), ids[i])).to_string_lossy() },
-            "proxy": { "listen": [proxy.to_string()] },
-            "admin": { "listen": admin.to_string() },
-            "cluster": { "listen": format!("127.0.0.1:{}", cluster_ports[i]), "peers": others },
-            "health": { "interval": "500ms" },
-            "backends": backend_addrs.iter().enumerate().map(|(k, a)| json!({ "id": format!("backend-{}", k + 1), "addr": a.to_string() })).collect::<Vec<_>>(),
-            "services": [{
-                "name": "api",
-                "hosts": ["api.localhost"],
-                "backends": [{ "id": "api-1", "addr": api_addr.to_string() }],
-            }],
-        });
-        let config =
-            crate::config::from_value(&raw).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
-        running.push(Peer::start(config).await?);
-    }
-    println!(
-        "shoal demo: {peers} peer(s), {backends} backend(s) for service default and 1 for service api (Host api.localhost), on loopback; Ctrl-C to stop"
-    );
-    for p in &running {
-        println!(
-            "peer {}  proxy http://{}  admin http://{}  metrics http://{}/metrics",
-            p.config.node.id, p.proxy_addrs[0], p.admin_addr, p.admin_addr
-        );
-    }
-    let backends_line: Vec<String> = backend_addrs.iter().map(|a| a.to_string()).collect();
-    println!("backends {}  api-1 {api_addr}", backends_line.join(" "));
-    println!(
-        "try: curl http://{0}/  |  curl -H 'Host: api.localhost' http://{0}/  |  shoal services --admin http://{1}",
-        running[0].proxy_addrs[0], running[0].admin_addr
-    );
-    println!(
-        "type `kill backend-2` or `start backend-2` and Enter to watch the cluster react; events follow:"
-    );
-    // Every peer's events, one line each, as they happen.
-    for p in &running {
-        let (backlog, mut live) = p.events.follow();
-        tokio::spawn(async move {
-            for e in backlog {
-                print_event(&e);
-            }
-            while let Ok(e) = live.recv().await {
-                print_event(&e);
-            }
-        });
-    }
+    let (mut demo_backends, backend_addrs, api_addr) = start_backends(backends).await?;
+    let running = start_peers(peers, &backend_addrs, api_addr).await?;
+    print_intro(&running, backends, &backend_addrs, api_addr);
+    follow_events(&running);
     // Standard input is read on a thread of its own: a blocking read must not hold up the
     // runtime's shutdown.
     let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -272,4 +188,123 @@ pub async fn run(peers: usize, backends: usize) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&p.config.node.data_dir);
     }
     Ok(())
+}
+
+/// The demo backends of `default` (`backend-N`, from port 9001) and the one of `api`
+/// (`api-1`, from 9101).
+async fn start_backends(
+    backends: usize,
+) -> anyhow::Result<(Vec<DemoBackend>, Vec<SocketAddr>, SocketAddr)> {
+    let mut backend_addrs: Vec<SocketAddr> = Vec::new();
+    let mut demo_backends = Vec::new();
+    for i in 0..backends {
+        let l = bind_near(9001 + i as u16).await?;
+        let addr = l.local_addr()?;
+        let (name, stop) = (format!("backend-{}", i + 1), CancellationToken::new());
+        spawn_backend(l, name.clone(), stop.clone());
+        backend_addrs.push(addr);
+        demo_backends.push(DemoBackend {
+            name,
+            addr,
+            running: Some(stop),
+        });
+    }
+    // A second service, `api` (Host api.localhost), with a backend of its own.
+    let api_listener = bind_near(9101).await?;
+    let api_addr = api_listener.local_addr()?;
+    let api_stop = CancellationToken::new();
+    spawn_backend(api_listener, "api-1".into(), api_stop.clone());
+    demo_backends.push(DemoBackend {
+        name: "api-1".into(),
+        addr: api_addr,
+        running: Some(api_stop),
+    });
+    Ok((demo_backends, backend_addrs, api_addr))
+}
+
+/// `peers` peers (ids a, b, c, ...) that list each other, seeded with the demo backends and the
+/// service `api`.
+async fn start_peers(
+    peers: usize,
+    backend_addrs: &[SocketAddr],
+    api_addr: SocketAddr,
+) -> anyhow::Result<Vec<Peer>> {
+    let ids: Vec<String> = (0..peers)
+        .map(|i| ((b'a' + i as u8) as char).to_string())
+        .collect();
+    // Reserve cluster ports first, so every peer can list the others.
+    let mut cluster_ports = Vec::new();
+    for i in 0..peers {
+        let l = bind_near(7001 + i as u16).await?;
+        cluster_ports.push(l.local_addr()?.port());
+    }
+    let mut running = Vec::new();
+    for i in 0..peers {
+        let proxy = bind_near(8080 + i as u16).await?.local_addr()?;
+        let admin = bind_near(9901 + i as u16).await?.local_addr()?;
+        let others: Vec<_> = (0..peers)
+            .filter(|&j| j != i)
+            .map(|j| json!({ "id": ids[j], "addr": format!("127.0.0.1:{}", cluster_ports[j]) }))
+            .collect();
+        let raw = json!({
+            "node": { "id": ids[i], "data_dir": std::env::temp_dir().join(format!("shoal-demo-{}-{}", std::process::id(), ids[i])).to_string_lossy() },
+            "proxy": { "listen": [proxy.to_string()] },
+            "admin": { "listen": admin.to_string() },
+            "cluster": { "listen": format!("127.0.0.1:{}", cluster_ports[i]), "peers": others },
+            "health": { "interval": "500ms" },
+            "backends": backend_addrs.iter().enumerate().map(|(k, a)| json!({ "id": format!("backend-{}", k + 1), "addr": a.to_string() })).collect::<Vec<_>>(),
+            "services": [{
+                "name": "api",
+                "hosts": ["api.localhost"],
+                "backends": [{ "id": "api-1", "addr": api_addr.to_string() }],
+            }],
+        });
+        let config =
+            crate::config::from_value(&raw).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+        running.push(Peer::start(config).await?);
+    }
+    Ok(running)
+}
+
+/// Where everything is, and what to try.
+fn print_intro(
+    running: &[Peer],
+    backends: usize,
+    backend_addrs: &[SocketAddr],
+    api_addr: SocketAddr,
+) {
+    let peers = running.len();
+    println!(
+        "shoal demo: {peers} peer(s), {backends} backend(s) for service default and 1 for service api (Host api.localhost), on loopback; Ctrl-C to stop"
+    );
+    for p in running {
+        println!(
+            "peer {}  proxy http://{}  admin http://{}  metrics http://{}/metrics",
+            p.config.node.id, p.proxy_addrs[0], p.admin_addr, p.admin_addr
+        );
+    }
+    let backends_line: Vec<String> = backend_addrs.iter().map(|a| a.to_string()).collect();
+    println!("backends {}  api-1 {api_addr}", backends_line.join(" "));
+    println!(
+        "try: curl http://{0}/  |  curl -H 'Host: api.localhost' http://{0}/  |  shoal services --admin http://{1}",
+        running[0].proxy_addrs[0], running[0].admin_addr
+    );
+    println!(
+        "type `kill backend-2` or `start backend-2` and Enter to watch the cluster react; events follow:"
+    );
+}
+
+/// Every peer's events, one line each, as they happen.
+fn follow_events(running: &[Peer]) {
+    for p in running {
+        let (backlog, mut live) = p.events.follow();
+        tokio::spawn(async move {
+            for e in backlog {
+                print_event(&e);
+            }
+            while let Ok(e) = live.recv().await {
+                print_event(&e);
+            }
+        });
+    }
 }
