@@ -687,3 +687,46 @@ async fn a_services_own_hashing_sends_each_key_to_one_backend_on_every_peer() {
     let default = service_in(&list, "default");
     assert_eq!(default["balance"]["algorithm"], "round_robin");
 }
+
+/// Routing and stripping change the target only: a chunked body reaches the service's backend
+/// framed as the proxy decided, and ambiguous framing sent to a service's host is refused before
+/// any backend (the same 400 as for `default`), as is a 404's unread body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_to_a_service_leaves_framing_as_decided_once() {
+    let a = Backend::start("a", Behavior::Echo).await;
+    let rest = service_toml(
+        "api",
+        "hosts = [\"api.localhost\"]\npath_prefix = \"/v1/\"\nstrip_prefix = true",
+        &[&a],
+    );
+    let shoal = Shoal::start("", &rest).await;
+    let wait = Duration::from_secs(2);
+    let chunked = b"POST /v1/up?x=1 HTTP/1.1\r\nHost: api.localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let answer = raw(shoal.proxy, chunked, wait).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        (v["path"].as_str(), v["query"].as_str()),
+        (Some("/up"), Some("x=1"))
+    );
+    assert_eq!(v["body_len"], 5);
+    assert_eq!(v["headers"]["transfer-encoding"], "chunked", "{v}");
+    assert!(v["headers"]["content-length"].is_null(), "{v}");
+    assert_eq!(a.hits(), 1);
+    for bad in [
+        &b"POST /v1/x HTTP/1.1\r\nHost: api.localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
+        b"POST /v1/x HTTP/1.1\r\nHost: api.localhost\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"GET /v1/x HTTP/1.1\r\nHost: api.localhost\r\nHost: other\r\n\r\n",
+    ] {
+        let answer = raw(shoal.proxy, bad, wait).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    }
+    // Routed nowhere (default is empty) with a body: 404, and the connection closes rather
+    // than read the body as a next request.
+    let smuggle = b"POST /x HTTP/1.1\r\nHost: nowhere\r\nContent-Length: 43\r\n\r\nGET /v1/s HTTP/1.1\r\nHost: api.localhost\r\n\r\n";
+    let answer = raw(shoal.proxy, smuggle, wait).await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+    assert_eq!(a.hits(), 1, "nothing more reached the backend");
+}

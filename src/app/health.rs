@@ -78,11 +78,7 @@ fn backend_local(table: &RoutingTable, events: &Events, id: &BackendId) {
         (false, _) => ("down", "health probes failed in a row"),
     };
     let service = table.service();
-    let named = if service == crate::core::pool::DEFAULT_SERVICE {
-        String::new()
-    } else {
-        format!("{service}: ")
-    };
+    let named = crate::core::pool::service_prefix(service);
     events.emit(
         "backend_local",
         format!("{named}{id} {state} in this peer's view: {why}"),

@@ -1119,7 +1119,7 @@ fn pool_events(events: &Events, old: &Pool, new: &Pool) {
             "ejected",
             format!(
                 "{}{id} ejected by the cluster at version {} (down for {})",
-                named(service),
+                crate::core::pool::service_prefix(service),
                 new.version,
                 voters.join(", ")
             ),
@@ -1136,7 +1136,7 @@ fn pool_events(events: &Events, old: &Pool, new: &Pool) {
             "restored",
             format!(
                 "{}{id} restored by the cluster at version {}",
-                named(service),
+                crate::core::pool::service_prefix(service),
                 new.version
             ),
             json!({ "backend": id.as_str(), "service": service, "version": new.version, "voters": voters }),
@@ -1152,15 +1152,6 @@ fn pool_events(events: &Events, old: &Pool, new: &Pool) {
     }
 }
 
-/// "NAME: " for a service other than `default` (event texts).
-fn named(service: &str) -> String {
-    if service == crate::core::pool::DEFAULT_SERVICE {
-        String::new()
-    } else {
-        format!("{service}: ")
-    }
-}
-
 fn record_pool_metrics(old: &Pool, new: &Pool) {
     metrics::gauge!(names::POOL_VERSION).set(new.version as f64);
     metrics::gauge!(names::POOL_FINGERPRINT).set(new.fingerprint() as f64);
@@ -1172,16 +1163,12 @@ fn record_pool_metrics(old: &Pool, new: &Pool) {
             // Unchanged (an `Arc` compare: a pointer, most often): nothing to record.
             continue;
         }
-        let backends = |p: &Pool| match service {
-            crate::core::pool::DEFAULT_SERVICE => p.backends.clone(),
-            s => p
-                .services
-                .get(s)
-                .map(|s| s.backends.clone())
-                .unwrap_or_default(),
-        };
-        let (before, after) = (backends(old), backends(new));
-        record_service_metrics(service, &before, &after, new.version);
+        let none = Default::default();
+        let (before, after) = (
+            old.backends_of(service).unwrap_or(&none),
+            new.backends_of(service).unwrap_or(&none),
+        );
+        record_service_metrics(service, before, after, new.version);
     }
 }
 

@@ -493,19 +493,13 @@ impl Admin {
                     &json!({ "version": pool.version, "removed": name }),
                 ))
             }
-            (m, ["services", name, "pool"]) => {
-                let (m, name) = (m.clone(), name.to_string());
-                self.pool_op(&name, &m, &[], req, &path).await
+            // `/services/{name}/pool`, its backends, and the same under `.../pool/backends/`.
+            (m, ["services", name, "pool", rest @ ..]) => {
+                let (m, name, rest) = (m.clone(), name.to_string(), rest.to_vec());
+                self.pool_op(&name, &m, &rest, req, &path).await
             }
-            (m, ["services", name, rest @ ("backends" | "pool"), more @ ..]) => {
-                let (m, name) = (m.clone(), name.to_string());
-                let mut rest: Vec<&str> = vec![rest];
-                rest.extend_from_slice(more);
-                let rest: Vec<&str> = if rest[0] == "pool" {
-                    rest[1..].to_vec()
-                } else {
-                    rest
-                };
+            (m, ["services", name, rest @ ..]) if rest.first() == Some(&"backends") => {
+                let (m, name, rest) = (m.clone(), name.to_string(), rest.to_vec());
                 self.pool_op(&name, &m, &rest, req, &path).await
             }
             (&Method::GET, ["peers"]) => Ok(json_response(StatusCode::OK, &self.control.peers())),

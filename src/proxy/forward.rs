@@ -471,16 +471,12 @@ enum Attempt {
 /// Remove a service's path prefix from the request's target before it is forwarded
 /// ("/v1/x?q" less "/v1/" is "/x?q").
 fn strip_prefix(req: &mut Request<ClientBody>, prefix: &str) -> Result<(), ProxyError> {
-    let bad = |_| ProxyError::BadRequest("bad request target");
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let stripped = routes::strip(target, prefix);
     let mut parts = req.uri().clone().into_parts();
-    parts.path_and_query = Some(
-        stripped
-            .parse()
-            .map_err(|_| ProxyError::BadRequest("bad request target"))?,
-    );
-    *req.uri_mut() = Uri::from_parts(parts).map_err(bad)?;
+    parts.path_and_query = stripped.parse().ok();
+    *req.uri_mut() =
+        Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("bad request target"))?;
     Ok(())
 }
 

@@ -71,11 +71,7 @@ impl PoolDiff {
         old: &BTreeMap<BackendId, Backend>,
         new: &BTreeMap<BackendId, Backend>,
     ) {
-        let at = if service == super::DEFAULT_SERVICE {
-            String::new()
-        } else {
-            format!("{service}: ")
-        };
+        let at = super::service_prefix(service);
         for (id, b) in new {
             let Some(o) = old.get(id) else {
                 self.changes

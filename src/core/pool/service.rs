@@ -86,6 +86,16 @@ pub struct ServiceSeed {
     pub backends: Vec<Backend>,
 }
 
+/// "NAME: " before an event's or log's text about a service other than `default` (whose texts
+/// read as they did before services).
+pub fn service_prefix(service: &str) -> String {
+    if service == DEFAULT_SERVICE {
+        String::new()
+    } else {
+        format!("{service}: ")
+    }
+}
+
 /// Service names: `[a-z0-9-]{1,32}`, like node ids.
 pub fn valid_service_name(s: &str) -> bool {
     super::valid_node_id(s)
@@ -177,6 +187,14 @@ impl Pool {
             through: self.through.clone(),
             ..Pool::default()
         })
+    }
+
+    /// The agreed backends of service `name` (`default`: the top-level ones).
+    pub fn backends_of(&self, name: &str) -> Option<&BTreeMap<BackendId, Backend>> {
+        if name == DEFAULT_SERVICE {
+            return Some(&self.backends);
+        }
+        self.services.get(name).map(|s| &s.backends)
     }
 
     /// Every service's name, `default` first, then the others sorted.
