@@ -324,6 +324,11 @@ pub struct HealthConfig {
     pub passive_failures: u32,
     pub max_ejected_percent: u8,
     pub panic_below_percent: u8,
+    /// Each backend is actively probed by this many voters (rendezvous-hashed); 0 = every peer.
+    pub probers: u32,
+    /// A backend that becomes usable ramps from 10% to 100% of its weight over this long.
+    #[serde(with = "humantime_serde")]
+    pub slow_start: Duration,
 }
 
 impl HealthConfig {
@@ -339,6 +344,8 @@ impl HealthConfig {
             "passive_failures": self.passive_failures,
             "max_ejected_percent": self.max_ejected_percent,
             "panic_below_percent": self.panic_below_percent,
+            "probers": self.probers,
+            "slow_start": d(self.slow_start),
         })
     }
 
@@ -378,6 +385,21 @@ pub struct ClusterConfig {
     /// pool; proposes through the voters; never in a quorum).
     #[serde(default)]
     pub role: Role,
+    /// The address other peers dial for this peer (empty: `listen`).
+    pub advertise: String,
+    pub autopilot: AutopilotConfig,
+}
+
+/// `[cluster.autopilot]`: keep `voters` voters by replacing dead ones with ready learners.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutopilotConfig {
+    pub enabled: bool,
+    pub voters: usize,
+    #[serde(with = "humantime_serde")]
+    pub dead_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stabilization: Duration,
 }
 
 /// A peer's part in consensus, from `cluster.role`.
@@ -541,6 +563,8 @@ impl Config {
         Rules {
             cluster_size: self.cluster.peers.len() + 1,
             max_ejected_percent: self.health.max_ejected_percent,
+            probers: self.health.probers as usize,
+            now_unix_ms: 0,
         }
     }
 
@@ -620,12 +644,20 @@ fall = 3
 passive_failures = 5
 max_ejected_percent = 50
 panic_below_percent = 50
+probers = 0
+slow_start = "0s"
 [cluster]
 listen = "127.0.0.1:7001"
 peers = []
 heartbeat_interval = "250ms"
 phi_threshold = 8.0
 dead_after = "5s"
+advertise = ""
+[cluster.autopilot]
+enabled = false
+voters = 3
+dead_after = "5m"
+stabilization = "10s"
 [admin]
 listen = "127.0.0.1:9901"
 [log]
@@ -1047,6 +1079,13 @@ fn health_rules(c: &mut Checker, key: &str, h: &HealthConfig) {
     c.range(&k("passive_failures"), h.passive_failures, 0, 10_000);
     c.range(&k("max_ejected_percent"), h.max_ejected_percent, 0, 100);
     c.range(&k("panic_below_percent"), h.panic_below_percent, 0, 100);
+    c.range(&k("probers"), h.probers, 0, 1_000);
+    let ramp = h.slow_start;
+    c.rule(
+        ramp <= Duration::from_secs(86_400),
+        &k("slow_start"),
+        || format!("must be at most 24h, got {ramp:?}"),
+    );
 }
 
 /// A service's effective `[balance]` and `[health]`: `base` with its own keys laid over, read
@@ -1241,6 +1280,19 @@ fn discovery_rules(c: &mut Checker, at: &str, list: &[DiscoveryConfig]) {
 fn cluster_rules(c: &mut Checker, cl: &ClusterConfig, me: &NodeId) {
     c.positive("cluster.heartbeat_interval", cl.heartbeat_interval);
     c.positive("cluster.dead_after", cl.dead_after);
+    let advertise = &cl.advertise;
+    c.rule(
+        advertise.is_empty() || pool::valid_peer_addr(advertise),
+        "cluster.advertise",
+        || format!("bad address {advertise:?} (expected host:port)"),
+    );
+    let ap = &cl.autopilot;
+    c.rule(
+        ap.voters % 2 == 1 && (1..=9).contains(&ap.voters),
+        "cluster.autopilot.voters",
+        || format!("must be odd, 1..=9 (3 or 5 is usual), got {}", ap.voters),
+    );
+    c.positive("cluster.autopilot.dead_after", ap.dead_after);
     let phi = cl.phi_threshold;
     c.rule(phi > 0.0 && phi <= 100.0, "cluster.phi_threshold", || {
         format!("must be above 0 and at most 100, got {phi}")

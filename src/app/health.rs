@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
 use crate::core::health::Source;
-use crate::core::health::Voter;
+use crate::core::health::{is_prober, Voter};
 use crate::core::pool::BackendId;
 use crate::core::pool::{NodeId, PoolChange};
 use crate::ops::events::Events;
@@ -19,15 +19,62 @@ const RECONCILE: Duration = Duration::from_millis(500);
 /// A vote not yet reflected in the pool is proposed again after this long.
 const REVOTE_AFTER: Duration = Duration::from_secs(2);
 
+/// Who probes which backend (`health.probers`), as this peer sees the cluster now: the agreed
+/// voters, less those its detector declares dead, ranked per backend (`core::health::probers`).
+#[derive(Clone)]
+pub struct Assignment {
+    pub cluster: Cluster,
+    pub me: NodeId,
+}
+
+impl Assignment {
+    /// Whether this peer probes (and votes on) backend `id` of `table`'s service.
+    pub fn probes(&self, table: &RoutingTable, id: &BackendId) -> bool {
+        let k = table.settings().probers;
+        k == 0
+            || is_prober(
+                id,
+                &table.pool().voters,
+                &self.cluster.dead_peers(),
+                k,
+                &self.me,
+            )
+    }
+}
+
+/// Probes through a table, by this peer's assignment.
+pub struct Probing {
+    pub table: Arc<RoutingTable>,
+    pub assignment: Assignment,
+}
+
+/// Slow start: rebuild `table`'s round robin at each step of a backend's ramp (no wakeups
+/// while none ramps).
+pub fn spawn_ramp(table: Arc<RoutingTable>, shutdown: CancellationToken) {
+    let mut installs = table.installs();
+    tokio::spawn(async move {
+        loop {
+            let step = table
+                .next_ramp_step()
+                .map(|at| Duration::from_millis(at.saturating_sub(crate::clock::unix_ms())));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = installs.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(step.unwrap_or_default()), if step.is_some() => table.ramp(),
+            }
+        }
+    });
+}
+
 pub fn spawn_voter(
     table: Arc<RoutingTable>,
     cluster: Cluster,
     events: Events,
-    me: NodeId,
+    assignment: Assignment,
     shutdown: CancellationToken,
 ) {
     let mut flips = table.subscribe_flips();
-    let mut voter = Voter::new(me, REVOTE_AFTER.as_millis() as u64);
+    let mut voter = Voter::new(assignment.me.clone(), REVOTE_AFTER.as_millis() as u64);
     let epoch = Instant::now();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RECONCILE);
@@ -35,6 +82,8 @@ pub fn spawn_voter(
         // What the last reconcile saw: with the same pool, no flip since, no vote waiting and
         // no dead peer, it would make nothing again (a thousand services' voters mostly idle).
         let mut seen: Option<Arc<crate::core::pool::Pool>> = None;
+        // And who was dead then: a peer dying or coming back moves probers' assignments.
+        let mut seen_dead = Vec::new();
         loop {
             let mut flipped = false;
             tokio::select! {
@@ -48,11 +97,17 @@ pub fn spawn_voter(
             let pool = table.pool();
             let dead = cluster.dead_peers();
             let same = seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &pool));
-            if same && !flipped && voter.idle() && dead.is_empty() {
+            if same && !flipped && voter.idle() && dead.is_empty() && seen_dead.is_empty() {
                 continue;
             }
             seen = Some(pool.clone());
-            let local_up = |id: &_| table.upstream(id).is_none_or(|u| u.is_up());
+            seen_dead.clone_from(&dead);
+            // A peer not assigned to probe a backend casts no vote on it (`health.probers`).
+            let k = table.settings().probers;
+            let local_up = |id: &_| {
+                !is_prober(id, &pool.voters, &dead, k, &assignment.me)
+                    || table.upstream(id).is_none_or(|u| u.is_up())
+            };
             let now = epoch.elapsed().as_millis() as u64;
             for change in voter.reconcile(&pool, local_up, &dead, now) {
                 match &change {

@@ -131,8 +131,17 @@ impl Peer {
                 answers.clone(),
                 Arc::downgrade(&services),
             );
+            let assignment = health::Assignment {
+                cluster: cluster.clone(),
+                me: me.clone(),
+            };
             Box::new(move |name, table, stop| {
-                crate::app::probe::spawn(table.clone(), stop.clone());
+                let probing = health::Probing {
+                    table: table.clone(),
+                    assignment: assignment.clone(),
+                };
+                crate::app::probe::spawn(Arc::new(probing), stop.clone());
+                health::spawn_ramp(table.clone(), stop.clone());
                 let sources = match services.upgrade() {
                     Some(s) if name == crate::core::pool::DEFAULT_SERVICE => {
                         s.config().discovery.clone()
@@ -154,7 +163,13 @@ impl Peer {
                     answers.clone(),
                     stop.clone(),
                 );
-                health::spawn_voter(table, cluster.clone(), events.clone(), me.clone(), stop);
+                health::spawn_voter(
+                    table,
+                    cluster.clone(),
+                    events.clone(),
+                    assignment.clone(),
+                    stop,
+                );
             })
         };
         spawner(

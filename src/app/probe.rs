@@ -1,7 +1,8 @@
-//! Active health probes: every backend is probed (GET `health.path` on a fresh connection of the
-//! backend's own protocol, HTTP/1.1 through the data plane's own client, or HTTP/2; a 2xx
-//! within `health.timeout` passes) every `health.interval` with ±10% jitter, and each result is
-//! handed to whoever owns the local view. This module knows no routing table and no cluster:
+//! Active health probes: every backend this peer is assigned (all of them unless
+//! `health.probers` is set) is probed (GET `health.path` with `X-Shoal-Peer: ID` on a fresh
+//! connection of the backend's own protocol, HTTP/1.1 through the data plane's own client, or
+//! HTTP/2; a 2xx within `health.timeout` passes) every `health.interval` with ±10% jitter, and
+//! each result is handed to whoever owns the local view. This module knows no routing table and no cluster:
 //! the consumer hands it a `Probed` (its own small seam), and `app` wires the two.
 
 use std::collections::HashMap;
@@ -36,6 +37,12 @@ pub trait Probed: Send + Sync + 'static {
     fn settings(&self) -> ProbeSettings;
     /// The service the backends belong to (a metric label).
     fn service(&self) -> &str;
+    /// This peer's id, sent with every probe as `X-Shoal-Peer`.
+    fn peer(&self) -> &str;
+    /// Whether this peer probes `id` now (`health.probers`: only its assigned probers do).
+    fn assigned(&self, id: &BackendId) -> bool;
+    /// This peer stopped probing `id` (another took its place): what its probes said is void.
+    fn unassigned(&self, id: &BackendId);
     /// Changes whenever the backends or the settings may have changed.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
     /// One probe's result.
@@ -47,6 +54,7 @@ pub trait Probed: Send + Sync + 'static {
         &'a self,
         target: &'a Target,
         path: &'a str,
+        peer: &'a str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;
 }
 
@@ -96,20 +104,30 @@ async fn probe_loop(probed: Arc<dyn Probed>, id: BackendId, target: Target) {
     let first = probed.settings().interval;
     let offset = rand::thread_rng().gen_range(0..=first.as_millis() as u64);
     tokio::time::sleep(Duration::from_millis(offset)).await;
+    let mut probing = true;
     loop {
         let settings = probed.settings();
         let started = Instant::now();
-        let ok = if target.is_h2() {
-            check(&target, &settings.path, settings.timeout).await
-        } else {
-            let exchange = probed.exchange(&target, &settings.path);
-            matches!(
-                tokio::time::timeout(settings.timeout, exchange).await,
-                Ok(true)
-            )
-        };
-        if ok { &pass } else { &fail }.increment(1);
-        probed.record(&id, ok);
+        // Asked before every probe: a dead prober's place is taken within one interval of
+        // this peer's detector declaring it dead.
+        let assigned = probed.assigned(&id);
+        if probing && !assigned {
+            probed.unassigned(&id);
+        }
+        probing = assigned;
+        if assigned {
+            let ok = if target.is_h2() {
+                check(&target, &settings.path, settings.timeout, probed.peer()).await
+            } else {
+                let exchange = probed.exchange(&target, &settings.path, probed.peer());
+                matches!(
+                    tokio::time::timeout(settings.timeout, exchange).await,
+                    Ok(true)
+                )
+            };
+            if ok { &pass } else { &fail }.increment(1);
+            probed.record(&id, ok);
+        }
         let interval = settings.interval.as_millis() as f64;
         let jittered = interval * rand::thread_rng().gen_range(0.9..=1.1);
         let next = Duration::from_millis(jittered as u64).saturating_sub(started.elapsed());
@@ -119,13 +137,14 @@ async fn probe_loop(probed: Arc<dyn Probed>, id: BackendId, target: Target) {
 
 /// One probe of an HTTP/2 backend on a fresh connection: GET `path`, pass on 2xx within
 /// `timeout`.
-pub async fn check(target: &Target, path: &str, timeout: Duration) -> bool {
+pub async fn check(target: &Target, path: &str, timeout: Duration, peer: &str) -> bool {
     let attempt = async {
         let mut sender = target.connect::<Empty<Bytes>>().await.ok()?;
         let req = http::Request::get(path)
             .header(http::header::HOST, target.authority())
             .header(http::header::USER_AGENT, "shoal-health")
             .header(http::header::CONNECTION, "close")
+            .header(crate::proxy::upstream::h1::PEER_HEADER, peer)
             .body(Empty::new())
             .ok()?;
         let resp = sender.try_send_request(req).await.ok()?;

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::app::health::Probing;
 use crate::app::probe::{ProbeSettings, Probed};
 use crate::app::services::Services;
 use crate::cluster::{self, Cluster};
@@ -11,7 +12,6 @@ use crate::core::health::Source;
 use crate::core::pool::{BackendId, Pool, PoolChange, ServiceDef};
 use crate::net::Target;
 use crate::ops::admin::{BoxFuture, ConsensusView, ControlError, PoolControl, RoutingView};
-use crate::proxy::table::RoutingTable;
 
 /// The cluster's learned pools become every service's routing table.
 impl cluster::Publish for Services {
@@ -81,6 +81,10 @@ impl RoutingView for Services {
             .unwrap_or_default()
     }
 
+    fn probers(&self, service: &str) -> usize {
+        self.table(service).map_or(0, |t| t.settings().probers)
+    }
+
     fn effective(&self, def: &ServiceDef) -> Result<serde_json::Value, String> {
         let (balance, health) = self.config().effective(def)?;
         Ok(serde_json::json!({
@@ -90,18 +94,20 @@ impl RoutingView for Services {
     }
 }
 
-/// Probes dial the routing table's upstreams and feed their local view.
-impl Probed for RoutingTable {
+/// Probes dial the routing table's upstreams and feed their local view, where this peer is
+/// assigned to probe.
+impl Probed for Probing {
     fn targets(&self) -> Vec<(BackendId, String, Target)> {
-        self.registry()
-            .of_pool(&self.pool())
+        self.table
+            .registry()
+            .of_pool(&self.table.pool())
             .into_iter()
             .map(|u| (u.id.clone(), u.addr.clone(), u.target().clone()))
             .collect()
     }
 
     fn settings(&self) -> ProbeSettings {
-        let s = &self.snapshot().settings;
+        let s = &self.table.snapshot().settings;
         ProbeSettings {
             path: s.probe_path.clone(),
             timeout: s.probe_timeout,
@@ -110,28 +116,45 @@ impl Probed for RoutingTable {
     }
 
     fn service(&self) -> &str {
-        RoutingTable::service(self)
+        self.table.service()
+    }
+
+    fn peer(&self) -> &str {
+        self.assignment.me.as_str()
+    }
+
+    fn assigned(&self, id: &BackendId) -> bool {
+        self.assignment.probes(&self.table, id)
+    }
+
+    fn unassigned(&self, id: &BackendId) {
+        if let Some(u) = self.table.upstream(id) {
+            if u.forget_probes().is_some() {
+                self.table.health_changed(id);
+            }
+        }
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.installs()
+        self.table.installs()
     }
 
     fn exchange<'a>(
         &'a self,
         target: &'a Target,
         path: &'a str,
+        peer: &'a str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
-        Box::pin(crate::proxy::upstream::h1::probe(target, path))
+        Box::pin(crate::proxy::upstream::h1::probe(target, path, peer))
     }
 
     fn record(&self, id: &BackendId, ok: bool) {
-        let Some(upstream) = self.upstream(id) else {
+        let Some(upstream) = self.table.upstream(id) else {
             return;
         };
-        let thresholds = self.snapshot().settings.thresholds;
+        let thresholds = self.table.snapshot().settings.thresholds;
         if upstream.record(Source::Probe, ok, &thresholds).is_some() {
-            self.health_changed(id);
+            self.table.health_changed(id);
         }
     }
 }

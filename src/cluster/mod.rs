@@ -9,7 +9,7 @@ pub mod storage;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -127,8 +127,9 @@ pub struct Cluster {
     status: Arc<Mutex<ConsensusStatus>>,
     /// The driver task, taken by `stopped` to wait for it.
     task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
-    /// `health.max_ejected_percent`, read at each proposal (a reload changes it).
-    max_ejected_percent: Arc<AtomicU8>,
+    /// The rules changes apply under (`health.max_ejected_percent` and `health.probers` from
+    /// the config), read at each proposal: a reload changes them.
+    rules: Arc<Mutex<Rules>>,
     /// The peer certificates (a reload swaps them for new connections).
     tls: Option<PeerTls>,
 }
@@ -191,8 +192,11 @@ impl Cluster {
         if let (Some(tls), Some(files)) = (&self.tls, &config.cluster.tls) {
             tls.reload(files)?;
         }
-        let cap = config.health.max_ejected_percent;
-        if self.max_ejected_percent.swap(cap, Ordering::Relaxed) != cap {
+        let next = Rules {
+            cluster_size: self.rules.locked().cluster_size,
+            ..config.rules()
+        };
+        if std::mem::replace(&mut *self.rules.locked(), next) != next {
             // Votes already recorded count under the new cap now, not at the next vote.
             self.submit(PoolChange::Settle);
         }
@@ -292,7 +296,7 @@ pub async fn start(
         dead: Arc::new(Mutex::new(Vec::new())),
         status: Arc::new(Mutex::new(ConsensusStatus::default())),
         task: Arc::new(Mutex::new(None)),
-        max_ejected_percent: Arc::new(AtomicU8::new(config.health.max_ejected_percent)),
+        rules: Arc::new(Mutex::new(config.rules())),
         tls,
     };
     // The configured voters: the peers, and this node unless it is a learner.
@@ -303,10 +307,7 @@ pub async fn start(
     voters.sort();
     let seed = {
         // Jitter and incarnations only need to differ between peers and runs.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+        let t = crate::clock::unix_nanos();
         t ^ u64::from(std::process::id()).rotate_left(32)
     };
     if durable.is_none() {
@@ -339,9 +340,8 @@ pub async fn start(
         fetch_turn: 0,
         node,
         store,
-        rules: config.rules(),
         events,
-        max_ejected_percent: cluster.max_ejected_percent.clone(),
+        rules: cluster.rules.clone(),
         seeds: config.backends.clone(),
         service_seeds: config.service_seeds(),
         publish,
@@ -407,9 +407,9 @@ struct Driver {
     fetch_turn: usize,
     node: Node,
     store: FileStore,
-    rules: Rules,
     events: Events,
-    max_ejected_percent: Arc<AtomicU8>,
+    /// The config's rules, shared with `Cluster` (a reload changes them).
+    rules: Arc<Mutex<Rules>>,
     seeds: Vec<crate::core::pool::Backend>,
     /// The config's services, seeded with the cluster.
     service_seeds: Vec<crate::core::pool::ServiceSeed>,
@@ -630,8 +630,8 @@ impl Driver {
             }
             let now = self.now_ms();
             let rules = Rules {
-                max_ejected_percent: self.max_ejected_percent.load(Ordering::Relaxed),
-                ..self.rules
+                now_unix_ms: crate::clock::unix_ms(),
+                ..*self.rules.locked()
             };
             // A read nobody waits for is this peer's periodic one: it yields to other rounds.
             let started = if is_read && q.reply.is_none() {
@@ -808,8 +808,8 @@ impl Driver {
         }
         record_pool_metrics(&self.published, &pool);
         let rules = Rules {
-            max_ejected_percent: self.max_ejected_percent.load(Ordering::Relaxed),
             cluster_size: pool.voters.len().max(1),
+            ..*self.rules.locked()
         };
         for service in pool.service_names() {
             let (Some(view), rules) = (
@@ -894,10 +894,7 @@ impl Driver {
             let mut voters = vec![self.me.clone(), from.clone()];
             voters.sort();
             self.rejoining = true;
-            let seed = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1);
+            let seed = crate::clock::unix_nanos().max(1);
             self.node = Node::new(
                 self.me.clone(),
                 voters,

@@ -119,6 +119,7 @@ mod tests {
         Rules {
             cluster_size: 3,
             max_ejected_percent: 50,
+            ..Rules::default()
         }
     }
 

@@ -2,8 +2,9 @@
 //! a consecutive-failure count for live traffic; `record` says when the view flips), and the
 //! voter that turns the local view into health votes on the agreed pool.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use super::balance::hash::PROBER_SEED;
 use super::pool::{BackendId, NodeId, Pool, PoolChange};
 
 /// Up or down, as this peer sees it.
@@ -106,6 +107,13 @@ impl LocalHealth {
         }
     }
 
+    /// This peer stopped probing the backend (another peer probes it now, `health.probers`):
+    /// what its probes said no longer holds. Returns `Up` when probes had taken it down.
+    pub fn forget_probes(&mut self) -> Option<Local> {
+        self.probe_streak = 0;
+        (self.down_by == Some(Source::Probe)).then(|| self.flip(Local::Up))
+    }
+
     fn flip(&mut self, to: Local) -> Local {
         self.state = to;
         if to == Local::Up {
@@ -115,6 +123,48 @@ impl LocalHealth {
         self.traffic_failures = 0;
         to
     }
+}
+
+/// The voters that actively probe `backend` when each backend has `k` probers
+/// (`health.probers`): the voters not in `dead`, ranked by the rendezvous hash of (backend id,
+/// voter id), the first `k`. Every peer with the same view of who is dead picks the same ones;
+/// a dead prober's place goes to the next in that backend's ranking, and the others keep theirs.
+/// `k = 0`, or no agreed voters: every peer probes (None).
+pub fn probers<'a>(
+    backend: &BackendId,
+    voters: &'a BTreeSet<NodeId>,
+    dead: &[NodeId],
+    k: usize,
+) -> Option<Vec<&'a NodeId>> {
+    if k == 0 || voters.is_empty() {
+        return None;
+    }
+    let mut ranked: Vec<(u64, &NodeId)> = voters
+        .iter()
+        .filter(|v| !dead.contains(v))
+        .map(|v| (rendezvous(backend, v), v))
+        .collect();
+    ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    Some(ranked.into_iter().take(k).map(|(_, v)| v).collect())
+}
+
+/// Whether `me` probes `backend` (see `probers`).
+pub fn is_prober(
+    backend: &BackendId,
+    voters: &BTreeSet<NodeId>,
+    dead: &[NodeId],
+    k: usize,
+    me: &NodeId,
+) -> bool {
+    probers(backend, voters, dead, k).is_none_or(|p| p.contains(&me))
+}
+
+fn rendezvous(backend: &BackendId, voter: &NodeId) -> u64 {
+    let mut h = twox_hash::XxHash64::with_seed(PROBER_SEED);
+    std::hash::Hasher::write(&mut h, backend.as_str().as_bytes());
+    std::hash::Hasher::write_u8(&mut h, 0xff);
+    std::hash::Hasher::write(&mut h, voter.as_str().as_bytes());
+    std::hash::Hasher::finish(&h)
 }
 
 /// What a vote is about: a backend, or the votes of a dead peer.
@@ -267,6 +317,22 @@ mod tests {
     }
 
     #[test]
+    fn forgetting_probes_undoes_only_what_probes_did() {
+        let mut h = LocalHealth::default();
+        for _ in 0..3 {
+            h.record(Source::Probe, false, &T);
+        }
+        assert_eq!(h.forget_probes(), Some(Local::Up));
+        assert_eq!(h.state(), Local::Up);
+        for _ in 0..5 {
+            h.record(Source::Traffic, false, &T);
+        }
+        assert_eq!(h.state(), Local::Down);
+        assert_eq!(h.forget_probes(), None);
+        assert_eq!(h.state(), Local::Down);
+    }
+
+    #[test]
     fn passive_off() {
         let t = Thresholds {
             passive_failures: 0,
@@ -276,6 +342,44 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(h.record(Source::Traffic, false, &t), None);
         }
+    }
+
+    fn voters(n: usize) -> BTreeSet<NodeId> {
+        (0..n).map(|i| NodeId::new(format!("p{i}"))).collect()
+    }
+
+    #[test]
+    fn probers_are_k_live_voters_and_a_dead_one_is_replaced_alone() {
+        let all = voters(7);
+        let mut counts = BTreeMap::new();
+        for b in 0..300 {
+            let id = BackendId::new(format!("b{b}"));
+            let picked = probers(&id, &all, &[], 3).unwrap();
+            assert_eq!(picked.len(), 3);
+            for p in &picked {
+                *counts.entry((*p).clone()).or_insert(0) += 1;
+            }
+            // One prober dies: the other two stay, one new one comes in, never the dead one.
+            let dead = [picked[0].clone()];
+            let after = probers(&id, &all, &dead, 3).unwrap();
+            assert_eq!(after.len(), 3);
+            assert!(!after.contains(&picked[0]));
+            assert!(after.contains(&picked[1]) && after.contains(&picked[2]));
+            // Fewer live voters than k: all of them.
+            let dead: Vec<NodeId> = all.iter().skip(2).cloned().collect();
+            assert_eq!(probers(&id, &all, &dead, 3).unwrap().len(), 2);
+        }
+        // Spread: every voter probes some backends, none far more than its share (900/7).
+        assert_eq!(counts.len(), 7);
+        assert!(
+            counts.values().all(|&c| (80..=180).contains(&c)),
+            "{counts:?}"
+        );
+        // Off, or no agreed voters: everyone probes.
+        let x = BackendId::new("x");
+        assert!(probers(&x, &all, &[], 0).is_none());
+        assert!(is_prober(&x, &BTreeSet::new(), &[], 3, &NodeId::new("l")));
+        assert!(!is_prober(&x, &all, &[], 3, &NodeId::new("learner")));
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub trait RoutingView: Send + Sync + 'static {
     fn local_up(&self, service: &str, id: &BackendId) -> bool;
     /// Responses this peer got from a backend so far, and its requests in flight now.
     fn traffic(&self, service: &str, id: &BackendId) -> (u64, u64);
+    /// `health.probers` of a service on this peer (0: every peer probes).
+    fn probers(&self, service: &str) -> usize;
     /// A service definition's effective `balance` and `health` on this peer (its keys over
     /// this peer's top-level ones), or why they are not valid (naming each key).
     fn effective(&self, def: &ServiceDef) -> Result<serde_json::Value, String>;
@@ -249,6 +251,7 @@ pub fn pool_json(pool: &Pool) -> serde_json::Value {
                 "weight": b.weight,
                 "state": b.state.as_str(),
                 "protocol": b.protocol.as_str(),
+                "usable_since": b.usable_since,
             })
         })
         .collect();
@@ -778,12 +781,19 @@ impl Admin {
     }
 
     /// One service's backends as `/status` shows them: agreed state, this peer's view, traffic.
-    fn status_rows(&self, service: &str, pool: &Pool) -> Vec<serde_json::Value> {
+    fn status_rows(&self, service: &str, pool: &Pool, dead: &[NodeId]) -> Vec<serde_json::Value> {
+        // Every live voter probes every backend unless `health.probers` assigns them.
+        let k = match self.routing.probers(service) {
+            0 => pool.voters.len(),
+            k => k,
+        };
         pool.backends
             .values()
             .map(|b| {
                 let up = self.routing.local_up(service, &b.id);
                 let (requests, inflight) = self.routing.traffic(service, &b.id);
+                let probers =
+                    crate::core::health::probers(&b.id, &pool.voters, dead, k).unwrap_or_default();
                 json!({
                     "id": b.id.as_str(),
                     "addr": b.addr,
@@ -793,6 +803,7 @@ impl Admin {
                     "state": b.state.as_str(),
                     "local": if up { "up" } else { "down" },
                     "down_votes": b.down_votes.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+                    "probers": probers.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
                 })
             })
             .collect()
@@ -800,7 +811,14 @@ impl Admin {
 
     fn status(&self) -> serde_json::Value {
         let pool = self.routing.pool();
-        let backends = self.status_rows(DEFAULT_SERVICE, &pool);
+        let dead: Vec<NodeId> = self
+            .control
+            .peers()
+            .into_iter()
+            .filter(|p| p.state == crate::core::detector::PeerState::Dead.as_str())
+            .map(|p| NodeId::new(p.id))
+            .collect();
+        let backends = self.status_rows(DEFAULT_SERVICE, &pool, &dead);
         let services: Vec<_> = pool
             .service_names()
             .map(|name| {
@@ -814,7 +832,7 @@ impl Admin {
                     "name": name,
                     "hosts": def.hosts,
                     "path_prefix": def.path_prefix,
-                    "backends": self.status_rows(name, &view),
+                    "backends": self.status_rows(name, &view, &dead),
                 })
             })
             .collect();
@@ -995,6 +1013,9 @@ mod tests {
         }
         fn traffic(&self, _: &str, _: &BackendId) -> (u64, u64) {
             (0, 0)
+        }
+        fn probers(&self, _: &str) -> usize {
+            0
         }
     }
 

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::upstream::{Registry, Upstream};
 use crate::config::{BalanceConfig, Config, HashKey, HealthConfig};
-use crate::core::balance::{BalanceSpec, Selector, Usable};
+use crate::core::balance::{BalanceSpec, Ramp, Selector, Usable};
 use crate::core::health::Thresholds;
 use crate::core::pool::{BackendId, Pool};
 use crate::ops::telemetry as names;
@@ -34,6 +34,20 @@ pub struct Settings {
     pub probe_path: String,
     pub probe_timeout: Duration,
     pub access_log: bool,
+    /// `health.slow_start`: round robin ramps a newly usable backend over this long.
+    pub slow_start: Duration,
+    /// `health.probers`: how many voters probe each backend (0: every peer).
+    pub probers: usize,
+}
+
+impl Settings {
+    /// The ramp to build a selector with now.
+    fn ramp(&self) -> Option<Ramp> {
+        (!self.slow_start.is_zero()).then(|| Ramp {
+            now_ms: crate::clock::unix_ms(),
+            slow_start_ms: self.slow_start.as_millis() as u64,
+        })
+    }
 }
 
 impl Settings {
@@ -57,6 +71,8 @@ impl Settings {
             probe_path: health.path.clone(),
             probe_timeout: health.timeout,
             access_log: c.log.access_log,
+            slow_start: health.slow_start,
+            probers: health.probers as usize,
         }
     }
 }
@@ -181,9 +197,21 @@ impl RoutingTable {
             backends = pool.backends.len(),
             "pool applied"
         );
-        let selector = Selector::build(&pool, cur.settings.balance);
+        let selector = Selector::build_ramped(&pool, cur.settings.balance, cur.settings.ramp());
         self.install(Arc::new(pool), Arc::new(selector), cur.settings.clone());
         true
+    }
+
+    /// When a backend in its slow start next takes a larger share (Unix ms): then `ramp`.
+    pub fn next_ramp_step(&self) -> Option<u64> {
+        self.current.load().selector.next_step()
+    }
+
+    /// Rebuild the selector of the current pool for the ramp's step now.
+    pub fn ramp(&self) {
+        let cur = self.current.load_full();
+        let selector = Selector::build_ramped(&cur.pool, cur.settings.balance, cur.settings.ramp());
+        self.install(cur.pool.clone(), Arc::new(selector), cur.settings.clone());
     }
 
     /// Route from no pool at all (every request gets 503, `/readyz` fails): the node found
@@ -200,10 +228,16 @@ impl RoutingTable {
     /// New live settings (reload). Rebuilds tables only if the balancing spec changed.
     pub fn set_settings(&self, settings: Settings) {
         let cur = self.current.load_full();
-        let selector = if settings.balance == cur.settings.balance {
+        let selector = if settings.balance == cur.settings.balance
+            && settings.slow_start == cur.settings.slow_start
+        {
             cur.selector.clone()
         } else {
-            Arc::new(Selector::build(&cur.pool, settings.balance))
+            Arc::new(Selector::build_ramped(
+                &cur.pool,
+                settings.balance,
+                settings.ramp(),
+            ))
         };
         self.install(cur.pool.clone(), selector, Arc::new(settings));
     }

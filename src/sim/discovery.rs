@@ -63,6 +63,7 @@ pub fn run(seed: u64, cfg: &DiscoverySimConfig) -> DiscoveryReport {
     let rules = Rules {
         cluster_size: cfg.peers,
         max_ejected_percent: 50,
+        ..Rules::default()
     };
     let ids: Vec<NodeId> = (0..cfg.peers)
         .map(|i| NodeId::new(format!("p{i}")))

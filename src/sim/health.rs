@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::core::detector::{Detector, DetectorConfig, PeerState};
-use crate::core::health::{Local, LocalHealth, Source, Thresholds};
+use crate::core::health::{is_prober, Local, LocalHealth, Source, Thresholds};
 use crate::core::pool::{Backend, BackendId, BackendState, NodeId, Pool, PoolChange, Rules};
 
 #[derive(Clone, Debug)]
@@ -39,6 +39,13 @@ pub struct HealthSimConfig {
     pub learners: usize,
     /// Planted: the pool names no voters, so every peer's vote counts (learners' too).
     pub learner_votes_count: bool,
+    /// `health.probers`: each backend is probed by this many live voters (0: by every peer).
+    pub probers: usize,
+    /// Voters crash (for 1 to 10 minutes, every 10 to 60 minutes each), never more at once
+    /// than leaves a majority running.
+    pub crashes: bool,
+    /// Planted: a prober keeps probing (and voting) after it is no longer assigned.
+    pub probers_never_stop: bool,
 }
 
 impl Default for HealthSimConfig {
@@ -61,6 +68,9 @@ impl Default for HealthSimConfig {
             kill: None,
             learners: 0,
             learner_votes_count: false,
+            probers: 0,
+            crashes: false,
+            probers_never_stop: false,
         }
     }
 }
@@ -76,6 +86,15 @@ pub struct HealthReport {
     /// Kill to local down on every peer, and kill to agreed ejection (ms), for `kill` runs.
     pub detect_local_ms: Option<u64>,
     pub detect_ejected_ms: Option<u64>,
+    /// Probes sent, by every peer.
+    pub probes: u64,
+    /// Checks (every heartbeat, once the peers' views have settled after a crash or restart)
+    /// at which some backend was probed by other than min(probers, live voters) peers.
+    pub prober_violations: u64,
+    /// Checks made of that.
+    pub prober_checks: u64,
+    /// Voter crashes.
+    pub crashes: u64,
 }
 
 enum Ev {
@@ -96,10 +115,45 @@ enum Ev {
     Beat {
         from: usize,
     },
+    /// A voter crashes, or starts again.
+    Crash {
+        peer: usize,
+    },
+    Restart {
+        peer: usize,
+    },
     Commit {
         change: PoolChange,
     },
     Check,
+}
+
+/// The events in the queue, in slots reused once taken (a 48-hour run makes millions).
+#[derive(Default)]
+struct Slots {
+    items: Vec<Option<Ev>>,
+    free: Vec<usize>,
+}
+
+impl Slots {
+    fn put(&mut self, e: Ev) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.items[i] = Some(e);
+                i
+            }
+            None => {
+                self.items.push(Some(e));
+                self.items.len() - 1
+            }
+        }
+    }
+
+    fn take(&mut self, i: usize) -> Option<Ev> {
+        let e = self.items[i].take()?;
+        self.free.push(i);
+        Some(e)
+    }
 }
 
 /// The vote a peer proposes when its local view of backend `b{backend}` flips.
@@ -124,12 +178,14 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
     let rules = Rules {
         cluster_size: cfg.peers,
         max_ejected_percent: 50,
+        probers: cfg.probers,
+        ..Rules::default()
     };
     let backends: Vec<Backend> = (0..cfg.backends)
         .map(|i| Backend::new(format!("b{i}"), format!("10.0.0.{i}:80"), 1))
         .collect();
-    // With learners, the pool names its voters (as a formed cluster's does).
-    let seed = if cfg.learners > 0 && !cfg.learner_votes_count {
+    // With learners or probers, the pool names its voters (as a formed cluster's does).
+    let seed = if (cfg.learners > 0 || cfg.probers > 0) && !cfg.learner_votes_count {
         PoolChange::Seed {
             backends,
             cluster_id: "sim".into(),
@@ -152,16 +208,14 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
         .collect();
     let mut peer_state = vec![vec![PeerState::Alive; cfg.peers]; cfg.peers];
     let mut queue: BinaryHeap<Reverse<(u64, u64, usize)>> = BinaryHeap::new();
-    let mut events: Vec<Option<Ev>> = Vec::new();
+    let mut events = Slots::default();
     let mut seq = 0u64;
-    let mut push = |queue: &mut BinaryHeap<Reverse<(u64, u64, usize)>>,
-                    events: &mut Vec<Option<Ev>>,
-                    at: u64,
-                    e: Ev| {
-        seq += 1;
-        events.push(Some(e));
-        queue.push(Reverse((at, seq, events.len() - 1)));
-    };
+    let mut push =
+        |queue: &mut BinaryHeap<Reverse<(u64, u64, usize)>>, events: &mut Slots, at: u64, e: Ev| {
+            seq += 1;
+            let slot = events.put(e);
+            queue.push(Reverse((at, seq, slot)));
+        };
     for p in 0..cfg.peers {
         for b in 0..cfg.backends {
             let at = rng.gen_range(0..cfg.probe_interval_ms);
@@ -183,6 +237,18 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
         push(&mut queue, &mut events, at, Ev::Toggle { learner: l });
     }
     push(&mut queue, &mut events, 1_000, Ev::Check);
+    if cfg.crashes {
+        for p in 0..cfg.peers {
+            let at = rng.gen_range(600_000..3_600_000);
+            push(&mut queue, &mut events, at, Ev::Crash { peer: p });
+        }
+    }
+    let mut alive = vec![true; cfg.peers];
+    // Whether each peer probed each backend at its last turn.
+    let mut probing = vec![vec![true; cfg.backends]; cfg.peers];
+    // The last crash or restart: views settle within dead_after and a few heartbeats.
+    let mut last_turn = 0u64;
+    let settle_ms = cfg.dead_after_ms + 20 * cfg.heartbeat_ms + 2 * cfg.probe_interval_ms;
     let mut report = HealthReport::default();
     let dead_backend = cfg.kill.map(|(b, _)| b);
     let kill_at = cfg.kill.map(|(_, t)| t).unwrap_or(u64::MAX);
@@ -193,7 +259,7 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
         if now > cfg.duration_ms {
             break;
         }
-        let Some(ev) = events[idx].take() else {
+        let Some(ev) = events.take(idx) else {
             continue;
         };
         match ev {
@@ -254,18 +320,52 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
                 );
             }
             Ev::Probe { peer, backend } => {
+                let jitter = rng.gen_range(0.9..=1.1);
+                let next = now + (cfg.probe_interval_ms as f64 * jitter) as u64;
+                push(&mut queue, &mut events, next, Ev::Probe { peer, backend });
+                if !alive[peer] {
+                    continue;
+                }
+                if cfg.probers > 0 {
+                    let dead_here: Vec<NodeId> = (0..cfg.peers)
+                        .filter(|&j| peer_state[peer][j] == PeerState::Dead)
+                        .map(|j| ids[j].clone())
+                        .collect();
+                    let id = BackendId::new(format!("b{backend}"));
+                    let assigned =
+                        is_prober(&id, &pool.voters, &dead_here, cfg.probers, &ids[peer])
+                            || (cfg.probers_never_stop && probing[peer][backend]);
+                    if !assigned {
+                        // Its probes' verdict goes, and so does its vote.
+                        local[peer][backend].forget_probes();
+                        probing[peer][backend] = false;
+                        if pool.backends[&id].down_votes.contains(&ids[peer]) {
+                            let change = vote(Local::Up, backend, &ids[peer]);
+                            push(
+                                &mut queue,
+                                &mut events,
+                                now + cfg.commit_ms,
+                                Ev::Commit { change },
+                            );
+                        }
+                        continue;
+                    }
+                    probing[peer][backend] = true;
+                }
+                report.probes += 1;
                 let dead = dead_backend == Some(backend) && now >= kill_at;
                 let ok = !dead && !rng.gen_bool(cfg.loss);
-                if let Some(flip) = local[peer][backend].record(Source::Probe, ok, &cfg.thresholds)
-                {
+                let flipped = local[peer][backend].record(Source::Probe, ok, &cfg.thresholds);
+                // (A peer whose view went down just before the kill is down on it too.)
+                if dead && local[peer][backend].state() == Local::Down && !down_on[peer] {
+                    down_on[peer] = true;
+                    if down_on.iter().all(|d| *d) && report.detect_local_ms.is_none() {
+                        report.detect_local_ms = Some(now - kill_at);
+                    }
+                }
+                if let Some(flip) = flipped {
                     if flip == Local::Down && !dead {
                         report.false_local_downs += 1;
-                    }
-                    if dead && flip == Local::Down {
-                        down_on[peer] = true;
-                        if down_on.iter().all(|d| *d) && report.detect_local_ms.is_none() {
-                            report.detect_local_ms = Some(now - kill_at);
-                        }
                     }
                     let change = vote(flip, backend, &ids[peer]);
                     push(
@@ -275,13 +375,35 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
                         Ev::Commit { change },
                     );
                 }
-                let jitter = rng.gen_range(0.9..=1.1);
-                let next = now + (cfg.probe_interval_ms as f64 * jitter) as u64;
-                push(&mut queue, &mut events, next, Ev::Probe { peer, backend });
+            }
+            Ev::Crash { peer } => {
+                let running = alive.iter().filter(|a| **a).count();
+                if running - 1 < cfg.peers / 2 + 1 {
+                    // Not now: that would leave no majority running.
+                    let at = now + rng.gen_range(60_000..600_000);
+                    push(&mut queue, &mut events, at, Ev::Crash { peer });
+                    continue;
+                }
+                alive[peer] = false;
+                report.crashes += 1;
+                last_turn = now;
+                let at = now + rng.gen_range(60_000..600_000);
+                push(&mut queue, &mut events, at, Ev::Restart { peer });
+            }
+            Ev::Restart { peer } => {
+                // A new process: fresh local views and detectors.
+                alive[peer] = true;
+                last_turn = now;
+                local[peer] = vec![LocalHealth::default(); cfg.backends];
+                probing[peer] = vec![false; cfg.backends];
+                detectors[peer] = (0..cfg.peers).map(|_| Detector::new(dcfg, now)).collect();
+                peer_state[peer] = vec![PeerState::Alive; cfg.peers];
+                let at = now + rng.gen_range(600_000..3_600_000);
+                push(&mut queue, &mut events, at, Ev::Crash { peer });
             }
             Ev::Beat { from } => {
                 for (to, row) in detectors.iter_mut().enumerate() {
-                    if to != from && !rng.gen_bool(cfg.loss) {
+                    if to != from && alive[from] && !rng.gen_bool(cfg.loss) {
                         row[from].heartbeat(now + rng.gen_range(0..5));
                     }
                 }
@@ -314,12 +436,14 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
             Ev::Check => {
                 for i in 0..cfg.peers {
                     for j in 0..cfg.peers {
-                        if i == j {
+                        if i == j || !alive[i] {
                             continue;
                         }
                         let s = detectors[i][j].state(now);
                         if s == PeerState::Dead && peer_state[i][j] != PeerState::Dead {
-                            report.false_peer_deaths += 1;
+                            if alive[j] {
+                                report.false_peer_deaths += 1;
+                            }
                             // Peer i expires j's votes.
                             push(
                                 &mut queue,
@@ -333,6 +457,19 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
                             );
                         }
                         peer_state[i][j] = s;
+                    }
+                }
+                if cfg.probers > 0 && now >= last_turn + settle_ms {
+                    let running = alive.iter().filter(|a| **a).count();
+                    let want = cfg.probers.min(running);
+                    for b in 0..cfg.backends {
+                        let n = (0..cfg.peers)
+                            .filter(|&p| alive[p] && probing[p][b])
+                            .count();
+                        report.prober_checks += 1;
+                        if n != want {
+                            report.prober_violations += 1;
+                        }
                     }
                 }
                 push(&mut queue, &mut events, now + cfg.heartbeat_ms, Ev::Check);

@@ -332,6 +332,7 @@ impl Sim {
         let rules = Rules {
             cluster_size: cfg.nodes,
             max_ejected_percent: 50,
+            ..Rules::default()
         };
         let mut sim = Sim {
             client_ops_left: vec![cfg.ops_per_client; cfg.clients],

@@ -14,6 +14,8 @@ pub const MAGLEV_OFFSET_SEED: u64 = 0x0051_40A1_0000_0002;
 pub const MAGLEV_SKIP_SEED: u64 = 0x0051_40A1_0000_0003;
 /// Seed for ketama ring points.
 pub const RING_SEED: u64 = 0x0051_40A1_0000_0004;
+/// Seed for the rendezvous hash that assigns each backend its probers (`health.probers`).
+pub const PROBER_SEED: u64 = 0x0051_40A1_0000_0005;
 
 /// xxHash64 of `bytes` under `seed`.
 pub fn hash_bytes(bytes: &[u8], seed: u64) -> u64 {

@@ -40,10 +40,48 @@ pub struct BalanceSpec {
     pub bounded_load: f64,
 }
 
+/// Slow start (`health.slow_start`): a backend usable since less than `slow_start_ms` before
+/// `now_ms` takes `weight × max(0.1, elapsed / slow_start)` of round robin's turns, in
+/// `RAMP_STEPS` steps. Consistent hashing ignores it (a key's backend does not move with load).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ramp {
+    /// The wall clock, Unix milliseconds (the pool's `usable_since` is one too).
+    pub now_ms: u64,
+    pub slow_start_ms: u64,
+}
+
+/// A ramp's resolution: the effective weight changes at most this many times.
+pub const RAMP_STEPS: u32 = 20;
+
+impl Ramp {
+    /// The effective weight, scaled by `RAMP_STEPS` (a full weight is `weight × RAMP_STEPS`).
+    fn scaled(&self, weight: u32, usable_since: u64) -> u32 {
+        let elapsed = self.now_ms.saturating_sub(usable_since);
+        if usable_since == 0 || self.slow_start_ms == 0 || elapsed >= self.slow_start_ms {
+            return weight * RAMP_STEPS;
+        }
+        let step = (elapsed * u64::from(RAMP_STEPS) / self.slow_start_ms) as u32;
+        weight * step.max(RAMP_STEPS / 10).min(RAMP_STEPS)
+    }
+
+    /// When the effective weight of a backend usable since `usable_since` next changes (None
+    /// once it is whole).
+    fn next_step(&self, usable_since: u64) -> Option<u64> {
+        let elapsed = self.now_ms.saturating_sub(usable_since);
+        if usable_since == 0 || self.slow_start_ms == 0 || elapsed >= self.slow_start_ms {
+            return None;
+        }
+        let step = elapsed * u64::from(RAMP_STEPS) / self.slow_start_ms + 1;
+        let step = step.max(u64::from(RAMP_STEPS / 10) + 1);
+        Some(usable_since + step * self.slow_start_ms / u64::from(RAMP_STEPS))
+    }
+}
+
 /// One member: a non-draining backend of the pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
     pub id: BackendId,
+    /// The agreed weight (round robin's, scaled by a ramp, is in its table).
     pub weight: u32,
     /// Agreed down (`ejected`): in the table only when routing in panic.
     pub ejected: bool,
@@ -58,7 +96,12 @@ enum Table {
 }
 
 impl Table {
-    fn build(algorithm: Algorithm, members: &[Member], subset: &[u32]) -> Table {
+    fn build(
+        algorithm: Algorithm,
+        members: &[Member],
+        ramped: Option<&[u32]>,
+        subset: &[u32],
+    ) -> Table {
         if subset.is_empty() {
             return Table::Empty;
         }
@@ -71,8 +114,10 @@ impl Table {
         let remap = |v: u32| subset[v as usize];
         match algorithm {
             Algorithm::RoundRobin => {
-                let weights: Vec<u32> =
-                    subset.iter().map(|&i| members[i as usize].weight).collect();
+                let weights: Vec<u32> = subset
+                    .iter()
+                    .map(|&i| ramped.map_or(members[i as usize].weight, |r| r[i as usize]))
+                    .collect();
                 Table::Cycle(rr::build_cycle(&weights).into_iter().map(remap).collect())
             }
             Algorithm::ConsistentHash(HashMethod::Maglev) => {
@@ -127,6 +172,8 @@ pub struct Selector {
     /// Over every member (active and ejected), for panic routing; `None` when none is ejected.
     all: Option<Table>,
     cursor: AtomicU64,
+    /// While a member ramps: when its effective weight next changes (Unix ms).
+    next_step: Option<u64>,
 }
 
 /// What the caller knows about members at request time (local health, load).
@@ -142,6 +189,33 @@ pub trait Usable {
 impl Selector {
     /// Build the tables for `pool`: members are its non-draining backends in id order.
     pub fn build(pool: &Pool, spec: BalanceSpec) -> Selector {
+        Self::build_ramped(pool, spec, None)
+    }
+
+    /// As `build`, with round robin's weights ramped where a member is still in its slow start
+    /// at `ramp.now_ms`; `next_step` says when to build again.
+    pub fn build_ramped(pool: &Pool, spec: BalanceSpec, ramp: Option<Ramp>) -> Selector {
+        let ramp = ramp.filter(|r| r.slow_start_ms > 0);
+        let mut ramped: Option<Vec<u32>> = None;
+        let mut next_step = None;
+        if let (Some(r), Algorithm::RoundRobin) = (ramp, spec.algorithm) {
+            let members = pool
+                .backends
+                .values()
+                .filter(|b| b.state != BackendState::Draining);
+            for b in members.clone() {
+                if let Some(at) = r.next_step(b.usable_since) {
+                    next_step = Some(next_step.map_or(at, |n: u64| n.min(at)));
+                }
+            }
+            if next_step.is_some() {
+                ramped = Some(
+                    members
+                        .map(|b| r.scaled(b.weight, b.usable_since))
+                        .collect(),
+                );
+            }
+        }
         let members: Vec<Member> = pool
             .backends
             .values()
@@ -156,11 +230,12 @@ impl Selector {
             .filter(|&i| !members[i as usize].ejected)
             .collect();
         let all: Vec<u32> = (0..members.len() as u32).collect();
-        let active_table = Table::build(spec.algorithm, &members, &active);
+        let ramped = ramped.as_deref();
+        let active_table = Table::build(spec.algorithm, &members, ramped, &active);
         let all_table = if active.len() == all.len() {
             None
         } else {
-            Some(Table::build(spec.algorithm, &members, &all))
+            Some(Table::build(spec.algorithm, &members, ramped, &all))
         };
         Selector {
             spec,
@@ -169,7 +244,13 @@ impl Selector {
             active: active_table,
             all: all_table,
             cursor: AtomicU64::new(0),
+            next_step,
         }
+    }
+
+    /// While some member is in its slow start: when its share next grows (Unix ms).
+    pub fn next_step(&self) -> Option<u64> {
+        self.next_step
     }
 
     pub fn spec(&self) -> BalanceSpec {

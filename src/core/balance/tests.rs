@@ -101,6 +101,7 @@ fn draining_is_not_a_member_and_ejected_only_in_panic() {
     let r = Rules {
         cluster_size: 1,
         max_ejected_percent: 50,
+        ..Rules::default()
     };
     p = p
         .apply(

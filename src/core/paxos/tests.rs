@@ -136,6 +136,7 @@ fn proposer_commits_and_reads_back() {
     let rules = Rules {
         cluster_size: 3,
         max_ejected_percent: 50,
+        ..Rules::default()
     };
     let mut out = Vec::new();
     let add = PoolChange::AddBackend {
@@ -263,6 +264,7 @@ fn a_retry_never_applies_a_change_twice() {
     let rules = Rules {
         cluster_size: 3,
         max_ejected_percent: 50,
+        ..Rules::default()
     };
     let add = PoolChange::AddBackend {
         backend: Backend::new("w", "127.0.0.1:1", 1),

@@ -52,6 +52,11 @@ pub struct Backend {
     /// How the peers talk to it (HTTP/1.1 unless it says `h2`).
     #[serde(default, skip_serializing_if = "Protocol::is_http1")]
     pub protocol: Protocol,
+    /// When it last became usable (added, restored, undrained), Unix milliseconds, by the
+    /// proposer's clock: every peer ramps it from this instant (`health.slow_start`). 0: not
+    /// recorded (a pool written before it was).
+    #[serde(default, skip_serializing_if = "super::is_zero")]
+    pub usable_since: u64,
 }
 
 /// The protocol spoken to a backend: HTTP/1.1 (one request per connection at a time, kept
@@ -117,6 +122,7 @@ impl Backend {
             down_votes: BTreeSet::new(),
             source: None,
             protocol: Protocol::Http1,
+            usable_since: 0,
         }
     }
 

@@ -27,11 +27,25 @@ pub struct Rules {
     pub cluster_size: usize,
     /// At most floor(pct * backends / 100) backends ejected at once.
     pub max_ejected_percent: u8,
+    /// `health.probers`: each backend's health votes count among this many assigned probers
+    /// (0: among all voters).
+    pub probers: usize,
+    /// The proposer's wall clock (Unix milliseconds) as it applies the change: a backend that
+    /// becomes usable records it (`usable_since`). 0: not recorded.
+    pub now_unix_ms: u64,
 }
 
 impl Rules {
     pub fn majority(&self) -> usize {
         self.cluster_size / 2 + 1
+    }
+
+    /// How many peers' health votes count for one backend: its assigned probers, or every voter.
+    pub fn health_voters(&self) -> usize {
+        match self.probers {
+            0 => self.cluster_size,
+            k => k.min(self.cluster_size),
+        }
     }
 }
 
@@ -40,6 +54,8 @@ impl Default for Rules {
         Self {
             cluster_size: 1,
             max_ejected_percent: 50,
+            probers: 0,
+            now_unix_ms: 0,
         }
     }
 }

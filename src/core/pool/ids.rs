@@ -57,16 +57,20 @@ pub fn check_peer(id: &NodeId, addr: &str) -> Result<(), String> {
             "peer id {id:?}: expected 1-32 characters of a-z, 0-9 and -"
         ));
     }
-    let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+    if !valid_peer_addr(addr) {
+        return Err(format!("peer address {addr:?}: expected HOST:PORT"));
+    }
+    Ok(())
+}
+
+/// A peer's cluster address: `host:port`, port above 0.
+pub fn valid_peer_addr(addr: &str) -> bool {
+    addr.rsplit_once(':').is_some_and(|(host, port)| {
         !host.is_empty()
             && !host.contains('/')
             && !host.contains(' ')
             && port.parse::<u16>().is_ok_and(|p| p > 0)
-    });
-    if !ok {
-        return Err(format!("peer address {addr:?}: expected HOST:PORT"));
-    }
-    Ok(())
+    })
 }
 
 /// Node ids: `[a-z0-9-]{1,32}`.

@@ -73,6 +73,26 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// `b` is active now and was not (or did not exist) in `before`.
+fn became_usable(before: &BTreeMap<BackendId, Backend>, b: &Backend) -> bool {
+    b.state == BackendState::Active
+        && before
+            .get(&b.id)
+            .is_none_or(|old| old.state != BackendState::Active)
+}
+
+fn stamp(
+    before: &BTreeMap<BackendId, Backend>,
+    after: &mut BTreeMap<BackendId, Backend>,
+    now: u64,
+) {
+    for b in after.values_mut() {
+        if became_usable(before, b) {
+            b.usable_since = now;
+        }
+    }
+}
+
 /// The pool holds at most this many backends, so that the register (with its votes) always fits
 /// in one peer frame with room to spare: a full pool can never wedge the cluster.
 pub const MAX_BACKENDS: usize = 10_000;
@@ -143,6 +163,9 @@ impl Pool {
                     next.backends.insert(b.id.clone(), b);
                 }
                 next.apply_services(services)?;
+                if rules.now_unix_ms > 0 {
+                    next.stamp_usable(self, rules.now_unix_ms);
+                }
                 // Seeding always creates the pool, even an empty one.
                 next.version = self.version + 1;
                 return Ok(next);
@@ -250,6 +273,9 @@ impl Pool {
                 .values()
                 .map(|s| 1 + s.backends.len() + s.sightings.len())
                 .sum::<usize>();
+        if rules.now_unix_ms > 0 {
+            next.stamp_usable(self, rules.now_unix_ms);
+        }
         if entries >= MEASURE_FROM {
             let size = next.canonical_bytes().len();
             if size > MAX_POOL_BYTES && size > self.canonical_bytes().len() {
@@ -270,6 +296,23 @@ impl Pool {
         Ok(next)
     }
 
+    /// Record `now` as `usable_since` of every backend this change made usable (added,
+    /// restored, undrained), in every service.
+    fn stamp_usable(&mut self, before: &Pool, now: u64) {
+        stamp(&before.backends, &mut self.backends, now);
+        let none = BTreeMap::new();
+        for (name, service) in self.services.iter_mut() {
+            let old = before.services.get(name);
+            if old.is_some_and(|o| std::sync::Arc::ptr_eq(o, service)) {
+                continue;
+            }
+            let old = old.map_or(&none, |o| &o.backends);
+            if service.backends.values().any(|b| became_usable(old, b)) {
+                stamp(old, &mut std::sync::Arc::make_mut(service).backends, now);
+            }
+        }
+    }
+
     /// Whether `peer`'s health and discovery votes count: any peer's before voters are agreed,
     /// else only a voter's.
     pub fn may_vote(&self, peer: &NodeId) -> bool {
@@ -287,12 +330,14 @@ impl Pool {
 
     /// Re-derive `ejected`/`active` from the votes, in id order, never beyond the cap.
     ///
-    /// Eject when at least a majority of all peers vote down; restore when at least a majority
-    /// see it up (votes down <= n - majority). With an odd cluster the two thresholds meet; with
+    /// Eject when at least a majority of all peers (or of a backend's `probers` assigned
+    /// probers) vote down; restore when at least a majority see it up (votes down <= n -
+    /// majority). With an odd cluster the two thresholds meet; with
     /// an even one there is a band where the state holds (hysteresis).
     fn settle(&mut self, rules: &Rules) {
-        let majority = rules.majority();
-        let up_limit = rules.cluster_size.saturating_sub(majority);
+        let counted = rules.health_voters();
+        let majority = counted / 2 + 1;
+        let up_limit = counted.saturating_sub(majority);
         let down: BTreeMap<BackendId, usize> = self
             .backends
             .values()
@@ -422,7 +467,7 @@ mod tests {
     fn rules(n: usize) -> Rules {
         Rules {
             cluster_size: n,
-            max_ejected_percent: 50,
+            ..Rules::default()
         }
     }
 
@@ -781,6 +826,128 @@ mod tests {
             p5.apply(&PoolChange::RemoveBackend { id: id("web") }, &r),
             Err(ChangeError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn with_probers_a_majority_of_the_assigned_ejects_and_restores() {
+        // Five voters, three probers per backend: two votes are that majority.
+        let r = Rules {
+            probers: 3,
+            ..rules(5)
+        };
+        let vote = |p: Pool, who: &str, down: bool| {
+            let (id, peer) = (id("b0"), peer(who));
+            let change = if down {
+                PoolChange::VoteDown { id, peer }
+            } else {
+                PoolChange::VoteUp { id, peer }
+            };
+            p.apply(&change, &r).unwrap()
+        };
+        let mut p = vote(seeded(4), "a", true);
+        assert_eq!(p.backends[&id("b0")].state, BackendState::Active);
+        p = vote(p, "b", true);
+        assert_eq!(p.backends[&id("b0")].state, BackendState::Ejected);
+        // Without probers, two of five is no majority.
+        let all = p.apply(&PoolChange::Settle, &rules(5)).unwrap();
+        assert_eq!(all.backends[&id("b0")].state, BackendState::Active);
+        // More probers than voters: a majority of the voters.
+        let wide = Rules {
+            probers: 9,
+            ..rules(5)
+        };
+        let wide = p.apply(&PoolChange::Settle, &wide).unwrap();
+        assert_eq!(wide.backends[&id("b0")].state, BackendState::Active);
+        // One of the two sees it up again: at most one down vote of three is a restore.
+        p = vote(p, "a", false);
+        assert_eq!(p.backends[&id("b0")].state, BackendState::Active);
+    }
+
+    #[test]
+    fn usable_since_is_the_instant_a_change_made_a_backend_usable() {
+        let at = |t: u64| Rules {
+            now_unix_ms: t,
+            ..rules(3)
+        };
+        let since = |p: &Pool, b: &str| p.backends[&id(b)].usable_since;
+        let p = Pool::default()
+            .apply(
+                &PoolChange::seed(vec![Backend::new("b0", "127.0.0.1:1", 1)]),
+                &at(100),
+            )
+            .unwrap();
+        assert_eq!(since(&p, "b0"), 100);
+        let add = PoolChange::AddBackend {
+            backend: Backend::new("b1", "127.0.0.1:2", 1),
+        };
+        let p = p.apply(&add, &at(200)).unwrap();
+        assert_eq!((since(&p, "b0"), since(&p, "b1")), (100, 200));
+        // A weight change or a vote that ejects nothing keeps it.
+        let p = p
+            .apply(
+                &PoolChange::SetWeight {
+                    id: id("b1"),
+                    weight: 5,
+                },
+                &at(300),
+            )
+            .unwrap();
+        assert_eq!(since(&p, "b1"), 200);
+        // Drained then undrained: usable again from the undrain.
+        let drain = |d| PoolChange::SetState {
+            id: id("b1"),
+            draining: d,
+        };
+        let p = p.apply(&drain(true), &at(400)).unwrap();
+        assert_eq!(since(&p, "b1"), 200);
+        let p = p.apply(&drain(false), &at(500)).unwrap();
+        assert_eq!(since(&p, "b1"), 500);
+        // Ejected (a cap of one in four needs four backends) and restored: from the restore.
+        let mut p = p;
+        for (n, b) in ["b2", "b3"].iter().enumerate() {
+            let backend = Backend::new(*b, format!("127.0.0.1:{}", 10 + n), 1);
+            p = p
+                .apply(&PoolChange::AddBackend { backend }, &at(600))
+                .unwrap();
+        }
+        for who in ["a", "b"] {
+            let down = PoolChange::VoteDown {
+                id: id("b1"),
+                peer: peer(who),
+            };
+            p = p.apply(&down, &at(700)).unwrap();
+        }
+        assert_eq!(p.backends[&id("b1")].state, BackendState::Ejected);
+        assert_eq!(since(&p, "b1"), 500);
+        let up = PoolChange::VoteUp {
+            id: id("b1"),
+            peer: peer("a"),
+        };
+        let p = p.apply(&up, &at(800)).unwrap();
+        assert_eq!(p.backends[&id("b1")].state, BackendState::Active);
+        assert_eq!(since(&p, "b1"), 800);
+        // Inside a service, the same.
+        let p = p
+            .apply(
+                &PoolChange::PutService {
+                    name: "api".into(),
+                    def: ServiceDef {
+                        hosts: vec!["api.test".into()],
+                        ..ServiceDef::default()
+                    },
+                },
+                &at(900),
+            )
+            .unwrap();
+        let add = PoolChange::in_service(
+            "api",
+            PoolChange::AddBackend {
+                backend: Backend::new("s0", "127.0.0.1:20", 1),
+            },
+        );
+        let p = p.apply(&add, &at(1_000)).unwrap();
+        assert_eq!(p.backends_of("api").unwrap()[&id("s0")].usable_since, 1_000);
+        assert_eq!(since(&p, "b0"), 100);
     }
 
     #[test]

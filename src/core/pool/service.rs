@@ -202,17 +202,21 @@ impl Pool {
         std::iter::once(DEFAULT_SERVICE).chain(self.services.keys().map(String::as_str))
     }
 
-    /// The rules a change to service `name` applies under: its own `max_ejected_percent` if it
-    /// sets one, else the proposer's.
+    /// The rules a change to service `name` applies under: its own `max_ejected_percent` and
+    /// `probers` where it sets them, else the proposer's.
     pub fn service_rules(&self, name: &str, rules: &Rules) -> Rules {
-        let pct = self
-            .services
-            .get(name)
-            .and_then(|s| s.def.health.number("max_ejected_percent"))
+        let own = |key| {
+            self.services
+                .get(name)
+                .and_then(|s| s.def.health.number(key))
+        };
+        let pct = own("max_ejected_percent")
             .and_then(|n| u8::try_from(n).ok())
             .filter(|n| *n <= 100);
+        let probers = own("probers").and_then(|n| usize::try_from(n).ok());
         Rules {
             max_ejected_percent: pct.unwrap_or(rules.max_ejected_percent),
+            probers: probers.unwrap_or(rules.probers),
             ..*rules
         }
     }
@@ -376,6 +380,7 @@ mod tests {
         Rules {
             cluster_size: 3,
             max_ejected_percent: 50,
+            ..Rules::default()
         }
     }
 

@@ -368,10 +368,13 @@ impl std::fmt::Display for BadAnswer {
 
 impl std::error::Error for BadAnswer {}
 
+/// The header naming the peer that sends a health probe.
+pub const PEER_HEADER: &str = "x-shoal-peer";
+
 /// One health probe of an HTTP/1 backend over the same client as traffic: GET `path` on a
 /// fresh connection, passing on a 2xx whose body ends where its framing says (an answer that
 /// traffic could not pass on fails the probe too).
-pub async fn probe(target: &crate::net::Target, path: &str) -> bool {
+pub async fn probe(target: &crate::net::Target, path: &str, peer: &str) -> bool {
     let Ok(io) = target.dial().await else {
         return false;
     };
@@ -390,6 +393,9 @@ pub async fn probe(target: &crate::net::Target, path: &str) -> bool {
         http::HeaderValue::from_static("shoal-health"),
     );
     h.insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    if let Ok(peer) = http::HeaderValue::from_str(peer) {
+        h.insert(PEER_HEADER, peer);
+    }
     let Ok(resp) = Box::new(H1Conn::new(io)).send(&mut req, None).await else {
         return false;
     };

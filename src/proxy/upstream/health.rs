@@ -68,10 +68,23 @@ impl LocalView {
         if ok && source == Source::Traffic && !self.dirty.load(Ordering::Relaxed) {
             return None;
         }
+        self.update(!ok, |h| h.record(source, ok, t))
+    }
+
+    /// Forget what probes said (`LocalHealth::forget_probes`); returns the new state on a flip.
+    pub fn forget_probes(&self) -> Option<Local> {
+        self.update(false, LocalHealth::forget_probes)
+    }
+
+    fn update(
+        &self,
+        failed: bool,
+        f: impl FnOnce(&mut LocalHealth) -> Option<Local>,
+    ) -> Option<Local> {
         let mut h = self.health.locked();
-        let flip = h.record(source, ok, t);
+        let flip = f(&mut h);
         self.dirty
-            .store(!ok || h.state() == Local::Down, Ordering::Relaxed);
+            .store(failed || h.state() == Local::Down, Ordering::Relaxed);
         self.trial_ok
             .store(h.down_by() == Some(Source::Traffic), Ordering::Relaxed);
         if let Some(state) = flip {

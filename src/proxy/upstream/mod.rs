@@ -149,6 +149,16 @@ impl Upstream {
     /// shown in `shoal_backend_up` here, once per flip).
     pub fn record(&self, source: Source, ok: bool, t: &Thresholds) -> Option<Local> {
         let flip = self.health.record(source, ok, t)?;
+        self.flipped(flip, Some(source))
+    }
+
+    /// This peer stopped probing it (`health.probers`): what its probes said no longer holds.
+    pub fn forget_probes(&self) -> Option<Local> {
+        let flip = self.health.forget_probes()?;
+        self.flipped(flip, None)
+    }
+
+    fn flipped(&self, flip: Local, source: Option<Source>) -> Option<Local> {
         self.metrics
             .up
             .set(if flip == Local::Up { 1.0 } else { 0.0 });
