@@ -118,7 +118,8 @@ fn safety_and_liveness_over_many_seeds() {
 }
 
 /// Membership changes (voters added and removed among the voters and two spare hosts, in any
-/// order, down to one voter) interleaved with pool changes, loss, partitions, crashes, disk
+/// order, down to one voter, and autopilot's steps as the lowest live voter would take them)
+/// interleaved with pool changes, loss, partitions, crashes, disk
 /// losses and failed writes: the same safety, linearizability and liveness checks.
 /// `SHOAL_MEMBERSHIP_SEEDS=N` for more seeds, `SHOAL_SEED=S` replays one.
 #[test]
@@ -146,13 +147,18 @@ fn membership_changes_keep_agreement_over_many_seeds() {
             base,
         );
         // The runs change the voters for real: count it on a sample.
-        let (mut changes, mut top) = (0, 0);
+        let (mut changes, mut top, mut autopilot) = (0, 0, 0);
         for seed in 0..200 {
             let r = run(seed, &cfg).expect("passed above");
             changes += r.membership_changes;
             top = top.max(r.max_epoch);
+            autopilot += r.autopilot_steps;
         }
-        println!("  200 of them: {changes} committed changes of the voters, epochs up to {top}");
+        println!("  200 of them: {changes} committed changes of the voters, epochs up to {top}; {autopilot} autopilot steps proposed");
+        assert!(
+            autopilot >= 50,
+            "autopilot must take part: {autopilot} steps"
+        );
         assert!(
             changes >= 200,
             "too few membership changes to mean anything: {changes}"

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Role};
+use crate::core::autopilot::{self, Step};
 use crate::core::detector::{Detector, DetectorConfig, PeerState, PeerView};
 use crate::core::paxos::{Consensus, Effects, Node, Outcome, ProposerConfig};
 use crate::core::pool::{BackendState, ChangeError, NodeId, Pool, PoolChange, PoolDiff, Rules};
@@ -355,11 +356,7 @@ pub async fn start(
             .map(|p| {
                 (
                     p.id.clone(),
-                    PeerEntry {
-                        addr: p.addr.clone(),
-                        detector: Detector::new(detector_cfg, 0),
-                        state: PeerState::Alive,
-                    },
+                    PeerEntry::new(p.addr.clone(), Detector::new(detector_cfg, 0)),
                 )
             })
             .collect(),
@@ -374,10 +371,32 @@ pub async fn start(
         rejoin_from: None,
         seeding: None,
         peer_clusters: HashMap::new(),
+        advertise: advertise(&config.cluster),
+        autopilot: config.cluster.autopilot.enabled.then(|| {
+            let a = &config.cluster.autopilot;
+            autopilot::Settings {
+                voters: a.voters,
+                dead_after_ms: a.dead_after.as_millis() as u64,
+                stabilization_ms: a.stabilization.as_millis() as u64,
+            }
+        }),
+        autopilot_wait: None,
     };
     let task = tokio::spawn(driver.run(in_rx, cmd_rx, config.cluster.heartbeat_interval, shutdown));
     *cluster.task.locked() = Some(task);
     Ok(cluster)
+}
+
+/// `cluster.advertise`, else `cluster.listen` unless it is a wildcard address (then none: the
+/// peer cannot be promoted by autopilot).
+fn advertise(c: &crate::config::ClusterConfig) -> String {
+    if !c.advertise.is_empty() {
+        c.advertise.clone()
+    } else if c.listen.ip().is_unspecified() {
+        String::new()
+    } else {
+        c.listen.to_string()
+    }
 }
 
 struct PeerEntry {
@@ -385,6 +404,27 @@ struct PeerEntry {
     addr: String,
     detector: Detector,
     state: PeerState,
+    /// What its `Progress` says: the address it may be dialed at and the pool version it holds.
+    advertise: String,
+    version: u64,
+    /// Since when (ms) its detector has declared it dead.
+    dead_since: Option<u64>,
+    /// Since when (ms) it has been alive, dialable and caught up without a break (learners).
+    ready_since: Option<u64>,
+}
+
+impl PeerEntry {
+    fn new(addr: String, detector: Detector) -> Self {
+        Self {
+            addr,
+            detector,
+            state: PeerState::Alive,
+            advertise: String::new(),
+            version: 0,
+            dead_since: None,
+            ready_since: None,
+        }
+    }
 }
 
 struct Current {
@@ -440,7 +480,18 @@ struct Driver {
     seeding: Option<String>,
     /// Each peer's cluster id and whether it lists this node as a voter, from its Hello.
     peer_clusters: HashMap<NodeId, (String, bool)>,
+    /// The address other peers may dial this one at (`cluster.advertise`, else `listen` unless
+    /// it is a wildcard): sent in `Progress`, so that autopilot may promote this peer.
+    advertise: String,
+    /// `[cluster.autopilot]` when enabled.
+    autopilot: Option<autopilot::Settings>,
+    /// After an autopilot step: the membership epoch it was proposed at, and until when (ms)
+    /// no other is proposed at that epoch.
+    autopilot_wait: Option<(u64, u64)>,
 }
+
+/// An autopilot step that has not changed the membership after this long may be proposed again.
+const AUTOPILOT_RETRY_MS: u64 = 10_000;
 
 impl Driver {
     fn now_ms(&self) -> u64 {
@@ -704,11 +755,7 @@ impl Driver {
                 let cfg = self.detector_cfg;
                 self.peers
                     .entry(m.from.clone())
-                    .or_insert_with(|| PeerEntry {
-                        addr: String::new(),
-                        detector: Detector::new(cfg, now),
-                        state: PeerState::Alive,
-                    });
+                    .or_insert_with(|| PeerEntry::new(String::new(), Detector::new(cfg, now)));
                 // A peer at an older membership epoch catches up by learning, never by forming
                 // a quorum of its own: send it what this node learned.
                 let learned = self.node.learned();
@@ -724,6 +771,12 @@ impl Driver {
                 let now = self.now_ms();
                 if let Some(p) = self.peers.get_mut(&m.from) {
                     p.detector.heartbeat(now);
+                }
+            }
+            Body::Progress { version, advertise } => {
+                if let Some(p) = self.peers.get_mut(&m.from) {
+                    p.version = version;
+                    p.advertise = advertise;
                 }
             }
             Body::Paxos { msg } => {
@@ -757,11 +810,10 @@ impl Driver {
             let dial = voter && !addr.is_empty() && (self.role == Role::Learner || self.me < *id);
             self.transport.ensure(id, dial.then_some(addr.as_str()));
             let cfg = self.detector_cfg;
-            let entry = self.peers.entry(id.clone()).or_insert_with(|| PeerEntry {
-                addr: String::new(),
-                detector: Detector::new(cfg, now),
-                state: PeerState::Alive,
-            });
+            let entry = self
+                .peers
+                .entry(id.clone())
+                .or_insert_with(|| PeerEntry::new(String::new(), Detector::new(cfg, now)));
             if entry.addr.is_empty() {
                 entry.addr = addr;
             }
@@ -996,8 +1048,14 @@ impl Driver {
     }
 
     fn heartbeat(&mut self) {
+        let version = self.node.learned().version;
         for id in self.peers.keys() {
             self.transport.send(id, Body::Heartbeat);
+            if !self.advertise.is_empty() {
+                let advertise = self.advertise.clone();
+                self.transport
+                    .send(id, Body::Progress { version, advertise });
+            }
         }
         let now = self.now_ms();
         let mut views = Vec::with_capacity(self.peers.len());
@@ -1029,7 +1087,21 @@ impl Driver {
             }
             if state == PeerState::Dead {
                 dead.push(id.clone());
+                p.dead_since.get_or_insert(now);
+            } else {
+                p.dead_since = None;
             }
+            // A learner is ready for promotion while alive, dialable and at most one version
+            // behind (a change may be on its way to it).
+            let ready = state == PeerState::Alive
+                && !voters.contains(id)
+                && !p.advertise.is_empty()
+                && p.version + 1 >= version;
+            p.ready_since = if ready {
+                p.ready_since.or(Some(now))
+            } else {
+                None
+            };
             let phi = p.detector.phi(now);
             let phi = if phi.is_finite() {
                 (phi * 100.0).round() / 100.0
@@ -1069,6 +1141,71 @@ impl Driver {
         if came_back && self.current.is_none() && self.queue.is_empty() {
             self.enqueue_catch_up();
         }
+        self.autopilot(now);
+    }
+
+    /// `[cluster.autopilot]`: propose the core's next membership step, one at a time (the next
+    /// once the last one changed the membership, or after `AUTOPILOT_RETRY`).
+    fn autopilot(&mut self, now: u64) {
+        let Some(settings) = self.autopilot else {
+            return;
+        };
+        let learned = self.node.learned();
+        if self.node.consensus() != Consensus::Voting
+            || self
+                .autopilot_wait
+                .is_some_and(|(epoch, until)| epoch == learned.epoch && now < until)
+        {
+            return;
+        }
+        let voters: std::collections::BTreeSet<NodeId> = self.node.voters().into_iter().collect();
+        let mut view = autopilot::View {
+            me: self.me.clone(),
+            alive: [self.me.clone()].into_iter().collect(),
+            now,
+            ..Default::default()
+        };
+        for (id, p) in &self.peers {
+            if p.state == PeerState::Alive {
+                view.alive.insert(id.clone());
+            }
+            if let (Some(since), true) = (p.dead_since, voters.contains(id)) {
+                view.dead_since.insert(id.clone(), since);
+            }
+            if let Some(since) = p.ready_since {
+                view.learners.push(autopilot::Ready {
+                    id: id.clone(),
+                    addr: p.advertise.clone(),
+                    since,
+                });
+            }
+        }
+        view.voters = voters;
+        let Some(step) = autopilot::decide(&view, &settings) else {
+            return;
+        };
+        let (change, why) = match step {
+            Step::Remove { id, why } => (PoolChange::RemovePeer { id }, why),
+            Step::Promote { id, addr, why } => (
+                PoolChange::AddPeer {
+                    id,
+                    addr,
+                    learner: false,
+                },
+                why,
+            ),
+        };
+        tracing::warn!(change = change.name(), %why, "autopilot");
+        self.autopilot_wait = Some((learned.epoch, now + AUTOPILOT_RETRY_MS));
+        self.queue.push_back(Queued {
+            change: PoolChange::Autopilot {
+                change: Box::new(change),
+                why,
+            },
+            reply: None,
+            start_by: Instant::now() + START_WITHIN,
+            after_catch_up: false,
+        });
     }
 }
 
@@ -1141,10 +1278,22 @@ fn pool_events(events: &Events, old: &Pool, new: &Pool) {
     }
     if let Some(v) = &d.voters {
         let names: Vec<&str> = v.iter().map(|n| n.as_str()).collect();
+        let by = new.membership_note.as_deref();
+        let note = by.map(|n| format!(" ({n})")).unwrap_or_default();
         events.emit(
             "membership_changed",
-            format!("voters now {} (epoch {})", names.join(", "), new.epoch),
-            json!({ "voters": names, "epoch": new.epoch, "version": new.version }),
+            format!(
+                "voters now {} (epoch {}){note}",
+                names.join(", "),
+                new.epoch
+            ),
+            json!({
+                "voters": names,
+                "epoch": new.epoch,
+                "version": new.version,
+                "by": if by.is_some() { "autopilot" } else { "operator" },
+                "why": by,
+            }),
         );
     }
 }

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod autopilot;
 pub mod balance;
 pub mod detector;
 pub mod discovery;

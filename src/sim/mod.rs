@@ -178,6 +178,8 @@ pub struct Report {
     pub failed_writes: u64,
     /// Committed changes of the voters, and the highest membership epoch reached.
     pub membership_changes: u64,
+    /// Membership changes proposed as autopilot decided them.
+    pub autopilot_steps: u64,
     pub max_epoch: u64,
 }
 
@@ -814,11 +816,77 @@ impl Sim {
         }
     }
 
+    /// Autopilot's step as the lowest live voter of the latest membership would take it now
+    /// (crashed voters dead long enough, every live non-voter ready): the same `decide`, made
+    /// a change through the same `Node` as any other.
+    fn autopilot_change(&mut self) -> Option<PoolChange> {
+        use crate::core::autopilot::{decide, Ready, Settings, Step, View};
+        let latest = self
+            .nodes
+            .iter()
+            .map(|n| n.core.learned())
+            .max_by_key(|p| p.version)?;
+        let voters = latest.voters.clone();
+        let alive: std::collections::BTreeSet<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| n.up)
+            .map(|n| n.id.clone())
+            .collect();
+        let me = voters.iter().find(|v| alive.contains(*v))?.clone();
+        let view = View {
+            me,
+            dead_since: voters
+                .iter()
+                .filter(|v| !alive.contains(*v))
+                .map(|v| (v.clone(), 0))
+                .collect(),
+            learners: alive
+                .iter()
+                .filter(|n| !voters.contains(*n))
+                .map(|id| Ready {
+                    id: id.clone(),
+                    addr: "sim:7001".into(),
+                    since: 0,
+                })
+                .collect(),
+            voters,
+            alive,
+            now: 1,
+        };
+        let settings = Settings {
+            voters: self.cfg.nodes,
+            dead_after_ms: 1,
+            stabilization_ms: 0,
+        };
+        let (change, why) = match decide(&view, &settings)? {
+            Step::Remove { id, why } => (PoolChange::RemovePeer { id }, why),
+            Step::Promote { id, addr, why } => (
+                PoolChange::AddPeer {
+                    id,
+                    addr,
+                    learner: false,
+                },
+                why,
+            ),
+        };
+        self.report.autopilot_steps += 1;
+        Some(PoolChange::Autopilot {
+            change: Box::new(change),
+            why,
+        })
+    }
+
     fn random_change(&mut self) -> PoolChange {
         let b: u32 = self.rng.gen_range(0..4);
         let id = BackendId::new(format!("b{b}"));
         let peer = NodeId::new(format!("n{}", self.rng.gen_range(0..self.nodes.len())));
         if self.cfg.membership && self.rng.gen_bool(0.25) {
+            if self.rng.gen_bool(0.3) {
+                if let Some(change) = self.autopilot_change() {
+                    return change;
+                }
+            }
             return if self.rng.gen_bool(0.5) {
                 PoolChange::AddPeer {
                     id: peer,

@@ -113,6 +113,12 @@ pub enum PoolChange {
         #[serde(default)]
         learner: bool,
     },
+    /// A membership change (`AddPeer` or `RemovePeer`) made by autopilot, and why: the pool
+    /// keeps the reason, so every peer's `membership_changed` event names it.
+    Autopilot {
+        change: Box<PoolChange>,
+        why: String,
+    },
     /// Remove a member; removing a voter starts a new membership epoch and drops its votes.
     RemovePeer {
         id: NodeId,
@@ -196,6 +202,7 @@ impl PoolChange {
             PoolChange::ExpireVotes { .. } => "expire_votes",
             PoolChange::AddPeer { .. } => "add_peer",
             PoolChange::RemovePeer { .. } => "remove_peer",
+            PoolChange::Autopilot { .. } => "autopilot",
             PoolChange::Settle => "settle",
             PoolChange::Sightings { .. } => "sightings",
             PoolChange::Fence { .. } => "fence",

@@ -67,6 +67,9 @@ pub struct Pool {
     /// a pool is cloned at every step of a round, and a change touches one service at most.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, std::sync::Arc<Service>>,
+    /// Why the last membership change was made, when autopilot made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership_note: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -228,8 +231,27 @@ impl Pool {
                     "the cluster has no agreed membership yet".into(),
                 ));
             }
-            PoolChange::AddPeer { id, addr, learner } => next.add_peer(id, addr, *learner)?,
-            PoolChange::RemovePeer { id } => next.remove_peer(id)?,
+            PoolChange::AddPeer { id, addr, learner } => {
+                next.add_peer(id, addr, *learner)?;
+                next.membership_note = None;
+            }
+            PoolChange::RemovePeer { id } => {
+                next.remove_peer(id)?;
+                next.membership_note = None;
+            }
+            PoolChange::Autopilot { change, why } => {
+                if !matches!(
+                    **change,
+                    PoolChange::AddPeer { .. } | PoolChange::RemovePeer { .. }
+                ) {
+                    return Err(ChangeError::InvalidPeer(
+                        "autopilot changes only the membership".into(),
+                    ));
+                }
+                let mut next = self.apply(change, rules)?;
+                next.membership_note = Some(format!("autopilot: {why}"));
+                return Ok(next);
+            }
             PoolChange::ExpireVotes { peer } => next.forget_votes(peer),
             PoolChange::Settle => {}
             PoolChange::Sightings {
