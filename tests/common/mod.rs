@@ -53,8 +53,13 @@ pub struct Backend {
     pub hits: Arc<AtomicU64>,
     pub behavior: Arc<Mutex<Behavior>>,
     pub health_ok: Arc<std::sync::atomic::AtomicBool>,
+    /// Each health probe: the `X-Shoal-Peer` it carried ("" for none) and when it came.
+    pub probes: Probes,
     stop: CancellationToken,
 }
+
+/// The health probes a test backend received.
+pub type Probes = Arc<Mutex<Vec<(String, Instant)>>>;
 
 impl Backend {
     pub async fn start(name: &str, behavior: Behavior) -> Backend {
@@ -70,13 +75,15 @@ impl Backend {
             hits: Arc::new(AtomicU64::new(0)),
             behavior: Arc::new(Mutex::new(behavior)),
             health_ok: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            probes: Probes::default(),
             stop: CancellationToken::new(),
         };
-        let (name, hits, beh, health, stop) = (
+        let (name, hits, beh, health, probes, stop) = (
             b.name.clone(),
             b.hits.clone(),
             b.behavior.clone(),
             b.health_ok.clone(),
+            b.probes.clone(),
             b.stop.clone(),
         );
         tokio::spawn(async move {
@@ -85,18 +92,28 @@ impl Backend {
                     _ = stop.cancelled() => return,
                     a = l.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
                 };
-                let (name, hits, beh, health, stop) = (
+                let (name, hits, beh, health, probes, stop) = (
                     name.clone(),
                     hits.clone(),
                     beh.clone(),
                     health.clone(),
+                    probes.clone(),
                     stop.clone(),
                 );
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (name, hits, beh, health) =
-                            (name.clone(), hits.clone(), beh.clone(), health.clone());
-                        async move { Ok::<_, Infallible>(serve(req, &name, &hits, &beh, &health).await) }
+                        let (name, hits, beh, health, probes) = (
+                            name.clone(),
+                            hits.clone(),
+                            beh.clone(),
+                            health.clone(),
+                            probes.clone(),
+                        );
+                        async move {
+                            Ok::<_, Infallible>(
+                                serve(req, &name, &hits, &beh, (&health, &probes)).await,
+                            )
+                        }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -119,6 +136,17 @@ impl Backend {
         self.hits.load(Ordering::SeqCst)
     }
 
+    /// The peers whose probes came since `since`, with how many each sent.
+    pub fn probers_since(&self, since: Instant) -> std::collections::BTreeMap<String, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for (peer, at) in self.probes.lock().unwrap().iter() {
+            if *at >= since {
+                *out.entry(peer.clone()).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
     /// Like a killed process: the port closes and every open connection drops.
     pub fn kill(&self) {
         self.stop.cancel();
@@ -130,9 +158,16 @@ async fn serve(
     name: &str,
     hits: &AtomicU64,
     beh: &Mutex<Behavior>,
-    health: &std::sync::atomic::AtomicBool,
+    (health, probes): (&std::sync::atomic::AtomicBool, &Probes),
 ) -> Response<Body> {
     if req.uri().path() == "/healthz" {
+        let peer = req
+            .headers()
+            .get("x-shoal-peer")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        probes.lock().unwrap().push((peer, Instant::now()));
         let ok = health.load(Ordering::SeqCst);
         let mut r = Response::new(full(if ok { "ok" } else { "sick" }));
         *r.status_mut() = if ok {
@@ -514,6 +549,54 @@ pub struct PeerPorts {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub cluster: SocketAddr,
+}
+
+impl PeerPorts {
+    /// Fresh loopback ports for peer `id`.
+    pub fn new(id: &str) -> PeerPorts {
+        let port = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+        PeerPorts {
+            id: id.to_string(),
+            proxy: port(),
+            admin: port(),
+            cluster: port(),
+        }
+    }
+}
+
+/// Start peer `p` (not waiting for it) with `known` as its `cluster.peers`, `role`, the keys
+/// `cluster_keys` inside [cluster] (heartbeats every 100 ms unless they say otherwise) and
+/// `extra` after it.
+#[allow(dead_code)]
+pub fn spawn_peer(
+    p: &PeerPorts,
+    known: &[&PeerPorts],
+    role: &str,
+    cluster_keys: &str,
+    extra: &str,
+) -> Shoal {
+    let dir = tempfile::tempdir().unwrap();
+    let peers: Vec<String> = known
+        .iter()
+        .map(|q| format!("{{ id = \"{}\", addr = \"{}\" }}", q.id, q.cluster))
+        .collect();
+    let beat = if cluster_keys.contains("heartbeat_interval") {
+        ""
+    } else {
+        "heartbeat_interval = \"100ms\"\n"
+    };
+    let text = format!(
+        "[node]\nid = \"{}\"\ndata_dir = \"{}\"\n\n[proxy]\nlisten = [\"{}\"]\n\n[admin]\nlisten = \"{}\"\n\n[cluster]\nlisten = \"{}\"\nrole = \"{role}\"\npeers = [{}]\n{beat}{cluster_keys}\n\n{extra}\n",
+        p.id,
+        dir.path().join("data").display(),
+        p.proxy,
+        p.admin,
+        p.cluster,
+        peers.join(", "),
+    );
+    let mut s = Shoal::prepare(&text, p.proxy, p.admin, dir);
+    s.spawn();
+    s
 }
 
 /// Start `n` peers (ids a, b, c, ...) that list each other; `extra(i)` is appended to each

@@ -252,3 +252,49 @@ fn empty_pool_routes_nowhere() {
         assert_eq!(sel.route(Some(7), true, &AllUp).next(), None);
     }
 }
+
+/// Slow start: round robin gives a backend in its ramp `max(0.1, elapsed / slow_start)` of its
+/// weight's turns, in steps, and says when to rebuild; consistent hashing ignores the ramp.
+#[test]
+fn slow_start_ramps_round_robin_only() {
+    let mut p = pool(3);
+    for (i, b) in p.backends.values_mut().enumerate() {
+        b.usable_since = if i == 2 { 10_000 } else { 0 };
+    }
+    let share = |now_ms: u64| {
+        let ramp = Ramp {
+            now_ms,
+            slow_start_ms: 10_000,
+        };
+        let sel = Selector::build_ramped(&p, spec(Algorithm::RoundRobin), Some(ramp));
+        let n = 2_000;
+        let hits = (0..n)
+            .filter(|_| sel.route(None, false, &AllUp).next() == Some(2))
+            .count();
+        (hits as f64 / n as f64, sel.next_step())
+    };
+    // Just usable: 10% of a weight of 1 against two of 1: 0.1 / 2.1.
+    let (s, next) = share(10_000);
+    assert!((s - 0.1 / 2.1).abs() < 0.01, "{s}");
+    assert_eq!(next, Some(11_500));
+    // Half way: 0.5 / 2.5.
+    let (s, next) = share(15_000);
+    assert!((s - 0.2).abs() < 0.01, "{s}");
+    assert_eq!(next, Some(15_500));
+    // Done: a third, nothing more to rebuild for.
+    let (s, next) = share(20_000);
+    assert!((s - 1.0 / 3.0).abs() < 0.01, "{s}");
+    assert_eq!(next, None);
+    // Consistent hashing: the same table as without a ramp.
+    let ramp = Some(Ramp {
+        now_ms: 10_000,
+        slow_start_ms: 10_000,
+    });
+    let ramped = Selector::build_ramped(&p, spec(MAGLEV), ramp);
+    let plain = Selector::build(&p, spec(MAGLEV));
+    for k in 0..500u64 {
+        let key = format!("user-{k}");
+        assert_eq!(first(&ramped, &key), first(&plain, &key));
+    }
+    assert_eq!(ramped.next_step(), None);
+}

@@ -166,9 +166,9 @@ impl Pool {
                     next.backends.insert(b.id.clone(), b);
                 }
                 next.apply_services(services)?;
-                if rules.now_unix_ms > 0 {
-                    next.stamp_usable(self, rules.now_unix_ms);
-                }
+                // Seeded backends start usable at their whole weight (no `usable_since`): a
+                // forming cluster has no traffic to ramp into, as Envoy skips the hosts a
+                // cluster is created with.
                 // Seeding always creates the pool, even an empty one.
                 next.version = self.version + 1;
                 return Ok(next);
@@ -659,6 +659,7 @@ mod tests {
         let capped = Rules {
             cluster_size: 1,
             max_ejected_percent: 0,
+            ..Rules::default()
         };
         let p = seeded(2)
             .apply(
@@ -898,12 +899,12 @@ mod tests {
                 &at(100),
             )
             .unwrap();
-        assert_eq!(since(&p, "b0"), 100);
+        assert_eq!(since(&p, "b0"), 0, "seeded: whole from the start");
         let add = PoolChange::AddBackend {
             backend: Backend::new("b1", "127.0.0.1:2", 1),
         };
         let p = p.apply(&add, &at(200)).unwrap();
-        assert_eq!((since(&p, "b0"), since(&p, "b1")), (100, 200));
+        assert_eq!((since(&p, "b0"), since(&p, "b1")), (0, 200));
         // A weight change or a vote that ejects nothing keeps it.
         let p = p
             .apply(
@@ -969,7 +970,7 @@ mod tests {
         );
         let p = p.apply(&add, &at(1_000)).unwrap();
         assert_eq!(p.backends_of("api").unwrap()[&id("s0")].usable_since, 1_000);
-        assert_eq!(since(&p, "b0"), 100);
+        assert_eq!(since(&p, "b0"), 0);
     }
 
     #[test]
