@@ -16,6 +16,7 @@ fn commit(p: &mut Proposer, accs: &mut BTreeMap<NodeId, Acceptor>, change: PoolC
         Rules {
             cluster_size: 3,
             max_ejected_percent: 50,
+            ..Rules::default()
         },
         0,
         &mut out,

@@ -463,8 +463,10 @@ pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
                     let running = alive.iter().filter(|a| **a).count();
                     let want = cfg.probers.min(running);
                     for b in 0..cfg.backends {
-                        let n = (0..cfg.peers)
-                            .filter(|&p| alive[p] && probing[p][b])
+                        let n = alive
+                            .iter()
+                            .zip(&probing)
+                            .filter(|(up, probes)| **up && probes[b])
                             .count();
                         report.prober_checks += 1;
                         if n != want {

@@ -61,7 +61,7 @@ impl Ramp {
             return weight * RAMP_STEPS;
         }
         let step = (elapsed * u64::from(RAMP_STEPS) / self.slow_start_ms) as u32;
-        weight * step.max(RAMP_STEPS / 10).min(RAMP_STEPS)
+        weight * step.clamp(RAMP_STEPS / 10, RAMP_STEPS)
     }
 
     /// When the effective weight of a backend usable since `usable_since` next changes (None
