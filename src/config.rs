@@ -1557,6 +1557,34 @@ mod tests {
     }
 
     #[test]
+    fn cluster_feature_keys_default_off_and_are_checked() {
+        let c = parse("[node]\nid = \"a\"\n").unwrap();
+        assert_eq!((c.health.probers, c.health.slow_start), (0, Duration::ZERO));
+        assert!(!c.cluster.autopilot.enabled && c.cluster.advertise.is_empty());
+        assert_eq!(c.cluster.autopilot.voters, 3);
+        let c = parse(
+            "[node]\nid = \"a\"\n[health]\nprobers = 3\nslow_start = \"30s\"\n[cluster]\nadvertise = \"10.0.0.4:7001\"\n[cluster.autopilot]\nenabled = true\nvoters = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.rules().probers, 3);
+        assert_eq!(c.health.slow_start, Duration::from_secs(30));
+        assert_eq!(c.cluster.autopilot.voters, 5);
+        for (bad, key) in [
+            ("[health]\nprobers = -1", "health.probers"),
+            ("[health]\nslow_start = \"2d\"", "health.slow_start"),
+            ("[cluster]\nadvertise = \"nowhere\"", "cluster.advertise"),
+            ("[cluster.autopilot]\nvoters = 4", "cluster.autopilot.voters"),
+            ("[cluster.autopilot]\nturbo = true", "cluster.autopilot.turbo"),
+        ] {
+            let all = parse(&format!("[node]\nid = \"a\"\n{bad}\n"))
+                .unwrap_err()
+                .0
+                .join("\n");
+            assert!(all.contains(&format!("{key}:")), "{key} in {all}");
+        }
+    }
+
+    #[test]
     fn env_overrides_win_and_lists_split() {
         let c = parse_env(
             "[node]\nid = \"a\"\n[admin]\nlisten = \"127.0.0.1:9901\"\n",
