@@ -19,18 +19,14 @@
 //! runs beside them: every proxy's peak and settled memory and descriptors, and wrk's requests
 //! per proxy CPU-second.
 
+mod support;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::{free_port, http_call, shoal_run, wait_port, Proc};
 
 /// Whether table `name` is to run: E2E_TABLES lists them (small, hash, big, h2, tls, idle, change;
 /// default all).
@@ -82,43 +78,6 @@ fn children(pid: u32) -> Vec<u32> {
         );
     }
     v
-}
-
-fn wait_port(what: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("{what}: nothing listening on {port} after 10 s (did it start? is the port taken?)");
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        std::thread::sleep(Duration::from_millis(200));
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `shoal run` on `config` (a whole config's text, written beside the others as `name.toml`).
-fn shoal_run(shoal: &Path, dir: &Path, name: &str, config: &str) -> Proc {
-    let cfg = dir.join(format!("{name}.toml"));
-    std::fs::write(&cfg, config).unwrap();
-    Proc(
-        Command::new(shoal)
-            .args(["run", "--config", cfg.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
 }
 
 fn nginx(dir: &Path, name: &str, body: &str) -> Proc {
@@ -243,25 +202,6 @@ fn open_idle(port: u16, n: usize) -> (Vec<std::net::TcpStream>, usize) {
 }
 
 /// One HTTP/1.1 request on a new connection (`Connection: close`); the status code.
-fn http_call(port: u16, method: &str, path: &str, body: &str) -> u16 {
-    use std::io::{Read, Write};
-    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return 0;
-    };
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut out = String::new();
-    if c.write_all(req.as_bytes()).is_err() || c.read_to_string(&mut out).is_err() {
-        return 0;
-    }
-    out.split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// One HAProxy runtime API command; true when it answered nothing but a blank line (success).
 fn haproxy_cmd(sock: &Path, cmd: &str) -> bool {
     use std::io::{Read, Write};

@@ -1573,8 +1573,14 @@ mod tests {
             ("[health]\nprobers = -1", "health.probers"),
             ("[health]\nslow_start = \"2d\"", "health.slow_start"),
             ("[cluster]\nadvertise = \"nowhere\"", "cluster.advertise"),
-            ("[cluster.autopilot]\nvoters = 4", "cluster.autopilot.voters"),
-            ("[cluster.autopilot]\nturbo = true", "cluster.autopilot.turbo"),
+            (
+                "[cluster.autopilot]\nvoters = 4",
+                "cluster.autopilot.voters",
+            ),
+            (
+                "[cluster.autopilot]\nturbo = true",
+                "cluster.autopilot.turbo",
+            ),
         ] {
             let all = parse(&format!("[node]\nid = \"a\"\n{bad}\n"))
                 .unwrap_err()

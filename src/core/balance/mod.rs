@@ -51,7 +51,7 @@ pub struct Ramp {
 }
 
 /// A ramp's resolution: the effective weight changes at most this many times.
-pub const RAMP_STEPS: u32 = 20;
+pub const RAMP_STEPS: u32 = 50;
 
 impl Ramp {
     /// The effective weight, scaled by `RAMP_STEPS` (a full weight is `weight × RAMP_STEPS`).

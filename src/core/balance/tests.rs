@@ -276,11 +276,11 @@ fn slow_start_ramps_round_robin_only() {
     // Just usable: 10% of a weight of 1 against two of 1: 0.1 / 2.1.
     let (s, next) = share(10_000);
     assert!((s - 0.1 / 2.1).abs() < 0.01, "{s}");
-    assert_eq!(next, Some(11_500));
+    assert_eq!(next, Some(11_200));
     // Half way: 0.5 / 2.5.
     let (s, next) = share(15_000);
     assert!((s - 0.2).abs() < 0.01, "{s}");
-    assert_eq!(next, Some(15_500));
+    assert_eq!(next, Some(15_200));
     // Done: a third, nothing more to rebuild for.
     let (s, next) = share(20_000);
     assert!((s - 1.0 / 3.0).abs() < 0.01, "{s}");
