@@ -144,7 +144,7 @@ pub async fn check(target: &Target, path: &str, timeout: Duration, peer: &str) -
             .header(http::header::HOST, target.authority())
             .header(http::header::USER_AGENT, "shoal-health")
             .header(http::header::CONNECTION, "close")
-            .header(crate::proxy::upstream::h1::PEER_HEADER, peer)
+            .header(crate::net::PEER_HEADER, peer)
             .body(Empty::new())
             .ok()?;
         let resp = sender.try_send_request(req).await.ok()?;

@@ -481,7 +481,8 @@ struct Driver {
     /// Each peer's cluster id and whether it lists this node as a voter, from its Hello.
     peer_clusters: HashMap<NodeId, (String, bool)>,
     /// The address other peers may dial this one at (`cluster.advertise`, else `listen` unless
-    /// it is a wildcard): sent in `Progress`, so that autopilot may promote this peer.
+    /// it is a wildcard): sent in `Progress` while it is not a voter, so that autopilot may
+    /// promote it.
     advertise: String,
     /// `[cluster.autopilot]` when enabled.
     autopilot: Option<autopilot::Settings>,
@@ -1049,9 +1050,11 @@ impl Driver {
 
     fn heartbeat(&mut self) {
         let version = self.node.learned().version;
+        // Only a peer outside the voters may be promoted: only it says where and how far it is.
+        let promotable = !self.advertise.is_empty() && !self.node.voters().contains(&self.me);
         for id in self.peers.keys() {
             self.transport.send(id, Body::Heartbeat);
-            if !self.advertise.is_empty() {
+            if promotable {
                 let advertise = self.advertise.clone();
                 self.transport
                     .send(id, Body::Progress { version, advertise });

@@ -55,8 +55,9 @@ pub enum Body {
         cluster: String,
     },
     Heartbeat,
-    /// With each heartbeat: the address the sender may be dialed at (`cluster.advertise`) and
-    /// the pool version it holds (autopilot promotes learners that are caught up).
+    /// With each heartbeat of a peer that is not a voter: the address it may be dialed at
+    /// (`cluster.advertise`) and the pool version it holds (autopilot promotes learners that are
+    /// caught up).
     Progress {
         version: u64,
         advertise: String,

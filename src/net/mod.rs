@@ -25,6 +25,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+/// The header naming the peer that sends a health probe (`X-Shoal-Peer: ID`).
+pub const PEER_HEADER: &str = "x-shoal-peer";
+
 /// How long to wait after a failed `accept` (EMFILE and friends) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 

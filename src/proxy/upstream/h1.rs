@@ -368,9 +368,6 @@ impl std::fmt::Display for BadAnswer {
 
 impl std::error::Error for BadAnswer {}
 
-/// The header naming the peer that sends a health probe.
-pub const PEER_HEADER: &str = "x-shoal-peer";
-
 /// One health probe of an HTTP/1 backend over the same client as traffic: GET `path` on a
 /// fresh connection, passing on a 2xx whose body ends where its framing says (an answer that
 /// traffic could not pass on fails the probe too).
@@ -394,7 +391,7 @@ pub async fn probe(target: &crate::net::Target, path: &str, peer: &str) -> bool 
     );
     h.insert(header::CONNECTION, http::HeaderValue::from_static("close"));
     if let Ok(peer) = http::HeaderValue::from_str(peer) {
-        h.insert(PEER_HEADER, peer);
+        h.insert(crate::net::PEER_HEADER, peer);
     }
     let Ok(resp) = Box::new(H1Conn::new(io)).send(&mut req, None).await else {
         return false;
