@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{free_port, http_call, shoal_run, wait_port, Proc};
+use support::{free_port, http_call, read_head, shoal_run, wait_port, Proc};
 
 fn wanted(name: &str) -> bool {
     std::env::var("FEATURES_TABLES").map_or(true, |v| v.split(',').any(|t| t.trim() == name))
@@ -60,17 +60,10 @@ impl Backend {
 
 fn serve(mut s: TcpStream, name: &str, probes: &Mutex<BTreeMap<String, u64>>) {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
     loop {
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            continue;
+        let Some(head) = read_head(&mut s, &mut buf) else {
+            return;
         };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        buf.drain(..end + 4);
         if head.starts_with("get /healthz") {
             let peer = head
                 .lines()
@@ -197,23 +190,17 @@ fn probes_table(shoal: &Path, secs: u64) {
 fn get(c: &mut TcpStream) -> Option<String> {
     c.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n").ok()?;
     let mut buf = Vec::new();
+    let head = read_head(c, &mut buf)?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())?;
     let mut chunk = [0u8; 1024];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())?;
-            while buf.len() < end + 4 + len {
-                let n = c.read(&mut chunk).ok().filter(|n| *n > 0)?;
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            return Some(String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned());
-        }
+    while buf.len() < len {
         let n = c.read(&mut chunk).ok().filter(|n| *n > 0)?;
         buf.extend_from_slice(&chunk[..n]);
     }
+    Some(String::from_utf8_lossy(&buf[..len]).into_owned())
 }
 
 const BUCKET_MS: u64 = 500;

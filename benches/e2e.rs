@@ -1001,20 +1001,14 @@ fn early_backend() -> u16 {
                 let mut buf = Vec::new();
                 let mut chunk = vec![0u8; 64 * 1024];
                 loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut chunk) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
+                    let Some(head) = support::read_head(&mut s, &mut buf) else {
+                        return;
                     };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
                     let mut left: usize = head
                         .lines()
                         .find_map(|l| l.strip_prefix("content-length:"))
                         .and_then(|v| v.trim().parse().ok())
                         .unwrap_or(0);
-                    buf.drain(..end + 4);
                     if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
                         .is_err()
                     {

@@ -13,25 +13,7 @@ use common::*;
 use serde_json::json;
 
 /// One peer's ports.
-#[derive(Clone)]
-struct Ports {
-    id: String,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    cluster: SocketAddr,
-}
-
-impl Ports {
-    fn new(id: &str) -> Ports {
-        let port = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
-        Ports {
-            id: id.to_string(),
-            proxy: port(),
-            admin: port(),
-            cluster: port(),
-        }
-    }
-}
+type Ports = PeerPorts;
 
 /// A peer that lists `known` as its `cluster.peers` (to form or to find the cluster).
 fn peer(p: &Ports, known: &[&Ports], role: &str, extra: &str) -> Shoal {
@@ -39,21 +21,7 @@ fn peer(p: &Ports, known: &[&Ports], role: &str, extra: &str) -> Shoal {
 }
 
 fn peer_env(p: &Ports, known: &[&Ports], role: &str, extra: &str, env: &[(&str, &str)]) -> Shoal {
-    let dir = tempfile::tempdir().unwrap();
-    let peers: Vec<String> = known
-        .iter()
-        .map(|q| format!("{{ id = \"{}\", addr = \"{}\" }}", q.id, q.cluster))
-        .collect();
-    let text = format!(
-        "[node]\nid = \"{}\"\ndata_dir = \"{}\"\n\n[proxy]\nlisten = [\"{}\"]\n\n[admin]\nlisten = \"{}\"\n\n[cluster]\nlisten = \"{}\"\nrole = \"{role}\"\npeers = [{}]\nheartbeat_interval = \"100ms\"\ndead_after = \"2s\"\n\n{extra}\n",
-        p.id,
-        dir.path().join("data").display(),
-        p.proxy,
-        p.admin,
-        p.cluster,
-        peers.join(", "),
-    );
-    let mut s = Shoal::prepare(&text, p.proxy, p.admin, dir);
+    let mut s = prepare_peer(p, known, role, "dead_after = \"2s\"", extra);
     s.env = env
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

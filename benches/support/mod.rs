@@ -71,3 +71,21 @@ pub fn http_call(port: u16, method: &str, path: &str, body: &str) -> u16 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
+
+/// Read from `s` into `buf` until a request or response head is complete; the head (lowercased)
+/// leaves `buf`, what followed it stays. None when the peer closes or fails first.
+pub fn read_head(s: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    use std::io::Read;
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}

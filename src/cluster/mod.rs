@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Role};
-use crate::core::autopilot::{self, Step};
+use crate::core::autopilot;
 use crate::core::detector::{Detector, DetectorConfig, PeerState, PeerView};
 use crate::core::paxos::{Consensus, Effects, Node, Outcome, ProposerConfig};
 use crate::core::pool::{BackendState, ChangeError, NodeId, Pool, PoolChange, PoolDiff, Rules};
@@ -1187,24 +1187,10 @@ impl Driver {
         let Some(step) = autopilot::decide(&view, &settings) else {
             return;
         };
-        let (change, why) = match step {
-            Step::Remove { id, why } => (PoolChange::RemovePeer { id }, why),
-            Step::Promote { id, addr, why } => (
-                PoolChange::AddPeer {
-                    id,
-                    addr,
-                    learner: false,
-                },
-                why,
-            ),
-        };
-        tracing::warn!(change = change.name(), %why, "autopilot");
+        tracing::warn!(step = ?step, "autopilot");
         self.autopilot_wait = Some((learned.epoch, now + AUTOPILOT_RETRY_MS));
         self.queue.push_back(Queued {
-            change: PoolChange::Autopilot {
-                change: Box::new(change),
-                why,
-            },
+            change: step.into_change(),
             reply: None,
             start_by: Instant::now() + START_WITHIN,
             after_catch_up: false,

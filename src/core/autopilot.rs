@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::pool::NodeId;
+use super::pool::{NodeId, PoolChange};
 
 /// `[cluster.autopilot]`, in milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +53,27 @@ pub enum Step {
         addr: String,
         why: String,
     },
+}
+
+impl Step {
+    /// The change that makes this step, carrying its reason.
+    pub fn into_change(self) -> PoolChange {
+        let (change, why) = match self {
+            Step::Remove { id, why } => (PoolChange::RemovePeer { id }, why),
+            Step::Promote { id, addr, why } => (
+                PoolChange::AddPeer {
+                    id,
+                    addr,
+                    learner: false,
+                },
+                why,
+            ),
+        };
+        PoolChange::Autopilot {
+            change: Box::new(change),
+            why,
+        }
+    }
 }
 
 /// The next step, if any. Only the live voter with the lowest id acts (the others would propose

@@ -820,7 +820,7 @@ impl Sim {
     /// (crashed voters dead long enough, every live non-voter ready): the same `decide`, made
     /// a change through the same `Node` as any other.
     fn autopilot_change(&mut self) -> Option<PoolChange> {
-        use crate::core::autopilot::{decide, Ready, Settings, Step, View};
+        use crate::core::autopilot::{decide, Ready, Settings, View};
         let latest = self
             .nodes
             .iter()
@@ -859,22 +859,9 @@ impl Sim {
             dead_after_ms: 1,
             stabilization_ms: 0,
         };
-        let (change, why) = match decide(&view, &settings)? {
-            Step::Remove { id, why } => (PoolChange::RemovePeer { id }, why),
-            Step::Promote { id, addr, why } => (
-                PoolChange::AddPeer {
-                    id,
-                    addr,
-                    learner: false,
-                },
-                why,
-            ),
-        };
+        let step = decide(&view, &settings)?;
         self.report.autopilot_steps += 1;
-        Some(PoolChange::Autopilot {
-            change: Box::new(change),
-            why,
-        })
+        Some(step.into_change())
     }
 
     fn random_change(&mut self) -> PoolChange {

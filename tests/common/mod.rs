@@ -544,6 +544,7 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 /// Ports and config of one peer of a test cluster.
+#[derive(Clone)]
 pub struct PeerPorts {
     pub id: String,
     pub proxy: SocketAddr,
@@ -564,11 +565,9 @@ impl PeerPorts {
     }
 }
 
-/// Start peer `p` (not waiting for it) with `known` as its `cluster.peers`, `role`, the keys
-/// `cluster_keys` inside [cluster] (heartbeats every 100 ms unless they say otherwise) and
-/// `extra` after it.
-#[allow(dead_code)]
-pub fn spawn_peer(
+/// Peer `p`, not started: `known` as its `cluster.peers`, `role`, the keys `cluster_keys` inside
+/// [cluster] (heartbeats every 100 ms unless they say otherwise) and `extra` after it.
+pub fn prepare_peer(
     p: &PeerPorts,
     known: &[&PeerPorts],
     role: &str,
@@ -594,7 +593,19 @@ pub fn spawn_peer(
         p.cluster,
         peers.join(", "),
     );
-    let mut s = Shoal::prepare(&text, p.proxy, p.admin, dir);
+    Shoal::prepare(&text, p.proxy, p.admin, dir)
+}
+
+/// `prepare_peer`, started (not waited for).
+#[allow(dead_code)]
+pub fn spawn_peer(
+    p: &PeerPorts,
+    known: &[&PeerPorts],
+    role: &str,
+    cluster_keys: &str,
+    extra: &str,
+) -> Shoal {
+    let mut s = prepare_peer(p, known, role, cluster_keys, extra);
     s.spawn();
     s
 }
@@ -608,35 +619,18 @@ pub async fn start_cluster(
     extra: impl Fn(usize) -> String,
 ) -> Vec<Shoal> {
     let ports: Vec<PeerPorts> = (0..n)
-        .map(|i| PeerPorts {
-            id: ((b'a' + i as u8) as char).to_string(),
-            proxy: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            cluster: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        })
+        .map(|i| PeerPorts::new(&((b'a' + i as u8) as char).to_string()))
         .collect();
     let mut nodes = Vec::new();
     for (i, p) in ports.iter().enumerate() {
-        let dir = tempfile::tempdir().unwrap();
-        let peers: Vec<String> = ports
-            .iter()
-            .filter(|q| q.id != p.id)
-            .map(|q| format!("{{ id = \"{}\", addr = \"{}\" }}", q.id, q.cluster))
-            .collect();
-        let text = format!(
-            "[node]\nid = \"{}\"\ndata_dir = \"{}\"\n\n[proxy]\nlisten = [\"{}\"]\n\n[admin]\nlisten = \"{}\"\n\n[cluster]\nlisten = \"{}\"\npeers = [{}]\nheartbeat_interval = \"100ms\"\n{}\n\n{}\n",
-            p.id,
-            dir.path().join("data").display(),
-            p.proxy,
-            p.admin,
-            p.cluster,
-            peers.join(", "),
-            cluster_extra(i),
-            extra(i)
-        );
-        let mut s = Shoal::prepare(&text, p.proxy, p.admin, dir);
-        s.spawn();
-        nodes.push(s);
+        let others: Vec<&PeerPorts> = ports.iter().filter(|q| q.id != p.id).collect();
+        nodes.push(spawn_peer(
+            p,
+            &others,
+            "voter",
+            &cluster_extra(i),
+            &extra(i),
+        ));
     }
     for s in &nodes {
         s.wait_ready().await;
