@@ -2,8 +2,9 @@
 //! `health.probers` is set) is probed (GET `health.path` with `X-Shoal-Peer: ID` on a fresh
 //! connection of the backend's own protocol, HTTP/1.1 through the data plane's own client, or
 //! HTTP/2; a 2xx within `health.timeout` passes) every `health.interval` with ±10% jitter, and
-//! each result is handed to whoever owns the local view. This module knows no routing table and no cluster:
-//! the consumer hands it a `Probed` (its own small seam), and `app` wires the two.
+//! each result is handed to whoever owns the local view. This module knows no routing table
+//! and no cluster: the consumer hands it a `Probed` (its own small seam), and `app` wires the
+//! two.
 
 use std::collections::HashMap;
 use std::sync::Arc;
