@@ -166,317 +166,370 @@ fn vote(flip: Local, backend: usize, peer: &NodeId) -> PoolChange {
     }
 }
 
+/// One run's world: the agreed pool, every peer's local views and detectors, the event queue.
+struct World<'a> {
+    cfg: &'a HealthSimConfig,
+    rng: ChaCha8Rng,
+    ids: Vec<NodeId>,
+    rules: Rules,
+    pool: Pool,
+    /// local[peer][backend]: the peer's view (voters, then learners).
+    local: Vec<Vec<LocalHealth>>,
+    dcfg: DetectorConfig,
+    /// detectors[i][j]: voter i's view of voter j, and the state it last reported.
+    detectors: Vec<Vec<Detector>>,
+    peer_state: Vec<Vec<PeerState>>,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: Slots,
+    seq: u64,
+    /// Learners' lives: up or gone, and which life a queued probe belongs to.
+    learner_up: Vec<bool>,
+    life: Vec<u64>,
+    alive: Vec<bool>,
+    /// Whether each voter probed each backend at its last turn.
+    probing: Vec<Vec<bool>>,
+    /// The last crash or restart: views settle within `settle_ms` of it.
+    last_turn: u64,
+    settle_ms: u64,
+    dead_backend: Option<usize>,
+    kill_at: u64,
+    down_on: Vec<bool>,
+    report: HealthReport,
+}
+
 pub fn run(seed: u64, cfg: &HealthSimConfig) -> HealthReport {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let ids: Vec<NodeId> = (0..cfg.peers)
-        .map(|i| NodeId::new(format!("p{i}")))
-        .chain((0..cfg.learners).map(|i| NodeId::new(format!("l{i}"))))
-        .collect();
-    let total = cfg.peers + cfg.learners;
-    // Learners' lives: up or gone.
-    let mut learner_up = vec![false; cfg.learners];
-    let rules = Rules {
-        cluster_size: cfg.peers,
-        max_ejected_percent: 50,
-        probers: cfg.probers,
-        ..Rules::default()
-    };
-    let backends: Vec<Backend> = (0..cfg.backends)
-        .map(|i| Backend::new(format!("b{i}"), format!("10.0.0.{i}:80"), 1))
-        .collect();
-    // With learners or probers, the pool names its voters (as a formed cluster's does).
-    let seed = if (cfg.learners > 0 || cfg.probers > 0) && !cfg.learner_votes_count {
-        PoolChange::Seed {
-            backends,
-            cluster_id: "sim".into(),
-            voters: ids[..cfg.peers].iter().cloned().collect(),
-            services: Vec::new(),
-        }
-    } else {
-        PoolChange::seed(backends)
-    };
-    let mut pool = Pool::default().apply(&seed, &rules).unwrap_or_default();
-    let mut local: Vec<Vec<LocalHealth>> = vec![vec![LocalHealth::default(); cfg.backends]; total];
-    let dcfg = DetectorConfig {
-        interval_ms: cfg.heartbeat_ms,
-        phi_threshold: cfg.phi_threshold,
-        dead_after_ms: cfg.dead_after_ms,
-    };
-    // detectors[i][j]: peer i's view of peer j.
-    let mut detectors: Vec<Vec<Detector>> = (0..cfg.peers)
-        .map(|_| (0..cfg.peers).map(|_| Detector::new(dcfg, 0)).collect())
-        .collect();
-    let mut peer_state = vec![vec![PeerState::Alive; cfg.peers]; cfg.peers];
-    let mut queue: BinaryHeap<Reverse<(u64, u64, usize)>> = BinaryHeap::new();
-    let mut events = Slots::default();
-    let mut seq = 0u64;
-    let mut push =
-        |queue: &mut BinaryHeap<Reverse<(u64, u64, usize)>>, events: &mut Slots, at: u64, e: Ev| {
-            seq += 1;
-            let slot = events.put(e);
-            queue.push(Reverse((at, seq, slot)));
-        };
-    for p in 0..cfg.peers {
-        for b in 0..cfg.backends {
-            let at = rng.gen_range(0..cfg.probe_interval_ms);
-            push(
-                &mut queue,
-                &mut events,
-                at,
-                Ev::Probe {
-                    peer: p,
-                    backend: b,
-                },
-            );
-        }
-        let at = rng.gen_range(0..cfg.heartbeat_ms);
-        push(&mut queue, &mut events, at, Ev::Beat { from: p });
-    }
-    for l in 0..cfg.learners {
-        let at = rng.gen_range(0..30_000);
-        push(&mut queue, &mut events, at, Ev::Toggle { learner: l });
-    }
-    push(&mut queue, &mut events, 1_000, Ev::Check);
-    if cfg.crashes {
-        for p in 0..cfg.peers {
-            let at = rng.gen_range(600_000..3_600_000);
-            push(&mut queue, &mut events, at, Ev::Crash { peer: p });
-        }
-    }
-    let mut alive = vec![true; cfg.peers];
-    // Whether each peer probed each backend at its last turn.
-    let mut probing = vec![vec![true; cfg.backends]; cfg.peers];
-    // The last crash or restart: views settle within dead_after and a few heartbeats.
-    let mut last_turn = 0u64;
-    let settle_ms = cfg.dead_after_ms + 20 * cfg.heartbeat_ms + 2 * cfg.probe_interval_ms;
-    let mut report = HealthReport::default();
-    let dead_backend = cfg.kill.map(|(b, _)| b);
-    let kill_at = cfg.kill.map(|(_, t)| t).unwrap_or(u64::MAX);
-    let mut down_on: Vec<bool> = vec![false; cfg.peers];
-    // Probes of learners in the queue that belong to an earlier life.
-    let mut life = vec![0u64; cfg.learners];
-    while let Some(Reverse((now, _, idx))) = queue.pop() {
+    let mut w = World::new(seed, cfg);
+    while let Some(Reverse((now, _, idx))) = w.queue.pop() {
         if now > cfg.duration_ms {
             break;
         }
-        let Some(ev) = events.take(idx) else {
+        let Some(ev) = w.events.take(idx) else {
             continue;
         };
         match ev {
-            Ev::Toggle { learner } => {
-                learner_up[learner] = !learner_up[learner];
-                life[learner] += 1;
-                if learner_up[learner] {
-                    // A new process: fresh local views, probing from now on.
-                    let peer = cfg.peers + learner;
-                    local[peer] = vec![LocalHealth::default(); cfg.backends];
-                    for b in 0..cfg.backends {
-                        let at = now + rng.gen_range(0..cfg.probe_interval_ms);
-                        push(
-                            &mut queue,
-                            &mut events,
-                            at,
-                            Ev::LearnerProbe {
-                                learner,
-                                backend: b,
-                                life: life[learner],
-                            },
-                        );
-                    }
-                }
-                let at = now + rng.gen_range(5_000..120_000);
-                push(&mut queue, &mut events, at, Ev::Toggle { learner });
-            }
+            Ev::Toggle { learner } => w.toggle(now, learner),
             Ev::LearnerProbe {
                 learner,
                 backend,
-                life: l,
-            } => {
-                if !learner_up[learner] || life[learner] != l {
-                    continue;
-                }
-                let peer = cfg.peers + learner;
-                // It reaches no backend.
-                if let Some(flip) =
-                    local[peer][backend].record(Source::Probe, false, &cfg.thresholds)
-                {
-                    let change = vote(flip, backend, &ids[peer]);
-                    push(
-                        &mut queue,
-                        &mut events,
-                        now + cfg.commit_ms,
-                        Ev::Commit { change },
-                    );
-                }
-                push(
-                    &mut queue,
-                    &mut events,
-                    now + cfg.probe_interval_ms,
-                    Ev::LearnerProbe {
-                        learner,
-                        backend,
-                        life: l,
+                life,
+            } => w.learner_probe(now, learner, backend, life),
+            Ev::Probe { peer, backend } => w.probe(now, peer, backend),
+            Ev::Crash { peer } => w.crash(now, peer),
+            Ev::Restart { peer } => w.restart(now, peer),
+            Ev::Beat { from } => w.beat(now, from),
+            Ev::Commit { change } => w.commit(now, &change),
+            Ev::Check => w.check(now),
+        }
+    }
+    w.report
+}
+
+impl<'a> World<'a> {
+    fn new(seed: u64, cfg: &'a HealthSimConfig) -> Self {
+        let ids: Vec<NodeId> = (0..cfg.peers)
+            .map(|i| NodeId::new(format!("p{i}")))
+            .chain((0..cfg.learners).map(|i| NodeId::new(format!("l{i}"))))
+            .collect();
+        let rules = Rules {
+            cluster_size: cfg.peers,
+            max_ejected_percent: 50,
+            probers: cfg.probers,
+            ..Rules::default()
+        };
+        let backends: Vec<Backend> = (0..cfg.backends)
+            .map(|i| Backend::new(format!("b{i}"), format!("10.0.0.{i}:80"), 1))
+            .collect();
+        // With learners or probers, the pool names its voters (as a formed cluster's does).
+        let seed_change = if (cfg.learners > 0 || cfg.probers > 0) && !cfg.learner_votes_count {
+            PoolChange::Seed {
+                backends,
+                cluster_id: "sim".into(),
+                voters: ids[..cfg.peers].iter().cloned().collect(),
+                services: Vec::new(),
+            }
+        } else {
+            PoolChange::seed(backends)
+        };
+        let dcfg = DetectorConfig {
+            interval_ms: cfg.heartbeat_ms,
+            phi_threshold: cfg.phi_threshold,
+            dead_after_ms: cfg.dead_after_ms,
+        };
+        let mut w = World {
+            cfg,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            pool: Pool::default()
+                .apply(&seed_change, &rules)
+                .unwrap_or_default(),
+            rules,
+            local: vec![vec![LocalHealth::default(); cfg.backends]; cfg.peers + cfg.learners],
+            dcfg,
+            detectors: (0..cfg.peers)
+                .map(|_| (0..cfg.peers).map(|_| Detector::new(dcfg, 0)).collect())
+                .collect(),
+            peer_state: vec![vec![PeerState::Alive; cfg.peers]; cfg.peers],
+            queue: BinaryHeap::new(),
+            events: Slots::default(),
+            seq: 0,
+            learner_up: vec![false; cfg.learners],
+            life: vec![0; cfg.learners],
+            alive: vec![true; cfg.peers],
+            probing: vec![vec![true; cfg.backends]; cfg.peers],
+            last_turn: 0,
+            settle_ms: cfg.dead_after_ms + 20 * cfg.heartbeat_ms + 2 * cfg.probe_interval_ms,
+            dead_backend: cfg.kill.map(|(b, _)| b),
+            kill_at: cfg.kill.map(|(_, t)| t).unwrap_or(u64::MAX),
+            down_on: vec![false; cfg.peers],
+            ids,
+            report: HealthReport::default(),
+        };
+        for p in 0..cfg.peers {
+            for b in 0..cfg.backends {
+                let at = w.rng.gen_range(0..cfg.probe_interval_ms);
+                w.push(
+                    at,
+                    Ev::Probe {
+                        peer: p,
+                        backend: b,
                     },
                 );
             }
-            Ev::Probe { peer, backend } => {
-                let jitter = rng.gen_range(0.9..=1.1);
-                let next = now + (cfg.probe_interval_ms as f64 * jitter) as u64;
-                push(&mut queue, &mut events, next, Ev::Probe { peer, backend });
-                if !alive[peer] {
-                    continue;
-                }
-                if cfg.probers > 0 {
-                    let dead_here: Vec<NodeId> = (0..cfg.peers)
-                        .filter(|&j| peer_state[peer][j] == PeerState::Dead)
-                        .map(|j| ids[j].clone())
-                        .collect();
-                    let id = BackendId::new(format!("b{backend}"));
-                    let assigned =
-                        is_prober(&id, &pool.voters, &dead_here, cfg.probers, &ids[peer])
-                            || (cfg.probers_never_stop && probing[peer][backend]);
-                    if !assigned {
-                        // Its probes' verdict goes, and so does its vote.
-                        local[peer][backend].forget_probes();
-                        probing[peer][backend] = false;
-                        if pool.backends[&id].down_votes.contains(&ids[peer]) {
-                            let change = vote(Local::Up, backend, &ids[peer]);
-                            push(
-                                &mut queue,
-                                &mut events,
-                                now + cfg.commit_ms,
-                                Ev::Commit { change },
-                            );
-                        }
-                        continue;
-                    }
-                    probing[peer][backend] = true;
-                }
-                report.probes += 1;
-                let dead = dead_backend == Some(backend) && now >= kill_at;
-                let ok = !dead && !rng.gen_bool(cfg.loss);
-                let flipped = local[peer][backend].record(Source::Probe, ok, &cfg.thresholds);
-                // (A peer whose view went down just before the kill is down on it too.)
-                if dead && local[peer][backend].state() == Local::Down && !down_on[peer] {
-                    down_on[peer] = true;
-                    if down_on.iter().all(|d| *d) && report.detect_local_ms.is_none() {
-                        report.detect_local_ms = Some(now - kill_at);
-                    }
-                }
-                if let Some(flip) = flipped {
-                    if flip == Local::Down && !dead {
-                        report.false_local_downs += 1;
-                    }
-                    let change = vote(flip, backend, &ids[peer]);
-                    push(
-                        &mut queue,
-                        &mut events,
-                        now + cfg.commit_ms,
-                        Ev::Commit { change },
-                    );
-                }
+            let at = w.rng.gen_range(0..cfg.heartbeat_ms);
+            w.push(at, Ev::Beat { from: p });
+        }
+        for l in 0..cfg.learners {
+            let at = w.rng.gen_range(0..30_000);
+            w.push(at, Ev::Toggle { learner: l });
+        }
+        w.push(1_000, Ev::Check);
+        if cfg.crashes {
+            for p in 0..cfg.peers {
+                let at = w.rng.gen_range(600_000..3_600_000);
+                w.push(at, Ev::Crash { peer: p });
             }
-            Ev::Crash { peer } => {
-                let running = alive.iter().filter(|a| **a).count();
-                if running - 1 < cfg.peers / 2 + 1 {
-                    // Not now: that would leave no majority running.
-                    let at = now + rng.gen_range(60_000..600_000);
-                    push(&mut queue, &mut events, at, Ev::Crash { peer });
-                    continue;
-                }
-                alive[peer] = false;
-                report.crashes += 1;
-                last_turn = now;
-                let at = now + rng.gen_range(60_000..600_000);
-                push(&mut queue, &mut events, at, Ev::Restart { peer });
-            }
-            Ev::Restart { peer } => {
-                // A new process: fresh local views and detectors.
-                alive[peer] = true;
-                last_turn = now;
-                local[peer] = vec![LocalHealth::default(); cfg.backends];
-                probing[peer] = vec![false; cfg.backends];
-                detectors[peer] = (0..cfg.peers).map(|_| Detector::new(dcfg, now)).collect();
-                peer_state[peer] = vec![PeerState::Alive; cfg.peers];
-                let at = now + rng.gen_range(600_000..3_600_000);
-                push(&mut queue, &mut events, at, Ev::Crash { peer });
-            }
-            Ev::Beat { from } => {
-                for (to, row) in detectors.iter_mut().enumerate() {
-                    if to != from && alive[from] && !rng.gen_bool(cfg.loss) {
-                        row[from].heartbeat(now + rng.gen_range(0..5));
-                    }
-                }
-                push(
-                    &mut queue,
-                    &mut events,
-                    now + cfg.heartbeat_ms,
-                    Ev::Beat { from },
+        }
+        w
+    }
+
+    fn push(&mut self, at: u64, e: Ev) {
+        self.seq += 1;
+        let slot = self.events.put(e);
+        self.queue.push(Reverse((at, self.seq, slot)));
+    }
+
+    /// `peer`'s vote on `backend` commits after the commit delay.
+    fn vote(&mut self, now: u64, flip: Local, backend: usize, peer: usize) {
+        let change = vote(flip, backend, &self.ids[peer]);
+        self.push(now + self.cfg.commit_ms, Ev::Commit { change });
+    }
+
+    /// A learner starts (a new process: fresh views, probing from now on) or stops.
+    fn toggle(&mut self, now: u64, learner: usize) {
+        self.learner_up[learner] = !self.learner_up[learner];
+        self.life[learner] += 1;
+        if self.learner_up[learner] {
+            let peer = self.cfg.peers + learner;
+            self.local[peer] = vec![LocalHealth::default(); self.cfg.backends];
+            for b in 0..self.cfg.backends {
+                let at = now + self.rng.gen_range(0..self.cfg.probe_interval_ms);
+                let life = self.life[learner];
+                self.push(
+                    at,
+                    Ev::LearnerProbe {
+                        learner,
+                        backend: b,
+                        life,
+                    },
                 );
             }
-            Ev::Commit { change } => {
-                let before = pool.clone();
-                if let Ok(next) = pool.apply(&change, &rules) {
-                    pool = next;
+        }
+        let at = now + self.rng.gen_range(5_000..120_000);
+        self.push(at, Ev::Toggle { learner });
+    }
+
+    /// A learner's probe: it reaches no backend, and votes on what it sees.
+    fn learner_probe(&mut self, now: u64, learner: usize, backend: usize, life: u64) {
+        if !self.learner_up[learner] || self.life[learner] != life {
+            return;
+        }
+        let peer = self.cfg.peers + learner;
+        if let Some(flip) =
+            self.local[peer][backend].record(Source::Probe, false, &self.cfg.thresholds)
+        {
+            self.vote(now, flip, backend, peer);
+        }
+        self.push(
+            now + self.cfg.probe_interval_ms,
+            Ev::LearnerProbe {
+                learner,
+                backend,
+                life,
+            },
+        );
+    }
+
+    /// Whether voter `peer` probes `backend` now (`probers`), as its own detectors see the others.
+    fn assigned(&self, peer: usize, backend: usize) -> bool {
+        let dead: Vec<NodeId> = (0..self.cfg.peers)
+            .filter(|&j| self.peer_state[peer][j] == PeerState::Dead)
+            .map(|j| self.ids[j].clone())
+            .collect();
+        let id = BackendId::new(format!("b{backend}"));
+        is_prober(
+            &id,
+            &self.pool.voters,
+            &dead,
+            self.cfg.probers,
+            &self.ids[peer],
+        ) || (self.cfg.probers_never_stop && self.probing[peer][backend])
+    }
+
+    /// A voter's probe turn: probe (if it is its turn) through a lossy path, and vote on a flip.
+    fn probe(&mut self, now: u64, peer: usize, backend: usize) {
+        let jitter = self.rng.gen_range(0.9..=1.1);
+        let next = now + (self.cfg.probe_interval_ms as f64 * jitter) as u64;
+        self.push(next, Ev::Probe { peer, backend });
+        if !self.alive[peer] {
+            return;
+        }
+        if self.cfg.probers > 0 {
+            if !self.assigned(peer, backend) {
+                // Its probes' verdict goes, and so does its vote.
+                self.local[peer][backend].forget_probes();
+                self.probing[peer][backend] = false;
+                let id = BackendId::new(format!("b{backend}"));
+                if self.pool.backends[&id].down_votes.contains(&self.ids[peer]) {
+                    self.vote(now, Local::Up, backend, peer);
                 }
-                for b in pool.backends.values() {
-                    let was = before.backends.get(&b.id).map(|x| x.state);
-                    if b.state == BackendState::Ejected && was != Some(BackendState::Ejected) {
-                        let is_dead = dead_backend
-                            .is_some_and(|d| b.id.as_str() == format!("b{d}"))
-                            && now >= kill_at;
-                        if is_dead {
-                            report.detect_ejected_ms.get_or_insert(now - kill_at);
-                        } else {
-                            report.false_ejections += 1;
-                        }
-                    }
-                }
+                return;
             }
-            Ev::Check => {
-                for i in 0..cfg.peers {
-                    for j in 0..cfg.peers {
-                        if i == j || !alive[i] {
-                            continue;
-                        }
-                        let s = detectors[i][j].state(now);
-                        if s == PeerState::Dead && peer_state[i][j] != PeerState::Dead {
-                            if alive[j] {
-                                report.false_peer_deaths += 1;
-                            }
-                            // Peer i expires j's votes.
-                            push(
-                                &mut queue,
-                                &mut events,
-                                now + cfg.commit_ms,
-                                Ev::Commit {
-                                    change: PoolChange::ExpireVotes {
-                                        peer: ids[j].clone(),
-                                    },
-                                },
-                            );
-                        }
-                        peer_state[i][j] = s;
-                    }
+            self.probing[peer][backend] = true;
+        }
+        self.report.probes += 1;
+        let dead = self.dead_backend == Some(backend) && now >= self.kill_at;
+        let ok = !dead && !self.rng.gen_bool(self.cfg.loss);
+        let view = &mut self.local[peer][backend];
+        let flipped = view.record(Source::Probe, ok, &self.cfg.thresholds);
+        // (A peer whose view went down just before the kill is down on it too.)
+        if dead && view.state() == Local::Down && !self.down_on[peer] {
+            self.down_on[peer] = true;
+            if self.down_on.iter().all(|d| *d) && self.report.detect_local_ms.is_none() {
+                self.report.detect_local_ms = Some(now - self.kill_at);
+            }
+        }
+        if let Some(flip) = flipped {
+            if flip == Local::Down && !dead {
+                self.report.false_local_downs += 1;
+            }
+            self.vote(now, flip, backend, peer);
+        }
+    }
+
+    /// A voter crashes, unless that would leave no majority running (then later).
+    fn crash(&mut self, now: u64, peer: usize) {
+        let running = self.alive.iter().filter(|a| **a).count();
+        if running - 1 < self.cfg.peers / 2 + 1 {
+            let at = now + self.rng.gen_range(60_000..600_000);
+            self.push(at, Ev::Crash { peer });
+            return;
+        }
+        self.alive[peer] = false;
+        self.report.crashes += 1;
+        self.last_turn = now;
+        let at = now + self.rng.gen_range(60_000..600_000);
+        self.push(at, Ev::Restart { peer });
+    }
+
+    /// A crashed voter starts again: a new process, with fresh local views and detectors.
+    fn restart(&mut self, now: u64, peer: usize) {
+        self.alive[peer] = true;
+        self.last_turn = now;
+        self.local[peer] = vec![LocalHealth::default(); self.cfg.backends];
+        self.probing[peer] = vec![false; self.cfg.backends];
+        self.detectors[peer] = (0..self.cfg.peers)
+            .map(|_| Detector::new(self.dcfg, now))
+            .collect();
+        self.peer_state[peer] = vec![PeerState::Alive; self.cfg.peers];
+        let at = now + self.rng.gen_range(600_000..3_600_000);
+        self.push(at, Ev::Crash { peer });
+    }
+
+    /// A running voter's heartbeat, lost on the way to some.
+    fn beat(&mut self, now: u64, from: usize) {
+        for to in 0..self.detectors.len() {
+            if to != from && self.alive[from] && !self.rng.gen_bool(self.cfg.loss) {
+                let at = now + self.rng.gen_range(0..5);
+                self.detectors[to][from].heartbeat(at);
+            }
+        }
+        self.push(now + self.cfg.heartbeat_ms, Ev::Beat { from });
+    }
+
+    /// A change commits: count every backend it ejected, rightly or not.
+    fn commit(&mut self, now: u64, change: &PoolChange) {
+        let before = self.pool.clone();
+        if let Ok(next) = self.pool.apply(change, &self.rules) {
+            self.pool = next;
+        }
+        for b in self.pool.backends.values() {
+            let was = before.backends.get(&b.id).map(|x| x.state);
+            if b.state == BackendState::Ejected && was != Some(BackendState::Ejected) {
+                let is_dead = self
+                    .dead_backend
+                    .is_some_and(|d| b.id.as_str() == format!("b{d}"))
+                    && now >= self.kill_at;
+                if is_dead {
+                    self.report
+                        .detect_ejected_ms
+                        .get_or_insert(now - self.kill_at);
+                } else {
+                    self.report.false_ejections += 1;
                 }
-                if cfg.probers > 0 && now >= last_turn + settle_ms {
-                    let running = alive.iter().filter(|a| **a).count();
-                    let want = cfg.probers.min(running);
-                    for b in 0..cfg.backends {
-                        let n = alive
-                            .iter()
-                            .zip(&probing)
-                            .filter(|(up, probes)| **up && probes[b])
-                            .count();
-                        report.prober_checks += 1;
-                        if n != want {
-                            report.prober_violations += 1;
-                        }
-                    }
-                }
-                push(&mut queue, &mut events, now + cfg.heartbeat_ms, Ev::Check);
             }
         }
     }
-    report
+
+    /// Every running voter's detectors: a peer newly dead has its votes expired. With
+    /// `probers`, once the views have settled: how many voters probe each backend.
+    fn check(&mut self, now: u64) {
+        let n = self.cfg.peers;
+        for i in 0..n {
+            for j in 0..n {
+                if i == j || !self.alive[i] {
+                    continue;
+                }
+                let s = self.detectors[i][j].state(now);
+                if s == PeerState::Dead && self.peer_state[i][j] != PeerState::Dead {
+                    if self.alive[j] {
+                        self.report.false_peer_deaths += 1;
+                    }
+                    let peer = self.ids[j].clone();
+                    self.push(
+                        now + self.cfg.commit_ms,
+                        Ev::Commit {
+                            change: PoolChange::ExpireVotes { peer },
+                        },
+                    );
+                }
+                self.peer_state[i][j] = s;
+            }
+        }
+        if self.cfg.probers > 0 && now >= self.last_turn + self.settle_ms {
+            let running = self.alive.iter().filter(|a| **a).count();
+            let want = self.cfg.probers.min(running);
+            for b in 0..self.cfg.backends {
+                let probing = self
+                    .alive
+                    .iter()
+                    .zip(&self.probing)
+                    .filter(|(up, probes)| **up && probes[b])
+                    .count();
+                self.report.prober_checks += 1;
+                if probing != want {
+                    self.report.prober_violations += 1;
+                }
+            }
+        }
+        self.push(now + self.cfg.heartbeat_ms, Ev::Check);
+    }
 }
