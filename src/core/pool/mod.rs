@@ -147,51 +147,8 @@ impl Pool {
                 cluster_id,
                 voters,
                 services,
-            } => {
-                if self.exists() {
-                    return Err(ChangeError::AlreadySeeded(self.version));
-                }
-                next.cluster_id = cluster_id.clone();
-                next.voters = voters.clone();
-                // Forming seals the formation register (epoch 0): the cluster lives in epoch 1.
-                next.epoch = self.epoch + u64::from(!voters.is_empty());
-                if backends.len() > MAX_BACKENDS {
-                    return Err(ChangeError::Full);
-                }
-                for b in backends {
-                    b.check().map_err(ChangeError::Invalid)?;
-                    let mut b = b.clone();
-                    b.state = BackendState::Active;
-                    b.down_votes.clear();
-                    next.backends.insert(b.id.clone(), b);
-                }
-                next.apply_services(services)?;
-                // Seeded backends start usable at their whole weight (no `usable_since`): a
-                // forming cluster has no traffic to ramp into, as Envoy skips the hosts a
-                // cluster is created with.
-                // Seeding always creates the pool, even an empty one.
-                next.version = self.version + 1;
-                return Ok(next);
-            }
-            PoolChange::AddBackend { backend } => {
-                backend.check().map_err(ChangeError::Invalid)?;
-                if self.backends.len() >= MAX_BACKENDS {
-                    return Err(ChangeError::Full);
-                }
-                if self.backends.contains_key(&backend.id) {
-                    return Err(ChangeError::Exists(backend.id.clone()));
-                }
-                if let Some(other) = self.backends.values().find(|b| b.addr == backend.addr) {
-                    return Err(ChangeError::AddrInUse(
-                        backend.addr.clone(),
-                        other.id.clone(),
-                    ));
-                }
-                let mut b = backend.clone();
-                b.state = BackendState::Active;
-                b.down_votes.clear();
-                next.backends.insert(b.id.clone(), b);
-            }
+            } => return self.seeded(backends, cluster_id, voters, services),
+            PoolChange::AddBackend { backend } => next.add_backend(backend)?,
             PoolChange::RemoveBackend { id } => {
                 if next.backends.remove(id).is_none() {
                     return Err(ChangeError::NotFound(id.clone()));
@@ -224,34 +181,9 @@ impl Pool {
             PoolChange::VoteUp { id, peer } => {
                 next.get_mut(id)?.down_votes.remove(peer);
             }
-            PoolChange::AddPeer { .. } | PoolChange::RemovePeer { .. }
-                if self.voters.is_empty() =>
-            {
-                return Err(ChangeError::InvalidPeer(
-                    "the cluster has no agreed membership yet".into(),
-                ));
-            }
-            PoolChange::AddPeer { id, addr, learner } => {
-                next.add_peer(id, addr, *learner)?;
-                next.membership_note = None;
-            }
-            PoolChange::RemovePeer { id } => {
-                next.remove_peer(id)?;
-                next.membership_note = None;
-            }
-            PoolChange::Autopilot { change, why } => {
-                if !matches!(
-                    **change,
-                    PoolChange::AddPeer { .. } | PoolChange::RemovePeer { .. }
-                ) {
-                    return Err(ChangeError::InvalidPeer(
-                        "autopilot changes only the membership".into(),
-                    ));
-                }
-                let mut next = self.apply(change, rules)?;
-                next.membership_note = Some(format!("autopilot: {why}"));
-                return Ok(next);
-            }
+            PoolChange::AddPeer { id, addr, learner } => next.add_peer(id, addr, *learner)?,
+            PoolChange::RemovePeer { id } => next.remove_peer(id)?,
+            PoolChange::Autopilot { change, why } => return self.autopiloted(change, why, rules),
             PoolChange::ExpireVotes { peer } => next.forget_votes(peer),
             PoolChange::Settle => {}
             PoolChange::Sightings {
@@ -268,7 +200,74 @@ impl Pool {
             PoolChange::RemoveService { name } => next.remove_service(name)?,
             PoolChange::ApplyServices { services } => next.apply_services(services)?,
         }
-        // Votes count among the agreed voters (the rules' size where none are agreed).
+        self.settled(next, change, rules)
+    }
+
+    /// `AddBackend`: a new backend, active, if its id and address are new and there is room.
+    fn add_backend(&mut self, backend: &Backend) -> Result<(), ChangeError> {
+        backend.check().map_err(ChangeError::Invalid)?;
+        if self.backends.len() >= MAX_BACKENDS {
+            return Err(ChangeError::Full);
+        }
+        if self.backends.contains_key(&backend.id) {
+            return Err(ChangeError::Exists(backend.id.clone()));
+        }
+        if let Some(other) = self.backends.values().find(|b| b.addr == backend.addr) {
+            return Err(ChangeError::AddrInUse(
+                backend.addr.clone(),
+                other.id.clone(),
+            ));
+        }
+        let mut b = backend.clone();
+        b.state = BackendState::Active;
+        b.down_votes.clear();
+        self.backends.insert(b.id.clone(), b);
+        Ok(())
+    }
+
+    /// `Seed`: the cluster's first pool, its id and first voters, its services.
+    fn seeded(
+        &self,
+        backends: &[Backend],
+        cluster_id: &str,
+        voters: &BTreeSet<NodeId>,
+        services: &[ServiceSeed],
+    ) -> Result<Pool, ChangeError> {
+        if self.exists() {
+            return Err(ChangeError::AlreadySeeded(self.version));
+        }
+        let mut next = self.clone();
+        next.cluster_id = cluster_id.to_string();
+        next.voters = voters.clone();
+        // Forming seals the formation register (epoch 0): the cluster lives in epoch 1.
+        next.epoch = self.epoch + u64::from(!voters.is_empty());
+        if backends.len() > MAX_BACKENDS {
+            return Err(ChangeError::Full);
+        }
+        for b in backends {
+            b.check().map_err(ChangeError::Invalid)?;
+            let mut b = b.clone();
+            b.state = BackendState::Active;
+            b.down_votes.clear();
+            next.backends.insert(b.id.clone(), b);
+        }
+        next.apply_services(services)?;
+        // Seeded backends start usable at their whole weight (no `usable_since`): a forming
+        // cluster has no traffic to ramp into, as Envoy skips the hosts a cluster is created
+        // with. Seeding always creates the pool, even an empty one.
+        next.version = self.version + 1;
+        Ok(next)
+    }
+
+    /// What follows every change that applied: ejections re-derived from the votes (among the
+    /// agreed voters, or the rules' size where none are agreed), discovery settled, newly
+    /// usable backends stamped, the size bound kept, and the version raised if anything changed.
+    fn settled(
+        &self,
+        mut next: Pool,
+        change: &PoolChange,
+        rules: &Rules,
+    ) -> Result<Pool, ChangeError> {
         let rules = &Rules {
             cluster_size: if next.voters.is_empty() {
                 rules.cluster_size
@@ -288,6 +287,9 @@ impl Pool {
         if forget.is_some() || next.voters != self.voters || matches!(change, PoolChange::Settle) {
             next.settle_services(rules, forget);
         }
+        if rules.now_unix_ms > 0 {
+            next.stamp_usable(self, rules.now_unix_ms);
+        }
         let entries = next.backends.len()
             + next.sightings.len()
             + next
@@ -295,9 +297,6 @@ impl Pool {
                 .values()
                 .map(|s| 1 + s.backends.len() + s.sightings.len())
                 .sum::<usize>();
-        if rules.now_unix_ms > 0 {
-            next.stamp_usable(self, rules.now_unix_ms);
-        }
         if entries >= MEASURE_FROM {
             let size = next.canonical_bytes().len();
             if size > MAX_POOL_BYTES && size > self.canonical_bytes().len() {
