@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Role};
 use crate::core::autopilot;
 use crate::core::detector::{Detector, DetectorConfig, PeerState, PeerView};
-use crate::core::paxos::{Consensus, Effects, Node, Outcome, ProposerConfig};
+use crate::core::paxos::{Consensus, Durable, Effects, Node, Outcome, ProposerConfig};
 use crate::core::pool::{BackendState, ChangeError, NodeId, Pool, PoolChange, PoolDiff, Rules};
 use crate::ops::events::Events;
 use crate::ops::telemetry as names;
@@ -222,39 +222,7 @@ pub async fn start(
     events: Events,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Cluster> {
-    let dir = &config.node.data_dir;
-    let mut store = FileStore::open(dir)
-        .map_err(|e| anyhow::anyhow!("node.data_dir: cannot use {}: {e}", dir.display()))?;
-    let durable = store.load().map_err(|e| {
-        anyhow::anyhow!(
-            "node.data_dir: cannot read the Paxos state in {}: {e} (refusing to start with a blank acceptor under the same id)",
-            dir.display()
-        )
-    })?;
-    // A routing hint until the cluster answers: the last pool this peer learned.
-    let mut learned = store.load_learned().unwrap_or_default();
-    let mut durable = durable;
-    if config.node.force_new_cluster {
-        let me = &config.node.id;
-        let (forced, pool) = durable
-            .clone()
-            .unwrap_or_default()
-            .force_new_cluster(me, &learned, format!("{:032x}", rand::random::<u128>()))
-            .map_err(|e| anyhow::anyhow!("--force-new-cluster: {e}"))?;
-        store
-            .save(&forced)
-            .and_then(|()| store.save_learned(&pool))
-            .map_err(|e| anyhow::anyhow!("--force-new-cluster: cannot write the new state: {e}"))?;
-        tracing::warn!(
-            version = pool.version,
-            epoch = pool.epoch,
-            cluster_id = %pool.cluster_id,
-            backends = pool.backends.len(),
-            "forced a new cluster: this peer is the only voter, from its own last state"
-        );
-        durable = Some(forced);
-        learned = pool;
-    }
+    let (store, durable, learned) = open_state(config)?;
     if learned.exists() {
         record_pool_metrics(&Pool::default(), &learned);
         publish.publish(learned.clone());
@@ -263,17 +231,7 @@ pub async fn start(
         None => None,
         Some(t) => Some(PeerTls::load(t).map_err(|e| anyhow::anyhow!("cluster.tls: {e}"))?),
     };
-    // Every family shows from the first scrape, before anything happened.
-    metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => "unknown").increment(0);
-    for result in ["committed", "conflict", "timeout"] {
-        metrics::counter!(names::PAXOS_ROUNDS_TOTAL, "result" => result).increment(0);
-    }
-    let _ = metrics::histogram!(names::PAXOS_COMMIT_DURATION_SECONDS);
-    for p in &config.cluster.peers {
-        metrics::gauge!(names::PEER_UP, "peer" => p.id.to_string()).set(1.0);
-        metrics::gauge!(names::PEER_PHI, "peer" => p.id.to_string()).set(0.0);
-        metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => p.id.to_string()).increment(0);
-    }
+    describe_metrics(config);
     let (in_tx, in_rx) = mpsc::channel(8192);
     let identity = Identity::default();
     identity.set(&learned.cluster_id, learned.epoch, &learned.voters);
@@ -300,29 +258,8 @@ pub async fn start(
         rules: Arc::new(Mutex::new(config.rules())),
         tls,
     };
-    // The configured voters: the peers, and this node unless it is a learner.
-    let mut voters: Vec<NodeId> = config.cluster.peers.iter().map(|p| p.id.clone()).collect();
-    if role == Role::Voter {
-        voters.push(config.node.id.clone());
-    }
-    voters.sort();
-    let seed = {
-        // Jitter and incarnations only need to differ between peers and runs.
-        let t = crate::clock::unix_nanos();
-        t ^ u64::from(std::process::id()).rotate_left(32)
-    };
-    if durable.is_none() {
-        tracing::info!(dir = %dir.display(), "no Paxos state: this voter catches up before it votes (or forms a new cluster with the others)");
-    }
     let learned_hint = learned.clone();
-    let node = Node::new(
-        config.node.id.clone(),
-        voters,
-        PROPOSER,
-        durable,
-        learned,
-        seed,
-    );
+    let node = new_node(config, durable, learned);
     let detector_cfg = DetectorConfig {
         interval_ms: config.cluster.heartbeat_interval.as_millis() as u64,
         phi_threshold: config.cluster.phi_threshold,
@@ -385,6 +322,84 @@ pub async fn start(
     let task = tokio::spawn(driver.run(in_rx, cmd_rx, config.cluster.heartbeat_interval, shutdown));
     *cluster.task.locked() = Some(task);
     Ok(cluster)
+}
+
+/// This peer's Paxos state and the last pool it learned, from `node.data_dir`
+/// (`--force-new-cluster` makes it the only voter of a new cluster first).
+fn open_state(config: &Config) -> anyhow::Result<(FileStore, Option<Durable>, Pool)> {
+    let dir = &config.node.data_dir;
+    let mut store = FileStore::open(dir)
+        .map_err(|e| anyhow::anyhow!("node.data_dir: cannot use {}: {e}", dir.display()))?;
+    let mut durable = store.load().map_err(|e| {
+        anyhow::anyhow!(
+            "node.data_dir: cannot read the Paxos state in {}: {e} (refusing to start with a blank acceptor under the same id)",
+            dir.display()
+        )
+    })?;
+    // A routing hint until the cluster answers: the last pool this peer learned.
+    let mut learned = store.load_learned().unwrap_or_default();
+    if config.node.force_new_cluster {
+        let me = &config.node.id;
+        let (forced, pool) = durable
+            .clone()
+            .unwrap_or_default()
+            .force_new_cluster(me, &learned, format!("{:032x}", rand::random::<u128>()))
+            .map_err(|e| anyhow::anyhow!("--force-new-cluster: {e}"))?;
+        store
+            .save(&forced)
+            .and_then(|()| store.save_learned(&pool))
+            .map_err(|e| anyhow::anyhow!("--force-new-cluster: cannot write the new state: {e}"))?;
+        tracing::warn!(
+            version = pool.version,
+            epoch = pool.epoch,
+            cluster_id = %pool.cluster_id,
+            backends = pool.backends.len(),
+            "forced a new cluster: this peer is the only voter, from its own last state"
+        );
+        durable = Some(forced);
+        learned = pool;
+    }
+    if durable.is_none() {
+        tracing::info!(dir = %dir.display(), "no Paxos state: this voter catches up before it votes (or forms a new cluster with the others)");
+    }
+    Ok((store, durable, learned))
+}
+
+/// Every family shows from the first scrape, before anything happened.
+fn describe_metrics(config: &Config) {
+    metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => "unknown").increment(0);
+    for result in ["committed", "conflict", "timeout"] {
+        metrics::counter!(names::PAXOS_ROUNDS_TOTAL, "result" => result).increment(0);
+    }
+    let _ = metrics::histogram!(names::PAXOS_COMMIT_DURATION_SECONDS);
+    for p in &config.cluster.peers {
+        metrics::gauge!(names::PEER_UP, "peer" => p.id.to_string()).set(1.0);
+        metrics::gauge!(names::PEER_PHI, "peer" => p.id.to_string()).set(0.0);
+        metrics::counter!(names::PEER_AUTH_FAILURES_TOTAL, "peer" => p.id.to_string()).increment(0);
+    }
+}
+
+/// This peer's `Node`: the configured voters (the peers, and this node unless it is a learner)
+/// until it learns the agreed ones, its state, and a seed for jitter.
+fn new_node(config: &Config, durable: Option<Durable>, learned: Pool) -> Node {
+    let mut voters: Vec<NodeId> = config.cluster.peers.iter().map(|p| p.id.clone()).collect();
+    if config.cluster.role == Role::Voter {
+        voters.push(config.node.id.clone());
+    }
+    voters.sort();
+    let seed = {
+        // Jitter and incarnations only need to differ between peers and runs.
+        let t = crate::clock::unix_nanos();
+        t ^ u64::from(std::process::id()).rotate_left(32)
+    };
+    Node::new(
+        config.node.id.clone(),
+        voters,
+        PROPOSER,
+        durable,
+        learned,
+        seed,
+    )
 }
 
 /// `cluster.advertise`, else `cluster.listen` unless it is a wildcard address (then none: the
