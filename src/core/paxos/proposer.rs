@@ -399,90 +399,20 @@ impl Proposer {
                 },
             ) if ballot == mine => {
                 promises.insert(from.clone(), (accepted.clone(), value.clone()));
-                if promises.len() < majority {
-                    return;
-                }
-                // Continue from the value with the highest accepted ballot of this epoch among a
-                // majority of this epoch's voters: any value chosen in this epoch is among them
-                // (quorums intersect). Values accepted under earlier epochs belong to sealed
-                // registers; where none of this epoch shows, the register still holds its
-                // starting value, the seal that opened the epoch (or a later value known chosen).
-                let epoch = mine.epoch;
-                let current = promises
-                    .values()
-                    .filter(|(b, _)| b.epoch == epoch)
-                    .max_by(|a, b| a.0.cmp(&b.0))
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_else(|| self.base.clone());
-                let seq = op.seq.unwrap_or_else(|| {
-                    let last = current.applied.get(&self.id).copied().unwrap_or(0);
-                    last.max(self.counter) + 1
-                });
-                let applied = if current.epoch > epoch {
-                    // Sealed: this epoch's register never changes again.
-                    None
-                } else {
-                    Some(current.apply_once(&op.change, &op.rules, &self.id, seq))
-                };
-                let (value, result) = match applied {
-                    None => (current.clone(), Meaning::Moved),
-                    Some(Ok(Applied::Next(next))) => (next, Meaning::Applied),
-                    // Write back what we read, so that the earlier commit is surely chosen.
-                    Some(Ok(Applied::Already)) => (current.clone(), Meaning::Already),
-                    Some(Err(e)) => (current.clone(), Meaning::Rejected(e)),
-                };
-                // Once a value that differs from what was read has gone out, giving up leaves the
-                // outcome unknown (a read, a no-op or a rejection only writes back what it read).
-                if value != current {
-                    op.sent_change = true;
-                    op.seq = Some(seq);
-                }
-                let ballot = mine.clone();
-                op.phase = Phase::Accepting {
-                    ballot: ballot.clone(),
-                    value: value.clone(),
-                    result,
-                    oks: BTreeSet::new(),
-                };
-                op.wake_at = now + self.cfg.phase_timeout;
-                for a in &self.acceptors {
-                    out.push(Action::Send(
-                        a.clone(),
-                        Msg::Accept {
-                            ballot: ballot.clone(),
-                            value: value.clone(),
-                        },
-                    ));
+                if promises.len() >= majority {
+                    self.promised(now, out);
                 }
             }
             (
                 Msg::Accepted { ballot },
                 Phase::Accepting {
-                    ballot: mine,
-                    value,
-                    result,
-                    oks,
-                    ..
+                    ballot: mine, oks, ..
                 },
             ) if ballot == mine => {
                 oks.insert(from.clone());
-                if oks.len() < majority {
-                    return;
+                if oks.len() >= majority {
+                    self.chosen(now, out);
                 }
-                let outcome = match result {
-                    Meaning::Moved => {
-                        let sealed = value.clone();
-                        op.phase = Phase::Backoff;
-                        op.wake_at = now;
-                        out.push(Action::Moved(sealed));
-                        return;
-                    }
-                    Meaning::Applied => Outcome::Committed(value.clone()),
-                    Meaning::Already => Outcome::AlreadyCommitted(value.clone()),
-                    Meaning::Rejected(e) => Outcome::Rejected(e.clone(), value.clone()),
-                };
-                self.committed_at = Some(mine.clone());
-                self.finish(outcome, out);
             }
             (Msg::Conflict { ballot, seen }, phase) => {
                 let mine = match phase {
@@ -503,5 +433,97 @@ impl Proposer {
             }
             _ => {}
         }
+    }
+
+    /// A majority promised: continue from the value with the highest accepted ballot of this
+    /// epoch among them, apply the change to it, and ask every acceptor to accept the result.
+    fn promised(&mut self, now: u64, out: &mut Vec<Action>) {
+        let Some(op) = self.op.as_mut() else { return };
+        let Phase::Preparing {
+            ballot: mine,
+            promises,
+        } = &op.phase
+        else {
+            return;
+        };
+        // Any value chosen in this epoch is among a majority of this epoch's voters (quorums
+        // intersect). Values accepted under earlier epochs belong to sealed registers; where
+        // none of this epoch shows, the register still holds its starting value, the seal that
+        // opened the epoch (or a later value known chosen).
+        let epoch = mine.epoch;
+        let current = promises
+            .values()
+            .filter(|(b, _)| b.epoch == epoch)
+            .max_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| self.base.clone());
+        let seq = op.seq.unwrap_or_else(|| {
+            let last = current.applied.get(&self.id).copied().unwrap_or(0);
+            last.max(self.counter) + 1
+        });
+        let applied = if current.epoch > epoch {
+            // Sealed: this epoch's register never changes again.
+            None
+        } else {
+            Some(current.apply_once(&op.change, &op.rules, &self.id, seq))
+        };
+        let (value, result) = match applied {
+            None => (current.clone(), Meaning::Moved),
+            Some(Ok(Applied::Next(next))) => (next, Meaning::Applied),
+            // Write back what we read, so that the earlier commit is surely chosen.
+            Some(Ok(Applied::Already)) => (current.clone(), Meaning::Already),
+            Some(Err(e)) => (current.clone(), Meaning::Rejected(e)),
+        };
+        // Once a value that differs from what was read has gone out, giving up leaves the
+        // outcome unknown (a read, a no-op or a rejection only writes back what it read).
+        if value != current {
+            op.sent_change = true;
+            op.seq = Some(seq);
+        }
+        let ballot = mine.clone();
+        op.phase = Phase::Accepting {
+            ballot: ballot.clone(),
+            value: value.clone(),
+            result,
+            oks: BTreeSet::new(),
+        };
+        op.wake_at = now + self.cfg.phase_timeout;
+        for a in &self.acceptors {
+            out.push(Action::Send(
+                a.clone(),
+                Msg::Accept {
+                    ballot: ballot.clone(),
+                    value: value.clone(),
+                },
+            ));
+        }
+    }
+
+    /// A majority accepted: the value is chosen; say what it means for the change.
+    fn chosen(&mut self, now: u64, out: &mut Vec<Action>) {
+        let Some(op) = self.op.as_mut() else { return };
+        let Phase::Accepting {
+            ballot: mine,
+            value,
+            result,
+            ..
+        } = &op.phase
+        else {
+            return;
+        };
+        let outcome = match result {
+            Meaning::Moved => {
+                let sealed = value.clone();
+                op.phase = Phase::Backoff;
+                op.wake_at = now;
+                out.push(Action::Moved(sealed));
+                return;
+            }
+            Meaning::Applied => Outcome::Committed(value.clone()),
+            Meaning::Already => Outcome::AlreadyCommitted(value.clone()),
+            Meaning::Rejected(e) => Outcome::Rejected(e.clone(), value.clone()),
+        };
+        self.committed_at = Some(mine.clone());
+        self.finish(outcome, out);
     }
 }
