@@ -329,129 +329,183 @@ struct Link {
 
 /// Keep the one connection with `peer` (dialing it if our id is lower, else taking the one it
 /// dials), send what is queued for it, and pass on what it sends.
+/// What one attempt to get a link's connection came to.
+enum Got {
+    Io(Box<dyn PeerIo>),
+    /// None yet: try again.
+    Retry,
+    /// Shutting down, or the link is gone.
+    Stop,
+}
+
+/// How a link is doing between connections.
+struct Reconnect {
+    /// Seconds spent waiting for the peer to dial.
+    waited: u32,
+    backoff: Duration,
+    logged_down: bool,
+}
+
 async fn link(
     l: Link,
     mut rx: mpsc::Receiver<Body>,
     mut accepted: mpsc::Receiver<Box<dyn PeerIo>>,
 ) {
-    let shutdown = l.shared.shutdown.clone();
-    let me = l.shared.me.clone();
-    let dials = l.addr.is_some();
-    // Seconds spent waiting for the peer to dial.
-    let mut waited = 0u32;
-    let mut backoff = Duration::from_millis(50);
-    let mut logged_down = false;
+    let mut st = Reconnect {
+        waited: 0,
+        backoff: Duration::from_millis(50),
+        logged_down: false,
+    };
     let mut next: Option<Box<dyn PeerIo>> = None;
     loop {
         let io = match next.take() {
             Some(io) => io,
-            None if dials => {
-                let conn = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    a = accepted.recv() => match a { Some(io) => Ok(io), None => return },
-                    c = connect(&me, &l.peer, l.addr.as_deref().unwrap_or_default(), l.shared.tls.as_ref(), &l.shared.identity) => c,
-                };
-                match conn {
-                    Ok(io) => io,
-                    Err(e) => {
-                        if !logged_down {
-                            tracing::debug!(peer = %l.peer, error = %e, "cannot reach peer");
-                            logged_down = true;
-                        }
-                        // While disconnected, what was queued is stale: drop it.
-                        while rx.try_recv().is_ok() {}
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        continue;
-                    }
-                }
-            }
             None => {
-                // The peer dials us. A node outside the agreed membership (new, removed, or
-                // not formed yet) that knows the peer's address dials it after a while anyway:
-                // the peer may not know it at all.
-                let fallback = l
-                    .fallback
-                    .as_deref()
-                    .filter(|_| waited >= 2 && l.shared.outside.load(Ordering::Relaxed));
-                let dial = async {
-                    match fallback {
-                        Some(addr) => {
-                            connect(
-                                &me,
-                                &l.peer,
-                                addr,
-                                l.shared.tls.as_ref(),
-                                &l.shared.identity,
-                            )
-                            .await
-                        }
-                        None => std::future::pending().await,
-                    }
+                let got = if l.addr.is_some() {
+                    dial(&l, &mut st, &mut rx, &mut accepted).await
+                } else {
+                    await_peer(&l, &mut st, &mut rx, &mut accepted).await
                 };
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    a = accepted.recv() => match a { Some(io) => { waited = 0; io }, None => return },
-                    c = dial => match c {
-                        Ok(io) => io,
-                        Err(_) => {
-                            while rx.try_recv().is_ok() {}
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            continue;
-                        }
-                    },
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                        waited += 1;
-                        while rx.try_recv().is_ok() {}
-                        continue;
-                    }
+                match got {
+                    Got::Io(io) => io,
+                    Got::Retry => continue,
+                    Got::Stop => return,
                 }
             }
         };
-        backoff = Duration::from_millis(50);
-        if logged_down {
+        st.backoff = Duration::from_millis(50);
+        if st.logged_down {
             tracing::info!(peer = %l.peer, "peer link up");
-            logged_down = false;
+            st.logged_down = false;
         }
-        let (mut rd, mut wr) = tokio::io::split(io);
-        if !dials {
-            // Answer the dialer's Hello with ours, so it can check our cluster too.
-            let hello = Frame {
-                from: me.clone(),
-                body: l.shared.identity.hello(&l.peer),
-            };
-            if !matches!(
-                tokio::time::timeout(IO_TIMEOUT, write_frame(&mut wr, &hello)).await,
-                Ok(Ok(()))
-            ) {
-                continue;
-            }
-        }
-        let reader = read_loop(&mut rd, &l);
-        tokio::pin!(reader);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = &mut reader => break,
-                newer = accepted.recv() => {
-                    // The peer opened a new connection (it restarted): use that one.
-                    next = newer;
-                    break;
-                }
-                b = rx.recv() => {
-                    let Some(body) = b else { return };
-                    let frame = Frame { from: me.clone(), body };
-                    match tokio::time::timeout(IO_TIMEOUT, write_frame(&mut wr, &frame)).await {
-                        Ok(Ok(())) => {}
-                        _ => break,
-                    }
-                }
-            }
+        match carry(&l, io, &mut rx, &mut accepted).await {
+            Some(newer) => next = newer,
+            None => return,
         }
         tracing::debug!(peer = %l.peer, "peer link broke");
+    }
+}
+
+/// This side dials: a connection, or (on failure) the queue dropped and a backoff.
+async fn dial(
+    l: &Link,
+    st: &mut Reconnect,
+    rx: &mut mpsc::Receiver<Body>,
+    accepted: &mut mpsc::Receiver<Box<dyn PeerIo>>,
+) -> Got {
+    let shutdown = &l.shared.shutdown;
+    let me = &l.shared.me;
+    let conn = tokio::select! {
+        _ = shutdown.cancelled() => return Got::Stop,
+        a = accepted.recv() => match a { Some(io) => Ok(io), None => return Got::Stop },
+        c = connect(me, &l.peer, l.addr.as_deref().unwrap_or_default(), l.shared.tls.as_ref(), &l.shared.identity) => c,
+    };
+    match conn {
+        Ok(io) => Got::Io(io),
+        Err(e) => {
+            if !st.logged_down {
+                tracing::debug!(peer = %l.peer, error = %e, "cannot reach peer");
+                st.logged_down = true;
+            }
+            // While disconnected, what was queued is stale: drop it.
+            while rx.try_recv().is_ok() {}
+            tokio::select! {
+                _ = shutdown.cancelled() => return Got::Stop,
+                _ = tokio::time::sleep(st.backoff) => {}
+            }
+            st.backoff = (st.backoff * 2).min(Duration::from_secs(1));
+            Got::Retry
+        }
+    }
+}
+
+/// The peer dials this side. A node outside the agreed membership (new, removed, or not formed
+/// yet) that knows the peer's address dials it after a while anyway: the peer may not know it
+/// at all.
+async fn await_peer(
+    l: &Link,
+    st: &mut Reconnect,
+    rx: &mut mpsc::Receiver<Body>,
+    accepted: &mut mpsc::Receiver<Box<dyn PeerIo>>,
+) -> Got {
+    let fallback = l
+        .fallback
+        .as_deref()
+        .filter(|_| st.waited >= 2 && l.shared.outside.load(Ordering::Relaxed));
+    let dial = async {
+        match fallback {
+            Some(addr) => {
+                connect(
+                    &l.shared.me,
+                    &l.peer,
+                    addr,
+                    l.shared.tls.as_ref(),
+                    &l.shared.identity,
+                )
+                .await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = l.shared.shutdown.cancelled() => Got::Stop,
+        a = accepted.recv() => match a { Some(io) => { st.waited = 0; Got::Io(io) }, None => Got::Stop },
+        c = dial => match c {
+            Ok(io) => Got::Io(io),
+            Err(_) => {
+                while rx.try_recv().is_ok() {}
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Got::Retry
+            }
+        },
+        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+            st.waited += 1;
+            while rx.try_recv().is_ok() {}
+            Got::Retry
+        }
+    }
+}
+
+/// Carry frames both ways on `io` until it breaks (Some: with the newer connection the peer
+/// opened meanwhile, if any) or the link stops (None).
+async fn carry(
+    l: &Link,
+    io: Box<dyn PeerIo>,
+    rx: &mut mpsc::Receiver<Body>,
+    accepted: &mut mpsc::Receiver<Box<dyn PeerIo>>,
+) -> Option<Option<Box<dyn PeerIo>>> {
+    let me = &l.shared.me;
+    let (mut rd, mut wr) = tokio::io::split(io);
+    if l.addr.is_none() {
+        // Answer the dialer's Hello with ours, so it can check our cluster too.
+        let hello = Frame {
+            from: me.clone(),
+            body: l.shared.identity.hello(&l.peer),
+        };
+        if !matches!(
+            tokio::time::timeout(IO_TIMEOUT, write_frame(&mut wr, &hello)).await,
+            Ok(Ok(()))
+        ) {
+            return Some(None);
+        }
+    }
+    let reader = read_loop(&mut rd, l);
+    tokio::pin!(reader);
+    loop {
+        tokio::select! {
+            _ = l.shared.shutdown.cancelled() => return None,
+            _ = &mut reader => return Some(None),
+            // The peer opened a new connection (it restarted): use that one.
+            newer = accepted.recv() => return Some(newer),
+            b = rx.recv() => {
+                let body = b?;
+                let frame = Frame { from: me.clone(), body };
+                match tokio::time::timeout(IO_TIMEOUT, write_frame(&mut wr, &frame)).await {
+                    Ok(Ok(())) => {}
+                    _ => return Some(None),
+                }
+            }
+        }
     }
 }
 
