@@ -634,31 +634,9 @@ impl AsyncRead for UringStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let ring = this.ring;
         loop {
-            match std::mem::replace(&mut this.rx, Rx::Idle) {
-                Rx::Held { buf: b, pos, end } => {
-                    let n = (end - pos).min(buf.remaining());
-                    let done = pos + n == end;
-                    if !done {
-                        this.rx = Rx::Held {
-                            buf: b,
-                            pos: pos + n,
-                            end,
-                        };
-                    }
-                    with(ring, |d| {
-                        let p = d.buffer(b);
-                        // SAFETY: the kernel wrote `end` bytes into buffer `b`, which is this
-                        // stream's until given back.
-                        buf.put_slice(unsafe { std::slice::from_raw_parts(p.add(pos), n) });
-                        if done {
-                            d.give_back(b)?;
-                        }
-                        Ok(())
-                    })?;
-                    return Poll::Ready(Ok(()));
-                }
+            let step = match std::mem::replace(&mut this.rx, Rx::Idle) {
+                Rx::Held { buf: b, pos, end } => this.copy_held(b, pos, end, buf),
                 Rx::OwnHeld { bytes, pos, end } => {
                     let n = (end - pos).min(buf.remaining());
                     buf.put_slice(&bytes[pos..pos + n]);
@@ -675,118 +653,170 @@ impl AsyncRead for UringStream {
                     this.rx = Rx::Eof;
                     return Poll::Ready(Ok(()));
                 }
-                Rx::Own(op, bytes) => {
-                    // Until its completion is taken, the kernel may write into `bytes`.
-                    let got = take(ring, op, cx);
-                    let Ok(Some((r, _))) = got else {
-                        this.rx = Rx::Own(op, bytes);
-                        return waiting(got);
-                    };
-                    if r == -libc::EINTR {
-                        // Interrupted before any byte: receive again (rx is Idle).
-                        continue;
-                    }
-                    if r < 0 {
-                        return Poll::Ready(Err(io::Error::from_raw_os_error(-r)));
-                    }
-                    this.rx = match r {
-                        0 => Rx::Eof,
-                        r => Rx::OwnHeld {
-                            bytes,
-                            pos: 0,
-                            end: r as usize,
-                        },
-                    };
-                }
-                Rx::Ring(op) => {
-                    let got = take(ring, op, cx);
-                    let Ok(Some((r, flags))) = got else {
-                        this.rx = Rx::Ring(op);
-                        return waiting(got);
-                    };
-                    let b = cqueue::buffer_select(flags);
-                    if r == -libc::EINTR {
-                        if let Some(b) = b {
-                            with(ring, |d| d.give_back(b))?;
-                        }
-                        continue;
-                    }
-                    if r == -libc::ENOBUFS {
-                        // Every buffer of the ring is in use: this receive gets its own.
-                        tracing::debug!("io_uring: no ring buffer left; a receive gets its own");
-                        let mut own = vec![0; BUF];
-                        let (fd, ptr) = (this.fd.as_raw_fd(), own.as_mut_ptr());
-                        let op = with(ring, |d| {
-                            d.start(opcode::Recv::new(types::Fd(fd), ptr, BUF as u32).build())
-                        })?;
-                        this.rx = Rx::Own(op, own);
-                        continue;
-                    }
-                    if r <= 0 {
-                        if let Some(b) = b {
-                            with(ring, |d| d.give_back(b))?;
-                        }
-                        if r < 0 {
-                            return Poll::Ready(Err(io::Error::from_raw_os_error(-r)));
-                        }
-                        this.rx = Rx::Eof;
-                        continue;
-                    }
-                    let Some(b) = b else {
-                        return Poll::Ready(Err(io::Error::other(
-                            "io_uring: a receive without a buffer",
-                        )));
-                    };
-                    this.streaming = r as usize == BUF;
-                    this.rx = Rx::Held {
-                        buf: b,
-                        pos: 0,
-                        end: r as usize,
-                    };
-                }
-                Rx::Idle => {
-                    let fd = this.fd.as_raw_fd();
-                    if this.streaming && buf.remaining() > 0 {
-                        let room = buf.remaining();
-                        // SAFETY: recv(2) only writes (at most `room` bytes) into the unfilled
-                        // part; it never de-initializes anything.
-                        let n = unsafe {
-                            let unfilled = buf.unfilled_mut();
-                            libc::recv(fd, unfilled.as_mut_ptr().cast(), room, libc::MSG_DONTWAIT)
-                        };
-                        if n >= 0 {
-                            let n = n as usize;
-                            // SAFETY: the kernel initialized the first `n` bytes.
-                            unsafe { buf.assume_init(n) };
-                            buf.advance(n);
-                            this.streaming = n == room;
-                            if n == 0 {
-                                this.rx = Rx::Eof;
-                            }
-                            return Poll::Ready(Ok(()));
-                        }
-                        let e = io::Error::last_os_error();
-                        if e.kind() != io::ErrorKind::WouldBlock {
-                            return Poll::Ready(Err(e));
-                        }
-                        this.streaming = false;
-                    }
-                    let op = with(ring, |d| {
-                        d.start(
-                            opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), BUF as u32)
-                                .buf_group(GROUP)
-                                .build()
-                                .flags(squeue::Flags::BUFFER_SELECT),
-                        )
-                    })?;
-                    this.rx = Rx::Ring(op);
-                    // It completes on the driver's next turn at the earliest; this sets the waker.
-                    if take(ring, op, cx)?.is_none() {
-                        return Poll::Pending;
-                    }
-                    return Poll::Ready(Err(io::Error::other("io_uring: completed unsubmitted")));
-                }
+                Rx::Own(op, bytes) => this.own_received(op, bytes, cx),
+                Rx::Ring(op) => this.ring_received(op, cx),
+                Rx::Idle => return this.receive(cx, buf),
+            };
+            match step {
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(Some(poll)) => return poll,
+                // The state moved on: look again.
+                Ok(None) => {}
             }
+        }
+    }
+}
+
+/// What one step of `poll_read` came to: an answer for the caller (`Some`), or a new state to
+/// look at (`None`).
+type ReadStep = io::Result<Option<Poll<io::Result<()>>>>;
+
+impl UringStream {
+    /// Copy from ring buffer `b` (bytes `pos..end` left), giving it back once emptied.
+    fn copy_held(&mut self, b: u16, pos: usize, end: usize, buf: &mut ReadBuf<'_>) -> ReadStep {
+        let n = (end - pos).min(buf.remaining());
+        let done = pos + n == end;
+        if !done {
+            self.rx = Rx::Held {
+                buf: b,
+                pos: pos + n,
+                end,
+            };
+        }
+        with(self.ring, |d| {
+            let p = d.buffer(b);
+            // SAFETY: the kernel wrote `end` bytes into buffer `b`, which is this stream's
+            // until given back.
+            buf.put_slice(unsafe { std::slice::from_raw_parts(p.add(pos), n) });
+            if done {
+                d.give_back(b)?;
+            }
+            Ok(())
+        })?;
+        Ok(Some(Poll::Ready(Ok(()))))
+    }
+
+    /// A receive into this stream's own buffer (the ring had none left): its completion.
+    fn own_received(&mut self, op: usize, bytes: Vec<u8>, cx: &mut Context<'_>) -> ReadStep {
+        // Until its completion is taken, the kernel may write into `bytes`.
+        let got = take(self.ring, op, cx);
+        let Ok(Some((r, _))) = got else {
+            self.rx = Rx::Own(op, bytes);
+            return Ok(Some(waiting(got)));
+        };
+        if r == -libc::EINTR {
+            // Interrupted before any byte: receive again (rx is Idle).
+            return Ok(None);
+        }
+        if r < 0 {
+            return Err(io::Error::from_raw_os_error(-r));
+        }
+        self.rx = match r {
+            0 => Rx::Eof,
+            r => Rx::OwnHeld {
+                bytes,
+                pos: 0,
+                end: r as usize,
+            },
+        };
+        Ok(None)
+    }
+
+    /// A receive into a buffer of the ring: its completion.
+    fn ring_received(&mut self, op: usize, cx: &mut Context<'_>) -> ReadStep {
+        let ring = self.ring;
+        let got = take(ring, op, cx);
+        let Ok(Some((r, flags))) = got else {
+            self.rx = Rx::Ring(op);
+            return Ok(Some(waiting(got)));
+        };
+        let b = cqueue::buffer_select(flags);
+        if r == -libc::EINTR {
+            if let Some(b) = b {
+                with(ring, |d| d.give_back(b))?;
+            }
+            return Ok(None);
+        }
+        if r == -libc::ENOBUFS {
+            // Every buffer of the ring is in use: this receive gets its own.
+            tracing::debug!("io_uring: no ring buffer left; a receive gets its own");
+            let mut own = vec![0; BUF];
+            let (fd, ptr) = (self.fd.as_raw_fd(), own.as_mut_ptr());
+            let op = with(ring, |d| {
+                d.start(opcode::Recv::new(types::Fd(fd), ptr, BUF as u32).build())
+            })?;
+            self.rx = Rx::Own(op, own);
+            return Ok(None);
+        }
+        if r <= 0 {
+            if let Some(b) = b {
+                with(ring, |d| d.give_back(b))?;
+            }
+            if r < 0 {
+                return Err(io::Error::from_raw_os_error(-r));
+            }
+            self.rx = Rx::Eof;
+            return Ok(None);
+        }
+        let Some(b) = b else {
+            return Err(io::Error::other("io_uring: a receive without a buffer"));
+        };
+        self.streaming = r as usize == BUF;
+        self.rx = Rx::Held {
+            buf: b,
+            pos: 0,
+            end: r as usize,
+        };
+        Ok(None)
+    }
+
+    /// Nothing held: while streaming, a plain non-blocking recv(2) straight into `buf`; else a
+    /// receive into the ring, which completes on the driver's next turn at the earliest.
+    fn receive(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let fd = self.fd.as_raw_fd();
+        if self.streaming && buf.remaining() > 0 {
+            let room = buf.remaining();
+            // SAFETY: recv(2) only writes (at most `room` bytes) into the unfilled part; it
+            // never de-initializes anything.
+            let n = unsafe {
+                let unfilled = buf.unfilled_mut();
+                libc::recv(fd, unfilled.as_mut_ptr().cast(), room, libc::MSG_DONTWAIT)
+            };
+            if n >= 0 {
+                let n = n as usize;
+                // SAFETY: the kernel initialized the first `n` bytes.
+                unsafe { buf.assume_init(n) };
+                buf.advance(n);
+                self.streaming = n == room;
+                if n == 0 {
+                    self.rx = Rx::Eof;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::WouldBlock {
+                return Poll::Ready(Err(e));
+            }
+            self.streaming = false;
+        }
+        let started = with(self.ring, |d| {
+            d.start(
+                opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), BUF as u32)
+                    .buf_group(GROUP)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT),
+            )
+        });
+        let op = match started {
+            Ok(op) => op,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        self.rx = Rx::Ring(op);
+        // It sets the waker; a completion cannot be there before the driver's turn.
+        match take(self.ring, op, cx) {
+            Err(e) => Poll::Ready(Err(e)),
+            Ok(None) => Poll::Pending,
+            Ok(Some(_)) => Poll::Ready(Err(io::Error::other("io_uring: completed unsubmitted"))),
         }
     }
 }
