@@ -86,26 +86,7 @@ impl Peer {
             },
         );
 
-        let mut listeners = Vec::new();
-        for addr in &config.proxy.listen {
-            let l = Listener::bind(*addr, workers, None)
-                .with_context(|| format!("proxy.listen: cannot listen on {addr}"))?;
-            listeners.push(l);
-        }
-        let tls = match &config.proxy.tls {
-            None => None,
-            Some(t) => {
-                let cfg =
-                    crate::net::tls::load_termination(&t.cert, &t.key).context("proxy.tls")?;
-                let swap = Arc::new(ArcSwap::new(cfg));
-                for addr in &t.listen {
-                    let l = Listener::bind(*addr, workers, Some(swap.clone()))
-                        .with_context(|| format!("proxy.tls.listen: cannot listen on {addr}"))?;
-                    listeners.push(l);
-                }
-                Some(swap)
-            }
-        };
+        let (listeners, tls) = bind_listeners(&config, workers)?;
         let proxy_addrs: Vec<std::net::SocketAddr> = listeners.iter().map(|l| l.addr).collect();
         let admin_listener = bind(config.admin.listen, "admin.listen").await?;
         let admin_addr = admin_listener.local_addr()?;
@@ -123,55 +104,7 @@ impl Peer {
         let answers = discovery::Answers::default();
         // Each service's probes, health voter and discovery: `default`'s now, the others' as
         // they appear in the agreed pool.
-        let spawner: services::Spawner = {
-            let (cluster, events, me, answers, services) = (
-                cluster.clone(),
-                events.clone(),
-                config.node.id.clone(),
-                answers.clone(),
-                Arc::downgrade(&services),
-            );
-            let assignment = health::Assignment {
-                cluster: cluster.clone(),
-                me: me.clone(),
-            };
-            Box::new(move |name, table, stop| {
-                let probing = health::Probing {
-                    table: table.clone(),
-                    assignment: assignment.clone(),
-                };
-                crate::app::probe::spawn(Arc::new(probing), stop.clone());
-                health::spawn_ramp(table.clone(), stop.clone());
-                let sources = match services.upgrade() {
-                    Some(s) if name == crate::core::pool::DEFAULT_SERVICE => {
-                        s.config().discovery.clone()
-                    }
-                    Some(s) => s
-                        .config()
-                        .services
-                        .iter()
-                        .find(|c| c.name == name)
-                        .map(|c| c.discovery.clone())
-                        .unwrap_or_default(),
-                    None => Vec::new(),
-                };
-                discovery::spawn(
-                    &sources,
-                    table.clone(),
-                    cluster.clone(),
-                    me.clone(),
-                    answers.clone(),
-                    stop.clone(),
-                );
-                health::spawn_voter(
-                    table,
-                    cluster.clone(),
-                    events.clone(),
-                    assignment.clone(),
-                    stop,
-                );
-            })
-        };
+        let spawner = service_tasks(&config, &cluster, &events, &answers, &services);
         spawner(
             crate::core::pool::DEFAULT_SERVICE,
             table.clone(),
@@ -459,4 +392,91 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogReload>) -> anyho
     // Let the last responses flush.
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
+}
+
+/// The proxy's listeners (plain, then TLS), bound before anything else starts, and the TLS
+/// termination config a reload swaps.
+#[allow(clippy::type_complexity)]
+fn bind_listeners(
+    config: &Config,
+    workers: usize,
+) -> anyhow::Result<(
+    Vec<Listener>,
+    Option<Arc<ArcSwap<crate::net::tls::Termination>>>,
+)> {
+    let mut listeners = Vec::new();
+    for addr in &config.proxy.listen {
+        let l = Listener::bind(*addr, workers, None)
+            .with_context(|| format!("proxy.listen: cannot listen on {addr}"))?;
+        listeners.push(l);
+    }
+    let tls = match &config.proxy.tls {
+        None => None,
+        Some(t) => {
+            let cfg = crate::net::tls::load_termination(&t.cert, &t.key).context("proxy.tls")?;
+            let swap = Arc::new(ArcSwap::new(cfg));
+            for addr in &t.listen {
+                let l = Listener::bind(*addr, workers, Some(swap.clone()))
+                    .with_context(|| format!("proxy.tls.listen: cannot listen on {addr}"))?;
+                listeners.push(l);
+            }
+            Some(swap)
+        }
+    };
+    Ok((listeners, tls))
+}
+
+/// What starts a service's probes, slow-start ramp, discovery and health voter on its table.
+fn service_tasks(
+    config: &Config,
+    cluster: &crate::cluster::Cluster,
+    events: &Events,
+    answers: &discovery::Answers,
+    services: &Arc<Services>,
+) -> services::Spawner {
+    let (cluster, events, me, answers, services) = (
+        cluster.clone(),
+        events.clone(),
+        config.node.id.clone(),
+        answers.clone(),
+        Arc::downgrade(services),
+    );
+    let assignment = health::Assignment {
+        cluster: cluster.clone(),
+        me: me.clone(),
+    };
+    Box::new(move |name, table, stop| {
+        let probing = health::Probing {
+            table: table.clone(),
+            assignment: assignment.clone(),
+        };
+        crate::app::probe::spawn(Arc::new(probing), stop.clone());
+        health::spawn_ramp(table.clone(), stop.clone());
+        let sources = match services.upgrade() {
+            Some(s) if name == crate::core::pool::DEFAULT_SERVICE => s.config().discovery.clone(),
+            Some(s) => s
+                .config()
+                .services
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| c.discovery.clone())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        discovery::spawn(
+            &sources,
+            table.clone(),
+            cluster.clone(),
+            me.clone(),
+            answers.clone(),
+            stop.clone(),
+        );
+        health::spawn_voter(
+            table,
+            cluster.clone(),
+            events.clone(),
+            assignment.clone(),
+            stop,
+        );
+    })
 }
