@@ -390,6 +390,7 @@ fn health_split_probing_keeps_k_probers_through_crashes() {
         ..HealthSimConfig::default()
     };
     let (mut violations, mut checks, mut crashes, mut false_ej, mut probes) = (0, 0, 0, 0, 0);
+    let mut worst_replacement = 0;
     for seed in 0..seeds {
         let r = health_run(seed, &cfg);
         if r.prober_violations > 0 || r.false_ejections > 0 {
@@ -400,6 +401,7 @@ fn health_split_probing_keeps_k_probers_through_crashes() {
         crashes += r.crashes;
         false_ej += r.false_ejections;
         probes += r.probes;
+        worst_replacement = worst_replacement.max(r.worst_replacement_ms);
     }
     let secs = (seeds * 48 * 3_600) as f64;
     println!(
@@ -407,6 +409,13 @@ fn health_split_probing_keeps_k_probers_through_crashes() {
         probes as f64 / secs / 4.0
     );
     assert!(crashes > 10 * seeds && checks > 0);
+    // A crashed prober's place is taken within dead_after (5 s) and one probe interval (1 s,
+    // +10% jitter), counted from its last heartbeat (up to one heartbeat, 250 ms, before it).
+    println!("  a crashed prober replaced at worst {worst_replacement} ms after it crashed");
+    assert!(
+        worst_replacement > 0 && worst_replacement <= 5_000 + 1_100 + 250,
+        "{worst_replacement} ms"
+    );
     assert_eq!((violations, false_ej), (0, 0));
 
     let planted = HealthSimConfig {

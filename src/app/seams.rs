@@ -39,6 +39,10 @@ impl PoolControl for Cluster {
         Cluster::peers(self)
     }
 
+    fn gone(&self) -> Vec<crate::core::pool::NodeId> {
+        Cluster::dead_peers(self)
+    }
+
     fn quorum(&self) -> bool {
         Cluster::quorum(self)
     }

@@ -123,7 +123,7 @@ pub struct Cluster {
     commands: mpsc::Sender<Command>,
     peers: Arc<Mutex<Vec<PeerView>>>,
     quorum: Arc<AtomicBool>,
-    /// Peers the detector currently declares dead.
+    /// Peers the detector declares dead, or silent for `cluster.dead_after` already.
     dead: Arc<Mutex<Vec<NodeId>>>,
     status: Arc<Mutex<ConsensusStatus>>,
     /// The driver task, taken by `stopped` to wait for it.
@@ -1082,6 +1082,7 @@ impl Driver {
         // This peer counts if it votes.
         let mut alive = usize::from(self.node.consensus() == Consensus::Voting);
         let mut dead = Vec::new();
+        let dead_after_ms = self.detector_cfg.dead_after_ms;
         let mut came_back = false;
         for (id, p) in self.peers.iter_mut() {
             let state = p.detector.state(now);
@@ -1103,8 +1104,13 @@ impl Driver {
             if state == PeerState::Alive && voters.contains(id) {
                 alive += 1;
             }
-            if state == PeerState::Dead {
+            // Gone for the health votes and probers' assignments: declared dead, or silent for
+            // `dead_after` already (phi takes a moment to rise: a dead prober is replaced
+            // within `dead_after` and one probe interval of its last heartbeat).
+            if state == PeerState::Dead || p.detector.silent_for(now) >= dead_after_ms {
                 dead.push(id.clone());
+            }
+            if state == PeerState::Dead {
                 p.dead_since.get_or_insert(now);
             } else {
                 p.dead_since = None;

@@ -77,6 +77,11 @@ impl Detector {
         self.last
     }
 
+    /// How long (ms) nothing has been heard at `now` (since the start, before any heartbeat).
+    pub fn silent_for(&self, now: u64) -> u64 {
+        now.saturating_sub(self.last.unwrap_or(self.started))
+    }
+
     /// Phi at `now`.
     pub fn phi(&self, now: u64) -> f64 {
         let since = self.last.unwrap_or(self.started);

@@ -48,6 +48,8 @@ pub trait PoolControl: Send + Sync + 'static {
     fn change(&self, change: PoolChange) -> BoxFuture<'_, Result<Pool, ControlError>>;
     /// The other peers as this peer sees them.
     fn peers(&self) -> Vec<PeerView>;
+    /// The peers this peer counts as gone (their votes expire, others take their probes).
+    fn gone(&self) -> Vec<NodeId>;
     /// Whether a majority of peers answers now.
     fn quorum(&self) -> bool;
     /// This peer's place in the consensus.
@@ -811,13 +813,7 @@ impl Admin {
 
     fn status(&self) -> serde_json::Value {
         let pool = self.routing.pool();
-        let dead: Vec<NodeId> = self
-            .control
-            .peers()
-            .into_iter()
-            .filter(|p| p.state == crate::core::detector::PeerState::Dead.as_str())
-            .map(|p| NodeId::new(p.id))
-            .collect();
+        let dead = self.control.gone();
         let backends = self.status_rows(DEFAULT_SERVICE, &pool, &dead);
         let services: Vec<_> = pool
             .service_names()
@@ -989,6 +985,9 @@ mod tests {
             })
         }
         fn peers(&self) -> Vec<PeerView> {
+            Vec::new()
+        }
+        fn gone(&self) -> Vec<NodeId> {
             Vec::new()
         }
         fn quorum(&self) -> bool {

@@ -95,6 +95,8 @@ pub struct HealthReport {
     pub prober_checks: u64,
     /// Voter crashes.
     pub crashes: u64,
+    /// The longest from a prober's crash to another voter's first probe of its backend.
+    pub worst_replacement_ms: u64,
 }
 
 enum Ev {
@@ -188,6 +190,8 @@ struct World<'a> {
     alive: Vec<bool>,
     /// Whether each voter probed each backend at its last turn.
     probing: Vec<Vec<bool>>,
+    /// Per backend: when one of its probers crashed, until another takes its place.
+    orphaned_at: Vec<Option<u64>>,
     /// The last crash or restart: views settle within `settle_ms` of it.
     last_turn: u64,
     settle_ms: u64,
@@ -275,6 +279,7 @@ impl<'a> World<'a> {
             life: vec![0; cfg.learners],
             alive: vec![true; cfg.peers],
             probing: vec![vec![true; cfg.backends]; cfg.peers],
+            orphaned_at: vec![None; cfg.backends],
             last_turn: 0,
             settle_ms: cfg.dead_after_ms + 20 * cfg.heartbeat_ms + 2 * cfg.probe_interval_ms,
             dead_backend: cfg.kill.map(|(b, _)| b),
@@ -403,6 +408,12 @@ impl<'a> World<'a> {
                 }
                 return;
             }
+            if !self.probing[peer][backend] {
+                if let Some(at) = self.orphaned_at[backend].take() {
+                    let took = now - at;
+                    self.report.worst_replacement_ms = self.report.worst_replacement_ms.max(took);
+                }
+            }
             self.probing[peer][backend] = true;
         }
         self.report.probes += 1;
@@ -433,8 +444,23 @@ impl<'a> World<'a> {
             self.push(at, Ev::Crash { peer });
             return;
         }
+        // Timed: a prober crashing among settled views, leaving its backend short of probers
+        // (a crash before the last one's replacement voids that measurement).
+        let settled = now >= self.last_turn + self.settle_ms;
+        if !settled {
+            self.orphaned_at = vec![None; self.cfg.backends];
+        }
         self.alive[peer] = false;
         self.report.crashes += 1;
+        let running = self.alive.iter().filter(|a| **a).count();
+        for b in 0..self.cfg.backends {
+            let left = (0..self.cfg.peers)
+                .filter(|&p| self.alive[p] && self.probing[p][b])
+                .count();
+            if settled && self.probing[peer][b] && left < self.cfg.probers.min(running) {
+                self.orphaned_at[b] = Some(now);
+            }
+        }
         self.last_turn = now;
         let at = now + self.rng.gen_range(60_000..600_000);
         self.push(at, Ev::Restart { peer });
@@ -443,6 +469,7 @@ impl<'a> World<'a> {
     /// A crashed voter starts again: a new process, with fresh local views and detectors.
     fn restart(&mut self, now: u64, peer: usize) {
         self.alive[peer] = true;
+        self.orphaned_at = vec![None; self.cfg.backends];
         self.last_turn = now;
         self.local[peer] = vec![LocalHealth::default(); self.cfg.backends];
         self.probing[peer] = vec![false; self.cfg.backends];
@@ -498,7 +525,11 @@ impl<'a> World<'a> {
                 if i == j || !self.alive[i] {
                     continue;
                 }
-                let s = self.detectors[i][j].state(now);
+                // As the driver counts a peer gone: declared dead, or silent for dead_after.
+                let mut s = self.detectors[i][j].state(now);
+                if self.detectors[i][j].silent_for(now) >= self.cfg.dead_after_ms {
+                    s = PeerState::Dead;
+                }
                 if s == PeerState::Dead && self.peer_state[i][j] != PeerState::Dead {
                     if self.alive[j] {
                         self.report.false_peer_deaths += 1;
