@@ -137,7 +137,10 @@ async fn split_probing_keeps_three_probers_per_backend() {
     println!("prober {victim} killed: replaced in {took:?} by {replaced:?} (dead_after 1.5 s + 0.3 s interval)");
     // dead_after (1.5 s) and one interval (0.3 s), from its last heartbeat; 2 s of room for a
     // loaded machine.
-    assert!(took <= Duration::from_millis(1_500 + 300 + 2_000), "{took:?}");
+    assert!(
+        took <= Duration::from_millis(1_500 + 300 + 2_000),
+        "{took:?}"
+    );
     eventually(
         Duration::from_secs(5),
         "/status names the new probers",
