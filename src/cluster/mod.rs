@@ -783,6 +783,8 @@ impl Driver {
                 }
             }
             Body::Claimed { cluster } => self.claimed_by(m.from, cluster),
+            // (The transport skips these.)
+            Body::Unknown => {}
             Body::Heartbeat => {
                 let now = self.now_ms();
                 if let Some(p) = self.peers.get_mut(&m.from) {

@@ -65,6 +65,10 @@ pub enum Body {
     Paxos {
         msg: Msg,
     },
+    /// Never sent: a frame of a kind this version does not know (a newer peer's), read so that
+    /// the link survives it, and skipped.
+    #[serde(other, skip_serializing)]
+    Unknown,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -543,6 +547,10 @@ async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, l: &Link) {
             tracing::warn!(peer = %peer, claimed = %frame.from, "frame from another sender dropped");
             continue;
         }
+        if matches!(frame.body, Body::Unknown) {
+            tracing::debug!(peer = %peer, "a frame of a kind this version does not know: skipped");
+            continue;
+        }
         let msg = Inbound {
             from: peer.clone(),
             body: frame.body,
@@ -734,4 +742,82 @@ fn cert_names(cert: &CertificateDer<'_>, id: &NodeId) -> bool {
         return false;
     };
     ee.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A length-prefixed frame around `json`.
+    fn framed(json: &str) -> Vec<u8> {
+        let mut out = (json.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(json.as_bytes());
+        out
+    }
+
+    async fn read(bytes: &[u8]) -> std::io::Result<Frame> {
+        let mut r = bytes;
+        read_frame(&mut r).await
+    }
+
+    #[tokio::test]
+    async fn frames_read_from_bytes() {
+        let known = read(&framed(r#"{"from":"a","body":{"kind":"heartbeat"}}"#)).await;
+        assert!(matches!(
+            known,
+            Ok(Frame {
+                body: Body::Heartbeat,
+                ..
+            })
+        ));
+        let progress = read(&framed(
+            r#"{"from":"l","body":{"kind":"progress","version":7,"advertise":"10.0.0.9:7001"}}"#,
+        ))
+        .await
+        .unwrap();
+        assert!(matches!(progress.body, Body::Progress { version: 7, .. }));
+        // A kind from a newer version: read (the link survives), to be skipped.
+        let newer = read(&framed(
+            r#"{"from":"b","body":{"kind":"gossip","rumours":[1,2]}}"#,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(newer.from.as_str(), "b");
+        assert!(matches!(newer.body, Body::Unknown));
+        // A known kind with bad fields, no kind, not JSON, cut short, or too large: errors (the
+        // link is dropped).
+        for bad in [
+            framed(r#"{"from":"a","body":{"kind":"progress","version":"seven"}}"#),
+            framed(r#"{"from":"a","body":{}}"#),
+            framed(r#"{"body":{"kind":"heartbeat"}}"#),
+            framed("not json"),
+            framed(r#"{"from":"a","body":{"kind":"heartbeat"}}"#)[..20].to_vec(),
+            ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec(),
+        ] {
+            assert!(
+                read(&bad).await.is_err(),
+                "{:?}",
+                String::from_utf8_lossy(&bad)
+            );
+        }
+        // What this version writes, it reads back; `Unknown` is never written.
+        let mut out = Vec::new();
+        let frame = Frame {
+            from: NodeId::new("a"),
+            body: Body::Progress {
+                version: 3,
+                advertise: "127.0.0.1:7004".into(),
+            },
+        };
+        write_frame(&mut out, &frame).await.unwrap();
+        assert!(matches!(
+            read(&out).await.unwrap().body,
+            Body::Progress { version: 3, .. }
+        ));
+        let never = Frame {
+            from: NodeId::new("a"),
+            body: Body::Unknown,
+        };
+        assert!(write_frame(&mut Vec::new(), &never).await.is_err());
+    }
 }
