@@ -470,34 +470,13 @@ impl Admin {
                 let body: ApplyBody = read_json(req).await?;
                 self.apply_services(body).await
             }
-            (&Method::GET, ["services", name]) => {
-                let pool = self.routing.pool();
-                let default = ServiceDef::default();
-                let def = match pool.services.get(*name) {
-                    Some(s) => &s.def,
-                    None if *name == DEFAULT_SERVICE => &default,
-                    None => return Err(ChangeError::ServiceNotFound(name.to_string()).into()),
-                };
-                let view = pool.service_view(name).unwrap_or_default();
-                let mut out = self.service_json(name, def, &view);
-                out["version"] = json!(pool.version);
-                Ok(json_response(StatusCode::OK, &out))
-            }
+            (&Method::GET, ["services", name]) => self.service_answer(name),
             (&Method::PUT, ["services", name]) => {
                 let name = name.to_string();
                 let body: ServiceBody = read_json(req).await?;
                 self.put_service(&name, body).await
             }
-            (&Method::DELETE, ["services", name]) => {
-                let change = PoolChange::RemoveService {
-                    name: name.to_string(),
-                };
-                let pool = self.control.change(change).await?;
-                Ok(json_response(
-                    StatusCode::OK,
-                    &json!({ "version": pool.version, "removed": name }),
-                ))
-            }
+            (&Method::DELETE, ["services", name]) => self.remove_service(name).await,
             // `/services/{name}/pool`, its backends, and the same under `.../pool/backends/`.
             (m, ["services", name, "pool", rest @ ..]) => {
                 let (m, name, rest) = (m.clone(), name.to_string(), rest.to_vec());
@@ -509,39 +488,8 @@ impl Admin {
             }
             (&Method::GET, ["peers"]) => Ok(json_response(StatusCode::OK, &self.control.peers())),
             (&Method::GET, ["status"]) => Ok(json_response(StatusCode::OK, &self.status())),
-            (&Method::GET, ["events"]) => {
-                let follow = req.uri().query().is_some_and(|q| {
-                    q.split('&')
-                        .any(|kv| kv == "follow=1" || kv == "follow=true")
-                });
-                Ok(if follow {
-                    self.follow_events()
-                } else {
-                    let recent = self.events.recent();
-                    let all: Vec<&serde_json::Value> = recent.iter().map(|e| &**e).collect();
-                    json_response(StatusCode::OK, &all)
-                })
-            }
-            (&Method::POST, ["peers"]) => {
-                let body: PeerBody = read_json(req).await?;
-                let learner = match body.role.as_deref() {
-                    None | Some("voter") => false,
-                    Some("learner") => true,
-                    Some(other) => {
-                        return Err(ApiError::BadRequest(format!(
-                            "role {other:?}: expected \"voter\" or \"learner\""
-                        )))
-                    }
-                };
-                let id = NodeId::new(body.id);
-                crate::core::pool::check_peer(&id, &body.addr).map_err(ApiError::BadRequest)?;
-                let change = PoolChange::AddPeer {
-                    id,
-                    addr: body.addr,
-                    learner,
-                };
-                self.commit_membership(change, StatusCode::CREATED).await
-            }
+            (&Method::GET, ["events"]) => Ok(self.events_answer(req.uri().query())),
+            (&Method::POST, ["peers"]) => self.add_peer(read_json(req).await?).await,
             (&Method::DELETE, ["peers", id]) => {
                 let change = PoolChange::RemovePeer {
                     id: NodeId::new(*id),
@@ -554,6 +502,68 @@ impl Admin {
             ) => Err(ApiError::MethodNotAllowed { method, path }),
             _ => Err(ApiError::NoEndpoint(path)),
         }
+    }
+
+    /// `GET /services/{name}`: its definition, effective keys and pool.
+    fn service_answer(&self, name: &str) -> Result<Resp, ApiError> {
+        let pool = self.routing.pool();
+        let default = ServiceDef::default();
+        let def = match pool.services.get(name) {
+            Some(s) => &s.def,
+            None if name == DEFAULT_SERVICE => &default,
+            None => return Err(ChangeError::ServiceNotFound(name.to_string()).into()),
+        };
+        let view = pool.service_view(name).unwrap_or_default();
+        let mut out = self.service_json(name, def, &view);
+        out["version"] = json!(pool.version);
+        Ok(json_response(StatusCode::OK, &out))
+    }
+
+    /// `DELETE /services/{name}`: it goes with its pool, once committed.
+    async fn remove_service(&self, name: &str) -> Result<Resp, ApiError> {
+        let change = PoolChange::RemoveService {
+            name: name.to_string(),
+        };
+        let pool = self.control.change(change).await?;
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({ "version": pool.version, "removed": name }),
+        ))
+    }
+
+    /// `GET /events`: the events kept, or (`?follow=1`) a stream of them.
+    fn events_answer(&self, query: Option<&str>) -> Resp {
+        let follow = query.is_some_and(|q| {
+            q.split('&')
+                .any(|kv| kv == "follow=1" || kv == "follow=true")
+        });
+        if follow {
+            return self.follow_events();
+        }
+        let recent = self.events.recent();
+        let all: Vec<&serde_json::Value> = recent.iter().map(|e| &**e).collect();
+        json_response(StatusCode::OK, &all)
+    }
+
+    /// `POST /peers`: a voter or a recorded learner, once committed.
+    async fn add_peer(&self, body: PeerBody) -> Result<Resp, ApiError> {
+        let learner = match body.role.as_deref() {
+            None | Some("voter") => false,
+            Some("learner") => true,
+            Some(other) => {
+                return Err(ApiError::BadRequest(format!(
+                    "role {other:?}: expected \"voter\" or \"learner\""
+                )))
+            }
+        };
+        let id = NodeId::new(body.id);
+        crate::core::pool::check_peer(&id, &body.addr).map_err(ApiError::BadRequest)?;
+        let change = PoolChange::AddPeer {
+            id,
+            addr: body.addr,
+            learner,
+        };
+        self.commit_membership(change, StatusCode::CREATED).await
     }
 
     /// `/events?follow=1`: the events kept, then each new one, as server-sent events; a comment
