@@ -686,4 +686,56 @@ mod tests {
             assert_eq!(seen(bytes.as_bytes(), asked).await, want, "{bytes:?}");
         }
     }
+
+    /// A health probe on the wire: the request it sends (a bodiless GET naming its peer, the
+    /// connection closed after), and which answers pass: a 2xx whose body ends where its framing
+    /// says; anything traffic could not pass on fails.
+    #[tokio::test]
+    async fn probes_byte_for_byte() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        #[rustfmt::skip]
+        let cases: [(&str, bool); 7] = [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true),
+            ("HTTP/1.1 204 No Content\r\n\r\n", true),
+            ("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", false),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", false),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok", false),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok", false),
+            ("garbage\r\n\r\n", false),
+        ];
+        for (answer, pass) in cases {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            let backend = tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).await.unwrap() == 1 {
+                    head.push(byte[0]);
+                }
+                s.write_all(answer.as_bytes()).await.unwrap();
+                // Then the close, which ends a body that waits for more.
+                String::from_utf8(head).unwrap().to_ascii_lowercase()
+            });
+            let target = crate::net::Target::parse(&addr, None, false).unwrap();
+            let ok = probe(&target, "/healthz", "peer-a").await;
+            let head = backend.await.unwrap();
+            assert_eq!(ok, pass, "{answer:?}");
+            assert!(head.starts_with("get /healthz http/1.1\r\n"), "{head}");
+            for line in [
+                "x-shoal-peer: peer-a",
+                "connection: close",
+                "user-agent: shoal-health",
+            ] {
+                assert!(
+                    head.contains(&format!("\r\n{line}\r\n")),
+                    "{line} in {head}"
+                );
+            }
+            assert!(
+                !head.contains("content-length") && !head.contains("transfer-encoding"),
+                "{head}"
+            );
+        }
+    }
 }
