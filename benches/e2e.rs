@@ -17,7 +17,7 @@
 //! against 1,000. `abuse`: eight clients each sending part of a 2 MB
 //! upload to a backend that answers at once and waits for the rest, then resetting, while wrk
 //! runs beside them: every proxy's peak and settled memory and descriptors, and wrk's requests
-//! per proxy CPU-second.
+//! per proxy CPU-second. E2E_FLAME=DIR: a flame graph of Shoal per table (perf and inferno).
 
 mod support;
 
@@ -802,6 +802,13 @@ fn table_of(
             runs[i].push(run(name, *port, pids));
         }
     }
+    if let Ok(out) = std::env::var("E2E_FLAME") {
+        if let Some((name, port, pids)) = targets.iter().find(|t| t.0 == "shoal") {
+            flame(Path::new(&out), &slug(title), pids, || {
+                run(name, *port, pids);
+            });
+        }
+    }
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
@@ -863,6 +870,74 @@ fn table_of(
             r.per_cpu_s / best,
             mib
         );
+    }
+}
+
+/// A short file name for a table, from its title.
+fn slug(title: &str) -> String {
+    let named = [
+        ("small answers, keep-alive", "small"),
+        ("small answers, consistent", "hash"),
+        ("1 MiB", "big"),
+        ("HTTP/2", "h2"),
+        ("TLS full", "tls"),
+        ("keep-alive requests over TLS", "tls-keepalive"),
+        ("a pool change", "change"),
+    ];
+    named
+        .iter()
+        .find(|(p, _)| title.starts_with(p))
+        .map(|(_, s)| s.to_string())
+        .unwrap_or_else(|| {
+            title
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .filter(|w| !w.is_empty())
+                .take(3)
+                .collect::<Vec<_>>()
+                .join("-")
+                .to_lowercase()
+        })
+}
+
+/// With `E2E_FLAME=DIR`: one more run of `load` with Shoal under `perf record` (DWARF call
+/// graphs), folded by inferno into `DIR/flame-NAME.svg` (`cargo install inferno`); with
+/// `E2E_FLAME_KEEP` the perf data stays in the temporary directory.
+fn flame(dir: &Path, name: &str, pids: &[u32], load: impl FnOnce()) {
+    std::fs::create_dir_all(dir).unwrap();
+    let data = std::env::temp_dir().join(format!("shoal-{name}.perf"));
+    let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
+    let perf = Command::new("perf")
+        .args(["record", "-q", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+        .arg(&data)
+        .args(["-p", &list.join(",")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut perf) = perf else {
+        eprintln!("e2e: perf not installed (apt-get install linux-perf); no flame graph");
+        return load();
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    load();
+    let _ = Command::new("kill")
+        .args(["-INT", &perf.id().to_string()])
+        .status();
+    let _ = perf.wait();
+    let svg = dir.join(format!("flame-{name}.svg"));
+    let folded = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "perf script -i '{}' 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --title 'Shoal: {name}' > '{}'",
+            data.display(),
+            svg.display()
+        ))
+        .status();
+    if std::env::var_os("E2E_FLAME_KEEP").is_none() {
+        let _ = std::fs::remove_file(&data);
+    }
+    match folded {
+        Ok(s) if s.success() => println!("e2e: flame graph {}", svg.display()),
+        _ => eprintln!("e2e: no flame graph for {name} (perf script or inferno failed)"),
     }
 }
 

@@ -307,3 +307,91 @@ async fn closing_backend(idle: Duration) -> (std::net::SocketAddr, Arc<AtomicU64
     });
     (addr, accepted)
 }
+
+/// Keep-alive connections between requests wait without a task (parked): hundreds of them,
+/// idle past the watchdog's period, are each served again on the same connection, then closed
+/// by the idle timeout; the drain closes the rest at once. On io_uring and on epoll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_keep_alive_connections_come_back_and_time_out() {
+    for io_uring in [true, false] {
+        if io_uring && io_uring::IoUring::new(8).is_err() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "this kernel refuses io_uring, under CI"
+            );
+            eprintln!("skipped io_uring: this kernel refuses it");
+            continue;
+        }
+        parked_connections(io_uring).await;
+    }
+}
+
+async fn parked_connections(io_uring: bool) {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let mut s = Shoal::start(
+        &format!("client_idle_timeout = \"1500ms\"\nio_uring = {io_uring}\nworkers = 2"),
+        &backends_toml(&[&a]),
+    )
+    .await;
+    let proxy = s.proxy;
+    let ask = |tx: &mut hyper::client::conn::http1::SendRequest<Body>| {
+        tx.send_request(request("GET", proxy, "/again").body(empty()).unwrap())
+    };
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        let driver = tokio::spawn(conn);
+        let r = ask(&mut tx).await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.into_body().collect().await.unwrap();
+        conns.push((tx, driver));
+    }
+    let m = s.metrics().await;
+    assert_eq!(metric(&m, "shoal_client_connections"), Some(300.0), "io_uring={io_uring}");
+    // Idle for most of the timeout: still open; each is answered again, on its connection.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    for (tx, _) in &mut conns {
+        let r = ask(tx).await.unwrap();
+        assert_eq!(r.status(), 200, "io_uring={io_uring}");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("/again"));
+    }
+    assert_eq!(a.hits(), 600);
+    // Then idle for good: every one is closed by the timeout, and counted out.
+    let started = Instant::now();
+    for (_, driver) in conns.drain(..) {
+        tokio::time::timeout(Duration::from_secs(6), driver)
+            .await
+            .expect("an idle connection outlived its timeout")
+            .unwrap()
+            .unwrap();
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1200), "{:?}", started.elapsed());
+    s.metric_reaches("shoal_client_connections", 0.0, Duration::from_secs(3))
+        .await;
+
+    // A drain closes parked connections at once, though their timeout is far.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        idle.push(c);
+    }
+    s.signal("-TERM");
+    for mut c in idle {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+            "io_uring={io_uring}: a parked connection outlived the drain"
+        );
+    }
+    assert_eq!(s.wait_exit(Duration::from_secs(5)), Some(0));
+}

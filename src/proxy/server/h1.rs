@@ -49,6 +49,9 @@ pub enum Ended {
     H2(Rewind),
     /// A 101 went out: the connection now belongs to the tunnel.
     Upgraded,
+    /// Between requests with nothing read: the connection waits for its next request without
+    /// a task (`server::idle`). `h2c`: no byte has come yet, so HTTP/2's preface may still.
+    Idle { conn: ClientConn, h2c: bool },
 }
 
 /// What the loop keeps of a request while its answer goes out.
@@ -88,8 +91,10 @@ impl ClientConn {
         }
     }
 
-    /// Serve requests until the connection ends. `h2c`: a client may open with the HTTP/2
-    /// preface (plain connections); `drain`: finish the request in hand and close.
+    /// Serve requests until the connection ends or waits for its next request with nothing
+    /// read (`Ended::Idle`: the caller waits for the bytes, see [`Self::poll_idle`]). `h2c`: a
+    /// client may open with the HTTP/2 preface (plain connections); `drain`: finish the request
+    /// in hand and close.
     pub async fn serve(
         mut self,
         proxy: &Arc<Proxy>,
@@ -100,8 +105,9 @@ impl ClientConn {
     ) -> Ended {
         let mut first = h2c;
         loop {
-            let (req, fields, asked) = match self.next_request(first, drain).await {
+            let (req, fields, asked) = match self.next_request(first).await {
                 Ok(Next::Request(r, f, a)) => (r, f, a),
+                Ok(Next::Idle) => return Ended::Idle { conn: self, h2c: first },
                 Ok(Next::H2) => {
                     return match Arc::try_unwrap(self.wire) {
                         Ok(w) => {
@@ -194,12 +200,16 @@ impl ClientConn {
         (upgraded, self.answer(resp, asked, drain).await)
     }
 
-    /// Read and parse the next request head.
-    async fn next_request(
-        &mut self,
-        mut h2c: bool,
-        drain: &CancellationToken,
-    ) -> Result<Next, Refused> {
+    /// Read the bytes a connection between requests waits for (with `cx`'s waker, which need
+    /// not be a task's): how many came, 0 at the client's close.
+    pub fn poll_idle(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<usize>> {
+        let mut w = self.wire.locked();
+        let w = &mut *w;
+        w.rb.poll_fill_fresh(&mut w.io, cx)
+    }
+
+    /// Read and parse the next request head; `Next::Idle` when nothing of it has come.
+    async fn next_request(&mut self, mut h2c: bool) -> Result<Next, Refused> {
         {
             let mut w = self.wire.locked();
             w.answered = false;
@@ -227,23 +237,10 @@ impl ClientConn {
                     }
                 }
             }
-            let idle = self.wire.locked().rb.buf.is_empty();
-            let read = poll_fn(|cx| {
-                let mut w = self.wire.locked();
-                let w = &mut *w;
-                w.rb.poll_fill_fresh(&mut w.io, cx)
-            });
-            let n = if idle {
-                // Between requests a drain closes the connection at once.
-                tokio::select! {
-                    biased;
-                    n = read => n,
-                    _ = drain.cancelled() => return Ok(Next::Closed),
-                }
-            } else {
-                read.await
-            };
-            match n {
+            if self.wire.locked().rb.buf.is_empty() {
+                return Ok(Next::Idle);
+            }
+            match poll_fn(|cx| self.poll_idle(cx)).await {
                 Ok(0) | Err(_) => return Ok(Next::Closed),
                 Ok(_) => {}
             }
@@ -600,6 +597,8 @@ enum Next {
     Request(Request<ClientBody>, WireFields, Asked),
     H2,
     Closed,
+    /// Between requests, nothing read.
+    Idle,
 }
 
 enum Answered {

@@ -10,6 +10,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -32,6 +33,7 @@ use super::forward::{ConnInfo, Proxy};
 use h1::Ended;
 
 pub mod h1;
+mod idle;
 use crate::ops::telemetry as names;
 
 /// How client connections are served.
@@ -176,6 +178,7 @@ impl Server {
                     let worker = i + 1;
                     rt.block_on(async move {
                         tokio::spawn(timer_floor());
+                        tokio::spawn(idle::sweep(this.clone()));
                         if this.opts.io_uring {
                             if let Err(e) = crate::net::uring::install() {
                                 tracing::warn!(error = %e, worker, "proxy.io_uring: the kernel refused a ring; this worker uses epoll");
@@ -217,23 +220,22 @@ impl Server {
             let this = self.clone();
             let tls = tls.as_ref().map(|t| t.load_full());
             let fut = async move {
-                let gauge = metrics::gauge!(names::CLIENT_CONNECTIONS);
-                gauge.increment(1.0);
+                let held = idle::Held::new(permit, metrics::gauge!(names::CLIENT_CONNECTIONS));
                 // One await for every plain connection, whatever its socket: the task's
                 // future then holds one connection's state, not one per kind of socket.
                 let plain = match tls {
                     None if crate::net::uring::enabled() => {
                         match crate::net::uring::UringStream::from_tokio(stream) {
-                            Ok(s) => Some(watched(s)),
+                            Ok(s) => Some((watched(s), held)),
                             Err(e) => {
                                 tracing::debug!(error = %e, "io_uring stream");
                                 None
                             }
                         }
                     }
-                    None => Some(watched(stream)),
+                    None => Some((watched(stream), held)),
                     // Boxed: the TLS path's state is several KiB, which a plain connection's
-                    // task would otherwise carry (idle connections add up).
+                    // task would otherwise carry.
                     Some(cfg) => {
                         Box::pin(async {
                             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, cfg.accept(stream))
@@ -241,7 +243,7 @@ impl Server {
                             {
                                 Ok(Ok(s)) => {
                                     let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                                    this.serve(watched(s), client, true, worker, h2).await
+                                    this.serve(watched(s), held, client, true, worker, h2).await
                                 }
                                 Ok(Err(e)) => {
                                     tracing::debug!(%client, error = %e, "TLS handshake failed")
@@ -253,11 +255,9 @@ impl Server {
                         None
                     }
                 };
-                if let Some(io) = plain {
-                    this.serve(io, client, false, worker, false).await;
+                if let Some((io, held)) = plain {
+                    this.serve(io, held, client, false, worker, false).await;
                 }
-                gauge.decrement(1.0);
-                drop(permit);
             };
             self.tracker.spawn(fut);
         }
@@ -267,31 +267,105 @@ impl Server {
     /// Serve a client connection (`io` and `state` from [`watched`]): one future type for every
     /// kind of socket.
     async fn serve(
-        &self,
+        self: &Arc<Self>,
         (io, state): (BoxIo, Arc<ConnState>),
+        held: idle::Held,
         client: std::net::SocketAddr,
         https: bool,
         worker: usize,
         alpn_h2: bool,
     ) {
         let info = ConnInfo::new(client, https, worker, state.clone());
-        let h2c = !info.https;
-        let conn = async {
-            let io = if alpn_h2 {
-                Rewind::new(Bytes::new(), io)
-            } else {
-                let conn = h1::ClientConn::new(io, self.opts.max_header_bytes, Some(state.clone()));
+        if alpn_h2 {
+            let h2 = Box::pin(self.serve_h2(Rewind::new(Bytes::new(), io), &info, &state));
+            self.watch(&state, h2).await;
+            self.watch_tunnels_of(&state).await;
+            return;
+        }
+        let idle = idle::Idle {
+            conn: h1::ClientConn::new(io, self.opts.max_header_bytes, Some(state)),
+            h2c: !https,
+            info,
+            held,
+            server: self.clone(),
+            since: std::time::Instant::now(),
+        };
+        self.clone().run_h1(idle, None).await;
+    }
+
+    /// Serve an HTTP/1 connection's requests while they come; between requests with nothing
+    /// read, park it (`idle`) and end. `cell`: the connection's parking cell, once it has one.
+    async fn run_h1(self: Arc<Self>, mut idle: idle::Idle, mut cell: Option<Arc<idle::Parked>>) {
+        loop {
+            let idle::Idle {
+                conn,
+                info,
+                h2c,
+                held,
+                ..
+            } = idle;
+            let state = info.state.clone();
+            let serving = async {
                 match conn
                     .serve(&self.proxy, &info, &state, &self.drain, h2c)
                     .await
                 {
-                    Ended::H2(io) => io,
-                    Ended::Closed | Ended::Upgraded => return,
+                    Ended::H2(io) => {
+                        // Boxed: an HTTP/2 connection's state is large, and most connections
+                        // are HTTP/1.
+                        Box::pin(self.serve_h2(io, &info, &state)).await;
+                        Ended::Closed
+                    }
+                    ended => ended,
                 }
             };
-            // Boxed: an HTTP/2 connection's state is large, and most connections are HTTP/1.
-            Box::pin(self.serve_h2(io, &info, &state)).await;
-        };
+            match self.watch(&state, serving).await {
+                Some(Ended::Idle { mut conn, h2c }) => {
+                    // A busy connection's next request is often one turn of the event loop
+                    // away: look again after that turn before parking (a new task per request
+                    // costs more than the look).
+                    match idle::look_twice(&mut conn).await {
+                        Poll::Ready(Ok(n)) if n > 0 => {
+                            idle = idle::Idle {
+                                conn,
+                                info,
+                                h2c,
+                                held,
+                                server: self.clone(),
+                                since: std::time::Instant::now(),
+                            };
+                            continue;
+                        }
+                        Poll::Ready(_) => return,
+                        Poll::Pending => {}
+                    }
+                    let waiting = idle::Idle {
+                        conn,
+                        info,
+                        h2c,
+                        held,
+                        server: self.clone(),
+                        since: std::time::Instant::now(),
+                    };
+                    match idle::park(waiting, &mut cell) {
+                        Some(woken) => idle = woken,
+                        None => return,
+                    }
+                }
+                Some(_) => {
+                    // A tunnel counts as its connection (`held`) until it ends.
+                    self.watch_tunnels_of(&state).await;
+                    drop(held);
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Run `conn` under the connection's watchdog: `None` when the watchdog closed it (idle
+    /// for `proxy.client_idle_timeout`, a stalled request body, bytes but no request).
+    async fn watch<F: std::future::Future>(&self, state: &ConnState, conn: F) -> Option<F::Output> {
         tokio::pin!(conn);
         let load = |s: &ConnState| {
             (
@@ -300,31 +374,31 @@ impl Server {
                 s.requests.load(Ordering::Relaxed),
             )
         };
-        let mut seen = load(&state);
+        let mut seen = load(state);
         let sleep = tokio::time::sleep(self.client_idle());
         tokio::pin!(sleep);
         loop {
             tokio::select! {
                 biased;
-                () = conn.as_mut() => break,
+                ended = conn.as_mut() => return Some(ended),
                 _ = &mut sleep => {
-                    let now = load(&state);
+                    let now = load(state);
                     if now.0 == seen.0 && state.body_pending.load(Ordering::Relaxed) {
                         // A request body stalled: nothing came from the client for a whole
                         // period (nginx's client_body_timeout). The exchange ends with the
                         // connection; its backend connection is closed, not reused.
                         tracing::debug!("closing a connection whose request body stalled");
-                        return;
+                        return None;
                     }
                     if state.active_requests.load(Ordering::Relaxed) == 0 {
                         let (reads, writes, requests) = (now.0 != seen.0, now.1 != seen.1, now.2 != seen.2);
                         if !reads && !writes {
                             tracing::debug!("closing idle client connection");
-                            return;
+                            return None;
                         }
                         if reads && !writes && !requests {
                             tracing::debug!("closing a connection that sent bytes but no request");
-                            return;
+                            return None;
                         }
                     }
                     seen = now;
@@ -332,14 +406,17 @@ impl Server {
                 }
             }
         }
-        // An upgraded connection lives on as its tunnel: it still counts against
-        // max_connections and in shoal_client_connections, and it closes when idle. A drain
-        // waits for it up to the grace; then the worker stops and the tunnel with it.
+    }
+
+    /// An upgraded connection lives on as its tunnel: it still counts against
+    /// max_connections and in shoal_client_connections, and it closes when idle. A drain
+    /// waits for it up to the grace; then the worker stops and the tunnel with it.
+    async fn watch_tunnels_of(&self, state: &ConnState) {
         if let Some(tunnels) = state.tunnels.get() {
             tunnels.tracker.close();
             if !tunnels.tracker.is_empty() {
                 // Boxed: no connection but an upgraded one needs this state.
-                Box::pin(self.watch_tunnels(tunnels, &state)).await;
+                Box::pin(self.watch_tunnels(tunnels, state)).await;
             }
         }
     }
