@@ -447,11 +447,15 @@ fn main() {
         .map(|p| format!("    server 127.0.0.1:{p};\n"))
         .collect();
     let location = "location / { proxy_pass http://pool; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }";
+    // nginx's TLS listener with TLS 1.3 on (the default from nginx 1.23.4).
+    let nginx_tls13_port = free_port();
     // Consistent hashing on the request target, on a port of its own.
     let nginx_hash_port = free_port();
     let hash_location = location.replace("http://pool", "http://hashed");
     let nginx_proxy = nginx(dir, "proxy", &format!(
-        "  upstream pool {{\n{servers}    keepalive 128;\n  }}\n  upstream hashed {{\n    hash $request_uri consistent;\n{servers}    keepalive 128;\n  }}\n  server {{ listen 127.0.0.1:{nginx_port}; {location} }}\n  server {{ listen 127.0.0.1:{nginx_hash_port}; {hash_location} }}\n  server {{ listen 127.0.0.1:{nginx_tls_port} ssl; ssl_certificate {}; ssl_certificate_key {}; {location} }}",
+        "  upstream pool {{\n{servers}    keepalive 128;\n  }}\n  upstream hashed {{\n    hash $request_uri consistent;\n{servers}    keepalive 128;\n  }}\n  server {{ listen 127.0.0.1:{nginx_port}; {location} }}\n  server {{ listen 127.0.0.1:{nginx_hash_port}; {hash_location} }}\n  server {{ listen 127.0.0.1:{nginx_tls_port} ssl; ssl_certificate {}; ssl_certificate_key {}; {location} }}\n  server {{ listen 127.0.0.1:{nginx_tls13_port} ssl; ssl_protocols TLSv1.2 TLSv1.3; ssl_certificate {}; ssl_certificate_key {}; {location} }}",
+        cert.display(),
+        key.display(),
         cert.display(),
         key.display()
     ));
@@ -639,10 +643,14 @@ fn main() {
     }
     if wanted("tls") {
         // TLS termination: the same certificate everywhere, each proxy's own TLS defaults (rustls;
-        // OpenSSL for nginx and HAProxy). wrk neither resumes sessions nor offers ALPN, so with
-        // `Connection: close` every request is a full handshake on a new connection.
+        // OpenSSL for nginx and HAProxy). With `Connection: close` every request is a handshake
+        // on a new connection; wrk resumes its session on each. nginx before 1.23.4 leaves TLS
+        // 1.3 off by default, so `nginx` resumes TLS 1.2 sessions (no key exchange at all) where
+        // HAProxy and Shoal resume TLS 1.3 ones (an x25519 exchange each, both sides);
+        // `nginx-1.3` is the same nginx with TLS 1.3 on, as nginx 1.23.4 and later have it.
         let tls_targets: Vec<(&str, u16, Vec<u32>)> = vec![
             ("nginx", nginx_tls_port, targets[0].2.clone()),
+            ("nginx-1.3", nginx_tls13_port, targets[0].2.clone()),
             ("haproxy", haproxy_tls_port, targets[1].2.clone()),
             ("shoal", shoal_tls_port, targets[2].2.clone()),
         ];
@@ -907,7 +915,15 @@ fn flame(dir: &Path, name: &str, pids: &[u32], load: impl FnOnce()) {
     let data = std::env::temp_dir().join(format!("shoal-{name}.perf"));
     let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
     let perf = Command::new("perf")
-        .args(["record", "-q", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+        .args([
+            "record",
+            "-q",
+            "-F",
+            "499",
+            "--call-graph",
+            "dwarf,16384",
+            "-o",
+        ])
         .arg(&data)
         .args(["-p", &list.join(",")])
         .stdout(Stdio::null())

@@ -351,7 +351,11 @@ async fn parked_connections(io_uring: bool) {
         conns.push((tx, driver));
     }
     let m = s.metrics().await;
-    assert_eq!(metric(&m, "shoal_client_connections"), Some(300.0), "io_uring={io_uring}");
+    assert_eq!(
+        metric(&m, "shoal_client_connections"),
+        Some(300.0),
+        "io_uring={io_uring}"
+    );
     // Idle for most of the timeout: still open; each is answered again, on its connection.
     tokio::time::sleep(Duration::from_millis(900)).await;
     for (tx, _) in &mut conns {
@@ -370,7 +374,11 @@ async fn parked_connections(io_uring: bool) {
             .unwrap()
             .unwrap();
     }
-    assert!(started.elapsed() >= Duration::from_millis(1200), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1200),
+        "{:?}",
+        started.elapsed()
+    );
     s.metric_reaches("shoal_client_connections", 0.0, Duration::from_secs(3))
         .await;
 
@@ -378,7 +386,9 @@ async fn parked_connections(io_uring: bool) {
     let mut idle = Vec::new();
     for _ in 0..20 {
         let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = vec![0u8; 4096];
         let n = c.read(&mut buf).await.unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));

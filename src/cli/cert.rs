@@ -226,7 +226,7 @@ mod tests {
             .unwrap();
         let anchor = webpki::anchor_from_trusted_cert(&ca).unwrap();
         let ee = webpki::EndEntityCert::try_from(&der).unwrap();
-        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        let algs = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
         let now = rustls::pki_types::UnixTime::now();
         for usage in [
             webpki::KeyUsage::server_auth(),

@@ -107,7 +107,12 @@ impl ClientConn {
         loop {
             let (req, fields, asked) = match self.next_request(first).await {
                 Ok(Next::Request(r, f, a)) => (r, f, a),
-                Ok(Next::Idle) => return Ended::Idle { conn: self, h2c: first },
+                Ok(Next::Idle) => {
+                    return Ended::Idle {
+                        conn: self,
+                        h2c: first,
+                    }
+                }
                 Ok(Next::H2) => {
                     return match Arc::try_unwrap(self.wire) {
                         Ok(w) => {

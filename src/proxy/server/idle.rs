@@ -132,7 +132,9 @@ impl Wake for Parked {
             return;
         };
         let server = idle.server.clone();
-        let serving = server.tracker.track_future(server.clone().run_h1(idle, Some(self.clone())));
+        let serving = server
+            .tracker
+            .track_future(server.clone().run_h1(idle, Some(self.clone())));
         self.runtime.spawn(serving);
     }
 }
