@@ -320,26 +320,8 @@ impl Server {
                 }
             };
             match self.watch(&state, serving).await {
-                Some(Ended::Idle { mut conn, h2c }) => {
-                    // A busy connection's next request is often one turn of the event loop
-                    // away: look again after that turn before parking (a new task per request
-                    // costs more than the look).
-                    match idle::look_twice(&mut conn).await {
-                        Poll::Ready(Ok(n)) if n > 0 => {
-                            idle = idle::Idle {
-                                conn,
-                                info,
-                                h2c,
-                                held,
-                                server: self.clone(),
-                                since: std::time::Instant::now(),
-                            };
-                            continue;
-                        }
-                        Poll::Ready(_) => return,
-                        Poll::Pending => {}
-                    }
-                    let waiting = idle::Idle {
+                Some(Ended::Idle { conn, h2c }) => {
+                    let mut waiting = idle::Idle {
                         conn,
                         info,
                         h2c,
@@ -347,10 +329,17 @@ impl Server {
                         server: self.clone(),
                         since: std::time::Instant::now(),
                     };
-                    match idle::park(waiting, &mut cell) {
-                        Some(woken) => idle = woken,
-                        None => return,
-                    }
+                    // A busy connection's next request is often one turn of the event loop
+                    // away: look again after that turn before parking (a new task per request
+                    // costs more than the look).
+                    idle = match idle::look_twice(&mut waiting.conn).await {
+                        Poll::Ready(Ok(n)) if n > 0 => waiting,
+                        Poll::Ready(_) => return,
+                        Poll::Pending => match idle::park(waiting, &mut cell) {
+                            Some(woken) => woken,
+                            None => return,
+                        },
+                    };
                 }
                 Some(_) => {
                     // A tunnel counts as its connection (`held`) until it ends.
