@@ -653,6 +653,20 @@ pub async fn start_cluster(
 }
 
 /// Poll `f` every 20 ms until it returns Some, or panic after `within`.
+/// Whether this kernel gives this process an io_uring (containers may forbid one). Under CI a
+/// refusal fails the test; elsewhere the caller skips the ring's part, and this says so.
+pub fn io_uring_here() -> bool {
+    if io_uring::IoUring::new(8).is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "this kernel refuses io_uring, under CI"
+    );
+    eprintln!("skipped on io_uring: this kernel refuses it");
+    false
+}
+
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
