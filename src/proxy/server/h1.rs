@@ -727,6 +727,72 @@ mod tests {
 
     const NEXT: &str = "GET /next HTTP/1.1\r\nHost: h\r\n\r\n";
 
+    /// Where a connection waits between requests: with nothing read it parks (`Next::Idle`: its
+    /// task ends, `server::idle` waits for the bytes); with any byte of a head or of the HTTP/2
+    /// preface it reads on in its task (here the client has closed, so it ends), and a whole head
+    /// is a request, pipelined bytes after it or not.
+    #[tokio::test]
+    async fn a_connection_parks_only_with_nothing_read() {
+        #[derive(Debug, PartialEq)]
+        enum Waits {
+            Parked,
+            ReadOn,
+            Request,
+            H2,
+        }
+        #[rustfmt::skip]
+        let cases: &[(&[u8], bool, Waits)] = &[
+            (b"", false, Waits::Parked),
+            (b"", true, Waits::Parked),
+            (b"G", false, Waits::ReadOn),
+            (b"GET / HTTP/1.1\r\nHost: h\r\n", false, Waits::ReadOn),
+            (b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", false, Waits::Request),
+            (b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET /next HT", false, Waits::Request),
+            (b"PRI * HTTP/2.0\r\n", true, Waits::ReadOn),
+            (PREFACE, true, Waits::H2),
+            // Without h2c (TLS), the preface is a head httparse refuses, never a wait.
+            (b"\r\n", false, Waits::ReadOn),
+        ];
+        for (bytes, h2c, want) in cases {
+            let (io, peer) = tokio::io::duplex(64);
+            drop(peer);
+            let mut w = ClientBytes::new(Box::new(io), None);
+            w.rb.buf.extend_from_slice(bytes);
+            let mut c = ClientConn {
+                wire: Arc::new(Mutex::new(w)),
+                out: Vec::new(),
+                max_head: 8192,
+            };
+            let got = match c.next_request(*h2c).await {
+                Ok(Next::Idle) => Waits::Parked,
+                Ok(Next::Closed) => Waits::ReadOn,
+                Ok(Next::Request(..)) => Waits::Request,
+                Ok(Next::H2) => Waits::H2,
+                Err(_) => panic!("refused: {:?}", String::from_utf8_lossy(bytes)),
+            };
+            assert_eq!(&got, want, "{:?} h2c={h2c}", String::from_utf8_lossy(bytes));
+        }
+    }
+
+    /// A parked connection's one read: nothing yet, then what the client sends, then its close.
+    #[tokio::test]
+    async fn poll_idle_reads_what_comes_and_the_close() {
+        use tokio::io::AsyncWriteExt;
+        let (io, mut peer) = tokio::io::duplex(64);
+        let mut c = ClientConn::new(Box::new(io), 8192, None);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(c.poll_idle(&mut cx).is_pending());
+        peer.write_all(NEXT.as_bytes()).await.unwrap();
+        match c.poll_idle(&mut cx) {
+            Poll::Ready(Ok(n)) => assert_eq!(n, NEXT.len()),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(c.next_request(false).await, Ok(Next::Request(..))));
+        drop(peer);
+        assert!(matches!(c.poll_idle(&mut cx), Poll::Ready(Ok(0))));
+    }
+
     fn taken(body: &str, next: &'static str) -> Seen {
         Seen::Taken(body.as_bytes().to_vec(), next)
     }

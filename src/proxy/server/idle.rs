@@ -56,13 +56,13 @@ pub(super) struct Idle {
     pub h2c: bool,
     pub held: Held,
     pub server: Arc<Server>,
-    /// Waiting since: the sweeper closes it `proxy.client_idle_timeout` later.
-    pub since: Instant,
 }
 
 /// A connection's cell while it has no task; the connection keeps one across its requests.
 pub(super) struct Parked {
-    idle: Mutex<Option<Idle>>,
+    /// The connection while it waits, and since when: the sweeper closes it
+    /// `proxy.client_idle_timeout` later.
+    idle: Mutex<Option<(Idle, Instant)>>,
     /// Set by every wake: a wake that came while the connection was being parked is not lost.
     woken: AtomicBool,
     /// The worker's runtime, where the woken connection's task runs.
@@ -89,8 +89,7 @@ pub(super) async fn look_twice(conn: &mut ClientConn) -> Poll<std::io::Result<us
 /// Wait for `idle`'s next bytes without a task. `Some`: bytes came (or a wake did) while it was
 /// being parked, so serve on in this task; `None`: parked, or closed (the client closed, or the
 /// drain started). `slot` keeps the connection's cell from one request to the next.
-pub(super) fn park(idle: Idle, slot: &mut Option<Arc<Parked>>) -> Option<Idle> {
-    let mut idle = idle;
+pub(super) fn park(mut idle: Idle, slot: &mut Option<Arc<Parked>>) -> Option<Idle> {
     if idle.server.drain.is_cancelled() {
         return None;
     }
@@ -112,11 +111,10 @@ pub(super) fn park(idle: Idle, slot: &mut Option<Arc<Parked>>) -> Option<Idle> {
         Poll::Ready(Ok(_)) => return Some(idle),
         Poll::Pending => {}
     }
-    idle.since = Instant::now();
-    *cell.idle.locked() = Some(idle);
+    *cell.idle.locked() = Some((idle, Instant::now()));
     if cell.woken.swap(false, Ordering::SeqCst) {
         // Woken before the cell held the connection: serve on here (if the wake did not).
-        return cell.idle.locked().take();
+        return cell.idle.locked().take().map(|(idle, _)| idle);
     }
     None
 }
@@ -128,7 +126,7 @@ impl Wake for Parked {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::SeqCst);
-        let Some(idle) = self.idle.locked().take() else {
+        let Some((idle, _)) = self.idle.locked().take() else {
             return;
         };
         let server = idle.server.clone();
@@ -150,7 +148,7 @@ pub(super) async fn sweep(server: Arc<Server>) {
             _ = tokio::time::sleep(tick) => false,
         };
         let now = Instant::now();
-        let closing = take_parked(|i| drained || now.duration_since(i.since) >= idle_for);
+        let closing = take_parked(|since| drained || now.duration_since(since) >= idle_for);
         if !closing.is_empty() {
             tracing::debug!(
                 connections = closing.len(),
@@ -165,9 +163,10 @@ pub(super) async fn sweep(server: Arc<Server>) {
     }
 }
 
-/// The parked connections of this worker that `close` picks, out of their cells; forgets the
+/// The parked connections of this worker that `close` picks by when they parked, out of their
+/// cells; forgets the
 /// cells of closed connections.
-fn take_parked(close: impl Fn(&Idle) -> bool) -> Vec<Idle> {
+fn take_parked(close: impl Fn(Instant) -> bool) -> Vec<Idle> {
     let mut closing = Vec::new();
     PARKED.with(|p| {
         p.borrow_mut().retain(|w| {
@@ -175,8 +174,8 @@ fn take_parked(close: impl Fn(&Idle) -> bool) -> Vec<Idle> {
                 return false;
             };
             let mut idle = cell.idle.locked();
-            if idle.as_ref().is_some_and(&close) {
-                closing.extend(idle.take());
+            if idle.as_ref().is_some_and(|(_, since)| close(*since)) {
+                closing.extend(idle.take().map(|(idle, _)| idle));
             }
             true
         })

@@ -288,7 +288,6 @@ impl Server {
             info,
             held,
             server: self.clone(),
-            since: std::time::Instant::now(),
         };
         self.clone().run_h1(idle, None).await;
     }
@@ -327,7 +326,6 @@ impl Server {
                         h2c,
                         held,
                         server: self.clone(),
-                        since: std::time::Instant::now(),
                     };
                     // A busy connection's next request is often one turn of the event loop
                     // away: look again after that turn before parking (a new task per request
