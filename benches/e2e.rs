@@ -953,7 +953,11 @@ fn flame(dir: &Path, name: &str, pids: &[u32], load: impl FnOnce()) {
     }
     match folded {
         Ok(s) if s.success() => println!("e2e: flame graph {}", svg.display()),
-        _ => eprintln!("e2e: no flame graph for {name} (perf script or inferno failed)"),
+        _ => {
+            // The shell made the file before the pipe failed: leave none rather than an empty one.
+            let _ = std::fs::remove_file(&svg);
+            eprintln!("e2e: no flame graph for {name} (perf script or inferno failed)")
+        }
     }
 }
 
