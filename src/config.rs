@@ -7,7 +7,7 @@
 //! first wrong-typed value of each section and list entry (each is read on its own). The backend
 //! rules (address, id, weight) are the core's, shared with the admin API.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -854,114 +854,24 @@ impl Checker {
 
 /// Validate a raw tree into a `Config`, collecting every problem.
 pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)] // only its keys are used
-    struct Root {
-        node: Value,
-        proxy: Value,
-        balance: Value,
-        health: Value,
-        cluster: Value,
-        admin: Value,
-        log: Value,
-        backends: Value,
-        discovery: Value,
-        services: Value,
-    }
+    let tree = with_defaults(raw)?;
     let mut c = Checker::default();
-    let mut tree = config::Config::builder()
-        .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
-        .build()
-        .and_then(|d| d.try_deserialize::<Value>())
-        .map_err(|e| ConfigErrors(vec![format!("built-in defaults: {e}")]))?;
-    merge(&mut tree, raw);
-    if let Some(tls) = tree
-        .pointer_mut("/proxy/tls")
-        .and_then(Value::as_object_mut)
-    {
-        tls.entry("listen").or_insert_with(|| TLS_LISTEN.into());
-    }
-    let raw = &tree;
-    let section = |name: &str| raw.get(name);
-    // Unknown top-level keys; the sections are read one by one below.
-    let known = keys_of::<Root>();
-    for k in raw.as_object().into_iter().flat_map(|m| m.keys()) {
-        if !known.contains(&k.as_str()) {
-            c.err(
-                k,
-                format!("unknown key (expected one of: {})", known.join(", ")),
-            );
-        }
-    }
-    let node: Option<NodeConfig> = match section("node") {
-        None => {
-            c.err(
-                "node.id",
-                "required (a unique id for this peer, [a-z0-9-]{1,32})",
-            );
-            None
-        }
-        v => c.read("node", v),
-    };
-    let proxy: Option<ProxyConfig> = c.read("proxy", section("proxy"));
-    let balance: Option<BalanceConfig> = c.read("balance", section("balance"));
-    let health: Option<HealthConfig> = c.read("health", section("health"));
-    let mut cluster: Option<ClusterConfig> = c.read("cluster", section("cluster"));
-    let peers = c.entries::<PeerConfig>(
-        "cluster.peers",
-        section("cluster").and_then(|v| v.get("peers")),
-    );
-    let mut admin: Option<AdminConfig> = c.read("admin", section("admin"));
-    let log: Option<LogConfig> = c.read("log", section("log"));
-    let entries = c.entries::<BackendEntry>("backends", section("backends"));
-    let discovery = c.entries::<DiscoveryConfig>("discovery", section("discovery"));
-    if let Some(list) = &discovery {
-        discovery_rules(&mut c, "discovery", list);
-    }
-    let base = BaseTables {
-        balance: section("balance").cloned().unwrap_or_default(),
-        health: section("health").cloned().unwrap_or_default(),
-    };
-    let services = services(&mut c, section("services"), &base);
-    let node = node.map(|mut n| {
-        if n.data_dir.as_os_str().is_empty() {
-            n.data_dir = PathBuf::from(format!("data/{}", n.id));
-        }
-        n
-    });
-    if let (Some(cl), Some(peers)) = (cluster.as_mut(), peers) {
-        cl.peers = peers;
-    }
-    let backends = entries.and_then(|e| backends(&mut c, "backends", e));
-    // The rules, over typed values.
-    if let Some(n) = &node {
-        let id = n.id.as_str();
-        c.rule(pool::valid_node_id(id), "node.id", || {
-            format!("bad id {id:?} (expected [a-z0-9-]{{1,32}})")
-        });
-    }
-    if let Some(p) = &proxy {
-        proxy_rules(&mut c, p);
-    }
-    if let Some(b) = &balance {
-        balance_rules(&mut c, "balance", b);
-    }
-    if let Some(h) = &health {
-        health_rules(&mut c, "health", h);
-    }
-    if let (Some(cl), Some(n)) = (&mut cluster, &node) {
-        cluster_rules(&mut c, cl, &n.id);
-        cl.peers.retain(|p| p.id != n.id);
-    }
-    if let Some(a) = &mut admin {
-        admin_rules(&mut c, a);
-    }
-    if let Some(l) = &log {
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&l.level) {
-            c.err("log.level", format!("bad filter {:?}: {e}", l.level));
-        }
-    }
+    unknown_sections(&mut c, &tree);
+    let mut read = Sections::read(&mut c, &tree);
+    read.check(&mut c);
+    let Sections {
+        node,
+        proxy,
+        balance,
+        health,
+        cluster,
+        admin,
+        log,
+        backends,
+        discovery,
+        services,
+        base,
+    } = read;
     match (
         node, proxy, balance, health, cluster, admin, log, backends, discovery, services,
     ) {
@@ -990,6 +900,159 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
             base,
         }),
         _ => Err(ConfigErrors(c.errors)),
+    }
+}
+
+/// The built-in defaults with `raw` laid over them (and the TLS listener's default address
+/// when `[proxy.tls]` is set).
+fn with_defaults(raw: &Value) -> Result<Value, ConfigErrors> {
+    let mut tree = config::Config::builder()
+        .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+        .build()
+        .and_then(|d| d.try_deserialize::<Value>())
+        .map_err(|e| ConfigErrors(vec![format!("built-in defaults: {e}")]))?;
+    merge(&mut tree, raw);
+    if let Some(tls) = tree
+        .pointer_mut("/proxy/tls")
+        .and_then(Value::as_object_mut)
+    {
+        tls.entry("listen").or_insert_with(|| TLS_LISTEN.into());
+    }
+    Ok(tree)
+}
+
+/// Every top-level key that names no section is an error; the sections are read one by one.
+fn unknown_sections(c: &mut Checker, tree: &Value) {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)] // only its keys are used
+    struct Root {
+        node: Value,
+        proxy: Value,
+        balance: Value,
+        health: Value,
+        cluster: Value,
+        admin: Value,
+        log: Value,
+        backends: Value,
+        discovery: Value,
+        services: Value,
+    }
+    let known = keys_of::<Root>();
+    for k in tree.as_object().into_iter().flat_map(|m| m.keys()) {
+        if !known.contains(&k.as_str()) {
+            c.err(
+                k,
+                format!("unknown key (expected one of: {})", known.join(", ")),
+            );
+        }
+    }
+}
+
+/// Each section read into its type (None where it could not be: the problem is recorded).
+struct Sections {
+    node: Option<NodeConfig>,
+    proxy: Option<ProxyConfig>,
+    balance: Option<BalanceConfig>,
+    health: Option<HealthConfig>,
+    cluster: Option<ClusterConfig>,
+    admin: Option<AdminConfig>,
+    log: Option<LogConfig>,
+    backends: Option<Vec<Backend>>,
+    discovery: Option<Vec<DiscoveryConfig>>,
+    services: Option<Vec<ServiceConfig>>,
+    base: BaseTables,
+}
+
+impl Sections {
+    /// Read every section of `tree`, each list entry by entry.
+    fn read(c: &mut Checker, tree: &Value) -> Sections {
+        let section = |name: &str| tree.get(name);
+        let node: Option<NodeConfig> = match section("node") {
+            None => {
+                c.err(
+                    "node.id",
+                    "required (a unique id for this peer, [a-z0-9-]{1,32})",
+                );
+                None
+            }
+            v => c.read("node", v),
+        };
+        let node = node.map(|mut n| {
+            if n.data_dir.as_os_str().is_empty() {
+                n.data_dir = PathBuf::from(format!("data/{}", n.id));
+            }
+            n
+        });
+        let proxy = c.read("proxy", section("proxy"));
+        let balance = c.read("balance", section("balance"));
+        let health = c.read("health", section("health"));
+        let mut cluster: Option<ClusterConfig> = c.read("cluster", section("cluster"));
+        let peers = c.entries::<PeerConfig>(
+            "cluster.peers",
+            section("cluster").and_then(|v| v.get("peers")),
+        );
+        if let (Some(cl), Some(peers)) = (cluster.as_mut(), peers) {
+            cl.peers = peers;
+        }
+        let admin = c.read("admin", section("admin"));
+        let log = c.read("log", section("log"));
+        let entries = c.entries::<BackendEntry>("backends", section("backends"));
+        let discovery = c.entries::<DiscoveryConfig>("discovery", section("discovery"));
+        if let Some(list) = &discovery {
+            discovery_rules(c, "discovery", list);
+        }
+        let base = BaseTables {
+            balance: section("balance").cloned().unwrap_or_default(),
+            health: section("health").cloned().unwrap_or_default(),
+        };
+        let services = services(c, section("services"), &base);
+        let backends = entries.and_then(|e| backends(c, "backends", e));
+        Sections {
+            node,
+            proxy,
+            balance,
+            health,
+            cluster,
+            admin,
+            log,
+            backends,
+            discovery,
+            services,
+            base,
+        }
+    }
+
+    /// The rules over the typed sections (ranges, files, rules across keys); the admin token
+    /// is read from its file here, and this peer is taken out of its own peer list.
+    fn check(&mut self, c: &mut Checker) {
+        if let Some(n) = &self.node {
+            let id = n.id.as_str();
+            c.rule(pool::valid_node_id(id), "node.id", || {
+                format!("bad id {id:?} (expected [a-z0-9-]{{1,32}})")
+            });
+        }
+        if let Some(p) = &self.proxy {
+            proxy_rules(c, p);
+        }
+        if let Some(b) = &self.balance {
+            balance_rules(c, "balance", b);
+        }
+        if let Some(h) = &self.health {
+            health_rules(c, "health", h);
+        }
+        if let (Some(cl), Some(n)) = (&mut self.cluster, &self.node) {
+            cluster_rules(c, cl, &n.id);
+            cl.peers.retain(|p| p.id != n.id);
+        }
+        if let Some(a) = &mut self.admin {
+            admin_rules(c, a);
+        }
+        if let Some(l) = &self.log {
+            if let Err(e) = tracing_subscriber::EnvFilter::try_new(&l.level) {
+                c.err("log.level", format!("bad filter {:?}: {e}", l.level));
+            }
+        }
     }
 }
 
@@ -1145,74 +1208,16 @@ fn services(c: &mut Checker, v: Option<&Value>, base: &BaseTables) -> Option<Vec
     let before = c.errors.len();
     let mut out = Vec::new();
     let mut names = BTreeSet::new();
-    let mut routes: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    let mut routes: BTreeMap<(String, String), usize> = BTreeMap::new();
     for (i, raw) in list.iter().enumerate() {
         let key = format!("services[{i}]");
         let Some(e) = c.read::<ServiceEntry>(&key, Some(raw)) else {
             continue;
         };
         let name = e.name.clone();
-        if !pool::valid_service_name(&name) {
-            c.err(
-                &format!("{key}.name"),
-                format!("bad name {name:?} (expected [a-z0-9-]{{1,32}})"),
-            );
-        } else if name == pool::DEFAULT_SERVICE {
-            c.err(
-                &format!("{key}.name"),
-                "\"default\" is the top-level service ([[backends]], [balance], [health])",
-            );
-        } else if !names.insert(name.clone()) {
-            c.err(
-                &format!("{key}.name"),
-                format!("duplicate service name {name:?}"),
-            );
-        }
-        let mut hosts = Vec::new();
-        for (j, h) in e.hosts.iter().enumerate() {
-            match pool::check_host_pattern(h) {
-                Ok(h) if hosts.contains(&h) => c.err(
-                    &format!("{key}.hosts[{j}]"),
-                    format!("{h:?} is listed twice"),
-                ),
-                Ok(h) => hosts.push(h),
-                Err(err) => c.err(&format!("{key}.hosts[{j}]"), err),
-            }
-        }
-        if let Some(p) = &e.path_prefix {
-            if let Err(err) = pool::check_path_prefix(p) {
-                c.err(&format!("{key}.path_prefix"), err);
-            }
-        }
-        c.rule(
-            !e.strip_prefix || e.path_prefix.is_some(),
-            &format!("{key}.strip_prefix"),
-            || "needs a path_prefix".into(),
-        );
-        let def = ServiceDef {
-            hosts,
-            path_prefix: e.path_prefix.clone(),
-            strip_prefix: e.strip_prefix,
-            balance: Overrides(e.balance.unwrap_or_default().into_iter().collect()),
-            health: Overrides(e.health.unwrap_or_default().into_iter().collect()),
-        };
-        for (j, (host, prefix)) in def.routes().into_iter().enumerate() {
-            let pair = (host.to_string(), prefix.to_string());
-            if let Some(k) = routes.get(&pair) {
-                let at = if host.is_empty() {
-                    format!("{key}.path_prefix")
-                } else {
-                    format!("{key}.hosts[{j}]")
-                };
-                let shown = if host.is_empty() { "any host" } else { host };
-                c.err(
-                    &at,
-                    format!("{shown} with path prefix {prefix:?} is already services[{k}]'s"),
-                );
-            } else {
-                routes.insert(pair, i);
-            }
-        }
+        service_name(c, &key, &name, &mut names);
+        let def = service_def(c, &key, e);
+        claim_routes(c, &key, i, &def, &mut routes);
         let tables = service_tables(c, &format!("{key}."), base, &def.balance, &def.health);
         let entries = c.entries::<BackendEntry>(&format!("{key}.backends"), raw.get("backends"));
         let backends = entries.and_then(|b| backends(c, &format!("{key}.backends"), b));
@@ -1235,6 +1240,87 @@ fn services(c: &mut Checker, v: Option<&Value>, base: &BaseTables) -> Option<Vec
         }
     }
     (c.errors.len() == before).then_some(out)
+}
+
+/// A service's name: valid, not `default`'s, and not another service's.
+fn service_name(c: &mut Checker, key: &str, name: &str, names: &mut BTreeSet<String>) {
+    if !pool::valid_service_name(name) {
+        c.err(
+            &format!("{key}.name"),
+            format!("bad name {name:?} (expected [a-z0-9-]{{1,32}})"),
+        );
+    } else if name == pool::DEFAULT_SERVICE {
+        c.err(
+            &format!("{key}.name"),
+            "\"default\" is the top-level service ([[backends]], [balance], [health])",
+        );
+    } else if !names.insert(name.to_string()) {
+        c.err(
+            &format!("{key}.name"),
+            format!("duplicate service name {name:?}"),
+        );
+    }
+}
+
+/// A service's routing (its host patterns, path prefix, prefix stripping) and its own
+/// `[balance]` and `[health]` keys, each checked.
+fn service_def(c: &mut Checker, key: &str, e: ServiceEntry) -> ServiceDef {
+    let mut hosts = Vec::new();
+    for (j, h) in e.hosts.iter().enumerate() {
+        match pool::check_host_pattern(h) {
+            Ok(h) if hosts.contains(&h) => c.err(
+                &format!("{key}.hosts[{j}]"),
+                format!("{h:?} is listed twice"),
+            ),
+            Ok(h) => hosts.push(h),
+            Err(err) => c.err(&format!("{key}.hosts[{j}]"), err),
+        }
+    }
+    if let Some(p) = &e.path_prefix {
+        if let Err(err) = pool::check_path_prefix(p) {
+            c.err(&format!("{key}.path_prefix"), err);
+        }
+    }
+    c.rule(
+        !e.strip_prefix || e.path_prefix.is_some(),
+        &format!("{key}.strip_prefix"),
+        || "needs a path_prefix".into(),
+    );
+    ServiceDef {
+        hosts,
+        path_prefix: e.path_prefix,
+        strip_prefix: e.strip_prefix,
+        balance: Overrides(e.balance.unwrap_or_default().into_iter().collect()),
+        health: Overrides(e.health.unwrap_or_default().into_iter().collect()),
+    }
+}
+
+/// Each (host, path prefix) a service routes is claimed by service `i`, or is an error naming
+/// the service that claimed it first.
+fn claim_routes(
+    c: &mut Checker,
+    key: &str,
+    i: usize,
+    def: &ServiceDef,
+    routes: &mut BTreeMap<(String, String), usize>,
+) {
+    for (j, (host, prefix)) in def.routes().into_iter().enumerate() {
+        let pair = (host.to_string(), prefix.to_string());
+        if let Some(k) = routes.get(&pair) {
+            let at = if host.is_empty() {
+                format!("{key}.path_prefix")
+            } else {
+                format!("{key}.hosts[{j}]")
+            };
+            let shown = if host.is_empty() { "any host" } else { host };
+            c.err(
+                &at,
+                format!("{shown} with path prefix {prefix:?} is already services[{k}]'s"),
+            );
+        } else {
+            routes.insert(pair, i);
+        }
+    }
 }
 
 fn discovery_rules(c: &mut Checker, at: &str, list: &[DiscoveryConfig]) {

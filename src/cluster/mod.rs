@@ -286,17 +286,7 @@ pub async fn start(
         transport,
         identity,
         published: learned_hint,
-        peers: config
-            .cluster
-            .peers
-            .iter()
-            .map(|p| {
-                (
-                    p.id.clone(),
-                    PeerEntry::new(p.addr.clone(), Detector::new(detector_cfg, 0)),
-                )
-            })
-            .collect(),
+        peers: peer_entries(config, detector_cfg),
         queue: VecDeque::new(),
         current: None,
         epoch: Instant::now(),
@@ -309,19 +299,34 @@ pub async fn start(
         seeding: None,
         peer_clusters: HashMap::new(),
         advertise: advertise(&config.cluster),
-        autopilot: config.cluster.autopilot.enabled.then(|| {
-            let a = &config.cluster.autopilot;
-            autopilot::Settings {
-                voters: a.voters,
-                dead_after_ms: a.dead_after.as_millis() as u64,
-                stabilization_ms: a.stabilization.as_millis() as u64,
-            }
-        }),
+        autopilot: autopilot_settings(config),
         autopilot_wait: None,
     };
     let task = tokio::spawn(driver.run(in_rx, cmd_rx, config.cluster.heartbeat_interval, shutdown));
     *cluster.task.locked() = Some(task);
     Ok(cluster)
+}
+
+/// `cluster.peers`, each with a fresh detector.
+fn peer_entries(config: &Config, detector: DetectorConfig) -> BTreeMap<NodeId, PeerEntry> {
+    let entry =
+        |p: &crate::config::PeerConfig| PeerEntry::new(p.addr.clone(), Detector::new(detector, 0));
+    config
+        .cluster
+        .peers
+        .iter()
+        .map(|p| (p.id.clone(), entry(p)))
+        .collect()
+}
+
+/// `[cluster.autopilot]` in the core's terms, when it is on.
+fn autopilot_settings(config: &Config) -> Option<autopilot::Settings> {
+    let a = &config.cluster.autopilot;
+    a.enabled.then(|| autopilot::Settings {
+        voters: a.voters,
+        dead_after_ms: a.dead_after.as_millis() as u64,
+        stabilization_ms: a.stabilization.as_millis() as u64,
+    })
 }
 
 /// This peer's Paxos state and the last pool it learned, from `node.data_dir`
@@ -439,6 +444,77 @@ impl PeerEntry {
             dead_since: None,
             ready_since: None,
         }
+    }
+
+    /// One heartbeat's look at this peer: its detector's state (an event when it changed), its
+    /// readiness for promotion, its metrics, and its line in `/status`. Also says whether it
+    /// just came back alive.
+    fn observe(
+        &mut self,
+        id: &NodeId,
+        now: u64,
+        voters: &[NodeId],
+        version: u64,
+        events: &Events,
+    ) -> (PeerView, PeerState, bool) {
+        let state = self.detector.state(now);
+        let phi = shown_phi(self.detector.phi(now));
+        let came_back = state != self.state && state == PeerState::Alive;
+        if state != self.state {
+            events.emit(
+                "peer_state",
+                format!("peer {id} {} (was {})", state.as_str(), self.state.as_str()),
+                json!({
+                    "peer_id": id.as_str(),
+                    "state": state.as_str(),
+                    "was": self.state.as_str(),
+                    "phi": phi,
+                }),
+            );
+            self.state = state;
+        }
+        if state == PeerState::Dead {
+            self.dead_since.get_or_insert(now);
+        } else {
+            self.dead_since = None;
+        }
+        // A learner is ready for promotion while alive, dialable and at most one version
+        // behind (a change may be on its way to it).
+        let ready = state == PeerState::Alive
+            && !voters.contains(id)
+            && !self.advertise.is_empty()
+            && self.version + 1 >= version;
+        self.ready_since = if ready {
+            self.ready_since.or(Some(now))
+        } else {
+            None
+        };
+        metrics::gauge!(names::PEER_UP, "peer" => id.to_string())
+            .set(if state == PeerState::Dead { 0.0 } else { 1.0 });
+        metrics::gauge!(names::PEER_PHI, "peer" => id.to_string()).set(phi);
+        let view = PeerView {
+            id: id.to_string(),
+            addr: self.addr.clone(),
+            role: if voters.contains(id) {
+                "voter"
+            } else {
+                "learner"
+            }
+            .to_string(),
+            state: state.as_str().to_string(),
+            phi,
+            last_seen_ms: self.detector.last_seen().map(|t| now.saturating_sub(t)),
+        };
+        (view, state, came_back)
+    }
+}
+
+/// Phi as shown (events, `/status`, the metric): two decimals, and 1e9 for infinity.
+fn shown_phi(phi: f64) -> f64 {
+    if phi.is_finite() {
+        (phi * 100.0).round() / 100.0
+    } else {
+        1e9
     }
 }
 
@@ -1087,22 +1163,8 @@ impl Driver {
         let dead_after_ms = self.detector_cfg.dead_after_ms;
         let mut came_back = false;
         for (id, p) in self.peers.iter_mut() {
-            let state = p.detector.state(now);
-            if state != p.state {
-                came_back |= state == PeerState::Alive;
-                let phi = p.detector.phi(now);
-                self.events.emit(
-                    "peer_state",
-                    format!("peer {id} {} (was {})", state.as_str(), p.state.as_str()),
-                    json!({
-                        "peer_id": id.as_str(),
-                        "state": state.as_str(),
-                        "was": p.state.as_str(),
-                        "phi": if phi.is_finite() { (phi * 100.0).round() / 100.0 } else { 1e9 },
-                    }),
-                );
-                p.state = state;
-            }
+            let (view, state, back) = p.observe(id, now, &voters, version, &self.events);
+            came_back |= back;
             if state == PeerState::Alive && voters.contains(id) {
                 alive += 1;
             }
@@ -1112,44 +1174,7 @@ impl Driver {
             if state == PeerState::Dead || p.detector.silent_for(now) >= dead_after_ms {
                 dead.push(id.clone());
             }
-            if state == PeerState::Dead {
-                p.dead_since.get_or_insert(now);
-            } else {
-                p.dead_since = None;
-            }
-            // A learner is ready for promotion while alive, dialable and at most one version
-            // behind (a change may be on its way to it).
-            let ready = state == PeerState::Alive
-                && !voters.contains(id)
-                && !p.advertise.is_empty()
-                && p.version + 1 >= version;
-            p.ready_since = if ready {
-                p.ready_since.or(Some(now))
-            } else {
-                None
-            };
-            let phi = p.detector.phi(now);
-            let phi = if phi.is_finite() {
-                (phi * 100.0).round() / 100.0
-            } else {
-                1e9
-            };
-            metrics::gauge!(names::PEER_UP, "peer" => id.to_string())
-                .set(if state == PeerState::Dead { 0.0 } else { 1.0 });
-            metrics::gauge!(names::PEER_PHI, "peer" => id.to_string()).set(phi);
-            views.push(PeerView {
-                id: id.to_string(),
-                addr: p.addr.clone(),
-                role: if voters.contains(id) {
-                    "voter"
-                } else {
-                    "learner"
-                }
-                .to_string(),
-                state: state.as_str().to_string(),
-                phi,
-                last_seen_ms: p.detector.last_seen().map(|t| now.saturating_sub(t)),
-            });
+            views.push(view);
         }
         *self.view.peers.locked() = views;
         *self.view.dead.locked() = dead;
