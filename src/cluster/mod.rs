@@ -322,7 +322,7 @@ fn peer_entries(config: &Config, detector: DetectorConfig) -> BTreeMap<NodeId, P
 /// `[cluster.autopilot]` in the core's terms, when it is on.
 fn autopilot_settings(config: &Config) -> Option<autopilot::Settings> {
     let a = &config.cluster.autopilot;
-    a.enabled.then(|| autopilot::Settings {
+    a.enabled.then_some(autopilot::Settings {
         voters: a.voters,
         dead_after_ms: a.dead_after.as_millis() as u64,
         stabilization_ms: a.stabilization.as_millis() as u64,
