@@ -722,7 +722,12 @@ async fn a_rolling_restart_under_load_fails_no_request() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(
+        Duration::from_secs(5),
+        "every peer checked once",
+        || async { (ready.lock().unwrap().len() == 3).then_some(()) },
+    )
+    .await;
     let (ok, failed) = (
         Arc::new(AtomicU64::new(0)),
         Arc::new(std::sync::Mutex::new(Vec::new())),

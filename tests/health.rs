@@ -313,7 +313,11 @@ async fn draining_takes_no_new_requests_and_finishes_in_flight_ones() {
     let r2 = tokio::spawn(async move {
         send(proxy, request("GET", proxy, "/2").body(empty()).unwrap()).await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Drained while b1 holds its request.
+    eventually(Duration::from_secs(5), "b1 has its request", || async {
+        (b1.hits() == 1).then_some(())
+    })
+    .await;
     let (code, p) = admin_call(nodes[1].admin, "POST", "/pool/backends/b1/drain", None).await;
     assert_eq!(code, 200, "{p}");
     assert_eq!(r1.await.unwrap().unwrap().status(), 200);

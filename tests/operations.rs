@@ -286,12 +286,14 @@ async fn sighup_reloads_live_settings_and_keeps_the_old_config_when_invalid() {
     // An invalid file is refused: the running config stays, and the process stays up.
     std::fs::write(&s.config, shorter.replace("retries = 0", "retries = -1")).unwrap();
     s.signal("-HUP");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(Duration::from_secs(3), "the reload refused", || async {
+        s.log().contains("reload failed").then_some(())
+    })
+    .await;
     let r = send(s.proxy, request("GET", s.proxy, "/").body(empty()).unwrap())
         .await
         .unwrap();
     assert_eq!(r.status(), 504);
-    assert!(s.log().contains("reload failed"), "{}", s.log());
     assert_eq!(get_text(s.admin, "/livez").await.unwrap().0, 200);
 }
 
