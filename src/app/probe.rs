@@ -7,7 +7,10 @@
 //! two.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,6 +18,8 @@ use http_body_util::Empty;
 use rand::Rng;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::{ServiceBuilder, ServiceExt};
 
 use crate::core::pool::BackendId;
 use crate::net::Target;
@@ -61,12 +66,13 @@ pub trait Probed: Send + Sync + 'static {
 
 /// Probe every backend `probed` lists until `shutdown`.
 pub fn spawn(probed: Arc<dyn Probed>, shutdown: CancellationToken) -> JoinHandle<()> {
-    tokio::spawn(supervise(probed, shutdown))
+    tokio::spawn(supervise(probed, MAX_PROBES_IN_FLIGHT, shutdown))
 }
 
 /// One probe task per backend.
-async fn supervise(probed: Arc<dyn Probed>, shutdown: CancellationToken) {
+async fn supervise(probed: Arc<dyn Probed>, in_flight: usize, shutdown: CancellationToken) {
     let mut tasks: HashMap<BackendId, (String, JoinHandle<()>)> = HashMap::new();
+    let limit = GlobalConcurrencyLimitLayer::new(in_flight);
     let mut tick = tokio::time::interval(RECONCILE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut changes = probed.changes();
@@ -88,7 +94,12 @@ async fn supervise(probed: Arc<dyn Probed>, shutdown: CancellationToken) {
         });
         for (id, addr, target) in current {
             if let std::collections::hash_map::Entry::Vacant(slot) = tasks.entry(id) {
-                let handle = tokio::spawn(probe_loop(probed.clone(), slot.key().clone(), target));
+                let handle = tokio::spawn(probe_loop(
+                    probed.clone(),
+                    slot.key().clone(),
+                    target,
+                    limit.clone(),
+                ));
                 slot.insert((addr, handle));
             }
         }
@@ -98,9 +109,52 @@ async fn supervise(probed: Arc<dyn Probed>, shutdown: CancellationToken) {
     }
 }
 
-async fn probe_loop(probed: Arc<dyn Probed>, id: BackendId, target: Target) {
+/// Probes in flight at once in this process, across backends and services: a thousand
+/// backends probed on one interval do not open a thousand connections in the same instant.
+/// A probe waits for its turn outside its timeout (a busy prober is not a failing backend).
+pub const MAX_PROBES_IN_FLIGHT: usize = 256;
+
+/// One probe of one backend as a tower service: GET the path it is called with, on a fresh
+/// connection; true for a 2xx read whole.
+#[derive(Clone)]
+struct Probe {
+    probed: Arc<dyn Probed>,
+    target: Arc<Target>,
+}
+
+impl tower::Service<String> for Probe {
+    type Response = bool;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<bool, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, path: String) -> Self::Future {
+        let (probed, target) = (self.probed.clone(), self.target.clone());
+        Box::pin(async move {
+            Ok(if target.is_h2() {
+                check(&target, &path, probed.peer()).await
+            } else {
+                probed.exchange(&target, &path, probed.peer()).await
+            })
+        })
+    }
+}
+
+async fn probe_loop(
+    probed: Arc<dyn Probed>,
+    id: BackendId,
+    target: Target,
+    limit: GlobalConcurrencyLimitLayer,
+) {
     let count = |result: &'static str| metrics::counter!(names::HEALTH_CHECKS_TOTAL, "backend" => id.to_string(), "result" => result, "service" => probed.service().to_string());
     let (pass, fail) = (count("pass"), count("fail"));
+    let probe = Probe {
+        probed: probed.clone(),
+        target: Arc::new(target),
+    };
     // Spread probes of different backends (and peers) over the interval.
     let first = probed.settings().interval;
     let offset = rand::thread_rng().gen_range(0..=first.as_millis() as u64);
@@ -117,15 +171,14 @@ async fn probe_loop(probed: Arc<dyn Probed>, id: BackendId, target: Target) {
         }
         probing = assigned;
         if assigned {
-            let ok = if target.is_h2() {
-                check(&target, &settings.path, settings.timeout, probed.peer()).await
-            } else {
-                let exchange = probed.exchange(&target, &settings.path, probed.peer());
-                matches!(
-                    tokio::time::timeout(settings.timeout, exchange).await,
-                    Ok(true)
-                )
-            };
+            // A turn among the probes in flight, then the probe within `health.timeout` (read
+            // anew each time: a reload changes it). The turn is the stack's readiness, which
+            // the timeout does not count: it times the call only.
+            let stack = ServiceBuilder::new()
+                .layer(limit.clone())
+                .timeout(settings.timeout)
+                .service(probe.clone());
+            let ok = matches!(stack.oneshot(settings.path.clone()).await, Ok(true));
             if ok { &pass } else { &fail }.increment(1);
             probed.record(&id, ok);
         }
@@ -136,9 +189,8 @@ async fn probe_loop(probed: Arc<dyn Probed>, id: BackendId, target: Target) {
     }
 }
 
-/// One probe of an HTTP/2 backend on a fresh connection: GET `path`, pass on 2xx within
-/// `timeout`.
-pub async fn check(target: &Target, path: &str, timeout: Duration, peer: &str) -> bool {
+/// One probe of an HTTP/2 backend on a fresh connection: GET `path`, pass on 2xx.
+async fn check(target: &Target, path: &str, peer: &str) -> bool {
     let attempt = async {
         let mut sender = target.connect::<Empty<Bytes>>().await.ok()?;
         let req = http::Request::get(path)
@@ -151,5 +203,125 @@ pub async fn check(target: &Target, path: &str, timeout: Duration, peer: &str) -
         let resp = sender.try_send_request(req).await.ok()?;
         Some(resp.status().is_success())
     };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+    attempt.await == Some(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// Backends whose probes take `takes` each, counting how many run at once and what each
+    /// backend's probes said.
+    struct Fake {
+        targets: Vec<(BackendId, String, Target)>,
+        settings: ProbeSettings,
+        takes: Duration,
+        running: AtomicUsize,
+        most: AtomicUsize,
+        results: Mutex<HashMap<BackendId, Vec<bool>>>,
+        changes: tokio::sync::watch::Sender<u64>,
+    }
+
+    impl Fake {
+        fn new(n: usize, takes: Duration, timeout: Duration) -> Arc<Fake> {
+            let targets = (0..n)
+                .map(|i| {
+                    let addr = format!("127.0.0.1:{}", 10_000 + i);
+                    let t = Target::parse(&addr, None, false).unwrap();
+                    (BackendId::new(format!("b{i}")), addr, t)
+                })
+                .collect();
+            Arc::new(Fake {
+                targets,
+                settings: ProbeSettings {
+                    path: "/healthz".into(),
+                    timeout,
+                    interval: Duration::from_millis(100),
+                },
+                takes,
+                running: AtomicUsize::new(0),
+                most: AtomicUsize::new(0),
+                results: Mutex::new(HashMap::new()),
+                changes: tokio::sync::watch::channel(0).0,
+            })
+        }
+
+        fn said(&self, id: &str) -> Vec<bool> {
+            let r = self.results.lock().unwrap();
+            r.get(&BackendId::new(id)).cloned().unwrap_or_default()
+        }
+    }
+
+    impl Probed for Fake {
+        fn targets(&self) -> Vec<(BackendId, String, Target)> {
+            self.targets.clone()
+        }
+        fn settings(&self) -> ProbeSettings {
+            self.settings.clone()
+        }
+        fn service(&self) -> &str {
+            "default"
+        }
+        fn peer(&self) -> &str {
+            "a"
+        }
+        fn assigned(&self, _: &BackendId) -> bool {
+            true
+        }
+        fn unassigned(&self, _: &BackendId) {}
+        fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+            self.changes.subscribe()
+        }
+        fn record(&self, id: &BackendId, ok: bool) {
+            let mut r = self.results.lock().unwrap();
+            r.entry(id.clone()).or_default().push(ok);
+        }
+        fn exchange<'a>(
+            &'a self,
+            _: &'a Target,
+            _: &'a str,
+            _: &'a str,
+        ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+            Box::pin(async move {
+                let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(self.takes).await;
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                true
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn probes_wait_their_turn_outside_the_timeout() {
+        // Five backends, two probes at a time, each probe taking 60 ms of a 100 ms timeout:
+        // a probe waits up to two turns for its slot, longer than its timeout, and passes.
+        let fake = Fake::new(5, Duration::from_millis(60), Duration::from_millis(100));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(supervise(fake.clone(), 2, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(fake.most.load(Ordering::SeqCst), 2, "at most two at once");
+        for i in 0..5 {
+            let said = fake.said(&format!("b{i}"));
+            assert!(said.len() >= 5, "b{i} probed {} times", said.len());
+            assert!(said.iter().all(|ok| *ok), "b{i}: {said:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_probe_slower_than_the_timeout_fails() {
+        let fake = Fake::new(1, Duration::from_millis(300), Duration::from_millis(100));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(supervise(fake.clone(), MAX_PROBES_IN_FLIGHT, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.cancel();
+        task.await.unwrap();
+        let said = fake.said("b0");
+        assert!(said.len() >= 5, "probed {} times", said.len());
+        assert!(said.iter().all(|ok| !ok), "{said:?}");
+    }
 }
