@@ -859,46 +859,8 @@ pub fn from_value(raw: &Value) -> Result<Config, ConfigErrors> {
     unknown_sections(&mut c, &tree);
     let mut read = Sections::read(&mut c, &tree);
     read.check(&mut c);
-    let Sections {
-        node,
-        proxy,
-        balance,
-        health,
-        cluster,
-        admin,
-        log,
-        backends,
-        discovery,
-        services,
-        base,
-    } = read;
-    match (
-        node, proxy, balance, health, cluster, admin, log, backends, discovery, services,
-    ) {
-        (
-            Some(node),
-            Some(proxy),
-            Some(balance),
-            Some(health),
-            Some(cluster),
-            Some(admin),
-            Some(log),
-            Some(backends),
-            Some(discovery),
-            Some(services),
-        ) if c.errors.is_empty() => Ok(Config {
-            node,
-            proxy,
-            balance,
-            health,
-            cluster,
-            admin,
-            log,
-            backends,
-            discovery,
-            services,
-            base,
-        }),
+    match read.config() {
+        Some(config) if c.errors.is_empty() => Ok(config),
         _ => Err(ConfigErrors(c.errors)),
     }
 }
@@ -1021,6 +983,23 @@ impl Sections {
             services,
             base,
         }
+    }
+
+    /// The whole config, when every section could be read.
+    fn config(self) -> Option<Config> {
+        Some(Config {
+            node: self.node?,
+            proxy: self.proxy?,
+            balance: self.balance?,
+            health: self.health?,
+            cluster: self.cluster?,
+            admin: self.admin?,
+            log: self.log?,
+            backends: self.backends?,
+            discovery: self.discovery?,
+            services: self.services?,
+            base: self.base,
+        })
     }
 
     /// The rules over the typed sections (ranges, files, rules across keys); the admin token
