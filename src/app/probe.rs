@@ -296,16 +296,20 @@ mod tests {
 
     #[tokio::test]
     async fn probes_wait_their_turn_outside_the_timeout() {
-        // Five backends, two probes at a time, each probe taking 60 ms of a 100 ms timeout:
-        // a probe waits up to two turns for its slot, longer than its timeout, and passes.
-        let fake = Fake::new(5, Duration::from_millis(60), Duration::from_millis(100));
+        // Eight backends every 100 ms, two probes at a time, each taking 60 ms of a 100 ms
+        // timeout: two slots pass 33 probes a second where 80 are asked for, so a probe
+        // waits about 180 ms for its turn, longer than its timeout, and still passes.
+        let fake = Fake::new(8, Duration::from_millis(60), Duration::from_millis(100));
         let stop = CancellationToken::new();
         let task = tokio::spawn(supervise(fake.clone(), 2, stop.clone()));
         tokio::time::sleep(Duration::from_secs(3)).await;
         stop.cancel();
         task.await.unwrap();
         assert_eq!(fake.most.load(Ordering::SeqCst), 2, "at most two at once");
-        for i in 0..5 {
+        // Throttled (about 240 asked for in 3 s, at most 100 fit), so probes did wait.
+        let total: usize = (0..8).map(|i| fake.said(&format!("b{i}")).len()).sum();
+        assert!(total <= 105, "{total} probes in 3 s through two 60 ms slots");
+        for i in 0..8 {
             let said = fake.said(&format!("b{i}"));
             assert!(said.len() >= 5, "b{i} probed {} times", said.len());
             assert!(said.iter().all(|ok| *ok), "b{i}: {said:?}");
