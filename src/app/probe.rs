@@ -308,7 +308,10 @@ mod tests {
         assert_eq!(fake.most.load(Ordering::SeqCst), 2, "at most two at once");
         // Throttled (about 240 asked for in 3 s, at most 100 fit), so probes did wait.
         let total: usize = (0..8).map(|i| fake.said(&format!("b{i}")).len()).sum();
-        assert!(total <= 105, "{total} probes in 3 s through two 60 ms slots");
+        assert!(
+            total <= 105,
+            "{total} probes in 3 s through two 60 ms slots"
+        );
         for i in 0..8 {
             let said = fake.said(&format!("b{i}"));
             assert!(said.len() >= 5, "b{i} probed {} times", said.len());
