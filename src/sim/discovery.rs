@@ -58,6 +58,30 @@ pub struct DiscoveryReport {
     pub removal_ms: Option<u64>,
 }
 
+/// One peer's DNS answer: none when the lookup fails, else what DNS holds less the addresses
+/// that flap out of this answer. `odd` is the odd peer's resolver: the address it never answers
+/// and the stray one it answers besides.
+fn resolve(
+    rng: &mut ChaCha8Rng,
+    cfg: &DiscoverySimConfig,
+    in_dns: &[String],
+    odd: Option<(&str, &str)>,
+) -> Option<Vec<String>> {
+    if rng.gen_bool(cfg.fail) {
+        return None;
+    }
+    let mut a: Vec<String> = in_dns
+        .iter()
+        .filter(|_| !rng.gen_bool(cfg.flap))
+        .cloned()
+        .collect();
+    if let Some((never, stray)) = odd {
+        a.retain(|x| x != never);
+        a.push(stray.to_string());
+    }
+    Some(a)
+}
+
 pub fn run(seed: u64, cfg: &DiscoverySimConfig) -> DiscoveryReport {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let rules = Rules {
@@ -107,21 +131,8 @@ pub fn run(seed: u64, cfg: &DiscoverySimConfig) -> DiscoveryReport {
             if !(t + offsets[p]).is_multiple_of(cfg.interval_ms) {
                 continue;
             }
-            let answer: Option<Vec<String>> = if rng.gen_bool(cfg.fail) {
-                None
-            } else {
-                let mut a: Vec<String> = in_dns
-                    .iter()
-                    .filter(|_| !rng.gen_bool(cfg.flap))
-                    .cloned()
-                    .collect();
-                // The odd peer: its resolver also answers a stray address, and never the first.
-                if p == cfg.peers - 1 {
-                    a.retain(|x| *x != truth[0]);
-                    a.push(stray.clone());
-                }
-                Some(a)
-            };
+            let odd = (p == cfg.peers - 1).then(|| (truth[0].as_str(), stray.as_str()));
+            let answer = resolve(&mut rng, cfg, &in_dns, odd);
             trackers[p].answer(t, answer.as_deref());
             if let Some(c) = trackers[p].reconcile(&pool, &ids[p], t) {
                 inflight.push((t + cfg.commit_ms + rng.gen_range(0..cfg.commit_ms), c));

@@ -452,15 +452,7 @@ impl Sim {
             Event::Crash => self.crash(),
             Event::Restart { node } => self.restart(node),
             Event::Partition => self.partition(),
-            Event::Heal => {
-                self.blocked.clear();
-                self.release_held();
-                self.log(|| "heal".into());
-                if self.faulting && self.cfg.partitions {
-                    let at = self.rng.gen_range(200..1500);
-                    self.schedule(at, Event::Partition);
-                }
-            }
+            Event::Heal => self.heal(),
             Event::Persist {
                 node,
                 incarnation,
@@ -470,65 +462,82 @@ impl Sim {
                     self.write_disk(node, *state);
                 }
             }
-            Event::PeriodicRead { node } => {
-                if !self.cfg.periodic_reads {
-                    return;
-                }
-                let outside = self.nodes[node].core.consensus()
-                    == crate::core::paxos::Consensus::NotMember
-                    && self.nodes[node].core.learned().exists()
-                    && !self.nodes[node].core.is_catching_up();
-                if self.nodes[node].up && outside {
-                    // As the driver does: a node outside the membership asks a voter for the
-                    // latest pool instead of running a round.
-                    let voters = self.nodes[node].core.voters();
-                    if let Some(v) = voters.choose(&mut self.rng) {
-                        let to = self.index_of(v);
-                        self.send(node, to, Msg::Fetch);
-                    }
-                } else if self.nodes[node].up && !self.nodes[node].core.is_busy() {
-                    match self.read_or_seed(node) {
-                        // Forming is a change like any other: it joins the history (its own
-                        // client, which issues nothing else).
-                        seed @ PoolChange::Seed { .. } => {
-                            let client = self.cfg.clients + 1;
-                            self.issue(client, node, seed);
-                        }
-                        // A catch-up round commits a fence: it joins the history too.
-                        read if self.nodes[node].core.is_catching_up() => {
-                            let client = self.cfg.clients + 2;
-                            self.issue(client, node, read);
-                        }
-                        read => self.start_change(node, read, None),
-                    }
-                }
-                // With membership the first reads came at once (they form the cluster): spread
-                // the later ones, as peers started at different times do.
-                let next = if self.cfg.membership {
-                    self.rng.gen_range(READ_PERIOD / 2..READ_PERIOD * 3 / 2)
-                } else {
-                    READ_PERIOD
-                };
-                self.schedule(next, Event::PeriodicRead { node });
+            Event::PeriodicRead { node } => self.periodic_read(node),
+            Event::EndFaults => self.end_faults(),
+        }
+    }
+
+    /// The partition heals; with faults on, the next one is scheduled.
+    fn heal(&mut self) {
+        self.blocked.clear();
+        self.release_held();
+        self.log(|| "heal".into());
+        if self.faulting && self.cfg.partitions {
+            let at = self.rng.gen_range(200..1500);
+            self.schedule(at, Event::Partition);
+        }
+    }
+
+    /// A node's periodic round (or, outside the membership, its fetch of the latest pool),
+    /// and the next one scheduled.
+    fn periodic_read(&mut self, node: usize) {
+        if !self.cfg.periodic_reads {
+            return;
+        }
+        let outside = self.nodes[node].core.consensus() == crate::core::paxos::Consensus::NotMember
+            && self.nodes[node].core.learned().exists()
+            && !self.nodes[node].core.is_catching_up();
+        if self.nodes[node].up && outside {
+            // As the driver does: a node outside the membership asks a voter for the
+            // latest pool instead of running a round.
+            let voters = self.nodes[node].core.voters();
+            if let Some(v) = voters.choose(&mut self.rng) {
+                let to = self.index_of(v);
+                self.send(node, to, Msg::Fetch);
             }
-            Event::EndFaults => {
-                self.faulting = false;
-                self.blocked.clear();
-                self.release_held();
-                self.cfg.drop = 0.0;
-                self.cfg.duplicate = 0.0;
-                self.cfg.write_failures = 0.0;
-                self.log(|| "faults end: network healed, everyone restarts".into());
-                for n in 0..self.nodes.len() {
-                    if !self.nodes[n].up {
-                        self.restart(n);
-                    }
+        } else if self.nodes[node].up && !self.nodes[node].core.is_busy() {
+            match self.read_or_seed(node) {
+                // Forming is a change like any other: it joins the history (its own
+                // client, which issues nothing else).
+                seed @ PoolChange::Seed { .. } => {
+                    let client = self.cfg.clients + 1;
+                    self.issue(client, node, seed);
                 }
-                // Liveness probe: a change must commit within LIVENESS_MS from here.
-                let target = self.rng.gen_range(0..self.nodes.len());
-                self.liveness_probe(target);
+                // A catch-up round commits a fence: it joins the history too.
+                read if self.nodes[node].core.is_catching_up() => {
+                    let client = self.cfg.clients + 2;
+                    self.issue(client, node, read);
+                }
+                read => self.start_change(node, read, None),
             }
         }
+        // With membership the first reads came at once (they form the cluster): spread
+        // the later ones, as peers started at different times do.
+        let next = if self.cfg.membership {
+            self.rng.gen_range(READ_PERIOD / 2..READ_PERIOD * 3 / 2)
+        } else {
+            READ_PERIOD
+        };
+        self.schedule(next, Event::PeriodicRead { node });
+    }
+
+    /// The end of the faults: the network heals, everyone restarts, and a liveness probe starts.
+    fn end_faults(&mut self) {
+        self.faulting = false;
+        self.blocked.clear();
+        self.release_held();
+        self.cfg.drop = 0.0;
+        self.cfg.duplicate = 0.0;
+        self.cfg.write_failures = 0.0;
+        self.log(|| "faults end: network healed, everyone restarts".into());
+        for n in 0..self.nodes.len() {
+            if !self.nodes[n].up {
+                self.restart(n);
+            }
+        }
+        // Liveness probe: a change must commit within LIVENESS_MS from here.
+        let target = self.rng.gen_range(0..self.nodes.len());
+        self.liveness_probe(target);
     }
 
     /// What a node's periodic round is: as the driver does, a voter that knows no pool forms
