@@ -55,7 +55,6 @@ pub(super) struct Idle {
     /// No byte has come yet on a plain connection: the HTTP/2 preface may still.
     pub h2c: bool,
     pub held: Held,
-    pub server: Arc<Server>,
 }
 
 /// A connection's cell while it has no task; the connection keeps one across its requests.
@@ -65,7 +64,9 @@ pub(super) struct Parked {
     idle: Mutex<Option<(Idle, Instant)>>,
     /// Set by every wake: a wake that came while the connection was being parked is not lost.
     woken: AtomicBool,
-    /// The worker's runtime, where the woken connection's task runs.
+    /// The server the connection is served by, and the worker's runtime, where its woken task
+    /// runs.
+    server: Arc<Server>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -89,8 +90,12 @@ pub(super) async fn look_twice(conn: &mut ClientConn) -> Poll<std::io::Result<us
 /// Wait for `idle`'s next bytes without a task. `Some`: bytes came (or a wake did) while it was
 /// being parked, so serve on in this task; `None`: parked, or closed (the client closed, or the
 /// drain started). `slot` keeps the connection's cell from one request to the next.
-pub(super) fn park(mut idle: Idle, slot: &mut Option<Arc<Parked>>) -> Option<Idle> {
-    if idle.server.drain.is_cancelled() {
+pub(super) fn park(
+    server: &Arc<Server>,
+    mut idle: Idle,
+    slot: &mut Option<Arc<Parked>>,
+) -> Option<Idle> {
+    if server.drain.is_cancelled() {
         return None;
     }
     let cell = slot
@@ -98,6 +103,7 @@ pub(super) fn park(mut idle: Idle, slot: &mut Option<Arc<Parked>>) -> Option<Idl
             let cell = Arc::new(Parked {
                 idle: Mutex::new(None),
                 woken: AtomicBool::new(false),
+                server: server.clone(),
                 runtime: tokio::runtime::Handle::current(),
             });
             PARKED.with(|p| p.borrow_mut().push(Arc::downgrade(&cell)));
@@ -129,7 +135,7 @@ impl Wake for Parked {
         let Some((idle, _)) = self.idle.locked().take() else {
             return;
         };
-        let server = idle.server.clone();
+        let server = &self.server;
         let serving = server
             .tracker
             .track_future(server.clone().run_h1(idle, Some(self.clone())));
@@ -164,8 +170,7 @@ pub(super) async fn sweep(server: Arc<Server>) {
 }
 
 /// The parked connections of this worker that `close` picks by when they parked, out of their
-/// cells; forgets the
-/// cells of closed connections.
+/// cells; forgets the cells of closed connections.
 fn take_parked(close: impl Fn(Instant) -> bool) -> Vec<Idle> {
     let mut closing = Vec::new();
     PARKED.with(|p| {

@@ -287,7 +287,6 @@ impl Server {
             h2c: !https,
             info,
             held,
-            server: self.clone(),
         };
         self.clone().run_h1(idle, None).await;
     }
@@ -301,7 +300,6 @@ impl Server {
                 info,
                 h2c,
                 held,
-                ..
             } = idle;
             let state = info.state.clone();
             let serving = async {
@@ -325,7 +323,6 @@ impl Server {
                         info,
                         h2c,
                         held,
-                        server: self.clone(),
                     };
                     // A busy connection's next request is often one turn of the event loop
                     // away: look again after that turn before parking (a new task per request
@@ -333,7 +330,7 @@ impl Server {
                     idle = match idle::look_twice(&mut waiting.conn).await {
                         Poll::Ready(Ok(n)) if n > 0 => waiting,
                         Poll::Ready(_) => return,
-                        Poll::Pending => match idle::park(waiting, &mut cell) {
+                        Poll::Pending => match idle::park(&self, waiting, &mut cell) {
                             Some(woken) => woken,
                             None => return,
                         },
