@@ -389,7 +389,13 @@ async fn parked_connections(io_uring: bool) {
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
         idle.push(c);
     }
+    // The drain, not the idle timeout nor the exit: an open tunnel keeps the process up (the
+    // drain waits for it, up to the 10 s grace), and the idle timeout would take 1.5 s, so each
+    // parked connection must close well inside that (a drain closes them at once).
+    let mut tunnel = open_tunnel(proxy).await;
+    assert!(echoes(&mut tunnel).await);
     s.signal("-TERM");
+    let termed = Instant::now();
     for mut c in idle {
         let mut rest = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut rest)).await;
@@ -398,5 +404,12 @@ async fn parked_connections(io_uring: bool) {
             "io_uring={io_uring}: a parked connection outlived the drain"
         );
     }
+    assert!(
+        termed.elapsed() < Duration::from_millis(1000),
+        "io_uring={io_uring}: parked connections closed {:?} after SIGTERM, as if by their idle \
+         timeout",
+        termed.elapsed()
+    );
+    drop(tunnel);
     assert_eq!(s.wait_exit(Duration::from_secs(5)), Some(0));
 }

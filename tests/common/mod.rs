@@ -652,7 +652,6 @@ pub async fn start_cluster(
     nodes
 }
 
-/// Poll `f` every 20 ms until it returns Some, or panic after `within`.
 /// Whether this kernel gives this process an io_uring (containers may forbid one). Under CI a
 /// refusal fails the test; elsewhere the caller skips the ring's part, and this says so.
 pub fn io_uring_here() -> bool {
@@ -667,6 +666,7 @@ pub fn io_uring_here() -> bool {
     false
 }
 
+/// Poll `f` every 20 ms until it returns Some, or panic after `within`.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
