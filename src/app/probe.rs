@@ -112,7 +112,7 @@ async fn supervise(probed: Arc<dyn Probed>, in_flight: usize, shutdown: Cancella
 /// Probes in flight at once in this process, across backends and services: a thousand
 /// backends probed on one interval do not open a thousand connections in the same instant.
 /// A probe waits for its turn outside its timeout (a busy prober is not a failing backend).
-pub const MAX_PROBES_IN_FLIGHT: usize = 256;
+const MAX_PROBES_IN_FLIGHT: usize = 256;
 
 /// One probe of one backend as a tower service: GET the path it is called with, on a fresh
 /// connection; true for a 2xx read whole.
