@@ -301,22 +301,22 @@ impl Server {
                 h2c,
                 held,
             } = idle;
-            let state = info.state.clone();
+            let state = &info.state;
             let serving = async {
                 match conn
-                    .serve(&self.proxy, &info, &state, &self.drain, h2c)
+                    .serve(&self.proxy, &info, state, &self.drain, h2c)
                     .await
                 {
                     Ended::H2(io) => {
                         // Boxed: an HTTP/2 connection's state is large, and most connections
                         // are HTTP/1.
-                        Box::pin(self.serve_h2(io, &info, &state)).await;
+                        Box::pin(self.serve_h2(io, &info, state)).await;
                         Ended::Closed
                     }
                     ended => ended,
                 }
             };
-            match self.watch(&state, serving).await {
+            match self.watch(state, serving).await {
                 Some(Ended::Idle { conn, h2c }) => {
                     let mut waiting = idle::Idle {
                         conn,
@@ -338,7 +338,7 @@ impl Server {
                 }
                 Some(_) => {
                     // A tunnel counts as its connection (`held`) until it ends.
-                    self.watch_tunnels_of(&state).await;
+                    self.watch_tunnels_of(state).await;
                     drop(held);
                     return;
                 }
