@@ -334,11 +334,13 @@ impl ClientConn {
         }
         out.extend_from_slice(b"\r\n");
         self.wire.locked().answered = true;
+        // The connection closes after this answer: its end is sent by the shutdown.
+        let last = !keep_alive && !switching;
         let done = if framing == Out::None {
             drop(body);
-            self.flush().await
+            self.finish(last).await
         } else {
-            self.stream(body, framing).await
+            self.stream(body, framing, last).await
         };
         match done {
             Ok(true) if switching => match asked.upgrade {
@@ -352,8 +354,9 @@ impl ClientConn {
     }
 
     /// Write the body after the head in `out`; false if it broke off (the connection must close
-    /// without finishing the message, so the client sees it was cut).
-    async fn stream(&mut self, body: ResponseBody, framing: Out) -> io::Result<bool> {
+    /// without finishing the message, so the client sees it was cut). `last`: as for
+    /// [`Self::finish`].
+    async fn stream(&mut self, body: ResponseBody, framing: Out, last: bool) -> io::Result<bool> {
         let mut body = std::pin::pin!(body);
         let mut left = match framing {
             Out::Length(n) => n,
@@ -415,8 +418,7 @@ impl ClientConn {
                 Err(frame) => {
                     if framing == Out::Chunked {
                         wire::last_chunk(&mut self.out, frame.trailers_ref());
-                        self.flush().await?;
-                        return Ok(true);
+                        return self.finish(last).await;
                     }
                     break;
                 }
@@ -431,19 +433,35 @@ impl ClientConn {
             }
             _ => {}
         }
-        self.flush().await?;
+        self.finish(last).await?;
         Ok(framing != Out::ToEnd)
     }
 
     /// Write `out` and flush.
     async fn flush(&mut self) -> io::Result<bool> {
+        self.write_out().await?;
+        poll_fn(|cx| Pin::new(&mut self.wire.locked().io).poll_flush(cx)).await?;
+        Ok(true)
+    }
+
+    /// Write `out`, an answer's end, and flush it unless the connection closes after it
+    /// (`last`): then the shutdown that follows sends it, and over TLS its close_notify goes in
+    /// the same segment.
+    async fn finish(&mut self, last: bool) -> io::Result<bool> {
+        if !last {
+            return self.flush().await;
+        }
+        self.write_out().await?;
+        Ok(true)
+    }
+
+    /// Write `out` (and clear it, keeping its allocation).
+    async fn write_out(&mut self) -> io::Result<()> {
         let out = std::mem::take(&mut self.out);
         let res = self.write_all(&out).await;
         self.out = out;
         self.out.clear();
-        res?;
-        poll_fn(|cx| Pin::new(&mut self.wire.locked().io).poll_flush(cx)).await?;
-        Ok(true)
+        res
     }
 
     async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {

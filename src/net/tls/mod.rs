@@ -6,6 +6,9 @@ use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+mod conn;
+pub use conn::TlsConn;
+
 /// Why TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -121,14 +124,11 @@ impl Termination {
     }
 
     /// The TLS handshake on an accepted connection, with the config its ClientHello calls for.
-    pub async fn accept<IO>(&self, io: IO) -> io::Result<tokio_rustls::server::TlsStream<IO>>
+    pub async fn accept<IO>(&self, io: IO) -> io::Result<TlsConn<IO>>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let start =
-            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
-        let cfg = self.config_for(start.client_hello().cipher_suites());
-        start.into_stream(cfg).await
+        conn::accept(io, |hello| self.config_for(hello.cipher_suites())).await
     }
 }
 
