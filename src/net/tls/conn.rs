@@ -23,6 +23,20 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// and does not wait in rustls's buffer for the flush).
 const SEND_AT: usize = 16 * 1024;
 
+/// The socket under a TLS connection.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin {
+    /// Hold back partial segments until the write side closes (best effort): the last records
+    /// and the FIN then leave in one segment, not two.
+    fn hold_for_close(&self) {}
+}
+
+impl Transport for tokio::net::TcpStream {
+    fn hold_for_close(&self) {
+        // TCP_CORK: the shutdown's FIN rides on the held segment and pushes it.
+        let _ = socket2::SockRef::from(self).set_tcp_cork(true);
+    }
+}
+
 /// A server-side TLS connection over `IO`.
 pub struct TlsConn<IO> {
     io: IO,
@@ -81,7 +95,7 @@ pub async fn accept<IO>(
     pick: impl FnOnce(&ClientHello<'_>) -> Arc<ServerConfig>,
 ) -> io::Result<TlsConn<IO>>
 where
-    IO: AsyncRead + AsyncWrite + Unpin,
+    IO: Transport,
 {
     let mut acceptor = Acceptor::default();
     let accepted = loop {
@@ -147,7 +161,7 @@ impl<IO> TlsConn<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> TlsConn<IO> {
+impl<IO: Transport> TlsConn<IO> {
     /// Read what the socket has into rustls and process it; `Ok(0)` at the end of the stream.
     /// A record rustls refuses ends the connection, after a last try to send its alert.
     fn read_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
@@ -215,7 +229,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsConn<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConn<IO> {
+impl<IO: Transport> AsyncRead for TlsConn<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -259,7 +273,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConn<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsConn<IO> {
+impl<IO: Transport> AsyncWrite for TlsConn<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -318,6 +332,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsConn<IO> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.closing {
+            this.io.hold_for_close();
             this.tls.send_close_notify();
             this.closing = true;
         }
@@ -338,6 +353,9 @@ mod tests {
         io: DuplexStream,
         writes: Arc<AtomicUsize>,
     }
+
+    impl Transport for Counted {}
+    impl Transport for DuplexStream {}
 
     impl AsyncRead for Counted {
         fn poll_read(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 mod conn;
-pub use conn::TlsConn;
+pub use conn::{TlsConn, Transport};
 
 /// Why TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -124,10 +124,7 @@ impl Termination {
     }
 
     /// The TLS handshake on an accepted connection, with the config its ClientHello calls for.
-    pub async fn accept<IO>(&self, io: IO) -> io::Result<TlsConn<IO>>
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
+    pub async fn accept<IO: Transport>(&self, io: IO) -> io::Result<TlsConn<IO>> {
         conn::accept(io, |hello| self.config_for(hello.cipher_suites())).await
     }
 }
