@@ -434,7 +434,7 @@ mod tests {
     /// Finished and `request` (when given) go in the same segment, as wrk's and curl's do.
     /// Returns what it read, and whether the end was a close_notify.
     async fn client(
-        mut io: DuplexStream,
+        mut io: impl AsyncRead + AsyncWrite + Unpin,
         cfg: Arc<rustls::ClientConfig>,
         request: Option<&[u8]>,
     ) -> (Vec<u8>, io::Result<()>) {
@@ -519,6 +519,37 @@ mod tests {
         assert!(end.is_ok(), "the answer ends with close_notify: {end:?}");
         // The server's flight, then tickets + answer + close_notify (tokio-rustls: four).
         assert_eq!(writes.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_closing_answer_over_tcp_arrives_whole_with_close_notify() {
+        // The corked close on a real socket: the answer, the close_notify and the FIN.
+        let (server_cfg, client_cfg) = configs(false);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = accept(tcp, |_| server_cfg).await.unwrap();
+            let mut buf = [0u8; 1024];
+            let n = conn.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], REQUEST);
+            conn.write_all(ANSWER).await.unwrap();
+            conn.shutdown().await.unwrap();
+            let cork = socket2::SockRef::from(conn.get_ref().0).tcp_cork().unwrap();
+            // Held open until the client has read, so that the end it sees is the shutdown's.
+            let _ = conn.read(&mut buf).await;
+            cork
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (got, end) = tokio::time::timeout(
+            Duration::from_secs(5),
+            client(tcp, client_cfg, Some(REQUEST)),
+        )
+        .await
+        .expect("a corked answer was held");
+        assert_eq!(got, ANSWER);
+        assert!(end.is_ok(), "the answer ends with close_notify: {end:?}");
+        assert!(server.await.unwrap(), "the closing socket was corked");
     }
 
     #[tokio::test]
