@@ -1,8 +1,8 @@
 //! End to end, in one run: Shoal, nginx and HAProxy, each proxying round robin to the same three
 //! nginx backends on loopback (keep-alive upstream, one worker or thread each), loaded by the same
 //! client. Tables: idle keep-alive connections (memory each), small answers, 1 MiB responses,
-//! HTTP/2 clients (h2load), TLS full handshakes and keep-alive over TLS, and a pool change under
-//! load (10 changes per second), and small answers under consistent hashing (`hash`: nginx
+//! HTTP/2 clients (h2load), TLS handshakes (resumed) and keep-alive over TLS, and a pool change
+//! under load (10 changes per second), and small answers under consistent hashing (`hash`: nginx
 //! `hash $request_uri consistent`, HAProxy `balance uri` + `hash-type consistent`, Shoal
 //! `consistent_hash` on the path). Each gives requests/s, p50/p99 latency and requests per proxy
 //! CPU-second, as ratios to nginx and to the better of nginx and HAProxy.
@@ -661,7 +661,7 @@ fn main() {
             }
         };
         table_of(
-            "TLS full handshakes (a new connection per request; req/CPU-s = handshakes per CPU-second)",
+            "TLS handshakes (a new connection per request, each resuming wrk's session; req/CPU-s = handshakes per CPU-second)",
             "/",
             None,
             &tls_targets,
@@ -888,7 +888,7 @@ fn slug(title: &str) -> String {
         ("small answers, consistent", "hash"),
         ("1 MiB", "big"),
         ("HTTP/2", "h2"),
-        ("TLS full", "tls"),
+        ("TLS handshakes", "tls"),
         ("keep-alive requests over TLS", "tls-keepalive"),
         ("a pool change", "change"),
     ];
