@@ -4,10 +4,10 @@
 //! the peer, not on every write. tokio-rustls writes each write's records at once and flushes
 //! the handshake's last flight on its own, so a resumed TLS 1.3 connection answered with
 //! `Connection: close` cost four sends (the server's flight, the session tickets, the answer,
-//! the close_notify), each a TCP segment the peer must be woken for; here it costs two (the
-//! flight; then tickets, answer and close_notify together). Whatever is queued goes out before
-//! a read waits, so no caller that forgets to flush can leave the peer waiting for bytes that
-//! sit here.
+//! the close_notify) and a FIN, each a TCP segment the peer must be woken for; here it costs two
+//! sends in two segments (the flight; then tickets, answer, close_notify and, corked, the FIN).
+//! Whatever is queued goes out before a read waits, so no caller that forgets to flush can leave
+//! the peer waiting for bytes that sit here.
 
 use std::future::poll_fn;
 use std::io::{self, BufRead, IoSlice, Read, Write};
