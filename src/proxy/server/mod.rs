@@ -277,7 +277,7 @@ impl Server {
     ) {
         let info = ConnInfo::new(client, https, worker, state.clone());
         if alpn_h2 {
-            let h2 = Box::pin(self.serve_h2(Rewind::new(Bytes::new(), io), &info, &state));
+            let h2 = Box::pin(self.serve_h2(Rewind::new(Bytes::new(), io), &info));
             self.watch(&state, h2).await;
             self.watch_tunnels_of(&state).await;
             return;
@@ -310,7 +310,7 @@ impl Server {
                     Ended::H2(io) => {
                         // Boxed: an HTTP/2 connection's state is large, and most connections
                         // are HTTP/1.
-                        Box::pin(self.serve_h2(io, &info, state)).await;
+                        Box::pin(self.serve_h2(io, &info)).await;
                         Ended::Closed
                     }
                     ended => ended,
@@ -434,18 +434,22 @@ impl Server {
 
     /// HTTP/2 (ALPN h2, or prior knowledge) through hyper's server; a drain sends GOAWAY and
     /// lets the streams in flight finish.
-    async fn serve_h2(&self, io: Rewind, info: &ConnInfo, state: &Arc<ConnState>) {
-        let proxy = self.proxy.clone();
-        let info = info.clone();
-        let svc_state = state.clone();
+    async fn serve_h2(&self, io: Rewind, info: &ConnInfo) {
+        // What every stream needs, behind one reference count (a clone per stream).
+        let conn = Arc::new((self.proxy.clone(), info.clone()));
         let service = service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
-            let info = info.clone();
-            let state = svc_state.clone();
+            let conn = conn.clone();
             async move {
+                let (proxy, info) = &*conn;
+                let state = &info.state;
                 state.requests.fetch_add(1, Ordering::Relaxed);
                 state.active_requests.fetch_add(1, Ordering::Relaxed);
-                let resp = Box::pin(proxy.handle(req.map(ClientBody::H2), None, &info)).await;
+                // Made in its box, not on the stack and then copied in.
+                let handled = Box::write(
+                    Box::new_uninit(),
+                    proxy.handle(req.map(ClientBody::H2), None, info),
+                );
+                let resp = Box::into_pin(handled).await;
                 state.active_requests.fetch_sub(1, Ordering::Relaxed);
                 Ok::<_, Infallible>(resp)
             }
