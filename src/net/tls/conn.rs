@@ -200,9 +200,12 @@ impl<IO: Transport> TlsConn<IO> {
         Poll::Ready(Ok(()))
     }
 
-    /// Drive the handshake to its end. Each flight goes out before the peer's answer is awaited;
-    /// the last one (TLS 1.3's tickets, TLS 1.2's Finished when the client spoke first) stays
-    /// queued when the client's first request came with its Finished: it leaves with the answer.
+    /// Drive the handshake to its end. Each flight is sent before the peer's answer is awaited,
+    /// but a full socket does not stop the reading (a peer that writes before it reads must not
+    /// wait on us while we wait on it). The last flight (TLS 1.3's tickets, TLS 1.2's Finished
+    /// when the client spoke first) stays queued when the client's first request came with its
+    /// Finished, to leave with the answer; otherwise it goes now, as far as the socket takes it,
+    /// and the rest before the first read waits.
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             if !self.tls.is_handshaking() {
@@ -213,16 +216,26 @@ impl<IO: Transport> TlsConn<IO> {
                     .plaintext_bytes_to_read()
                     > 0;
                 if !request_here {
-                    ready!(self.poll_send(cx))?;
+                    if let Poll::Ready(Err(e)) = self.poll_send(cx) {
+                        return Poll::Ready(Err(e));
+                    }
                 }
                 return Poll::Ready(Ok(()));
             }
-            ready!(self.poll_send(cx))?;
+            let sent = match self.poll_send(cx) {
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => true,
+                Poll::Pending => false,
+            };
             if self.eof {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "EOF in the TLS handshake",
-                )));
+                if sent {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "EOF in the TLS handshake",
+                    )));
+                }
+                // The peer stopped sending; what we owe it may still go.
+                return Poll::Pending;
             }
             ready!(self.read_io(cx))?;
         }
@@ -690,5 +703,136 @@ mod tests {
         let (all, res) = server.await.unwrap();
         assert_eq!(all, b"partial");
         assert_eq!(res.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// A socket that moves a few bytes at a time and is sometimes not ready: every partial read
+    /// and write, and every `Pending`, on a seeded schedule.
+    struct Trickle {
+        io: DuplexStream,
+        rng: rand_chacha::ChaCha8Rng,
+    }
+
+    impl Trickle {
+        fn new(io: DuplexStream, seed: u64) -> Self {
+            use rand::SeedableRng;
+            Trickle {
+                io,
+                rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            }
+        }
+
+        /// `None`: not ready this time (and wakes itself); else how many bytes may move.
+        fn turn(&mut self, cx: &mut Context<'_>) -> Option<usize> {
+            use rand::Rng;
+            if self.rng.gen_ratio(1, 5) {
+                cx.waker().wake_by_ref();
+                return None;
+            }
+            Some(self.rng.gen_range(1..=700))
+        }
+    }
+
+    impl Transport for Trickle {}
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let Some(k) = self.turn(cx) else {
+                return Poll::Pending;
+            };
+            let mut small = ReadBuf::new(buf.initialize_unfilled_to(k.min(buf.remaining())));
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut small))?;
+            let n = small.filled().len();
+            buf.advance(n);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let Some(k) = self.turn(cx) else {
+                return Poll::Pending;
+            };
+            let k = k.min(buf.len());
+            Pin::new(&mut self.io).poll_write(cx, &buf[..k])
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// Against tokio-rustls as the client, both ends on trickling sockets, over many seeds:
+    /// every byte of a request and of an answer of any size arrives, in order, and the answer
+    /// ends with close_notify. A failing seed is printed.
+    #[tokio::test]
+    async fn any_schedule_of_partial_reads_and_writes_delivers_every_byte() {
+        use rand::{Rng, SeedableRng};
+        let (server_cfg, client_cfg) = configs(false);
+        let connector = tokio_rustls::TlsConnector::from(client_cfg);
+        for seed in 0..48u64 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let size = [0, 1, 700, 16 * 1024, 70_000, 200_000][rng.gen_range(0..6)];
+            let answer: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let request: Vec<u8> = (0..rng.gen_range(1..3000))
+                .map(|i| (i % 241) as u8)
+                .collect();
+            let (a, b) = tokio::io::duplex(rng.gen_range(64..8192));
+            let cfg = server_cfg.clone();
+            let (req_len, ans) = (request.len(), answer.clone());
+            let server = tokio::spawn(async move {
+                let mut conn = accept(Trickle::new(a, seed ^ 1), |_| cfg).await?;
+                let mut got = vec![0u8; req_len];
+                conn.read_exact(&mut got).await?;
+                // The answer in uneven writes, a flush now and then.
+                let mut rest = &ans[..];
+                let mut i = 0;
+                while !rest.is_empty() {
+                    let n = rest.len().min(1 + (i * 7919) % 40_000);
+                    conn.write_all(&rest[..n]).await?;
+                    if i % 3 == 0 {
+                        conn.flush().await?;
+                    }
+                    rest = &rest[n..];
+                    i += 1;
+                }
+                conn.shutdown().await?;
+                io::Result::Ok(got)
+            });
+            let client = async {
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let mut tls = connector.connect(name, Trickle::new(b, seed ^ 2)).await?;
+                tls.write_all(&request).await?;
+                tls.flush().await?;
+                let mut got = Vec::new();
+                tls.read_to_end(&mut got).await?;
+                io::Result::Ok(got)
+            };
+            let got = tokio::time::timeout(Duration::from_secs(20), client)
+                .await
+                .unwrap_or_else(|_| panic!("seed {seed}: stalled"))
+                .unwrap_or_else(|e| panic!("seed {seed}: client: {e}"));
+            let served = server
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("seed {seed}: server: {e}"));
+            assert_eq!(served, request, "seed {seed}: the request");
+            assert!(
+                got == answer,
+                "seed {seed}: the answer ({} of {size} bytes)",
+                got.len()
+            );
+        }
     }
 }
