@@ -104,6 +104,104 @@ async fn admin_reads_metrics_and_token() {
     assert_eq!(metric(&m, "shoal_pool_version"), Some(1.0));
 }
 
+/// Answers that end their connection, over TLS: `Connection: close` (the answer, close_notify and
+/// FIN go together) and an HTTP/1.0 client given a length-less answer (framed by the close). Every
+/// byte arrives, and the clean end is seen as one.
+#[tokio::test]
+async fn tls_answers_that_close_the_connection_arrive_whole() {
+    let echo = Backend::start("b1", Behavior::Echo).await;
+    // A backend whose answer has no length and ends with its connection (as HTTP/1.0 servers
+    // answer), its last bytes and its end read together.
+    let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raw_addr = raw.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = raw.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match c.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                // Corked: the answer and the FIN in one segment.
+                let _ = socket2::SockRef::from(&c).set_tcp_cork(true);
+                let _ = c
+                    .write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nthe body, to the end")
+                    .await;
+                let _ = c.shutdown().await;
+            });
+        }
+    });
+    let raw_toml = format!("[[backends]]\nid = \"raw\"\naddr = \"{raw_addr}\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = write_file(dir.path(), "proxy.pem", &ck.cert.pem());
+    let key = write_file(dir.path(), "proxy-key.pem", &ck.key_pair.serialize_pem());
+    for (io_uring, backends, head, want) in [false, true].into_iter().flat_map(|io_uring| {
+        [
+            (
+                io_uring,
+                backends_toml(&[&echo]),
+                "GET /closing HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+                "\"path\":\"/closing\"",
+            ),
+            (
+                io_uring,
+                raw_toml.clone(),
+                "GET /old HTTP/1.0\r\nhost: localhost\r\n\r\n",
+                "\r\n\r\nthe body, to the end",
+            ),
+        ]
+    }) {
+        if io_uring && !io_uring_here() {
+            continue;
+        }
+        let tls_port = free_port();
+        let keys = format!(
+            "io_uring = {io_uring}\n[proxy.tls]\nlisten = [\"127.0.0.1:{tls_port}\"]\ncert = \"{}\"\nkey = \"{}\"",
+            cert.display(),
+            key.display()
+        );
+        let _s = Shoal::start(&keys, &backends).await;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut got))
+            .await
+            .expect("the answer never ended");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{head:?}: {text}");
+        assert!(text.contains(want), "{head:?}: {text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{head:?}: {text}"
+        );
+        if head.contains("HTTP/1.1") {
+            // A clean end: close_notify came before the FIN.
+            end.unwrap_or_else(|e| panic!("{head:?}: {e}"));
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_termination_with_alpn() {
     let a = Backend::start("b1", Behavior::Echo).await;

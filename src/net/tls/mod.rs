@@ -1,4 +1,5 @@
-//! Loading certificates and keys into rustls configs (proxy termination, upstream TLS, peers).
+//! Loading certificates and keys into rustls configs (proxy termination, upstream TLS, peers),
+//! and the terminated client connection (`conn`).
 
 use std::io;
 use std::path::{Path, PathBuf};

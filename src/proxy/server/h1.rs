@@ -433,7 +433,9 @@ impl ClientConn {
             }
             _ => {}
         }
-        self.finish(last).await?;
+        // An answer framed by the close is ended by dropping the connection, not by a shutdown
+        // (a cut looks the same): it is flushed here.
+        self.finish(last && framing != Out::ToEnd).await?;
         Ok(framing != Out::ToEnd)
     }
 
