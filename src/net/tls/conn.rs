@@ -565,6 +565,29 @@ mod tests {
         assert!(server.await.unwrap(), "the closing socket was corked");
     }
 
+    /// What a hand-driven client has queued, in one write.
+    async fn send(c: &mut rustls::ClientConnection, io: &mut DuplexStream) {
+        let mut out = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut out).unwrap();
+        }
+        io.write_all(&out).await.unwrap();
+    }
+
+    /// A hand-driven client's hello, and the server's flight read and processed.
+    async fn hello(
+        io: &mut DuplexStream,
+        cfg: Arc<rustls::ClientConfig>,
+    ) -> rustls::ClientConnection {
+        let mut c = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+        send(&mut c, io).await;
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = io.read(&mut buf).await.unwrap();
+        c.read_tls(&mut &buf[..n]).unwrap();
+        c.process_new_packets().unwrap();
+        c
+    }
+
     #[tokio::test]
     async fn tickets_go_at_once_to_a_client_that_sends_nothing_yet() {
         let (server_cfg, client_cfg) = configs(false);
@@ -576,22 +599,11 @@ mod tests {
         };
         let server =
             tokio::spawn(async move { accept(counted, |_| server_cfg).await.map(|_c| ()) });
-        let mut c =
-            rustls::ClientConnection::new(client_cfg, "localhost".try_into().unwrap()).unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut out = Vec::new();
-        c.write_tls(&mut out).unwrap();
-        b.write_all(&out).await.unwrap();
         // The server's flight; then the client's Finished alone.
-        let n = b.read(&mut buf).await.unwrap();
-        c.read_tls(&mut &buf[..n]).unwrap();
-        c.process_new_packets().unwrap();
+        let mut c = hello(&mut b, client_cfg).await;
         assert!(!c.is_handshaking());
-        let mut out = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut out).unwrap();
-        }
-        b.write_all(&out).await.unwrap();
+        send(&mut c, &mut b).await;
+        let mut buf = vec![0u8; 64 * 1024];
         // The tickets come without a request having been sent.
         let n = tokio::time::timeout(Duration::from_secs(5), b.read(&mut buf))
             .await
@@ -666,9 +678,7 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(1 << 20);
         let mut c =
             rustls::ClientConnection::new(client_cfg, "localhost".try_into().unwrap()).unwrap();
-        let mut out = Vec::new();
-        c.write_tls(&mut out).unwrap();
-        b.write_all(&out).await.unwrap();
+        send(&mut c, &mut b).await;
         b.shutdown().await.unwrap();
         let err = accept(a, |_| server_cfg).await.err().unwrap();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
@@ -684,21 +694,9 @@ mod tests {
             let res = conn.read_to_end(&mut all).await;
             (all, res)
         });
-        let mut c =
-            rustls::ClientConnection::new(client_cfg, "localhost".try_into().unwrap()).unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut out = Vec::new();
-        c.write_tls(&mut out).unwrap();
-        b.write_all(&out).await.unwrap();
-        let n = b.read(&mut buf).await.unwrap();
-        c.read_tls(&mut &buf[..n]).unwrap();
-        c.process_new_packets().unwrap();
+        let mut c = hello(&mut b, client_cfg).await;
         c.writer().write_all(b"partial").unwrap();
-        let mut out = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut out).unwrap();
-        }
-        b.write_all(&out).await.unwrap();
+        send(&mut c, &mut b).await;
         drop(b);
         let (all, res) = server.await.unwrap();
         assert_eq!(all, b"partial");
