@@ -1,19 +1,20 @@
 //! End to end, in one run: Shoal, nginx and HAProxy, each proxying round robin to the same three
 //! nginx backends on loopback (keep-alive upstream, one worker or thread each), loaded by the same
 //! client. Tables: idle keep-alive connections (memory each), small answers, 1 MiB responses,
-//! HTTP/2 clients (h2load), TLS handshakes (resumed) and keep-alive over TLS, and a pool change
-//! under load (10 changes per second), and small answers under consistent hashing (`hash`: nginx
-//! `hash $request_uri consistent`, HAProxy `balance uri` + `hash-type consistent`, Shoal
-//! `consistent_hash` on the path). Each gives requests/s, p50/p99 latency and requests per proxy
-//! CPU-second, as ratios to nginx and to the better of nginx and HAProxy.
+//! HTTP/2 clients (h2load), TLS handshakes (resumed by wrk, and full ones from `openssl s_time
+//! -new`) and keep-alive over TLS, and a pool change under load (10 changes per second), and
+//! small answers under consistent hashing (`hash`: nginx `hash $request_uri consistent`,
+//! HAProxy `balance uri` + `hash-type consistent`, Shoal `consistent_hash` on the path). Each
+//! gives requests/s, p50/p99 latency and requests per proxy CPU-second, as ratios to nginx and to
+//! the better of nginx and HAProxy.
 //!
 //!     cargo build --profile dist
 //!     SHOAL_BIN=target/dist/shoal cargo bench --bench e2e
 //!
-//! Needs nginx, haproxy and wrk (h2load from nghttp2-client for the HTTP/2 table; Debian
-//! packages). Env: E2E_SECONDS (default 10), E2E_CONNECTIONS (default 64), E2E_ROUNDS (default 5;
-//! medians), E2E_IDLE (default 10,000), E2E_TABLES (default all:
-//! small,hash,big,h2,tls,idle,change,abuse,services). `services`: Shoal alone, one service
+//! Needs nginx, haproxy and wrk (h2load from nghttp2-client for the HTTP/2 table, openssl for
+//! full TLS handshakes; Debian packages). Env: E2E_SECONDS (default 10), E2E_CONNECTIONS
+//! (default 64), E2E_ROUNDS (default 5; medians), E2E_IDLE (default 10,000), E2E_TABLES (default
+//! all: small,hash,big,h2,tls,idle,change,abuse,services). `services`: Shoal alone, one service
 //! against 1,000. `abuse`: eight clients each sending part of a 2 MB
 //! upload to a backend that answers at once and waits for the rest, then resetting, while wrk
 //! runs beside them: every proxy's peak and settled memory and descriptors, and wrk's requests
@@ -316,6 +317,51 @@ fn h2load(name: &str, port: u16, pids: &[u32], secs: u64, conns: u64) -> Result 
 fn wrk(name: &str, port: u16, path: &str, pids: &[u32], secs: u64, conns: u64) -> Result {
     let url = format!("http://127.0.0.1:{port}{path}");
     wrk_with(name, &url, &[], &|| cpu_seconds(pids), secs, conns)
+}
+
+/// TLS full handshakes: `clients` `openssl s_time -new` processes at once, each opening one
+/// connection after another with a new session every time (no resumption) and fetching `/` over
+/// HTTP/1.0, for `secs`. s_time gives no latencies: p50 and p99 are 0.
+fn s_time(name: &str, port: u16, pids: &[u32], secs: u64, clients: u64) -> Result {
+    let target = format!("127.0.0.1:{port}");
+    let time = secs.to_string();
+    let cpu0 = cpu_seconds(pids);
+    let start = Instant::now();
+    let children: Vec<_> = (0..clients)
+        .map(|_| {
+            Command::new("openssl")
+                .args([
+                    "s_time", "-connect", &target, "-new", "-time", &time, "-www", "/",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("openssl s_time")
+        })
+        .collect();
+    let mut done = 0.0;
+    for child in children {
+        let out = child.wait_with_output().expect("openssl s_time");
+        // "N connections in T real seconds, B bytes read per connection"
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if line.contains("real seconds") {
+                done += line
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pids) - cpu0;
+    Result {
+        name: name.to_string(),
+        rps: done / elapsed,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        per_cpu_s: if cpu > 0.0 { done / cpu } else { 0.0 },
+    }
 }
 
 /// wrk on `url` with `extra` arguments (e.g. a header), the proxy's CPU read by `cpu`.
@@ -669,6 +715,17 @@ fn main() {
             conns,
             over_tls(&["-H", "Connection: close"]),
         );
+        // Full handshakes, no session resumed: what a first visit costs (an ECDHE exchange and a
+        // signature each, for every proxy and version).
+        table_of(
+            "TLS full handshakes (8 `openssl s_time -new`, no resumption, HTTP/1.0 GET /; p50/p99 not measured)",
+            "/",
+            None,
+            &tls_targets,
+            rounds,
+            8,
+            |name: &str, port: u16, pids: &[u32]| s_time(name, port, pids, secs, 8),
+        );
         table_of(
             "keep-alive requests over TLS",
             "/",
@@ -873,7 +930,8 @@ fn table_of(
             r.p99_ms,
             r.per_cpu_s,
             r.rps / base.0,
-            r.p99_ms / base.1,
+            // No latency measured (s_time): 0, not 0/0.
+            if base.1 > 0.0 { r.p99_ms / base.1 } else { 0.0 },
             r.per_cpu_s / base.2,
             r.per_cpu_s / best,
             mib
@@ -889,6 +947,7 @@ fn slug(title: &str) -> String {
         ("1 MiB", "big"),
         ("HTTP/2", "h2"),
         ("TLS handshakes", "tls"),
+        ("TLS full handshakes", "tls-full"),
         ("keep-alive requests over TLS", "tls-keepalive"),
         ("a pool change", "change"),
     ];
