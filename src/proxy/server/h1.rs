@@ -354,7 +354,9 @@ impl ClientConn {
     }
 
     /// Write the body after the head in `out`; false if it broke off (the connection must close
-    /// without finishing the message, so the client sees it was cut). `last`: as for
+    /// without finishing the message, so the client sees it was cut). An answer framed by the
+    /// close (`Out::ToEnd`) that ended is whole: it closes as any last answer does, with a
+    /// shutdown (over TLS a close_notify, which tells it from a cut). `last`: as for
     /// [`Self::finish`].
     async fn stream(&mut self, body: ResponseBody, framing: Out, last: bool) -> io::Result<bool> {
         let mut body = std::pin::pin!(body);
@@ -433,10 +435,8 @@ impl ClientConn {
             }
             _ => {}
         }
-        // An answer framed by the close is ended by dropping the connection, not by a shutdown
-        // (a cut looks the same): it is flushed here.
-        self.finish(last && framing != Out::ToEnd).await?;
-        Ok(framing != Out::ToEnd)
+        self.finish(last).await?;
+        Ok(true)
     }
 
     /// Write `out` and flush.
