@@ -813,6 +813,134 @@ mod tests {
         assert!(matches!(c.poll_idle(&mut cx), Poll::Ready(Ok(0))));
     }
 
+    /// A socket whose written bytes reach the peer (`sent`) only on a flush or the shutdown, as
+    /// a TLS connection's do: what an answer leaves unflushed shows.
+    struct Held {
+        pending: Vec<u8>,
+        sent: Arc<Mutex<(Vec<u8>, bool)>>,
+    }
+
+    impl tokio::io::AsyncRead for Held {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Held {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.pending.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            let pending = std::mem::take(&mut self.pending);
+            self.sent.locked().0.extend_from_slice(&pending);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            let flushed = self.as_mut().poll_flush(cx);
+            self.sent.locked().1 = true;
+            flushed
+        }
+    }
+
+    /// How an answer ends, by the request and the answer: kept alive, its end flushed; or the
+    /// connection closes after it, and its end goes with the shutdown (over TLS: the answer,
+    /// close_notify and FIN in one segment), never left behind.
+    #[tokio::test]
+    async fn an_answers_end_is_flushed_or_goes_with_the_shutdown() {
+        #[derive(Debug, PartialEq)]
+        enum Ends {
+            KeptAlive,
+            Closed,
+        }
+        let v11 = Version::HTTP_11;
+        let v10 = Version::HTTP_10;
+        // version, keep-alive asked, HEAD, draining, the answer's Connection, how it ends
+        type Case = (Version, bool, bool, bool, Option<&'static str>, Ends);
+        #[rustfmt::skip]
+        let cases: &[Case] = &[
+            (v11, true, false, false, None, Ends::KeptAlive),
+            (v11, false, false, false, None, Ends::Closed),
+            (v10, true, false, false, None, Ends::KeptAlive),
+            (v10, false, false, false, None, Ends::Closed),
+            (v11, true, true, false, None, Ends::KeptAlive),
+            (v11, false, true, false, None, Ends::Closed),
+            (v11, true, false, true, None, Ends::Closed),
+            (v11, true, false, false, Some("close"), Ends::Closed),
+        ];
+        for (i, (version, keep_alive, head, draining, connection, want)) in cases.iter().enumerate()
+        {
+            let sent = Arc::new(Mutex::new((Vec::new(), false)));
+            let held = Held {
+                pending: Vec::new(),
+                sent: sent.clone(),
+            };
+            let mut c = ClientConn::new(Box::new(held), 8192, None);
+            let mut resp = Response::new(ResponseBody::full("hello"));
+            if let Some(v) = connection {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, v.parse().unwrap());
+            }
+            let asked = Asked {
+                head: *head,
+                version: *version,
+                keep_alive: *keep_alive,
+                body: false,
+                upgrade: None,
+            };
+            let drain = CancellationToken::new();
+            if *draining {
+                drain.cancel();
+            }
+            let answered = c.answer(resp, asked, &drain).await;
+            let at_return = sent.locked().0.clone();
+            let ends = match answered {
+                Answered::KeepAlive => Ends::KeptAlive,
+                Answered::Close => {
+                    // What the serving loop does next.
+                    c.shutdown().await;
+                    Ends::Closed
+                }
+                _ => panic!("case {i}: neither kept alive nor closed"),
+            };
+            assert_eq!(&ends, want, "case {i}");
+            let (all, shut) = sent.locked().clone();
+            let text = String::from_utf8_lossy(&all);
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "case {i}: {text}");
+            assert_eq!(text.ends_with("hello"), !head, "case {i}: {text}");
+            match ends {
+                Ends::KeptAlive => {
+                    assert_eq!(at_return, all, "case {i}: kept alive, yet not flushed");
+                    assert!(!shut, "case {i}");
+                }
+                Ends::Closed => {
+                    assert!(
+                        at_return.is_empty(),
+                        "case {i}: flushed before the shutdown"
+                    );
+                    assert!(shut, "case {i}");
+                    assert!(text.contains("connection: close\r\n"), "case {i}: {text}");
+                }
+            }
+        }
+    }
+
     fn taken(body: &str, next: &'static str) -> Seen {
         Seen::Taken(body.as_bytes().to_vec(), next)
     }
