@@ -41,7 +41,7 @@ impl Transport for tokio::net::TcpStream {
 pub struct TlsConn<IO> {
     io: IO,
     tls: ServerConnection,
-    /// The socket's read side ended (or the peer's close_notify came).
+    /// The socket's read side ended.
     eof: bool,
     /// Our close_notify is queued.
     closing: bool,
@@ -209,12 +209,9 @@ impl<IO: Transport> TlsConn<IO> {
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             if !self.tls.is_handshaking() {
-                let request_here = self
-                    .tls
-                    .process_new_packets()
-                    .map_err(invalid)?
-                    .plaintext_bytes_to_read()
-                    > 0;
+                // Plaintext already read (the reads processed what came): the request is here.
+                let request_here =
+                    matches!(self.tls.reader().into_first_chunk(), Ok(chunk) if !chunk.is_empty());
                 if !request_here {
                     if let Poll::Ready(Err(e)) = self.poll_send(cx) {
                         return Poll::Ready(Err(e));
@@ -292,21 +289,7 @@ impl<IO: Transport> AsyncWrite for TlsConn<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        loop {
-            let n = this.tls.writer().write(buf)?;
-            if n > 0 || buf.is_empty() {
-                if n >= SEND_AT {
-                    // Best effort: what the socket does not take now goes with the flush.
-                    if let Poll::Ready(Err(e)) = this.poll_send(cx) {
-                        return Poll::Ready(Err(e));
-                    }
-                }
-                return Poll::Ready(Ok(n));
-            }
-            // rustls's buffer is full: the socket takes some of it first.
-            ready!(this.poll_send(cx))?;
-        }
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -320,12 +303,14 @@ impl<IO: Transport> AsyncWrite for TlsConn<IO> {
             let n = this.tls.writer().write_vectored(bufs)?;
             if n > 0 || len == 0 {
                 if n >= SEND_AT {
+                    // Best effort: what the socket does not take now goes with the flush.
                     if let Poll::Ready(Err(e)) = this.poll_send(cx) {
                         return Poll::Ready(Err(e));
                     }
                 }
                 return Poll::Ready(Ok(n));
             }
+            // rustls's buffer is full: the socket takes some of it first.
             ready!(this.poll_send(cx))?;
         }
     }
