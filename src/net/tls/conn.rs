@@ -346,32 +346,82 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-    /// A socket that counts the writes that sent something (each a TCP segment on a real one).
-    struct Counted {
+    /// A test socket over a duplex. It counts the writes that sent something (each a TCP
+    /// segment on a real socket; a vectored write is one, as writev(2) is), and with a seeded
+    /// schedule moves a few bytes at a time and is sometimes not ready: every partial read and
+    /// write, and every `Pending`.
+    struct Sock {
         io: DuplexStream,
         writes: Arc<AtomicUsize>,
+        schedule: Option<rand_chacha::ChaCha8Rng>,
     }
 
-    impl Transport for Counted {}
+    impl Sock {
+        /// Every byte at once; the writes counted (the count is returned).
+        fn counted(io: DuplexStream) -> (Self, Arc<AtomicUsize>) {
+            let writes = Arc::new(AtomicUsize::new(0));
+            let sock = Sock {
+                io,
+                writes: writes.clone(),
+                schedule: None,
+            };
+            (sock, writes)
+        }
+
+        /// A few bytes at a time, on `seed`'s schedule.
+        fn trickle(io: DuplexStream, seed: u64) -> Self {
+            use rand::SeedableRng;
+            Sock {
+                io,
+                writes: Arc::default(),
+                schedule: Some(rand_chacha::ChaCha8Rng::seed_from_u64(seed)),
+            }
+        }
+
+        /// `None`: not ready this time (and wakes itself); else how many bytes may move.
+        fn turn(&mut self, cx: &mut Context<'_>) -> Option<usize> {
+            use rand::Rng;
+            let Some(rng) = &mut self.schedule else {
+                return Some(usize::MAX);
+            };
+            if rng.gen_ratio(1, 5) {
+                cx.waker().wake_by_ref();
+                return None;
+            }
+            Some(rng.gen_range(1..=700))
+        }
+    }
+
+    impl Transport for Sock {}
     impl Transport for DuplexStream {}
 
-    impl AsyncRead for Counted {
+    impl AsyncRead for Sock {
         fn poll_read(
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.io).poll_read(cx, buf)
+            let Some(k) = self.turn(cx) else {
+                return Poll::Pending;
+            };
+            let mut some = ReadBuf::new(buf.initialize_unfilled_to(k.min(buf.remaining())));
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut some))?;
+            let n = some.filled().len();
+            buf.advance(n);
+            Poll::Ready(Ok(()))
         }
     }
 
-    impl AsyncWrite for Counted {
+    impl AsyncWrite for Sock {
         fn poll_write(
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
-            let r = Pin::new(&mut self.io).poll_write(cx, buf);
+            let Some(k) = self.turn(cx) else {
+                return Poll::Pending;
+            };
+            let r = Pin::new(&mut self.io).poll_write(cx, &buf[..k.min(buf.len())]);
             if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
                 self.writes.fetch_add(1, Ordering::SeqCst);
             }
@@ -379,13 +429,22 @@ mod tests {
         }
 
         fn poll_write_vectored(
-            mut self: Pin<&mut Self>,
+            self: Pin<&mut Self>,
             cx: &mut Context<'_>,
             bufs: &[IoSlice<'_>],
         ) -> Poll<io::Result<usize>> {
-            // One write, as writev(2) is: the duplex takes the slices as one.
-            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-            self.as_mut().poll_write(cx, &all)
+            // No more than a turn can move (a trickle must not copy all it is handed each time).
+            let most = if self.schedule.is_some() {
+                700
+            } else {
+                usize::MAX
+            };
+            let all: Vec<u8> = bufs
+                .iter()
+                .flat_map(|b| b.iter().copied())
+                .take(most)
+                .collect();
+            self.poll_write(cx, &all)
         }
 
         fn is_write_vectored(&self) -> bool {
@@ -482,11 +541,7 @@ mod tests {
         cfg: Arc<ServerConfig>,
         answer: &[u8],
     ) -> io::Result<(Vec<u8>, Arc<AtomicUsize>)> {
-        let writes = Arc::new(AtomicUsize::new(0));
-        let counted = Counted {
-            io,
-            writes: writes.clone(),
-        };
+        let (counted, writes) = Sock::counted(io);
         let mut conn = accept(counted, |_| cfg).await?;
         let mut req = Vec::new();
         let mut buf = [0u8; 1024];
@@ -577,11 +632,7 @@ mod tests {
     async fn tickets_go_at_once_to_a_client_that_sends_nothing_yet() {
         let (server_cfg, client_cfg) = configs(false);
         let (a, mut b) = tokio::io::duplex(1 << 20);
-        let writes = Arc::new(AtomicUsize::new(0));
-        let counted = Counted {
-            io: a,
-            writes: writes.clone(),
-        };
+        let (counted, writes) = Sock::counted(a);
         let server =
             tokio::spawn(async move { accept(counted, |_| server_cfg).await.map(|_c| ()) });
         // The server's flight; then the client's Finished alone.
@@ -688,74 +739,6 @@ mod tests {
         assert_eq!(res.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 
-    /// A socket that moves a few bytes at a time and is sometimes not ready: every partial read
-    /// and write, and every `Pending`, on a seeded schedule.
-    struct Trickle {
-        io: DuplexStream,
-        rng: rand_chacha::ChaCha8Rng,
-    }
-
-    impl Trickle {
-        fn new(io: DuplexStream, seed: u64) -> Self {
-            use rand::SeedableRng;
-            Trickle {
-                io,
-                rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
-            }
-        }
-
-        /// `None`: not ready this time (and wakes itself); else how many bytes may move.
-        fn turn(&mut self, cx: &mut Context<'_>) -> Option<usize> {
-            use rand::Rng;
-            if self.rng.gen_ratio(1, 5) {
-                cx.waker().wake_by_ref();
-                return None;
-            }
-            Some(self.rng.gen_range(1..=700))
-        }
-    }
-
-    impl Transport for Trickle {}
-
-    impl AsyncRead for Trickle {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            let Some(k) = self.turn(cx) else {
-                return Poll::Pending;
-            };
-            let mut small = ReadBuf::new(buf.initialize_unfilled_to(k.min(buf.remaining())));
-            ready!(Pin::new(&mut self.io).poll_read(cx, &mut small))?;
-            let n = small.filled().len();
-            buf.advance(n);
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl AsyncWrite for Trickle {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            let Some(k) = self.turn(cx) else {
-                return Poll::Pending;
-            };
-            let k = k.min(buf.len());
-            Pin::new(&mut self.io).poll_write(cx, &buf[..k])
-        }
-
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.io).poll_flush(cx)
-        }
-
-        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.io).poll_shutdown(cx)
-        }
-    }
-
     /// Against tokio-rustls as the client, both ends on trickling sockets, over many seeds:
     /// every byte of a request and of an answer of any size arrives, in order, and the answer
     /// ends with close_notify. A failing seed is printed.
@@ -775,7 +758,7 @@ mod tests {
             let cfg = server_cfg.clone();
             let (req_len, ans) = (request.len(), answer.clone());
             let server = tokio::spawn(async move {
-                let mut conn = accept(Trickle::new(a, seed ^ 1), |_| cfg).await?;
+                let mut conn = accept(Sock::trickle(a, seed ^ 1), |_| cfg).await?;
                 let mut got = vec![0u8; req_len];
                 conn.read_exact(&mut got).await?;
                 // The answer in uneven writes, a flush now and then.
@@ -795,7 +778,7 @@ mod tests {
             });
             let client = async {
                 let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-                let mut tls = connector.connect(name, Trickle::new(b, seed ^ 2)).await?;
+                let mut tls = connector.connect(name, Sock::trickle(b, seed ^ 2)).await?;
                 tls.write_all(&request).await?;
                 tls.flush().await?;
                 let mut got = Vec::new();
