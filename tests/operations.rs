@@ -104,11 +104,12 @@ async fn admin_reads_metrics_and_token() {
     assert_eq!(metric(&m, "shoal_pool_version"), Some(1.0));
 }
 
-/// Answers that end their connection, over TLS: `Connection: close` (the answer, close_notify and
-/// FIN go together) and an HTTP/1.0 client given a length-less answer (framed by the close). Every
-/// byte arrives, and each ends with close_notify, so the client can tell it whole from cut.
+/// Answers that end their connection, over plain TCP and TLS, on both I/O modes: `Connection:
+/// close` (the answer's end and the FIN go together; over TLS with close_notify) and an HTTP/1.0
+/// client given a length-less answer (framed by the close). Every byte arrives, and over TLS each
+/// ends with close_notify, so the client can tell it whole from cut.
 #[tokio::test]
-async fn tls_answers_that_close_the_connection_arrive_whole() {
+async fn answers_that_close_the_connection_arrive_whole() {
     let echo = Backend::start("b1", Behavior::Echo).await;
     // A backend whose answer has no length and ends with its connection (as HTTP/1.0 servers
     // answer), its last bytes and its end read together.
@@ -167,7 +168,23 @@ async fn tls_answers_that_close_the_connection_arrive_whole() {
             cert.display(),
             key.display()
         );
-        let _s = Shoal::start(&keys, &backends).await;
+        let s = Shoal::start(&keys, &backends).await;
+        // Over plain TCP the closing answer's end waits in the socket for the FIN: all of it
+        // arrives, then the end.
+        let mut plain = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+        plain.write_all(head.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut got))
+            .await
+            .expect("the plain answer never ended")
+            .unwrap_or_else(|e| panic!("{head:?} io_uring={io_uring}, plain: {e}"));
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{head:?}, plain: {text}");
+        assert!(text.contains(want), "{head:?}, plain: {text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{head:?}, plain: {text}"
+        );
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ck.cert.der().clone()).unwrap();
         let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(

@@ -45,6 +45,24 @@ pub async fn accept(listener: &TcpListener, what: &'static str) -> (TcpStream, S
     }
 }
 
+/// A byte stream over a TCP socket, as the proxy's client side and TLS use it.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin {
+    /// The connection closes after what is written next: hold back partial segments until the
+    /// write side closes (best effort), so that the last bytes and the FIN leave in one segment,
+    /// not two.
+    fn hold_for_close(&self) {}
+}
+
+impl Transport for TcpStream {
+    fn hold_for_close(&self) {
+        // TCP_CORK: the shutdown's FIN rides on the held segment and pushes it.
+        let _ = socket2::SockRef::from(self).set_tcp_cork(true);
+    }
+}
+
+#[cfg(test)]
+impl Transport for tokio::io::DuplexStream {}
+
 /// Why a backend address cannot be dialed.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -349,5 +367,40 @@ impl AsyncWrite for BackendIo {
             BackendIo::Uring(s) => Pin::new(s).poll_shutdown(cx),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use tokio::io::AsyncWriteExt;
+
+    /// Over epoll too, a closing answer's last bytes wait for the FIN (TCP_CORK): nothing
+    /// reaches the peer before the shutdown, all of it and the end after.
+    #[tokio::test]
+    async fn held_bytes_leave_with_the_shutdown() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let (mut peer, _) = l.accept().unwrap();
+        s.hold_for_close();
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        // Under the cork's own 200 ms limit.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peer.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 256];
+        let early = peer.read(&mut buf);
+        assert!(
+            matches!(&early, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "bytes left before the shutdown: {early:?}"
+        );
+        s.shutdown().await.unwrap();
+        peer.set_nonblocking(false).unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
     }
 }

@@ -532,6 +532,9 @@ pub struct UringStream {
     wbuf: Vec<u8>,
     wpos: usize,
     wop: Option<usize>,
+    /// The connection closes after what is written now (`hold_for_close`): sends carry
+    /// MSG_MORE, so the last bytes wait in the socket for the shutdown's FIN.
+    hold: std::cell::Cell<bool>,
 }
 
 impl UringStream {
@@ -552,6 +555,7 @@ impl UringStream {
             wbuf: Vec::new(),
             wpos: 0,
             wop: None,
+            hold: std::cell::Cell::new(false),
         })
     }
 
@@ -559,10 +563,11 @@ impl UringStream {
         let fd = self.fd.as_raw_fd();
         let rest = &self.wbuf[self.wpos..];
         let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
+        let more = self.more();
         self.wop = Some(with(self.ring, |d| {
             d.start(
                 opcode::Send::new(types::Fd(fd), ptr, len)
-                    .flags(libc::MSG_NOSIGNAL)
+                    .flags(libc::MSG_NOSIGNAL | more)
                     .build(),
             )
         })?);
@@ -582,7 +587,7 @@ impl UringStream {
             libc::sendmsg(
                 self.fd.as_raw_fd(),
                 &msg,
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | self.more(),
             )
         };
         if n >= 0 {
@@ -593,6 +598,15 @@ impl UringStream {
             Ok(None)
         } else {
             Err(e)
+        }
+    }
+
+    /// MSG_MORE once the connection is to close after what is being written.
+    fn more(&self) -> libc::c_int {
+        if self.hold.get() {
+            libc::MSG_MORE
+        } else {
+            0
         }
     }
 
@@ -624,6 +638,13 @@ impl UringStream {
             }
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl crate::net::Transport for UringStream {
+    fn hold_for_close(&self) {
+        // The shutdown's FIN then pushes the held bytes (tcp_send_fin), in one segment with them.
+        self.hold.set(true);
     }
 }
 
@@ -984,6 +1005,40 @@ mod tests {
     /// Whether `fd` still names the file it named as `was`.
     fn still_open(fd: RawFd, was: Option<(u64, u64)>) -> bool {
         was.is_some() && file_of(fd) == was
+    }
+
+    /// A closing answer's last bytes wait in the socket and leave with the FIN (one segment,
+    /// not two): nothing reaches the peer before the shutdown, all of it and the end after.
+    #[test]
+    fn held_bytes_leave_with_the_shutdown() {
+        use crate::net::Transport;
+        let Some(rt) = ring_runtime() else { return };
+        rt.block_on(async {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            // Small (through the ring's send) and large (sent at once, from the caller's bytes).
+            for len in [13, 3 * DIRECT_SEND + 7] {
+                let (mut s, mut peer) = pair(&l).await;
+                s.hold_for_close();
+                let sent: Vec<u8> = (0..len).map(|i| i as u8).collect();
+                s.write_all(&sent).await.unwrap();
+                s.flush().await.unwrap();
+                // The ring's send has run (the driver turned while the test slept).
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                peer.set_nonblocking(true).unwrap();
+                let mut buf = vec![0u8; 64 * 1024];
+                let early = match peer.read(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    got => got.unwrap(),
+                };
+                // Both under a loopback segment: none of it goes before the FIN.
+                assert_eq!(early, 0, "{len} bytes: {early} left before the shutdown");
+                s.shutdown().await.unwrap();
+                peer.set_nonblocking(false).unwrap();
+                let mut got = buf[..early].to_vec();
+                peer.read_to_end(&mut got).unwrap();
+                assert_eq!(got, sent, "{len} bytes: all of it, then the end");
+            }
+        });
     }
 
     #[test]

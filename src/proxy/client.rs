@@ -17,8 +17,8 @@ use super::wire::{self, Decoder};
 use crate::sync::MutexExt;
 
 /// A client's byte stream (plain TCP or TLS), counted by `WatchedIo`.
-pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for T {}
+pub trait ClientIo: crate::net::Transport + Send {}
+impl<T: crate::net::Transport + Send> ClientIo for T {}
 
 pub type BoxIo = Box<dyn ClientIo>;
 
@@ -175,6 +175,10 @@ impl ClientUpgrade {
         }
     }
 }
+
+/// A tunnel's ends write until they close, with nothing to hold back.
+impl crate::net::Transport for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
+impl crate::net::Transport for Rewind {}
 
 /// A byte stream with bytes already read from it put back in front.
 pub struct Rewind {

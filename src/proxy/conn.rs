@@ -48,6 +48,12 @@ impl<T> WatchedIo<T> {
     }
 }
 
+impl<T: crate::net::Transport> crate::net::Transport for WatchedIo<T> {
+    fn hold_for_close(&self) {
+        self.inner.hold_for_close();
+    }
+}
+
 impl<T: AsyncRead> AsyncRead for WatchedIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -19,23 +19,11 @@ use rustls::server::{Acceptor, ClientHello};
 use rustls::{ServerConfig, ServerConnection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::net::Transport;
+
 /// Plaintext of at least this much is sent on the write that brought it (a big answer streams,
 /// and does not wait in rustls's buffer for the flush).
 const SEND_AT: usize = 16 * 1024;
-
-/// The socket under a TLS connection.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin {
-    /// Hold back partial segments until the write side closes (best effort): the last records
-    /// and the FIN then leave in one segment, not two.
-    fn hold_for_close(&self) {}
-}
-
-impl Transport for tokio::net::TcpStream {
-    fn hold_for_close(&self) {
-        // TCP_CORK: the shutdown's FIN rides on the held segment and pushes it.
-        let _ = socket2::SockRef::from(self).set_tcp_cork(true);
-    }
-}
 
 /// A server-side TLS connection over `IO`.
 pub struct TlsConn<IO> {
@@ -239,6 +227,9 @@ impl<IO: Transport> TlsConn<IO> {
     }
 }
 
+/// Its shutdown holds the last records itself (with the close_notify and the FIN).
+impl<IO: Transport> Transport for TlsConn<IO> {}
+
 impl<IO: Transport> AsyncRead for TlsConn<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -393,7 +384,6 @@ mod tests {
     }
 
     impl Transport for Sock {}
-    impl Transport for DuplexStream {}
 
     impl AsyncRead for Sock {
         fn poll_read(

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 mod conn;
-pub use conn::{TlsConn, Transport};
+pub use crate::net::Transport;
+pub use conn::TlsConn;
 
 /// Why TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]

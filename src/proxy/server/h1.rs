@@ -453,6 +453,8 @@ impl ClientConn {
         if !last {
             return self.flush().await;
         }
+        // On plain TCP too: what is written now waits in the socket for the FIN.
+        self.wire.locked().io.hold_for_close();
         self.write_out().await?;
         Ok(true)
     }
@@ -818,6 +820,14 @@ mod tests {
     struct Held {
         pending: Vec<u8>,
         sent: Arc<Mutex<(Vec<u8>, bool)>>,
+        /// Told that the connection closes after what is written next.
+        hold: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl crate::net::Transport for Held {
+        fn hold_for_close(&self) {
+            self.hold.store(true, Ordering::Relaxed);
+        }
     }
 
     impl tokio::io::AsyncRead for Held {
@@ -860,8 +870,9 @@ mod tests {
     }
 
     /// How an answer ends, by the request and the answer: kept alive, its end flushed; or the
-    /// connection closes after it, and its end goes with the shutdown (over TLS: the answer,
-    /// close_notify and FIN in one segment), never left behind.
+    /// connection closes after it, the socket is told to hold the end for the FIN, and the end
+    /// goes with the shutdown (one segment: on plain TCP the answer and the FIN, over TLS the
+    /// answer, close_notify and FIN), never left behind.
     #[tokio::test]
     async fn an_answers_end_is_flushed_or_goes_with_the_shutdown() {
         #[derive(Debug, PartialEq)]
@@ -887,9 +898,11 @@ mod tests {
         for (i, (version, keep_alive, head, draining, connection, want)) in cases.iter().enumerate()
         {
             let sent = Arc::new(Mutex::new((Vec::new(), false)));
+            let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let held = Held {
                 pending: Vec::new(),
                 sent: sent.clone(),
+                hold: hold.clone(),
             };
             let mut c = ClientConn::new(Box::new(held), 8192, None);
             let mut resp = Response::new(ResponseBody::full("hello"));
@@ -928,6 +941,7 @@ mod tests {
                 Ends::KeptAlive => {
                     assert_eq!(at_return, all, "case {i}: kept alive, yet not flushed");
                     assert!(!shut, "case {i}");
+                    assert!(!hold.load(Ordering::Relaxed), "case {i}: held back");
                 }
                 Ends::Closed => {
                     assert!(
@@ -935,6 +949,11 @@ mod tests {
                         "case {i}: flushed before the shutdown"
                     );
                     assert!(shut, "case {i}");
+                    // On plain TCP too, the end waits in the socket for the FIN.
+                    assert!(
+                        hold.load(Ordering::Relaxed),
+                        "case {i}: not held for the FIN"
+                    );
                     assert!(text.contains("connection: close\r\n"), "case {i}: {text}");
                 }
             }

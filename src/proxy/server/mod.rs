@@ -20,7 +20,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -485,7 +484,7 @@ impl Server {
 /// A client socket boxed behind the watch of its connection's state (reads and writes seen).
 fn watched<I>(io: I) -> (BoxIo, Arc<ConnState>)
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: crate::net::Transport + Send + 'static,
 {
     let state = Arc::new(ConnState::default());
     (Box::new(WatchedIo::new(io, state.clone())), state)
