@@ -63,6 +63,62 @@ impl Transport for TcpStream {
 #[cfg(test)]
 impl Transport for tokio::io::DuplexStream {}
 
+/// A listening socket whose connections the runtime does not register: one that goes to the
+/// worker's ring is accepted blocking and never enters epoll (a registration, its removal and a
+/// mode change saved per connection).
+pub struct Accepting(tokio::io::unix::AsyncFd<std::net::TcpListener>);
+
+impl Accepting {
+    /// Watch `listener` (non-blocking) on this thread's runtime.
+    pub fn new(listener: std::net::TcpListener) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        // SAFETY: the listener owns its descriptor, open for as long as the AsyncFd holds it.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                listener,
+                tokio::io::Interest::READABLE,
+            )
+        };
+        Ok(Self(fd?))
+    }
+
+    /// The next connection: a blocking socket with `blocking` (for the ring), else one ready
+    /// for tokio. Failures (out of descriptors, say) are logged and retried after a pause.
+    pub async fn accept(&self, blocking: bool) -> (std::net::TcpStream, SocketAddr) {
+        let flags = if blocking {
+            libc::SOCK_CLOEXEC
+        } else {
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK
+        };
+        loop {
+            let got = match self.0.readable().await {
+                Ok(mut ready) => {
+                    match ready.try_io(|l| socket2::SockRef::from(l.get_ref()).accept4(flags)) {
+                        Ok(got) => got,
+                        // Nothing there after all: readiness is cleared, wait again.
+                        Err(_would_block) => continue,
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            let got = got.and_then(|(s, addr)| {
+                let addr = addr
+                    .as_socket()
+                    .ok_or_else(|| io::Error::other("a connection from no IP address"))?;
+                Ok((std::net::TcpStream::from(s), addr))
+            });
+            match got {
+                Ok(a) => return a,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
+                Err(e) => {
+                    tracing::warn!(listener = "proxy", error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    }
+}
+
 /// Why a backend address cannot be dialed.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {

@@ -540,11 +540,16 @@ pub struct UringStream {
 impl UringStream {
     /// Moves a connected socket of this worker onto its ring.
     pub fn from_tokio(s: tokio::net::TcpStream) -> io::Result<Self> {
-        let ring = ring_id().ok_or_else(|| io::Error::other("no io_uring on this thread"))?;
         let s = s.into_std()?;
         // The ring waits for the socket itself; blocking mode keeps the kernel from answering
         // a receive with EAGAIN.
         s.set_nonblocking(false)?;
+        Self::from_std(s)
+    }
+
+    /// A connected blocking socket of this worker, onto its ring.
+    pub fn from_std(s: std::net::TcpStream) -> io::Result<Self> {
+        let ring = ring_id().ok_or_else(|| io::Error::other("no io_uring on this thread"))?;
         // SAFETY: the descriptor is owned by `s`, handed over here.
         let fd = unsafe { OwnedFd::from_raw_fd(s.into_raw_fd()) };
         Ok(Self {

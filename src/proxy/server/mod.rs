@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -184,7 +184,7 @@ impl Server {
                             }
                         }
                         for (s, tls) in sockets {
-                            match TcpListener::from_std(s) {
+                            match crate::net::Accepting::new(s) {
                                 Ok(l) => {
                                     tokio::spawn(this.clone().accept_loop(l, tls, worker));
                                 }
@@ -200,15 +200,17 @@ impl Server {
 
     async fn accept_loop(
         self: Arc<Self>,
-        listener: TcpListener,
+        listener: crate::net::Accepting,
         tls: Option<TlsSwap>,
         worker: usize,
     ) {
         let refused = metrics::counter!(names::CLIENT_CONNECTIONS_REFUSED_TOTAL);
         loop {
+            // A plain connection for the ring is accepted blocking and never enters epoll.
+            let ring = tls.is_none() && crate::net::uring::enabled();
             let (stream, client) = tokio::select! {
                 _ = self.drain.cancelled() => break,
-                a = crate::net::accept(&listener, "proxy") => a,
+                a = listener.accept(ring) => a,
             };
             let Ok(permit) = self.limit.clone().try_acquire_owned() else {
                 refused.increment(1);
@@ -223,20 +225,31 @@ impl Server {
                 // One await for every plain connection, whatever its socket: the task's
                 // future then holds one connection's state, not one per kind of socket.
                 let plain = match tls {
-                    None if crate::net::uring::enabled() => {
-                        match crate::net::uring::UringStream::from_tokio(stream) {
-                            Ok(s) => Some((watched(s), held)),
-                            Err(e) => {
-                                tracing::debug!(error = %e, "io_uring stream");
-                                None
-                            }
+                    None if ring => match crate::net::uring::UringStream::from_std(stream) {
+                        Ok(s) => Some((watched(s), held)),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "io_uring stream");
+                            None
                         }
-                    }
-                    None => Some((watched(stream), held)),
+                    },
+                    None => match TcpStream::from_std(stream) {
+                        Ok(s) => Some((watched(s), held)),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "client socket");
+                            None
+                        }
+                    },
                     // Boxed: the TLS path's state is several KiB, which a plain connection's
                     // task would otherwise carry.
                     Some(cfg) => {
                         Box::pin(async {
+                            let stream = match TcpStream::from_std(stream) {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "client socket");
+                                    return;
+                                }
+                            };
                             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, cfg.accept(stream))
                                 .await
                             {
