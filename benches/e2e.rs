@@ -14,7 +14,8 @@
 //! Needs nginx, haproxy and wrk (h2load from nghttp2-client for the HTTP/2 table, openssl for
 //! full TLS handshakes; Debian packages). Env: E2E_SECONDS (default 10), E2E_CONNECTIONS
 //! (default 64), E2E_ROUNDS (default 5; medians), E2E_IDLE (default 10,000), E2E_TABLES (default
-//! all: small,hash,big,h2,tls,idle,change,abuse,services). `services`: Shoal alone, one service
+//! all: small,hash,close,big,h2,tls,idle,change,abuse,services; `close`: small answers with a new
+//! connection per request). `services`: Shoal alone, one service
 //! against 1,000. `abuse`: eight clients each sending part of a 2 MB
 //! upload to a backend that answers at once and waits for the rest, then resetting, while wrk
 //! runs beside them: every proxy's peak and settled memory and descriptors, and wrk's requests
@@ -29,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use support::{free_port, http_call, shoal_run, wait_port, Proc};
 
-/// Whether table `name` is to run: E2E_TABLES lists them (small, hash, big, h2, tls, idle, change;
-/// default all).
+/// Whether table `name` is to run: E2E_TABLES lists them (small, hash, close, big, h2, tls, idle,
+/// change, abuse, services; default all).
 fn wanted(name: &str) -> bool {
     std::env::var("E2E_TABLES").map_or(true, |v| v.split(',').any(|t| t.trim() == name))
 }
@@ -651,6 +652,29 @@ fn main() {
             (secs, conns, rounds),
         );
     }
+    if wanted("close") {
+        // Plain HTTP/1.1 with a new connection per request (`Connection: close`): accepting,
+        // answering and closing cost what keep-alive spares.
+        table_of(
+            "small answers, a new connection per request (Connection: close)",
+            "/",
+            None,
+            &targets,
+            rounds,
+            conns,
+            |name: &str, port: u16, pids: &[u32]| {
+                let url = format!("http://127.0.0.1:{port}/");
+                wrk_with(
+                    name,
+                    &url,
+                    &["-H", "Connection: close"],
+                    &|| cpu_seconds(pids),
+                    secs,
+                    conns,
+                )
+            },
+        );
+    }
     if wanted("big") {
         table(
             "1 MiB responses, keep-alive",
@@ -944,6 +968,7 @@ fn slug(title: &str) -> String {
     let named = [
         ("small answers, keep-alive", "small"),
         ("small answers, consistent", "hash"),
+        ("small answers, a new connection", "close"),
         ("1 MiB", "big"),
         ("HTTP/2", "h2"),
         ("TLS handshakes", "tls"),
