@@ -104,6 +104,20 @@ async fn admin_reads_metrics_and_token() {
     assert_eq!(metric(&m, "shoal_pool_version"), Some(1.0));
 }
 
+/// `got` is a whole 200 answer to `head`, with `want` in it, that says the connection closes.
+fn closing_answer(got: &[u8], head: &str, want: &str, over: &str) {
+    let text = String::from_utf8_lossy(got);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{head:?} over {over}: {text}"
+    );
+    assert!(text.contains(want), "{head:?} over {over}: {text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{head:?} over {over}: {text}"
+    );
+}
+
 /// Answers that end their connection, over plain TCP and TLS, on both I/O modes: `Connection:
 /// close` (the answer's end and the FIN go together; over TLS with close_notify) and an HTTP/1.0
 /// client given a length-less answer (framed by the close). Every byte arrives, and over TLS each
@@ -178,13 +192,7 @@ async fn answers_that_close_the_connection_arrive_whole() {
             .await
             .expect("the plain answer never ended")
             .unwrap_or_else(|e| panic!("{head:?} io_uring={io_uring}, plain: {e}"));
-        let text = String::from_utf8_lossy(&got);
-        assert!(text.starts_with("HTTP/1.1 200"), "{head:?}, plain: {text}");
-        assert!(text.contains(want), "{head:?}, plain: {text}");
-        assert!(
-            text.to_ascii_lowercase().contains("connection: close"),
-            "{head:?}, plain: {text}"
-        );
+        closing_answer(&got, head, want, "plain");
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ck.cert.der().clone()).unwrap();
         let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
@@ -205,13 +213,7 @@ async fn answers_that_close_the_connection_arrive_whole() {
         let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut got))
             .await
             .expect("the answer never ended");
-        let text = String::from_utf8_lossy(&got);
-        assert!(text.starts_with("HTTP/1.1 200"), "{head:?}: {text}");
-        assert!(text.contains(want), "{head:?}: {text}");
-        assert!(
-            text.to_ascii_lowercase().contains("connection: close"),
-            "{head:?}: {text}"
-        );
+        closing_answer(&got, head, want, "TLS");
         // A clean end: close_notify came before the FIN (for the HTTP/1.0 answer, framed by the
         // close, what tells it whole from cut).
         end.unwrap_or_else(|e| panic!("{head:?} io_uring={io_uring}: {e}"));
