@@ -45,7 +45,8 @@ pub async fn accept(listener: &TcpListener, what: &'static str) -> (TcpStream, S
     }
 }
 
-/// A byte stream over a TCP socket, as the proxy's client side and TLS use it.
+/// A client connection's byte stream (a TCP socket, or TLS over one; a test's pipe), which can be
+/// told that the connection closes after what is written next.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin {
     /// The connection closes after what is written next: hold back partial segments until the
     /// write side closes (best effort), so that the last bytes and the FIN leave in one segment,
