@@ -820,13 +820,15 @@ mod tests {
     struct Held {
         pending: Vec<u8>,
         sent: Arc<Mutex<(Vec<u8>, bool)>>,
-        /// Told that the connection closes after what is written next.
-        hold: Arc<std::sync::atomic::AtomicBool>,
+        /// Told that the connection closes after what is written next: how much had been
+        /// written then.
+        hold: Arc<Mutex<Option<usize>>>,
     }
 
     impl crate::net::Transport for Held {
         fn hold_for_close(&self) {
-            self.hold.store(true, Ordering::Relaxed);
+            let written = self.sent.locked().0.len() + self.pending.len();
+            *self.hold.locked() = Some(written);
         }
     }
 
@@ -898,7 +900,7 @@ mod tests {
         for (i, (version, keep_alive, head, draining, connection, want)) in cases.iter().enumerate()
         {
             let sent = Arc::new(Mutex::new((Vec::new(), false)));
-            let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let hold = Arc::new(Mutex::new(None));
             let held = Held {
                 pending: Vec::new(),
                 sent: sent.clone(),
@@ -941,7 +943,7 @@ mod tests {
                 Ends::KeptAlive => {
                     assert_eq!(at_return, all, "case {i}: kept alive, yet not flushed");
                     assert!(!shut, "case {i}");
-                    assert!(!hold.load(Ordering::Relaxed), "case {i}: held back");
+                    assert_eq!(*hold.locked(), None, "case {i}: held back");
                 }
                 Ends::Closed => {
                     assert!(
@@ -949,11 +951,12 @@ mod tests {
                         "case {i}: flushed before the shutdown"
                     );
                     assert!(shut, "case {i}");
-                    // On plain TCP too, the end waits in the socket for the FIN.
-                    assert!(
-                        hold.load(Ordering::Relaxed),
-                        "case {i}: not held for the FIN"
-                    );
+                    // On plain TCP too, the end waits in the socket for the FIN: the socket is
+                    // told before the end is written, not after.
+                    let told = hold
+                        .locked()
+                        .unwrap_or_else(|| panic!("case {i}: not held for the FIN"));
+                    assert!(told < all.len(), "case {i}: held after its end went");
                     assert!(text.contains("connection: close\r\n"), "case {i}: {text}");
                 }
             }
