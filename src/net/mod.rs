@@ -51,13 +51,13 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin {
     /// The connection closes after what is written next: hold back partial segments until the
     /// write side closes (best effort), so that the last bytes and the FIN leave in one segment,
     /// not two.
-    fn hold_for_close(&self) {}
+    fn hold_for_close(&mut self) {}
 }
 
 impl Transport for TcpStream {
-    fn hold_for_close(&self) {
+    fn hold_for_close(&mut self) {
         // TCP_CORK: the shutdown's FIN rides on the held segment and pushes it.
-        let _ = socket2::SockRef::from(self).set_tcp_cork(true);
+        let _ = socket2::SockRef::from(&*self).set_tcp_cork(true);
     }
 }
 

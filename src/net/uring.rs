@@ -534,7 +534,7 @@ pub struct UringStream {
     wop: Option<usize>,
     /// The connection closes after what is written now (`hold_for_close`): sends carry
     /// MSG_MORE, so the last bytes wait in the socket for the shutdown's FIN.
-    hold: std::cell::Cell<bool>,
+    hold: bool,
 }
 
 impl UringStream {
@@ -560,7 +560,7 @@ impl UringStream {
             wbuf: Vec::new(),
             wpos: 0,
             wop: None,
-            hold: std::cell::Cell::new(false),
+            hold: false,
         })
     }
 
@@ -608,7 +608,7 @@ impl UringStream {
 
     /// MSG_MORE once the connection is to close after what is being written.
     fn more(&self) -> libc::c_int {
-        if self.hold.get() {
+        if self.hold {
             libc::MSG_MORE
         } else {
             0
@@ -647,9 +647,9 @@ impl UringStream {
 }
 
 impl crate::net::Transport for UringStream {
-    fn hold_for_close(&self) {
+    fn hold_for_close(&mut self) {
         // The shutdown's FIN then pushes the held bytes (tcp_send_fin), in one segment with them.
-        self.hold.set(true);
+        self.hold = true;
     }
 }
 

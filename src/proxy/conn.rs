@@ -49,7 +49,7 @@ impl<T> WatchedIo<T> {
 }
 
 impl<T: crate::net::Transport> crate::net::Transport for WatchedIo<T> {
-    fn hold_for_close(&self) {
+    fn hold_for_close(&mut self) {
         self.inner.hold_for_close();
     }
 }

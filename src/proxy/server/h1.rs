@@ -826,7 +826,7 @@ mod tests {
     }
 
     impl crate::net::Transport for Held {
-        fn hold_for_close(&self) {
+        fn hold_for_close(&mut self) {
             let written = self.sent.locked().0.len() + self.pending.len();
             *self.hold.locked() = Some(written);
         }
