@@ -320,6 +320,19 @@ fn wrk(name: &str, port: u16, path: &str, pids: &[u32], secs: u64, conns: u64) -
     wrk_with(name, &url, &[], &|| cpu_seconds(pids), secs, conns)
 }
 
+/// `wrk_with` on `/` over `scheme` with `extra` arguments, as a `table_of` load.
+fn wrk_load(
+    scheme: &'static str,
+    extra: &'static [&'static str],
+    secs: u64,
+    conns: u64,
+) -> impl Fn(&str, u16, &[u32]) -> Result {
+    move |name, port, pids| {
+        let url = format!("{scheme}://127.0.0.1:{port}/");
+        wrk_with(name, &url, extra, &|| cpu_seconds(pids), secs, conns)
+    }
+}
+
 /// TLS full handshakes: `clients` `openssl s_time -new` processes at once, each opening one
 /// connection after another with a new session every time (no resumption) and fetching `/` over
 /// HTTP/1.0, for `secs`. s_time gives no latencies: p50 and p99 are 0.
@@ -662,17 +675,7 @@ fn main() {
             &targets,
             rounds,
             conns,
-            |name: &str, port: u16, pids: &[u32]| {
-                let url = format!("http://127.0.0.1:{port}/");
-                wrk_with(
-                    name,
-                    &url,
-                    &["-H", "Connection: close"],
-                    &|| cpu_seconds(pids),
-                    secs,
-                    conns,
-                )
-            },
+            wrk_load("http", &["-H", "Connection: close"], secs, conns),
         );
     }
     if wanted("big") {
@@ -724,12 +727,6 @@ fn main() {
             ("haproxy", haproxy_tls_port, targets[1].2.clone()),
             ("shoal", shoal_tls_port, targets[2].2.clone()),
         ];
-        let over_tls = |extra: &'static [&'static str]| {
-            move |name: &str, port: u16, pids: &[u32]| {
-                let url = format!("https://127.0.0.1:{port}/");
-                wrk_with(name, &url, extra, &|| cpu_seconds(pids), secs, conns)
-            }
-        };
         table_of(
             "TLS handshakes (a new connection per request, each resuming wrk's session; req/CPU-s = handshakes per CPU-second)",
             "/",
@@ -737,7 +734,7 @@ fn main() {
             &tls_targets,
             rounds,
             conns,
-            over_tls(&["-H", "Connection: close"]),
+            wrk_load("https", &["-H", "Connection: close"], secs, conns),
         );
         // Full handshakes, no session resumed: what a first visit costs (an ECDHE exchange and a
         // signature each, for every proxy and version).
@@ -757,7 +754,7 @@ fn main() {
             &tls_targets,
             rounds,
             conns,
-            over_tls(&[]),
+            wrk_load("https", &[], secs, conns),
         );
     }
     if wanted("abuse") {
