@@ -6,7 +6,8 @@
 //! small answers under consistent hashing (`hash`: nginx `hash $request_uri consistent`,
 //! HAProxy `balance uri` + `hash-type consistent`, Shoal `consistent_hash` on the path). Each
 //! gives requests/s, p50/p99 latency and requests per proxy CPU-second, as ratios to nginx and to
-//! the better of nginx and HAProxy.
+//! the better of nginx and HAProxy, and where each proxy's CPU went: the kernel's share of it
+//! (`sys %`) and its context switches per request (`cs/req`; the times it slept and was woken).
 //!
 //!     cargo build --profile dist
 //!     SHOAL_BIN=target/dist/shoal cargo bench --bench e2e
@@ -50,21 +51,88 @@ fn ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// CPU seconds (user + system) used so far by `pid` and its children threads/processes.
-fn cpu_seconds(pids: &[u32]) -> f64 {
-    let mut total = 0.0;
-    for pid in pids {
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            // Fields after the command name, which is in parentheses.
-            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-                let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-                total += (utime + stime) / ticks();
-            }
+/// What a set of processes has used so far: CPU seconds (user and system), the system part,
+/// and context switches (voluntary and not, every thread).
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    cpu: f64,
+    sys: f64,
+    switches: f64,
+}
+
+impl std::ops::Sub for Usage {
+    type Output = Usage;
+    fn sub(self, o: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu - o.cpu,
+            sys: self.sys - o.sys,
+            switches: self.switches - o.switches,
         }
     }
-    total
+}
+
+impl std::ops::Add for Usage {
+    type Output = Usage;
+    fn add(self, o: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu + o.cpu,
+            sys: self.sys + o.sys,
+            switches: self.switches + o.switches,
+        }
+    }
+}
+
+/// `/proc/<pid>/stat`'s fields after the command name (which is in parentheses), from `state`.
+fn stat_fields(pid: u32) -> Vec<f64> {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Vec::new();
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Vec::new();
+    };
+    rest.split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect()
+}
+
+/// Context switches of every thread of `pid`.
+fn switches(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// What `pids` (each with all its threads) have used so far; `exited` adds what their waited-for
+/// children used (an nginx master's reloaded workers).
+fn usage_of(pid: u32, exited: bool) -> Usage {
+    let f = stat_fields(pid);
+    let at = |i: usize| f.get(i).copied().unwrap_or(0.0) / ticks();
+    // utime, stime, cutime, cstime are fields 14 - 17 of stat: 11 - 14 after the name.
+    let (user, sys) = if exited {
+        (at(11) + at(13), at(12) + at(14))
+    } else {
+        (at(11), at(12))
+    };
+    Usage {
+        cpu: user + sys,
+        sys,
+        switches: switches(pid),
+    }
+}
+
+fn usage(pids: &[u32]) -> Usage {
+    pids.iter()
+        .fold(Usage::default(), |u, p| u + usage_of(*p, false))
 }
 
 fn children(pid: u32) -> Vec<u32> {
@@ -152,29 +220,14 @@ fn rss_mib(pids: &[u32]) -> f64 {
     status_mib(pids, "VmRSS:")
 }
 
-/// CPU seconds of a master process and every worker it ever had: its own time, the time of
+/// What a master process and every worker it ever had used: its own time, the time of
 /// workers it has reaped (cutime, cstime) and that of the live ones. What nginx costs across
 /// reloads, which replace its workers.
-fn cpu_tree(master: u32) -> f64 {
-    let field = |pid: u32, idx: &[usize]| -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return 0.0;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            return 0.0;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        idx.iter()
-            .filter_map(|i| f.get(*i).and_then(|v| v.parse::<f64>().ok()))
-            .sum::<f64>()
-            / ticks()
-    };
-    let live: f64 = children(master)
+fn usage_tree(master: u32) -> Usage {
+    children(master)
         .into_iter()
         .filter(|p| *p != master)
-        .map(|p| field(p, &[11, 12]))
-        .sum();
-    field(master, &[11, 12, 13, 14]) + live
+        .fold(usage_of(master, true), |u, p| u + usage_of(p, false))
 }
 
 /// Open `n` client connections to `port`, one keep-alive request answered on each, and leave
@@ -240,6 +293,26 @@ struct Result {
     p50_ms: f64,
     p99_ms: f64,
     per_cpu_s: f64,
+    /// The system (kernel) part of the proxy's CPU time.
+    sys_share: f64,
+    /// The proxy's context switches per request.
+    switches: f64,
+}
+
+impl Result {
+    /// `done` requests (streams, connections) served at `rps`, the proxy using `used` meanwhile.
+    fn of(name: &str, rps: f64, (p50_ms, p99_ms): (f64, f64), done: f64, used: Usage) -> Result {
+        let per = |x: f64, n: f64| if n > 0.0 { x / n } else { 0.0 };
+        Result {
+            name: name.to_string(),
+            rps,
+            p50_ms,
+            p99_ms,
+            per_cpu_s: per(done, used.cpu),
+            sys_share: per(used.sys, used.cpu),
+            switches: per(used.switches, done),
+        }
+    }
 }
 
 fn parse_ms(s: &str) -> f64 {
@@ -262,7 +335,7 @@ fn h2load(name: &str, port: u16, pids: &[u32], secs: u64, conns: u64) -> Result 
     let _ = Command::new("h2load")
         .args(["-c4", "-m100", "-D", "1", &url])
         .output();
-    let cpu0 = cpu_seconds(pids);
+    let used0 = usage(pids);
     let out = Command::new("h2load")
         .args([
             &format!("-c{conns}"),
@@ -273,7 +346,7 @@ fn h2load(name: &str, port: u16, pids: &[u32], secs: u64, conns: u64) -> Result 
         ])
         .output()
         .expect("h2load (apt-get install nghttp2-client)");
-    let cpu = cpu_seconds(pids) - cpu0;
+    let used = usage(pids) - used0;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (mut rps, mut done, mut mean, mut max) = (0.0, 0.0, 0.0, 0.0);
     for line in text.lines() {
@@ -306,18 +379,12 @@ fn h2load(name: &str, port: u16, pids: &[u32], secs: u64, conns: u64) -> Result 
             mean = f.get(2).map(|v| parse_ms(v)).unwrap_or(0.0);
         }
     }
-    Result {
-        name: name.to_string(),
-        rps,
-        p50_ms: mean,
-        p99_ms: max,
-        per_cpu_s: if cpu > 0.0 { done / cpu } else { 0.0 },
-    }
+    Result::of(name, rps, (mean, max), done, used)
 }
 
 fn wrk(name: &str, port: u16, path: &str, pids: &[u32], secs: u64, conns: u64) -> Result {
     let url = format!("http://127.0.0.1:{port}{path}");
-    wrk_with(name, &url, &[], &|| cpu_seconds(pids), secs, conns)
+    wrk_with(name, &url, &[], &|| usage(pids), secs, conns)
 }
 
 /// `wrk_with` on `/` over `scheme` with `extra` arguments, as a `table_of` load.
@@ -329,7 +396,7 @@ fn wrk_load(
 ) -> impl Fn(&str, u16, &[u32]) -> Result {
     move |name, port, pids| {
         let url = format!("{scheme}://127.0.0.1:{port}/");
-        wrk_with(name, &url, extra, &|| cpu_seconds(pids), secs, conns)
+        wrk_with(name, &url, extra, &|| usage(pids), secs, conns)
     }
 }
 
@@ -339,7 +406,7 @@ fn wrk_load(
 fn s_time(name: &str, port: u16, pids: &[u32], secs: u64, clients: u64) -> Result {
     let target = format!("127.0.0.1:{port}");
     let time = secs.to_string();
-    let cpu0 = cpu_seconds(pids);
+    let used0 = usage(pids);
     let start = Instant::now();
     let children: Vec<_> = (0..clients)
         .map(|_| {
@@ -368,22 +435,16 @@ fn s_time(name: &str, port: u16, pids: &[u32], secs: u64, clients: u64) -> Resul
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pids) - cpu0;
-    Result {
-        name: name.to_string(),
-        rps: done / elapsed,
-        p50_ms: 0.0,
-        p99_ms: 0.0,
-        per_cpu_s: if cpu > 0.0 { done / cpu } else { 0.0 },
-    }
+    let used = usage(pids) - used0;
+    Result::of(name, done / elapsed, (0.0, 0.0), done, used)
 }
 
-/// wrk on `url` with `extra` arguments (e.g. a header), the proxy's CPU read by `cpu`.
+/// wrk on `url` with `extra` arguments (e.g. a header), what the proxy used read by `used`.
 fn wrk_with(
     name: &str,
     url: &str,
     extra: &[&str],
-    cpu: &dyn Fn() -> f64,
+    used: &dyn Fn() -> Usage,
     secs: u64,
     conns: u64,
 ) -> Result {
@@ -393,7 +454,7 @@ fn wrk_with(
         .args(extra)
         .arg(url)
         .output();
-    let cpu0 = cpu();
+    let used0 = used();
     let out = Command::new("wrk")
         .args([
             "-t1",
@@ -405,7 +466,7 @@ fn wrk_with(
         .arg(url)
         .output()
         .expect("wrk (apt-get install wrk)");
-    let cpu = cpu() - cpu0;
+    let used = used() - used0;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let mut rps = 0.0;
     let mut p50 = 0.0;
@@ -432,13 +493,7 @@ fn wrk_with(
         }
     }
     let _ = errors;
-    Result {
-        name: name.to_string(),
-        rps,
-        p50_ms: p50,
-        p99_ms: p99,
-        per_cpu_s: if cpu > 0.0 { total / cpu } else { 0.0 },
-    }
+    Result::of(name, rps, (p50, p99), total, used)
 }
 
 fn main() {
@@ -540,11 +595,16 @@ fn main() {
         .enumerate()
         .map(|(i, p)| format!("  server b{i} 127.0.0.1:{p}\n"))
         .collect();
+    // Room for the idle table's connections, and never less than a thousand where the open-file
+    // limit allows (HAProxy sizes its descriptors from it; HTTP/2's 400 streams each take a
+    // backend connection).
+    let haproxy_maxconn =
+        (idle as u64 + 50).max((nofile_limit() / 2).saturating_sub(100).min(1000));
     std::fs::write(
         &hcfg,
         format!(
             "global\n  nbthread 1\n  maxconn {}\n  stats socket {} mode 600 level admin\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n  option forwardfor\nfrontend fe\n  bind 127.0.0.1:{haproxy_port}\n  default_backend be\nfrontend fe2\n  bind 127.0.0.1:{haproxy_h2_port} proto h2\n  default_backend be\nfrontend fe3\n  bind 127.0.0.1:{haproxy_tls_port} ssl crt {}\n  default_backend be\nfrontend fe4\n  bind 127.0.0.1:{haproxy_hash_port}\n  default_backend beh\nbackend be\n  balance roundrobin\n{hservers}backend beh\n  balance uri\n  hash-type consistent\n{hservers}",
-            idle + 50,
+            haproxy_maxconn,
             haproxy_sock.display(),
             combined.display()
         ),
@@ -833,14 +893,14 @@ fn main() {
                     }),
                 };
                 let url = format!("http://127.0.0.1:{port}/");
-                let cpu = |pids: &[u32]| {
+                let used = |pids: &[u32]| {
                     if name == "nginx" {
-                        cpu_tree(pids[0])
+                        usage_tree(pids[0])
                     } else {
-                        cpu_seconds(pids)
+                        usage(pids)
                     }
                 };
-                let r = wrk_with(name, &url, &[], &|| cpu(pids), secs, conns);
+                let r = wrk_with(name, &url, &[], &|| used(pids), secs, conns);
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 let (ok, all) = handle.join().unwrap();
                 applied
@@ -857,7 +917,8 @@ fn main() {
 }
 
 /// One comparison: every proxy on `path`, in interleaved rounds; medians, and ratios to nginx
-/// and to the better of nginx and HAProxy. With `bytes`, throughput is also given in MiB per
+/// and to the better of nginx and HAProxy; the kernel's share of each proxy's CPU and its
+/// context switches per request. With `bytes`, throughput is also given in MiB per
 /// CPU-second (each response is that long).
 fn table(
     title: &str,
@@ -908,6 +969,8 @@ fn table_of(
             p50_ms: median(rs.iter().map(|r| r.p50_ms).collect()),
             p99_ms: median(rs.iter().map(|r| r.p99_ms).collect()),
             per_cpu_s: median(rs.iter().map(|r| r.per_cpu_s).collect()),
+            sys_share: median(rs.iter().map(|r| r.sys_share).collect()),
+            switches: median(rs.iter().map(|r| r.switches).collect()),
         })
         .collect();
     let rss: Vec<f64> = targets
@@ -926,7 +989,7 @@ fn table_of(
         .fold(0.0, f64::max);
     println!("\n{title} ({path}, -c{conns})");
     println!(
-        "{:<8} {:>10} {:>9} {:>9} {:>12} {:>8} {:>8} {:>10} {:>10} {:>9}{}",
+        "{:<8} {:>10} {:>9} {:>9} {:>12} {:>8} {:>8} {:>10} {:>10} {:>9} {:>6} {:>7}{}",
         "proxy",
         "req/s",
         "p50 ms",
@@ -937,6 +1000,8 @@ fn table_of(
         "cpu-eff/ng",
         "cpu/best",
         "peak MiB",
+        "sys %",
+        "cs/req",
         if bytes.is_some() { "  MiB/CPU-s" } else { "" }
     );
     for (r, mib) in results.iter().zip(&rss) {
@@ -944,7 +1009,7 @@ fn table_of(
             .map(|b| format!("  {:>10.0}", r.per_cpu_s * b as f64 / (1 << 20) as f64))
             .unwrap_or_default();
         println!(
-            "{:<8} {:>10.0} {:>9.3} {:>9.3} {:>12.0} {:>8.2} {:>8.2} {:>10.2} {:>10.2} {:>9.1}{per_byte}",
+            "{:<8} {:>10.0} {:>9.3} {:>9.3} {:>12.0} {:>8.2} {:>8.2} {:>10.2} {:>10.2} {:>9.1} {:>6.1} {:>7.3}{per_byte}",
             r.name,
             r.rps,
             r.p50_ms,
@@ -955,7 +1020,9 @@ fn table_of(
             if base.1 > 0.0 { r.p99_ms / base.1 } else { 0.0 },
             r.per_cpu_s / base.2,
             r.per_cpu_s / best,
-            mib
+            mib,
+            r.sys_share * 100.0,
+            r.switches
         );
     }
 }
@@ -1115,7 +1182,7 @@ fn services_table(
                 name,
                 &url,
                 &["-H", "Host: svc-500.bench"],
-                &|| cpu_seconds(&pids),
+                &|| usage(&pids),
                 secs,
                 conns,
             ));
@@ -1325,7 +1392,7 @@ fn abuse_table(dir: &Path, shoal: &Path, secs: u64) {
             name,
             &url,
             &[],
-            &|| cpu_seconds(pids),
+            &|| usage(pids),
             secs.saturating_sub(1).max(1),
             16,
         );
