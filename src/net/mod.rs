@@ -37,11 +37,24 @@ pub async fn accept(listener: &TcpListener, what: &'static str) -> (TcpStream, S
     loop {
         match listener.accept().await {
             Ok(a) => return a,
-            Err(e) => {
-                tracing::warn!(listener = what, error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
+            Err(e) => after_failed_accept(&e, what).await,
         }
+    }
+}
+
+/// Whether a failed accept calls for a pause before the next: not when the connection went
+/// away while it waited in the queue (ECONNABORTED; the next one may be there already), else
+/// yes (out of descriptors or memory, say: retrying at once would spin).
+fn pause_after(e: &io::Error) -> bool {
+    e.raw_os_error() != Some(libc::ECONNABORTED)
+}
+
+/// After a failed accept on listener `what`: log and pause (`ACCEPT_BACKOFF`) where
+/// `pause_after` says so.
+async fn after_failed_accept(e: &io::Error, what: &'static str) {
+    if pause_after(e) {
+        tracing::warn!(listener = what, error = %e, "accept failed");
+        tokio::time::sleep(ACCEPT_BACKOFF).await;
     }
 }
 
@@ -110,11 +123,7 @@ impl Accepting {
             });
             match got {
                 Ok(a) => return a,
-                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
-                Err(e) => {
-                    tracing::warn!(listener = "proxy", error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
+                Err(e) => after_failed_accept(&e, "proxy").await,
             }
         }
     }
@@ -432,6 +441,25 @@ mod tests {
     use super::*;
     use std::io::Read;
     use tokio::io::AsyncWriteExt;
+
+    /// Every listener (proxy, admin, cluster) skips a connection that went away in the queue at
+    /// once, and pauses after any other failure (out of descriptors, say) rather than spin.
+    #[test]
+    fn failed_accepts_pause_unless_the_connection_went_away() {
+        for (errno, pause) in [
+            (libc::ECONNABORTED, false),
+            (libc::EMFILE, true),
+            (libc::ENFILE, true),
+            (libc::ENOBUFS, true),
+            (libc::ENOMEM, true),
+        ] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert_eq!(pause_after(&e), pause, "{e}");
+        }
+        assert!(pause_after(&io::Error::other(
+            "a connection from no IP address"
+        )));
+    }
 
     /// Over epoll too, a closing answer's last bytes wait for the FIN (TCP_CORK): nothing
     /// reaches the peer before the shutdown, all of it and the end after.
