@@ -220,14 +220,18 @@ fn rss_mib(pids: &[u32]) -> f64 {
     status_mib(pids, "VmRSS:")
 }
 
-/// What a master process and every worker it ever had used: its own time, the time of
-/// workers it has reaped (cutime, cstime) and that of the live ones. What nginx costs across
-/// reloads, which replace its workers.
+/// What a master process and every worker it ever had used: its own time, the time of workers
+/// it has reaped (cutime, cstime) and that of the live ones. What nginx costs across reloads,
+/// which replace its workers. Context switches are not given (NaN): a reaped worker's are lost.
 fn usage_tree(master: u32) -> Usage {
-    children(master)
+    let used = children(master)
         .into_iter()
         .filter(|p| *p != master)
-        .fold(usage_of(master, true), |u, p| u + usage_of(p, false))
+        .fold(usage_of(master, true), |u, p| u + usage_of(p, false));
+    Usage {
+        switches: f64::NAN,
+        ..used
+    }
 }
 
 /// Open `n` client connections to `port`, one keep-alive request answered on each, and leave
