@@ -112,8 +112,8 @@ fn switches(pid: u32) -> f64 {
         .sum()
 }
 
-/// What `pids` (each with all its threads) have used so far; `exited` adds what their waited-for
-/// children used (an nginx master's reloaded workers).
+/// What `pid` (all its threads) has used so far; `exited` adds what its waited-for children
+/// used (an nginx master's reloaded workers).
 fn usage_of(pid: u32, exited: bool) -> Usage {
     let f = stat_fields(pid);
     let at = |i: usize| f.get(i).copied().unwrap_or(0.0) / ticks();
@@ -130,6 +130,7 @@ fn usage_of(pid: u32, exited: bool) -> Usage {
     }
 }
 
+/// What the processes `pids` have used so far, together.
 fn usage(pids: &[u32]) -> Usage {
     pids.iter()
         .fold(Usage::default(), |u, p| u + usage_of(*p, false))
