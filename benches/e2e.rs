@@ -46,9 +46,11 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 /// Clock ticks per second for /proc/<pid>/stat.
 fn ticks() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().ok();
-    out.and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    // SAFETY: sysconf only reads a configuration value.
+    match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        n if n > 0 => n as f64,
+        _ => 100.0,
+    }
 }
 
 /// What a set of processes has used so far: CPU seconds (user and system), the system part,
@@ -95,7 +97,7 @@ fn stat_fields(pid: u32) -> Vec<f64> {
         .collect()
 }
 
-/// Context switches of every thread of `pid`.
+/// Context switches of every thread of `pid`, voluntary and not.
 fn switches(pid: u32) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0.0;
@@ -104,10 +106,8 @@ fn switches(pid: u32) -> f64 {
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
         .flat_map(|s| {
-            s.lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-                .collect::<Vec<_>>()
+            ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
+                .map(|key| status_value(&s, key).unwrap_or(0.0))
         })
         .sum()
 }
@@ -187,17 +187,22 @@ fn peak_rss_mib(pids: &[u32]) -> f64 {
     status_mib(pids, "VmHWM:")
 }
 
+/// The number after `key` (its name and colon) in the text of a /proc status file.
+fn status_value(status: &str, key: &str) -> Option<f64> {
+    status
+        .lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// A memory field of /proc/PID/status (in kB there), summed over the processes, in MiB.
 fn status_mib(pids: &[u32], field: &str) -> f64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|s| {
-            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-        })
+        .filter_map(|s| status_value(&s, field))
         .sum::<f64>()
         / 1024.0
 }
