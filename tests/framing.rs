@@ -403,9 +403,10 @@ async fn every_case_reaches_the_backend_exactly_as_framed() {
         assert!(r.1 == "/c10" || r.1 == "/c11", "a cut request: {r:?}");
     }
     // Shoal's own health probes (`X-Shoal-Peer`) reach the backend too; they are no client's.
+    let probe = format!("{}:", shoal::net::PEER_HEADER);
     let complete = seen
         .iter()
-        .filter(|r| !r.0.is_empty() && !r.2.contains("x-shoal-peer:"))
+        .filter(|r| !r.0.is_empty() && !r.2.contains(&probe))
         .count();
     assert_eq!(counted as usize, complete, "{seen:?}\n{m}");
     // The forwarded framing is the proxy's own: one Content-Length of the body's length.
