@@ -17,6 +17,7 @@ use super::access::AccessRecord;
 use super::body::{ClientBody, RequestBody, SharedTape, Tape, REPLAY_LIMIT};
 use super::client::ClientUpgrade;
 use super::conn::{ConnState, Tunnels};
+use super::deadline;
 use super::error::ProxyError;
 use super::response::ResponseBody;
 use super::routes::{self, Route, Routes};
@@ -725,12 +726,12 @@ impl Proxy {
                     Err(e) => return Attempt::NotSent(request, e),
                 },
             };
-            let deadline = tokio::time::Instant::from_std(began + settings.request_timeout);
+            let deadline = began + settings.request_timeout;
             let mut sender = match conn {
                 BackendConn::H2(sender) => sender,
                 BackendConn::H1(c) => {
                     let sent = c.send(&mut request, wire);
-                    match tokio::time::timeout_at(deadline, sent).await {
+                    match deadline::timeout_at(deadline, sent).await {
                         Ok(Ok(resp)) => {
                             let (parts, body) = resp.into_parts();
                             return Attempt::Response(parts, Reply::H1(body));
@@ -757,7 +758,7 @@ impl Proxy {
             // Boxed: an HTTP/2 exchange's state (about 600 bytes) would otherwise widen every
             // request's forwarding future, HTTP/1 ones included, and each move of it.
             let sent = Box::pin(sender.try_send_request(request));
-            match tokio::time::timeout_at(deadline, sent).await {
+            match deadline::timeout_at(deadline, sent).await {
                 Ok(Ok(resp)) => {
                     let (parts, body) = resp.into_parts();
                     return Attempt::Response(parts, Reply::H2(body, sender));

@@ -14,6 +14,7 @@ pub mod access;
 pub mod body;
 pub mod client;
 pub mod conn;
+pub mod deadline;
 pub mod error;
 pub mod forward;
 pub mod framing;

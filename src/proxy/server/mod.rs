@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use super::body::ClientBody;
 use super::client::{BoxIo, Rewind};
 use super::conn::{ConnState, Tunnels, WatchedIo};
+use super::deadline::Deadline;
 use super::forward::{ConnInfo, Proxy};
 use h1::Ended;
 
@@ -178,6 +179,7 @@ impl Server {
                     rt.block_on(async move {
                         tokio::spawn(timer_floor());
                         tokio::spawn(idle::sweep(this.clone()));
+                        crate::proxy::deadline::install();
                         if this.opts.io_uring {
                             if let Err(e) = crate::net::uring::install() {
                                 tracing::warn!(error = %e, worker, "proxy.io_uring: the kernel refused a ring; this worker uses epoll");
@@ -371,13 +373,14 @@ impl Server {
             )
         };
         let mut seen = load(state);
-        let sleep = tokio::time::sleep(self.client_idle());
-        tokio::pin!(sleep);
+        // On the worker's wheel, not a tokio timer: a keep-alive connection gets a task (and
+        // this watch) for every request.
+        let mut period = Deadline::at(Instant::now() + self.client_idle());
         loop {
             tokio::select! {
                 biased;
                 ended = conn.as_mut() => return Some(ended),
-                _ = &mut sleep => {
+                _ = &mut period => {
                     let now = load(state);
                     if now.0 == seen.0 && state.body_pending.load(Ordering::Relaxed) {
                         // A request body stalled: nothing came from the client for a whole
@@ -398,7 +401,7 @@ impl Server {
                         }
                     }
                     seen = now;
-                    sleep.as_mut().reset(tokio::time::Instant::now() + self.client_idle());
+                    period = Deadline::at(Instant::now() + self.client_idle());
                 }
             }
         }
@@ -503,10 +506,11 @@ where
     (Box::new(WatchedIo::new(io, state.clone())), state)
 }
 
-/// Keeps a worker's timer wheel from ever being empty. tokio wakes its own driver through the
-/// eventfd (a write(2)) whenever a new timer is due before the driver's next planned wake-up,
-/// and with no timer there is none: at low load, where requests do not overlap, every request's
-/// deadline would cost that system call. A sleeper a second ahead is always sooner.
+/// Keeps a worker's tokio timer wheel from ever being empty. tokio wakes its own driver through
+/// the eventfd (a write(2)) whenever a new timer is due before the driver's next planned
+/// wake-up, and with no timer there is none: the deadline ticker (`deadline.rs`), planning for
+/// a deadline seconds away, and a new backend connection's connect timeout, would cost that
+/// system call each time. A sleeper a second ahead is always sooner.
 async fn timer_floor() {
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
