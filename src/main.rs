@@ -1,5 +1,9 @@
 //! The `shoal` binary: run, check, demo, and the admin client commands.
 
+/// jemalloc, for its per-thread caches of every size a request allocates (see Cargo.toml).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
