@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// How often a worker with pending deadlines looks for those that are due.
+/// The wheel's resolution: a deadline fires when the first tick boundary at or after it is
+/// swept.
 pub const TICK: Duration = Duration::from_millis(10);
 const TICK_NANOS: u64 = TICK.as_nanos() as u64;
 /// Buckets of the wheel: a turn is `SLOTS` ticks (2.56 s); a later deadline waits in its bucket
