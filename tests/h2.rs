@@ -36,13 +36,29 @@ async fn http2_heads_over_the_limit_get_431_and_cookies_are_joined() {
         .header("cookie", "a=1")
         .header("cookie", "b=2")
         .header("cookie", "session=xyz")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "9.9.9.9")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "spoofed")
+        .header("x-kept", "yes")
         .body(empty())
         .unwrap();
     let resp = tx.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     let v: serde_json::Value =
         serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
-    assert_eq!(v["headers"]["cookie"], "a=1; b=2; session=xyz", "{v}");
+    // One Cookie field (the echo joins repeated fields with ", "), the target's authority as
+    // Host, the proxy's X-Forwarded-*, TE (hop-by-hop to an HTTP/1 backend) gone, the rest as
+    // sent.
+    let h = &v["headers"];
+    assert_eq!(h["cookie"], "a=1; b=2; session=xyz", "{v}");
+    assert_eq!(h["host"], "x", "{v}");
+    assert_eq!(h["x-forwarded-host"], "x", "{v}");
+    assert_eq!(h["x-forwarded-proto"], "http", "{v}");
+    assert_eq!(h["x-forwarded-for"], "9.9.9.9, 127.0.0.1", "{v}");
+    assert_eq!(h["x-kept"], "yes", "{v}");
+    assert!(h.get("te").is_none(), "{v}");
+    assert_eq!(v["version"], "HTTP/1.1", "{v}");
 }
 
 /// One request as an HTTP/2 test backend saw it.

@@ -156,10 +156,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Seen {
 /// Whether a request's fields can stay in wire form to the end: nothing on its way reads them
 /// (no access log, no hash on a field, no upgrade) and no backend of the pool speaks HTTP/2.
 fn wire_will_do(snap: &Snapshot, fields: &WireFields) -> bool {
+    lines_will_do(snap) && !fields.has(FieldRole::Upgrade)
+}
+
+/// Whether a request may go to its backend as lines, its map never rewritten: no access log, no
+/// hash on a field, and no backend of the pool speaks HTTP/2.
+fn lines_will_do(snap: &Snapshot) -> bool {
     let settings = &snap.settings;
     let hashes_a_field = matches!(settings.balance.algorithm, Algorithm::ConsistentHash(_))
         && matches!(settings.hash_key, HashKey::Header(_) | HashKey::Cookie(_));
-    !settings.access_log && !snap.any_h2 && !hashes_a_field && !fields.has(FieldRole::Upgrade)
+    !settings.access_log && !snap.any_h2 && !hashes_a_field
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -293,7 +299,7 @@ impl Plan {
             upgrade,
             te_trailers,
             wire,
-        } = rewrite(req, fields, conn, seen)?;
+        } = rewrite(req, fields, lines_will_do(snap), conn, seen)?;
         let body_broke = match first.body() {
             RequestBody::Stream { broke, .. } => Some(broke.clone()),
             _ => None,
@@ -822,11 +828,14 @@ fn unprocessed(e: &hyper::Error) -> bool {
 }
 
 /// Turn the client's request into the backend's: origin-form target, HTTP/1.1, hop-by-hop
-/// fields removed, X-Forwarded-* set, Host kept. The fields are rewritten in the request's map,
-/// or, when `fields` holds them in wire form, beside it (`Outgoing`).
+/// fields removed, X-Forwarded-* set, Host kept. The fields are rewritten in the request's map;
+/// or, when `fields` holds them in wire form, beside it (`Outgoing`); or, when `lines` (nothing
+/// reads the map later and no backend speaks HTTP/2), from an HTTP/2 client's map straight into
+/// the lines an HTTP/1 backend gets.
 fn rewrite(
     req: Request<ClientBody>,
     fields: Option<WireFields>,
+    lines: bool,
     conn: &ConnInfo,
     seen: Option<Arc<AtomicU64>>,
 ) -> Result<Rewritten, ProxyError> {
@@ -835,9 +844,18 @@ fn rewrite(
         // No key allows tunnels to arbitrary targets, over HTTP/1 or HTTP/2 (SPEC: 405).
         return Err(ProxyError::MethodNotAllowed);
     }
-    let (upgrade, trailers, wire) = match fields {
-        Some(f) => (None, false, Some(rewrite_wire(f, &parts, conn)?)),
-        None => {
+    let as_lines = match &fields {
+        None if lines && parts.version == Version::HTTP_2 => rewrite_map_as_lines(&parts, conn)?,
+        _ => None,
+    };
+    let (upgrade, trailers, wire) = match (fields, as_lines) {
+        (Some(f), _) => (None, false, Some(rewrite_wire(f, &parts, conn)?)),
+        (None, Some(out)) => {
+            // Every field the backend gets is in `out`.
+            parts.headers = HeaderMap::new();
+            (None, false, Some(out))
+        }
+        (None, None) => {
             let (upgrade, trailers) = rewrite_map(&mut parts, conn)?;
             (upgrade, trailers, None)
         }
@@ -1033,6 +1051,102 @@ fn rewrite_map(
     Ok((upgrade, trailers))
 }
 
+/// The rewrite of `rewrite_map` done by writing an HTTP/1 backend's lines from the map as it
+/// came, never changing the map (each insertion and removal there is a hash and a probe): the
+/// fields that go on as they are in one pass, then the proxy's. For an HTTP/2 client, whose
+/// fields always come as a map, when nothing reads the map afterwards. `None` when a field
+/// asks for what only the map rewrite does: a Connection field (which may name others to drop;
+/// HTTP/2 forbids it, but the rule is the map's to apply) or an Upgrade.
+fn rewrite_map_as_lines(
+    parts: &http::request::Parts,
+    conn: &ConnInfo,
+) -> Result<Option<Outgoing>, ProxyError> {
+    let headers = &parts.headers;
+    let mut out = Vec::with_capacity(256);
+    let (mut hosts, mut prior_for, mut prior_host) = (false, false, false);
+    // HTTP/2 may split Cookie into several fields; an HTTP/1 backend gets one, joined with "; "
+    // (RFC 9113 section 8.2.3).
+    let join_cookies = parts.version == Version::HTTP_2;
+    let mut cookie: Vec<u8> = Vec::new();
+    for (name, value) in headers {
+        if name == header::CONNECTION || name == header::UPGRADE {
+            return Ok(None);
+        }
+        if name == header::HOST {
+            hosts = true;
+        } else if name == X_FORWARDED_FOR {
+            prior_for = true;
+        } else if name == X_FORWARDED_HOST {
+            prior_host = true;
+        } else if name == header::COOKIE && join_cookies {
+            cookie.extend_from_slice(if cookie.is_empty() {
+                b"cookie: "
+            } else {
+                b"; "
+            });
+            cookie.extend_from_slice(value.as_bytes());
+        } else if !(name == header::CONTENT_LENGTH
+            || name == X_FORWARDED_PROTO
+            || hop_by_hop().contains(&name))
+        {
+            super::wire::field(&mut out, name, value);
+        }
+    }
+    if !cookie.is_empty() {
+        out.extend_from_slice(&cookie);
+        out.extend_from_slice(b"\r\n");
+    }
+    let host_fields = hosts.then(|| headers.get_all(header::HOST));
+    let host = received_host(
+        host_fields.iter().flatten().map(HeaderValue::as_bytes),
+        &parts.uri,
+        parts.version,
+    )?;
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if prior_for {
+        let prior = headers.get_all(&X_FORWARDED_FOR);
+        forwarded_for(
+            prior.iter().map(HeaderValue::as_bytes),
+            conn.client_ip.as_bytes(),
+            &mut out,
+        );
+    } else {
+        out.extend_from_slice(conn.client_ip.as_bytes());
+    }
+    out.extend_from_slice(if conn.https {
+        b"\r\nx-forwarded-proto: https\r\n"
+    } else {
+        b"\r\nx-forwarded-proto: http\r\n"
+    });
+    let received = match &host {
+        ReceivedHost::Field(f) => Some(*f),
+        ReceivedHost::Target(v) => Some(v.as_bytes()),
+        ReceivedHost::None => None,
+    };
+    match received {
+        Some(h) => {
+            for name in [&b"x-forwarded-host: "[..], b"host: "] {
+                out.extend_from_slice(name);
+                out.extend_from_slice(h);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        // With no host to tell, the client's X-Forwarded-Host goes on as it came.
+        None if prior_host => {
+            for v in headers.get_all(&X_FORWARDED_HOST) {
+                super::wire::field(&mut out, &X_FORWARDED_HOST, v);
+            }
+        }
+        None => {}
+    }
+    Ok(Some(Outgoing {
+        needs_host: received.is_none(),
+        fields: WireFields::empty(),
+        added: out,
+        host: None,
+    }))
+}
+
 /// The same rewrite of an HTTP/1 client's fields kept in wire form, for an HTTP/1 backend
 /// (no upgrade: those go through the map): the client's lines pass as they came, less the
 /// framing and hop-by-hop ones and the X-Forwarded-* ones the proxy sets, and the proxy's
@@ -1212,36 +1326,49 @@ mod tests {
         let mut framing = crate::proxy::framing::Framing::default();
         let noted = WireFields::note(head, parsed.headers, &mut framing);
         let fields = WireFields::new(bytes::Bytes::copy_from_slice(&head[..len]), noted);
-        let state = Arc::new(crate::proxy::conn::ConnState::default());
-        let conn = ConnInfo::new("10.1.2.3:5555".parse().unwrap(), false, 0, state);
+        let conn = test_conn();
         let parts = || {
             let mut req = Request::new(());
             *req.uri_mut() = target.parse().unwrap();
             req.into_parts().0
         };
-        let lines = |text: &[u8]| -> Vec<String> {
-            let mut v: Vec<String> = String::from_utf8_lossy(text)
-                .split("\r\n")
-                .filter(|l| !l.is_empty())
-                .map(|l| {
-                    let (n, v) = l.split_once(':').unwrap();
-                    format!("{}: {}", n.to_ascii_lowercase(), v.trim())
-                })
-                .collect();
-            v.sort();
-            v
-        };
         // The wire rewrite, as the HTTP/1 client writes it.
-        let wire = rewrite_wire(fields.clone(), &parts(), &conn).map(|o| {
-            let mut out = Vec::new();
-            o.write(&mut out);
-            lines(&out)
-        });
-        // The map rewrite, as `handle` makes the map and the HTTP/1 client writes it (TE and
-        // the framing fields are the client's to write).
+        let wire = rewrite_wire(fields.clone(), &parts(), &conn).map(|o| sorted_lines(&o));
+        // The map rewrite, as `handle` makes the map.
         let mut p = parts();
         p.headers = fields.into_map(true, 4);
-        let map = rewrite_map(&mut p, &conn).map(|_| {
+        let map = map_rewritten(&mut p, &conn);
+        (wire, map)
+    }
+
+    fn test_conn() -> ConnInfo {
+        let state = Arc::new(crate::proxy::conn::ConnState::default());
+        ConnInfo::new("10.1.2.3:5555".parse().unwrap(), false, 0, state)
+    }
+
+    /// What an HTTP/1 backend gets of an `Outgoing`, as sorted `name: value` lines.
+    fn sorted_lines(o: &Outgoing) -> Vec<String> {
+        let mut text = Vec::new();
+        o.write(&mut text);
+        let mut v: Vec<String> = String::from_utf8_lossy(&text)
+            .split("\r\n")
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (n, v) = l.split_once(':').unwrap();
+                format!("{}: {}", n.to_ascii_lowercase(), v.trim())
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The map rewrite of `p`, as the HTTP/1 client writes the map (TE and the framing fields
+    /// are the client's to write), as sorted lines.
+    fn map_rewritten(
+        p: &mut http::request::Parts,
+        conn: &ConnInfo,
+    ) -> Result<Vec<String>, ProxyError> {
+        rewrite_map(p, conn).map(|_| {
             let mut out = Vec::new();
             for (n, v) in &p.headers {
                 if n != header::TE && n != header::CONTENT_LENGTH && n != header::TRANSFER_ENCODING
@@ -1249,9 +1376,87 @@ mod tests {
                     crate::proxy::wire::field(&mut out, n, v);
                 }
             }
-            lines(&out)
-        });
-        (wire, map)
+            sorted_lines(&Outgoing {
+                fields: WireFields::empty(),
+                added: out,
+                needs_host: false,
+                host: None,
+            })
+        })
+    }
+
+    /// An HTTP/2 client's request to `target` with these fields, rewritten by the map rewrite
+    /// and written as lines from the map; whether the lines ask for the backend's Host.
+    #[allow(clippy::type_complexity)]
+    fn map_and_lines(
+        pairs: &[(&str, &str)],
+        target: &str,
+    ) -> (
+        Result<Vec<String>, ProxyError>,
+        Result<Option<(Vec<String>, bool)>, ProxyError>,
+    ) {
+        let conn = test_conn();
+        let parts = || {
+            let mut req = Request::new(());
+            *req.uri_mut() = target.parse().unwrap();
+            *req.version_mut() = Version::HTTP_2;
+            *req.headers_mut() = map(pairs);
+            req.into_parts().0
+        };
+        let lines = rewrite_map_as_lines(&parts(), &conn)
+            .map(|o| o.map(|o| (sorted_lines(&o), o.needs_host)));
+        (map_rewritten(&mut parts(), &conn), lines)
+    }
+
+    #[test]
+    fn an_http2_maps_lines_are_its_map_rewrite_on_examples() {
+        let pairs = [
+            ("cookie", "a=1"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("te", "trailers"),
+            ("content-length", "0"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "spoofed"),
+            ("accept", "*/*"),
+            ("cookie", "b=2"),
+            ("keep-alive", "5"),
+        ];
+        let (map, lines) = map_and_lines(&pairs, "http://abs.example/x");
+        let (lines, needs_host) = lines.unwrap().unwrap();
+        assert_eq!(map.unwrap(), lines);
+        assert!(!needs_host);
+        assert_eq!(
+            lines,
+            [
+                "accept: */*",
+                "cookie: a=1; b=2",
+                "host: abs.example",
+                "x-forwarded-for: 1.1.1.1, 10.1.2.3",
+                "x-forwarded-host: abs.example",
+                "x-forwarded-proto: http",
+            ]
+        );
+        // No authority and no Host: the backend's Host is added per attempt, and the client's
+        // X-Forwarded-Host goes on.
+        let (map, lines) = map_and_lines(&[("x-forwarded-host", "h")], "/x");
+        let (lines, needs_host) = lines.unwrap().unwrap();
+        assert_eq!(map.unwrap(), lines);
+        assert!(needs_host);
+        assert_eq!(
+            lines,
+            [
+                "x-forwarded-for: 10.1.2.3",
+                "x-forwarded-host: h",
+                "x-forwarded-proto: http"
+            ]
+        );
+        // Refused alike.
+        let (map, lines) = map_and_lines(&[("host", "a"), ("host", "b")], "/x");
+        assert_eq!(map.unwrap_err(), lines.unwrap_err());
+        // What only the map rewrite does is left to it.
+        for pair in [("connection", "x-a"), ("upgrade", "websocket")] {
+            assert!(matches!(map_and_lines(&[pair], "/").1, Ok(None)));
+        }
     }
 
     #[test]
@@ -1298,6 +1503,39 @@ mod tests {
             head.push_str("\r\n");
             let (wire, map) = both_rewrites(head.as_bytes());
             proptest::prop_assert_eq!(wire, map, "{}", head);
+        }
+
+        /// One header policy, two encoders: for any HTTP/2 client's map, the lines written from
+        /// it and its map rewrite give an HTTP/1 backend the same fields, or refuse it alike.
+        #[test]
+        fn an_http2_maps_lines_are_its_map_rewrite(
+            picks in proptest::collection::vec((0usize..14, 0usize..7), 0..10),
+            authority in proptest::bool::weighted(0.7),
+        ) {
+            const NAMES: [&str; 14] = [
+                "host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "te",
+                "trailer", "keep-alive", "content-length", "cookie", "x-a", "accept", "cookie",
+                "proxy-connection", "transfer-encoding",
+            ];
+            const VALUES: [&str; 7] = [
+                "a", "h.example:8080", "1.2.3.4", "trailers", "s=1", "", "bad host",
+            ];
+            let pairs: Vec<(&str, &str)> =
+                picks.iter().map(|(n, v)| (NAMES[*n], VALUES[*v])).collect();
+            let target = if authority { "http://t.example/p" } else { "/p" };
+            let (map, lines) = map_and_lines(&pairs, target);
+            match (map, lines) {
+                (Ok(map), Ok(Some((lines, needs_host)))) => {
+                    proptest::prop_assert_eq!(&map, &lines, "{:?}", pairs);
+                    proptest::prop_assert_eq!(
+                        needs_host,
+                        !map.iter().any(|l| l.starts_with("host:")),
+                        "{:?}", pairs
+                    );
+                }
+                (Err(m), Err(l)) => proptest::prop_assert_eq!(m, l, "{:?}", pairs),
+                other => proptest::prop_assert!(false, "{:?}: {:?}", pairs, other),
+            }
         }
     }
 }

@@ -554,6 +554,14 @@ impl WireFields {
         Self { head, spans }
     }
 
+    /// No fields (an `Outgoing` whose lines are all the proxy's).
+    pub fn empty() -> Self {
+        Self {
+            head: Bytes::new(),
+            spans: Vec::new(),
+        }
+    }
+
     fn bytes(&self, (a, b): (u32, u32)) -> &[u8] {
         &self.head[a as usize..b as usize]
     }
