@@ -949,7 +949,7 @@ impl Driver {
             self.connect_members(&pool);
         }
         let store = &self.store;
-        if let Err(e) = tokio::task::block_in_place(|| store.save_learned(&pool)) {
+        if let Err(e) = tokio::task::block_in_place(|| store.save_learned_hint(&pool)) {
             tracing::warn!(error = %e, "cannot save the learned pool");
         }
         record_pool_metrics(&self.published, &pool);
