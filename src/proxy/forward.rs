@@ -916,6 +916,17 @@ enum ReceivedHost<'a> {
     None,
 }
 
+impl ReceivedHost<'_> {
+    /// The host the request goes on with, if any.
+    fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            ReceivedHost::Field(f) => Some(f),
+            ReceivedHost::Target(v) => Some(v.as_bytes()),
+            ReceivedHost::None => None,
+        }
+    }
+}
+
 /// The received Host of a request whose Host fields are `hosts`: refused when there are
 /// several, when the one there is not a valid host, or when an HTTP/1.1 request has none.
 fn received_host<'a>(
@@ -953,6 +964,28 @@ fn valid_host(h: &[u8]) -> bool {
         && h.len() <= 255
         && h.iter()
             .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(b))
+}
+
+/// The proxy's lines of a request in wire form: X-Forwarded-For (after the `prior` values),
+/// X-Forwarded-Proto, and X-Forwarded-Host when the request goes on with a `host`.
+fn forwarded_lines<'a>(
+    out: &mut Vec<u8>,
+    prior: impl Iterator<Item = &'a [u8]>,
+    conn: &ConnInfo,
+    host: Option<&[u8]>,
+) {
+    out.extend_from_slice(b"x-forwarded-for: ");
+    forwarded_for(prior, conn.client_ip.as_bytes(), out);
+    out.extend_from_slice(if conn.https {
+        b"\r\nx-forwarded-proto: https\r\n"
+    } else {
+        b"\r\nx-forwarded-proto: http\r\n"
+    });
+    if let Some(h) = host {
+        out.extend_from_slice(b"x-forwarded-host: ");
+        out.extend_from_slice(h);
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// The X-Forwarded-For value: the prior fields' values that are text, then the client.
@@ -1102,34 +1135,15 @@ fn rewrite_map_as_lines(
         &parts.uri,
         parts.version,
     )?;
-    out.extend_from_slice(b"x-forwarded-for: ");
-    if prior_for {
-        let prior = headers.get_all(&X_FORWARDED_FOR);
-        forwarded_for(
-            prior.iter().map(HeaderValue::as_bytes),
-            conn.client_ip.as_bytes(),
-            &mut out,
-        );
-    } else {
-        out.extend_from_slice(conn.client_ip.as_bytes());
-    }
-    out.extend_from_slice(if conn.https {
-        b"\r\nx-forwarded-proto: https\r\n"
-    } else {
-        b"\r\nx-forwarded-proto: http\r\n"
-    });
-    let received = match &host {
-        ReceivedHost::Field(f) => Some(*f),
-        ReceivedHost::Target(v) => Some(v.as_bytes()),
-        ReceivedHost::None => None,
-    };
+    let received = host.bytes();
+    let prior = prior_for.then(|| headers.get_all(&X_FORWARDED_FOR));
+    let prior = prior.iter().flatten().map(HeaderValue::as_bytes);
+    forwarded_lines(&mut out, prior, conn, received);
     match received {
         Some(h) => {
-            for name in [&b"x-forwarded-host: "[..], b"host: "] {
-                out.extend_from_slice(name);
-                out.extend_from_slice(h);
-                out.extend_from_slice(b"\r\n");
-            }
+            out.extend_from_slice(b"host: ");
+            out.extend_from_slice(h);
+            out.extend_from_slice(b"\r\n");
         }
         // With no host to tell, the client's X-Forwarded-Host goes on as it came.
         None if prior_host => {
@@ -1159,28 +1173,10 @@ fn rewrite_wire(
     // Reading the fields first (the lines are borrowed), then marking those not passed on.
     let (added, host) = {
         let host = received_host(fields.values(FieldRole::Host), &parts.uri, parts.version)?;
+        let received = host.bytes();
         let mut added = Vec::with_capacity(128);
-        added.extend_from_slice(b"x-forwarded-for: ");
-        forwarded_for(
-            fields.values(FieldRole::ForwardedFor),
-            conn.client_ip.as_bytes(),
-            &mut added,
-        );
-        added.extend_from_slice(if conn.https {
-            b"\r\nx-forwarded-proto: https\r\n"
-        } else {
-            b"\r\nx-forwarded-proto: http\r\n"
-        });
-        let received = match &host {
-            ReceivedHost::Field(f) => Some(*f),
-            ReceivedHost::Target(v) => Some(v.as_bytes()),
-            ReceivedHost::None => None,
-        };
-        if let Some(h) = received {
-            added.extend_from_slice(b"x-forwarded-host: ");
-            added.extend_from_slice(h);
-            added.extend_from_slice(b"\r\n");
-        }
+        let prior = fields.values(FieldRole::ForwardedFor);
+        forwarded_lines(&mut added, prior, conn, received);
         if let ReceivedHost::Target(a) = &host {
             added.extend_from_slice(b"host: ");
             added.extend_from_slice(a.as_bytes());
