@@ -15,7 +15,7 @@
 //! accepted ballot moved to the one `accepted.json` now holds, and the promise with it (an
 //! acceptor raises its promise to what it accepts), which is what load derives from the pair.
 //! A CASPaxos round (a change, or a round that rewrites the value as it is) then costs one
-//! atomic replacement, two fsyncs, where it cost two.
+//! atomic replacement and two fsyncs, where it cost two replacements and four fsyncs.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -368,8 +368,7 @@ mod tests {
     }
 
     /// An accept that changes nothing but the accepted ballot (and the promise with it) writes
-    /// `accepted.json` alone; whatever the sequence of saves, a restart loads the last state
-    /// saved, and a crash after `accepted.json` of any save loads it with that accept.
+    /// `accepted.json` alone, and a restart after each save loads the state saved.
     #[test]
     fn an_accept_writes_the_value_alone_and_every_save_loads_back() {
         let dir = tempfile::tempdir().unwrap();
