@@ -659,6 +659,31 @@ impl Outgoing {
 mod tests {
     use super::*;
 
+    /// An `Outgoing` with no client fields (an HTTP/2 client's, written as lines) writes the
+    /// proxy's lines alone, then the backend's Host when one is set.
+    #[test]
+    fn an_outgoing_with_no_client_fields_writes_only_the_proxys_lines() {
+        let empty = WireFields::empty();
+        assert!(!empty.has(FieldRole::Host) && empty.values(FieldRole::Other).next().is_none());
+        assert!(empty.clone().into_map(true, 0).is_empty());
+        let mut o = Outgoing {
+            fields: empty,
+            added: b"accept: */*\r\nx-forwarded-for: 10.0.0.1\r\n".to_vec(),
+            needs_host: true,
+            host: None,
+        };
+        let mut out = Vec::new();
+        o.write(&mut out);
+        assert_eq!(out, b"accept: */*\r\nx-forwarded-for: 10.0.0.1\r\n");
+        o.host = Some(HeaderValue::from_static("b.example:8080"));
+        out.clear();
+        o.write(&mut out);
+        assert_eq!(
+            out,
+            b"accept: */*\r\nx-forwarded-for: 10.0.0.1\r\nhost: b.example:8080\r\n"
+        );
+    }
+
     #[test]
     fn hex_sizes() {
         let mut b = [0u8; 18];
