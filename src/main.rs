@@ -4,6 +4,22 @@
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read at its first allocation (`_RJEM_MALLOC_CONF` in the environment is
+/// read after them and wins). `tcache_nslots_small_min:64`: a thread keeps at least 64 freed
+/// objects of each small size for its next allocations, where the default keeps 20 of a size
+/// with few objects per slab, such as a request's 4 KB exchange box. With more requests in
+/// flight than that, every twentieth box or so went back to its slab, emptied it and had a new
+/// slab made for it (6,500 instructions each: 4.6 % of a proxied request's under `wrk -c64`).
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: MallocConf = MallocConf(c"tcache_nslots_small_min:64".as_ptr());
+
+/// The C string jemalloc reads its options from (`const char *malloc_conf`).
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: the pointer is to a string literal, immutable for the life of the program.
+unsafe impl Sync for MallocConf {}
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
