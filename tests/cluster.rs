@@ -500,3 +500,42 @@ mod tls {
         );
     }
 }
+
+/// A lone voter runs no read round while idle: every pool chosen passes through its own
+/// acceptor, so a read could learn nothing, and it would write its acceptor's file every 2 s.
+/// Changes still commit at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_idle_voter_runs_no_read_rounds() {
+    let a = Backend::start("web-1", Behavior::Echo).await;
+    let s = Shoal::start("", &backends_toml(&[&a])).await;
+    let committed = "shoal_paxos_rounds_total{result=\"committed\"}";
+    // Formed (the seed round, and the read a start queues, are over).
+    s.metric_reaches("shoal_pool_version", 1.0, Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let accepted = s.dir.path().join("data").join("accepted.json");
+    let (rounds, written) = (
+        metric(&s.metrics().await, committed).expect("the rounds' counter"),
+        std::fs::read(&accepted).expect("the acceptor's file"),
+    );
+    let modified = std::fs::metadata(&accepted).unwrap().modified().unwrap();
+    // Three read periods.
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    assert_eq!(metric(&s.metrics().await, committed), Some(rounds));
+    assert_eq!(std::fs::read(&accepted).unwrap(), written);
+    assert_eq!(
+        std::fs::metadata(&accepted).unwrap().modified().unwrap(),
+        modified,
+        "the acceptor's file was written again"
+    );
+    let (code, p) = admin_call(
+        s.admin,
+        "PUT",
+        "/pool/backends/web-1",
+        Some(json!({"weight": 3})),
+    )
+    .await;
+    assert_eq!(code, 200, "{p}");
+    assert_eq!(p["version"], 2);
+    assert_eq!(metric(&s.metrics().await, committed), Some(rounds + 1.0));
+}

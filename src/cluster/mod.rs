@@ -632,7 +632,12 @@ impl Driver {
                 _ = read.tick() => {
                     if self.node.consensus() == Consensus::NotMember && !self.node.is_catching_up() {
                         self.fetch();
-                    } else if self.current.is_none() && self.queue.is_empty() {
+                    } else if self.current.is_none()
+                        && self.queue.is_empty()
+                        && (self.rejoining || self.node.may_lag())
+                    {
+                        // A lone voter that holds what it learned has nothing to read (and
+                        // would write its acceptor's state again for nothing).
                         self.enqueue_catch_up();
                     }
                 }

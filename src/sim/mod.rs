@@ -495,7 +495,11 @@ impl Sim {
                 let to = self.index_of(v);
                 self.send(node, to, Msg::Fetch);
             }
-        } else if self.nodes[node].up && !self.nodes[node].core.is_busy() {
+        } else if self.nodes[node].up
+            && !self.nodes[node].core.is_busy()
+            && self.nodes[node].core.may_lag()
+        {
+            // As the driver does, a lone voter that holds what it learned reads nothing.
             match self.read_or_seed(node) {
                 // Forming is a change like any other: it joins the history (its own
                 // client, which issues nothing else).

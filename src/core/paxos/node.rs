@@ -206,6 +206,23 @@ impl Node {
         matches!(self.mode, Mode::CatchingUp { .. })
     }
 
+    /// Whether a read round could teach this node a pool it has not learned. Not for the lone
+    /// voter whose acceptor holds, written, exactly the pool it learned: every value chosen is
+    /// accepted by a majority of the voters, that is by it, and it accepted nothing past what it
+    /// learned (its read would go to itself alone and accept the same pool again). Any other
+    /// node may have missed a push: a voter among others, one catching up, one outside the
+    /// membership, a lone voter whose acceptor took a later value (another peer's proposal
+    /// whose commit it did not hear of) or that has a write pending.
+    pub fn may_lag(&self) -> bool {
+        let alone = matches!(self.voters().as_slice(), [only] if *only == self.id);
+        !(alone
+            && matches!(self.mode, Mode::Voting)
+            && !self.dirty
+            && self.learned_before_write.is_none()
+            && self.learned.exists()
+            && self.acceptor.state().value == self.learned)
+    }
+
     /// The pool learned so far (the highest version committed that this node knows).
     pub fn learned(&self) -> &Pool {
         &self.learned

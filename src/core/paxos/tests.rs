@@ -1026,3 +1026,59 @@ fn a_background_read_yields_at_its_first_conflict() {
     assert!(flush(&mut a).outcomes.is_empty());
     assert!(a.is_busy());
 }
+
+/// The periodic read is skipped only where it could learn nothing: the lone voter holding, as
+/// accepted and written, the pool it learned. A later value its acceptor took from another
+/// peer's proposal (whose commit it did not hear of), a write pending, or other voters to hear
+/// from, and it reads.
+#[test]
+fn only_a_lone_voter_holding_what_it_learned_has_nothing_to_read() {
+    let pool = seeded_by(&["a"]);
+    let mut net = Net::formed(&["a"], &pool, &[]);
+    assert!(!net.nodes[&n("a")].may_lag(), "formed, holding its pool");
+    net.propose(
+        "a",
+        PoolChange::AddBackend {
+            backend: Backend::new("x", "10.0.0.9:80", 1),
+        },
+    );
+    net.run(|_, _, _| true, &["a"], 100);
+    let learned = net.committed("a").expect("a commits alone").clone();
+    assert_eq!(net.nodes[&n("a")].learned(), &learned);
+    assert!(!net.nodes[&n("a")].may_lag(), "after its own commit");
+    // Another peer's accept of a later value reaches a; that peer's Learn never does.
+    let later = learned
+        .apply(
+            &PoolChange::AddBackend {
+                backend: Backend::new("y", "10.0.0.8:80", 1),
+            },
+            &Rules::default(),
+        )
+        .unwrap();
+    let ballot = Ballot {
+        epoch: learned.epoch,
+        counter: 1_000,
+        node: n("l"),
+        incarnation: 7,
+    };
+    let a = net.nodes.get_mut(&n("a")).unwrap();
+    a.step(
+        &n("l"),
+        Msg::Accept {
+            ballot,
+            value: later,
+        },
+        0,
+    );
+    assert!(a.may_lag(), "the accept is not written yet");
+    let out = flush(a);
+    assert!(matches!(
+        out.messages.as_slice(),
+        [(_, Msg::Accepted { .. })]
+    ));
+    assert_eq!(a.learned(), &learned);
+    assert!(a.may_lag(), "its acceptor holds a value it has not learned");
+    // Among three voters, anyone may have missed a push.
+    let three = Net::formed(&["a", "b", "c"], &seeded_by(&["a", "b", "c"]), &[]);
+    assert!(three.nodes.values().all(Node::may_lag));
+}
