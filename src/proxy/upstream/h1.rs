@@ -12,7 +12,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::header;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -111,14 +111,14 @@ impl H1Conn {
         let early = poll_fn(|cx| {
             // Once the head is out, an answer may come before the body is all sent.
             if up.sent_any {
-                if let Poll::Ready(answered) = self.poll_early(cx) {
-                    return Poll::Ready(answered.map(|()| true).map_err(SendError::Failed));
+                if let Poll::Ready(answered) = self.poll_early(cx, asked) {
+                    return Poll::Ready(answered.map(Some).map_err(SendError::Failed));
                 }
             }
-            self.poll_upload(cx, body, &mut up).map_ok(|()| false)
+            self.poll_upload(cx, body, &mut up).map_ok(|()| None)
         })
         .await?;
-        if early {
+        if early.is_some() {
             // The rest of the body goes on beside the answer (an echo, a bidirectional stream).
             // A backend that answered before it was handed the whole body may read what is still
             // to come as another request (a body it ignores): that connection is never reused.
@@ -127,7 +127,9 @@ impl H1Conn {
             }
             self.upload = Some((std::mem::replace(body, RequestBody::Empty), up));
         }
-        self.read_head(asked).await.map_err(SendError::Failed)
+        self.read_head(asked, early)
+            .await
+            .map_err(SendError::Failed)
     }
 
     /// The request head into `out`, with the framing the body needs: the fields of its map,
@@ -243,28 +245,19 @@ impl H1Conn {
         }
     }
 
-    /// Ready once a final answer has arrived while the body is still going out (interim 1xx
-    /// answers are dropped here). An end of stream or an error fails the exchange.
-    fn poll_early(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Ready with the final answer's head once it has arrived while the body is still going
+    /// out (interim 1xx answers are dropped here, as `read_head` drops them). An end of stream
+    /// or an error fails the exchange. The head is parsed once: `read_head` goes on from it.
+    fn poll_early(&mut self, cx: &mut Context<'_>, asked: Asked) -> Poll<io::Result<Head>> {
         loop {
-            if !self.rb.buf.is_empty() {
-                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let mut parsed = httparse::Response::new(&mut fields);
-                match parsed.parse(&self.rb.buf) {
-                    Ok(httparse::Status::Complete(n)) => {
-                        let code = parsed.code.unwrap_or(0);
-                        if (100..200).contains(&code) && code != 101 {
-                            self.rb.buf.advance(n);
-                            continue;
-                        }
-                        return Poll::Ready(Ok(()));
-                    }
-                    Ok(httparse::Status::Partial) if self.rb.buf.len() <= MAX_HEAD => {}
-                    Ok(httparse::Status::Partial) => {
-                        return Poll::Ready(Err(invalid("response head too long")))
-                    }
-                    Err(e) => return Poll::Ready(Err(invalid(e))),
+            if let Some(head) = self.parse_head(asked)? {
+                if is_interim(&head) {
+                    continue;
                 }
+                return Poll::Ready(Ok(head));
+            }
+            if self.rb.buf.len() > MAX_HEAD {
+                return Poll::Ready(Err(invalid("response head too long")));
             }
             match std::task::ready!(self.poll_fill(cx))? {
                 0 => {
@@ -285,36 +278,43 @@ impl H1Conn {
 
     /// The response head (1xx answers other than 101 are skipped), with a body reading the
     /// rest from this connection.
-    async fn read_head(mut self: Box<Self>, asked: Asked) -> io::Result<Response<BackendBody>> {
-        loop {
-            if let Some((resp, decided, fields)) = self.parse_head(asked)? {
-                if resp.status().is_informational()
-                    && resp.status() != StatusCode::SWITCHING_PROTOCOLS
-                {
-                    continue;
+    /// `early`: the head `poll_early` already read.
+    async fn read_head(
+        mut self: Box<Self>,
+        asked: Asked,
+        early: Option<Head>,
+    ) -> io::Result<Response<BackendBody>> {
+        let (resp, decided, fields) = match early {
+            Some(head) => head,
+            None => loop {
+                if let Some(head) = self.parse_head(asked)? {
+                    if is_interim(&head) {
+                        continue;
+                    }
+                    break head;
                 }
-                let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                let body = BackendBody {
-                    conn: Some(self),
-                    framing: decided.body.into(),
-                    announced: decided.announced,
-                    keep_alive: decided.reusable && !upgraded,
-                    upgraded,
-                    fields: Some(fields),
-                };
-                return Ok(resp.map(|()| body));
-            }
-            if self.rb.buf.len() > MAX_HEAD {
-                return Err(invalid("response head too long"));
-            }
-            let n = poll_fn(|cx| self.poll_fill(cx)).await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "backend closed the connection before answering",
-                ));
-            }
-        }
+                if self.rb.buf.len() > MAX_HEAD {
+                    return Err(invalid("response head too long"));
+                }
+                let n = poll_fn(|cx| self.poll_fill(cx)).await?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "backend closed the connection before answering",
+                    ));
+                }
+            },
+        };
+        let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let body = BackendBody {
+            conn: Some(self),
+            framing: decided.body.into(),
+            announced: decided.announced,
+            keep_alive: decided.reusable && !upgraded,
+            upgraded,
+            fields: Some(fields),
+        };
+        Ok(resp.map(|()| body))
     }
 
     /// A complete response head out of `buf`, if there is one.
@@ -408,6 +408,11 @@ pub async fn probe(target: &crate::net::Target, path: &str, peer: &str) -> bool 
 
 /// A parsed answer head: the answer, its framing decision, its fields.
 type Head = (Response<()>, ResponseFraming, WireFields);
+
+/// An interim answer (1xx other than 101), which the client does not get: the final one follows.
+fn is_interim((resp, _, _): &Head) -> bool {
+    resp.status().is_informational() && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+}
 
 /// How a request body is framed on the wire.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -584,7 +589,7 @@ mod tests {
         conn.rb.buf.extend_from_slice(bytes);
         let head = loop {
             match conn.parse_head(asked) {
-                Ok(Some(h)) if h.0.status().is_informational() && h.0.status() != 101 => continue,
+                Ok(Some(h)) if is_interim(&h) => continue,
                 Ok(Some(h)) => break h,
                 Ok(None) | Err(_) => return Seen::Refused,
             }
