@@ -480,6 +480,11 @@ fn with<R>(ring: u64, f: impl FnOnce(&mut Driver) -> io::Result<R>) -> io::Resul
 
 /// Operation `op`'s result and flags if it completed (its slot freed); else its waker is set.
 fn take(ring: u64, op: usize, cx: &mut Context<'_>) -> io::Result<Option<(i32, u32)>> {
+    take_or_watch(ring, op, Some(cx.waker()))
+}
+
+/// `take`, with `waker` (if any) woken at the completion when it has not come yet.
+fn take_or_watch(ring: u64, op: usize, waker: Option<&Waker>) -> io::Result<Option<(i32, u32)>> {
     with(ring, |d| {
         let s = &mut d.slots[op];
         match s.result.take() {
@@ -488,9 +493,11 @@ fn take(ring: u64, op: usize, cx: &mut Context<'_>) -> io::Result<Option<(i32, u
                 Ok(Some(r))
             }
             None => {
-                match &s.waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => s.waker = Some(cx.waker().clone()),
+                if let Some(waker) = waker {
+                    match &s.waker {
+                        Some(w) if w.will_wake(waker) => {}
+                        _ => s.waker = Some(waker.clone()),
+                    }
                 }
                 Ok(None)
             }
@@ -617,8 +624,14 @@ impl UringStream {
 
     /// Waits for the send in flight (and the rest of it, if the kernel took part) to finish.
     fn poll_sent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.settle(Some(cx.waker()))
+    }
+
+    /// What the send in flight came to, if it completed (the rest of it sent again when the
+    /// kernel took part): Pending while one is in flight, `waker` then woken at its end.
+    fn settle(&mut self, waker: Option<&Waker>) -> Poll<io::Result<()>> {
         while let Some(op) = self.wop {
-            let Some((r, _)) = take(self.ring, op, cx)? else {
+            let Some((r, _)) = take_or_watch(self.ring, op, waker)? else {
                 return Poll::Pending;
             };
             self.wop = None;
@@ -894,8 +907,18 @@ impl AsyncWrite for UringStream {
         true
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_sent(cx)
+    /// Flushing waits for nothing: the bytes a write took are the ring's to send at the
+    /// worker's next enter, whatever the caller does next, as a TCP socket's are the kernel's
+    /// (tokio's `TcpStream` flushes nothing either). A send that failed is reported here if it
+    /// has completed, else by the next write or shutdown (the connection's reads fail beside
+    /// it). Waiting for the completion cost every exchange one more wake of its task: a
+    /// request's send completes a round before its answer comes, an answer's before the
+    /// client's next request.
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().settle(None) {
+            Poll::Pending => Poll::Ready(Ok(())),
+            done => done,
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
