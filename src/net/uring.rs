@@ -1069,6 +1069,40 @@ mod tests {
         });
     }
 
+    /// A flush waits for no send in flight (the ring sends what a write took at the driver's
+    /// next turn, whatever the writer does); a send that failed shows at the next flush once it
+    /// has completed.
+    #[test]
+    fn a_flush_waits_for_no_send_and_a_failed_one_shows_after() {
+        use std::future::Future;
+        let Some(rt) = ring_runtime() else { return };
+        rt.block_on(async {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let (mut s, mut peer) = pair(&l).await;
+            s.write_all(b"hello").await.unwrap();
+            // Queued, not submitted: the driver has not run since (no yield).
+            assert!(s.wop.is_some(), "the send is in flight");
+            let mut flush = std::pin::pin!(s.flush());
+            let first = poll_fn(|cx| Poll::Ready(flush.as_mut().poll(cx))).await;
+            assert!(matches!(first, Poll::Ready(Ok(()))), "{first:?}");
+            // The driver's turn sends it.
+            let mut got = [0u8; 5];
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            peer.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"hello");
+            // The peer resets the connection; a send after that fails, and says so once done.
+            socket2::SockRef::from(&peer)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(peer);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(b"after").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let after = s.flush().await;
+            assert!(after.is_err(), "a failed send went unreported: {after:?}");
+        });
+    }
+
     #[test]
     fn a_dropped_streams_queued_send_never_reaches_the_next_socket_on_its_number() {
         let Some(rt) = ring_runtime() else { return };
