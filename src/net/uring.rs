@@ -10,7 +10,8 @@
 //! Receives take their buffer from the worker's provided-buffer group only when data arrives,
 //! so a connection waiting for its next request holds none; a write over 4 KiB goes to the
 //! socket at once, and what the socket does not take, or a smaller write, is copied into the
-//! stream's own buffer for the ring's send (the kernel reads it after `poll_write` returns). The ring is set up
+//! stream's own buffer for the ring's send (the kernel reads it after `poll_write` returns); a
+//! flush waits for no send in flight, as a socket's waits for no segment. The ring is set up
 //! with cooperative task running: completions are not pushed at a running worker by an
 //! interrupt, they are collected at its next enter. Where the kernel refuses a ring (a seccomp
 //! profile, `kernel.io_uring_disabled`), the worker keeps epoll.
