@@ -674,6 +674,14 @@ impl AsyncRead for UringStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // A send completed since the last write (a flush does not wait for it): its buffer
+        // goes now, so a connection waiting for its next request keeps none, and its failure
+        // is the read's.
+        if this.wop.is_some() {
+            if let Poll::Ready(Err(e)) = this.settle(None) {
+                return Poll::Ready(Err(e));
+            }
+        }
         loop {
             let step = match std::mem::replace(&mut this.rx, Rx::Idle) {
                 Rx::Held { buf: b, pos, end } => this.copy_held(b, pos, end, buf),
@@ -1091,6 +1099,15 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             peer.read_exact(&mut got).unwrap();
             assert_eq!(&got, b"hello");
+            // Waiting to read, the stream lets go of the sent bytes' buffer.
+            let mut byte = [0u8; 1];
+            let mut read = std::pin::pin!(s.read(&mut byte));
+            let waiting = poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+            assert!(waiting.is_pending(), "{waiting:?}");
+            assert!(
+                s.wop.is_none() && s.wbuf.capacity() == 0,
+                "a send buffer kept"
+            );
             // The peer resets the connection; a send after that fails, and says so once done.
             socket2::SockRef::from(&peer)
                 .set_linger(Some(Duration::ZERO))
