@@ -65,6 +65,13 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin {
     /// write side closes (best effort), so that the last bytes and the FIN leave in one segment,
     /// not two.
     fn hold_for_close(&mut self) {}
+
+    /// The connection waits for its next exchange: let go of what a write that completed still
+    /// holds (a flush waits for no send on the ring, so its buffer outlives it), and report a
+    /// write that failed.
+    fn let_go(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Transport for TcpStream {
@@ -374,6 +381,16 @@ pub enum BackendIo {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
     Uring(crate::net::uring::UringStream),
+}
+
+impl BackendIo {
+    /// Between exchanges: see `Transport::let_go`.
+    pub fn let_go(&mut self) -> io::Result<()> {
+        match self {
+            BackendIo::Uring(s) => Transport::let_go(s),
+            BackendIo::Plain(_) | BackendIo::Tls(_) => Ok(()),
+        }
+    }
 }
 
 impl AsyncRead for BackendIo {

@@ -52,6 +52,10 @@ impl<T: crate::net::Transport> crate::net::Transport for WatchedIo<T> {
     fn hold_for_close(&mut self) {
         self.inner.hold_for_close();
     }
+
+    fn let_go(&mut self) -> std::io::Result<()> {
+        self.inner.let_go()
+    }
 }
 
 impl<T: AsyncRead> AsyncRead for WatchedIo<T> {

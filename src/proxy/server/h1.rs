@@ -205,6 +205,11 @@ impl ClientConn {
         (upgraded, self.answer(resp, asked, drain).await)
     }
 
+    /// Between requests: see `Transport::let_go`.
+    pub fn let_go(&mut self) -> io::Result<()> {
+        self.wire.locked().io.let_go()
+    }
+
     /// Read the bytes a connection between requests waits for (with `cx`'s waker, which need
     /// not be a task's): how many came, 0 at the client's close.
     pub fn poll_idle(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<usize>> {

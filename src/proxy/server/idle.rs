@@ -95,7 +95,8 @@ pub(super) fn park(
     mut idle: Idle,
     slot: &mut Option<Arc<Parked>>,
 ) -> Option<Idle> {
-    if server.drain.is_cancelled() {
+    // A parked connection keeps no send buffer (nor a connection whose answer failed to go).
+    if server.drain.is_cancelled() || idle.conn.let_go().is_err() {
         return None;
     }
     let cell = slot

@@ -72,10 +72,11 @@ impl H1Conn {
     }
 
     /// Whether a parked connection can still carry a request: nothing arrived on it since its
-    /// last exchange (an end of stream, an error or stray bytes all mean it cannot). Costs no
-    /// system call unless the socket was reported readable.
+    /// last exchange (an end of stream, an error or stray bytes all mean it cannot), and the
+    /// last request's send did not fail (its buffer let go of here). Costs no system call
+    /// unless the socket was reported readable.
     pub fn is_open(&mut self) -> bool {
-        if !self.rb.buf.is_empty() {
+        if !self.rb.buf.is_empty() || self.io.let_go().is_err() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
