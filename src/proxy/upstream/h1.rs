@@ -580,7 +580,11 @@ mod tests {
         Waiting,
     }
 
-    async fn seen(bytes: &[u8], asked: Asked) -> Seen {
+    /// What the client gets of `bytes` from a backend, read as `send` reads it: by `read_head`
+    /// alone, or (`early`) first by `poll_early`, as when the answer comes while the request is
+    /// still going out, and then by `read_head` from the head it found.
+    async fn seen(bytes: &[u8], asked: Asked, early: bool) -> Seen {
+        use std::future::Future;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
             .await
@@ -588,22 +592,19 @@ mod tests {
         let _peer = l.accept().await.unwrap();
         let mut conn = Box::new(H1Conn::new(BackendIo::Plain(s)));
         conn.rb.buf.extend_from_slice(bytes);
-        let head = loop {
-            match conn.parse_head(asked) {
-                Ok(Some(h)) if is_interim(&h) => continue,
-                Ok(Some(h)) => break h,
-                Ok(None) | Err(_) => return Seen::Refused,
-            }
+        // Nothing more comes: a head not found in `bytes` (Pending) is refused too.
+        let found = match early {
+            false => None,
+            true => match poll_fn(|cx| Poll::Ready(conn.poll_early(cx, asked))).await {
+                Poll::Ready(Ok(head)) => Some(head),
+                _ => return Seen::Refused,
+            },
         };
-        let (resp, decided, _) = head;
-        let mut body = BackendBody {
-            conn: Some(conn),
-            framing: decided.body.into(),
-            announced: decided.announced,
-            keep_alive: decided.reusable,
-            upgraded: false,
-            fields: None,
+        let mut read = std::pin::pin!(conn.read_head(asked, found));
+        let Poll::Ready(Ok(resp)) = poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await else {
+            return Seen::Refused;
         };
+        let (resp, mut body) = resp.into_parts();
         let mut data = Vec::new();
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);
@@ -622,7 +623,7 @@ mod tests {
                 Poll::Pending => return Seen::Waiting,
             }
         }
-        Seen::Passed(resp.status().as_u16(), data, body.reusable().is_some())
+        Seen::Passed(resp.status.as_u16(), data, body.reusable().is_some())
     }
 
     #[tokio::test]
@@ -689,7 +690,10 @@ mod tests {
             ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\nok\r\n0\r\n\r\n", get, Cut),
         ];
         for (bytes, asked, want) in cases {
-            assert_eq!(seen(bytes.as_bytes(), asked).await, want, "{bytes:?}");
+            for early in [false, true] {
+                let got = seen(bytes.as_bytes(), asked, early).await;
+                assert_eq!(got, want, "{bytes:?}, early: {early}");
+            }
         }
     }
 
