@@ -35,12 +35,22 @@ pub struct RouteDef {
     pub table: Arc<RoutingTable>,
 }
 
+/// The route table's maps: keyed per process (a stranger's Host cannot be made to collide), and
+/// a fraction of SipHash's cost on a host name.
+type Map<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
+
 /// The services of one host kind (one exact host, one wildcard suffix, or any host) by path
-/// prefix: a map per prefix length, longest first, so a lookup is one hash per distinct length,
-/// however many services share the host.
+/// prefix, longest first: per prefix length, the one service of that length, compared as it is,
+/// or a map when several share it; so a lookup is at most one hash per distinct length, however
+/// many services share the host.
 #[derive(Default)]
 struct Prefixes {
-    by_len: Vec<(usize, HashMap<Box<str>, Entry>)>,
+    by_len: Vec<(usize, Bucket)>,
+}
+
+enum Bucket {
+    One(Entry),
+    Many(Map<Entry>),
 }
 
 impl Prefixes {
@@ -49,31 +59,50 @@ impl Prefixes {
         let at = match self.by_len.iter().position(|(l, _)| *l <= len) {
             Some(i) if self.by_len[i].0 == len => i,
             Some(i) => {
-                self.by_len.insert(i, (len, HashMap::new()));
-                i
+                self.by_len.insert(i, (len, Bucket::One(e)));
+                return;
             }
             None => {
-                self.by_len.push((len, HashMap::new()));
-                self.by_len.len() - 1
+                self.by_len.push((len, Bucket::One(e)));
+                return;
             }
         };
-        self.by_len[at].1.insert(e.prefix.clone(), e);
+        let bucket = &mut self.by_len[at].1;
+        match bucket {
+            Bucket::One(one) if one.prefix == e.prefix => *one = e,
+            Bucket::One(one) => {
+                let mut map = Map::default();
+                map.insert(one.prefix.clone(), one.clone());
+                map.insert(e.prefix.clone(), e);
+                *bucket = Bucket::Many(map);
+            }
+            Bucket::Many(map) => {
+                map.insert(e.prefix.clone(), e);
+            }
+        }
     }
 
     /// The entry with the longest prefix `path` starts with.
     fn longest(&self, path: &str) -> Option<&Entry> {
-        self.by_len
-            .iter()
-            .find_map(|(len, map)| path.get(..*len).and_then(|head| map.get(head)))
+        self.by_len.iter().find_map(|(len, bucket)| {
+            let head = path.get(..*len)?;
+            match bucket {
+                Bucket::One(e) => (*e.prefix == *head).then_some(e),
+                Bucket::Many(map) => map.get(head),
+            }
+        })
     }
 }
 
 /// The lookup for one set of service definitions.
 #[derive(Default)]
 pub struct RouteSet {
-    exact: HashMap<Box<str>, Prefixes>,
+    exact: Map<Prefixes>,
     /// By suffix, the dot included (`*.example.org` is `.example.org`).
-    wildcard: HashMap<Box<str>, Prefixes>,
+    wildcard: Map<Prefixes>,
+    /// The lengths of the wildcard suffixes, longest first, each once: a host is looked up only
+    /// by its suffixes of these lengths that start with a dot.
+    wildcard_lens: Vec<usize>,
     any: Prefixes,
 }
 
@@ -97,6 +126,9 @@ impl RouteSet {
                 list.insert(entry.clone());
             }
         }
+        set.wildcard_lens = set.wildcard.keys().map(|s| s.len()).collect();
+        set.wildcard_lens.sort_unstable_by(|a, b| b.cmp(a));
+        set.wildcard_lens.dedup();
         set
     }
 
@@ -114,10 +146,14 @@ impl RouteSet {
         if let Some(l) = self.exact.get(host) {
             consider(&mut best, l.longest(path));
         }
-        if !self.wildcard.is_empty() {
-            // The longest suffix first: from the first dot on.
-            for (i, _) in host.match_indices('.') {
-                if let Some(l) = self.wildcard.get(&host[i..]) {
+        // The longest suffix first; a wildcard wants a label before its suffix.
+        for &len in &self.wildcard_lens {
+            let Some(at) = host.len().checked_sub(len).filter(|&at| at > 0) else {
+                continue;
+            };
+            // A dot is one byte of UTF-8: `at` is a boundary.
+            if host.as_bytes()[at] == b'.' {
+                if let Some(l) = self.wildcard.get(&host[at..]) {
                     consider(&mut best, l.longest(path));
                 }
             }
@@ -271,6 +307,7 @@ mod tests {
             ("b.example.org", "/", "api"),
             // The wildcard wants a label before the suffix.
             ("example.org", "/", "default"),
+            (".example.org", "/", "default"),
             ("other.com", "/static/app.js", "static"),
             ("other.com", "/", "default"),
             // Among the services the host matches, the longest prefix.
@@ -376,11 +413,11 @@ mod tests {
                 (proptest::collection::vec(0usize..6, 0..3), 0usize..5),
                 1..30,
             ),
-            requests in proptest::collection::vec((0usize..5, 0usize..6), 1..40),
+            requests in proptest::collection::vec((0usize..8, 0usize..6), 1..40),
         ) {
             const HOSTS: [&str; 6] = ["a.x.org", "*.x.org", "b.x.org", "*.org", "c.y.com", "*.y.com"];
             const PREFIXES: [&str; 5] = ["/", "/a", "/a/", "/ab/", "/b/c"];
-            const ASKED: [&str; 5] = ["a.x.org", "z.x.org", "y.com", "c.y.com", "q.org"];
+            const ASKED: [&str; 8] = ["a.x.org", "z.x.org", "y.com", "c.y.com", "q.org", ".x.org", "", "a.b.x.org"];
             const PATHS: [&str; 6] = ["/", "/a", "/a/1", "/ab/2", "/b/c/d", "/zz"];
             // Unique (host, prefix) pairs, as the register keeps them.
             let mut taken = std::collections::BTreeSet::new();
