@@ -40,6 +40,9 @@ const BUFS: u16 = 256;
 const GROUP: u16 = 0;
 /// Submission queue entries (the completion queue has twice as many).
 const ENTRIES: u32 = 1024;
+/// `IORING_RECVSEND_POLL_FIRST` (Linux 5.19; older kernels ignore it): a receive waits for the
+/// socket to be readable before it tries, instead of trying, finding nothing, and waiting.
+const POLL_FIRST: u16 = 1;
 /// A write larger than this goes to the socket at once (see `send_now`); a smaller one is
 /// copied for the ring's send.
 const DIRECT_SEND: usize = 4096;
@@ -851,6 +854,10 @@ impl UringStream {
             d.start(
                 opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), BUF as u32)
                     .buf_group(GROUP)
+                    // The socket was found empty (the last receive did not fill its buffer,
+                    // or the direct one found nothing): the bytes to come are not there yet,
+                    // and a try now would take a buffer and the socket's lock for nothing.
+                    .ioprio(POLL_FIRST)
                     .build()
                     .flags(squeue::Flags::BUFFER_SELECT),
             )
