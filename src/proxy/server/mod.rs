@@ -8,6 +8,7 @@
 //! the request path. The control plane (cluster, admin, probes) runs on another runtime.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -291,8 +292,8 @@ impl Server {
     ) {
         let info = ConnInfo::new(client, https, worker, state.clone());
         if alpn_h2 {
-            let h2 = Box::pin(self.serve_h2(Rewind::new(Bytes::new(), io), &info));
-            self.watch(&state, h2).await;
+            let mut h2 = Box::pin(self.serve_h2(Rewind::new(Bytes::new(), io), &info));
+            self.watch(&state, h2.as_mut()).await;
             self.watch_tunnels_of(&state).await;
             return;
         }
@@ -316,21 +317,24 @@ impl Server {
                 held,
             } = idle;
             let state = &info.state;
-            let serving = async {
-                match conn
-                    .serve(&self.proxy, &info, state, &self.drain, h2c)
-                    .await
-                {
-                    Ended::H2(io) => {
-                        // Boxed: an HTTP/2 connection's state is large, and most connections
-                        // are HTTP/1.
-                        Box::pin(self.serve_h2(io, &info)).await;
-                        Ended::Closed
+            let ended = {
+                let serving = std::pin::pin!(async {
+                    match conn
+                        .serve(&self.proxy, &info, state, &self.drain, h2c)
+                        .await
+                    {
+                        Ended::H2(io) => {
+                            // Boxed: an HTTP/2 connection's state is large, and most connections
+                            // are HTTP/1.
+                            Box::pin(self.serve_h2(io, &info)).await;
+                            Ended::Closed
+                        }
+                        ended => ended,
                     }
-                    ended => ended,
-                }
+                });
+                self.watch(state, serving).await
             };
-            match self.watch(state, serving).await {
+            match ended {
                 Some(Ended::Idle { conn, h2c }) => {
                     let mut waiting = idle::Idle {
                         conn,
@@ -363,8 +367,13 @@ impl Server {
 
     /// Run `conn` under the connection's watchdog: `None` when the watchdog closed it (idle
     /// for `proxy.client_idle_timeout`, a stalled request body, bytes but no request).
-    async fn watch<F: std::future::Future>(&self, state: &ConnState, conn: F) -> Option<F::Output> {
-        tokio::pin!(conn);
+    /// `conn` is pinned where it lives (the caller's state): taken by value, it would be held
+    /// twice in this future, and copied at each request's start.
+    async fn watch<F: std::future::Future>(
+        &self,
+        state: &ConnState,
+        mut conn: Pin<&mut F>,
+    ) -> Option<F::Output> {
         let load = |s: &ConnState| {
             (
                 s.reads.load(Ordering::Relaxed),
