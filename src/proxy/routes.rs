@@ -151,8 +151,9 @@ impl RouteSet {
             let Some(at) = host.len().checked_sub(len).filter(|&at| at > 0) else {
                 continue;
             };
-            // A dot is one byte of UTF-8: `at` is a boundary.
-            if host.as_bytes()[at] == b'.' {
+            // A dot is one byte of UTF-8: `at` is a boundary. (`get`: a suffix is never empty
+            // as the register checks them, but a lookup must not panic on a set built without.)
+            if host.as_bytes().get(at) == Some(&b'.') {
                 if let Some(l) = self.wildcard.get(&host[at..]) {
                     consider(&mut best, l.longest(path));
                 }
@@ -337,6 +338,15 @@ mod tests {
         for (host, path, want) in cases {
             assert_eq!(to(&set, host, path), want, "{host} {path}");
         }
+    }
+
+    #[test]
+    fn a_set_built_with_an_empty_wildcard_suffix_routes_without_panicking() {
+        // The register never stores "*" alone; a lookup must not panic on a set that has it.
+        let set = RouteSet::build([def("bare", &["*"], None), def("api", &["*.x.org"], None)]);
+        assert_eq!(to(&set, "a.x.org", "/"), "api");
+        assert_eq!(to(&set, "b.y.org", "/"), "default");
+        assert_eq!(to(&set, "", "/"), "default");
     }
 
     #[test]
