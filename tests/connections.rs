@@ -55,6 +55,36 @@ async fn idle_client_connections_are_closed() {
     assert!(start.elapsed() >= Duration::from_millis(450));
 }
 
+/// The connection's watchdog: a request whose body stops coming (nothing from the client for a
+/// whole `client_idle_timeout`, nginx's client_body_timeout) closes its connection, while the
+/// request is in flight and its backend waits for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_stalls_closes_its_connection() {
+    let a = Backend::start("b1", Behavior::Echo).await;
+    let s = Shoal::start("client_idle_timeout = \"500ms\"", &backends_toml(&[&a])).await;
+    let mut c = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    c.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got)).await;
+    assert!(
+        read.is_ok(),
+        "a stalled body kept the connection open for 5 s"
+    );
+    assert!(
+        got.is_empty(),
+        "no answer for a request that never arrived whole: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(450),
+        "closed before a whole idle period: {:?}",
+        start.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_request_heads_are_cut_off() {
     let a = Backend::start("b1", Behavior::Echo).await;
