@@ -404,6 +404,68 @@ async fn a_paused_peer_ejects_nobody() {
     .await;
 }
 
+/// The peers whose down votes on `id` the agreed pool holds, as `s` shows it, sorted.
+async fn down_votes(s: &Shoal, id: &str) -> Vec<String> {
+    let (_, st) = get_json(s.admin, "/status").await;
+    let mut v: Vec<String> = st["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == id)
+        .map(|b| b["down_votes"].as_array().unwrap().clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A health voter with nothing to do waits for a change instead of ticking (a thousand
+/// services' voters are mostly idle): a peer's death must still wake the others' voters to
+/// expire its votes, and a pool that changed while a peer was stopped must wake that peer's
+/// voter to cast its vote again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_voters_expire_a_stopped_peers_votes_and_it_votes_again_when_back() {
+    let b1 = Backend::start("b1", Behavior::Echo).await;
+    let b2 = Backend::start("b2", Behavior::Echo).await;
+    let b3 = Backend::start("b3", Behavior::Echo).await;
+    let seeds = backends_toml(&[&b1, &b2, &b3]);
+    let nodes = start_cluster(
+        3,
+        |_| "dead_after = \"1s\"".to_string(),
+        |_| format!("{FAST_HEALTH}{seeds}"),
+    )
+    .await;
+    b3.health_ok.store(false, Ordering::SeqCst);
+    wait_state(&nodes, "b3", "ejected", Duration::from_secs(5)).await;
+    let all = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+    eventually(
+        Duration::from_secs(5),
+        "every peer's vote on b3",
+        || async { (down_votes(&nodes[0], "b3").await == all).then_some(()) },
+    )
+    .await;
+    // Nothing is left to do: every voter goes idle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    nodes[2].signal("-STOP");
+    let (a, b) = ("a".to_string(), "b".to_string());
+    eventually(Duration::from_secs(8), "c's vote expired", || async {
+        (down_votes(&nodes[0], "b3").await == [a.clone(), b.clone()]).then_some(())
+    })
+    .await;
+    // Two votes of three still hold it out.
+    assert_eq!(state_of(&nodes[0], "b3").await, "ejected");
+    nodes[2].signal("-CONT");
+    eventually(Duration::from_secs(8), "c votes again", || async {
+        (down_votes(&nodes[0], "b3").await == all).then_some(())
+    })
+    .await;
+    for n in &nodes {
+        assert_eq!(state_of(n, "b3").await, "ejected");
+    }
+}
+
 /// The events of one peer, oldest first.
 async fn events(s: &Shoal) -> Vec<serde_json::Value> {
     let (code, v) = get_json(s.admin, "/events").await;

@@ -1,5 +1,6 @@
-//! The health voter's loop: on every local flip and every `RECONCILE`, the core's `Voter`
-//! compares the agreed pool with this peer's local view, and its changes go to the cluster.
+//! The health voter's loop: on every local flip and every `RECONCILE` (while a vote waits or a
+//! peer is dead; else on a new pool or a change of the dead peers), the core's `Voter` compares
+//! the agreed pool with this peer's local view, and its changes go to the cluster.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,32 +77,27 @@ pub fn spawn_voter(
     let mut flips = table.subscribe_flips();
     let mut voter = Voter::new(assignment.me.clone(), REVOTE_AFTER.as_millis() as u64);
     let epoch = Instant::now();
+    let mut installs = table.installs();
+    let mut deaths = cluster.dead_changes();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RECONCILE);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        // What the last reconcile saw: with the same pool, no flip since, no vote waiting and
-        // no dead peer, it would make nothing again (a thousand services' voters mostly idle).
-        let mut seen: Option<Arc<crate::core::pool::Pool>> = None;
-        // And who was dead then: a peer dying or coming back moves probers' assignments.
-        let mut seen_dead = Vec::new();
+        // Quiet: the last reconcile left no vote waiting and no peer was dead, so until the pool
+        // (or the settings), a local flip or the dead peers change it would make nothing again.
+        // A quiet voter waits for those instead of ticking (a thousand services' voters are
+        // mostly quiet). Its receivers are marked seen before it reads what they tell.
+        let mut quiet = false;
         loop {
-            let mut flipped = false;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-                Some(id) = flips.recv() => {
-                    flipped = true;
-                    backend_local(&table, &events, &id);
-                }
+                _ = tick.tick(), if !quiet => {}
+                r = installs.changed(), if quiet => if r.is_err() { return },
+                r = deaths.changed(), if quiet => if r.is_err() { return },
+                Some(id) = flips.recv() => backend_local(&table, &events, &id),
             }
+            installs.borrow_and_update();
+            let dead = deaths.borrow_and_update().clone();
             let pool = table.pool();
-            let dead = cluster.dead_peers();
-            let same = seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &pool));
-            if same && !flipped && voter.idle() && dead.is_empty() && seen_dead.is_empty() {
-                continue;
-            }
-            seen = Some(pool.clone());
-            seen_dead.clone_from(&dead);
             // A peer not assigned to probe a backend casts no vote on it (`health.probers`).
             let k = table.settings().probers;
             let local_up = |id: &_| {
@@ -118,6 +114,7 @@ pub fn spawn_voter(
                 }
                 cluster.submit(PoolChange::in_service(table.service(), change));
             }
+            quiet = voter.idle() && dead.is_empty();
         }
     });
 }

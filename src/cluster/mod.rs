@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Role};
@@ -123,8 +123,9 @@ pub struct Cluster {
     commands: mpsc::Sender<Command>,
     peers: Arc<Mutex<Vec<PeerView>>>,
     quorum: Arc<AtomicBool>,
-    /// Peers the detector declares dead, or silent for `cluster.dead_after` already.
-    dead: Arc<Mutex<Vec<NodeId>>>,
+    /// Peers the detector declares dead, or silent for `cluster.dead_after` already; told to
+    /// subscribers only when the list changes (idle health voters wait on it).
+    dead: Arc<watch::Sender<Vec<NodeId>>>,
     status: Arc<Mutex<ConsensusStatus>>,
     /// The driver task, taken by `stopped` to wait for it.
     task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
@@ -153,7 +154,12 @@ impl Cluster {
     }
 
     pub fn dead_peers(&self) -> Vec<NodeId> {
-        self.dead.locked().clone()
+        self.dead.borrow().clone()
+    }
+
+    /// A receiver marked changed whenever the list of dead peers changes.
+    pub fn dead_changes(&self) -> watch::Receiver<Vec<NodeId>> {
+        self.dead.subscribe()
     }
 
     /// Wait (up to `limit`) for the driver to finish after the shutdown token was cancelled,
@@ -252,7 +258,7 @@ pub async fn start(
         commands: cmd_tx,
         peers: Arc::new(Mutex::new(Vec::new())),
         quorum: Arc::new(AtomicBool::new(config.cluster.peers.is_empty())),
-        dead: Arc::new(Mutex::new(Vec::new())),
+        dead: Arc::new(watch::Sender::new(Vec::new())),
         status: Arc::new(Mutex::new(ConsensusStatus::default())),
         task: Arc::new(Mutex::new(None)),
         rules: Arc::new(Mutex::new(config.rules())),
@@ -1182,7 +1188,13 @@ impl Driver {
             views.push(view);
         }
         *self.view.peers.locked() = views;
-        *self.view.dead.locked() = dead;
+        self.view.dead.send_if_modified(|d| {
+            let changed = *d != dead;
+            if changed {
+                *d = dead;
+            }
+            changed
+        });
         self.view
             .quorum
             .store(alive >= self.node.majority(), Ordering::Relaxed);

@@ -207,6 +207,14 @@ impl Voter {
         if !pool.exists() {
             return out;
         }
+        // What no longer needs a vote: a backend gone from the pool, a peer alive again or with
+        // no vote left to expire (so the voter is idle again once the pool shows its changes).
+        self.pending.retain(|key, _| match key {
+            VoteKey::Backend(id) => pool.backends.contains_key(id),
+            VoteKey::Expire(peer) => {
+                dead.contains(peer) && pool.backends.values().any(|b| b.down_votes.contains(peer))
+            }
+        });
         for b in pool.backends.values() {
             let up = local_up(&b.id);
             if up != b.down_votes.contains(&self.me) {
@@ -431,5 +439,16 @@ mod tests {
         let out = v.reconcile(&pool, |_| false, &dead, 3_000);
         assert_eq!(out, vec![PoolChange::ExpireVotes { peer: b.clone() }]);
         assert!(v.reconcile(&pool, |_| false, &dead, 3_100).is_empty());
+        assert!(!v.idle());
+        // The expiry landed: the voter is idle again (it ticks only while something waits).
+        pool.backends.get_mut(&x).unwrap().down_votes.remove(&b);
+        assert!(v.reconcile(&pool, |_| false, &dead, 3_200).is_empty());
+        assert!(v.idle());
+        // A vote on a backend that leaves the pool before it lands waits no more.
+        assert_eq!(v.reconcile(&pool, |_| true, &[], 3_300).len(), 1);
+        assert!(!v.idle());
+        pool.backends.remove(&x);
+        assert!(v.reconcile(&pool, |_| true, &[], 3_400).is_empty());
+        assert!(v.idle());
     }
 }
