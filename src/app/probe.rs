@@ -25,7 +25,9 @@ use crate::core::pool::BackendId;
 use crate::net::Target;
 use crate::ops::telemetry as names;
 
-/// How often the supervisor looks for added or removed backends when nothing told it to.
+/// How often the supervisor looks for added or removed backends once `Probed::changes` can no
+/// longer tell it (while it can, it waits for that alone: a thousand services' supervisors
+/// mostly have nothing to do).
 const RECONCILE: Duration = Duration::from_secs(5);
 
 /// How to probe, read before every probe (a reload changes it).
@@ -78,12 +80,6 @@ async fn supervise(probed: Arc<dyn Probed>, in_flight: usize, shutdown: Cancella
     let mut changes = probed.changes();
     let mut told = true;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-            // (Once the sender is gone, only the tick.)
-            r = changes.changed(), if told => told = r.is_ok(),
-        }
         let current = probed.targets();
         tasks.retain(|id, (addr, handle)| {
             let keep = current.iter().any(|(i, a, _)| i == id && a == addr);
@@ -102,6 +98,12 @@ async fn supervise(probed: Arc<dyn Probed>, in_flight: usize, shutdown: Cancella
                 ));
                 slot.insert((addr, handle));
             }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            // (Once the sender is gone, only the tick.)
+            _ = tick.tick(), if !told => {}
+            r = changes.changed(), if told => told = r.is_ok(),
         }
     }
     for (_, (_, h)) in tasks {
@@ -215,7 +217,7 @@ mod tests {
     /// Backends whose probes take `takes` each, counting how many run at once and what each
     /// backend's probes said.
     struct Fake {
-        targets: Vec<(BackendId, String, Target)>,
+        targets: Mutex<Vec<(BackendId, String, Target)>>,
         settings: ProbeSettings,
         takes: Duration,
         running: AtomicUsize,
@@ -224,17 +226,17 @@ mod tests {
         changes: tokio::sync::watch::Sender<u64>,
     }
 
+    fn target(i: usize) -> (BackendId, String, Target) {
+        let addr = format!("127.0.0.1:{}", 10_000 + i);
+        let t = Target::parse(&addr, None, false).unwrap();
+        (BackendId::new(format!("b{i}")), addr, t)
+    }
+
     impl Fake {
         fn new(n: usize, takes: Duration, timeout: Duration) -> Arc<Fake> {
-            let targets = (0..n)
-                .map(|i| {
-                    let addr = format!("127.0.0.1:{}", 10_000 + i);
-                    let t = Target::parse(&addr, None, false).unwrap();
-                    (BackendId::new(format!("b{i}")), addr, t)
-                })
-                .collect();
+            let targets = (0..n).map(target).collect();
             Arc::new(Fake {
-                targets,
+                targets: Mutex::new(targets),
                 settings: ProbeSettings {
                     path: "/healthz".into(),
                     timeout,
@@ -256,7 +258,7 @@ mod tests {
 
     impl Probed for Fake {
         fn targets(&self) -> Vec<(BackendId, String, Target)> {
-            self.targets.clone()
+            self.targets.lock().unwrap().clone()
         }
         fn settings(&self) -> ProbeSettings {
             self.settings.clone()
@@ -330,5 +332,28 @@ mod tests {
         let said = fake.said("b0");
         assert!(said.len() >= 5, "probed {} times", said.len());
         assert!(said.iter().all(|ok| !ok), "{said:?}");
+    }
+
+    #[tokio::test]
+    async fn the_supervisor_follows_the_backends_when_told() {
+        // Told of a change, it starts probing an added backend and stops probing a removed
+        // one at once (it does not tick while it can be told: 1,000 services' supervisors).
+        let fake = Fake::new(1, Duration::from_millis(1), Duration::from_millis(100));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(supervise(fake.clone(), MAX_PROBES_IN_FLIGHT, stop.clone()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!fake.said("b0").is_empty());
+        fake.targets.lock().unwrap().push(target(1));
+        fake.changes.send_modify(|n| *n += 1);
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert!(fake.said("b1").len() >= 3, "b1: {:?}", fake.said("b1"));
+        fake.targets.lock().unwrap().remove(0);
+        fake.changes.send_modify(|n| *n += 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = fake.said("b0").len();
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert_eq!(fake.said("b0").len(), before, "b0 is probed no more");
+        stop.cancel();
+        task.await.unwrap();
     }
 }
