@@ -340,8 +340,9 @@ async fn draining_takes_no_new_requests_and_finishes_in_flight_ones() {
     assert_eq!(code, 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_peer_ejects_nobody() {
+/// Three peers (a, b, c) that call a silent peer dead after 1 s, over backends b1 – b3 probed
+/// every 200 ms.
+async fn three_peers_quick_to_call_dead() -> ([Backend; 3], Vec<Shoal>) {
     let b1 = Backend::start("b1", Behavior::Echo).await;
     let b2 = Backend::start("b2", Behavior::Echo).await;
     let b3 = Backend::start("b3", Behavior::Echo).await;
@@ -352,6 +353,12 @@ async fn a_paused_peer_ejects_nobody() {
         |_| format!("{FAST_HEALTH}{seeds}"),
     )
     .await;
+    ([b1, b2, b3], nodes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_peer_ejects_nobody() {
+    let (_backends, nodes) = three_peers_quick_to_call_dead().await;
     let v0 = get_json(nodes[0].admin, "/pool").await.1["version"]
         .as_u64()
         .unwrap();
@@ -427,16 +434,7 @@ async fn down_votes(s: &Shoal, id: &str) -> Vec<String> {
 /// voter to cast its vote again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_voters_expire_a_stopped_peers_votes_and_it_votes_again_when_back() {
-    let b1 = Backend::start("b1", Behavior::Echo).await;
-    let b2 = Backend::start("b2", Behavior::Echo).await;
-    let b3 = Backend::start("b3", Behavior::Echo).await;
-    let seeds = backends_toml(&[&b1, &b2, &b3]);
-    let nodes = start_cluster(
-        3,
-        |_| "dead_after = \"1s\"".to_string(),
-        |_| format!("{FAST_HEALTH}{seeds}"),
-    )
-    .await;
+    let ([_b1, _b2, b3], nodes) = three_peers_quick_to_call_dead().await;
     b3.health_ok.store(false, Ordering::SeqCst);
     wait_state(&nodes, "b3", "ejected", Duration::from_secs(5)).await;
     let all = vec!["a".to_string(), "b".to_string(), "c".to_string()];
